@@ -1,0 +1,1 @@
+"""The producer: reads a collection, chunks it, stages batches, enqueues, follows."""

@@ -1,0 +1,283 @@
+"""``embed-collections``: embed a collection with the fleet and follow it to the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Literal
+
+import click
+import msgspec
+import redis
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+from producer.follow import FINISHED, emit_json, follow, summary_table
+from producer.jobs import JobOptions, PreparedJob, Stager, prepare
+from producer.local_fleet import LocalFleet
+from producer.sources import ReadProgress
+from shared import logs
+from shared.celery_app import make_app
+from shared.config import Settings
+from shared.errors import EmbedFleetError
+from shared.ledger import JobLedger, connect, recent_jobs
+from shared.models import DEFAULT_DENSE_MODEL
+from shared.schemas import Manifest
+from shared.storage import JobLayout, open_store, safe_name
+
+DEFAULT_OUTPUT = "./embed-out"
+EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+console = Console(stderr=True)
+
+
+def _fail(exc: EmbedFleetError) -> None:
+    console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    sys.exit(EXIT_ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="embed-fleet")
+def main() -> None:
+    """Embed document collections with a Celery + Redis worker fleet.
+
+    With REDIS_URL (or CELERY_BROKER_URL) set, jobs go to the workers of that broker,
+    wherever they run. With neither set, `run` starts a private Redis and one worker
+    per queue on this machine, runs the job, and stops them again.
+    """
+    logs.configure(Settings.from_env().log_level)
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--output", "-o", default=None, metavar="URL",
+              help="Where artifacts go: s3://BUCKET/PREFIX (endpoint from S3_ENDPOINT_URL) or a "
+                   f"folder. Default: $EMBED_FLEET_OUTPUT or {DEFAULT_OUTPUT}. With a shared "
+                   "broker, a folder must be visible to every worker.")
+@click.option("--dense-models", default=DEFAULT_DENSE_MODEL, show_default=True, metavar="A,B",
+              help="Comma-separated sentence-transformers models (hub names, HF-cache names or "
+                   "folders); every chunk is embedded by each.")
+@click.option("--chunk-tokens", type=click.IntRange(16), default=None,
+              help="Tokens per chunk, counted by the first model's tokenizer, special tokens "
+                   "included. Default: the first model's max sequence length.")
+@click.option("--chunk-overlap", type=click.IntRange(0), default=0, show_default=True,
+              help="Tokens shared by consecutive chunks of a document.")
+@click.option("--batch-chunks", type=click.IntRange(1), default=128, show_default=True,
+              help="Chunks per staged batch (one task message each).")
+@click.option("--max-batch-tokens", type=click.IntRange(16), default=None,
+              help="Token budget of one model batch (batch size x longest chunk). Default: "
+                   "chosen by each worker for its device (4096 on CPU, 32768 on CUDA).")
+@click.option("--on-bad-record", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True,
+              help="fail: stop at the first bad record, before anything is enqueued. skip: "
+                   "skip it; skipped records are counted and listed in the manifest.")
+@click.option("--detach", is_flag=True,
+              help="Stage and enqueue, print the job id and return (needs a shared broker). "
+                   "Follow later with `status JOB_ID`.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print progress and the summary as JSON lines on stdout.")
+def run(
+    source: str,
+    output: str | None,
+    dense_models: str,
+    chunk_tokens: int | None,
+    chunk_overlap: int,
+    batch_chunks: int,
+    max_batch_tokens: int | None,
+    on_bad_record: Literal["fail", "skip"],
+    detach: bool,
+    as_json: bool,
+) -> None:
+    """Embed SOURCE: a BEIR folder, a JSONL file, or a folder of .txt/.md files.
+
+    Artifacts land in OUTPUT/<collection>/<job_id>/: chunks.jsonl, then manifest.json.
+    Exit code: 0 complete, 1 partial or failed, 2 bad input or configuration,
+    130 interrupted.
+    """
+    settings = Settings.from_env()
+    options = JobOptions(
+        source=source,
+        output=output or os.environ.get("EMBED_FLEET_OUTPUT") or DEFAULT_OUTPUT,
+        dense_models=[m.strip() for m in dense_models.split(",") if m.strip()],
+        chunk_tokens=chunk_tokens,
+        chunk_overlap=chunk_overlap,
+        batch_chunks=batch_chunks,
+        max_batch_tokens=max_batch_tokens,
+        on_bad_record=on_bad_record,
+    )
+    try:
+        if settings.broker_url:
+            client = connect(settings.broker_url)
+            job = _prepare(options, as_json)
+            code = _submit(job, settings, client, detach=detach, as_json=as_json)
+        else:
+            if detach:
+                raise EmbedFleetError(
+                    "--detach needs a shared broker: the embedded fleet stops when this "
+                    "command ends", "Set REDIS_URL to a Redis that your workers use"
+                )
+            job = _prepare(options, as_json)
+            if not as_json:
+                console.print("[dim]no REDIS_URL set: starting a private Redis and local workers[/]")
+            with LocalFleet() as fleet:
+                local = dataclasses.replace(settings, broker_url=fleet.redis_url)
+                client = connect(fleet.redis_url)
+                code = _submit(job, local, client, detach=False, as_json=as_json, on_tick=fleet.check)
+    except EmbedFleetError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: workers stopped; nothing half-written is kept "
+                      "as complete (no manifest)")
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+def _prepare(options: JobOptions, as_json: bool) -> PreparedJob:
+    if as_json:
+        return prepare(options)
+    with Progress(TextColumn("[bold]validate"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bars:
+        task = bars.add_task("validate", total=None)
+
+        def show(progress: ReadProgress, total: int) -> None:
+            bars.update(task, completed=progress.bytes_read, total=total)
+
+        return prepare(options, show)
+
+
+def _submit(
+    job: PreparedJob,
+    settings: Settings,
+    client: redis.Redis,
+    *,
+    detach: bool,
+    as_json: bool,
+    on_tick: object = None,
+) -> int:
+    app = make_app(settings)
+    ledger = JobLedger(client, job.spec.job_id)
+    ledger.open(job.spec, job.validation.documents, job.validation.bytes_total)
+    stager = Stager(job, ledger, app)
+    thread = threading.Thread(target=stager.run, name="stager", daemon=True)
+    thread.start()
+    if not as_json:
+        console.print(f"job [bold]{job.spec.job_id}[/] · {job.spec.collection} · "
+                      f"{job.validation.documents} documents → {job.store.locate(job.layout.root)}")
+    if detach:
+        thread.join()
+        _raise_stager_error(stager)
+        if as_json:
+            emit_json("submitted", {"job_id": job.spec.job_id})
+        else:
+            click.echo(job.spec.job_id)
+        return EXIT_OK
+
+    def tick() -> None:
+        if callable(on_tick):
+            on_tick()
+        _raise_stager_error(stager)
+
+    try:
+        snap = follow(ledger, as_json=as_json, console=console, on_tick=tick)
+    except BaseException:
+        stager.cancel.set()
+        raise
+    thread.join(timeout=30)
+    _raise_stager_error(stager)
+    if snap.status == "failed":
+        raise EmbedFleetError(f"job {job.spec.job_id} failed: {snap.error}", "See the worker logs")
+    manifest = _read_manifest(job.store, job.layout)
+    _show_summary(manifest, job.store.locate(job.layout.root), as_json)
+    return EXIT_OK if manifest.status == "complete" else EXIT_INCOMPLETE
+
+
+def _raise_stager_error(stager: Stager) -> None:
+    if stager.error is not None:
+        if isinstance(stager.error, EmbedFleetError):
+            raise stager.error
+        raise EmbedFleetError(
+            f"staging failed: {type(stager.error).__name__}: {stager.error}",
+            "Check the output store and the broker, then run again",
+        )
+
+
+def _read_manifest(store: object, layout: JobLayout) -> Manifest:
+    return msgspec.json.decode(store.get_bytes(layout.manifest), type=Manifest)  # type: ignore[attr-defined]
+
+
+def _show_summary(manifest: Manifest, location: str, as_json: bool) -> None:
+    if as_json:
+        emit_json("summary", {"location": location, "manifest": manifest})
+        return
+    console.print(summary_table(manifest, location))
+    for missing in manifest.missing[:10]:
+        console.print(f"[yellow]missing[/] {missing.stage} batch {missing.batch_id} "
+                      f"({len(missing.chunk_ids)} chunks): {missing.reason}")
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--output", "-o", default=None, metavar="URL",
+              help="Without a broker, where to look for the job's manifest "
+                   f"(default: $EMBED_FLEET_OUTPUT or {DEFAULT_OUTPUT}).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(job_id: str | None, output: str | None, as_json: bool) -> None:
+    """Show a job's progress (or, without JOB_ID, the recent jobs).
+
+    Reads the ledger of the broker in REDIS_URL; with no broker configured, reads the
+    manifest of a finished job from the output folder. Exit code: 0 complete,
+    1 partial or failed, 3 still running.
+    """
+    settings = Settings.from_env()
+    output = output or os.environ.get("EMBED_FLEET_OUTPUT") or DEFAULT_OUTPUT
+    try:
+        if not settings.broker_url:
+            if not job_id:
+                raise EmbedFleetError("no broker configured to list jobs from",
+                                      "Set REDIS_URL, or pass a JOB_ID of a finished local job")
+            manifest_path = _find_local_manifest(Path(output), job_id)
+            manifest = msgspec.json.decode(manifest_path.read_bytes(), type=Manifest)
+            _show_summary(manifest, str(manifest_path.parent), as_json)
+            sys.exit(EXIT_OK if manifest.status == "complete" else EXIT_INCOMPLETE)
+        client = connect(settings.broker_url)
+        if not job_id:
+            for jid in recent_jobs(client):
+                ledger = JobLedger(client, jid)
+                state = ledger.status() if ledger.exists() else "expired"
+                click.echo(msgspec.json.encode({"job_id": jid, "status": state}).decode()
+                           if as_json else f"{jid}  {state}")
+            sys.exit(EXIT_OK)
+        ledger = JobLedger(client, job_id)
+        snap = ledger.progress()
+        if as_json:
+            emit_json("progress", snap)
+        else:
+            stages = ", ".join(f"{s.stage} {s.chunks_done}/{snap.staged_chunks} chunks" for s in snap.stages)
+            console.print(f"job {job_id} · {snap.status} · {snap.documents_read}/"
+                          f"{snap.documents_total} documents read · {stages}"
+                          + (f" · {snap.error}" if snap.error else ""))
+        if snap.status in ("complete", "partial"):
+            spec = ledger.spec()
+            store, layout = open_store(spec.output), JobLayout(spec.collection, spec.job_id)
+            _show_summary(_read_manifest(store, layout), store.locate(layout.root), as_json)
+        if snap.status not in FINISHED:
+            sys.exit(EXIT_RUNNING)
+        sys.exit(EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE)
+    except EmbedFleetError as exc:
+        _fail(exc)
+
+
+def _find_local_manifest(root: Path, job_id: str) -> Path:
+    for path in sorted(root.expanduser().glob(f"*/{safe_name(job_id)}/manifest.json")):
+        return path
+    raise EmbedFleetError(
+        f"no manifest for job {job_id!r} under {root}",
+        "Pass --output where the job wrote, or set REDIS_URL to ask the fleet's ledger",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Following a job through the ledger: progress bars per stage, then a summary table.
+
+The same snapshots go out as JSON lines with ``--json``, for scripts and CI logs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import msgspec
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from shared.ledger import JobLedger
+from shared.schemas import JobProgress, Manifest
+
+FINISHED = ("complete", "partial", "failed")
+
+
+def emit_json(event: str, payload: object) -> None:
+    line = msgspec.json.encode({"event": event, **msgspec.to_builtins(payload)})
+    sys.stdout.write(line.decode() + "\n")
+    sys.stdout.flush()
+
+
+def follow(
+    ledger: JobLedger,
+    *,
+    as_json: bool,
+    console: Console,
+    on_tick: Callable[[], None] | None = None,
+    poll_s: float = 0.5,
+) -> JobProgress:
+    """Poll the ledger until the job finishes; return the last snapshot.
+
+    Args:
+        on_tick: Called every poll; raising from it stops following (the embedded
+            fleet uses it to notice a dead worker).
+    """
+    if as_json:
+        last = b""
+        while True:
+            snap = ledger.progress()
+            encoded = msgspec.json.encode(snap)
+            if encoded != last:
+                emit_json("progress", snap)
+                last = encoded
+            if snap.status in FINISHED:
+                return snap
+            if on_tick:
+                on_tick()
+            time.sleep(poll_s)
+
+    columns = (
+        TextColumn("[bold]{task.description:<8}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bars:
+        read = bars.add_task("read", total=None, unit="docs")
+        stage_bars: dict[str, TaskID] = {}
+        export = bars.add_task("export", total=1, unit="", visible=False)
+        while True:
+            snap = ledger.progress()
+            bars.update(read, completed=snap.documents_read, total=snap.documents_total)
+            sealed = snap.total_batches is not None
+            for stage in snap.stages:
+                if stage.stage not in stage_bars:
+                    stage_bars[stage.stage] = bars.add_task(stage.stage, total=None, unit="chunks")
+                bars.update(
+                    stage_bars[stage.stage],
+                    completed=stage.chunks_done,
+                    total=snap.staged_chunks if sealed else None,
+                )
+            if snap.status in ("exporting", *FINISHED):
+                bars.update(export, visible=True, completed=1 if snap.status in FINISHED else 0)
+            if snap.status in FINISHED:
+                return snap
+            if on_tick:
+                on_tick()
+            time.sleep(poll_s)
+
+
+def summary_table(manifest: Manifest, location: str) -> Table:
+    """The end-of-run table: counts, throughput, per-stage latency and batch sizes."""
+    counts = manifest.counts
+    table = Table(title=f"job {manifest.job_id} — {manifest.status}", title_justify="left")
+    table.add_column("stage")
+    table.add_column("batches", justify="right")
+    table.add_column("items", justify="right")
+    table.add_column("items/s", justify="right")
+    table.add_column("p50 s", justify="right")
+    table.add_column("p95 s", justify="right")
+    table.add_column("model batch sizes", justify="right")
+    for name, stage in manifest.stages.items():
+        sizes = (
+            f"{stage.batch_size_min}/{stage.batch_size_p50}/{stage.batch_size_max}"
+            if stage.batch_size_max
+            else "-"
+        )
+        table.add_row(
+            name, str(stage.batches), str(stage.items), f"{stage.items_per_s:.1f}",
+            f"{stage.p50_s:.3f}", f"{stage.p95_s:.3f}", sizes,
+        )
+    table.caption = (
+        f"{counts.documents} documents, {counts.chunks} chunks "
+        f"({counts.chunks_exported} exported), {counts.empty_documents} empty, "
+        f"{counts.skipped_records} skipped, {counts.failed_batches} failed batches; "
+        f"batch sizes min/p50/max\nartifacts: {location}"
+    )
+    table.caption_justify = "left"
+    return table

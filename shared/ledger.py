@@ -1,0 +1,277 @@
+"""The job ledger in Redis: spec, progress, finished batches, and the phase guard.
+
+Completion is counted by *distinct batch ids* per stage (hash fields), so a task that
+Redis hands out twice never counts twice. The move to export fires exactly once: the
+first caller that sees every batch of every stage accounted for wins a ``SET NX``.
+
+Keys, all under ``embed-fleet:job:<id>:``::
+
+    spec              JobSpec (msgpack)
+    state             hash: status, staged_batches, staged_chunks, total_batches, ...
+    staged            hash batch_id -> chunk count
+    done:<stage>      hash batch_id -> BatchReport
+    failed:<stage>    hash batch_id -> BatchFailure
+    models            hash model name -> ModelInfo
+    producer          ProducerReport
+    export-fired      the phase guard
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TypeVar
+
+import msgspec
+import redis
+
+from shared.config import redact_url
+from shared.errors import EmbedFleetError
+from shared.schemas import (
+    BatchFailure,
+    BatchReport,
+    JobProgress,
+    JobSpec,
+    JobStatus,
+    ModelInfo,
+    ProducerReport,
+    StageProgress,
+)
+
+PREFIX = "embed-fleet"
+JOBS_INDEX = f"{PREFIX}:jobs"
+T = TypeVar("T")
+
+# Counts batches accounted for per stage (done, or failed and not later done) and,
+# when every stage has all of them and the job is sealed, takes the phase guard.
+# Runs atomically in Redis, after the caller's own write.
+_CHECK_COMPLETE = """
+local total = redis.call('HGET', KEYS[1], 'total_batches')
+if not total then return 0 end
+total = tonumber(total)
+for i = 3, #KEYS, 2 do
+  local n = redis.call('HLEN', KEYS[i])
+  for _, id in ipairs(redis.call('HKEYS', KEYS[i + 1])) do
+    if redis.call('HEXISTS', KEYS[i], id) == 0 then n = n + 1 end
+  end
+  if n < total then return 0 end
+end
+if redis.call('SET', KEYS[2], '1', 'NX') then
+  redis.call('HSET', KEYS[1], 'status', 'exporting')
+  return 1
+end
+return 0
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    """Connect to Redis and check it answers, with an error that says what to do."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        raise EmbedFleetError(
+            f"cannot reach Redis at {redact_url(url)}: {exc}",
+            "Start Redis there, fix REDIS_URL, or unset REDIS_URL and CELERY_BROKER_URL "
+            "to run the embedded local fleet",
+        ) from None
+    except redis.AuthenticationError:
+        raise EmbedFleetError(
+            f"Redis at {redact_url(url)} refused the credentials", "Check the password in REDIS_URL"
+        ) from None
+    return client
+
+
+def _decode(data: bytes | None, kind: type[T]) -> T | None:
+    return None if data is None else msgspec.msgpack.decode(data, type=kind)
+
+
+class JobLedger:
+    """One job's ledger. Cheap to build; every method is one or two round trips."""
+
+    def __init__(self, client: redis.Redis, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        base = f"{PREFIX}:job:{job_id}"
+        self.k_spec = f"{base}:spec"
+        self.k_state = f"{base}:state"
+        self.k_staged = f"{base}:staged"
+        self.k_models = f"{base}:models"
+        self.k_producer = f"{base}:producer"
+        self.k_guard = f"{base}:export-fired"
+        self._check = client.register_script(_CHECK_COMPLETE)
+
+    def k_done(self, stage: str) -> str:
+        return f"{PREFIX}:job:{self.job_id}:done:{stage}"
+
+    def k_failed(self, stage: str) -> str:
+        return f"{PREFIX}:job:{self.job_id}:failed:{stage}"
+
+    # --- producer side ---------------------------------------------------------------
+
+    def open(self, spec: JobSpec, documents_total: int, bytes_total: int) -> None:
+        pipe = self.client.pipeline()
+        pipe.set(self.k_spec, msgspec.msgpack.encode(spec))
+        pipe.hset(
+            self.k_state,
+            mapping={
+                "status": "running",
+                "staged_batches": 0,
+                "staged_chunks": 0,
+                "documents_total": documents_total,
+                "documents_read": 0,
+                "bytes_read": 0,
+                "bytes_total": bytes_total,
+            },
+        )
+        pipe.zadd(JOBS_INDEX, {self.job_id: spec.created_at})
+        pipe.execute()
+
+    def record_staged(self, batch_id: str, chunks: int, documents_read: int, bytes_read: int) -> None:
+        pipe = self.client.pipeline()
+        pipe.hset(self.k_staged, batch_id, chunks)
+        pipe.hincrby(self.k_state, "staged_batches", 1)
+        pipe.hincrby(self.k_state, "staged_chunks", chunks)
+        pipe.hset(self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read})
+        pipe.execute()
+
+    def record_read(self, documents_read: int, bytes_read: int) -> None:
+        self.client.hset(
+            self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read}
+        )
+
+    def seal(self, report: ProducerReport) -> bool:
+        """Record that every batch is staged. True if the caller must start the export."""
+        pipe = self.client.pipeline()
+        pipe.set(self.k_producer, msgspec.msgpack.encode(report))
+        pipe.hset(self.k_state, "total_batches", report.batches)
+        pipe.execute()
+        return self._check_complete()
+
+    # --- worker side -----------------------------------------------------------------
+
+    def record_done(self, report: BatchReport) -> bool:
+        """Record a finished batch. True if the caller must start the export."""
+        pipe = self.client.pipeline()
+        pipe.hset(self.k_done(report.stage), report.batch_id, msgspec.msgpack.encode(report))
+        pipe.hdel(self.k_failed(report.stage), report.batch_id)
+        pipe.execute()
+        return self._check_complete()
+
+    def record_failed(self, failure: BatchFailure) -> bool:
+        """Record a batch that kept failing. True if the caller must start the export."""
+        if not self.client.hexists(self.k_done(failure.stage), failure.batch_id):
+            self.client.hset(
+                self.k_failed(failure.stage), failure.batch_id, msgspec.msgpack.encode(failure)
+            )
+        return self._check_complete()
+
+    def record_model(self, info: ModelInfo) -> None:
+        self.client.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
+
+    def _check_complete(self) -> bool:
+        spec = self.spec()
+        keys = [self.k_state, self.k_guard]
+        for stage in spec.stages:
+            keys += [self.k_done(stage), self.k_failed(stage)]
+        return bool(self._check(keys=keys))
+
+    # --- aggregator side -----------------------------------------------------------
+
+    def finish(self, status: JobStatus, ttl: float, error: str = "") -> None:
+        pipe = self.client.pipeline()
+        pipe.hset(self.k_state, mapping={"status": status, "error": error, "finished_at": time.time()})
+        for key in self._all_keys():
+            pipe.expire(key, int(ttl))
+        pipe.execute()
+
+    def _all_keys(self) -> list[str]:
+        spec = self.spec()
+        keys = [self.k_spec, self.k_state, self.k_staged, self.k_models, self.k_producer, self.k_guard]
+        for stage in spec.stages:
+            keys += [self.k_done(stage), self.k_failed(stage)]
+        return keys
+
+    # --- readers ---------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return bool(self.client.exists(self.k_spec))
+
+    def spec(self) -> JobSpec:
+        spec = _decode(self.client.get(self.k_spec), JobSpec)
+        if spec is None:
+            raise EmbedFleetError(
+                f"no job {self.job_id!r} in the ledger",
+                "Check the job id (`embed-collections status` lists recent jobs); finished "
+                "jobs expire from Redis after EMBED_FLEET_LEDGER_TTL seconds",
+            )
+        return spec
+
+    def status(self) -> str:
+        raw = self.client.hget(self.k_state, "status")
+        return raw.decode() if raw else "unknown"
+
+    def staged_batches(self) -> list[str]:
+        """Staged batch ids in staging order (ids are zero-padded sequence numbers)."""
+        return sorted(field.decode() for field in self.client.hkeys(self.k_staged))
+
+    def reports(self, stage: str) -> list[BatchReport]:
+        return self._values(self.k_done(stage), BatchReport)
+
+    def failures(self, stage: str) -> list[BatchFailure]:
+        done = {f.decode() for f in self.client.hkeys(self.k_done(stage))}
+        return [f for f in self._values(self.k_failed(stage), BatchFailure) if f.batch_id not in done]
+
+    def models(self) -> list[ModelInfo]:
+        return self._values(self.k_models, ModelInfo)
+
+    def producer_report(self) -> ProducerReport | None:
+        return _decode(self.client.get(self.k_producer), ProducerReport)
+
+    def _values(self, key: str, kind: type[T]) -> list[T]:
+        raw: dict[bytes, bytes] = self.client.hgetall(key)  # type: ignore[assignment]
+        return [msgspec.msgpack.decode(raw[k], type=kind) for k in sorted(raw)]
+
+    def progress(self) -> JobProgress:
+        spec = self.spec()
+        pipe = self.client.pipeline()
+        pipe.hgetall(self.k_state)
+        for stage in spec.stages:
+            pipe.hgetall(self.k_done(stage))
+            pipe.hlen(self.k_failed(stage))
+        results: list[Any] = pipe.execute()
+        state = {k.decode(): v.decode() for k, v in results[0].items()}
+        stages = []
+        for i, stage in enumerate(spec.stages):
+            done: dict[bytes, bytes] = results[1 + 2 * i]
+            chunks = sum(msgspec.msgpack.decode(v, type=BatchReport).chunks for v in done.values())
+            stages.append(
+                StageProgress(
+                    stage=stage,
+                    batches_done=len(done),
+                    batches_failed=int(results[2 + 2 * i]),
+                    chunks_done=chunks,
+                )
+            )
+        total = state.get("total_batches")
+        return JobProgress(
+            job_id=self.job_id,
+            status=state.get("status", "running"),  # type: ignore[arg-type]
+            collection=spec.collection,
+            staged_batches=int(state.get("staged_batches", 0)),
+            staged_chunks=int(state.get("staged_chunks", 0)),
+            total_batches=int(total) if total is not None else None,
+            documents_total=int(state.get("documents_total", 0)),
+            documents_read=int(state.get("documents_read", 0)),
+            bytes_read=int(state.get("bytes_read", 0)),
+            bytes_total=int(state.get("bytes_total", 0)),
+            stages=stages,
+            error=state.get("error", ""),
+        )
+
+    def fail(self, error: str, ttl: float) -> None:
+        """Mark the job failed (the producer could not finish staging it)."""
+        self.finish("failed", ttl, error)
+
+
+def recent_jobs(client: redis.Redis, limit: int = 20) -> list[str]:
+    return [j.decode() for j in client.zrevrange(JOBS_INDEX, 0, limit - 1)]

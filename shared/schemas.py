@@ -1,0 +1,310 @@
+"""Every message and artifact record of the fleet, as msgspec Structs.
+
+Producer and workers import these same types, so a message is checked against one
+definition on both ends. Messages carry references (job id, batch id, object keys);
+texts and vectors live in the object store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+import numpy as np
+
+FORMAT_VERSION = 1
+
+Stage = Literal["dense"]
+"""A per-batch encode stage. Later stages (sparse) join this literal."""
+
+JobStatus = Literal["running", "exporting", "complete", "partial", "failed"]
+
+
+class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """Base: keyword-only fields so records read well and evolve safely."""
+
+
+# --- collection side -----------------------------------------------------------------
+
+
+class Document(Struct, frozen=True):
+    """One record of a collection, as read from disk."""
+
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = {}
+    path: str = ""
+    line: int = 0
+
+
+class SkippedRecord(Struct, frozen=True):
+    """A bad record skipped under ``--on-bad-record skip``."""
+
+    path: str
+    line: int
+    reason: str
+
+
+class Chunk(Struct, frozen=True):
+    """A piece of a document small enough for the first dense model.
+
+    ``span`` is the character range in the document's ``text`` (the title, prepended
+    to the first chunk, lies outside it).
+    """
+
+    chunk_id: str
+    doc_id: str
+    index: int
+    text: str
+    n_tokens: int
+    span: tuple[int, int]
+    metadata: dict[str, Any] = {}
+
+
+class ChunkBatch(Struct):
+    """A staged batch of chunks: written by the producer, read by every encode stage."""
+
+    job_id: str
+    batch_id: str
+    chunks: list[Chunk]
+
+
+class Matrix(Struct):
+    """A row-major float32 matrix as raw bytes (compact and exact in msgpack)."""
+
+    rows: int
+    dim: int
+    dtype: Literal["float32"] = "float32"
+    data: bytes = b""
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray[Any, Any]) -> Matrix:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        rows, dim = array.shape
+        return cls(rows=rows, dim=dim, data=array.tobytes())
+
+    def to_numpy(self) -> np.ndarray[Any, np.dtype[np.float32]]:
+        return np.frombuffer(self.data, dtype=np.float32).reshape(self.rows, self.dim)
+
+
+class DenseShard(Struct):
+    """The dense output of one batch: one matrix per model, rows in chunk order."""
+
+    job_id: str
+    batch_id: str
+    chunk_ids: list[str]
+    vectors: dict[str, Matrix]
+
+
+# --- messages ------------------------------------------------------------------------
+
+
+class EmbedBatch(Struct):
+    """Task message of ``embed_fleet.dense.embed_batch``."""
+
+    job_id: str
+    batch_id: str
+    store_url: str
+    batch_key: str
+    shard_key: str
+    models: list[str]
+    max_batch_tokens: int | None = None
+
+
+class ExportJob(Struct):
+    """Task message of ``embed_fleet.aggregate.export_job``."""
+
+    job_id: str
+
+
+# --- job spec and ledger records ---------------------------------------------------
+
+
+class JobSpec(Struct):
+    """What the user asked for; stored in the ledger and copied into the manifest."""
+
+    job_id: str
+    collection: str
+    source: str
+    output: str
+    created_at: float
+    dense_models: list[str]
+    chunk_tokens: int
+    chunk_overlap: int
+    batch_chunks: int
+    max_batch_tokens: int | None
+    on_bad_record: Literal["fail", "skip"]
+    stages: list[Stage] = msgspec.field(default_factory=lambda: ["dense"])
+
+
+class ModelInfo(Struct):
+    """What a worker loaded, for audit: enough to reproduce the vectors."""
+
+    name: str
+    source: str
+    revision: str
+    dim: int
+    dtype: str
+    device: str
+    max_seq_length: int
+
+
+class BatchReport(Struct):
+    """A finished batch of one stage, as a worker recorded it in the ledger."""
+
+    batch_id: str
+    stage: str
+    chunks: int
+    tokens: int
+    started_at: float
+    finished_at: float
+    worker: str
+    device: str
+    batch_sizes: list[int]
+
+    @property
+    def latency_s(self) -> float:
+        return self.finished_at - self.started_at
+
+
+class BatchFailure(Struct):
+    """A batch that kept failing after its retries."""
+
+    batch_id: str
+    stage: str
+    reason: str
+    chunk_ids: list[str] = []
+
+
+class ProducerReport(Struct):
+    """What the producer read and staged, written when it seals the job."""
+
+    documents: int
+    chunks: int
+    batches: int
+    tokens: int
+    empty_documents: list[str]
+    skipped_records: list[SkippedRecord]
+    skipped_count: int
+    started_at: float
+    finished_at: float
+    latency: LatencySummary
+
+
+class StageProgress(Struct):
+    stage: str
+    batches_done: int
+    batches_failed: int
+    chunks_done: int
+
+
+class JobProgress(Struct):
+    """A snapshot of the ledger, for progress bars and ``status``."""
+
+    job_id: str
+    status: JobStatus
+    collection: str
+    staged_batches: int
+    staged_chunks: int
+    total_batches: int | None
+    documents_total: int
+    documents_read: int
+    bytes_read: int
+    bytes_total: int
+    stages: list[StageProgress]
+    error: str = ""
+
+
+# --- artifacts -------------------------------------------------------------------
+
+
+class ChunkRecord(Struct):
+    """One line of ``chunks.jsonl``."""
+
+    chunk_id: str
+    doc_id: str
+    chunk_index: int
+    text: str
+    span: tuple[int, int]
+    metadata: dict[str, Any]
+    dense: dict[str, list[float]]
+
+
+class Artifact(Struct):
+    key: str
+    bytes: int
+    sha256: str
+    records: int
+    content_type: str
+
+
+class LatencySummary(Struct):
+    """Per-stage latency, seconds per batch, and the sizes of its model batches."""
+
+    batches: int
+    items: int
+    p50_s: float
+    p95_s: float
+    mean_s: float
+    items_per_s: float
+    batch_size_min: int = 0
+    batch_size_p50: int = 0
+    batch_size_max: int = 0
+
+    @classmethod
+    def from_samples(
+        cls, latencies: list[float], items: int, span_s: float, batch_sizes: list[int] | None = None
+    ) -> LatencySummary:
+        """Summarise per-batch latencies; throughput is items over the wall-clock span."""
+        values = np.array(latencies or [0.0])
+        sizes = batch_sizes or [0]
+        return cls(
+            batches=len(latencies),
+            items=items,
+            p50_s=round(float(np.percentile(values, 50)), 4),
+            p95_s=round(float(np.percentile(values, 95)), 4),
+            mean_s=round(float(values.mean()), 4),
+            items_per_s=round(items / span_s, 2) if span_s > 0 else 0.0,
+            batch_size_min=int(min(sizes)),
+            batch_size_p50=int(np.percentile(sizes, 50)),
+            batch_size_max=int(max(sizes)),
+        )
+
+
+class Counts(Struct):
+    documents: int
+    chunks: int
+    chunks_exported: int
+    batches: int
+    empty_documents: int
+    skipped_records: int
+    failed_batches: int
+
+
+class Missing(Struct):
+    """What a partial job lacks, and why."""
+
+    stage: str
+    batch_id: str
+    reason: str
+    chunk_ids: list[str]
+
+
+class Manifest(Struct):
+    """``manifest.json``: written last; its presence means the artifacts are complete."""
+
+    format_version: int
+    job_id: str
+    collection: str
+    status: Literal["complete", "partial"]
+    spec: JobSpec
+    models: list[ModelInfo]
+    counts: Counts
+    stages: dict[str, LatencySummary]
+    artifacts: list[Artifact]
+    missing: list[Missing]
+    empty_documents: list[str]
+    skipped_records: list[SkippedRecord]
+    created_at: float
+    finished_at: float

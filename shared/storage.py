@@ -1,0 +1,258 @@
+"""One small interface over the places artifacts live: S3-compatible stores and folders.
+
+``open_store(url)`` takes ``s3://bucket/prefix`` (endpoint and credentials from the
+standard AWS variables, plus ``S3_ENDPOINT_URL``) or a plain path. Keys are relative,
+``/``-separated and sanitised, so a collection or job name can never climb out of
+the store's root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.errors import EmbedFleetError
+
+_SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(name: str) -> str:
+    """Turn a user-supplied name (a collection, a folder) into one safe key segment."""
+    cleaned = _SAFE_SEGMENT.sub("-", name).strip(".-")
+    return cleaned[:128] or "collection"
+
+
+def join_key(*parts: str) -> str:
+    """Join key segments, refusing anything that could escape the store root."""
+    segments: list[str] = []
+    for part in parts:
+        for segment in part.split("/"):
+            if segment in ("", "."):
+                continue
+            if segment == ".." or "\\" in segment or "\x00" in segment:
+                raise ValueError(f"unsafe object key segment {segment!r}")
+            segments.append(segment)
+    if not segments:
+        raise ValueError("empty object key")
+    return "/".join(segments)
+
+
+class ObjectStore(Protocol):
+    """What the fleet needs of a store. Keys are relative to the store's root."""
+
+    url: str
+
+    def check(self) -> None:
+        """Raise :class:`EmbedFleetError` unless the store is reachable and writable."""
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    def locate(self, key: str) -> str:
+        """The full URL or path of a key, for people to read."""
+
+
+class LocalStore:
+    """A folder. Writes go to a temporary file first and are renamed into place, so a
+    reader never sees half an object."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / join_key(key)
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
+                pass
+        except OSError as exc:
+            raise EmbedFleetError(
+                f"cannot write to output folder {self.root}: {exc.strerror or exc}",
+                "Pass a writable --output folder or an s3:// URL",
+            ) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        self._publish(tmp, path)
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        os.close(fd)
+        shutil.copyfile(path, tmp)
+        self._publish(tmp, target)
+
+    @staticmethod
+    def _publish(tmp: str, target: Path) -> None:
+        # mkstemp makes 0600 files; artifacts get the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, target)
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.exists():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                yield path.relative_to(self.root).as_posix()
+
+    def locate(self, key: str) -> str:
+        return str(self._path(key))
+
+
+class S3Store:
+    """An S3-compatible bucket (AWS, SeaweedFS, MinIO, ...) under an optional prefix.
+
+    The endpoint comes from ``S3_ENDPOINT_URL`` (or boto3's own ``AWS_ENDPOINT_URL``);
+    credentials from the standard AWS variables or files. With a custom endpoint,
+    path-style addressing is used, which every S3-compatible server understands.
+    """
+
+    def __init__(self, url: str) -> None:
+        import boto3
+        from botocore.config import Config
+
+        rest = url[len("s3://") :]
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise EmbedFleetError(f"no bucket in {url!r}", "Use s3://BUCKET/PREFIX")
+        self.url = url.rstrip("/")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        config = Config(
+            connect_timeout=5,
+            read_timeout=60,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"} if self.endpoint else {},
+        )
+        self.client: Any = boto3.client("s3", endpoint_url=self.endpoint, config=config)
+
+    def _key(self, key: str) -> str:
+        return join_key(self.prefix, key) if self.prefix else join_key(key)
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = self.endpoint or "the default AWS endpoint"
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise EmbedFleetError(
+                    f"bucket {self.bucket!r} does not exist at {where}",
+                    f"Create it first (e.g. `aws s3 mb s3://{self.bucket}`)",
+                ) from None
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise EmbedFleetError(
+                    f"access to bucket {self.bucket!r} at {where} was denied ({code})",
+                    "Check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+                ) from None
+            raise EmbedFleetError(
+                f"S3 error {code} on bucket {self.bucket!r} at {where}", "Check the endpoint"
+            ) from None
+        except BotoCoreError as exc:
+            raise EmbedFleetError(
+                f"cannot reach S3 endpoint {where}: {type(exc).__name__}",
+                "Check S3_ENDPOINT_URL and that the server is running",
+            ) from None
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        # upload_file switches to multipart for large files, so memory stays flat.
+        self.client.upload_file(str(path), self.bucket, self._key(key))
+
+    def get_bytes(self, key: str) -> bytes:
+        response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        return bytes(response["Body"].read())
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        full = self._key(prefix) if prefix else self.prefix
+        if full:
+            full += "/"
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for item in page.get("Contents", []):
+                yield str(item["Key"])[strip:]
+
+    def locate(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+
+def open_store(url: str) -> ObjectStore:
+    """Open ``s3://bucket/prefix`` or a local folder."""
+    if url.startswith("s3://"):
+        return S3Store(url)
+    if "://" in url:
+        raise EmbedFleetError(
+            f"unsupported output URL {url!r}", "Use s3://BUCKET/PREFIX or a local folder path"
+        )
+    return LocalStore(url)
+
+
+class JobLayout:
+    """Where one job's objects live: ``<collection>/<job_id>/...``.
+
+    Artifacts sit at the top of the job folder; intermediate objects (staged chunk
+    batches, per-batch shards) under ``work/``. Keys are deterministic, which is what
+    makes a redelivered task write the same object again instead of a second one.
+    """
+
+    def __init__(self, collection: str, job_id: str) -> None:
+        self.root = join_key(safe_name(collection), safe_name(job_id))
+
+    def batch(self, batch_id: str) -> str:
+        return join_key(self.root, "work", "batches", f"{batch_id}.msgpack")
+
+    def shard(self, stage: str, batch_id: str) -> str:
+        return join_key(self.root, "work", stage, f"{batch_id}.msgpack")
+
+    def artifact(self, name: str) -> str:
+        return join_key(self.root, name)
+
+    @property
+    def manifest(self) -> str:
+        return self.artifact("manifest.json")

@@ -1,0 +1,161 @@
+"""Real servers for the tests: a private redis-server and SeaweedFS's S3 gateway, on
+loopback ports of their own, plus Celery workers as processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import redis
+from botocore.config import Config
+
+from producer.local_fleet import redis_server_binary
+
+S3_KEY, S3_SECRET = "fleet-test-key", "fleet-test-secret"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(with_grpc_twin: bool = False) -> int:
+    """A free port; SeaweedFS also binds port + 10000 for gRPC, so check both."""
+    for _ in range(200):
+        port = random.randint(20000, 29999) if with_grpc_twin else random.randint(30000, 60000)
+        if _port_free(port) and (not with_grpc_twin or _port_free(port + 10000)):
+            return port
+    raise RuntimeError("no free port")
+
+
+def wait_for(check: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():  # type: ignore[operator]
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+class RedisServer:
+    """A private redis-server that a test may kill and restart (same port)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_for(client.ping, 10, "redis-server")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+class SeaweedS3:
+    """``weed mini``: master, volume, filer and S3 gateway in one process, loopback only,
+    with credentials enforced (they are in its environment)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port(with_grpc_twin=True)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        ports = {name: free_port(with_grpc_twin=True) for name in ("master", "volume", "filer", "admin")}
+        args = [
+            weed, "mini", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}", f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+            f"-s3.port.iceberg={free_port()}", f"-s3.port.lance={free_port()}",
+        ]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+        self.log = (self.workdir / "weed.log").open("wb")
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        client = self.client()
+        wait_for(lambda: client.list_buckets() is not None, 60, "SeaweedFS S3")
+
+    def client(self) -> object:
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET, region_name="us-east-1",
+            config=Config(s3={"addressing_style": "path"}, connect_timeout=2, retries={"max_attempts": 1}),
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY,
+                "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+class Worker:
+    """``celery -A workers.app worker -Q <queue>`` as a process group of its own, so a
+    test can kill -9 it (parent and prefork child) like a crashed container."""
+
+    def __init__(self, queue: str, env: dict[str, str], log: Path) -> None:
+        self.queue = queue
+        self.log_path = log
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue, "-c", "1",
+             "-n", f"{queue}-{random.randint(0, 1 << 30)}@%h", "--without-gossip",
+             "--without-mingle", "--loglevel", "INFO"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def kill9(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()

@@ -1,0 +1,228 @@
+"""End to end: the CLI, a real Redis, real SeaweedFS, real Celery worker processes and
+the real all-MiniLM-L6-v2 model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import psutil
+import pytest
+from conftest import CRANFIELD, REPO, base_env, run_cli
+
+from shared.ledger import JOBS_INDEX, JobLedger
+from shared.schemas import ChunkBatch
+
+pytestmark = pytest.mark.e2e
+
+
+def events(stdout: str, kind: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == kind]
+
+
+def corpus_ids(path: Path) -> list[str]:
+    return [json.loads(line)["_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
+class ManifestWatch(threading.Thread):
+    """Lists the bucket while a job runs and notes what existed when the manifest
+    first appeared: the manifest must never point at an object not yet written."""
+
+    def __init__(self, client: Any, bucket: str) -> None:
+        super().__init__(daemon=True)
+        self.client, self.bucket = client, bucket
+        self.keys_at_manifest: set[str] | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and self.keys_at_manifest is None:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+            keys = {item["Key"] for page in pages for item in page.get("Contents", [])}
+            if any(k.endswith("manifest.json") for k in keys):
+                self.keys_at_manifest = keys
+            time.sleep(0.05)
+
+
+def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
+    start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    client = s3.client()
+    watch = ManifestWatch(client, bucket)
+    watch.start()
+    result = run_cli("run", str(CRANFIELD), "--output", f"s3://{bucket}/runs", "--json", env=fleet_env)
+    watch.stop.set()
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = events(result.stdout, "summary")[-1]
+    manifest = summary["manifest"]
+    job = f"runs/cranfield/{manifest['job_id']}"
+    stored = json.loads(client.get_object(Bucket=bucket, Key=f"{job}/manifest.json")["Body"].read())
+    assert stored == manifest
+    assert manifest["status"] == "complete" and manifest["missing"] == []
+
+    # Every artifact's bytes and sha256 match the stored object.
+    for artifact in manifest["artifacts"]:
+        body = client.get_object(Bucket=bucket, Key=f"runs/{artifact['key']}")["Body"].read()
+        assert len(body) == artifact["bytes"]
+        assert hashlib.sha256(body).hexdigest() == artifact["sha256"]
+        assert body.count(b"\n") == artifact["records"]
+    chunks_body = client.get_object(Bucket=bucket, Key=f"{job}/chunks.jsonl")["Body"].read()
+    records = [json.loads(line) for line in chunks_body.splitlines()]
+
+    # Every document's chunks appear exactly once, numbered 0..n-1; empty ones are listed.
+    ids = Counter(r["chunk_id"] for r in records)
+    assert max(ids.values()) == 1
+    by_doc: dict[str, list[int]] = {}
+    for r in records:
+        by_doc.setdefault(r["doc_id"], []).append(r["chunk_index"])
+    all_docs = corpus_ids(CRANFIELD / "corpus.jsonl")
+    assert set(by_doc) | set(manifest["empty_documents"]) == set(all_docs)
+    assert not set(by_doc) & set(manifest["empty_documents"])
+    for indexes in by_doc.values():
+        assert sorted(indexes) == list(range(len(indexes)))
+    assert manifest["counts"]["chunks"] == len(records) == manifest["counts"]["chunks_exported"]
+    assert manifest["counts"]["documents"] == len(all_docs)
+
+    # Vectors: 384-d, unit norm, one per model of the ensemble.
+    vectors = np.array([r["dense"]["sentence-transformers/all-MiniLM-L6-v2"] for r in records])
+    assert vectors.shape == (len(records), 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    (model,) = manifest["models"]
+    assert model["dim"] == 384 and model["dtype"] == "float32" and model["revision"]
+
+    # The manifest was the last object written.
+    assert watch.keys_at_manifest is not None
+    assert f"{job}/chunks.jsonl" in watch.keys_at_manifest
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=job + "/")["Contents"]
+    stamps = {item["Key"]: item["LastModified"] for item in listing}
+    assert stamps[f"{job}/manifest.json"] == max(stamps.values())
+
+
+def test_kill9_dense_worker_mid_job(fleet_env, bucket, s3, redis_server, start_worker, tmp_path) -> None:
+    # A smaller collection, in small batches, so the job is mid-way when we kill.
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:500]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    first = start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "run", str(tmp_path / "corpus"), "--output",
+         f"s3://{bucket}", "--batch-chunks", "16", "--json"],
+        env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    client = redis_server.client()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        jobs = client.zrange(JOBS_INDEX, 0, -1)
+        if jobs:
+            ledger = JobLedger(client, jobs[-1].decode())
+            if len(ledger.reports("dense")) >= 3:
+                break
+        time.sleep(0.1)
+    else:
+        pytest.fail("dense worker made no progress")
+    first.kill9()
+    done_at_kill = len(ledger.reports("dense"))
+    start_worker("dense", fleet_env)
+    stdout, stderr = cli.communicate(timeout=600)
+    assert cli.returncode == 0, stderr
+    assert done_at_kill < ledger.progress().total_batches  # the kill was mid-job
+    manifest = events(stdout, "summary")[-1]["manifest"]
+    s3c = s3.client()
+    job = f"corpus/{manifest['job_id']}"
+    body = s3c.get_object(Bucket=bucket, Key=f"{job}/chunks.jsonl")["Body"].read()
+    exported = [json.loads(line)["chunk_id"] for line in body.splitlines()]
+    staged: list[str] = []
+    for batch_id in ledger.staged_batches():
+        raw = s3c.get_object(Bucket=bucket, Key=f"{job}/work/batches/{batch_id}.msgpack")["Body"].read()
+        staged += [c.chunk_id for c in msgspec.msgpack.decode(raw, type=ChunkBatch).chunks]
+    assert len(exported) == len(set(exported))  # nothing duplicated
+    assert exported == staged  # nothing lost, in staging order
+    assert manifest["status"] == "complete"
+    assert manifest["stages"]["dense"]["batches"] == len(ledger.staged_batches())
+
+
+class Descendants(threading.Thread):
+    """Collects every process a command starts, to check none outlives it."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root = psutil.Process(pid)
+        self.seen: dict[int, psutil.Process] = {}
+
+    def run(self) -> None:
+        while self.root.is_running() and self.root.status() != psutil.STATUS_ZOMBIE:
+            try:
+                for child in self.root.children(recursive=True):
+                    self.seen.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+            time.sleep(0.1)
+
+    def alive(self) -> list[str]:
+        return [" ".join(p.cmdline()[:6]) for p in self.seen.values() if _alive(p)]
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def run_watched(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], Descendants]:
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=base_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    watch = Descendants(cli.pid)
+    watch.start()
+    return cli, watch
+
+
+def test_embedded_default_runs_everything_locally(tmp_path) -> None:
+    lines = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:60]]
+    source = tmp_path / "mini.jsonl"
+    source.write_text("\n".join(json.dumps({"id": d["_id"], "text": d["text"]}) for d in lines))
+    cli, watch = run_watched(["run", str(source)], cwd=tmp_path)
+    _, stderr = cli.communicate(timeout=600)
+    assert cli.returncode == 0, stderr
+    (manifest_path,) = (tmp_path / "embed-out" / "mini").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["documents"] == 60
+    chunks = manifest_path.parent / "chunks.jsonl"
+    assert manifest_path.stat().st_mtime_ns >= chunks.stat().st_mtime_ns
+    assert "complete" in stderr  # the summary table
+    assert len(watch.seen) >= 3  # redis-server and two workers ran ...
+    assert watch.alive() == []  # ... and none outlived the command
+    # `status` finds the finished job in the output folder without a broker.
+    status = run_cli("status", manifest["job_id"], env=base_env(), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+
+
+def test_embedded_ctrl_c_stops_everything(tmp_path) -> None:
+    cli, watch = run_watched(["run", str(CRANFIELD)], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        "celery" in " ".join(p.cmdline()) for p in list(watch.seen.values()) if _alive(p)
+    ):
+        time.sleep(0.2)
+    time.sleep(3)  # mid-job
+    cli.send_signal(signal.SIGINT)
+    _, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert watch.seen and watch.alive() == []
+    assert not list((tmp_path / "embed-out").glob("*/*/manifest.json"))

@@ -1,0 +1,1 @@
+"""Celery workers: dense encoding (queue ``dense``) and the aggregator (``aggregate``)."""

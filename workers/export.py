@@ -1,0 +1,167 @@
+"""ExportRuntime: streams the job's artifacts to the store, then the manifest, last.
+
+Artifacts are written record by record to a local temporary file while their sha256,
+byte count and record count are taken, then uploaded in one piece (multipart for large
+files), so memory stays flat however large the collection. ``manifest.json`` goes up
+only after every artifact is in place: its presence means the job's data is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+
+from shared.ledger import JobLedger
+from shared.schemas import (
+    FORMAT_VERSION,
+    Artifact,
+    BatchReport,
+    ChunkBatch,
+    ChunkRecord,
+    Counts,
+    DenseShard,
+    LatencySummary,
+    Manifest,
+    Missing,
+)
+from shared.storage import JobLayout, ObjectStore, open_store
+
+
+class ArtifactWriter:
+    """A JSONL file being written: counts records, bytes and the sha256 as it goes."""
+
+    def __init__(self, handle: IO[bytes], content_type: str = "application/x-ndjson") -> None:
+        self.handle = handle
+        self.content_type = content_type
+        self.digest = hashlib.sha256()
+        self.bytes = 0
+        self.records = 0
+        self._encoder = msgspec.json.Encoder()
+
+    def write(self, record: Any) -> None:
+        line = self._encoder.encode(record) + b"\n"
+        self.handle.write(line)
+        self.digest.update(line)
+        self.bytes += len(line)
+        self.records += 1
+
+    def artifact(self, key: str) -> Artifact:
+        return Artifact(
+            key=key,
+            bytes=self.bytes,
+            sha256=self.digest.hexdigest(),
+            records=self.records,
+            content_type=self.content_type,
+        )
+
+
+def latency_summary(reports: list[BatchReport]) -> LatencySummary:
+    """Per-batch latency, throughput over the stage's wall-clock span, model batch sizes."""
+    if not reports:
+        return LatencySummary.from_samples([], 0, 0.0)
+    span = max(r.finished_at for r in reports) - min(r.started_at for r in reports)
+    return LatencySummary.from_samples(
+        [r.latency_s for r in reports],
+        sum(r.chunks for r in reports),
+        span,
+        [size for r in reports for size in r.batch_sizes],
+    )
+
+
+class ExportRuntime:
+    """Writes one job's ``chunks.jsonl`` and ``manifest.json``.
+
+    Running it twice writes the same bytes to the same keys, so a redelivered export
+    task is harmless.
+    """
+
+    def __init__(self, ledger: JobLedger, store: ObjectStore | None = None) -> None:
+        self.ledger = ledger
+        self.spec = ledger.spec()
+        self.store = store or open_store(self.spec.output)
+        self.layout = JobLayout(self.spec.collection, self.spec.job_id)
+
+    def run(self) -> Manifest:
+        started = time.time()
+        failed = {f.batch_id: f for stage in self.spec.stages for f in self.ledger.failures(stage)}
+        missing: list[Missing] = []
+        with tempfile.TemporaryDirectory(prefix="embed-fleet-export-") as tmp:
+            path = Path(tmp) / "chunks.jsonl"
+            with path.open("wb") as handle:
+                chunks = ArtifactWriter(handle)
+                for batch_id in self.ledger.staged_batches():
+                    batch = msgspec.msgpack.decode(
+                        self.store.get_bytes(self.layout.batch(batch_id)), type=ChunkBatch
+                    )
+                    failure = failed.get(batch_id)
+                    if failure is not None:
+                        ids = [c.chunk_id for c in batch.chunks]
+                        missing.append(Missing(stage=failure.stage, batch_id=batch_id, reason=failure.reason, chunk_ids=ids))
+                        continue
+                    self._write_batch(batch, chunks)
+            chunks_key = self.layout.artifact("chunks.jsonl")
+            self.store.put_file(chunks_key, path)
+        manifest = self._manifest(chunks.artifact(chunks_key), missing, started)
+        # Last write of the job: readers take the manifest's presence as "complete".
+        self.store.put_bytes(
+            self.layout.manifest, msgspec.json.format(msgspec.json.encode(manifest), indent=2)
+        )
+        return manifest
+
+    def _write_batch(self, batch: ChunkBatch, out: ArtifactWriter) -> None:
+        shard = msgspec.msgpack.decode(
+            self.store.get_bytes(self.layout.shard("dense", batch.batch_id)), type=DenseShard
+        )
+        if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
+            raise RuntimeError(f"dense shard {batch.batch_id} does not match its chunk batch")
+        # float32 -> Python float is exact; JSON then holds each float32 value exactly.
+        matrices = {name: m.to_numpy().tolist() for name, m in shard.vectors.items()}
+        for row, chunk in enumerate(batch.chunks):
+            out.write(
+                ChunkRecord(
+                    chunk_id=chunk.chunk_id,
+                    doc_id=chunk.doc_id,
+                    chunk_index=chunk.index,
+                    text=chunk.text,
+                    span=chunk.span,
+                    metadata=chunk.metadata,
+                    dense={name: rows[row] for name, rows in matrices.items()},
+                )
+            )
+
+    def _manifest(self, chunks: Artifact, missing: list[Missing], started: float) -> Manifest:
+        producer = self.ledger.producer_report()
+        assert producer is not None, "export runs only after the producer sealed the job"
+        stages = {stage: latency_summary(self.ledger.reports(stage)) for stage in self.spec.stages}
+        elapsed = time.time() - started
+        stages["export"] = LatencySummary.from_samples([elapsed], chunks.records, elapsed)
+        stages = {"produce": producer.latency, **stages}
+        return Manifest(
+            format_version=FORMAT_VERSION,
+            job_id=self.spec.job_id,
+            collection=self.spec.collection,
+            status="partial" if missing else "complete",
+            spec=self.spec,
+            models=self.ledger.models(),
+            counts=Counts(
+                documents=producer.documents,
+                chunks=producer.chunks,
+                chunks_exported=chunks.records,
+                batches=producer.batches,
+                empty_documents=len(producer.empty_documents),
+                skipped_records=producer.skipped_count,
+                failed_batches=len(missing),
+            ),
+            stages=stages,
+            artifacts=[chunks],
+            missing=missing,
+            empty_documents=producer.empty_documents,
+            skipped_records=producer.skipped_records,
+            created_at=self.spec.created_at,
+            finished_at=time.time(),
+        )

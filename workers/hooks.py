@@ -1,0 +1,83 @@
+"""Cross-cutting task behaviour, in one base class instead of in every task body.
+
+Like dramatiq's middleware: retries with backoff, "a batch that keeps failing is
+recorded as failed with its reason", the per-process Redis client for the ledger, and
+the hand-off to the export phase all live here. Task bodies only do their stage's work.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar
+
+import msgspec
+import redis
+from celery import Task
+
+from shared.celery_app import TASK_EXPORT, send
+from shared.config import Settings
+from shared.ledger import JobLedger, connect
+from shared.logs import get_logger
+from shared.schemas import BatchFailure, ExportJob
+
+log = get_logger("worker")
+_settings = Settings.from_env()
+_clients: dict[int, redis.Redis] = {}
+
+
+def ledger_client() -> redis.Redis:
+    """One Redis client per process (a client must not cross a fork)."""
+    pid = os.getpid()
+    if pid not in _clients:
+        _clients[pid] = connect(_settings.worker_broker_url)
+    return _clients[pid]
+
+
+class FleetTask(Task):  # type: ignore[misc]
+    """Base of every fleet task.
+
+    A task raising any exception is retried with exponential backoff up to
+    ``EMBED_FLEET_MAX_RETRIES`` times; a message that does not validate is not retried.
+    After the last try, :meth:`on_failure` records the batch as failed in the ledger so
+    the job can still finish (``partial``) instead of waiting forever.
+    """
+
+    abstract = True
+    stage: ClassVar[str] = ""
+    acks_late = True
+    reject_on_worker_lost = True
+    autoretry_for = (Exception,)
+    dont_autoretry_for = (msgspec.ValidationError,)
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+    max_retries = _settings.max_retries
+
+    def ledger(self, job_id: str) -> JobLedger:
+        return JobLedger(ledger_client(), job_id)
+
+    def start_export(self, job_id: str) -> None:
+        """Hand the job to the aggregator; called by whoever won the phase guard."""
+        send(self.app, TASK_EXPORT, ExportJob(job_id=job_id))
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        message = args[0] if args else {}
+        job_id = message.get("job_id") if isinstance(message, dict) else None
+        fields = {"task": self.name, "task_id": task_id, "job_id": job_id}
+        log.error("task failed after retries", exc_info=exc, extra={"fields": fields})
+        if not job_id:
+            return
+        ledger = self.ledger(job_id)
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        if self.stage:
+            failure = BatchFailure(batch_id=message.get("batch_id", "?"), stage=self.stage, reason=reason)
+            if ledger.record_failed(failure):
+                self.start_export(job_id)
+        else:
+            ledger.fail(f"{self.name} failed: {reason}", _settings.ledger_ttl)
+
+
+def settings() -> Settings:
+    return _settings
