@@ -22,7 +22,7 @@ TITLE_SEPARATOR = "\n\n"
 
 
 class _Token(NamedTuple):
-    index: int  # position in the document's token stream
+    pos: int  # position in the document's token stream
     start: int  # character offsets in the text being chunked
     end: int
     word: tuple[int, int]  # (segment, word id): equal for pieces of one word
@@ -66,7 +66,8 @@ class Chunker:
             )
         if not 0 <= overlap <= self.window // 2:
             raise EmbedFleetError(
-                f"--chunk-overlap {overlap} must be between 0 and half the window ({self.window // 2})",
+                f"--chunk-overlap {overlap} must be between 0 and half the window "
+                f"({self.window // 2})",
                 "Lower --chunk-overlap",
             )
 
@@ -117,13 +118,13 @@ class Chunker:
             if cut == 0:  # one word longer than the window
                 cut = self.window
             yield buffer[:cut]
-            emitted_to = buffer[cut - 1].index + 1
+            emitted_to = buffer[cut - 1].pos + 1
             # Next chunk starts `overlap` tokens back, moved forward to a word start.
             nxt = max(1, cut - self.overlap)
             while nxt < cut and buffer[nxt].word == buffer[nxt - 1].word:
                 nxt += 1
             buffer = buffer[nxt:]
-        if buffer and buffer[-1].index >= emitted_to:
+        if buffer and buffer[-1].pos >= emitted_to:
             yield buffer
 
 

@@ -53,32 +53,71 @@ def main() -> None:
 
 @main.command()
 @click.argument("source", type=click.Path(path_type=str))
-@click.option("--output", "-o", default=None, metavar="URL",
-              help="Where artifacts go: s3://BUCKET/PREFIX (endpoint from S3_ENDPOINT_URL) or a "
-                   f"folder. Default: $EMBED_FLEET_OUTPUT or {DEFAULT_OUTPUT}. With a shared "
-                   "broker, a folder must be visible to every worker.")
-@click.option("--dense-models", default=DEFAULT_DENSE_MODEL, show_default=True, metavar="A,B",
-              help="Comma-separated sentence-transformers models (hub names, HF-cache names or "
-                   "folders); every chunk is embedded by each.")
-@click.option("--chunk-tokens", type=click.IntRange(16), default=None,
-              help="Tokens per chunk, counted by the first model's tokenizer, special tokens "
-                   "included. Default: the first model's max sequence length.")
-@click.option("--chunk-overlap", type=click.IntRange(0), default=0, show_default=True,
-              help="Tokens shared by consecutive chunks of a document.")
-@click.option("--batch-chunks", type=click.IntRange(1), default=128, show_default=True,
-              help="Chunks per staged batch (one task message each).")
-@click.option("--max-batch-tokens", type=click.IntRange(16), default=None,
-              help="Token budget of one model batch (batch size x longest chunk). Default: "
-                   "chosen by each worker for its device (4096 on CPU, 32768 on CUDA).")
-@click.option("--on-bad-record", type=click.Choice(["fail", "skip"]), default="fail",
-              show_default=True,
-              help="fail: stop at the first bad record, before anything is enqueued. skip: "
-                   "skip it; skipped records are counted and listed in the manifest.")
-@click.option("--detach", is_flag=True,
-              help="Stage and enqueue, print the job id and return (needs a shared broker). "
-                   "Follow later with `status JOB_ID`.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print progress and the summary as JSON lines on stdout.")
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    metavar="URL",
+    help="Where artifacts go: s3://BUCKET/PREFIX (endpoint from S3_ENDPOINT_URL) or a "
+    f"folder. Default: $EMBED_FLEET_OUTPUT or {DEFAULT_OUTPUT}. With a shared "
+    "broker, a folder must be visible to every worker.",
+)
+@click.option(
+    "--dense-models",
+    default=DEFAULT_DENSE_MODEL,
+    show_default=True,
+    metavar="A,B",
+    help="Comma-separated sentence-transformers models (hub names, HF-cache names or "
+    "folders); every chunk is embedded by each.",
+)
+@click.option(
+    "--chunk-tokens",
+    type=click.IntRange(16),
+    default=None,
+    help="Tokens per chunk, counted by the first model's tokenizer, special tokens "
+    "included. Default: the first model's max sequence length.",
+)
+@click.option(
+    "--chunk-overlap",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Tokens shared by consecutive chunks of a document.",
+)
+@click.option(
+    "--batch-chunks",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="Chunks per staged batch (one task message each).",
+)
+@click.option(
+    "--max-batch-tokens",
+    type=click.IntRange(16),
+    default=None,
+    help="Token budget of one model batch (batch size x longest chunk). Default: "
+    "chosen by each worker for its device (4096 on CPU, 32768 on CUDA).",
+)
+@click.option(
+    "--on-bad-record",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="fail: stop at the first bad record, before anything is enqueued. skip: "
+    "skip it; skipped records are counted and listed in the manifest.",
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Stage and enqueue, print the job id and return (needs a shared broker). "
+    "Follow later with `status JOB_ID`.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print progress and the summary as JSON lines on stdout.",
+)
 def run(
     source: str,
     output: str | None,
@@ -117,20 +156,27 @@ def run(
             if detach:
                 raise EmbedFleetError(
                     "--detach needs a shared broker: the embedded fleet stops when this "
-                    "command ends", "Set REDIS_URL to a Redis that your workers use"
+                    "command ends",
+                    "Set REDIS_URL to a Redis that your workers use",
                 )
             job = _prepare(options, as_json)
             if not as_json:
-                console.print("[dim]no REDIS_URL set: starting a private Redis and local workers[/]")
+                console.print(
+                    "[dim]no REDIS_URL set: starting a private Redis and local workers[/]"
+                )
             with LocalFleet() as fleet:
                 local = dataclasses.replace(settings, broker_url=fleet.redis_url)
                 client = connect(fleet.redis_url)
-                code = _submit(job, local, client, detach=False, as_json=as_json, on_tick=fleet.check)
+                code = _submit(
+                    job, local, client, detach=False, as_json=as_json, on_tick=fleet.check
+                )
     except EmbedFleetError as exc:
         _fail(exc)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: workers stopped; nothing half-written is kept "
-                      "as complete (no manifest)")
+        console.print(
+            "[yellow]interrupted[/]: workers stopped; nothing half-written is kept "
+            "as complete (no manifest)"
+        )
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
 
@@ -138,8 +184,14 @@ def run(
 def _prepare(options: JobOptions, as_json: bool) -> PreparedJob:
     if as_json:
         return prepare(options)
-    with Progress(TextColumn("[bold]validate"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as bars:
+    with Progress(
+        TextColumn("[bold]validate"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bars:
         task = bars.add_task("validate", total=None)
 
         def show(progress: ReadProgress, total: int) -> None:
@@ -164,8 +216,10 @@ def _submit(
     thread = threading.Thread(target=stager.run, name="stager", daemon=True)
     thread.start()
     if not as_json:
-        console.print(f"job [bold]{job.spec.job_id}[/] · {job.spec.collection} · "
-                      f"{job.validation.documents} documents → {job.store.locate(job.layout.root)}")
+        console.print(
+            f"job [bold]{job.spec.job_id}[/] · {job.spec.collection} · "
+            f"{job.validation.documents} documents → {job.store.locate(job.layout.root)}"
+        )
     if detach:
         thread.join()
         _raise_stager_error(stager)
@@ -214,15 +268,22 @@ def _show_summary(manifest: Manifest, location: str, as_json: bool) -> None:
         return
     console.print(summary_table(manifest, location))
     for missing in manifest.missing[:10]:
-        console.print(f"[yellow]missing[/] {missing.stage} batch {missing.batch_id} "
-                      f"({len(missing.chunk_ids)} chunks): {missing.reason}")
+        console.print(
+            f"[yellow]missing[/] {missing.stage} batch {missing.batch_id} "
+            f"({len(missing.chunk_ids)} chunks): {missing.reason}"
+        )
 
 
 @main.command()
 @click.argument("job_id", required=False)
-@click.option("--output", "-o", default=None, metavar="URL",
-              help="Without a broker, where to look for the job's manifest "
-                   f"(default: $EMBED_FLEET_OUTPUT or {DEFAULT_OUTPUT}).")
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    metavar="URL",
+    help="Without a broker, where to look for the job's manifest "
+    f"(default: $EMBED_FLEET_OUTPUT or {DEFAULT_OUTPUT}).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(job_id: str | None, output: str | None, as_json: bool) -> None:
     """Show a job's progress (or, without JOB_ID, the recent jobs).
@@ -236,8 +297,10 @@ def status(job_id: str | None, output: str | None, as_json: bool) -> None:
     try:
         if not settings.broker_url:
             if not job_id:
-                raise EmbedFleetError("no broker configured to list jobs from",
-                                      "Set REDIS_URL, or pass a JOB_ID of a finished local job")
+                raise EmbedFleetError(
+                    "no broker configured to list jobs from",
+                    "Set REDIS_URL, or pass a JOB_ID of a finished local job",
+                )
             manifest_path = _find_local_manifest(Path(output), job_id)
             manifest = msgspec.json.decode(manifest_path.read_bytes(), type=Manifest)
             _show_summary(manifest, str(manifest_path.parent), as_json)
@@ -247,18 +310,25 @@ def status(job_id: str | None, output: str | None, as_json: bool) -> None:
             for jid in recent_jobs(client):
                 ledger = JobLedger(client, jid)
                 state = ledger.status() if ledger.exists() else "expired"
-                click.echo(msgspec.json.encode({"job_id": jid, "status": state}).decode()
-                           if as_json else f"{jid}  {state}")
+                click.echo(
+                    msgspec.json.encode({"job_id": jid, "status": state}).decode()
+                    if as_json
+                    else f"{jid}  {state}"
+                )
             sys.exit(EXIT_OK)
         ledger = JobLedger(client, job_id)
         snap = ledger.progress()
         if as_json:
             emit_json("progress", snap)
         else:
-            stages = ", ".join(f"{s.stage} {s.chunks_done}/{snap.staged_chunks} chunks" for s in snap.stages)
-            console.print(f"job {job_id} · {snap.status} · {snap.documents_read}/"
-                          f"{snap.documents_total} documents read · {stages}"
-                          + (f" · {snap.error}" if snap.error else ""))
+            stages = ", ".join(
+                f"{s.stage} {s.chunks_done}/{snap.staged_chunks} chunks" for s in snap.stages
+            )
+            console.print(
+                f"job {job_id} · {snap.status} · {snap.documents_read}/"
+                f"{snap.documents_total} documents read · {stages}"
+                + (f" · {snap.error}" if snap.error else "")
+            )
         if snap.status in ("complete", "partial"):
             spec = ledger.spec()
             store, layout = open_store(spec.output), JobLayout(spec.collection, spec.job_id)

@@ -73,7 +73,7 @@ def follow(
     with Progress(*columns, console=console, transient=False) as bars:
         read = bars.add_task("read", total=None, unit="docs")
         stage_bars: dict[str, TaskID] = {}
-        export = bars.add_task("export", total=1, unit="", visible=False)
+        export: TaskID | None = None  # added last, so it shows below the stages
         while True:
             snap = ledger.progress()
             bars.update(read, completed=snap.documents_read, total=snap.documents_total)
@@ -87,7 +87,9 @@ def follow(
                     total=snap.staged_chunks if sealed else None,
                 )
             if snap.status in ("exporting", *FINISHED):
-                bars.update(export, visible=True, completed=1 if snap.status in FINISHED else 0)
+                if export is None:
+                    export = bars.add_task("export", total=1, unit="")
+                bars.update(export, completed=1 if snap.status in FINISHED else 0)
             if snap.status in FINISHED:
                 return snap
             if on_tick:
@@ -113,8 +115,13 @@ def summary_table(manifest: Manifest, location: str) -> Table:
             else "-"
         )
         table.add_row(
-            name, str(stage.batches), str(stage.items), f"{stage.items_per_s:.1f}",
-            f"{stage.p50_s:.3f}", f"{stage.p95_s:.3f}", sizes,
+            name,
+            str(stage.batches),
+            str(stage.items),
+            f"{stage.items_per_s:.1f}",
+            f"{stage.p50_s:.3f}",
+            f"{stage.p95_s:.3f}",
+            sizes,
         )
     table.caption = (
         f"{counts.documents} documents, {counts.chunks} chunks "

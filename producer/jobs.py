@@ -86,7 +86,7 @@ def load_tokenizer(model_dir: str) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # chunking long texts is deliberate, not a mistake
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # chunking long texts is deliberate, not a mistake
     return AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -107,7 +107,8 @@ def prepare(
     chunker = Chunker(tokenizer, chunk_tokens, options.chunk_overlap)
     if options.batch_chunks < 1 or (options.max_batch_tokens or chunk_tokens) < chunk_tokens:
         raise EmbedFleetError(
-            f"--batch-chunks {options.batch_chunks} / --max-batch-tokens {options.max_batch_tokens} "
+            f"--batch-chunks {options.batch_chunks} / "
+            f"--max-batch-tokens {options.max_batch_tokens} "
             f"too small for {chunk_tokens}-token chunks",
             "Use --batch-chunks >= 1 and --max-batch-tokens >= --chunk-tokens",
         )
@@ -191,7 +192,9 @@ class Stager:
             batch = ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=pending)
             key = job.layout.batch(batch_id)
             job.store.put_bytes(key, msgspec.msgpack.encode(batch))
-            self.ledger.record_staged(batch_id, len(pending), progress.documents, progress.bytes_read)
+            self.ledger.record_staged(
+                batch_id, len(pending), progress.documents, progress.bytes_read
+            )
             message = EmbedBatch(
                 job_id=spec.job_id,
                 batch_id=batch_id,
@@ -240,4 +243,3 @@ class Stager:
         if self.ledger.seal(report):
             send(self.app, TASK_EXPORT, ExportJob(job_id=spec.job_id))
         return report
-

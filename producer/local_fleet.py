@@ -82,10 +82,24 @@ class LocalFleet:
     def start(self) -> None:
         port = free_port()
         self._redis = subprocess.Popen(
-            [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                redis_server_binary(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.redis_url = f"redis://127.0.0.1:{port}/0"
         client = redis.Redis.from_url(self.redis_url, socket_connect_timeout=1)
@@ -106,10 +120,28 @@ class LocalFleet:
         for queue in self.queues:
             log = (self.workdir / f"worker-{queue}.log").open("wb")
             self.workers[queue] = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue,
-                 "-c", "1", "-n", f"{queue}-local-{os.getpid()}@%h", "--without-gossip",
-                 "--without-mingle", "--loglevel", "WARNING"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.app",
+                    "worker",
+                    "-Q",
+                    queue,
+                    "-c",
+                    "1",
+                    "-n",
+                    f"{queue}-local-{os.getpid()}@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--loglevel",
+                    "WARNING",
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def check(self) -> None:

@@ -96,7 +96,11 @@ def read_records(
     """
     progress = progress or ReadProgress()
     seen: dict[str, int] = {}
-    reader = _read_text_dir(source, progress) if source.kind == "text-dir" else _read_jsonl(source, progress)
+    reader = (
+        _read_text_dir(source, progress)
+        if source.kind == "text-dir"
+        else _read_jsonl(source, progress)
+    )
     for record in reader:
         if isinstance(record, Document):
             first = seen.get(record.id)
@@ -123,7 +127,9 @@ def documents(
 
 
 def _read_jsonl(source: Source, progress: ReadProgress) -> Iterator[Document | SkippedRecord]:
-    kind: type[_JsonlRecord] | type[_BeirRecord] = _BeirRecord if source.kind == "beir" else _JsonlRecord
+    kind: type[_JsonlRecord] | type[_BeirRecord] = (
+        _BeirRecord if source.kind == "beir" else _JsonlRecord
+    )
     decoder = msgspec.json.Decoder(kind)
     for path in source.files:
         shown = str(path)
@@ -136,7 +142,9 @@ def _read_jsonl(source: Source, progress: ReadProgress) -> Iterator[Document | S
                     raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     yield SkippedRecord(
-                        path=shown, line=number, reason=f"invalid UTF-8 at byte {exc.start} of the line"
+                        path=shown,
+                        line=number,
+                        reason=f"invalid UTF-8 at byte {exc.start} of the line",
                     )
                     continue
                 try:
@@ -181,7 +189,8 @@ def _read_text_dir(source: Source, progress: ReadProgress) -> Iterator[Document 
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
             line = data.count(b"\n", 0, exc.start) + 1
-            yield SkippedRecord(path=str(path), line=line, reason=f"invalid UTF-8 at byte {exc.start}")
+            yield SkippedRecord(
+                path=str(path), line=line, reason=f"invalid UTF-8 at byte {exc.start}"
+            )
             continue
         yield Document(id=rel, text=text, path=str(path), line=1)
-

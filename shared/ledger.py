@@ -81,8 +81,13 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
-def _decode(data: bytes | None, kind: type[T]) -> T | None:
+def _decode(data: Any, kind: type[T]) -> T | None:
     return None if data is None else msgspec.msgpack.decode(data, type=kind)
+
+
+def _text(value: Any) -> str:
+    """redis-py returns bytes (this client does not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class JobLedger:
@@ -126,12 +131,16 @@ class JobLedger:
         pipe.zadd(JOBS_INDEX, {self.job_id: spec.created_at})
         pipe.execute()
 
-    def record_staged(self, batch_id: str, chunks: int, documents_read: int, bytes_read: int) -> None:
+    def record_staged(
+        self, batch_id: str, chunks: int, documents_read: int, bytes_read: int
+    ) -> None:
         pipe = self.client.pipeline()
         pipe.hset(self.k_staged, batch_id, chunks)
         pipe.hincrby(self.k_state, "staged_batches", 1)
         pipe.hincrby(self.k_state, "staged_chunks", chunks)
-        pipe.hset(self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read})
+        pipe.hset(
+            self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read}
+        )
         pipe.execute()
 
     def record_read(self, documents_read: int, bytes_read: int) -> None:
@@ -179,14 +188,23 @@ class JobLedger:
 
     def finish(self, status: JobStatus, ttl: float, error: str = "") -> None:
         pipe = self.client.pipeline()
-        pipe.hset(self.k_state, mapping={"status": status, "error": error, "finished_at": time.time()})
+        pipe.hset(
+            self.k_state, mapping={"status": status, "error": error, "finished_at": time.time()}
+        )
         for key in self._all_keys():
             pipe.expire(key, int(ttl))
         pipe.execute()
 
     def _all_keys(self) -> list[str]:
         spec = self.spec()
-        keys = [self.k_spec, self.k_state, self.k_staged, self.k_models, self.k_producer, self.k_guard]
+        keys = [
+            self.k_spec,
+            self.k_state,
+            self.k_staged,
+            self.k_models,
+            self.k_producer,
+            self.k_guard,
+        ]
         for stage in spec.stages:
             keys += [self.k_done(stage), self.k_failed(stage)]
         return keys
@@ -208,18 +226,20 @@ class JobLedger:
 
     def status(self) -> str:
         raw = self.client.hget(self.k_state, "status")
-        return raw.decode() if raw else "unknown"
+        return _text(raw) if raw else "unknown"
 
     def staged_batches(self) -> list[str]:
         """Staged batch ids in staging order (ids are zero-padded sequence numbers)."""
-        return sorted(field.decode() for field in self.client.hkeys(self.k_staged))
+        return sorted(_text(field) for field in self.client.hkeys(self.k_staged))
 
     def reports(self, stage: str) -> list[BatchReport]:
         return self._values(self.k_done(stage), BatchReport)
 
     def failures(self, stage: str) -> list[BatchFailure]:
-        done = {f.decode() for f in self.client.hkeys(self.k_done(stage))}
-        return [f for f in self._values(self.k_failed(stage), BatchFailure) if f.batch_id not in done]
+        done = {_text(f) for f in self.client.hkeys(self.k_done(stage))}
+        return [
+            f for f in self._values(self.k_failed(stage), BatchFailure) if f.batch_id not in done
+        ]
 
     def models(self) -> list[ModelInfo]:
         return self._values(self.k_models, ModelInfo)
@@ -239,7 +259,7 @@ class JobLedger:
             pipe.hgetall(self.k_done(stage))
             pipe.hlen(self.k_failed(stage))
         results: list[Any] = pipe.execute()
-        state = {k.decode(): v.decode() for k, v in results[0].items()}
+        state = {_text(k): _text(v) for k, v in results[0].items()}
         stages = []
         for i, stage in enumerate(spec.stages):
             done: dict[bytes, bytes] = results[1 + 2 * i]
@@ -274,4 +294,4 @@ class JobLedger:
 
 
 def recent_jobs(client: redis.Redis, limit: int = 20) -> list[str]:
-    return [j.decode() for j in client.zrevrange(JOBS_INDEX, 0, limit - 1)]
+    return [_text(j) for j in client.zrevrange(JOBS_INDEX, 0, limit - 1)]

@@ -45,5 +45,3 @@ def configure(level: str = "WARNING") -> logging.Logger:
 
 def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{LOGGER}.{name}")
-
-

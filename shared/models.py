@@ -108,6 +108,6 @@ def resolve_model(name: str) -> ResolvedModel:
     raise EmbedFleetError(
         f"model {name!r} not found: not a folder, not in the HF cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and no hub reachable",
-        f"Stage it with `huggingface-cli download {name}` where a hub is reachable and copy "
+        f"Stage it with `hf download {name}` where a hub is reachable and copy "
         "the cache to HF_HOME on every host, or pass the model's folder as a path",
     )

@@ -27,7 +27,7 @@ class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
 # --- collection side -----------------------------------------------------------------
 
 
-class Document(Struct, frozen=True):
+class Document(Struct):
     """One record of a collection, as read from disk."""
 
     id: str
@@ -38,7 +38,7 @@ class Document(Struct, frozen=True):
     line: int = 0
 
 
-class SkippedRecord(Struct, frozen=True):
+class SkippedRecord(Struct):
     """A bad record skipped under ``--on-bad-record skip``."""
 
     path: str
@@ -46,7 +46,7 @@ class SkippedRecord(Struct, frozen=True):
     reason: str
 
 
-class Chunk(Struct, frozen=True):
+class Chunk(Struct):
     """A piece of a document small enough for the first dense model.
 
     ``span`` is the character range in the document's ``text`` (the title, prepended

@@ -32,4 +32,6 @@ def loads(data: bytes | str) -> Any:
 
 def register_serializer() -> None:
     """Register the serializer; producer, workers and Flower all call this."""
-    register(NAME, dumps, loads, content_type=CONTENT_TYPE, content_encoding="binary")
+    register(  # type: ignore[no-untyped-call]
+        NAME, dumps, loads, content_type=CONTENT_TYPE, content_encoding="binary"
+    )

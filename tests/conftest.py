@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import RedisServer, SeaweedS3, Worker  # noqa: E402
+from servers import RedisServer, SeaweedS3, Worker
 
 REPO = Path(__file__).resolve().parents[1]
 CRANFIELD = REPO / "examples" / "cranfield"
@@ -64,7 +64,11 @@ def s3_env(s3: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "CELERY_", "EMBED_FLEET_", "S3_", "AWS_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REDIS_URL", "CELERY_", "EMBED_FLEET_", "S3_", "AWS_"))
+    }
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
     env.update(extra)
     return env
@@ -98,9 +102,15 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         worker.stop()
 
 
-def run_cli(*args: str, env: dict[str, str], timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """``embed-collections ARGS`` as a user runs it."""
     return subprocess.run(
         [sys.executable, "-m", "producer.cli", *args],
-        env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or REPO,
     )

@@ -62,9 +62,21 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_server_binary(),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         wait_for(client.ping, 10, "redis-server")
@@ -91,13 +103,24 @@ class SeaweedS3:
 
     def start(self) -> None:
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        ports = {name: free_port(with_grpc_twin=True) for name in ("master", "volume", "filer", "admin")}
+        ports = {
+            name: free_port(with_grpc_twin=True) for name in ("master", "volume", "filer", "admin")
+        }
         args = [
-            weed, "mini", f"-dir={self.workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-s3.port={self.port}", f"-master.port={ports['master']}",
-            f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-            f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-            f"-s3.port.iceberg={free_port()}", f"-s3.port.lance={free_port()}",
+            weed,
+            "mini",
+            f"-dir={self.workdir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={self.port}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-s3.port.iceberg={free_port()}",
+            f"-s3.port.lance={free_port()}",
         ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
         self.log = (self.workdir / "weed.log").open("wb")
@@ -107,15 +130,24 @@ class SeaweedS3:
 
     def client(self) -> object:
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
-            aws_secret_access_key=S3_SECRET, region_name="us-east-1",
-            config=Config(s3={"addressing_style": "path"}, connect_timeout=2, retries={"max_attempts": 1}),
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=S3_KEY,
+            aws_secret_access_key=S3_SECRET,
+            region_name="us-east-1",
+            config=Config(
+                s3={"addressing_style": "path"}, connect_timeout=2, retries={"max_attempts": 1}
+            ),
         )
 
     @property
     def env(self) -> dict[str, str]:
-        return {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": S3_KEY,
-                "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": S3_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def stop(self) -> None:
         if self.proc:
@@ -137,10 +169,28 @@ class Worker:
         self.log_path = log
         self.log = log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue, "-c", "1",
-             "-n", f"{queue}-{random.randint(0, 1 << 30)}@%h", "--without-gossip",
-             "--without-mingle", "--loglevel", "INFO"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.app",
+                "worker",
+                "-Q",
+                queue,
+                "-c",
+                "1",
+                "-n",
+                f"{queue}-{random.randint(0, 1 << 30)}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--loglevel",
+                "INFO",
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def kill9(self) -> None:

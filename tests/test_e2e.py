@@ -60,7 +60,9 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
     client = s3.client()
     watch = ManifestWatch(client, bucket)
     watch.start()
-    result = run_cli("run", str(CRANFIELD), "--output", f"s3://{bucket}/runs", "--json", env=fleet_env)
+    result = run_cli(
+        "run", str(CRANFIELD), "--output", f"s3://{bucket}/runs", "--json", env=fleet_env
+    )
     watch.stop.set()
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -109,7 +111,9 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
     assert stamps[f"{job}/manifest.json"] == max(stamps.values())
 
 
-def test_kill9_dense_worker_mid_job(fleet_env, bucket, s3, redis_server, start_worker, tmp_path) -> None:
+def test_kill9_dense_worker_mid_job(
+    fleet_env, bucket, s3, redis_server, start_worker, tmp_path
+) -> None:
     # A smaller collection, in small batches, so the job is mid-way when we kill.
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:500]
     (tmp_path / "corpus").mkdir()
@@ -117,9 +121,23 @@ def test_kill9_dense_worker_mid_job(fleet_env, bucket, s3, redis_server, start_w
     first = start_worker("dense", fleet_env)
     start_worker("aggregate", fleet_env)
     cli = subprocess.Popen(
-        [sys.executable, "-m", "producer.cli", "run", str(tmp_path / "corpus"), "--output",
-         f"s3://{bucket}", "--batch-chunks", "16", "--json"],
-        env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "producer.cli",
+            "run",
+            str(tmp_path / "corpus"),
+            "--output",
+            f"s3://{bucket}",
+            "--batch-chunks",
+            "16",
+            "--json",
+        ],
+        env=fleet_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     client = redis_server.client()
     deadline = time.monotonic() + 300
@@ -145,7 +163,9 @@ def test_kill9_dense_worker_mid_job(fleet_env, bucket, s3, redis_server, start_w
     exported = [json.loads(line)["chunk_id"] for line in body.splitlines()]
     staged: list[str] = []
     for batch_id in ledger.staged_batches():
-        raw = s3c.get_object(Bucket=bucket, Key=f"{job}/work/batches/{batch_id}.msgpack")["Body"].read()
+        raw = s3c.get_object(Bucket=bucket, Key=f"{job}/work/batches/{batch_id}.msgpack")[
+            "Body"
+        ].read()
         staged += [c.chunk_id for c in msgspec.msgpack.decode(raw, type=ChunkBatch).chunks]
     assert len(exported) == len(set(exported))  # nothing duplicated
     assert exported == staged  # nothing lost, in staging order
@@ -184,7 +204,11 @@ def _alive(proc: psutil.Process) -> bool:
 def run_watched(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], Descendants]:
     cli = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", *args],
-        env=base_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=base_env(),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     watch = Descendants(cli.pid)
     watch.start()
@@ -192,7 +216,9 @@ def run_watched(args: list[str], cwd: Path) -> tuple[subprocess.Popen[str], Desc
 
 
 def test_embedded_default_runs_everything_locally(tmp_path) -> None:
-    lines = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:60]]
+    lines = [
+        json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:60]
+    ]
     source = tmp_path / "mini.jsonl"
     source.write_text("\n".join(json.dumps({"id": d["_id"], "text": d["text"]}) for d in lines))
     cli, watch = run_watched(["run", str(source)], cwd=tmp_path)

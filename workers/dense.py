@@ -52,10 +52,10 @@ def load_dense(name: str) -> DenseModel:
                 name=resolved.name,
                 source=resolved.source,
                 revision=resolved.revision,
-                dim=int(model.get_sentence_embedding_dimension() or 0),
+                dim=int(_embedding_dim(model)),
                 dtype=dtype,
                 device=str(model.device),
-                max_seq_length=int(model.max_seq_length),
+                max_seq_length=int(model.max_seq_length or 0),
             )
             _loaded[name] = DenseModel(model, info)
         return _loaded[name]
@@ -122,4 +122,15 @@ def l2_normalise(matrix: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.fl
     """Unit-length rows in float32; an all-zero row stays zero instead of NaN."""
     matrix = matrix.astype(np.float32, copy=False)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
+    normalised: np.ndarray[Any, np.dtype[np.float32]] = np.divide(
+        matrix, norms, out=np.zeros_like(matrix), where=norms > 0
+    )
+    return normalised
+
+
+def _embedding_dim(model: Any) -> int:
+    # sentence-transformers 6 renamed the method; 5 has only the old name.
+    getter = (
+        getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    )
+    return int(getter() or 0)

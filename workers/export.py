@@ -101,7 +101,14 @@ class ExportRuntime:
                     failure = failed.get(batch_id)
                     if failure is not None:
                         ids = [c.chunk_id for c in batch.chunks]
-                        missing.append(Missing(stage=failure.stage, batch_id=batch_id, reason=failure.reason, chunk_ids=ids))
+                        missing.append(
+                            Missing(
+                                stage=failure.stage,
+                                batch_id=batch_id,
+                                reason=failure.reason,
+                                chunk_ids=ids,
+                            )
+                        )
                         continue
                     self._write_batch(batch, chunks)
             chunks_key = self.layout.artifact("chunks.jsonl")
@@ -137,10 +144,11 @@ class ExportRuntime:
     def _manifest(self, chunks: Artifact, missing: list[Missing], started: float) -> Manifest:
         producer = self.ledger.producer_report()
         assert producer is not None, "export runs only after the producer sealed the job"
-        stages = {stage: latency_summary(self.ledger.reports(stage)) for stage in self.spec.stages}
+        stages: dict[str, LatencySummary] = {"produce": producer.latency}
+        for stage in self.spec.stages:
+            stages[stage] = latency_summary(self.ledger.reports(stage))
         elapsed = time.time() - started
         stages["export"] = LatencySummary.from_samples([elapsed], chunks.records, elapsed)
-        stages = {"produce": producer.latency, **stages}
         return Manifest(
             format_version=FORMAT_VERSION,
             job_id=self.spec.job_id,

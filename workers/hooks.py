@@ -72,7 +72,9 @@ class FleetTask(Task):  # type: ignore[misc]
         ledger = self.ledger(job_id)
         reason = f"{type(exc).__name__}: {exc}"[:500]
         if self.stage:
-            failure = BatchFailure(batch_id=message.get("batch_id", "?"), stage=self.stage, reason=reason)
+            failure = BatchFailure(
+                batch_id=message.get("batch_id", "?"), stage=self.stage, reason=reason
+            )
             if ledger.record_failed(failure):
                 self.start_export(job_id)
         else:

@@ -59,8 +59,15 @@ def embed_batch(self: DenseTask, payload: dict[str, Any]) -> None:
     )
     log.info(
         "batch encoded",
-        extra={"fields": {"job_id": msg.job_id, "batch_id": msg.batch_id, "stage": self.stage,
-                          "chunks": report.chunks, "latency_s": round(report.latency_s, 3)}},
+        extra={
+            "fields": {
+                "job_id": msg.job_id,
+                "batch_id": msg.batch_id,
+                "stage": self.stage,
+                "chunks": report.chunks,
+                "latency_s": round(report.latency_s, 3),
+            }
+        },
     )
     if ledger.record_done(report):
         self.start_export(msg.job_id)

@@ -1,0 +1,71 @@
+"""Dense encoding through the real loading code and the real all-MiniLM-L6-v2 weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sentence_transformers import SentenceTransformer
+
+from shared.models import DEFAULT_DENSE_MODEL, resolve_model
+from shared.schemas import Chunk, ChunkBatch
+from workers import dense
+
+TEXTS = [
+    "supersonic flow over a wedge",
+    "boundary layer transition on a flat plate " * 20,
+    "heat transfer in hypersonic flight",
+    "x",
+]
+
+
+def batch() -> ChunkBatch:
+    chunks = [
+        Chunk(
+            chunk_id=f"d{i}#0",
+            doc_id=f"d{i}",
+            index=0,
+            text=t,
+            n_tokens=len(t.split()),
+            span=(0, len(t)),
+        )
+        for i, t in enumerate(TEXTS)
+    ]
+    return ChunkBatch(job_id="j", batch_id="b000000", chunks=chunks)
+
+
+def test_default_model_resolves_offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve_model("all-MiniLM-L6-v2")
+    assert resolved.name == DEFAULT_DENSE_MODEL
+    assert (resolved.path / "config.json").is_file()
+
+
+def test_ensemble_of_a_name_and_a_path_matches_bare_sentence_transformers(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = resolve_model(DEFAULT_DENSE_MODEL).path
+    # Tiny budget: several model batches, out of input order; rows must come back in order.
+    result = dense.encode_batch(batch(), [DEFAULT_DENSE_MODEL, str(folder)], max_batch_tokens=64)
+    assert list(result.shard.vectors) == [DEFAULT_DENSE_MODEL, str(folder.resolve())]
+    assert len(result.batch_sizes) > 1
+    bare = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, normalize_embeddings=True)
+    for matrix in result.shard.vectors.values():
+        vectors = matrix.to_numpy()
+        assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(vectors, bare, atol=1e-5)
+    assert {m.source for m in result.models} == {"bundled", "path"}
+    assert dense.load_dense(DEFAULT_DENSE_MODEL) is dense.load_dense("all-MiniLM-L6-v2")
+
+
+def test_zero_vector_stays_zero() -> None:
+    out = dense.l2_normalise(np.array([[0.0, 0.0], [3.0, 4.0]]))
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, [[0, 0], [0.6, 0.8]])
+
+
+def test_unknown_model_says_how_to_stage_it(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from shared.errors import EmbedFleetError
+
+    with pytest.raises(EmbedFleetError, match="hf download"):
+        resolve_model("nobody/nothing")

@@ -1,0 +1,138 @@
+"""The job ledger against a real Redis: distinct batch ids, exactly-once phase change."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from shared.ledger import JobLedger
+from shared.schemas import BatchFailure, BatchReport, JobSpec, LatencySummary, ProducerReport
+
+
+def spec(job_id: str = "job-1") -> JobSpec:
+    return JobSpec(
+        job_id=job_id,
+        collection="c",
+        source="/x",
+        output="/tmp/out",
+        created_at=time.time(),
+        dense_models=["m"],
+        chunk_tokens=256,
+        chunk_overlap=0,
+        batch_chunks=4,
+        max_batch_tokens=None,
+        on_bad_record="fail",
+    )
+
+
+def report(batch_id: str, chunks: int = 4) -> BatchReport:
+    now = time.time()
+    return BatchReport(
+        batch_id=batch_id,
+        stage="dense",
+        chunks=chunks,
+        tokens=10,
+        started_at=now,
+        finished_at=now + 0.1,
+        worker="w",
+        device="cpu",
+        batch_sizes=[chunks],
+    )
+
+
+def producer_report(batches: int) -> ProducerReport:
+    return ProducerReport(
+        documents=1,
+        chunks=4 * batches,
+        batches=batches,
+        tokens=0,
+        empty_documents=[],
+        skipped_records=[],
+        skipped_count=0,
+        started_at=0,
+        finished_at=1,
+        latency=LatencySummary.from_samples([], 0, 0),
+    )
+
+
+@pytest.fixture
+def ledger(redis_client) -> JobLedger:
+    led = JobLedger(redis_client, "job-1")
+    led.open(spec(), documents_total=1, bytes_total=10)
+    for i in range(3):
+        led.record_staged(f"b{i}", 4, 1, 10)
+    return led
+
+
+def test_redelivered_batch_counts_once(ledger) -> None:
+    assert not ledger.record_done(report("b0"))
+    assert not ledger.record_done(report("b0"))  # redelivered: same id, no second count
+    assert not ledger.record_done(report("b1"))
+    assert not ledger.seal(producer_report(3))  # b2 still missing
+    progress = ledger.progress()
+    assert progress.stages[0].batches_done == 2 and progress.stages[0].chunks_done == 8
+    assert ledger.record_done(report("b2"))  # the last one starts the export ...
+    assert not ledger.record_done(report("b2"))  # ... exactly once
+    assert ledger.status() == "exporting"
+
+
+def test_workers_finishing_before_the_seal(ledger) -> None:
+    for i in range(3):
+        assert not ledger.record_done(report(f"b{i}"))  # total unknown until sealed
+    assert ledger.seal(producer_report(3))  # the producer's seal fires it
+
+
+def test_failed_batch_counts_and_a_later_success_replaces_it(ledger) -> None:
+    ledger.seal(producer_report(3))
+    ledger.record_done(report("b0"))
+    ledger.record_failed(BatchFailure(batch_id="b1", stage="dense", reason="boom"))
+    assert [f.batch_id for f in ledger.failures("dense")] == ["b1"]
+    ledger.record_done(report("b1"))  # the retry came through after all
+    assert ledger.failures("dense") == []
+    # a failure reported after the success does not resurrect it
+    ledger.record_failed(BatchFailure(batch_id="b1", stage="dense", reason="late"))
+    assert ledger.failures("dense") == []
+    assert ledger.record_done(report("b2"))
+
+
+def test_concurrent_finishers_fire_the_export_once(redis_client) -> None:
+    led = JobLedger(redis_client, "job-2")
+    led.open(spec("job-2"), documents_total=1, bytes_total=1)
+    n = 40
+    for i in range(n):
+        led.record_staged(f"b{i:03d}", 1, 1, 1)
+    fired: list[str] = []
+    barrier = threading.Barrier(n + 1)
+
+    def finish(i: int) -> None:
+        mine = JobLedger(redis_client, "job-2")
+        barrier.wait()
+        for _ in range(2):  # every batch delivered twice
+            if mine.record_done(report(f"b{i:03d}", 1)):
+                fired.append(f"b{i}")
+
+    def seal() -> None:
+        barrier.wait()
+        if led.seal(producer_report(n)):
+            fired.append("seal")
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(n)]
+    threads.append(threading.Thread(target=seal))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fired) == 1
+    assert led.progress().stages[0].batches_done == n
+
+
+def test_finish_sets_expiry_and_unknown_jobs_explain_themselves(ledger, redis_client) -> None:
+    ledger.seal(producer_report(3))
+    ledger.finish("complete", ttl=60)
+    assert 0 < redis_client.ttl(ledger.k_spec) <= 60
+    from shared.errors import EmbedFleetError
+
+    with pytest.raises(EmbedFleetError, match="no job 'nope'"):
+        JobLedger(redis_client, "nope").spec()
