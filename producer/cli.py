@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,7 @@ from shared.errors import EmbedFleetError
 from shared.ledger import JobLedger, connect, recent_jobs
 from shared.models import DEFAULT_DENSE_MODEL
 from shared.schemas import Manifest
-from shared.storage import JobLayout, open_store, safe_name
+from shared.storage import JobLayout, ObjectStore, open_store, safe_name
 
 DEFAULT_OUTPUT = "./embed-out"
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -207,12 +208,12 @@ def _submit(
     *,
     detach: bool,
     as_json: bool,
-    on_tick: object = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> int:
     app = make_app(settings)
     ledger = JobLedger(client, job.spec.job_id)
     ledger.open(job.spec, job.validation.documents, job.validation.bytes_total)
-    stager = Stager(job, ledger, app)
+    stager = Stager(job, ledger, app, settings.ledger_ttl)
     thread = threading.Thread(target=stager.run, name="stager", daemon=True)
     thread.start()
     if not as_json:
@@ -230,7 +231,7 @@ def _submit(
         return EXIT_OK
 
     def tick() -> None:
-        if callable(on_tick):
+        if on_tick is not None:
             on_tick()
         _raise_stager_error(stager)
 
@@ -258,8 +259,8 @@ def _raise_stager_error(stager: Stager) -> None:
         )
 
 
-def _read_manifest(store: object, layout: JobLayout) -> Manifest:
-    return msgspec.json.decode(store.get_bytes(layout.manifest), type=Manifest)  # type: ignore[attr-defined]
+def _read_manifest(store: ObjectStore, layout: JobLayout) -> Manifest:
+    return msgspec.json.decode(store.get_bytes(layout.manifest), type=Manifest)
 
 
 def _show_summary(manifest: Manifest, location: str, as_json: bool) -> None:

@@ -161,8 +161,11 @@ class Stager:
     the first batches while later ones are still being chunked.
     """
 
-    def __init__(self, job: PreparedJob, ledger: JobLedger, app: Celery) -> None:
+    def __init__(
+        self, job: PreparedJob, ledger: JobLedger, app: Celery, ledger_ttl: float = 7 * 24 * 3600
+    ) -> None:
         self.job = job
+        self.ledger_ttl = ledger_ttl
         self.ledger = ledger
         self.app = app
         self.cancel = threading.Event()
@@ -174,7 +177,7 @@ class Stager:
             self.report = self._run()
         except BaseException as exc:
             self.error = exc
-            self.ledger.fail(f"producer stopped: {exc}", ttl=7 * 24 * 3600)
+            self.ledger.fail(f"producer stopped: {exc}", ttl=self.ledger_ttl)
 
     def _run(self) -> ProducerReport:
         job, spec = self.job, self.job.spec

@@ -63,6 +63,16 @@ return 0
 """
 
 
+# Records a finished batch; counts its chunks only the first time its id is seen.
+_RECORD_DONE = """
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[3], 'chunks_done:' .. ARGV[4], ARGV[3])
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 0
+"""
+
+
 def connect(url: str) -> redis.Redis:
     """Connect to Redis and check it answers, with an error that says what to do."""
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
@@ -104,6 +114,7 @@ class JobLedger:
         self.k_producer = f"{base}:producer"
         self.k_guard = f"{base}:export-fired"
         self._check = client.register_script(_CHECK_COMPLETE)
+        self._record_done = client.register_script(_RECORD_DONE)
 
     def k_done(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:done:{stage}"
@@ -160,10 +171,10 @@ class JobLedger:
 
     def record_done(self, report: BatchReport) -> bool:
         """Record a finished batch. True if the caller must start the export."""
-        pipe = self.client.pipeline()
-        pipe.hset(self.k_done(report.stage), report.batch_id, msgspec.msgpack.encode(report))
-        pipe.hdel(self.k_failed(report.stage), report.batch_id)
-        pipe.execute()
+        self._record_done(
+            keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
+            args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, report.stage],
+        )
         return self._check_complete()
 
     def record_failed(self, failure: BatchFailure) -> bool:
@@ -256,22 +267,19 @@ class JobLedger:
         pipe = self.client.pipeline()
         pipe.hgetall(self.k_state)
         for stage in spec.stages:
-            pipe.hgetall(self.k_done(stage))
+            pipe.hlen(self.k_done(stage))
             pipe.hlen(self.k_failed(stage))
         results: list[Any] = pipe.execute()
         state = {_text(k): _text(v) for k, v in results[0].items()}
-        stages = []
-        for i, stage in enumerate(spec.stages):
-            done: dict[bytes, bytes] = results[1 + 2 * i]
-            chunks = sum(msgspec.msgpack.decode(v, type=BatchReport).chunks for v in done.values())
-            stages.append(
-                StageProgress(
-                    stage=stage,
-                    batches_done=len(done),
-                    batches_failed=int(results[2 + 2 * i]),
-                    chunks_done=chunks,
-                )
+        stages = [
+            StageProgress(
+                stage=stage,
+                batches_done=int(results[1 + 2 * i]),
+                batches_failed=int(results[2 + 2 * i]),
+                chunks_done=int(state.get(f"chunks_done:{stage}", 0)),
             )
+            for i, stage in enumerate(spec.stages)
+        ]
         total = state.get("total_batches")
         return JobProgress(
             job_id=self.job_id,

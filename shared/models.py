@@ -71,11 +71,24 @@ def weights_hash(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def hf_cache_dir() -> Path:
+    """The shared HF cache, read from the environment now (``HF_HUB_CACHE``, else
+    ``HF_HOME/hub``), not when huggingface_hub was imported."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
 def _from_hf_cache(name: str, allow_download: bool) -> Path | None:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, local_files_only=not allow_download))
+        return Path(
+            snapshot_download(name, cache_dir=hf_cache_dir(), local_files_only=not allow_download)
+        )
     except Exception:  # not cached / not on the hub / no network: try the next source
         return None
 
@@ -106,8 +119,8 @@ def resolve_model(name: str) -> ResolvedModel:
         if downloaded is not None:
             return ResolvedModel(name, downloaded, "hub", downloaded.name)
     raise EmbedFleetError(
-        f"model {name!r} not found: not a folder, not in the HF cache "
-        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and no hub reachable",
+        f"model {name!r} not found: not a folder, not in the HF cache ({hf_cache_dir()}), "
+        "and no hub reachable",
         f"Stage it with `hf download {name}` where a hub is reachable and copy "
         "the cache to HF_HOME on every host, or pass the model's folder as a path",
     )

@@ -158,6 +158,20 @@ class SeaweedS3:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+        # weed leaves its unix sockets in /tmp, named by port.
+        for sock in Path("/tmp").glob("seaweedfs-*.sock"):
+            with contextlib.suppress(OSError):
+                if not _socket_alive(sock):
+                    sock.unlink()
+
+
+def _socket_alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class Worker:

@@ -69,3 +69,23 @@ def test_unknown_model_says_how_to_stage_it(monkeypatch) -> None:
 
     with pytest.raises(EmbedFleetError, match="hf download"):
         resolve_model("nobody/nothing")
+
+
+def test_a_name_in_the_shared_hf_cache_loads_through_the_same_code(tmp_path, monkeypatch) -> None:
+    """Stage the model the way `hf download` lays out HF_HOME, then load it by name."""
+    import shutil
+
+    source = resolve_model(DEFAULT_DENSE_MODEL).path
+    repo = tmp_path / "hub" / "models--acme--minilm-copy"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    resolved = resolve_model("acme/minilm-copy")
+    assert (resolved.source, resolved.revision) == ("hf-cache", revision)
+    result = dense.encode_batch(batch(), ["acme/minilm-copy"], max_batch_tokens=4096)
+    assert result.models[0].revision == revision
+    assert result.shard.vectors["acme/minilm-copy"].to_numpy().shape == (len(TEXTS), 384)

@@ -252,3 +252,43 @@ def test_embedded_ctrl_c_stops_everything(tmp_path) -> None:
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert watch.seen and watch.alive() == []
     assert not list((tmp_path / "embed-out").glob("*/*/manifest.json"))
+
+
+def test_a_batch_that_keeps_failing_makes_the_job_partial(
+    fleet_env, bucket, s3, start_worker, tmp_path
+) -> None:
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    # Detached: staged and enqueued, no worker yet.
+    submitted = run_cli(
+        "run",
+        str(tmp_path / "small"),
+        "--output",
+        f"s3://{bucket}",
+        "--batch-chunks",
+        "8",
+        "--detach",
+        env=fleet_env,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    assert run_cli("status", job_id, env=fleet_env).returncode == 3  # still running
+    # Break one batch for good: its staged object disappears.
+    s3.client().delete_object(Bucket=bucket, Key=f"small/{job_id}/work/batches/b000001.msgpack")
+    start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    deadline = time.monotonic() + 300
+    while (status := run_cli("status", job_id, "--json", env=fleet_env)).returncode == 3:
+        assert time.monotonic() < deadline, "job did not finish"
+        time.sleep(1)
+    assert status.returncode == 1, status.stderr  # partial
+    manifest = events(status.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "partial"
+    (missing,) = manifest["missing"]
+    assert missing["batch_id"] == "b000001" and missing["stage"] == "dense"
+    assert "NoSuchKey" in missing["reason"]
+    assert manifest["counts"]["failed_batches"] == 1
+    # Everything else was exported; only that batch's chunks are absent.
+    body = s3.client().get_object(Bucket=bucket, Key=f"small/{job_id}/chunks.jsonl")["Body"].read()
+    assert len(body.splitlines()) == manifest["counts"]["chunks"] - 8

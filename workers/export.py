@@ -20,6 +20,7 @@ from shared.ledger import JobLedger
 from shared.schemas import (
     FORMAT_VERSION,
     Artifact,
+    BatchFailure,
     BatchReport,
     ChunkBatch,
     ChunkRecord,
@@ -95,22 +96,11 @@ class ExportRuntime:
             with path.open("wb") as handle:
                 chunks = ArtifactWriter(handle)
                 for batch_id in self.ledger.staged_batches():
-                    batch = msgspec.msgpack.decode(
-                        self.store.get_bytes(self.layout.batch(batch_id)), type=ChunkBatch
-                    )
                     failure = failed.get(batch_id)
                     if failure is not None:
-                        ids = [c.chunk_id for c in batch.chunks]
-                        missing.append(
-                            Missing(
-                                stage=failure.stage,
-                                batch_id=batch_id,
-                                reason=failure.reason,
-                                chunk_ids=ids,
-                            )
-                        )
+                        missing.append(self._missing(failure))
                         continue
-                    self._write_batch(batch, chunks)
+                    self._write_batch(self._batch(batch_id), chunks)
             chunks_key = self.layout.artifact("chunks.jsonl")
             self.store.put_file(chunks_key, path)
         manifest = self._manifest(chunks.artifact(chunks_key), missing, started)
@@ -119,6 +109,21 @@ class ExportRuntime:
             self.layout.manifest, msgspec.json.format(msgspec.json.encode(manifest), indent=2)
         )
         return manifest
+
+    def _batch(self, batch_id: str) -> ChunkBatch:
+        data = self.store.get_bytes(self.layout.batch(batch_id))
+        return msgspec.msgpack.decode(data, type=ChunkBatch)
+
+    def _missing(self, failure: BatchFailure) -> Missing:
+        """What a failed batch leaves out; its chunk ids if its staged batch is readable
+        (the failure may be that it is not)."""
+        try:
+            ids = [chunk.chunk_id for chunk in self._batch(failure.batch_id).chunks]
+        except Exception:
+            ids = []
+        return Missing(
+            stage=failure.stage, batch_id=failure.batch_id, reason=failure.reason, chunk_ids=ids
+        )
 
     def _write_batch(self, batch: ChunkBatch, out: ArtifactWriter) -> None:
         shard = msgspec.msgpack.decode(
