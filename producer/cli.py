@@ -18,15 +18,15 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 
 from producer.follow import FINISHED, emit_json, follow, summary_table
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
-from producer.local_fleet import LocalFleet
+from producer.local_fleet import QUEUES, LocalFleet
 from producer.sources import ReadProgress
 from shared import logs
 from shared.celery_app import make_app
 from shared.config import Settings
 from shared.errors import EmbedFleetError
 from shared.ledger import JobLedger, connect, recent_jobs
-from shared.models import DEFAULT_DENSE_MODEL
-from shared.schemas import Manifest
+from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODELS
+from shared.schemas import BM25Params, Manifest
 from shared.storage import JobLayout, ObjectStore, open_store, safe_name
 
 DEFAULT_OUTPUT = "./embed-out"
@@ -100,6 +100,40 @@ def main() -> None:
     "chosen by each worker for its device (4096 on CPU, 32768 on CUDA).",
 )
 @click.option(
+    "--enable-sparse",
+    is_flag=True,
+    help="Add sparse vectors (queue `sparse`, CPU workers): by default the bundled "
+    f"SPLADE model ({BUNDLED_SPLADE}) and BM25.",
+)
+@click.option(
+    "--sparse-models",
+    default=None,
+    metavar="A,B",
+    help="Comma-separated sparse models: SPLADE models (hub names, HF-cache names or "
+    "folders) and/or `bm25`. Implies --enable-sparse.",
+)
+@click.option(
+    "--sparse-device",
+    type=click.Choice(["cpu", "cuda", "auto"]),
+    default="cpu",
+    show_default=True,
+    help="Where sparse workers run SPLADE; auto: CUDA when present.",
+)
+@click.option(
+    "--bm25-k1",
+    type=click.FloatRange(0, min_open=True),
+    default=1.2,
+    show_default=True,
+    help="BM25 term-frequency saturation (Lucene variant).",
+)
+@click.option(
+    "--bm25-b",
+    type=click.FloatRange(0, 1),
+    default=0.75,
+    show_default=True,
+    help="BM25 length normalisation.",
+)
+@click.option(
     "--on-bad-record",
     type=click.Choice(["fail", "skip"]),
     default="fail",
@@ -127,6 +161,11 @@ def run(
     chunk_overlap: int,
     batch_chunks: int,
     max_batch_tokens: int | None,
+    enable_sparse: bool,
+    sparse_models: str | None,
+    sparse_device: str,
+    bm25_k1: float,
+    bm25_b: float,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
     as_json: bool,
@@ -147,6 +186,9 @@ def run(
         batch_chunks=batch_chunks,
         max_batch_tokens=max_batch_tokens,
         on_bad_record=on_bad_record,
+        sparse_models=_sparse_models(enable_sparse, sparse_models),
+        sparse_device=sparse_device,
+        bm25=BM25Params(k1=bm25_k1, b=bm25_b),
     )
     try:
         if settings.broker_url:
@@ -165,7 +207,8 @@ def run(
                 console.print(
                     "[dim]no REDIS_URL set: starting a private Redis and local workers[/]"
                 )
-            with LocalFleet() as fleet:
+            queues = ("dense", "sparse", "aggregate") if job.spec.sparse_models else QUEUES
+            with LocalFleet(queues) as fleet:
                 local = dataclasses.replace(settings, broker_url=fleet.redis_url)
                 client = connect(fleet.redis_url)
                 code = _submit(
@@ -180,6 +223,12 @@ def run(
         )
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(code)
+
+
+def _sparse_models(enabled: bool, names: str | None) -> list[str]:
+    if names is not None:
+        return [m.strip() for m in names.split(",") if m.strip()]
+    return list(DEFAULT_SPARSE_MODELS) if enabled else []
 
 
 def _prepare(options: JobOptions, as_json: bool) -> PreparedJob:

@@ -20,11 +20,12 @@ from celery import Celery
 
 from producer.chunking import Chunker, model_max_tokens
 from producer.sources import ReadProgress, Source, documents, open_source
-from shared.celery_app import TASK_EMBED_DENSE, TASK_EXPORT, send
+from shared.celery_app import TASK_EMBED_DENSE, TASK_ENCODE_SPARSE, TASK_EXPORT, send
 from shared.errors import EmbedFleetError
 from shared.ledger import JobLedger
-from shared.models import resolve_model
+from shared.models import BM25, resolve_model
 from shared.schemas import (
+    BM25Params,
     Chunk,
     ChunkBatch,
     EmbedBatch,
@@ -52,6 +53,9 @@ class JobOptions:
     batch_chunks: int = 128
     max_batch_tokens: int | None = None
     on_bad_record: Literal["fail", "skip"] = "fail"
+    sparse_models: list[str] = field(default_factory=list)
+    sparse_device: str = "cpu"
+    bm25: BM25Params = field(default_factory=BM25Params)
 
 
 @dataclass
@@ -102,6 +106,7 @@ def prepare(
     if not options.dense_models:
         raise EmbedFleetError("no dense model given", "Pass --dense-models NAME[,NAME...]")
     resolved = [resolve_model(name) for name in options.dense_models]
+    sparse = [check_sparse_model(name) for name in options.sparse_models]
     tokenizer = load_tokenizer(str(resolved[0].path))
     chunk_tokens = options.chunk_tokens or model_max_tokens(resolved[0].path, tokenizer)
     chunker = Chunker(tokenizer, chunk_tokens, options.chunk_overlap)
@@ -127,8 +132,36 @@ def prepare(
         batch_chunks=options.batch_chunks,
         max_batch_tokens=options.max_batch_tokens,
         on_bad_record=options.on_bad_record,
+        stages=["dense", "sparse"] if sparse else ["dense"],
+        sparse_models=sparse,
+        sparse_device=options.sparse_device,
+        bm25=options.bm25 if BM25 in sparse else None,
     )
     return PreparedJob(spec, source, chunker, store, validation)
+
+
+def check_sparse_model(name: str) -> str:
+    """Resolve a sparse model and check its folder looks loadable, without loading it
+    (the producer runs no model code): a config, weights and a tokenizer."""
+    if name == BM25:
+        return name
+    resolved = resolve_model(name)
+    folder = resolved.path
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
+    if not (folder / "config.json").is_file() or not has_weights:
+        raise EmbedFleetError(
+            f"sparse model {name!r} at {folder} is not loadable: it lacks config.json or "
+            "weights (*.safetensors)",
+            "Point --sparse-models at a complete SPLADE (masked-LM) model folder",
+        )
+    try:
+        load_tokenizer(str(folder))
+    except Exception as exc:
+        raise EmbedFleetError(
+            f"sparse model {name!r}: its tokenizer does not load ({type(exc).__name__})",
+            "Point --sparse-models at a complete SPLADE model folder",
+        ) from None
+    return resolved.name
 
 
 def validate(
@@ -208,6 +241,17 @@ class Stager:
                 max_batch_tokens=spec.max_batch_tokens,
             )
             send(self.app, TASK_EMBED_DENSE, message)
+            if spec.sparse_models:
+                sparse = EmbedBatch(
+                    job_id=spec.job_id,
+                    batch_id=batch_id,
+                    store_url=job.store.url,
+                    batch_key=key,
+                    shard_key=job.layout.shard("sparse", batch_id),
+                    models=spec.sparse_models,
+                    device=spec.sparse_device,
+                )
+                send(self.app, TASK_ENCODE_SPARSE, sparse)
             latencies.append(time.time() - batch_started)
             batches += 1
             pending = []

@@ -69,13 +69,26 @@ def open_source(path: str | Path) -> Source:
     if not p.exists():
         raise EmbedFleetError(f"source {str(path)!r} does not exist", hint)
     if p.is_file():
-        return Source(p, "jsonl", p.stem, [p])
+        return Source(p, "beir" if _uses_beir_ids(p) else "jsonl", p.stem, [p])
     if (p / "corpus.jsonl").is_file():
         return Source(p, "beir", p.resolve().name, [p / "corpus.jsonl"])
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise EmbedFleetError(f"{str(path)!r} holds no corpus.jsonl and no .txt/.md files", hint)
     return Source(p, "text-dir", p.resolve().name, files)
+
+
+def _uses_beir_ids(path: Path) -> bool:
+    """A JSONL file whose first record has ``_id`` (and no ``id``) is a BEIR corpus."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    first = msgspec.json.decode(raw)
+                except msgspec.DecodeError:
+                    return False
+                return isinstance(first, dict) and "_id" in first and "id" not in first
+    return False
 
 
 @dataclass

@@ -15,12 +15,20 @@ from shared.config import Settings
 from shared.schemas import Struct
 
 TASK_EMBED_DENSE = "embed_fleet.dense.embed_batch"
+TASK_ENCODE_SPARSE = "embed_fleet.sparse.encode_batch"
 TASK_EXPORT = "embed_fleet.aggregate.export_job"
 
 QUEUE_DENSE = "dense"
+QUEUE_SPARSE = "sparse"
 QUEUE_AGGREGATE = "aggregate"
 
-ROUTES: dict[str, str] = {TASK_EMBED_DENSE: QUEUE_DENSE, TASK_EXPORT: QUEUE_AGGREGATE}
+ROUTES: dict[str, str] = {
+    TASK_EMBED_DENSE: QUEUE_DENSE,
+    TASK_ENCODE_SPARSE: QUEUE_SPARSE,
+    TASK_EXPORT: QUEUE_AGGREGATE,
+}
+# The task that runs each per-batch stage.
+STAGE_TASKS: dict[str, str] = {"dense": TASK_EMBED_DENSE, "sparse": TASK_ENCODE_SPARSE}
 
 
 def make_app(settings: Settings | None = None) -> Celery:

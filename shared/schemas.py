@@ -14,8 +14,14 @@ import numpy as np
 
 FORMAT_VERSION = 1
 
-Stage = Literal["dense"]
-"""A per-batch encode stage. Later stages (sparse) join this literal."""
+Stage = Literal["dense", "sparse"]
+"""A per-batch encode stage: every staged batch goes through each stage of its job."""
+
+SparseSource = Literal["live", "metadata", "missing"]
+"""Where a chunk's sparse vector came from: the model, the chunk's ``metadata.sparse``
+weights (fallback), or nowhere."""
+
+BM25_MODEL = "bm25"
 
 JobStatus = Literal["running", "exporting", "complete", "partial", "failed"]
 
@@ -88,6 +94,32 @@ class Matrix(Struct):
         return np.frombuffer(self.data, dtype=np.float32).reshape(self.rows, self.dim)
 
 
+class SparseRow(Struct, array_like=True):
+    """One chunk's sparse vector: token strings and weights (BM25: term counts)."""
+
+    tokens: list[str]
+    weights: list[float]
+    source: SparseSource = "live"
+    length: int = 0  # BM25: the chunk's length in terms
+
+
+class SparseShard(Struct):
+    """The sparse output of one batch: one row per chunk and model, in chunk order.
+
+    For ``bm25`` the rows hold term frequencies and ``doc_freqs`` the batch's document
+    frequencies; the aggregator turns them into BM25 weights once it has merged every
+    batch's statistics.
+    """
+
+    job_id: str
+    batch_id: str
+    chunk_ids: list[str]
+    rows: dict[str, list[SparseRow]]
+    doc_freqs: dict[str, int] = {}
+    errors: list[str] = []
+    batch_sizes: list[int] = []
+
+
 class DenseShard(Struct):
     """The dense output of one batch: one matrix per model, rows in chunk order."""
 
@@ -110,6 +142,7 @@ class EmbedBatch(Struct):
     shard_key: str
     models: list[str]
     max_batch_tokens: int | None = None
+    device: str | None = None
 
 
 class ExportJob(Struct):
@@ -136,6 +169,17 @@ class JobSpec(Struct):
     max_batch_tokens: int | None
     on_bad_record: Literal["fail", "skip"]
     stages: list[Stage] = msgspec.field(default_factory=lambda: ["dense"])
+    sparse_models: list[str] = []
+    sparse_device: str = "cpu"
+    bm25: BM25Params | None = None
+
+
+class BM25Params(Struct):
+    """BM25 settings (Lucene variant), as ``bm25s`` names them."""
+
+    k1: float = 1.2
+    b: float = 0.75
+    method: Literal["lucene"] = "lucene"
 
 
 class ModelInfo(Struct):
@@ -148,6 +192,7 @@ class ModelInfo(Struct):
     dtype: str
     device: str
     max_seq_length: int
+    kind: Literal["dense", "sparse"] = "dense"
 
 
 class BatchReport(Struct):
@@ -229,6 +274,7 @@ class ChunkRecord(Struct):
     span: tuple[int, int]
     metadata: dict[str, Any]
     dense: dict[str, list[float]]
+    sparse: dict[str, dict[str, float]] | None = None
 
 
 class Artifact(Struct):
@@ -291,6 +337,34 @@ class Missing(Struct):
     chunk_ids: list[str]
 
 
+class SparseModelRun(Struct):
+    """Per sparse model: where its vectors came from and how dense they are."""
+
+    model: ModelInfo
+    live: int
+    metadata: int
+    missing: int
+    nnz_mean: float
+    nnz_p95: float
+
+
+class SparseInferenceRun(Struct):
+    """The manifest's ``sparse_run``: what the sparse stage did, for audit.
+
+    ``weight_decimals`` is the rounding of the exported weights; zero weights are
+    dropped. BM25 weights are final (idf x saturated tf) with the stated parameters.
+    """
+
+    models: list[SparseModelRun]
+    chunks: int
+    latency: LatencySummary
+    errors: dict[str, int]
+    weight_decimals: int
+    bm25: BM25Params | None = None
+    bm25_avg_length: float | None = None
+    bm25_documents: int | None = None
+
+
 class Manifest(Struct):
     """``manifest.json``: written last; its presence means the artifacts are complete."""
 
@@ -308,3 +382,4 @@ class Manifest(Struct):
     skipped_records: list[SkippedRecord]
     created_at: float
     finished_at: float
+    sparse_run: SparseInferenceRun | None = None

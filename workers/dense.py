@@ -13,6 +13,7 @@ import numpy as np
 from shared.models import canonical_name, resolve_model
 from shared.schemas import ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.batching import token_budget_batches
+from workers.stage import StageResult
 
 
 @dataclass
@@ -61,14 +62,6 @@ def load_dense(name: str) -> DenseModel:
         return _loaded[name]
 
 
-@dataclass
-class DenseResult:
-    shard: DenseShard
-    batch_sizes: list[int]
-    tokens: int
-    models: list[ModelInfo]
-
-
 # Padded tokens per model batch when the job leaves it to the worker. Measured on a
 # 2-core CPU with all-MiniLM-L6-v2 (chunks/s): 4096 -> 37.7, 8192 -> 31.8, 16384 -> 27.0;
 # bare encode(batch_size=32) -> 33.5. Large batches only pay off on a GPU.
@@ -81,7 +74,7 @@ def default_batch_tokens(device: str) -> int:
 
 def encode_batch(
     batch: ChunkBatch, models: list[str], max_batch_tokens: int | None = None
-) -> DenseResult:
+) -> StageResult:
     """Encode every chunk of a staged batch with every model of the ensemble.
 
     Chunks are grouped by :func:`token_budget_batches` (longest first, so the padded
@@ -115,7 +108,8 @@ def encode_batch(
         chunk_ids=[chunk.chunk_id for chunk in batch.chunks],
         vectors=vectors,
     )
-    return DenseResult(shard, [len(g) for g in groups], sum(lengths), infos)
+    device = infos[0].device if infos else pick_device()
+    return StageResult(shard, [len(g) for g in groups], sum(lengths), infos, device)
 
 
 def l2_normalise(matrix: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float32]]:

@@ -17,11 +17,13 @@ from typing import IO, Any
 import msgspec
 
 from shared.ledger import JobLedger
+from shared.models import BM25
 from shared.schemas import (
     FORMAT_VERSION,
     Artifact,
     BatchFailure,
     BatchReport,
+    BM25Params,
     ChunkBatch,
     ChunkRecord,
     Counts,
@@ -29,8 +31,11 @@ from shared.schemas import (
     LatencySummary,
     Manifest,
     Missing,
+    SparseInferenceRun,
+    SparseShard,
 )
 from shared.storage import JobLayout, ObjectStore, open_store
+from workers.sparse_export import BM25Statistics, SparseRunBuilder, rounded
 
 
 class ArtifactWriter:
@@ -90,16 +95,15 @@ class ExportRuntime:
     def run(self) -> Manifest:
         started = time.time()
         failed = {f.batch_id: f for stage in self.spec.stages for f in self.ledger.failures(stage)}
-        missing: list[Missing] = []
+        batch_ids = [b for b in self.ledger.staged_batches() if b not in failed]
+        missing = [self._missing(failure) for failure in failed.values()]
+        self.bm25 = self._bm25_statistics(batch_ids)
+        self.sparse_run = SparseRunBuilder(self.spec.sparse_models) if self.sparse else None
         with tempfile.TemporaryDirectory(prefix="embed-fleet-export-") as tmp:
             path = Path(tmp) / "chunks.jsonl"
             with path.open("wb") as handle:
                 chunks = ArtifactWriter(handle)
-                for batch_id in self.ledger.staged_batches():
-                    failure = failed.get(batch_id)
-                    if failure is not None:
-                        missing.append(self._missing(failure))
-                        continue
+                for batch_id in batch_ids:
                     self._write_batch(self._batch(batch_id), chunks)
             chunks_key = self.layout.artifact("chunks.jsonl")
             self.store.put_file(chunks_key, path)
@@ -109,6 +113,43 @@ class ExportRuntime:
             self.layout.manifest, msgspec.json.format(msgspec.json.encode(manifest), indent=2)
         )
         return manifest
+
+    @property
+    def sparse(self) -> bool:
+        return "sparse" in self.spec.stages
+
+    def _sparse_shard(self, batch_id: str) -> SparseShard:
+        data = self.store.get_bytes(self.layout.shard("sparse", batch_id))
+        return msgspec.msgpack.decode(data, type=SparseShard)
+
+    def _bm25_statistics(self, batch_ids: list[str]) -> BM25Statistics | None:
+        """First pass over the sparse shards: merge every batch's BM25 statistics."""
+        if not self.sparse or BM25 not in self.spec.sparse_models:
+            return None
+        stats = BM25Statistics(self.spec.bm25 or BM25Params())
+        for batch_id in batch_ids:
+            shard = self._sparse_shard(batch_id)
+            stats.add(shard.rows[BM25], shard.doc_freqs)
+        return stats
+
+    def _sparse_vectors(self, batch: ChunkBatch) -> list[dict[str, dict[str, float]]] | None:
+        if self.sparse_run is None:
+            return None
+        shard = self._sparse_shard(batch.batch_id)
+        if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
+            raise RuntimeError(f"sparse shard {batch.batch_id} does not match its chunk batch")
+        self.sparse_run.add_shard(shard)
+        vectors: list[dict[str, dict[str, float]]] = [{} for _ in batch.chunks]
+        for model, rows in shard.rows.items():
+            for position, row in enumerate(rows):
+                if model == BM25 and self.bm25 is not None:
+                    exported = self.bm25.weights(row)
+                else:
+                    exported = rounded(row)
+                self.sparse_run.add_vector(model, row, exported)
+                if row.source != "missing":
+                    vectors[position][model] = exported
+        return vectors
 
     def _batch(self, batch_id: str) -> ChunkBatch:
         data = self.store.get_bytes(self.layout.batch(batch_id))
@@ -133,6 +174,7 @@ class ExportRuntime:
             raise RuntimeError(f"dense shard {batch.batch_id} does not match its chunk batch")
         # float32 -> Python float is exact; JSON then holds each float32 value exactly.
         matrices = {name: m.to_numpy().tolist() for name, m in shard.vectors.items()}
+        sparse = self._sparse_vectors(batch)
         for row, chunk in enumerate(batch.chunks):
             out.write(
                 ChunkRecord(
@@ -143,8 +185,16 @@ class ExportRuntime:
                     span=chunk.span,
                     metadata=chunk.metadata,
                     dense={name: rows[row] for name, rows in matrices.items()},
+                    sparse=sparse[row] if sparse is not None else None,
                 )
             )
+
+    def _sparse_run(self, stages: dict[str, LatencySummary]) -> SparseInferenceRun | None:
+        if self.sparse_run is None:
+            return None
+        return self.sparse_run.build(
+            self.ledger.models(), self.ledger.reports("sparse"), stages["sparse"], self.bm25
+        )
 
     def _manifest(self, chunks: Artifact, missing: list[Missing], started: float) -> Manifest:
         producer = self.ledger.producer_report()
@@ -177,4 +227,5 @@ class ExportRuntime:
             skipped_records=producer.skipped_records,
             created_at=self.spec.created_at,
             finished_at=time.time(),
+            sparse_run=self._sparse_run(stages),
         )

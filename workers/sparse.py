@@ -1,0 +1,210 @@
+"""SparseVectorGenerator: SPLADE vectors and BM25 term statistics for a staged batch.
+
+CPU first (GPU when the job asks for it); each SPLADE model is loaded once per worker
+process through ``sentence_transformers.SparseEncoder``. When a model cannot be loaded
+or fails on a batch (an exception, an out-of-memory error, a Celery time limit), chunks
+whose metadata carries sparse weights (``metadata.sparse`` as ``{token: weight}``) use
+those, the rest are marked missing, and the error is recorded: the job still completes.
+
+``bm25`` is a sparse "model" without weights: workers emit each chunk's term
+frequencies and length (tokenised as ``bm25s`` does: English stopwords, Snowball
+stemmer) plus the batch's document frequencies; the aggregator merges the statistics of
+every batch and computes the BM25 weights.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from shared.models import BM25, canonical_name, resolve_model
+from shared.schemas import ChunkBatch, ModelInfo, SparseRow, SparseShard
+from workers.batching import token_budget_batches
+from workers.stage import StageResult
+
+# Padded tokens per SPLADE batch on CPU; the MLM head makes each token cost a full
+# vocabulary row, so batches stay small.
+DEFAULT_SPARSE_BATCH_TOKENS = 4096
+
+
+@dataclass
+class SparseModel:
+    model: Any
+    vocab: list[str]
+    info: ModelInfo
+
+
+_loaded: dict[tuple[str, str], SparseModel] = {}
+_lock = threading.Lock()
+
+
+def resolve_device(requested: str | None) -> str:
+    """``cpu`` (the default), ``cuda``, or ``auto`` (CUDA when present)."""
+    if requested in (None, "", "cpu"):
+        return "cpu"
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def load_sparse(name: str, device: str) -> SparseModel:
+    """Load a SPLADE model once per process and device."""
+    name = canonical_name(name)
+    with _lock:
+        if (name, device) not in _loaded:
+            from sentence_transformers import SparseEncoder
+
+            resolved = resolve_model(name)
+            model = SparseEncoder(str(resolved.path), device=device)
+            tokenizer = model.tokenizer
+            vocab = [""] * len(tokenizer)
+            for token, index in tokenizer.get_vocab().items():
+                if index < len(vocab):
+                    vocab[index] = token
+            info = ModelInfo(
+                name=resolved.name,
+                source=resolved.source,
+                revision=resolved.revision,
+                dim=len(vocab),
+                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                device=str(model.device),
+                max_seq_length=int(model.max_seq_length or 0),
+                kind="sparse",
+            )
+            _loaded[(name, device)] = SparseModel(model, vocab, info)
+        return _loaded[(name, device)]
+
+
+def bm25_tokenize(texts: list[str]) -> list[list[str]]:
+    """Tokenise exactly as ``bm25s.tokenize(..., stopwords="en", stemmer=english)``."""
+    import bm25s
+    import Stemmer
+
+    tokens: list[list[str]] = bm25s.tokenize(
+        texts,
+        stopwords="en",
+        stemmer=_stemmer(Stemmer),
+        return_ids=False,
+        show_progress=False,
+    )
+    return tokens
+
+
+_stemmers: dict[str, Any] = {}
+
+
+def _stemmer(module: Any) -> Any:
+    if "english" not in _stemmers:
+        _stemmers["english"] = module.Stemmer("english")
+    return _stemmers["english"]
+
+
+def metadata_row(metadata: dict[str, Any]) -> SparseRow:
+    """The fallback: ``metadata.sparse`` weights when a chunk carries them."""
+    weights = metadata.get("sparse")
+    if isinstance(weights, dict) and weights:
+        pairs = [(str(t), float(w)) for t, w in weights.items() if isinstance(w, int | float) and w]
+        if pairs:
+            return SparseRow(
+                tokens=[t for t, _ in pairs], weights=[w for _, w in pairs], source="metadata"
+            )
+    return SparseRow(tokens=[], weights=[], source="missing")
+
+
+class SparseVectorGenerator:
+    """Sparse rows for every chunk of a batch, for every sparse model of the job."""
+
+    def __init__(self, device: str | None = None, max_batch_tokens: int | None = None) -> None:
+        self.device = resolve_device(device)
+        self.max_batch_tokens = max_batch_tokens or DEFAULT_SPARSE_BATCH_TOKENS
+
+    def encode(self, batch: ChunkBatch, models: list[str]) -> StageResult:
+        rows: dict[str, list[SparseRow]] = {}
+        errors: list[str] = []
+        sizes: list[int] = []
+        infos: list[ModelInfo] = []
+        doc_freqs: dict[str, int] = {}
+        texts = [chunk.text for chunk in batch.chunks]
+        for name in models:
+            if name == BM25:
+                rows[name], doc_freqs = self._bm25(texts)
+                continue
+            try:
+                sparse = load_sparse(name, self.device)
+            except Exception as exc:  # unloadable model: fall back for the whole batch
+                errors.append(f"{name}: load failed: {type(exc).__name__}: {exc}"[:300])
+                rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]
+                continue
+            infos.append(sparse.info)
+            rows[name] = self._live(sparse, batch, errors, sizes)
+        shard = SparseShard(
+            job_id=batch.job_id,
+            batch_id=batch.batch_id,
+            chunk_ids=[chunk.chunk_id for chunk in batch.chunks],
+            rows=rows,
+            doc_freqs=doc_freqs,
+            errors=errors,
+            batch_sizes=sizes,
+        )
+        tokens = sum(chunk.n_tokens for chunk in batch.chunks)
+        return StageResult(shard, sizes, tokens, infos, self.device)
+
+    def _live(
+        self, sparse: SparseModel, batch: ChunkBatch, errors: list[str], sizes: list[int]
+    ) -> list[SparseRow]:
+        chunks = batch.chunks
+        out: list[SparseRow | None] = [None] * len(chunks)
+        lengths = [chunk.n_tokens + 2 for chunk in chunks]
+        for group in token_budget_batches(lengths, self.max_batch_tokens):
+            try:
+                encoded = sparse.model.encode(
+                    [chunks[i].text for i in group],
+                    batch_size=len(group),
+                    convert_to_tensor=True,
+                    show_progress_bar=False,
+                )
+                for position, row in zip(group, _rows(encoded, sparse.vocab), strict=True):
+                    out[position] = row
+                sizes.append(len(group))
+            except Exception as exc:  # OOM, time limit, a bad batch: fall back, go on
+                errors.append(f"{sparse.info.name}: {type(exc).__name__}: {exc}"[:300])
+                for position in group:
+                    out[position] = metadata_row(chunks[position].metadata)
+        return [
+            row if row is not None else SparseRow(tokens=[], weights=[], source="missing")
+            for row in out
+        ]
+
+    @staticmethod
+    def _bm25(texts: list[str]) -> tuple[list[SparseRow], dict[str, int]]:
+        rows: list[SparseRow] = []
+        doc_freqs: Counter[str] = Counter()
+        for terms in bm25_tokenize(texts):
+            counts = Counter(terms)
+            doc_freqs.update(counts.keys())
+            rows.append(
+                SparseRow(
+                    tokens=list(counts),
+                    weights=[float(c) for c in counts.values()],
+                    length=len(terms),
+                )
+            )
+        return rows, dict(doc_freqs)
+
+
+def _rows(encoded: Any, vocab: list[str]) -> list[SparseRow]:
+    """A sparse [n, vocab] tensor into rows of (token, weight), zeros dropped."""
+    import torch
+
+    dense_rows = encoded.to_dense() if encoded.is_sparse else encoded
+    rows: list[SparseRow] = []
+    for vector in dense_rows.to(torch.float32).cpu():
+        ids = torch.nonzero(vector, as_tuple=True)[0]
+        rows.append(
+            SparseRow(tokens=[vocab[i] for i in ids.tolist()], weights=vector[ids].tolist())
+        )
+    return rows
