@@ -10,6 +10,7 @@ bounded memory instead of as one million-token encoding.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,6 +19,8 @@ from shared.errors import EmbedFleetError
 from shared.schemas import Chunk, Document
 
 SEGMENT_CHARS = 32_768
+# The last whitespace character (of any kind) of a span: where a segment may end.
+_LAST_SPACE = re.compile(r"\s(?=\S*\Z)")
 TITLE_SEPARATOR = "\n\n"
 
 
@@ -134,8 +137,8 @@ def _segments(text: str) -> Iterator[tuple[int, int]]:
     while lo < n:
         hi = min(n, lo + SEGMENT_CHARS)
         if hi < n:
-            cut = max(text.rfind(" ", lo, hi), text.rfind("\n", lo, hi))
-            if cut > lo:
-                hi = cut
+            match = _LAST_SPACE.search(text, lo, hi)
+            if match and match.start() > lo:
+                hi = match.start()
         yield lo, hi
         lo = hi

@@ -8,13 +8,15 @@ the store's root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from shared.errors import EmbedFleetError
 
@@ -87,28 +89,29 @@ class LocalStore:
             ) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
+        with self._writer(self._path(key)) as handle:
             handle.write(data)
-        self._publish(tmp, path)
 
     def put_file(self, key: str, path: Path) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        os.close(fd)
-        shutil.copyfile(path, tmp)
-        self._publish(tmp, target)
+        with self._writer(self._path(key)) as handle, path.open("rb") as source:
+            shutil.copyfileobj(source, handle, 1 << 20)
 
-    @staticmethod
-    def _publish(tmp: str, target: Path) -> None:
-        # mkstemp makes 0600 files; artifacts get the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
+    @contextlib.contextmanager
+    def _writer(self, target: Path) -> Iterator[IO[bytes]]:
+        """Write to a hidden temporary file beside the target, then rename it into place.
+
+        The file is created with mode 0666 so the kernel applies the process umask, as
+        for any ordinary file (mkstemp would make it 0600)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".tmp-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -154,7 +157,10 @@ class S3Store:
             retries={"max_attempts": 3, "mode": "standard"},
             s3={"addressing_style": "path"} if self.endpoint else {},
         )
-        self.client: Any = boto3.client("s3", endpoint_url=self.endpoint, config=config)
+        # A session of its own: boto3's default session caches the first credentials it
+        # resolved and is not thread-safe.
+        session = boto3.session.Session()
+        self.client: Any = session.client("s3", endpoint_url=self.endpoint, config=config)
 
     def _key(self, key: str) -> str:
         return join_key(self.prefix, key) if self.prefix else join_key(key)

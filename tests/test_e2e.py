@@ -22,6 +22,7 @@ from conftest import CRANFIELD, REPO, base_env, run_cli
 
 from shared.ledger import JOBS_INDEX, JobLedger
 from shared.schemas import ChunkBatch
+from workers.sparse import bm25_tokenize
 
 pytestmark = pytest.mark.e2e
 
@@ -55,13 +56,21 @@ class ManifestWatch(threading.Thread):
 
 
 def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
+    """Dense and sparse (SPLADE + BM25) on all of Cranfield, to S3."""
     start_worker("dense", fleet_env)
+    start_worker("sparse", fleet_env)
     start_worker("aggregate", fleet_env)
     client = s3.client()
     watch = ManifestWatch(client, bucket)
     watch.start()
     result = run_cli(
-        "run", str(CRANFIELD), "--output", f"s3://{bucket}/runs", "--json", env=fleet_env
+        "run",
+        str(CRANFIELD),
+        "--output",
+        f"s3://{bucket}/runs",
+        "--enable-sparse",
+        "--json",
+        env=fleet_env,
     )
     watch.stop.set()
     assert result.returncode == 0, result.stderr
@@ -100,8 +109,35 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
     vectors = np.array([r["dense"]["sentence-transformers/all-MiniLM-L6-v2"] for r in records])
     assert vectors.shape == (len(records), 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    (model,) = manifest["models"]
+    models = {m["name"]: m for m in manifest["models"]}
+    model = models["sentence-transformers/all-MiniLM-L6-v2"]
     assert model["dim"] == 384 and model["dtype"] == "float32" and model["revision"]
+
+    # Sparse: every chunk has a live SPLADE vector and BM25 weights; SPLADE's top tokens
+    # are words of the chunk; sparse_run's counts match chunks.jsonl.
+    run = manifest["sparse_run"]
+    by_model = {m["model"]["name"]: m for m in run["models"]}
+    assert set(by_model) == {"splade-tiny", "bm25"}
+    for stats in by_model.values():
+        assert (stats["live"], stats["metadata"], stats["missing"]) == (len(records), 0, 0)
+    assert run["chunks"] == len(records) and run["errors"] == {}
+    assert models["splade-tiny"]["dim"] == 30522
+    nnz = {name: [] for name in by_model}
+    overlaps = []
+    for r in records:
+        for name in by_model:
+            weights = r["sparse"][name]
+            assert all(w > 0 for w in weights.values())
+            # Empty only for BM25 on a chunk with no indexable term (all stopwords).
+            assert weights or (name == "bm25" and not bm25_tokenize([r["text"]])[0])
+            nnz[name].append(len(weights))
+        top = sorted(r["sparse"]["splade-tiny"], key=r["sparse"]["splade-tiny"].get)[-5:]
+        words = set(r["text"].lower().split())
+        overlaps.append(any(t in words for t in top))
+    assert sum(overlaps) / len(overlaps) > 0.95
+    for name, stats in by_model.items():
+        assert stats["nnz_mean"] == pytest.approx(np.mean(nnz[name]), abs=0.01)
+    assert run["bm25_documents"] == len(records)
 
     # The manifest was the last object written.
     assert watch.keys_at_manifest is not None
@@ -111,15 +147,19 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
     assert stamps[f"{job}/manifest.json"] == max(stamps.values())
 
 
-def test_kill9_dense_worker_mid_job(
-    fleet_env, bucket, s3, redis_server, start_worker, tmp_path
+@pytest.mark.parametrize("victim", ["dense", "sparse"])
+def test_kill9_worker_mid_job(
+    victim, fleet_env, bucket, s3, redis_server, start_worker, tmp_path
 ) -> None:
     # A smaller collection, in small batches, so the job is mid-way when we kill.
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:500]
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    first = start_worker("dense", fleet_env)
+    workers = {"dense": start_worker("dense", fleet_env)}
+    if victim == "sparse":
+        workers["sparse"] = start_worker("sparse", fleet_env)
     start_worker("aggregate", fleet_env)
+    sparse_args = ["--sparse-models", "splade-tiny,bm25"] if victim == "sparse" else []
     cli = subprocess.Popen(
         [
             sys.executable,
@@ -132,6 +172,7 @@ def test_kill9_dense_worker_mid_job(
             "--batch-chunks",
             "16",
             "--json",
+            *sparse_args,
         ],
         env=fleet_env,
         stdout=subprocess.PIPE,
@@ -145,14 +186,14 @@ def test_kill9_dense_worker_mid_job(
         jobs = client.zrange(JOBS_INDEX, 0, -1)
         if jobs:
             ledger = JobLedger(client, jobs[-1].decode())
-            if len(ledger.reports("dense")) >= 3:
+            if len(ledger.reports(victim)) >= 3:
                 break
         time.sleep(0.1)
     else:
-        pytest.fail("dense worker made no progress")
-    first.kill9()
-    done_at_kill = len(ledger.reports("dense"))
-    start_worker("dense", fleet_env)
+        pytest.fail(f"{victim} worker made no progress")
+    workers[victim].kill9()
+    done_at_kill = len(ledger.reports(victim))
+    start_worker(victim, fleet_env)
     stdout, stderr = cli.communicate(timeout=600)
     assert cli.returncode == 0, stderr
     assert done_at_kill < ledger.progress().total_batches  # the kill was mid-job
@@ -170,7 +211,10 @@ def test_kill9_dense_worker_mid_job(
     assert len(exported) == len(set(exported))  # nothing duplicated
     assert exported == staged  # nothing lost, in staging order
     assert manifest["status"] == "complete"
-    assert manifest["stages"]["dense"]["batches"] == len(ledger.staged_batches())
+    assert manifest["stages"][victim]["batches"] == len(ledger.staged_batches())
+    if victim == "sparse":
+        for stats in manifest["sparse_run"]["models"]:
+            assert stats["live"] == len(staged)  # each chunk counted once
 
 
 class Descendants(threading.Thread):
@@ -292,3 +336,48 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial(
     # Everything else was exported; only that batch's chunks are absent.
     body = s3.client().get_object(Bucket=bucket, Key=f"small/{job_id}/chunks.jsonl")["Body"].read()
     assert len(body.splitlines()) == manifest["counts"]["chunks"] - 8
+
+
+def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:
+    """A SPLADE model whose weights are broken: the job completes, chunks with
+    metadata.sparse use those weights, the rest are marked missing, errors recorded."""
+    import shutil
+
+    from shared.models import resolve_model
+
+    broken = tmp_path / "broken-splade"
+    shutil.copytree(resolve_model("splade-tiny").path, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    docs = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:30]]
+    with_weights = {d["_id"] for d in docs[:12]}
+    lines = []
+    for d in docs:
+        metadata = {"sparse": {"wing": 1.5, "flow": 0.25}} if d["_id"] in with_weights else {}
+        lines.append(json.dumps({"id": d["_id"], "text": d["text"], "metadata": metadata}))
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    result = run_cli(
+        "run",
+        str(tmp_path / "docs.jsonl"),
+        "--sparse-models",
+        str(broken),
+        "--json",
+        env=base_env(),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = events(result.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete"
+    (stats,) = manifest["sparse_run"]["models"]
+    chunks_path = next((tmp_path / "embed-out" / "docs").glob("*/chunks.jsonl"))
+    records = [json.loads(line) for line in chunks_path.read_text().splitlines()]
+    fallback = [r for r in records if r["doc_id"] in with_weights]
+    assert stats["live"] == 0
+    assert stats["metadata"] == len(fallback)
+    assert stats["missing"] == len(records) - len(fallback)
+    assert manifest["sparse_run"]["errors"]  # the load failure, with its cause
+    for r in records:
+        name = str(broken.resolve())
+        if r["doc_id"] in with_weights:
+            assert r["sparse"][name] == {"wing": 1.5, "flow": 0.25}
+        else:
+            assert name not in (r["sparse"] or {})

@@ -1,0 +1,77 @@
+"""Token-budget batching: every item once, padded size within budget, longest first."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from workers.batching import token_budget_batches
+
+
+def check_batches(lengths: list[int], budget: int, batches: list[list[int]]) -> None:
+    flat = [i for batch in batches for i in batch]
+    # Every index exactly once.
+    assert sorted(flat) == list(range(len(lengths)))
+    assert all(batches), "no empty batches"
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert padded <= budget or len(batch) == 1, (batch, [lengths[i] for i in batch])
+    # Longest first, across and within batches (ties in index order).
+    keys = [(-lengths[i], i) for i in flat]
+    assert keys == sorted(keys)
+    # Greedy: a batch was only closed because the next item would not have fit.
+    for batch, following in itertools.pairwise(batches):
+        widest = max(max(lengths[i] for i in batch), 1)
+        assert (len(batch) + 1) * widest > budget, (batch, following)
+
+
+def test_empty_input() -> None:
+    assert token_budget_batches([], 100) == []
+
+
+def test_simple_case() -> None:
+    lengths = [10, 50, 20, 50, 5]
+    batches = token_budget_batches(lengths, 100)
+    check_batches(lengths, 100, batches)
+    assert batches[0] == [1, 3]  # the two 50s fill the budget exactly
+    assert batches[1:] == [[2, 0, 4]]
+
+
+def test_item_longer_than_budget_gets_its_own_batch() -> None:
+    lengths = [5, 300, 5, 120]
+    batches = token_budget_batches(lengths, 100)
+    check_batches(lengths, 100, batches)
+    assert [1] in batches
+    assert [3] in batches
+    assert sorted(batches[-1]) == [0, 2]
+
+
+def test_short_items_share_a_batch() -> None:
+    lengths = [4] * 100
+    batches = token_budget_batches(lengths, 64)
+    check_batches(lengths, 64, batches)
+    assert [len(b) for b in batches] == [16] * 6 + [4]
+
+
+def test_zero_lengths_still_batch() -> None:
+    lengths = [0, 0, 0, 3, 0]
+    batches = token_budget_batches(lengths, 6)
+    check_batches(lengths, 6, batches)
+    assert all(len(b) <= 6 for b in batches)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_inputs(seed: int) -> None:
+    rng = random.Random(seed)
+    n = rng.choice([1, 2, 3, 10, 100, 1000])
+    top = rng.choice([1, 8, 64, 512, 4096])
+    lengths = [rng.randint(0, top) for _ in range(n)]
+    budget = rng.choice([1, 16, 100, 512, 4096, 16384, 10**6])
+    batches = token_budget_batches(lengths, budget)
+    check_batches(lengths, budget, batches)
+    # Deterministic: the same input batches the same way.
+    assert token_budget_batches(lengths, budget) == batches
+    # Accepts any sequence, not only lists.
+    assert token_budget_batches(tuple(lengths), budget) == batches

@@ -1,0 +1,323 @@
+"""Reading collections: BEIR folders, JSONL files, folders of .txt/.md files, bad records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.sources import ReadProgress, documents, open_source, read_records
+from shared.errors import BadRecordError, EmbedFleetError
+from shared.schemas import Document, SkippedRecord
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    """Write one JSON value per line; bytes are written as they are (for bad lines)."""
+    with path.open("wb") as handle:
+        for record in records:
+            line = record if isinstance(record, bytes) else json.dumps(record).encode()
+            handle.write(line + b"\n")
+    return path
+
+
+def skipped(source_path: Path) -> list[SkippedRecord]:
+    return [r for r in read_records(open_source(source_path)) if isinstance(r, SkippedRecord)]
+
+
+def docs(source_path: Path) -> list[Document]:
+    return [r for r in read_records(open_source(source_path)) if isinstance(r, Document)]
+
+
+# --- layouts ---------------------------------------------------------------------------
+
+
+def test_beir_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "scifact"
+    folder.mkdir()
+    write_jsonl(
+        folder / "corpus.jsonl",
+        [
+            {"_id": "d1", "title": "First", "text": "one", "metadata": {"year": 1999}},
+            {"_id": "d2", "title": "", "text": "two"},
+            {"_id": "d3", "text": "three"},
+        ],
+    )
+    (folder / "queries.jsonl").write_text('{"_id": "q1", "text": "not a document"}\n')
+    source = open_source(folder)
+    assert source.kind == "beir"
+    assert source.name == "scifact"
+    assert source.files == [folder / "corpus.jsonl"]
+    got = docs(folder)
+    assert [(d.id, d.title, d.text) for d in got] == [
+        ("d1", "First", "one"),
+        ("d2", "", "two"),
+        ("d3", "", "three"),
+    ]
+    assert got[0].metadata == {"year": 1999}
+    assert got[1].metadata == {}
+    assert [d.line for d in got] == [1, 2, 3]
+    assert all(d.path == str(folder / "corpus.jsonl") for d in got)
+
+
+def test_beir_corpus_file_is_recognised_by_its_ids(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "corpus.jsonl", [{"_id": "a", "text": "x"}])
+    assert open_source(path).kind == "beir"
+    assert [d.id for d in docs(path)] == ["a"]
+
+
+def test_jsonl_file(tmp_path: Path) -> None:
+    meta = {"source": "web", "tags": ["a", "b"], "nested": {"k": 1.5}}
+    path = write_jsonl(
+        tmp_path / "notes.jsonl",
+        [
+            {"id": "n1", "text": "hello", "title": "Greeting", "metadata": meta},
+            {"id": "n2", "text": "world"},
+        ],
+    )
+    source = open_source(path)
+    assert source.kind == "jsonl"
+    assert source.name == "notes"
+    got = docs(path)
+    assert [(d.id, d.title, d.text) for d in got] == [
+        ("n1", "Greeting", "hello"),
+        ("n2", "", "world"),
+    ]
+    assert got[0].metadata == meta
+    assert got[1].metadata == {}
+
+
+def test_jsonl_skips_blank_lines_but_keeps_line_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "a", "text": "x"}\n\n   \n{"id": "b", "text": "y"}\n')
+    got = docs(path)
+    assert [(d.id, d.line) for d in got] == [("a", 1), ("b", 4)]
+
+
+def test_integer_ids_become_strings(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": 7, "text": "x"}, {"id": 12, "text": "y"}])
+    got = docs(path)
+    assert [d.id for d in got] == ["7", "12"]
+    assert all(isinstance(d.id, str) for d in got)
+
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    write_jsonl(folder / "corpus.jsonl", [{"_id": 3, "text": "z"}])
+    assert [d.id for d in docs(folder)] == ["3"]
+
+
+def test_empty_text_is_a_document_not_an_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "e", "text": ""}, {"id": "f", "text": "x"}])
+    records = list(documents(open_source(path), "fail"))
+    assert all(isinstance(r, Document) for r in records)
+    assert [(r.id, r.text) for r in records if isinstance(r, Document)] == [("e", ""), ("f", "x")]
+
+
+def test_text_dir(tmp_path: Path) -> None:
+    folder = tmp_path / "handbook"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text("alpha text")
+    (folder / "sub" / "b.md").write_text("# beta\n\nmarkdown")
+    (folder / "C.TXT").write_text("upper-case suffix")
+    (folder / "ignored.json").write_text("{}")
+    (folder / "image.png").write_bytes(b"\x89PNG")
+    source = open_source(folder)
+    assert source.kind == "text-dir"
+    assert source.name == "handbook"
+    got = docs(folder)
+    by_id = {d.id: d for d in got}
+    assert set(by_id) == {"a.txt", "sub/b.md", "C.TXT"}
+    assert by_id["a.txt"].text == "alpha text"
+    assert by_id["sub/b.md"].text == "# beta\n\nmarkdown"
+    assert by_id["sub/b.md"].path == str(folder / "sub" / "b.md")
+
+
+def test_text_dir_invalid_utf8_names_file_and_line(tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "good.txt").write_text("fine")
+    (folder / "bad.txt").write_bytes(b"line one\nline two\nbroken \xff here\n")
+    bad = skipped(folder)
+    assert len(bad) == 1
+    assert bad[0].path == str(folder / "bad.txt")
+    assert bad[0].line == 3
+    assert "UTF-8" in bad[0].reason
+    assert [d.id for d in docs(folder)] == ["good.txt"]
+
+
+# --- open_source errors ---------------------------------------------------------------
+
+
+def test_missing_path_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(EmbedFleetError) as info:
+        open_source(missing)
+    assert str(missing) in str(info.value)
+    assert "does not exist" in str(info.value)
+    assert info.value.fix
+
+
+def test_folder_without_a_collection_is_an_error(tmp_path: Path) -> None:
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    (folder / "data.csv").write_text("a,b\n")
+    (folder / "queries.jsonl").write_text('{"_id": "q", "text": "x"}\n')
+    with pytest.raises(EmbedFleetError) as info:
+        open_source(folder)
+    message = str(info.value)
+    assert str(folder) in message
+    assert "corpus.jsonl" in message
+    assert ".txt" in message
+
+
+# --- bad records -----------------------------------------------------------------------
+
+
+GOOD = {"id": "ok", "text": "good"}
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "expected"),
+    [
+        (b'{"id": "x", "text": "unterminated', "malformed JSON"),
+        (b"{not json at all}", "malformed JSON"),
+        (json.dumps({"text": "no id"}).encode(), "missing required field 'id'"),
+        (json.dumps({"id": "x"}).encode(), "missing required field 'text'"),
+        (b'{"id": "x", "text": "caf\xff"}', "invalid UTF-8"),
+        (b"[1, 2, 3]", "not a JSON object"),
+        (b'"just a string"', "not a JSON object"),
+        (json.dumps({"id": "   ", "text": "blank id"}).encode(), "empty id"),
+    ],
+)
+def test_bad_jsonl_record_names_file_line_and_reason(
+    tmp_path: Path, bad_line: bytes, expected: str
+) -> None:
+    path = write_jsonl(
+        tmp_path / "c.jsonl", [GOOD, {"id": "ok2", "text": "y"}, bad_line, GOOD | {"id": "ok3"}]
+    )
+    bad = skipped(path)
+    assert len(bad) == 1
+    assert bad[0].path == str(path)
+    assert bad[0].line == 3
+    assert expected in bad[0].reason
+    # The records around the bad one are still read.
+    assert [d.id for d in docs(path)] == ["ok", "ok2", "ok3"]
+
+
+def test_beir_missing_id_names_the_beir_field(tmp_path: Path) -> None:
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    write_jsonl(folder / "corpus.jsonl", [{"_id": "a", "text": "x"}, {"id": "b", "text": "y"}])
+    bad = skipped(folder)
+    assert [(b.line, b.reason) for b in bad] == [(2, "missing required field '_id'")]
+
+
+def test_beir_wrong_id_type_names_the_beir_field(tmp_path: Path) -> None:
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    write_jsonl(folder / "corpus.jsonl", [{"_id": "a", "text": "x"}, {"_id": None, "text": "y"}])
+    bad = skipped(folder)
+    assert len(bad) == 1
+    assert bad[0].line == 2
+    assert "$._id" in bad[0].reason
+
+
+def test_duplicate_id_names_the_first_line(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"id": "a", "text": "first"},
+            {"id": "b", "text": "other"},
+            {"id": "a", "text": "second"},
+            {"id": 5, "text": "int"},
+            {"id": "5", "text": "same id as a string"},
+        ],
+    )
+    bad = skipped(path)
+    assert [b.line for b in bad] == [3, 5]
+    assert "duplicate id 'a'" in bad[0].reason
+    assert "line 1" in bad[0].reason
+    assert "duplicate id '5'" in bad[1].reason
+    assert "line 4" in bad[1].reason
+    # The first occurrence wins.
+    got = docs(path)
+    assert [(d.id, d.text) for d in got] == [("a", "first"), ("b", "other"), ("5", "int")]
+
+
+def test_fail_raises_bad_record_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", [GOOD, {"id": "x"}, b"{broken"])
+    gen = documents(open_source(path), "fail")
+    first = next(gen)
+    assert isinstance(first, Document) and first.id == "ok"
+    with pytest.raises(BadRecordError) as info:
+        next(gen)
+    err = info.value
+    assert isinstance(err, EmbedFleetError)
+    assert err.path == str(path)
+    assert err.line == 2
+    assert "missing required field 'text'" in err.reason
+    assert f"{path}:2:" in str(err)
+    assert "--on-bad-record skip" in err.fix
+
+
+def test_skip_yields_skipped_records_and_continues(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            GOOD,
+            b"{broken",
+            {"id": "x"},
+            b"\xff\xfe",
+            {"id": "ok", "text": "dup"},
+            {"id": "z", "text": "t"},
+        ],
+    )
+    progress = ReadProgress()
+    records = list(documents(open_source(path), "skip", progress))
+    kinds = [type(r).__name__ for r in records]
+    assert kinds == [
+        "Document",
+        "SkippedRecord",
+        "SkippedRecord",
+        "SkippedRecord",
+        "SkippedRecord",
+        "Document",
+    ]
+    assert [r.line for r in records] == [1, 2, 3, 4, 5, 6]
+    assert progress.documents == 2
+
+
+# --- progress --------------------------------------------------------------------------
+
+
+def test_progress_counts_bytes_and_documents(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": str(i), "text": "word " * (i * 10)} for i in range(50)] + [b"{bad"],
+    )
+    source = open_source(path)
+    size = path.stat().st_size
+    assert source.bytes_total == size
+    progress = ReadProgress()
+    seen_bytes: list[int] = []
+    for _ in read_records(source, progress):
+        seen_bytes.append(progress.bytes_read)
+    # Bytes grow as records stream, not all at once at the start.
+    assert seen_bytes[0] < size
+    assert seen_bytes == sorted(seen_bytes)
+    assert progress.bytes_read == size
+    assert progress.documents == 50
+
+
+def test_progress_counts_text_dir_bytes(tmp_path: Path) -> None:
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "a.txt").write_text("é" * 100)
+    (folder / "b.md").write_bytes(b"x" * 37)
+    source = open_source(folder)
+    progress = ReadProgress()
+    list(read_records(source, progress))
+    assert progress.bytes_read == 237
+    assert progress.bytes_read == source.bytes_total
+    assert progress.documents == 2
