@@ -20,7 +20,7 @@ from celery import Celery
 
 from producer.chunking import Chunker, model_max_tokens
 from producer.sources import ReadProgress, Source, documents, open_source
-from shared.celery_app import TASK_EMBED_DENSE, TASK_ENCODE_SPARSE, TASK_EXPORT, send
+from shared.celery_app import STAGE_TASKS, TASK_EXPORT, send
 from shared.errors import EmbedFleetError
 from shared.ledger import JobLedger
 from shared.models import BM25, resolve_model
@@ -231,27 +231,19 @@ class Stager:
             self.ledger.record_staged(
                 batch_id, len(pending), progress.documents, progress.bytes_read
             )
-            message = EmbedBatch(
-                job_id=spec.job_id,
-                batch_id=batch_id,
-                store_url=job.store.url,
-                batch_key=key,
-                shard_key=job.layout.shard("dense", batch_id),
-                models=spec.dense_models,
-                max_batch_tokens=spec.max_batch_tokens,
-            )
-            send(self.app, TASK_EMBED_DENSE, message)
-            if spec.sparse_models:
-                sparse = EmbedBatch(
+            for stage in spec.stages:  # one message per stage, all naming the same batch
+                dense = stage == "dense"
+                message = EmbedBatch(
                     job_id=spec.job_id,
                     batch_id=batch_id,
                     store_url=job.store.url,
                     batch_key=key,
-                    shard_key=job.layout.shard("sparse", batch_id),
-                    models=spec.sparse_models,
-                    device=spec.sparse_device,
+                    shard_key=job.layout.shard(stage, batch_id),
+                    models=spec.dense_models if dense else spec.sparse_models,
+                    max_batch_tokens=spec.max_batch_tokens if dense else None,
+                    device=None if dense else spec.sparse_device,
                 )
-                send(self.app, TASK_ENCODE_SPARSE, sparse)
+                send(self.app, STAGE_TASKS[stage], message)
             latencies.append(time.time() - batch_started)
             batches += 1
             pending = []

@@ -54,7 +54,8 @@ class LocalFleet:
     """Processes of the embedded fleet, owned by this process.
 
     Args:
-        queues: One worker process is started for each.
+        queues: One worker process is started for each entry (name a queue twice for
+            two workers on it).
         env: Extra environment for the workers (e.g. EMBED_FLEET_* settings).
     """
 
@@ -64,7 +65,7 @@ class LocalFleet:
         self.workdir = Path(tempfile.mkdtemp(prefix="embed-fleet-local-"))
         self.redis_url = ""
         self._redis: subprocess.Popen[bytes] | None = None
-        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self.workers: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def __enter__(self) -> LocalFleet:
         try:
@@ -117,9 +118,9 @@ class LocalFleet:
                 time.sleep(0.02)
         env = {**os.environ, **self.extra_env, "REDIS_URL": self.redis_url}
         env.pop("CELERY_BROKER_URL", None)
-        for queue in self.queues:
-            log = (self.workdir / f"worker-{queue}.log").open("wb")
-            self.workers[queue] = subprocess.Popen(
+        for number, queue in enumerate(self.queues):
+            log = (self.workdir / f"worker-{queue}-{number}.log").open("wb")
+            proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
@@ -132,7 +133,7 @@ class LocalFleet:
                     "-c",
                     "1",
                     "-n",
-                    f"{queue}-local-{os.getpid()}@%h",
+                    f"{queue}{number}-local-{os.getpid()}@%h",
                     "--without-gossip",
                     "--without-mingle",
                     "--loglevel",
@@ -143,15 +144,16 @@ class LocalFleet:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            self.workers.append((f"{queue}-{number}", proc))
 
     def check(self) -> None:
         """Raise if a worker died (it would leave the job waiting forever)."""
-        for queue, proc in self.workers.items():
+        for name, proc in self.workers:
             if proc.poll() is not None:
                 raise EmbedFleetError(
-                    f"the embedded {queue} worker exited with code {proc.returncode}: "
-                    f"{self._tail(f'worker-{queue}.log')}",
-                    f"See {self.workdir / f'worker-{queue}.log'}",
+                    f"the embedded {name} worker exited with code {proc.returncode}: "
+                    f"{self._tail(f'worker-{name}.log')}",
+                    f"See {self.workdir / f'worker-{name}.log'}",
                 )
 
     def _tail(self, name: str) -> str:
@@ -162,11 +164,12 @@ class LocalFleet:
 
     def stop(self) -> None:
         """Stop workers (SIGTERM, then SIGKILL after 10 s), then Redis."""
-        procs = [*self.workers.values(), *([self._redis] if self._redis else [])]
-        for proc in self.workers.values():
+        workers = [proc for _, proc in self.workers]
+        procs = [*workers, *([self._redis] if self._redis else [])]
+        for proc in workers:
             _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        for proc in self.workers.values():
+        for proc in workers:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         for proc in procs:
