@@ -50,6 +50,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def worker_command(queue: str, name: str, loglevel: str = "WARNING") -> list[str]:
+    """The fleet's worker command line: one prefork process on one queue."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.app",
+        "worker",
+        "-Q",
+        queue,
+        "-c",
+        "1",
+        "-n",
+        name,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
+    ]
+
+
 class LocalFleet:
     """Processes of the embedded fleet, owned by this process.
 
@@ -121,24 +143,7 @@ class LocalFleet:
         for number, queue in enumerate(self.queues):
             log = (self.workdir / f"worker-{queue}-{number}.log").open("wb")
             proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "workers.app",
-                    "worker",
-                    "-Q",
-                    queue,
-                    "-c",
-                    "1",
-                    "-n",
-                    f"{queue}{number}-local-{os.getpid()}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--loglevel",
-                    "WARNING",
-                ],
+                worker_command(queue, f"{queue}{number}-local-{os.getpid()}@%h"),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

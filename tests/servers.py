@@ -18,7 +18,7 @@ import boto3
 import redis
 from botocore.config import Config
 
-from producer.local_fleet import redis_server_binary
+from producer.local_fleet import redis_server_binary, worker_command
 
 S3_KEY, S3_SECRET = "fleet-test-key", "fleet-test-secret"
 
@@ -183,24 +183,7 @@ class Worker:
         self.log_path = log
         self.log = log.open("ab")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers.app",
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                "1",
-                "-n",
-                f"{queue}-{random.randint(0, 1 << 30)}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--loglevel",
-                "INFO",
-            ],
+            worker_command(queue, f"{queue}-{random.randint(0, 1 << 30)}@%h", "INFO"),
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
