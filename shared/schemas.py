@@ -17,13 +17,25 @@ FORMAT_VERSION = 1
 Stage = Literal["dense", "sparse"]
 """A per-batch encode stage: every staged batch goes through each stage of its job."""
 
+BatchKind = Literal["documents", "queries"]
+"""What a staged batch holds: document chunks, or queries (encoded, never exported)."""
+
+Fusion = Literal["convex", "rrf"]
+"""How per-retriever rankings are fused: a convex combination of min-max normalised
+scores, or reciprocal rank fusion."""
+
+DENSE_RANKING = "dense"
+"""The name of the dense ensemble's ranking (each sparse model ranks under its own name)."""
+
 SparseSource = Literal["live", "metadata", "missing"]
 """Where a chunk's sparse vector came from: the model, the chunk's ``metadata.sparse``
 weights (fallback), or nowhere."""
 
 BM25_MODEL = "bm25"
 
-JobStatus = Literal["running", "exporting", "complete", "partial", "failed"]
+JobStatus = Literal[
+    "running", "retrieving", "fusing", "reranking", "exporting", "complete", "partial", "failed"
+]
 
 
 class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
@@ -143,12 +155,39 @@ class EmbedBatch(Struct):
     models: list[str]
     max_batch_tokens: int | None = None
     device: str | None = None
+    kind: BatchKind = "documents"
 
 
 class ExportJob(Struct):
-    """Task message of ``embed_fleet.aggregate.export_job``."""
+    """Task message of ``embed_fleet.aggregate.export_job`` (and of the other
+    aggregator steps, ``plan_retrieve`` and ``fuse``: they need only the job)."""
 
     job_id: str
+
+
+class RetrieveGroup(Struct):
+    """Task message of ``embed_fleet.{dense,sparse}.retrieve``: every query's top-k over
+    one group of document shards."""
+
+    job_id: str
+    group_id: str
+    store_url: str
+    collection: str
+    batch_ids: list[str]
+    top_k: int
+
+
+class RerankGroup(Struct):
+    """Task message of ``embed_fleet.rerank.rerank_group``: rerank the fused candidates
+    of one group of queries."""
+
+    job_id: str
+    group_id: str
+    store_url: str
+    collection: str
+    model: str
+    rerank_top: int
+    max_batch_tokens: int | None = None
 
 
 # --- job spec and ledger records ---------------------------------------------------
@@ -172,6 +211,34 @@ class JobSpec(Struct):
     sparse_models: list[str] = []
     sparse_device: str = "cpu"
     bm25: BM25Params | None = None
+    retrieval: RetrievalSpec | None = None
+
+
+class RetrievalSpec(Struct):
+    """The query side of a job: retrieve, fuse, rerank, evaluate.
+
+    ``weights`` maps each ranking (``dense`` and every sparse model) to its fusion
+    weight; they sum to 1.
+    """
+
+    queries_source: str
+    queries: int
+    query_batches: int
+    qrels_source: str | None
+    top_k: int = 100
+    fusion: Fusion = "convex"
+    weights: dict[str, float] = {}
+    rrf_k: int = 60
+    rerank_model: str | None = None
+    rerank_top: int = 50
+    batches_per_retrieve_task: int = 128
+    queries_per_rerank_task: int = 16
+
+
+class Qrels(Struct):
+    """Relevance judgements, staged for the aggregator: query id -> doc id -> grade."""
+
+    judgements: dict[str, dict[str, int]]
 
 
 class BM25Params(Struct):
@@ -192,7 +259,7 @@ class ModelInfo(Struct):
     dtype: str
     device: str
     max_seq_length: int
-    kind: Literal["dense", "sparse"] = "dense"
+    kind: Literal["dense", "sparse", "rerank"] = "dense"
 
 
 class BatchReport(Struct):
@@ -238,10 +305,15 @@ class ProducerReport(Struct):
 
 
 class StageProgress(Struct):
+    """Progress of an encode stage (``dense``, ``sparse``) or a later phase
+    (``retrieve``, ``rerank``, whose units are tasks, not batches)."""
+
     stage: str
     batches_done: int
     batches_failed: int
     chunks_done: int
+    queries_done: int = 0
+    total: int | None = None
 
 
 class JobProgress(Struct):
@@ -259,6 +331,105 @@ class JobProgress(Struct):
     bytes_total: int
     stages: list[StageProgress]
     error: str = ""
+
+
+# --- retrieval, fusion, reranking ---------------------------------------------------
+
+
+class Hits(Struct, array_like=True):
+    """One query's ranked list: chunk ids and scores, best first."""
+
+    chunk_ids: list[str]
+    scores: list[float]
+
+
+class TopKShard(Struct):
+    """A retrieve task's output: per ranking, every query's top-k within one group of
+    document shards (``hits[name][i]`` belongs to ``query_ids[i]``)."""
+
+    job_id: str
+    group_id: str
+    query_ids: list[str]
+    hits: dict[str, list[Hits]]
+
+
+class Candidate(Struct):
+    """A fused candidate of one query, with every score that led to its rank.
+
+    Scores are null where the candidate was not in that retriever's top-k (dense,
+    sparse) or was not reranked.
+    """
+
+    chunk_id: str
+    doc_id: str
+    dense_score: float | None
+    sparse_score: dict[str, float | None]
+    fused_score: float
+    rerank_score: float | None = None
+    rank: int = 0
+
+
+class QueryCandidates(Struct):
+    """One query and its candidates in fused (later: final) order."""
+
+    query_id: str
+    text: str
+    candidates: list[Candidate]
+
+
+class FusedGroup(Struct):
+    """The aggregator's fused candidates for one group of queries, with the texts of
+    the chunks the rerank task will score."""
+
+    job_id: str
+    group_id: str
+    queries: list[QueryCandidates]
+    texts: dict[str, str] = {}
+
+
+class RerankStats(Struct):
+    """What one rerank task did; summed over tasks into ``CrossEncoderRerankRun``."""
+
+    pairs_asked: int
+    pairs_scored: int
+    batch_sizes: list[int]
+    oom_count: int = 0
+    timeout_count: int = 0
+    fallbacks: dict[str, int] = {}
+    max_batch_tokens: int = 0
+
+
+class RerankShard(Struct):
+    """A rerank task's output: per query of the group, the rerank scores of its first
+    ``rerank_top`` candidates (null: not reranked)."""
+
+    job_id: str
+    group_id: str
+    scores: dict[str, list[float | None]]
+    stats: RerankStats
+
+
+class CrossEncoderRerankRun(Struct):
+    """The manifest's ``rerank_run``: what the rerank stage did, for audit.
+
+    ``coverage`` is pairs reranked / pairs asked; ``fallbacks`` counts batches split
+    after a time limit (``split``), run on the CPU (``cpu``) and left in fused order
+    (``unreranked``).
+    """
+
+    model: ModelInfo | None
+    device: str
+    dtype: str
+    queries: int
+    pairs_asked: int
+    pairs_scored: int
+    coverage: float
+    batch_sizes: dict[int, int]
+    oom_count: int
+    timeout_count: int
+    fallbacks: dict[str, int]
+    max_batch_tokens: int
+    latency: LatencySummary
 
 
 # --- artifacts -------------------------------------------------------------------
@@ -365,6 +536,38 @@ class SparseInferenceRun(Struct):
     bm25_documents: int | None = None
 
 
+class QueryResult(Struct):
+    """One line of ``results.jsonl``: a query and its candidates in final order."""
+
+    query_id: str
+    text: str
+    candidates: list[Candidate]
+
+
+class RankingMetrics(Struct):
+    """Retrieval quality of one ranking, over the judged queries (documents scored by
+    their best chunk)."""
+
+    ndcg_at_10: float
+    recall_at_100: float
+    mrr_at_10: float
+    queries: int
+
+
+class Metrics(Struct):
+    """``metrics.json``: retrieval quality per ranking, when judgements were given."""
+
+    job_id: str
+    collection: str
+    qrels: str
+    queries_judged: int
+    rankings: dict[str, RankingMetrics]
+    fusion: Fusion
+    weights: dict[str, float]
+    document_score: str = "max over the document's chunks"
+    evaluator: str = ""
+
+
 class Manifest(Struct):
     """``manifest.json``: written last; its presence means the artifacts are complete."""
 
@@ -383,3 +586,5 @@ class Manifest(Struct):
     created_at: float
     finished_at: float
     sparse_run: SparseInferenceRun | None = None
+    rerank_run: CrossEncoderRerankRun | None = None
+    metrics: dict[str, RankingMetrics] | None = None
