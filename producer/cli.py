@@ -16,16 +16,21 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-from producer.follow import FINISHED, emit_json, follow, summary_table
+from producer.follow import FINISHED, emit_json, follow, metrics_table, rerank_line, summary_table
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
-from producer.local_fleet import QUEUES, LocalFleet
+from producer.local_fleet import LocalFleet, local_queues
 from producer.sources import ReadProgress
 from shared import logs
 from shared.celery_app import make_app
 from shared.config import Settings
 from shared.errors import EmbedFleetError
 from shared.ledger import JobLedger, connect, recent_jobs
-from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, DEFAULT_SPARSE_MODELS
+from shared.models import (
+    BUNDLED_SPLADE,
+    DEFAULT_DENSE_MODEL,
+    DEFAULT_RERANK_MODEL,
+    DEFAULT_SPARSE_MODELS,
+)
 from shared.schemas import BM25Params, Manifest
 from shared.storage import JobLayout, ObjectStore, open_store, safe_name
 
@@ -134,6 +139,74 @@ def main() -> None:
     help="BM25 length normalisation.",
 )
 @click.option(
+    "--queries",
+    default=None,
+    metavar="FILE",
+    help="Queries to retrieve for (JSONL of {id, text}). Default: a BEIR folder's "
+    "queries.jsonl. Each query gets --top-k fused candidates in results.jsonl.",
+)
+@click.option(
+    "--no-queries",
+    is_flag=True,
+    help="Only embed: ignore a BEIR folder's queries.jsonl.",
+)
+@click.option(
+    "--qrels",
+    default=None,
+    metavar="FILE",
+    help="Relevance judgements (BEIR TSV or TREC qrels) for metrics.json: nDCG@10, "
+    "Recall@100, MRR@10 per ranking. Default: a BEIR folder's qrels/test.tsv.",
+)
+@click.option(
+    "--top-k",
+    type=click.IntRange(1, 10000),
+    default=100,
+    show_default=True,
+    help="Candidates per query from each retriever, and fused candidates kept.",
+)
+@click.option(
+    "--fusion",
+    type=click.Choice(["convex", "rrf"]),
+    default="convex",
+    show_default=True,
+    help="convex: weighted sum of min-max normalised scores (Bruch et al. 2023); "
+    "rrf: weighted reciprocal rank fusion, k=60.",
+)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Dense weight of the fusion; the sparse models share the rest equally.",
+)
+@click.option(
+    "--fusion-weights",
+    default=None,
+    metavar="NAME=W,...",
+    help="Explicit weights per ranking, e.g. dense=0.5,splade-tiny=0.25,bm25=0.25 "
+    "(normalised to sum 1). Overrides --alpha.",
+)
+@click.option(
+    "--enable-rerank",
+    is_flag=True,
+    help="Rerank each query's fused top candidates with a CrossEncoder (queue `rerank`, "
+    f"served by the dense workers). Default model: {DEFAULT_RERANK_MODEL}.",
+)
+@click.option(
+    "--rerank-model",
+    default=None,
+    metavar="NAME",
+    help="CrossEncoder for --enable-rerank (hub name, HF-cache name or folder). "
+    "Implies --enable-rerank.",
+)
+@click.option(
+    "--rerank-top",
+    type=click.IntRange(1),
+    default=50,
+    show_default=True,
+    help="How many fused candidates per query are reranked.",
+)
+@click.option(
     "--on-bad-record",
     type=click.Choice(["fail", "skip"]),
     default="fail",
@@ -166,15 +239,29 @@ def run(
     sparse_device: str,
     bm25_k1: float,
     bm25_b: float,
+    queries: str | None,
+    no_queries: bool,
+    qrels: str | None,
+    top_k: int,
+    fusion: Literal["convex", "rrf"],
+    alpha: float,
+    fusion_weights: str | None,
+    enable_rerank: bool,
+    rerank_model: str | None,
+    rerank_top: int,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
     as_json: bool,
 ) -> None:
     """Embed SOURCE: a BEIR folder, a JSONL file, or a folder of .txt/.md files.
 
-    Artifacts land in OUTPUT/<collection>/<job_id>/: chunks.jsonl, then manifest.json.
-    Exit code: 0 complete, 1 partial or failed, 2 bad input or configuration,
-    130 interrupted.
+    With queries (a BEIR folder's queries.jsonl, or --queries), each query is retrieved
+    by the dense ensemble and every sparse model, the rankings are fused, and (with
+    --enable-rerank) the fused top candidates are reranked by a CrossEncoder.
+
+    Artifacts land in OUTPUT/<collection>/<job_id>/: chunks.jsonl, results.jsonl,
+    metrics.json (with judgements), then manifest.json. Exit code: 0 complete,
+    1 partial or failed, 2 bad input or configuration, 130 interrupted.
     """
     settings = Settings.from_env()
     options = JobOptions(
@@ -189,6 +276,15 @@ def run(
         sparse_models=_sparse_models(enable_sparse, sparse_models),
         sparse_device=sparse_device,
         bm25=BM25Params(k1=bm25_k1, b=bm25_b),
+        queries=queries,
+        qrels=qrels,
+        no_queries=no_queries,
+        top_k=top_k,
+        fusion=fusion,
+        alpha=alpha,
+        fusion_weights=fusion_weights,
+        rerank_model=rerank_model or (DEFAULT_RERANK_MODEL if enable_rerank else None),
+        rerank_top=min(rerank_top, top_k),
     )
     try:
         if settings.broker_url:
@@ -207,7 +303,7 @@ def run(
                 console.print(
                     "[dim]no REDIS_URL set: starting a private Redis and local workers[/]"
                 )
-            queues = ("dense", "sparse", "aggregate") if job.spec.sparse_models else QUEUES
+            queues = local_queues(job.spec)
             with LocalFleet(queues) as fleet:
                 local = dataclasses.replace(settings, broker_url=fleet.redis_url)
                 client = connect(fleet.redis_url)
@@ -317,6 +413,12 @@ def _show_summary(manifest: Manifest, location: str, as_json: bool) -> None:
         emit_json("summary", {"location": location, "manifest": manifest})
         return
     console.print(summary_table(manifest, location))
+    rerank = rerank_line(manifest)
+    if rerank:
+        console.print(rerank, highlight=False)
+    quality = metrics_table(manifest)
+    if quality is not None:
+        console.print(quality)
     for missing in manifest.missing[:10]:
         console.print(
             f"[yellow]missing[/] {missing.stage} batch {missing.batch_id} "

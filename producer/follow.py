@@ -26,6 +26,7 @@ from shared.ledger import JobLedger
 from shared.schemas import JobProgress, Manifest
 
 FINISHED = ("complete", "partial", "failed")
+PHASES = ("retrieve", "rerank")  # later phases: their bars count tasks
 
 
 def emit_json(event: str, payload: object) -> None:
@@ -79,8 +80,17 @@ def follow(
             bars.update(read, completed=snap.documents_read, total=snap.documents_total)
             sealed = snap.total_batches is not None
             for stage in snap.stages:
+                phase = stage.stage in PHASES  # units are tasks, known once it started
+                if phase and stage.total is None:
+                    continue
                 if stage.stage not in stage_bars:
-                    stage_bars[stage.stage] = bars.add_task(stage.stage, total=None, unit="chunks")
+                    unit = "tasks" if phase else "chunks"
+                    stage_bars[stage.stage] = bars.add_task(stage.stage, total=None, unit=unit)
+                if phase:
+                    bars.update(
+                        stage_bars[stage.stage], completed=stage.batches_done, total=stage.total
+                    )
+                    continue
                 bars.update(
                     stage_bars[stage.stage],
                     completed=stage.chunks_done,
@@ -131,3 +141,28 @@ def summary_table(manifest: Manifest, location: str) -> Table:
     )
     table.caption_justify = "left"
     return table
+
+
+def metrics_table(manifest: Manifest) -> Table | None:
+    """Retrieval quality per ranking, and what the reranker covered."""
+    if not manifest.metrics:
+        return None
+    judged = max(m.queries for m in manifest.metrics.values())
+    table = Table(title=f"retrieval quality ({judged} judged queries)", title_justify="left")
+    for column in ("ranking", "nDCG@10", "Recall@100", "MRR@10"):
+        table.add_column(column, justify="left" if column == "ranking" else "right")
+    for name, m in manifest.metrics.items():
+        table.add_row(name, f"{m.ndcg_at_10:.4f}", f"{m.recall_at_100:.4f}", f"{m.mrr_at_10:.4f}")
+    return table
+
+
+def rerank_line(manifest: Manifest) -> str | None:
+    run = manifest.rerank_run
+    if run is None:
+        return None
+    fallbacks = ", ".join(f"{k} {v}" for k, v in run.fallbacks.items()) or "no fallbacks"
+    return (
+        f"rerank: {run.pairs_scored}/{run.pairs_asked} pairs scored (coverage "
+        f"{run.coverage:.3f}) on {run.device} {run.dtype}; {run.oom_count} OOM, "
+        f"{run.timeout_count} timeouts, {fallbacks}"
+    )

@@ -19,20 +19,27 @@ import msgspec
 from celery import Celery
 
 from producer.chunking import Chunker, model_max_tokens
+from producer.queries import QuerySet, find_query_files, load_query_set
 from producer.sources import ReadProgress, Source, documents, open_source
-from shared.celery_app import STAGE_TASKS, TASK_EXPORT, send
+from shared.celery_app import STAGE_TASKS, send
 from shared.errors import EmbedFleetError
+from shared.fusion_weights import default_weights, parse_weights
 from shared.ledger import JobLedger
 from shared.models import BM25, resolve_model
+from shared.phases import advance
 from shared.schemas import (
+    DENSE_RANKING,
+    BatchKind,
     BM25Params,
     Chunk,
     ChunkBatch,
     EmbedBatch,
-    ExportJob,
+    Fusion,
     JobSpec,
     LatencySummary,
     ProducerReport,
+    Qrels,
+    RetrievalSpec,
     SkippedRecord,
 )
 from shared.storage import JobLayout, ObjectStore, open_store
@@ -56,6 +63,16 @@ class JobOptions:
     sparse_models: list[str] = field(default_factory=list)
     sparse_device: str = "cpu"
     bm25: BM25Params = field(default_factory=BM25Params)
+    queries: str | None = None
+    qrels: str | None = None
+    no_queries: bool = False
+    top_k: int = 100
+    fusion: Fusion = "convex"
+    alpha: float = 0.5
+    fusion_weights: str | None = None
+    rerank_model: str | None = None
+    rerank_top: int = 50
+    retrieve_chunks_per_task: int = 16384
 
 
 @dataclass
@@ -75,6 +92,7 @@ class PreparedJob:
     chunker: Chunker
     store: ObjectStore
     validation: Validation
+    queries: QuerySet | None = None
 
     @property
     def layout(self) -> JobLayout:
@@ -117,6 +135,8 @@ def prepare(
             f"too small for {chunk_tokens}-token chunks",
             "Use --batch-chunks >= 1 and --max-batch-tokens >= --chunk-tokens",
         )
+    query_set = _query_set(source, options)
+    retrieval = _retrieval_spec(options, query_set, sparse) if query_set else None
     store = open_store(options.output)
     store.check()
     validation = validate(source, options.on_bad_record, on_progress)
@@ -136,30 +156,83 @@ def prepare(
         sparse_models=sparse,
         sparse_device=options.sparse_device,
         bm25=options.bm25 if BM25 in sparse else None,
+        retrieval=retrieval,
     )
-    return PreparedJob(spec, source, chunker, store, validation)
+    return PreparedJob(spec, source, chunker, store, validation, query_set)
+
+
+def _query_set(source: Source, options: JobOptions) -> QuerySet | None:
+    queries_path, qrels_path = find_query_files(
+        source, options.queries, options.qrels, options.no_queries
+    )
+    if queries_path is None:
+        if options.rerank_model:
+            raise EmbedFleetError(
+                "--enable-rerank needs queries, and none were found",
+                "Pass --queries FILE (JSONL of {id, text}), or point SOURCE at a BEIR "
+                "folder with queries.jsonl",
+            )
+        return None
+    return load_query_set(queries_path, qrels_path)
+
+
+def _retrieval_spec(options: JobOptions, queries: QuerySet, sparse: list[str]) -> RetrievalSpec:
+    rankings = [DENSE_RANKING, *sparse]
+    weights = (
+        parse_weights(options.fusion_weights, rankings)
+        if options.fusion_weights
+        else default_weights(sparse, options.alpha)
+    )
+    rerank = check_model_folder(options.rerank_model, "rerank") if options.rerank_model else None
+    if options.rerank_top > options.top_k:
+        raise EmbedFleetError(
+            f"--rerank-top {options.rerank_top} is larger than --top-k {options.top_k}",
+            "Rerank at most the --top-k fused candidates",
+        )
+    return RetrievalSpec(
+        queries_source=str(queries.path.resolve()),
+        queries=len(queries.queries),
+        query_batches=-(-len(queries.queries) // options.batch_chunks),
+        qrels_source=str(queries.qrels_path.resolve()) if queries.qrels_path else None,
+        top_k=options.top_k,
+        fusion=options.fusion,
+        weights=weights,
+        rerank_model=rerank,
+        rerank_top=options.rerank_top if rerank else 0,
+        batches_per_retrieve_task=max(1, options.retrieve_chunks_per_task // options.batch_chunks),
+    )
+
+
+ModelRole = Literal["sparse", "rerank"]
+_ROLE_HELP = {
+    "sparse": ("--sparse-models", "a complete SPLADE (masked-LM) model folder"),
+    "rerank": ("--rerank-model", "a complete CrossEncoder (sequence-classification) folder"),
+}
 
 
 def check_sparse_model(name: str) -> str:
-    """Resolve a sparse model and check its folder looks loadable, without loading it
-    (the producer runs no model code): a config, weights and a tokenizer."""
-    if name == BM25:
-        return name
+    return name if name == BM25 else check_model_folder(name, "sparse")
+
+
+def check_model_folder(name: str, role: ModelRole) -> str:
+    """Resolve a model and check its folder looks loadable, without loading it (the
+    producer runs no model code): a config, weights and a tokenizer."""
+    flag, what = _ROLE_HELP[role]
     resolved = resolve_model(name)
     folder = resolved.path
     has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
     if not (folder / "config.json").is_file() or not has_weights:
         raise EmbedFleetError(
-            f"sparse model {name!r} at {folder} is not loadable: it lacks config.json or "
+            f"{role} model {name!r} at {folder} is not loadable: it lacks config.json or "
             "weights (*.safetensors)",
-            "Point --sparse-models at a complete SPLADE (masked-LM) model folder",
+            f"Point {flag} at {what}",
         )
     try:
         load_tokenizer(str(folder))
     except Exception as exc:
         raise EmbedFleetError(
-            f"sparse model {name!r}: its tokenizer does not load ({type(exc).__name__})",
-            "Point --sparse-models at a complete SPLADE model folder",
+            f"{role} model {name!r}: its tokenizer does not load ({type(exc).__name__})",
+            f"Point {flag} at {what}",
         ) from None
     return resolved.name
 
@@ -222,28 +295,15 @@ class Stager:
         batches = chunks = tokens = 0
         batch_started = time.time()
 
+        query_batches = self._stage_queries()
+
         def flush() -> None:
             nonlocal batches, batch_started, pending
             batch_id = f"b{batches:06d}"
-            batch = ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=pending)
-            key = job.layout.batch(batch_id)
-            job.store.put_bytes(key, msgspec.msgpack.encode(batch))
+            self._stage_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=pending))
             self.ledger.record_staged(
                 batch_id, len(pending), progress.documents, progress.bytes_read
             )
-            for stage in spec.stages:  # one message per stage, all naming the same batch
-                dense = stage == "dense"
-                message = EmbedBatch(
-                    job_id=spec.job_id,
-                    batch_id=batch_id,
-                    store_url=job.store.url,
-                    batch_key=key,
-                    shard_key=job.layout.shard(stage, batch_id),
-                    models=spec.dense_models if dense else spec.sparse_models,
-                    max_batch_tokens=spec.max_batch_tokens if dense else None,
-                    device=None if dense else spec.sparse_device,
-                )
-                send(self.app, STAGE_TASKS[stage], message)
             latencies.append(time.time() - batch_started)
             batches += 1
             pending = []
@@ -278,7 +338,65 @@ class Stager:
             started_at=started,
             finished_at=finished,
             latency=LatencySummary.from_samples(latencies, chunks, finished - started),
+            queries=len(job.queries.queries) if job.queries else 0,
+            query_batches=query_batches,
         )
         if self.ledger.seal(report):
-            send(self.app, TASK_EXPORT, ExportJob(job_id=spec.job_id))
+            advance(self.app, spec, "encode")
         return report
+
+    def _stage_batch(self, batch: ChunkBatch, kind: BatchKind = "documents") -> None:
+        """Write a batch to the store and enqueue one message per encode stage, all
+        naming the same batch."""
+        spec, layout = self.job.spec, self.job.layout
+        key = layout.batch(batch.batch_id)
+        self.job.store.put_bytes(key, msgspec.msgpack.encode(batch))
+        for stage in spec.stages:
+            dense = stage == "dense"
+            message = EmbedBatch(
+                job_id=spec.job_id,
+                batch_id=batch.batch_id,
+                store_url=self.job.store.url,
+                batch_key=key,
+                shard_key=layout.shard(stage, batch.batch_id),
+                models=spec.dense_models if dense else spec.sparse_models,
+                max_batch_tokens=spec.max_batch_tokens if dense else None,
+                device=None if dense else spec.sparse_device,
+                kind=kind,
+            )
+            send(self.app, STAGE_TASKS[stage], message)
+
+    def _stage_queries(self) -> int:
+        """Stage the queries (first, so their encoding never waits behind the
+        collection) and the judgements; return the number of query batches."""
+        job, spec = self.job, self.job.spec
+        if job.queries is None:
+            return 0
+        if job.queries.qrels is not None:
+            qrels = Qrels(judgements=job.queries.qrels)
+            job.store.put_bytes(job.layout.qrels, msgspec.msgpack.encode(qrels))
+        tokenizer = job.chunker.tokenizer
+        limit = spec.chunk_tokens - 2
+        batches = 0
+        queries = job.queries.queries
+        for start in range(0, len(queries), spec.batch_chunks):
+            group = queries[start : start + spec.batch_chunks]
+            counts = tokenizer([q.text for q in group], add_special_tokens=False)["input_ids"]
+            chunks = [
+                Chunk(
+                    chunk_id=q.id,
+                    doc_id=q.id,
+                    index=0,
+                    text=q.text,
+                    n_tokens=min(len(ids), limit),
+                    span=(0, len(q.text)),
+                )
+                for q, ids in zip(group, counts, strict=True)
+            ]
+            batch_id = f"q{batches:06d}"
+            self._stage_batch(
+                ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks), "queries"
+            )
+            self.ledger.record_staged_queries(batch_id, len(chunks))
+            batches += 1
+        return batches

@@ -23,8 +23,16 @@ from types import TracebackType
 import redis
 
 from shared.errors import EmbedFleetError
+from shared.schemas import JobSpec
 
 QUEUES = ("dense", "aggregate")
+
+
+def local_queues(spec: JobSpec) -> tuple[str, ...]:
+    """One worker per queue the job uses; the dense worker also serves ``rerank``, as
+    a GPU worker of a real fleet does."""
+    dense = "dense,rerank" if spec.retrieval and spec.retrieval.rerank_model else "dense"
+    return (dense, *(["sparse"] if spec.sparse_models else []), "aggregate")
 
 
 def redis_server_binary() -> str:
@@ -141,15 +149,16 @@ class LocalFleet:
         env = {**os.environ, **self.extra_env, "REDIS_URL": self.redis_url}
         env.pop("CELERY_BROKER_URL", None)
         for number, queue in enumerate(self.queues):
-            log = (self.workdir / f"worker-{queue}-{number}.log").open("wb")
+            label = queue.replace(",", "+")
+            log = (self.workdir / f"worker-{label}-{number}.log").open("wb")
             proc = subprocess.Popen(
-                worker_command(queue, f"{queue}{number}-local-{os.getpid()}@%h"),
+                worker_command(queue, f"{label}{number}-local-{os.getpid()}@%h"),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-            self.workers.append((f"{queue}-{number}", proc))
+            self.workers.append((f"{label}-{number}", proc))
 
     def check(self) -> None:
         """Raise if a worker died (it would leave the job waiting forever)."""

@@ -16,19 +16,31 @@ from shared.schemas import Struct
 
 TASK_EMBED_DENSE = "embed_fleet.dense.embed_batch"
 TASK_ENCODE_SPARSE = "embed_fleet.sparse.encode_batch"
+TASK_RETRIEVE_DENSE = "embed_fleet.dense.retrieve"
+TASK_RETRIEVE_SPARSE = "embed_fleet.sparse.retrieve"
+TASK_RERANK = "embed_fleet.rerank.rerank_group"
+TASK_PLAN_RETRIEVE = "embed_fleet.aggregate.plan_retrieve"
+TASK_FUSE = "embed_fleet.aggregate.fuse"
 TASK_EXPORT = "embed_fleet.aggregate.export_job"
 
 QUEUE_DENSE = "dense"
 QUEUE_SPARSE = "sparse"
+QUEUE_RERANK = "rerank"
 QUEUE_AGGREGATE = "aggregate"
 
 ROUTES: dict[str, str] = {
     TASK_EMBED_DENSE: QUEUE_DENSE,
+    TASK_RETRIEVE_DENSE: QUEUE_DENSE,
     TASK_ENCODE_SPARSE: QUEUE_SPARSE,
+    TASK_RETRIEVE_SPARSE: QUEUE_SPARSE,
+    TASK_RERANK: QUEUE_RERANK,
+    TASK_PLAN_RETRIEVE: QUEUE_AGGREGATE,
+    TASK_FUSE: QUEUE_AGGREGATE,
     TASK_EXPORT: QUEUE_AGGREGATE,
 }
-# The task that runs each per-batch stage.
+# The task that runs each per-batch stage, and each stage's retrieve task.
 STAGE_TASKS: dict[str, str] = {"dense": TASK_EMBED_DENSE, "sparse": TASK_ENCODE_SPARSE}
+RETRIEVE_TASKS: dict[str, str] = {"dense": TASK_RETRIEVE_DENSE, "sparse": TASK_RETRIEVE_SPARSE}
 
 
 def make_app(settings: Settings | None = None) -> Celery:

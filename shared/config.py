@@ -44,6 +44,8 @@ class Settings:
         max_retries: Retries of a failing batch before it is recorded as failed.
         ledger_ttl: Seconds a finished job's ledger stays in Redis.
         log_level: Level of the fleet's own structured logs.
+        rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
+            split, moved to the CPU, or left unreranked (0: no limit).
     """
 
     broker_url: str | None
@@ -52,6 +54,7 @@ class Settings:
     max_retries: int = 3
     ledger_ttl: float = 7 * 24 * 3600.0
     log_level: str = "WARNING"
+    rerank_batch_timeout: float | None = 120.0
 
     @property
     def worker_broker_url(self) -> str:
@@ -68,6 +71,7 @@ class Settings:
             max_retries=int(_env_float("MAX_RETRIES", 3) or 0),
             ledger_ttl=_env_float("LEDGER_TTL", 7 * 24 * 3600.0) or 7 * 24 * 3600.0,
             log_level=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "WARNING").upper(),
+            rerank_batch_timeout=_env_float("RERANK_BATCH_TIMEOUT", 120.0) or None,
         )
 
 

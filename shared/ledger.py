@@ -1,25 +1,34 @@
-"""The job ledger in Redis: spec, progress, finished batches, and the phase guard.
+"""The job ledger in Redis: spec, progress, finished units of work, and phase guards.
 
-Completion is counted by *distinct batch ids* per stage (hash fields), so a task that
-Redis hands out twice never counts twice. The move to export fires exactly once: the
-first caller that sees every batch of every stage accounted for wins a ``SET NX``.
+A job moves through phases, each a set of units that must all be accounted for
+(done, or failed after retries) before the next phase starts:
+
+    encode    stages ``dense`` / ``sparse``; units: staged batches (documents and queries)
+    retrieve  stage ``retrieve``; units: one task per retriever and group of shards
+    rerank    stage ``rerank``; units: one task per group of queries
+
+Completion is counted by *distinct unit ids* per stage (hash fields), so a task that
+Redis hands out twice never counts twice. Each phase transition fires exactly once:
+the first caller that sees every unit accounted for wins that phase's ``SET NX``.
 
 Keys, all under ``embed-fleet:job:<id>:``::
 
     spec              JobSpec (msgpack)
-    state             hash: status, staged_batches, staged_chunks, total_batches, ...
-    staged            hash batch_id -> chunk count
-    done:<stage>      hash batch_id -> BatchReport
-    failed:<stage>    hash batch_id -> BatchFailure
+    state             hash: status, staged_batches, staged_chunks, total_batches,
+                      total:<phase>, chunks_done:<stage>, queries_done:<stage>, ...
+    staged            hash batch_id -> chunk count (document batches)
+    staged-queries    hash batch_id -> query count (query batches)
+    done:<stage>      hash unit id -> BatchReport
+    failed:<stage>    hash unit id -> BatchFailure
     models            hash model name -> ModelInfo
     producer          ProducerReport
-    export-fired      the phase guard
+    guard:<phase>     the phase guards
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import redis
@@ -41,11 +50,34 @@ PREFIX = "embed-fleet"
 JOBS_INDEX = f"{PREFIX}:jobs"
 T = TypeVar("T")
 
-# Counts batches accounted for per stage (done, or failed and not later done) and,
-# when every stage has all of them and the job is sealed, takes the phase guard.
+Phase = Literal["encode", "retrieve", "rerank"]
+PHASE_OF: dict[str, Phase] = {
+    "dense": "encode",
+    "sparse": "encode",
+    "retrieve": "retrieve",
+    "rerank": "rerank",
+}
+
+
+def phase_stages(spec: JobSpec, phase: Phase) -> list[str]:
+    return list(spec.stages) if phase == "encode" else [phase]
+
+
+def next_status(spec: JobSpec, phase: Phase) -> JobStatus:
+    """What the job does once ``phase`` is complete."""
+    if phase == "encode":
+        return "retrieving" if spec.retrieval is not None else "exporting"
+    if phase == "retrieve":
+        return "fusing"
+    return "exporting"
+
+
+# Counts units accounted for per stage of a phase (done, or failed and not later done)
+# and, when every stage has all of them and the phase's total is known, takes the
+# phase guard and sets the next status (ARGV[1]: the total's field, ARGV[2]: status).
 # Runs atomically in Redis, after the caller's own write.
 _CHECK_COMPLETE = """
-local total = redis.call('HGET', KEYS[1], 'total_batches')
+local total = redis.call('HGET', KEYS[1], ARGV[1])
 if not total then return 0 end
 total = tonumber(total)
 for i = 3, #KEYS, 2 do
@@ -56,17 +88,18 @@ for i = 3, #KEYS, 2 do
   if n < total then return 0 end
 end
 if redis.call('SET', KEYS[2], '1', 'NX') then
-  redis.call('HSET', KEYS[1], 'status', 'exporting')
+  redis.call('HSET', KEYS[1], 'status', ARGV[2])
   return 1
 end
 return 0
 """
 
 
-# Records a finished batch; counts its chunks only the first time its id is seen.
+# Records a finished unit; adds to its counter (ARGV[4]) only the first time its id is
+# seen.
 _RECORD_DONE = """
 if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[3], 'chunks_done:' .. ARGV[4], ARGV[3])
+  redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 0
@@ -110,9 +143,9 @@ class JobLedger:
         self.k_spec = f"{base}:spec"
         self.k_state = f"{base}:state"
         self.k_staged = f"{base}:staged"
+        self.k_staged_queries = f"{base}:staged-queries"
         self.k_models = f"{base}:models"
         self.k_producer = f"{base}:producer"
-        self.k_guard = f"{base}:export-fired"
         self._check = client.register_script(_CHECK_COMPLETE)
         self._record_done = client.register_script(_RECORD_DONE)
 
@@ -121,6 +154,9 @@ class JobLedger:
 
     def k_failed(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:failed:{stage}"
+
+    def k_guard(self, phase: Phase) -> str:
+        return f"{PREFIX}:job:{self.job_id}:guard:{phase}"
 
     # --- producer side ---------------------------------------------------------------
 
@@ -154,46 +190,62 @@ class JobLedger:
         )
         pipe.execute()
 
+    def record_staged_queries(self, batch_id: str, queries: int) -> None:
+        self.client.hset(self.k_staged_queries, batch_id, queries)
+
     def record_read(self, documents_read: int, bytes_read: int) -> None:
         self.client.hset(
             self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read}
         )
 
     def seal(self, report: ProducerReport) -> bool:
-        """Record that every batch is staged. True if the caller must start the export."""
+        """Record that every batch (documents and queries) is staged. True if the caller
+        must start the next phase (every batch was already done)."""
         pipe = self.client.pipeline()
         pipe.set(self.k_producer, msgspec.msgpack.encode(report))
-        pipe.hset(self.k_state, "total_batches", report.batches)
+        pipe.hset(self.k_state, "total_batches", report.batches + report.query_batches)
         pipe.execute()
-        return self._check_complete()
+        return self.check_phase("encode")
+
+    def open_phase(self, phase: Phase, units: int) -> bool:
+        """Set how many units ``phase`` has (before they are enqueued). True if the
+        caller must start the next phase at once (a phase without units)."""
+        self.client.hset(self.k_state, f"total:{phase}", units)
+        return self.check_phase(phase) if units == 0 else False
 
     # --- worker side -----------------------------------------------------------------
 
     def record_done(self, report: BatchReport) -> bool:
-        """Record a finished batch. True if the caller must start the export."""
+        """Record a finished unit. True if the caller must start the next phase."""
+        counter = f"{'queries' if report.kind == 'queries' else 'chunks'}_done:{report.stage}"
         self._record_done(
             keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
-            args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, report.stage],
+            args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, counter],
         )
-        return self._check_complete()
+        return self.check_phase(PHASE_OF[report.stage])
 
     def record_failed(self, failure: BatchFailure) -> bool:
-        """Record a batch that kept failing. True if the caller must start the export."""
+        """Record a unit that kept failing. True if the caller must start the next phase."""
         if not self.client.hexists(self.k_done(failure.stage), failure.batch_id):
             self.client.hset(
                 self.k_failed(failure.stage), failure.batch_id, msgspec.msgpack.encode(failure)
             )
-        return self._check_complete()
+        return self.check_phase(PHASE_OF[failure.stage])
 
     def record_model(self, info: ModelInfo) -> None:
         self.client.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
 
-    def _check_complete(self) -> bool:
+    def set_status(self, status: JobStatus) -> None:
+        self.client.hset(self.k_state, "status", status)
+
+    def check_phase(self, phase: Phase) -> bool:
+        """True exactly once per phase: for the caller that finds it complete first."""
         spec = self.spec()
-        keys = [self.k_state, self.k_guard]
-        for stage in spec.stages:
+        keys = [self.k_state, self.k_guard(phase)]
+        for stage in phase_stages(spec, phase):
             keys += [self.k_done(stage), self.k_failed(stage)]
-        return bool(self._check(keys=keys))
+        total = "total_batches" if phase == "encode" else f"total:{phase}"
+        return bool(self._check(keys=keys, args=[total, next_status(spec, phase)]))
 
     # --- aggregator side -----------------------------------------------------------
 
@@ -212,11 +264,14 @@ class JobLedger:
             self.k_spec,
             self.k_state,
             self.k_staged,
+            self.k_staged_queries,
             self.k_models,
             self.k_producer,
-            self.k_guard,
         ]
-        for stage in spec.stages:
+        phases: list[Phase] = ["encode", "retrieve", "rerank"]
+        for phase in phases:
+            keys.append(self.k_guard(phase))
+        for stage in [*spec.stages, "retrieve", "rerank"]:
             keys += [self.k_done(stage), self.k_failed(stage)]
         return keys
 
@@ -240,8 +295,11 @@ class JobLedger:
         return _text(raw) if raw else "unknown"
 
     def staged_batches(self) -> list[str]:
-        """Staged batch ids in staging order (ids are zero-padded sequence numbers)."""
+        """Staged document batch ids in staging order (zero-padded sequence numbers)."""
         return sorted(_text(field) for field in self.client.hkeys(self.k_staged))
+
+    def staged_query_batches(self) -> list[str]:
+        return sorted(_text(field) for field in self.client.hkeys(self.k_staged_queries))
 
     def reports(self, stage: str) -> list[BatchReport]:
         return self._values(self.k_done(stage), BatchReport)
@@ -266,21 +324,27 @@ class JobLedger:
         spec = self.spec()
         pipe = self.client.pipeline()
         pipe.hgetall(self.k_state)
-        for stage in spec.stages:
-            pipe.hlen(self.k_done(stage))
-            pipe.hlen(self.k_failed(stage))
+        later = self._later_stages(spec)
+        names: list[str] = [*spec.stages, *later]
+        for name in names:
+            pipe.hlen(self.k_done(name))
+            pipe.hlen(self.k_failed(name))
         results: list[Any] = pipe.execute()
         state = {_text(k): _text(v) for k, v in results[0].items()}
-        stages = [
-            StageProgress(
-                stage=stage,
-                batches_done=int(results[1 + 2 * i]),
-                batches_failed=int(results[2 + 2 * i]),
-                chunks_done=int(state.get(f"chunks_done:{stage}", 0)),
-            )
-            for i, stage in enumerate(spec.stages)
-        ]
         total = state.get("total_batches")
+        stages = []
+        for i, name in enumerate(names):
+            stage_total = state.get("total_batches" if i < len(spec.stages) else f"total:{name}")
+            stages.append(
+                StageProgress(
+                    stage=name,
+                    batches_done=int(results[1 + 2 * i]),
+                    batches_failed=int(results[2 + 2 * i]),
+                    chunks_done=int(state.get(f"chunks_done:{name}", 0)),
+                    queries_done=int(state.get(f"queries_done:{name}", 0)),
+                    total=int(stage_total) if stage_total is not None else None,
+                )
+            )
         return JobProgress(
             job_id=self.job_id,
             status=state.get("status", "running"),  # type: ignore[arg-type]
@@ -295,6 +359,12 @@ class JobLedger:
             stages=stages,
             error=state.get("error", ""),
         )
+
+    @staticmethod
+    def _later_stages(spec: JobSpec) -> list[str]:
+        if spec.retrieval is None:
+            return []
+        return ["retrieve", "rerank"] if spec.retrieval.rerank_model else ["retrieve"]
 
     def fail(self, error: str, ttl: float) -> None:
         """Mark the job failed (the producer could not finish staging it)."""

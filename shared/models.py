@@ -21,6 +21,8 @@ BUNDLED_SPLADE = "splade-tiny"
 # The lexical baseline, computed by the sparse workers and the aggregator (no weights).
 BM25 = "bm25"
 DEFAULT_SPARSE_MODELS = [BUNDLED_SPLADE, BM25]
+# No cross-encoder ships in an installable package: stage it in the HF cache.
+DEFAULT_RERANK_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 
 # Short names people type, mapped to hub ids.
 ALIASES = {"all-MiniLM-L6-v2": DEFAULT_DENSE_MODEL}

@@ -249,6 +249,16 @@ class BM25Params(Struct):
     method: Literal["lucene"] = "lucene"
 
 
+class BM25Collection(Struct):
+    """BM25 statistics of the whole collection, merged from every batch once (by the
+    aggregator's plan step) for the retrieve tasks and the export."""
+
+    params: BM25Params
+    documents: int
+    total_length: int
+    doc_freqs: dict[str, int]
+
+
 class ModelInfo(Struct):
     """What a worker loaded, for audit: enough to reproduce the vectors."""
 
@@ -263,7 +273,9 @@ class ModelInfo(Struct):
 
 
 class BatchReport(Struct):
-    """A finished batch of one stage, as a worker recorded it in the ledger."""
+    """A finished unit of one stage, as a worker recorded it in the ledger: a staged
+    batch (``chunks`` counts its chunks, or its queries), a retrieve task or a rerank
+    task (``chunks`` counts the queries it served)."""
 
     batch_id: str
     stage: str
@@ -274,6 +286,7 @@ class BatchReport(Struct):
     worker: str
     device: str
     batch_sizes: list[int]
+    kind: BatchKind = "documents"
 
     @property
     def latency_s(self) -> float:
@@ -302,6 +315,8 @@ class ProducerReport(Struct):
     started_at: float
     finished_at: float
     latency: LatencySummary
+    queries: int = 0
+    query_batches: int = 0
 
 
 class StageProgress(Struct):
@@ -375,6 +390,7 @@ class QueryCandidates(Struct):
     query_id: str
     text: str
     candidates: list[Candidate]
+    rankings: dict[str, Hits] = {}
 
 
 class FusedGroup(Struct):

@@ -256,6 +256,26 @@ class JobLayout:
     def shard(self, stage: str, batch_id: str) -> str:
         return join_key(self.root, "work", stage, f"{batch_id}.msgpack")
 
+    def work(self, *parts: str) -> str:
+        return join_key(self.root, "work", *parts)
+
+    @property
+    def qrels(self) -> str:
+        return self.work("qrels.msgpack")
+
+    @property
+    def bm25_statistics(self) -> str:
+        return self.work("bm25-statistics.msgpack")
+
+    def top_k(self, retriever: str, group_id: str) -> str:
+        return self.work("retrieve", retriever, f"{group_id}.msgpack")
+
+    def fused(self, group_id: str) -> str:
+        return self.work("fused", f"{group_id}.msgpack")
+
+    def reranked(self, group_id: str) -> str:
+        return self.work("rerank", f"{group_id}.msgpack")
+
     def artifact(self, name: str) -> str:
         return join_key(self.root, name)
 

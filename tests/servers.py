@@ -183,7 +183,9 @@ class Worker:
         self.log_path = log
         self.log = log.open("ab")
         self.proc = subprocess.Popen(
-            worker_command(queue, f"{queue}-{random.randint(0, 1 << 30)}@%h", "INFO"),
+            worker_command(
+                queue, f"{queue.replace(',', '+')}-{random.randint(0, 1 << 30)}@%h", "INFO"
+            ),
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,

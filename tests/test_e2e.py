@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from conftest import CRANFIELD, REPO, base_env, run_cli
+from crossencoder import build_tiny_cross_encoder
 
 from shared.ledger import JOBS_INDEX, JobLedger
 from shared.schemas import ChunkBatch
@@ -55,11 +56,13 @@ class ManifestWatch(threading.Thread):
             time.sleep(0.05)
 
 
-def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
-    """Dense and sparse (SPLADE + BM25) on all of Cranfield, to S3."""
-    start_worker("dense", fleet_env)
+def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
+    """The whole product on Cranfield: dense + sparse vectors, its 225 queries retrieved,
+    fused and reranked, evaluated against its judgements, all on S3."""
+    start_worker("dense,rerank", fleet_env)
     start_worker("sparse", fleet_env)
     start_worker("aggregate", fleet_env)
+    reranker = build_tiny_cross_encoder(tmp_path / "tiny-cross-encoder")
     client = s3.client()
     watch = ManifestWatch(client, bucket)
     watch.start()
@@ -69,6 +72,12 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
         "--output",
         f"s3://{bucket}/runs",
         "--enable-sparse",
+        "--rerank-model",
+        str(reranker),
+        "--top-k",
+        "100",
+        "--rerank-top",
+        "50",
         "--json",
         env=fleet_env,
     )
@@ -139,12 +148,77 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker) -> None:
         assert stats["nnz_mean"] == pytest.approx(np.mean(nnz[name]), abs=0.01)
     assert run["bm25_documents"] == len(records)
 
+    check_results(client, bucket, job, manifest, records)
+
     # The manifest was the last object written.
     assert watch.keys_at_manifest is not None
-    assert f"{job}/chunks.jsonl" in watch.keys_at_manifest
+    for name in ("chunks.jsonl", "results.jsonl", "metrics.json"):
+        assert f"{job}/{name}" in watch.keys_at_manifest
     listing = client.list_objects_v2(Bucket=bucket, Prefix=job + "/")["Contents"]
     stamps = {item["Key"]: item["LastModified"] for item in listing}
     assert stamps[f"{job}/manifest.json"] == max(stamps.values())
+
+
+def check_results(
+    client: Any, bucket: str, job: str, manifest: dict[str, Any], records: list[dict[str, Any]]
+) -> None:
+    """results.jsonl: every query, --top-k fused candidates each, the first --rerank-top
+    reranked; scores consistent with chunks.jsonl; metrics for every ranking."""
+    body = client.get_object(Bucket=bucket, Key=f"{job}/results.jsonl")["Body"].read()
+    results = [json.loads(line) for line in body.splitlines()]
+    queries = [json.loads(line) for line in (CRANFIELD / "queries.jsonl").read_text().splitlines()]
+    assert [r["query_id"] for r in results] == [q["_id"] for q in queries]  # file order
+    chunk_ids = {r["chunk_id"] for r in records}
+    vectors = {
+        r["chunk_id"]: np.array(r["dense"]["sentence-transformers/all-MiniLM-L6-v2"])
+        for r in records
+    }
+    for result in results:
+        candidates = result["candidates"]
+        assert len(candidates) == 100
+        assert [c["rank"] for c in candidates] == list(range(1, 101))
+        assert len({c["chunk_id"] for c in candidates}) == 100
+        assert {c["chunk_id"] for c in candidates} <= chunk_ids
+        head, tail = candidates[:50], candidates[50:]
+        assert all(c["rerank_score"] is not None for c in head)
+        assert all(c["rerank_score"] is None for c in tail)
+        rerank = [c["rerank_score"] for c in head]
+        assert rerank == sorted(rerank, reverse=True)
+        fused_tail = [c["fused_score"] for c in tail]
+        assert fused_tail == sorted(fused_tail, reverse=True)
+        assert min(c["fused_score"] for c in head) >= max(fused_tail)
+        for c in candidates:
+            assert c["doc_id"] == c["chunk_id"].rsplit("#", 1)[0]
+            assert set(c["sparse_score"]) == {"splade-tiny", "bm25"}
+            assert any(s is not None for s in [c["dense_score"], *c["sparse_score"].values()])
+        # A dense score is the cosine of the query and chunk vectors: the chunk with the
+        # best dense score beats every other chunk the fleet exported.
+        best = max(
+            (c for c in candidates if c["dense_score"] is not None),
+            key=lambda c: c["dense_score"],
+        )
+        assert best["dense_score"] <= 1.0 + 1e-5
+        assert np.linalg.norm(vectors[best["chunk_id"]]) == pytest.approx(1.0, abs=1e-5)
+
+    run = manifest["rerank_run"]
+    assert run["coverage"] == 1.0
+    assert run["pairs_asked"] == run["pairs_scored"] == 225 * 50
+    assert run["queries"] == 225 and run["model"]["kind"] == "rerank"
+    assert sum(size * n for size, n in ((int(k), v) for k, v in run["batch_sizes"].items())) == (
+        225 * 50
+    )
+    metrics = json.loads(client.get_object(Bucket=bucket, Key=f"{job}/metrics.json")["Body"].read())
+    rankings = metrics["rankings"]
+    assert set(rankings) == {"dense", "sparse:splade-tiny", "sparse:bm25", "fused", "reranked"}
+    assert metrics["queries_judged"] == 225
+    for values in rankings.values():
+        assert values["queries"] == 225
+        assert 0.0 <= values["ndcg_at_10"] <= 1.0 and 0.0 <= values["recall_at_100"] <= 1.0
+    # Real retrieval, not noise: BM25 and dense are far above a random ranking (~0.01).
+    assert rankings["sparse:bm25"]["ndcg_at_10"] > 0.25
+    assert rankings["dense"]["ndcg_at_10"] > 0.25
+    assert manifest["metrics"] == rankings
+    assert {"retrieve", "rerank"} <= set(manifest["stages"])
 
 
 @pytest.mark.parametrize("victim", ["dense", "sparse"])

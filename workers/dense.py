@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from shared.models import canonical_name, resolve_model
-from shared.schemas import ChunkBatch, DenseShard, Matrix, ModelInfo
+from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.batching import token_budget_batches
 from workers.stage import StageResult
 
@@ -73,13 +73,17 @@ def default_batch_tokens(device: str) -> int:
 
 
 def encode_batch(
-    batch: ChunkBatch, models: list[str], max_batch_tokens: int | None = None
+    batch: ChunkBatch,
+    models: list[str],
+    max_batch_tokens: int | None = None,
+    kind: BatchKind = "documents",
 ) -> StageResult:
     """Encode every chunk of a staged batch with every model of the ensemble.
 
     Chunks are grouped by :func:`token_budget_batches` (longest first, so the padded
     tensor stays within the budget) and each group is one ``encode`` call; vectors are
-    written back in the batch's chunk order.
+    written back in the batch's chunk order. A batch of queries goes through
+    ``encode_query``, which applies a model's query prompt where it has one (e5, bge).
     """
     texts = [chunk.text for chunk in batch.chunks]
     # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
@@ -91,8 +95,9 @@ def encode_batch(
     for name in models:
         dense = load_dense(name)
         out = np.zeros((len(texts), dense.info.dim), dtype=np.float32)
+        encode = dense.model.encode_query if kind == "queries" else dense.model.encode
         for group in groups:
-            encoded = dense.model.encode(
+            encoded = encode(
                 [texts[i] for i in group],
                 batch_size=len(group),
                 convert_to_numpy=True,

@@ -27,14 +27,26 @@ from shared.schemas import (
     ChunkBatch,
     ChunkRecord,
     Counts,
+    CrossEncoderRerankRun,
     DenseShard,
+    FusedGroup,
     LatencySummary,
     Manifest,
+    Metrics,
     Missing,
+    Qrels,
+    RankingMetrics,
+    RerankShard,
+    RerankStats,
+    RetrievalSpec,
     SparseInferenceRun,
     SparseShard,
 )
 from shared.storage import JobLayout, ObjectStore, open_store
+from workers.aggregate import query_groups, read_queries
+from workers.evaluation import evaluate
+from workers.results_export import RankingCollector, query_result, rerank_run
+from workers.retrieval import JobShards
 from workers.sparse_export import BM25Statistics, SparseRunBuilder, rounded
 
 
@@ -99,6 +111,9 @@ class ExportRuntime:
         missing = [self._missing(failure) for failure in failed.values()]
         self.bm25 = self._bm25_statistics(batch_ids)
         self.sparse_run = SparseRunBuilder(self.spec.sparse_models) if self.sparse else None
+        self.rerank_run: CrossEncoderRerankRun | None = None
+        self.metrics: Metrics | None = None
+        artifacts: list[Artifact] = []
         with tempfile.TemporaryDirectory(prefix="embed-fleet-export-") as tmp:
             path = Path(tmp) / "chunks.jsonl"
             with path.open("wb") as handle:
@@ -107,7 +122,10 @@ class ExportRuntime:
                     self._write_batch(self._batch(batch_id), chunks)
             chunks_key = self.layout.artifact("chunks.jsonl")
             self.store.put_file(chunks_key, path)
-        manifest = self._manifest(chunks.artifact(chunks_key), missing, started)
+            artifacts.append(chunks.artifact(chunks_key))
+            if self.spec.retrieval is not None:
+                artifacts += self._write_results(Path(tmp), self.spec.retrieval, missing)
+        manifest = self._manifest(artifacts, missing, started)
         # Last write of the job: readers take the manifest's presence as "complete".
         self.store.put_bytes(
             self.layout.manifest, msgspec.json.format(msgspec.json.encode(manifest), indent=2)
@@ -126,6 +144,9 @@ class ExportRuntime:
         """First pass over the sparse shards: merge every batch's BM25 statistics."""
         if not self.sparse or BM25 not in self.spec.sparse_models:
             return None
+        planned = JobShards(self.store, self.spec).bm25()
+        if planned is not None:  # merged by the retrieve phase's plan step: same numbers
+            return planned
         stats = BM25Statistics(self.spec.bm25 or BM25Params())
         for batch_id in batch_ids:
             shard = self._sparse_shard(batch_id)
@@ -196,12 +217,86 @@ class ExportRuntime:
             self.ledger.models(), self.ledger.reports("sparse"), stages["sparse"], self.bm25
         )
 
-    def _manifest(self, chunks: Artifact, missing: list[Missing], started: float) -> Manifest:
+    def _write_results(
+        self, tmp: Path, retrieval: RetrievalSpec, missing: list[Missing]
+    ) -> list[Artifact]:
+        """``results.jsonl`` (one line per query, final order) and, with judgements,
+        ``metrics.json``."""
+        shards = JobShards(self.store, self.spec)
+        queries = read_queries(self.ledger, shards)
+        reranked = retrieval.rerank_model is not None and retrieval.rerank_top > 0
+        failed_reranks = {f.batch_id: f for f in self.ledger.failures("rerank")}
+        missing += [self._missing(f) for f in self.ledger.failures("retrieve")]
+        missing += [self._missing(f) for f in failed_reranks.values()]
+        stats: list[RerankStats] = []
+        collector = RankingCollector()
+        path = tmp / "results.jsonl"
+        with path.open("wb") as handle:
+            results = ArtifactWriter(handle)
+            for group_id, _ in query_groups(self.spec, queries):
+                data = self.store.get_bytes(self.layout.fused(group_id))
+                group = msgspec.msgpack.decode(data, type=FusedGroup)
+                scores: dict[str, list[float | None]] = {}
+                if reranked and group_id not in failed_reranks:
+                    data = self.store.get_bytes(self.layout.reranked(group_id))
+                    shard = msgspec.msgpack.decode(data, type=RerankShard)
+                    scores = shard.scores
+                    stats.append(shard.stats)
+                for query in group.queries:
+                    result = query_result(query, scores.get(query.query_id))
+                    collector.add(query, result, reranked)
+                    results.write(result)
+        key = self.layout.artifact("results.jsonl")
+        self.store.put_file(key, path)
+        artifacts = [results.artifact(key)]
+        if reranked:
+            models = [m for m in self.ledger.models() if m.kind == "rerank"]
+            self.rerank_run = rerank_run(
+                stats,
+                models[0] if models else None,
+                len(queries),
+                latency_summary(self.ledger.reports("rerank")),
+            )
+        if self.store.exists(self.layout.qrels):
+            qrels = msgspec.msgpack.decode(self.store.get_bytes(self.layout.qrels), type=Qrels)
+            rankings, evaluator = evaluate(qrels.judgements, collector.runs)
+            self.metrics = Metrics(
+                job_id=self.spec.job_id,
+                collection=self.spec.collection,
+                qrels=retrieval.qrels_source or "",
+                queries_judged=max((m.queries for m in rankings.values()), default=0),
+                rankings=rankings,
+                fusion=retrieval.fusion,
+                weights=retrieval.weights,
+                evaluator=evaluator,
+            )
+            body = msgspec.json.format(msgspec.json.encode(self.metrics), indent=2) + b"\n"
+            key = self.layout.artifact("metrics.json")
+            self.store.put_bytes(key, body)
+            artifacts.append(
+                Artifact(
+                    key=key,
+                    bytes=len(body),
+                    sha256=hashlib.sha256(body).hexdigest(),
+                    records=1,
+                    content_type="application/json",
+                )
+            )
+        return artifacts
+
+    def _manifest(
+        self, artifacts: list[Artifact], missing: list[Missing], started: float
+    ) -> Manifest:
+        chunks = artifacts[0]
         producer = self.ledger.producer_report()
         assert producer is not None, "export runs only after the producer sealed the job"
         stages: dict[str, LatencySummary] = {"produce": producer.latency}
         for stage in self.spec.stages:
             stages[stage] = latency_summary(self.ledger.reports(stage))
+        if self.spec.retrieval is not None:
+            stages["retrieve"] = latency_summary(self.ledger.reports("retrieve"))
+        if self.rerank_run is not None:
+            stages["rerank"] = self.rerank_run.latency
         elapsed = time.time() - started
         stages["export"] = LatencySummary.from_samples([elapsed], chunks.records, elapsed)
         return Manifest(
@@ -221,11 +316,16 @@ class ExportRuntime:
                 failed_batches=len(missing),
             ),
             stages=stages,
-            artifacts=[chunks],
+            artifacts=artifacts,
             missing=missing,
             empty_documents=producer.empty_documents,
             skipped_records=producer.skipped_records,
             created_at=self.spec.created_at,
             finished_at=time.time(),
             sparse_run=self._sparse_run(stages),
+            rerank_run=self.rerank_run,
+            metrics=self._metrics(),
         )
+
+    def _metrics(self) -> dict[str, RankingMetrics] | None:
+        return self.metrics.rankings if self.metrics else None

@@ -14,11 +14,11 @@ import msgspec
 import redis
 from celery import Task
 
-from shared.celery_app import TASK_EXPORT, send
 from shared.config import Settings
-from shared.ledger import JobLedger, connect
+from shared.ledger import PHASE_OF, JobLedger, Phase, connect
 from shared.logs import get_logger
-from shared.schemas import BatchFailure, ExportJob
+from shared.phases import advance
+from shared.schemas import BatchFailure
 
 log = get_logger("worker")
 _settings = Settings.from_env()
@@ -56,9 +56,9 @@ class FleetTask(Task):  # type: ignore[misc]
     def ledger(self, job_id: str) -> JobLedger:
         return JobLedger(ledger_client(), job_id)
 
-    def start_export(self, job_id: str) -> None:
-        """Hand the job to the aggregator; called by whoever won the phase guard."""
-        send(self.app, TASK_EXPORT, ExportJob(job_id=job_id))
+    def advance(self, ledger: JobLedger, phase: Phase) -> None:
+        """Start what follows ``phase``; called by whoever won its guard."""
+        advance(self.app, ledger.spec(), phase)
 
     def on_failure(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
@@ -72,11 +72,10 @@ class FleetTask(Task):  # type: ignore[misc]
         ledger = self.ledger(job_id)
         reason = f"{type(exc).__name__}: {exc}"[:500]
         if self.stage:
-            failure = BatchFailure(
-                batch_id=message.get("batch_id", "?"), stage=self.stage, reason=reason
-            )
+            unit = message.get("batch_id") or message.get("group_id") or "?"
+            failure = BatchFailure(batch_id=unit, stage=self.stage, reason=reason)
             if ledger.record_failed(failure):
-                self.start_export(job_id)
+                self.advance(ledger, PHASE_OF[self.stage])
         else:
             ledger.fail(f"{self.name} failed: {reason}", _settings.ledger_ttl)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.models import BM25, canonical_name, resolve_model
-from shared.schemas import ChunkBatch, ModelInfo, SparseRow, SparseShard
+from shared.schemas import BatchKind, ChunkBatch, ModelInfo, SparseRow, SparseShard
 from workers.batching import token_budget_batches
 from workers.stage import StageResult
 
@@ -122,7 +122,11 @@ class SparseVectorGenerator:
         self.device = resolve_device(device)
         self.max_batch_tokens = max_batch_tokens or DEFAULT_SPARSE_BATCH_TOKENS
 
-    def encode(self, batch: ChunkBatch, models: list[str]) -> StageResult:
+    def encode(
+        self, batch: ChunkBatch, models: list[str], kind: BatchKind = "documents"
+    ) -> StageResult:
+        """Rows for every chunk and model. Queries go through ``encode_query`` (SPLADE's
+        query side) and give BM25 term counts without adding to document frequencies."""
         rows: dict[str, list[SparseRow]] = {}
         errors: list[str] = []
         sizes: list[int] = []
@@ -131,7 +135,8 @@ class SparseVectorGenerator:
         texts = [chunk.text for chunk in batch.chunks]
         for name in models:
             if name == BM25:
-                rows[name], doc_freqs = self._bm25(texts)
+                rows[name], freqs = self._bm25(texts)
+                doc_freqs = freqs if kind == "documents" else {}
                 continue
             try:
                 sparse = load_sparse(name, self.device)
@@ -140,7 +145,7 @@ class SparseVectorGenerator:
                 rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]
                 continue
             infos.append(sparse.info)
-            rows[name] = self._live(sparse, batch, errors, sizes)
+            rows[name] = self._live(sparse, batch, errors, sizes, kind)
         shard = SparseShard(
             job_id=batch.job_id,
             batch_id=batch.batch_id,
@@ -154,14 +159,20 @@ class SparseVectorGenerator:
         return StageResult(shard, sizes, tokens, infos, self.device)
 
     def _live(
-        self, sparse: SparseModel, batch: ChunkBatch, errors: list[str], sizes: list[int]
+        self,
+        sparse: SparseModel,
+        batch: ChunkBatch,
+        errors: list[str],
+        sizes: list[int],
+        kind: BatchKind,
     ) -> list[SparseRow]:
         chunks = batch.chunks
+        encode = sparse.model.encode_query if kind == "queries" else sparse.model.encode
         out: list[SparseRow | None] = [None] * len(chunks)
         lengths = [chunk.n_tokens + 2 for chunk in chunks]
         for group in token_budget_batches(lengths, self.max_batch_tokens):
             try:
-                encoded = sparse.model.encode(
+                encoded = encode(
                     [chunks[i].text for i in group],
                     batch_size=len(group),
                     convert_to_tensor=True,

@@ -11,6 +11,7 @@ import numpy as np
 
 from shared.schemas import (
     BatchReport,
+    BM25Collection,
     BM25Params,
     LatencySummary,
     ModelInfo,
@@ -37,6 +38,22 @@ class BM25Statistics:
         self.documents = 0
         self.total_length = 0
         self.doc_freqs: Counter[str] = Counter()
+
+    @classmethod
+    def from_collection(cls, merged: BM25Collection) -> BM25Statistics:
+        stats = cls(merged.params)
+        stats.documents = merged.documents
+        stats.total_length = merged.total_length
+        stats.doc_freqs = Counter(merged.doc_freqs)
+        return stats
+
+    def collection(self) -> BM25Collection:
+        return BM25Collection(
+            params=self.params,
+            documents=self.documents,
+            total_length=self.total_length,
+            doc_freqs=dict(self.doc_freqs),
+        )
 
     def add(self, rows: list[SparseRow], doc_freqs: dict[str, int]) -> None:
         self.documents += len(rows)

@@ -10,14 +10,33 @@ from typing import Any
 
 import msgspec
 
-from shared.celery_app import TASK_EMBED_DENSE, TASK_ENCODE_SPARSE, TASK_EXPORT
+from shared.celery_app import (
+    TASK_EMBED_DENSE,
+    TASK_ENCODE_SPARSE,
+    TASK_EXPORT,
+    TASK_FUSE,
+    TASK_PLAN_RETRIEVE,
+    TASK_RERANK,
+    TASK_RETRIEVE_DENSE,
+    TASK_RETRIEVE_SPARSE,
+)
 from shared.logs import get_logger
-from shared.schemas import BatchReport, ChunkBatch, EmbedBatch, ExportJob
-from shared.storage import ObjectStore, open_store
-from workers import dense
+from shared.schemas import (
+    BatchReport,
+    ChunkBatch,
+    EmbedBatch,
+    ExportJob,
+    FusedGroup,
+    RerankGroup,
+    RetrieveGroup,
+    TopKShard,
+)
+from shared.storage import JobLayout, ObjectStore, open_store
+from workers import aggregate, dense, rerank
 from workers.app import app
 from workers.export import ExportRuntime
 from workers.hooks import FleetTask, ledger_client, settings
+from workers.retrieval import JobShards, retrieve
 from workers.sparse import SparseVectorGenerator
 from workers.stage import StageResult, balance_torch_threads
 
@@ -37,6 +56,14 @@ class DenseTask(FleetTask):
 
 class SparseTask(FleetTask):
     stage = "sparse"
+
+
+class RetrieveTask(FleetTask):
+    stage = "retrieve"
+
+
+class RerankTask(FleetTask):
+    stage = "rerank"
 
 
 def run_stage(
@@ -69,6 +96,7 @@ def run_stage(
         worker=f"{socket.gethostname()}:{task.request.hostname or ''}",
         device=result.device,
         batch_sizes=result.batch_sizes,
+        kind=msg.kind,
     )
     fields = {
         "job_id": msg.job_id,
@@ -79,7 +107,7 @@ def run_stage(
     }
     log.info("batch encoded", extra={"fields": fields})
     if ledger.record_done(report):
-        task.start_export(msg.job_id)
+        task.advance(ledger, "encode")
 
 
 @app.task(name=TASK_EMBED_DENSE, base=DenseTask, bind=True)
@@ -88,7 +116,7 @@ def embed_batch(self: DenseTask, payload: dict[str, Any]) -> None:
     run_stage(
         self,
         payload,
-        lambda batch, msg: dense.encode_batch(batch, msg.models, msg.max_batch_tokens),
+        lambda batch, msg: dense.encode_batch(batch, msg.models, msg.max_batch_tokens, msg.kind),
     )
 
 
@@ -99,9 +127,95 @@ def encode_sparse_batch(self: SparseTask, payload: dict[str, Any]) -> None:
         self,
         payload,
         lambda batch, msg: SparseVectorGenerator(msg.device, msg.max_batch_tokens).encode(
-            batch, msg.models
+            batch, msg.models, msg.kind
         ),
     )
+
+
+def run_retrieve(task: FleetTask, payload: dict[str, Any], stage: str) -> None:
+    """Every query's top-k over one group of document shards, for one retriever."""
+    msg = msgspec.convert(payload, RetrieveGroup)
+    ledger = task.ledger(msg.job_id)
+    started = time.time()
+    spec = ledger.spec()
+    shards = JobShards(store_for(msg.store_url), spec)
+    queries = aggregate.encoded_query_batches(ledger, stage)
+    query_ids, hits = retrieve(shards, stage, queries, msg.batch_ids, msg.top_k)
+    shard = TopKShard(job_id=msg.job_id, group_id=msg.group_id, query_ids=query_ids, hits=hits)
+    shards.store.put_bytes(shards.layout.top_k(stage, msg.group_id), msgspec.msgpack.encode(shard))
+    report = BatchReport(
+        batch_id=msg.group_id,
+        stage="retrieve",
+        chunks=len(query_ids),
+        tokens=0,
+        started_at=started,
+        finished_at=time.time(),
+        worker=f"{socket.gethostname()}:{task.request.hostname or ''}",
+        device="cpu",
+        batch_sizes=[],
+        kind="queries",
+    )
+    if ledger.record_done(report):
+        task.advance(ledger, "retrieve")
+
+
+@app.task(name=TASK_RETRIEVE_DENSE, base=RetrieveTask, bind=True)
+def retrieve_dense(self: RetrieveTask, payload: dict[str, Any]) -> None:
+    """Dense (ensemble) top-k of every query over one group of document shards."""
+    run_retrieve(self, payload, "dense")
+
+
+@app.task(name=TASK_RETRIEVE_SPARSE, base=RetrieveTask, bind=True)
+def retrieve_sparse(self: RetrieveTask, payload: dict[str, Any]) -> None:
+    """Sparse top-k, per sparse model, of every query over one group of document shards."""
+    run_retrieve(self, payload, "sparse")
+
+
+@app.task(name=TASK_RERANK, base=RerankTask, bind=True)
+def rerank_group(self: RerankTask, payload: dict[str, Any]) -> None:
+    """CrossEncoder scores for the fused top candidates of one group of queries."""
+    msg = msgspec.convert(payload, RerankGroup)
+    ledger = self.ledger(msg.job_id)
+    started = time.time()
+    store = store_for(msg.store_url)
+    layout = JobLayout(msg.collection, msg.job_id)
+    group = msgspec.msgpack.decode(store.get_bytes(layout.fused(msg.group_id)), type=FusedGroup)
+    balance_torch_threads(ledger_client())
+    shard, info = rerank.rerank_fused(group, msg, settings().rerank_batch_timeout)
+    store.put_bytes(layout.reranked(msg.group_id), msgspec.msgpack.encode(shard))
+    ledger.record_model(info)
+    report = BatchReport(
+        batch_id=msg.group_id,
+        stage="rerank",
+        chunks=shard.stats.pairs_asked,
+        tokens=0,
+        started_at=started,
+        finished_at=time.time(),
+        worker=f"{socket.gethostname()}:{self.request.hostname or ''}",
+        device=info.device,
+        batch_sizes=shard.stats.batch_sizes,
+        kind="queries",
+    )
+    if ledger.record_done(report):
+        self.advance(ledger, "rerank")
+
+
+@app.task(name=TASK_PLAN_RETRIEVE, base=FleetTask, bind=True)
+def plan_retrieve(self: FleetTask, payload: dict[str, Any]) -> None:
+    """After encoding: BM25 statistics once, then one retrieve task per shard group."""
+    msg = msgspec.convert(payload, ExportJob)
+    ledger = self.ledger(msg.job_id)
+    tasks = aggregate.plan_retrieve(ledger, store_for(ledger.spec().output), self.app)
+    log.info("retrieve planned", extra={"fields": {"job_id": msg.job_id, "tasks": tasks}})
+
+
+@app.task(name=TASK_FUSE, base=FleetTask, bind=True)
+def fuse(self: FleetTask, payload: dict[str, Any]) -> None:
+    """After retrieval: merge top-k lists, fuse rankings, fan reranking out."""
+    msg = msgspec.convert(payload, ExportJob)
+    ledger = self.ledger(msg.job_id)
+    tasks = aggregate.fuse_job(ledger, store_for(ledger.spec().output), self.app)
+    log.info("rankings fused", extra={"fields": {"job_id": msg.job_id, "rerank_tasks": tasks}})
 
 
 @app.task(name=TASK_EXPORT, base=FleetTask, bind=True)

@@ -1,0 +1,453 @@
+"""CrossEncoder reranking through the real loading and predict code (a tiny random BERT).
+
+Out-of-memory errors and slow batches are simulated around the real model: a wrapper
+whose ``predict`` raises ``torch.cuda.OutOfMemoryError`` above a batch size, and a
+``before_batch`` hook that sleeps past the time limit. The device label is only a
+string to the executor, so the CPU-fallback paths run without CUDA.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from crossencoder import build_tiny_cross_encoder
+
+from workers.rerank import (
+    CrossEncoderBatchExecutor,
+    RerankModel,
+    default_rerank_tokens,
+    load_cross_encoder,
+    pair_lengths,
+)
+
+WORDS = ["flow", "wedge", "layer", "plate", "heat", "shock", "wave", "nozzle", "drag", "lift"]
+
+QUERY = "heat transfer in a turbulent boundary layer"
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory: pytest.TempPathFactory) -> RerankModel:
+    folder = build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "tiny-ce")
+    return load_cross_encoder(str(folder), "cpu")
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list[tuple[str, str]]:
+    """Pairs of 1 to 60-word passages in shuffled order (input order != longest first)."""
+    rng = random.Random(7)
+    passages = [" ".join(rng.choices(WORDS, k=n)) for n in range(1, 61)]
+    rng.shuffle(passages)
+    return [(QUERY, passage) for passage in passages]
+
+
+@pytest.fixture(scope="module")
+def lengths(reranker: RerankModel, pairs: list[tuple[str, str]]) -> list[int]:
+    return pair_lengths(
+        reranker.model.tokenizer, QUERY, [p for _, p in pairs], reranker.info.max_seq_length
+    )
+
+
+@pytest.fixture(scope="module")
+def bare(reranker: RerankModel, pairs: list[tuple[str, str]]) -> np.ndarray[Any, Any]:
+    """What the plain CrossEncoder says, in one call with its own batching."""
+    return np.asarray(reranker.model.predict(pairs, show_progress_bar=False))
+
+
+class OomAbove:
+    """A CrossEncoder that runs out of memory on batches of more than ``max_pairs``."""
+
+    def __init__(self, model: Any, max_pairs: int | None) -> None:
+        self.model = model
+        self.max_pairs = max_pairs
+        self.sizes: list[int] = []
+
+    def predict(self, sentences: list[list[str]], **kwargs: Any) -> Any:
+        if self.max_pairs is not None and len(sentences) > self.max_pairs:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        self.sizes.append(len(sentences))
+        return self.model.predict(sentences, **kwargs)
+
+
+class Raising:
+    """A CrossEncoder with a bug: every call raises a plain RuntimeError."""
+
+    def predict(self, sentences: list[list[str]], **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+
+class Reshaped:
+    """A CrossEncoder whose predict returns [n, columns] instead of [n]."""
+
+    def __init__(self, model: Any, columns: int) -> None:
+        self.model = model
+        self.columns = columns
+
+    def predict(self, sentences: list[list[str]], **kwargs: Any) -> Any:
+        scores = np.asarray(self.model.predict(sentences, **kwargs))
+        return np.repeat(scores.reshape(-1, 1), self.columns, axis=1)
+
+
+def sleeper(seconds: float, when: Any = None) -> Any:
+    """A before_batch hook that sleeps ``seconds`` for the batches ``when`` selects."""
+
+    def hook(indices: list[int]) -> None:
+        if when is None or when(indices):
+            time.sleep(seconds)
+
+    return hook
+
+
+def assert_alarm_untouched(handler_before: Any) -> None:
+    assert signal.getsignal(signal.SIGALRM) is handler_before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+# --- loading and lengths ---------------------------------------------------------------
+
+
+def test_load_once_with_model_info(reranker: RerankModel) -> None:
+    info = reranker.info
+    assert info.kind == "rerank"
+    assert info.source == "path"
+    assert info.revision.startswith("sha256:")
+    assert (info.dim, info.dtype, info.device, info.max_seq_length) == (1, "float32", "cpu", 512)
+    assert load_cross_encoder(info.name, "cpu") is reranker
+
+
+def test_default_budgets() -> None:
+    assert default_rerank_tokens("cpu") == 4096
+    assert default_rerank_tokens("cuda:1") == 32768
+    assert default_rerank_tokens("mps") == 4096
+
+
+def test_pair_lengths_match_tokenizer_and_cap(reranker: RerankModel) -> None:
+    tokenizer = reranker.model.tokenizer
+    passages = ["x", "supersonic flow over a wedge", " ".join(WORDS * 10), ""]
+    got = pair_lengths(tokenizer, QUERY, passages, max_length=32)
+    # Pairs passed as lists, as the CrossEncoder passes them (an empty passage then
+    # still gets its [SEP]; a lone ``tokenizer(q, "")`` would drop it).
+    expected = [
+        len(tokenizer([QUERY], [p], truncation=True, max_length=32)["input_ids"][0])
+        for p in passages
+    ]
+    assert got == expected
+    assert max(got) == 32  # the long passage is cut where the model cuts it
+    query_tokens = len(tokenizer.tokenize(QUERY))
+    for i in (0, 1, 3):  # short enough not to be truncated
+        assert got[i] == query_tokens + len(tokenizer.tokenize(passages[i])) + 3
+    assert pair_lengths(tokenizer, QUERY, [], max_length=32) == []
+
+
+def test_pair_lengths_are_what_the_model_sees(reranker: RerankModel) -> None:
+    passages = ["x", "supersonic flow over a wedge", " ".join(WORDS * 100), ""]
+    limit = reranker.info.max_seq_length
+    got = pair_lengths(reranker.model.tokenizer, QUERY, passages, max_length=limit)
+    features = reranker.model.preprocess([[QUERY, p] for p in passages])
+    assert got == features["attention_mask"].sum(dim=1).tolist()
+    assert max(got) == limit
+
+
+# --- scores and batching ---------------------------------------------------------------
+
+
+def test_scores_equal_bare_predict_in_input_order(
+    reranker: RerankModel,
+    pairs: list[tuple[str, str]],
+    lengths: list[int],
+    bare: np.ndarray[Any, Any],
+) -> None:
+    assert lengths != sorted(lengths, reverse=True)  # batches are cut in another order
+    budget = 512
+    groups: list[list[int]] = []
+    executor = CrossEncoderBatchExecutor(reranker.model, "cpu", budget, before_batch=groups.append)
+    scores, stats = executor.score(pairs, lengths)
+    assert all(isinstance(s, float) for s in scores)
+    np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare, rtol=0, atol=1e-5)
+    assert np.ptp(bare) > 0.05  # scores differ enough for the order check to mean something
+    assert len(groups) > 1
+    assert groups[0][0] == max(range(len(lengths)), key=lambda i: (lengths[i], -i))
+    for group in groups:
+        assert len(group) * max(lengths[i] for i in group) <= budget or len(group) == 1
+    assert stats.pairs_asked == stats.pairs_scored == len(pairs)
+    assert stats.batch_sizes == [len(g) for g in groups]
+    assert (stats.oom_count, stats.timeout_count, stats.fallbacks) == (0, 0, {})
+    assert stats.max_batch_tokens == budget
+
+
+@pytest.mark.parametrize("columns", [1, 2])
+def test_column_output(
+    reranker: RerankModel,
+    pairs: list[tuple[str, str]],
+    lengths: list[int],
+    bare: np.ndarray[Any, Any],
+    columns: int,
+) -> None:
+    executor = CrossEncoderBatchExecutor(Reshaped(reranker.model, columns), "cpu", 4096)
+    if columns == 1:
+        scores, _ = executor.score(pairs, lengths)
+        np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare, atol=1e-5)
+    else:
+        with pytest.raises(ValueError, match="one score per pair"):
+            executor.score(pairs, lengths)
+
+
+def test_mismatched_lengths_rejected(reranker: RerankModel) -> None:
+    executor = CrossEncoderBatchExecutor(reranker.model, "cpu", 4096)
+    with pytest.raises(ValueError, match="lengths"):
+        executor.score([("q", "p")], [])
+
+
+# --- out of memory -----------------------------------------------------------------------
+
+
+def test_oom_shrinks_then_grows_back(
+    reranker: RerankModel,
+    pairs: list[tuple[str, str]],
+    lengths: list[int],
+    bare: np.ndarray[Any, Any],
+) -> None:
+    limit = 4
+    model = OomAbove(reranker.model, max_pairs=limit)
+    executor = CrossEncoderBatchExecutor(model, "cuda", 4096, grow_after=2)
+    scores, stats = executor.score(pairs, lengths)
+    assert stats.pairs_scored == stats.pairs_asked == len(pairs)  # coverage 1.0
+    assert stats.oom_count > 0
+    assert stats.batch_sizes == model.sizes
+    assert max(stats.batch_sizes) <= limit
+    assert stats.fallbacks == {}
+    np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare, rtol=0, atol=1e-5)
+    shrunk = stats.max_batch_tokens
+    assert shrunk == executor.budget < 4096
+
+    # The device has memory again: every grow_after good batches the budget doubles,
+    # up to the initial budget and no further.
+    model.max_pairs = None
+    budgets = [shrunk]
+    for _ in range(6):
+        scores, stats = executor.score(pairs, lengths)
+        assert stats.oom_count == 0
+        assert stats.pairs_scored == len(pairs)
+        budgets.append(stats.max_batch_tokens)
+    assert budgets[1] > shrunk
+    assert budgets == sorted(budgets)
+    assert budgets[-1] == executor.budget == 4096
+    np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_oom_on_a_single_pair_falls_back(
+    reranker: RerankModel,
+    pairs: list[tuple[str, str]],
+    lengths: list[int],
+    bare: np.ndarray[Any, Any],
+    device: str,
+) -> None:
+    """A device that cannot fit even one pair: the CPU model scores them (if any)."""
+    calls: list[int] = []
+
+    def cpu_model() -> Any:
+        calls.append(1)
+        return reranker.model
+
+    subset, sublengths = pairs[:6], lengths[:6]
+    executor = CrossEncoderBatchExecutor(
+        OomAbove(reranker.model, max_pairs=0), device, 4096, cpu_model=cpu_model
+    )
+    scores, stats = executor.score(subset, sublengths)
+    assert stats.oom_count > 0
+    if device == "cuda":
+        assert calls == [1]  # the CPU copy is built once, on first use
+        assert stats.pairs_scored == len(subset)
+        assert stats.fallbacks == {"cpu": len(stats.batch_sizes)}
+        np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare[:6], atol=1e-5)
+    else:
+        assert calls == []  # a CPU executor has no CPU fallback
+        assert scores == [None] * len(subset)
+        assert stats.pairs_scored == 0
+        assert stats.fallbacks["unreranked"] > 0
+
+
+def test_other_runtime_errors_propagate(pairs: list[tuple[str, str]], lengths: list[int]) -> None:
+    handler = signal.getsignal(signal.SIGALRM)
+    executor = CrossEncoderBatchExecutor(
+        Raising(), "cuda", 4096, time_limit_s=5.0, cpu_model=lambda: None
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        executor.score(pairs, lengths)
+    assert_alarm_untouched(handler)
+
+
+# --- time limits ---------------------------------------------------------------------------
+
+UNIFORM = [10] * 12  # with a budget of 40: batches of exactly 4 pairs
+
+
+def test_timeout_splits_the_batch(
+    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+) -> None:
+    handler = signal.getsignal(signal.SIGALRM)
+    executor = CrossEncoderBatchExecutor(
+        reranker.model,
+        "cpu",
+        40,
+        time_limit_s=0.2,
+        before_batch=sleeper(0.5, when=lambda indices: len(indices) > 2),
+    )
+    started = time.monotonic()
+    scores, stats = executor.score(pairs[:12], UNIFORM)
+    assert time.monotonic() - started < 3.0  # interrupted at 0.2 s, not slept out
+    assert stats.pairs_scored == 12
+    assert stats.timeout_count == 3
+    assert stats.fallbacks == {"split": 3}
+    assert stats.batch_sizes == [2] * 6
+    np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare[:12], atol=1e-5)
+    assert_alarm_untouched(handler)
+
+
+def test_timeout_everywhere_leaves_pairs_unreranked(
+    reranker: RerankModel, pairs: list[tuple[str, str]]
+) -> None:
+    handler = signal.getsignal(signal.SIGALRM)
+    executor = CrossEncoderBatchExecutor(
+        reranker.model, "cpu", 40, time_limit_s=0.2, before_batch=sleeper(0.5)
+    )
+    scores, stats = executor.score(pairs[:4], UNIFORM[:4])
+    assert scores == [None] * 4
+    assert stats.pairs_scored / stats.pairs_asked < 1
+    assert stats.pairs_scored == 0
+    assert stats.fallbacks == {"split": 1, "unreranked": 2}
+    assert stats.timeout_count == 3
+    assert stats.batch_sizes == []
+    assert_alarm_untouched(handler)
+
+
+def test_timeout_of_one_half_costs_only_that_half(
+    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+) -> None:
+    executor = CrossEncoderBatchExecutor(
+        reranker.model,
+        "cpu",
+        40,
+        time_limit_s=0.2,
+        before_batch=sleeper(0.5, when=lambda indices: 0 in indices),
+    )
+    scores, stats = executor.score(pairs[:8], UNIFORM[:8])
+    assert stats.pairs_scored == 6
+    missing = [i for i, s in enumerate(scores) if s is None]
+    assert 0 in missing and len(missing) == 2
+    assert stats.fallbacks == {"split": 1, "unreranked": 1}
+    kept = [i for i in range(8) if i not in missing]
+    np.testing.assert_allclose([scores[i] for i in kept], bare[kept], atol=1e-5)
+
+
+def test_timeout_falls_back_to_the_cpu_model(
+    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+) -> None:
+    executor: CrossEncoderBatchExecutor | None = None
+
+    def slow_on_device(indices: list[int]) -> None:
+        assert executor is not None
+        if executor.current_device != "cpu":
+            time.sleep(0.5)
+
+    executor = CrossEncoderBatchExecutor(
+        reranker.model,
+        "cuda",
+        40,
+        time_limit_s=0.2,
+        cpu_model=lambda: reranker.model,
+        before_batch=slow_on_device,
+    )
+    scores, stats = executor.score(pairs[:4], UNIFORM[:4])
+    assert stats.pairs_scored == 4
+    assert stats.fallbacks == {"split": 1, "cpu": 2}
+    assert stats.timeout_count == 3
+    assert stats.batch_sizes == [2, 2]
+    np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare[:4], atol=1e-5)
+
+
+def test_slow_cpu_fallback_leaves_pairs_unreranked(
+    reranker: RerankModel, pairs: list[tuple[str, str]]
+) -> None:
+    executor = CrossEncoderBatchExecutor(
+        reranker.model,
+        "cuda",
+        40,
+        time_limit_s=0.2,
+        cpu_model=lambda: reranker.model,
+        before_batch=sleeper(0.5),
+    )
+    scores, stats = executor.score(pairs[:4], UNIFORM[:4])
+    assert scores == [None] * 4
+    assert stats.fallbacks == {"split": 1, "unreranked": 2}
+    assert stats.timeout_count == 5  # the batch, both halves, both CPU tries
+
+
+def test_off_the_main_thread_slow_batches_are_counted_and_kept(
+    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+) -> None:
+    handler = signal.getsignal(signal.SIGALRM)
+    executor = CrossEncoderBatchExecutor(
+        reranker.model, "cpu", 40, time_limit_s=0.1, before_batch=sleeper(0.2)
+    )
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(executor.score(pairs[:8], UNIFORM[:8])))
+    thread.start()
+    thread.join(timeout=30)
+    scores, stats = result[0]
+    assert stats.pairs_scored == 8
+    assert stats.timeout_count == 2
+    assert stats.fallbacks == {}
+    np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare[:8], atol=1e-5)
+    assert_alarm_untouched(handler)
+
+
+def test_previous_alarm_is_restored(reranker: RerankModel, pairs: list[tuple[str, str]]) -> None:
+    fired: list[int] = []
+
+    def previous(signum: int, frame: Any) -> None:
+        fired.append(signum)
+
+    old = signal.signal(signal.SIGALRM, previous)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 5.0)
+        executor = CrossEncoderBatchExecutor(reranker.model, "cpu", 4096, time_limit_s=2.0)
+        executor.score(pairs[:4], UNIFORM[:4])
+        assert signal.getsignal(signal.SIGALRM) is previous
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 3.0 < remaining <= 5.0
+
+        # A previous timer that falls due during a batch fires right after it.
+        slow = CrossEncoderBatchExecutor(
+            reranker.model, "cpu", 4096, time_limit_s=2.0, before_batch=sleeper(0.2)
+        )
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        _, stats = slow.score(pairs[:4], UNIFORM[:4])
+        time.sleep(0.05)
+        assert stats.timeout_count == 0
+        assert fired == [signal.SIGALRM]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_invalid_settings_rejected(reranker: RerankModel) -> None:
+    for kwargs in ({"time_limit_s": 0.0}, {"grow_after": 0}):
+        with pytest.raises(ValueError):
+            CrossEncoderBatchExecutor(reranker.model, "cpu", 4096, **kwargs)
+    with pytest.raises(ValueError):
+        CrossEncoderBatchExecutor(reranker.model, "cpu", 0)
+
+
+def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
+    a = build_tiny_cross_encoder(tmp_path / "a", seed=3)
+    b = build_tiny_cross_encoder(tmp_path / "b", seed=3)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

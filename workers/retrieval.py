@@ -1,0 +1,279 @@
+"""The retrieve phase: every query's exact top-k over a group of document shards.
+
+A retrieve task reads the job's query vectors and one group of document shards and
+keeps, per query and ranking, the best ``k`` chunks under one total order: score
+descending, then chunk id ascending (plain string order), so ties never depend on which
+group a chunk was in. Because the order is total, the global top-k of a query is made
+of members of the groups' top-k lists, and merging those lists (:func:`merge_hits`)
+gives exactly what a brute-force search over the whole collection gives. No process
+ever holds every vector of the collection: a task holds the queries and one shard.
+
+Scores: dense is the dot product of L2-normalised vectors (cosine), averaged over the
+models of the ensemble; sparse is the dot product of the query's and the chunk's
+sparse weights, per model (SPLADE: exported weights; BM25: query term counts times
+the chunk's BM25 weights, which is BM25 itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import msgspec
+import numpy as np
+from scipy import sparse as sp
+
+from shared.models import BM25
+from shared.schemas import (
+    DENSE_RANKING,
+    BM25Collection,
+    ChunkBatch,
+    DenseShard,
+    Hits,
+    JobSpec,
+    SparseRow,
+    SparseShard,
+)
+from shared.storage import JobLayout, ObjectStore
+from workers.sparse_export import BM25Statistics, rounded
+
+# Queries scored at once: bounds the score matrix to QUERY_BLOCK x shard rows.
+QUERY_BLOCK = 1024
+
+SparseVector = dict[str, float]
+
+
+def top_indices(
+    scores: Sequence[float] | np.ndarray[Any, Any], ids: Sequence[str], k: int
+) -> list[int]:
+    """Indices of the best ``k`` items under (score desc, id asc), best first."""
+    values = np.asarray(scores, dtype=np.float64)
+    n = len(values)
+    if n > k:
+        part = np.argpartition(-values, k - 1)[:k]
+        threshold = values[part].min()
+        candidates = np.nonzero(values >= threshold)[0].tolist()
+    else:
+        candidates = list(range(n))
+    listed = values.tolist()
+    candidates.sort(key=lambda i: (-listed[i], ids[i]))
+    return candidates[:k]
+
+
+class TopK:
+    """Running top-k per query over blocks of scored chunks."""
+
+    def __init__(self, queries: int, k: int) -> None:
+        self.k = k
+        self.ids: list[list[str]] = [[] for _ in range(queries)]
+        self.scores: list[list[float]] = [[] for _ in range(queries)]
+
+    def add(self, scores: np.ndarray[Any, Any], chunk_ids: Sequence[str], offset: int = 0) -> None:
+        """Fold a [queries, chunks] score block into the lists of queries
+        ``offset .. offset + len(scores)``."""
+        for row, values in enumerate(scores):
+            q = offset + row
+            best = top_indices(values, chunk_ids, self.k)
+            ids = self.ids[q] + [chunk_ids[i] for i in best]
+            merged = self.scores[q] + [float(values[i]) for i in best]
+            keep = top_indices(merged, ids, self.k)
+            self.ids[q] = [ids[i] for i in keep]
+            self.scores[q] = [merged[i] for i in keep]
+
+    def hits(self) -> list[Hits]:
+        return [Hits(chunk_ids=i, scores=s) for i, s in zip(self.ids, self.scores, strict=True)]
+
+
+def merge_hits(lists: Iterable[Hits], k: int) -> Hits:
+    """One query's partial top-k lists (one per group) into its global top-k."""
+    ids: list[str] = []
+    scores: list[float] = []
+    for hits in lists:
+        ids += hits.chunk_ids
+        scores += hits.scores
+    keep = top_indices(scores, ids, k)
+    return Hits(chunk_ids=[ids[i] for i in keep], scores=[scores[i] for i in keep])
+
+
+# --- dense ---------------------------------------------------------------------------
+
+
+def dense_scores(
+    queries: dict[str, np.ndarray[Any, Any]], shard: DenseShard, start: int, stop: int
+) -> np.ndarray[Any, Any]:
+    """Ensemble scores of queries ``start:stop`` against one shard: the mean over
+    models of the dot products of normalised vectors."""
+    total: np.ndarray[Any, Any] | None = None
+    for model, matrix in queries.items():
+        block = matrix[start:stop] @ shard.vectors[model].to_numpy().T
+        total = block if total is None else total + block
+    assert total is not None, "a dense ranking needs at least one model"
+    return total / len(queries)
+
+
+def dense_top_k(
+    queries: dict[str, np.ndarray[Any, Any]], shards: Iterable[DenseShard], k: int
+) -> list[Hits]:
+    n = len(next(iter(queries.values())))
+    top = TopK(n, k)
+    for shard in shards:
+        for start in range(0, n, QUERY_BLOCK):
+            stop = min(n, start + QUERY_BLOCK)
+            top.add(dense_scores(queries, shard, start, stop), shard.chunk_ids, start)
+    return top.hits()
+
+
+# --- sparse --------------------------------------------------------------------------
+
+
+class SparseQueries:
+    """One sparse model's query vectors as a CSR matrix over the queries' own
+    vocabulary (a chunk token no query has cannot add to any score)."""
+
+    def __init__(self, vectors: list[SparseVector]) -> None:
+        self.vocab: dict[str, int] = {}
+        indptr, indices, data = [0], [], []
+        for vector in vectors:
+            for token, weight in vector.items():
+                indices.append(self.vocab.setdefault(token, len(self.vocab)))
+                data.append(weight)
+            indptr.append(len(indices))
+        self.matrix = sp.csr_matrix(
+            (np.array(data, dtype=np.float64), indices, indptr),
+            shape=(len(vectors), max(1, len(self.vocab))),
+        )
+
+    def scores(self, chunks: list[SparseVector]) -> np.ndarray[Any, Any]:
+        """[queries, chunks] dot products."""
+        indptr, indices, data = [0], [], []
+        for vector in chunks:
+            for token, weight in vector.items():
+                column = self.vocab.get(token)
+                if column is not None:
+                    indices.append(column)
+                    data.append(weight)
+            indptr.append(len(indices))
+        docs = sp.csr_matrix(
+            (np.array(data, dtype=np.float64), indices, indptr),
+            shape=(len(chunks), self.matrix.shape[1]),
+        )
+        product: Any = self.matrix @ docs.T
+        return np.asarray(product.toarray())
+
+
+def sparse_top_k(
+    queries: dict[str, list[SparseVector]],
+    shards: Iterable[tuple[list[str], dict[str, list[SparseVector]]]],
+    k: int,
+) -> dict[str, list[Hits]]:
+    """Per sparse model, every query's top-k over ``(chunk ids, {model: vectors})``."""
+    matrices = {model: SparseQueries(vectors) for model, vectors in queries.items()}
+    tops = {model: TopK(len(vectors), k) for model, vectors in queries.items()}
+    for chunk_ids, vectors in shards:
+        for model, matrix in matrices.items():
+            tops[model].add(matrix.scores(vectors[model]), chunk_ids)
+    return {model: top.hits() for model, top in tops.items()}
+
+
+def chunk_vector(model: str, row: SparseRow, bm25: BM25Statistics | None) -> SparseVector:
+    """A chunk's sparse vector exactly as ``chunks.jsonl`` exports it."""
+    if row.source == "missing":
+        return {}
+    if model == BM25 and bm25 is not None:
+        return bm25.weights(row)
+    return rounded(row)
+
+
+def query_vector(row: SparseRow) -> SparseVector:
+    """A query's sparse vector: SPLADE weights, or BM25 query term counts."""
+    if row.source == "missing":
+        return {}
+    return dict(zip(row.tokens, row.weights, strict=True))
+
+
+# --- reading the job's shards --------------------------------------------------------
+
+
+class JobShards:
+    """Typed reads of one job's staged batches and shards."""
+
+    def __init__(self, store: ObjectStore, spec: JobSpec) -> None:
+        self.store = store
+        self.spec = spec
+        self.layout = JobLayout(spec.collection, spec.job_id)
+
+    def batch(self, batch_id: str) -> ChunkBatch:
+        return msgspec.msgpack.decode(
+            self.store.get_bytes(self.layout.batch(batch_id)), type=ChunkBatch
+        )
+
+    def dense(self, batch_id: str) -> DenseShard:
+        data = self.store.get_bytes(self.layout.shard("dense", batch_id))
+        return msgspec.msgpack.decode(data, type=DenseShard)
+
+    def sparse(self, batch_id: str) -> SparseShard:
+        data = self.store.get_bytes(self.layout.shard("sparse", batch_id))
+        return msgspec.msgpack.decode(data, type=SparseShard)
+
+    def bm25(self) -> BM25Statistics | None:
+        if BM25 not in self.spec.sparse_models or not self.store.exists(
+            self.layout.bm25_statistics
+        ):
+            return None
+        merged = msgspec.msgpack.decode(
+            self.store.get_bytes(self.layout.bm25_statistics), type=BM25Collection
+        )
+        return BM25Statistics.from_collection(merged)
+
+    def dense_queries(
+        self, batch_ids: list[str]
+    ) -> tuple[list[str], dict[str, np.ndarray[Any, Any]]]:
+        ids: list[str] = []
+        parts: dict[str, list[np.ndarray[Any, Any]]] = {}
+        for batch_id in batch_ids:
+            shard = self.dense(batch_id)
+            ids += shard.chunk_ids
+            for model, matrix in shard.vectors.items():
+                parts.setdefault(model, []).append(matrix.to_numpy())
+        return ids, {model: np.concatenate(blocks) for model, blocks in parts.items()}
+
+    def sparse_queries(
+        self, batch_ids: list[str]
+    ) -> tuple[list[str], dict[str, list[SparseVector]]]:
+        ids: list[str] = []
+        vectors: dict[str, list[SparseVector]] = {}
+        for batch_id in batch_ids:
+            shard = self.sparse(batch_id)
+            ids += shard.chunk_ids
+            for model, rows in shard.rows.items():
+                vectors.setdefault(model, []).extend(query_vector(row) for row in rows)
+        return ids, vectors
+
+    def sparse_chunks(
+        self, batch_ids: list[str], bm25: BM25Statistics | None
+    ) -> Iterable[tuple[list[str], dict[str, list[SparseVector]]]]:
+        for batch_id in batch_ids:
+            shard = self.sparse(batch_id)
+            vectors = {
+                model: [chunk_vector(model, row, bm25) for row in rows]
+                for model, rows in shard.rows.items()
+            }
+            yield shard.chunk_ids, vectors
+
+
+def retrieve(
+    shards: JobShards, stage: str, query_batches: list[str], batch_ids: list[str], k: int
+) -> tuple[list[str], dict[str, list[Hits]]]:
+    """One retrieve task's work: the query ids and, per ranking, their top-k lists over
+    the documents of ``batch_ids``."""
+    if stage == "dense":
+        query_ids, matrices = shards.dense_queries(query_batches)
+        if not query_ids:
+            return [], {DENSE_RANKING: []}
+        hits = dense_top_k(matrices, (shards.dense(b) for b in batch_ids), k)
+        return query_ids, {DENSE_RANKING: hits}
+    query_ids, vectors = shards.sparse_queries(query_batches)
+    if not query_ids:
+        return [], {model: [] for model in shards.spec.sparse_models}
+    chunks = shards.sparse_chunks(batch_ids, shards.bm25())
+    return query_ids, sparse_top_k(vectors, chunks, k)
