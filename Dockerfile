@@ -14,4 +14,4 @@ COPY workers workers
 RUN pip install ".[flower]"
 RUN useradd --create-home --uid 1000 fleet && mkdir -p /models /data && chown fleet /models /data
 USER fleet
-CMD ["celery", "-A", "workers.app", "worker", "-Q", "dense", "-c", "1", "--loglevel", "INFO"]
+CMD ["celery", "-A", "workers.app", "worker", "-Q", "dense,rerank", "-c", "1", "--loglevel", "INFO"]

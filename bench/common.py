@@ -77,7 +77,23 @@ def fleet_stage(options: JobOptions, stage: str, queues: tuple[str, ...]) -> dic
             if progress.total_batches is not None and done == progress.total_batches:
                 break
             time.sleep(0.25)
-        reports = sorted(ledger.reports(stage), key=lambda r: r.finished_at)
+        result = steady_state(ledger.reports(stage))
+    return {
+        "chunks": result["items"],
+        "batches": result["units"],
+        "workers": result["workers"],
+        "wall_s": time.perf_counter() - started,
+        "load_s": result["load_s"],
+        "encode_s": result["steady_s"],
+        "chunks_per_s": result["items_per_s"],
+    }
+
+
+def steady_state(reports: list[Any]) -> dict[str, Any]:
+    """Throughput of a stage from its ledger reports, leaving out each worker's first
+    unit (it pays for loading the model): items of the rest over the time from the end
+    of the first unit to the end of the last."""
+    reports = sorted(reports, key=lambda r: r.finished_at)
     first_of_worker: dict[str, Any] = {}
     for report in reports:
         first_of_worker.setdefault(report.worker, report)
@@ -87,11 +103,69 @@ def fleet_stage(options: JobOptions, stage: str, queues: tuple[str, ...]) -> dic
     median_latency = statistics.median(r.latency_s for r in rest)
     first_latency = max(r.latency_s for r in first_of_worker.values())
     return {
-        "chunks": sum(r.chunks for r in reports),
-        "batches": len(reports),
+        "items": sum(r.chunks for r in reports),
+        "units": len(reports),
         "workers": len(first_of_worker),
-        "wall_s": time.perf_counter() - started,
-        "load_s": max(0.0, first_latency - median_latency),
-        "encode_s": span,
-        "chunks_per_s": sum(r.chunks for r in rest) / span,
+        "load_s": round(max(0.0, first_latency - median_latency), 2),
+        "steady_s": round(span, 2),
+        "items_per_s": round(sum(r.chunks for r in rest) / span, 2),
     }
+
+
+def run_rerank_groups(groups: list[Any], model_dir: str, top: int, tmp: Path) -> dict[str, Any]:
+    """Rerank fused candidate groups through one worker on queue ``rerank``."""
+    import msgspec
+
+    from shared.celery_app import TASK_RERANK, send
+    from shared.schemas import JobSpec, RerankGroup, RetrievalSpec
+    from shared.storage import JobLayout, open_store
+
+    store = open_store(str(tmp / "out"))
+    spec = JobSpec(
+        job_id="rerank-bench",
+        collection="cranfield",
+        source="",
+        output=store.url,
+        created_at=time.time(),
+        dense_models=[],
+        chunk_tokens=256,
+        chunk_overlap=0,
+        batch_chunks=128,
+        max_batch_tokens=None,
+        on_bad_record="fail",
+        retrieval=RetrievalSpec(
+            queries_source="",
+            queries=sum(len(g.queries) for g in groups),
+            query_batches=0,
+            qrels_source=None,
+            rerank_model=model_dir,
+            rerank_top=top,
+        ),
+    )
+    layout = JobLayout(spec.collection, spec.job_id)
+    started = time.perf_counter()
+    with LocalFleet(("rerank",)) as local:
+        ledger = JobLedger(connect(local.redis_url), spec.job_id)
+        ledger.open(spec, 0, 0)
+        ledger.open_phase("rerank", len(groups))
+        app = make_app(dataclasses.replace(Settings.from_env(), broker_url=local.redis_url))
+        for group in groups:
+            group.job_id = spec.job_id
+            store.put_bytes(layout.fused(group.group_id), msgspec.msgpack.encode(group))
+            message = RerankGroup(
+                job_id=spec.job_id,
+                group_id=group.group_id,
+                store_url=store.url,
+                collection=spec.collection,
+                model=model_dir,
+                rerank_top=top,
+            )
+            send(app, TASK_RERANK, message)
+        while len(ledger.reports("rerank")) < len(groups):
+            local.check()
+            time.sleep(0.25)
+        reports = ledger.reports("rerank")
+    result = steady_state(reports)
+    result["pairs_per_s"] = result.pop("items_per_s")
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    return result

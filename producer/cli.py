@@ -207,6 +207,14 @@ def main() -> None:
     help="How many fused candidates per query are reranked.",
 )
 @click.option(
+    "--retrieve-chunks-per-task",
+    type=click.IntRange(1),
+    default=16384,
+    show_default=True,
+    help="Document chunks one retrieve task searches (memory per task ~ this x vector "
+    "size); more tasks spread retrieval over more workers.",
+)
+@click.option(
     "--on-bad-record",
     type=click.Choice(["fail", "skip"]),
     default="fail",
@@ -249,6 +257,7 @@ def run(
     enable_rerank: bool,
     rerank_model: str | None,
     rerank_top: int,
+    retrieve_chunks_per_task: int,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
     as_json: bool,
@@ -285,6 +294,7 @@ def run(
         fusion_weights=fusion_weights,
         rerank_model=rerank_model or (DEFAULT_RERANK_MODEL if enable_rerank else None),
         rerank_top=min(rerank_top, top_k),
+        retrieve_chunks_per_task=retrieve_chunks_per_task,
     )
     try:
         if settings.broker_url:

@@ -118,3 +118,64 @@ def test_skip_mode_counts_and_lists_skipped_records(tmp_path) -> None:
     ]
     assert manifest["empty_documents"] == ["e"]
     assert manifest["counts"]["documents"] == 3 and manifest["counts"]["chunks"] == 2
+
+
+def beir_folder(tmp_path: Path, queries: list[bytes], qrels: str | None = None) -> Path:
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    write_jsonl(folder / "corpus.jsonl", [b'{"_id": "d1", "text": "wing flutter"}'])
+    write_jsonl(folder / "queries.jsonl", queries)
+    if qrels is not None:
+        (folder / "qrels").mkdir()
+        (folder / "qrels" / "test.tsv").write_text(qrels)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (b'{"_id": "q2", "text": "   "}', "query 'q2' has no text"),
+        (b'{"_id": "q1", "text": "again"}', "duplicate id 'q1'"),
+        (b'{"_id": "q3"', "malformed JSON"),
+    ],
+)
+def test_bad_query_names_file_and_line(tmp_path, redis_server, bad, reason) -> None:
+    folder = beir_folder(tmp_path, [b'{"_id": "q1", "text": "flutter"}', bad])
+    redis_server.client().flushdb()
+    env = base_env(REDIS_URL=redis_server.url)
+    line = one_line_error(run_cli("run", str(folder), "--output", str(tmp_path / "o"), env=env))
+    assert f"{folder / 'queries.jsonl'}:2:" in line and reason in line
+    assert "--no-queries" in line
+    assert redis_server.client().keys("*") == []
+
+
+def test_bad_qrels_row_names_file_and_line(tmp_path) -> None:
+    qrels = "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td1\n"
+    folder = beir_folder(tmp_path, [b'{"_id": "q1", "text": "flutter"}'], qrels)
+    line = one_line_error(run_cli("run", str(folder), env=base_env(), cwd=tmp_path))
+    assert f"{folder / 'qrels' / 'test.tsv'}:3: 2 columns" in line
+
+
+def test_rerank_model_not_staged_fails_before_enqueueing(tmp_path, redis_server) -> None:
+    folder = beir_folder(tmp_path, [b'{"_id": "q1", "text": "flutter"}'])
+    redis_server.client().flushdb()
+    env = base_env(REDIS_URL=redis_server.url, HF_HOME=str(tmp_path / "empty-cache"))
+    line = one_line_error(run_cli("run", str(folder), "--enable-rerank", env=env, cwd=tmp_path))
+    assert "cross-encoder/ms-marco-MiniLM-L6-v2" in line
+    assert "hf download cross-encoder/ms-marco-MiniLM-L6-v2" in line
+    assert redis_server.client().keys("*") == []
+
+
+def test_rerank_without_queries(tmp_path) -> None:
+    folder = beir_folder(tmp_path, [b'{"_id": "q1", "text": "flutter"}'])
+    result = run_cli("run", str(folder), "--no-queries", "--enable-rerank", env=base_env())
+    assert "--enable-rerank needs queries" in one_line_error(result)
+
+
+def test_fusion_weights_must_name_every_ranking(tmp_path) -> None:
+    folder = beir_folder(tmp_path, [b'{"_id": "q1", "text": "flutter"}'])
+    result = run_cli(
+        "run", str(folder), "--enable-sparse", "--fusion-weights", "dense=1", env=base_env()
+    )
+    line = one_line_error(result)
+    assert "--fusion-weights leaves out splade-tiny, bm25" in line

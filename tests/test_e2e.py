@@ -80,6 +80,7 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
         "50",
         "--json",
         env=fleet_env,
+        timeout=1800,  # ~6 min alone on 2 cores; slack for a loaded CI machine
     )
     watch.stop.set()
     assert result.returncode == 0, result.stderr

@@ -23,6 +23,7 @@ from shared.ledger import JobLedger
 from shared.models import BM25
 from shared.phases import advance
 from shared.schemas import (
+    DENSE_RANKING,
     BM25Params,
     Candidate,
     FusedGroup,
@@ -147,14 +148,21 @@ def fused_candidates(
         Candidate(
             chunk_id=hit.chunk_id,
             doc_id=doc_id_of(hit.chunk_id),
-            dense_score=hit.scores.get("dense"),
-            sparse_score={name: hit.scores.get(name) for name in lists if name != "dense"},
+            dense_score=_rounded(hit.scores.get(DENSE_RANKING)),
+            sparse_score={
+                name: _rounded(hit.scores.get(name)) for name in lists if name != DENSE_RANKING
+            },
             fused_score=round(hit.fused_score, 6),
             rank=rank,
         )
         for rank, hit in enumerate(fused, start=1)
     ]
     return QueryCandidates(query_id=query.id, text=query.text, candidates=candidates)
+
+
+def _rounded(score: float | None) -> float | None:
+    """Scores in results.jsonl: 6 decimals, as the sparse weights are exported."""
+    return None if score is None else round(score, 6)
 
 
 def query_groups(spec: JobSpec, queries: list[QueryText]) -> Iterator[tuple[str, list[QueryText]]]:

@@ -183,6 +183,9 @@ class _Run:
     lengths: Sequence[int]
     scores: list[float | None]
     pending: deque[list[int]] = field(default_factory=deque)
+    # Scored batches whose values may still be on the device: read back once, at the
+    # end, so the GPU runs batch n while the CPU tokenises batch n + 1.
+    results: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     oom_count: int = 0
     timeout_count: int = 0
@@ -314,6 +317,7 @@ class CrossEncoderBatchExecutor:
                 cut_at = self._budget
             group = run.pending.popleft()
             self._run_device(pairs, group, run, may_split=True)
+        self._collect(run)
         scored = sum(score is not None for score in run.scores)
         stats = RerankStats(
             pairs_asked=len(pairs),
@@ -421,7 +425,7 @@ class CrossEncoderBatchExecutor:
 
     def _call(
         self, model: Any, pairs: list[tuple[str, str]], group: list[int], *, device: str
-    ) -> tuple[list[float], bool]:
+    ) -> tuple[torch.Tensor, bool]:
         """One ``predict`` over ``group``, under the time limit.
 
         Returns:
@@ -439,8 +443,9 @@ class CrossEncoderBatchExecutor:
             with _time_limit(self.time_limit_s if interruptible else None):
                 if self._before_batch is not None:
                     self._before_batch(list(group))
+                # A tensor, left where the model computed it: no device sync per batch.
                 output = model.predict(
-                    batch, batch_size=len(batch), show_progress_bar=False, convert_to_numpy=True
+                    batch, batch_size=len(batch), show_progress_bar=False, convert_to_tensor=True
                 )
         finally:
             self._current_device = None
@@ -448,10 +453,24 @@ class CrossEncoderBatchExecutor:
         slow = not interruptible and self.time_limit_s is not None and elapsed > self.time_limit_s
         return _as_scores(output, len(group)), slow
 
-    def _record(self, group: list[int], values: list[float], run: _Run) -> None:
-        for index, value in zip(group, values, strict=True):
-            run.scores[index] = value
+    def _record(self, group: list[int], values: torch.Tensor, run: _Run) -> None:
+        run.results.append((group, values))
         run.batch_sizes.append(len(group))
+
+    @staticmethod
+    def _collect(run: _Run) -> None:
+        """Read every batch's scores back (one device-to-host copy per device)."""
+        by_device: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+        for group, values in run.results:
+            by_device.setdefault(str(values.device), []).append((group, values))
+        for parts in by_device.values():
+            flat = torch.cat([values for _, values in parts]).double().cpu().tolist()
+            position = 0
+            for group, _ in parts:
+                for index in group:
+                    run.scores[index] = float(flat[position])
+                    position += 1
+        run.results.clear()
 
     def _recut(self, run: _Run) -> None:
         """Cut the pending pairs (still longest first) again at the current budget."""
@@ -460,21 +479,24 @@ class CrossEncoderBatchExecutor:
         run.pending = deque([flat[j] for j in group] for group in groups)
 
 
-def _as_scores(output: Any, rows: int) -> list[float]:
-    """``predict``'s output ([n] or [n, 1], array or tensors) as Python floats."""
-    if isinstance(output, torch.Tensor):
-        output = output.detach().float().cpu().numpy()
-    elif isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
-        output = torch.stack(output).detach().float().cpu().numpy()
-    array = np.asarray(output, dtype=np.float64)
-    if array.ndim == 2 and array.shape[1] == 1:
-        array = array[:, 0]
-    if array.shape != (rows,):
+def _as_scores(output: Any, rows: int) -> torch.Tensor:
+    """``predict``'s output ([n] or [n, 1]; tensor, tensors or array) as one [n] tensor,
+    on the device it was computed on (shapes are checked without a device sync)."""
+    if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
+        output = torch.stack(output)
+    tensor = (
+        output.detach()
+        if isinstance(output, torch.Tensor)
+        else torch.as_tensor(np.asarray(output, dtype=np.float64))
+    )
+    if tensor.ndim == 2 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tuple(tensor.shape) != (rows,):
         raise ValueError(
-            f"expected one score per pair ({rows}), got output of shape {array.shape}: "
+            f"expected one score per pair ({rows}), got output of shape {tuple(tensor.shape)}: "
             "a reranker needs a single-label CrossEncoder"
         )
-    return [float(v) for v in array]
+    return tensor
 
 
 def _signals_usable() -> bool:
