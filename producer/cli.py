@@ -16,7 +16,15 @@ import redis
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
-from producer.follow import FINISHED, emit_json, follow, metrics_table, rerank_line, summary_table
+from producer.follow import (
+    FINISHED,
+    PHASES,
+    emit_json,
+    follow,
+    metrics_table,
+    rerank_line,
+    summary_table,
+)
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
 from producer.local_fleet import LocalFleet, local_queues
 from producer.sources import ReadProgress
@@ -484,7 +492,10 @@ def status(job_id: str | None, output: str | None, as_json: bool) -> None:
             emit_json("progress", snap)
         else:
             stages = ", ".join(
-                f"{s.stage} {s.chunks_done}/{snap.staged_chunks} chunks" for s in snap.stages
+                f"{s.stage} {s.batches_done}/{s.total if s.total is not None else '?'} tasks"
+                if s.stage in PHASES
+                else f"{s.stage} {s.chunks_done}/{snap.staged_chunks} chunks"
+                for s in snap.stages
             )
             console.print(
                 f"job {job_id} · {snap.status} · {snap.documents_read}/"

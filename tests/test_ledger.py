@@ -136,3 +136,51 @@ def test_finish_sets_expiry_and_unknown_jobs_explain_themselves(ledger, redis_cl
 
     with pytest.raises(EmbedFleetError, match="no job 'nope'"):
         JobLedger(redis_client, "nope").spec()
+
+
+def query_spec() -> JobSpec:
+    from shared.schemas import RetrievalSpec
+
+    job = spec("job-q")
+    job.retrieval = RetrievalSpec(
+        queries_source="/q", queries=3, query_batches=1, qrels_source=None, rerank_model="r"
+    )
+    return job
+
+
+def unit(stage: str, unit_id: str, kind: str = "documents") -> BatchReport:
+    done = report(unit_id, chunks=3)
+    done.stage = stage
+    done.kind = kind  # type: ignore[assignment]
+    return done
+
+
+def test_query_job_moves_through_every_phase_once(redis_client) -> None:
+    led = JobLedger(redis_client, "job-q")
+    led.open(query_spec(), documents_total=1, bytes_total=10)
+    led.record_staged("b0", 4, 1, 10)
+    led.record_staged_queries("q0", 3)
+    # encode: a document batch and a query batch; the query batch counts queries
+    assert not led.record_done(unit("dense", "q0", "queries"))
+    # the producer reports 1 document batch; the ledger adds the query batch to the total
+    sealed = producer_report(1)
+    sealed.query_batches = 1
+    assert not led.seal(sealed)
+    assert led.record_done(unit("dense", "b0"))
+    assert led.status() == "retrieving"
+    assert not led.record_done(unit("dense", "b0"))  # redelivered: fires no second time
+    progress = {s.stage: s for s in led.progress().stages}
+    assert (progress["dense"].chunks_done, progress["dense"].queries_done) == (3, 3)
+    # retrieve: two tasks, one redelivered, one failed
+    assert not led.open_phase("retrieve", 2)
+    assert not led.record_done(unit("retrieve", "dense-g00000", "queries"))
+    assert not led.record_done(unit("retrieve", "dense-g00000", "queries"))
+    assert led.record_failed(BatchFailure(batch_id="sparse-g00000", stage="retrieve", reason="x"))
+    assert led.status() == "fusing"
+    progress = {s.stage: s for s in led.progress().stages}
+    assert (progress["retrieve"].batches_done, progress["retrieve"].total) == (1, 2)
+    assert progress["rerank"].total is None
+    # rerank: a phase without units is complete at once
+    assert led.open_phase("rerank", 0)
+    assert led.status() == "exporting"
+    assert not led.check_phase("rerank")

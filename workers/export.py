@@ -291,8 +291,9 @@ class ExportRuntime:
         producer = self.ledger.producer_report()
         assert producer is not None, "export runs only after the producer sealed the job"
         stages: dict[str, LatencySummary] = {"produce": producer.latency}
-        for stage in self.spec.stages:
-            stages[stage] = latency_summary(self.ledger.reports(stage))
+        for stage in self.spec.stages:  # the collection's batches (queries are tiny)
+            reports = [r for r in self.ledger.reports(stage) if r.kind == "documents"]
+            stages[stage] = latency_summary(reports)
         if self.spec.retrieval is not None:
             stages["retrieve"] = latency_summary(self.ledger.reports("retrieve"))
         if self.rerank_run is not None:

@@ -200,22 +200,27 @@ def rerank_group(self: RerankTask, payload: dict[str, Any]) -> None:
         self.advance(ledger, "rerank")
 
 
+def run_aggregator_step(
+    task: FleetTask, payload: dict[str, Any], step: Callable[..., int], event: str
+) -> None:
+    """A fan-out step of the aggregator: it gets the job and returns how many tasks it
+    enqueued."""
+    msg = msgspec.convert(payload, ExportJob)
+    ledger = task.ledger(msg.job_id)
+    tasks = step(ledger, store_for(ledger.spec().output), task.app)
+    log.info(event, extra={"fields": {"job_id": msg.job_id, "tasks": tasks}})
+
+
 @app.task(name=TASK_PLAN_RETRIEVE, base=FleetTask, bind=True)
 def plan_retrieve(self: FleetTask, payload: dict[str, Any]) -> None:
     """After encoding: BM25 statistics once, then one retrieve task per shard group."""
-    msg = msgspec.convert(payload, ExportJob)
-    ledger = self.ledger(msg.job_id)
-    tasks = aggregate.plan_retrieve(ledger, store_for(ledger.spec().output), self.app)
-    log.info("retrieve planned", extra={"fields": {"job_id": msg.job_id, "tasks": tasks}})
+    run_aggregator_step(self, payload, aggregate.plan_retrieve, "retrieve planned")
 
 
 @app.task(name=TASK_FUSE, base=FleetTask, bind=True)
 def fuse(self: FleetTask, payload: dict[str, Any]) -> None:
     """After retrieval: merge top-k lists, fuse rankings, fan reranking out."""
-    msg = msgspec.convert(payload, ExportJob)
-    ledger = self.ledger(msg.job_id)
-    tasks = aggregate.fuse_job(ledger, store_for(ledger.spec().output), self.app)
-    log.info("rankings fused", extra={"fields": {"job_id": msg.job_id, "rerank_tasks": tasks}})
+    run_aggregator_step(self, payload, aggregate.fuse_job, "rankings fused")
 
 
 @app.task(name=TASK_EXPORT, base=FleetTask, bind=True)
