@@ -15,6 +15,7 @@ import msgspec
 import redis
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from producer.follow import (
     FINISHED,
@@ -32,6 +33,7 @@ from shared import logs
 from shared.celery_app import make_app
 from shared.config import Settings
 from shared.errors import EmbedFleetError
+from shared.leases import list_leases
 from shared.ledger import JobLedger, connect, recent_jobs
 from shared.models import (
     BUNDLED_SPLADE,
@@ -511,6 +513,46 @@ def status(job_id: str | None, output: str | None, as_json: bool) -> None:
         sys.exit(EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE)
     except EmbedFleetError as exc:
         _fail(exc)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def leases(as_json: bool) -> None:
+    """List the GPU leases of the fleet: which worker holds which GPU of which host.
+
+    GPU workers (queues dense, rerank) take a lease when they start and renew it while
+    they run; a crashed worker's lease expires within its TTL (30 s).
+    """
+    settings = Settings.from_env()
+    try:
+        if not settings.broker_url:
+            raise EmbedFleetError(
+                "no broker configured: leases live in the fleet's Redis",
+                "Set REDIS_URL to the Redis your workers use",
+            )
+        held = list_leases(connect(settings.broker_url))
+    except EmbedFleetError as exc:
+        _fail(exc)
+    if as_json:
+        for lease in held:
+            click.echo(msgspec.json.encode(lease).decode())
+        return
+    if not held:
+        console.print("no GPU leases: no GPU worker is running (CPU workers take none)")
+        return
+    table = Table(title="GPU leases", title_justify="left")
+    for column in ("host", "device", "worker", "pid", "held s", "expires in s"):
+        table.add_column(column, justify="right" if column.endswith("s") else "left")
+    for lease in held:
+        table.add_row(
+            lease.host,
+            f"cuda:{lease.device}",
+            lease.worker,
+            str(lease.pid),
+            f"{lease.held_s:.0f}",
+            f"{lease.expires_in_s:.0f}",
+        )
+    Console().print(table)
 
 
 def _find_local_manifest(root: Path, job_id: str) -> Path:

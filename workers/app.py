@@ -1,6 +1,6 @@
 """The app that fleet workers run::
 
-    celery -A workers.app worker -Q dense -c 1       # one per GPU (or CPU host)
+    celery -A workers.app worker -Q dense,rerank -c 1   # one per GPU (or CPU host)
     celery -A workers.app worker -Q aggregate -c 1
     celery -A workers.app flower
 
@@ -18,4 +18,4 @@ _settings = Settings.from_env()
 logs.configure(_settings.log_level)
 app = make_app(_settings)
 
-from workers import tasks  # noqa: E402, F401  (registers the tasks on `app`)
+from workers import gpu_lease, tasks  # noqa: E402, F401  (registers signals and tasks)

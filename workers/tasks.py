@@ -32,7 +32,7 @@ from shared.schemas import (
     TopKShard,
 )
 from shared.storage import JobLayout, ObjectStore, open_store
-from workers import aggregate, dense, rerank
+from workers import aggregate, dense
 from workers.app import app
 from workers.export import ExportRuntime
 from workers.hooks import FleetTask, ledger_client, settings
@@ -181,6 +181,8 @@ def rerank_group(self: RerankTask, payload: dict[str, Any]) -> None:
     layout = JobLayout(msg.collection, msg.job_id)
     group = msgspec.msgpack.decode(store.get_bytes(layout.fused(msg.group_id)), type=FusedGroup)
     balance_torch_threads(ledger_client())
+    from workers import rerank  # torch at import: only rerank workers pay for it
+
     shard, info = rerank.rerank_fused(group, msg, settings().rerank_batch_timeout)
     store.put_bytes(layout.reranked(msg.group_id), msgspec.msgpack.encode(shard))
     ledger.record_model(info)
