@@ -217,6 +217,15 @@ def main() -> None:
     help="How many fused candidates per query are reranked.",
 )
 @click.option(
+    "--dtype",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="Compute dtype of the models. auto: bf16 where the hardware runs it natively "
+    "(CUDA Ampere+, CPUs with AMX/AVX512-BF16) and a probe shows no loss, else fp32. "
+    "Vectors are exported as float32 either way.",
+)
+@click.option(
     "--retrieve-chunks-per-task",
     type=click.IntRange(1),
     default=16384,
@@ -267,6 +276,7 @@ def run(
     enable_rerank: bool,
     rerank_model: str | None,
     rerank_top: int,
+    dtype: str,
     retrieve_chunks_per_task: int,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
@@ -305,6 +315,7 @@ def run(
         rerank_model=rerank_model or (DEFAULT_RERANK_MODEL if enable_rerank else None),
         rerank_top=min(rerank_top, top_k),
         retrieve_chunks_per_task=retrieve_chunks_per_task,
+        dtype=dtype,
     )
     try:
         if settings.broker_url:

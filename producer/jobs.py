@@ -73,6 +73,7 @@ class JobOptions:
     rerank_model: str | None = None
     rerank_top: int = 50
     retrieve_chunks_per_task: int = 16384
+    dtype: str = "auto"
 
 
 @dataclass
@@ -157,6 +158,7 @@ def prepare(
         sparse_device=options.sparse_device,
         bm25=options.bm25 if BM25 in sparse else None,
         retrieval=retrieval,
+        dtype=options.dtype,
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set)
 
@@ -363,6 +365,7 @@ class Stager:
                 max_batch_tokens=spec.max_batch_tokens if dense else None,
                 device=None if dense else spec.sparse_device,
                 kind=kind,
+                dtype=spec.dtype,
             )
             send(self.app, STAGE_TASKS[stage], message)
 

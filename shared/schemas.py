@@ -156,6 +156,7 @@ class EmbedBatch(Struct):
     max_batch_tokens: int | None = None
     device: str | None = None
     kind: BatchKind = "documents"
+    dtype: str = "auto"
 
 
 class ExportJob(Struct):
@@ -188,6 +189,7 @@ class RerankGroup(Struct):
     model: str
     rerank_top: int
     max_batch_tokens: int | None = None
+    dtype: str = "auto"
 
 
 # --- job spec and ledger records ---------------------------------------------------
@@ -212,6 +214,7 @@ class JobSpec(Struct):
     sparse_device: str = "cpu"
     bm25: BM25Params | None = None
     retrieval: RetrievalSpec | None = None
+    dtype: str = "auto"
 
 
 class RetrievalSpec(Struct):
@@ -270,6 +273,8 @@ class ModelInfo(Struct):
     device: str
     max_seq_length: int
     kind: Literal["dense", "sparse", "rerank"] = "dense"
+    dtype_reason: str = ""
+    parameters: int = 0
 
 
 class BatchReport(Struct):

@@ -208,6 +208,7 @@ def fuse_job(ledger: JobLedger, store: ObjectStore, app: Celery) -> int:
             collection=spec.collection,
             model=retrieval.rerank_model or "",
             rerank_top=retrieval.rerank_top,
+            dtype=spec.dtype,
         )
         send(app, TASK_RERANK, message)
     return len(groups)

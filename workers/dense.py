@@ -13,6 +13,7 @@ import numpy as np
 from shared.models import canonical_name, resolve_model
 from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.batching import token_budget_batches
+from workers.precision import apply_precision, parameter_count, vectors_agree
 from workers.stage import StageResult
 
 
@@ -24,12 +25,14 @@ class DenseModel:
     info: ModelInfo
 
 
-_loaded: dict[str, DenseModel] = {}
+_loaded: dict[tuple[str, str], DenseModel] = {}
 _lock = threading.Lock()
+PROBE_TEXTS = 32
 
 
 def pick_device() -> str:
-    """``EMBED_FLEET_DEVICE`` if set, else CUDA when present, else CPU."""
+    """``EMBED_FLEET_DEVICE`` if set (a GPU lease sets it), else CUDA when present, else
+    CPU."""
     forced = os.environ.get("EMBED_FLEET_DEVICE")
     if forced:
         return forced
@@ -38,28 +41,42 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_dense(name: str) -> DenseModel:
-    """Load a model once per process; later calls return the same instance."""
+def load_dense(name: str, dtype: str = "auto", probe: list[str] | None = None) -> DenseModel:
+    """Load a model once per process and dtype policy; later calls return the same
+    instance. ``probe`` (texts) decides whether ``auto`` may keep bf16."""
     name = canonical_name(name)
     with _lock:
-        if name not in _loaded:
+        if (name, dtype) not in _loaded:
             from sentence_transformers import SentenceTransformer
 
             resolved = resolve_model(name)
             device = pick_device()
-            model = SentenceTransformer(str(resolved.path), device=device)
-            dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+            def load() -> Any:
+                return SentenceTransformer(str(resolved.path), device=device)
+
+            texts = (probe or ["a probe sentence"])[:PROBE_TEXTS]
+            model, precision = apply_precision(
+                load(),
+                dtype,
+                device,
+                lambda m: m.encode(texts, batch_size=len(texts), show_progress_bar=False),
+                vectors_agree,
+                load,
+            )
             info = ModelInfo(
                 name=resolved.name,
                 source=resolved.source,
                 revision=resolved.revision,
                 dim=int(_embedding_dim(model)),
-                dtype=dtype,
+                dtype=precision.dtype,
                 device=str(model.device),
                 max_seq_length=int(model.max_seq_length or 0),
+                dtype_reason=precision.reason,
+                parameters=parameter_count(model),
             )
-            _loaded[name] = DenseModel(model, info)
-        return _loaded[name]
+            _loaded[(name, dtype)] = DenseModel(model, info)
+        return _loaded[(name, dtype)]
 
 
 # Padded tokens per model batch when the job leaves it to the worker. Measured on a
@@ -77,6 +94,7 @@ def encode_batch(
     models: list[str],
     max_batch_tokens: int | None = None,
     kind: BatchKind = "documents",
+    dtype: str = "auto",
 ) -> StageResult:
     """Encode every chunk of a staged batch with every model of the ensemble.
 
@@ -93,7 +111,7 @@ def encode_batch(
     vectors: dict[str, Matrix] = {}
     infos: list[ModelInfo] = []
     for name in models:
-        dense = load_dense(name)
+        dense = load_dense(name, dtype, texts)
         out = np.zeros((len(texts), dense.info.dim), dtype=np.float32)
         encode = dense.model.encode_query if kind == "queries" else dense.model.encode
         for group in groups:

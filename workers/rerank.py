@@ -37,6 +37,7 @@ from shared.models import canonical_name, resolve_model
 from shared.schemas import FusedGroup, ModelInfo, RerankGroup, RerankShard, RerankStats
 from workers.batching import token_budget_batches
 from workers.dense import pick_device
+from workers.precision import apply_precision, parameter_count, scores_agree
 
 log = logging.getLogger(f"{LOGGER}.rerank")
 
@@ -68,11 +69,13 @@ class RerankModel:
     info: ModelInfo
 
 
-_loaded: dict[tuple[str, str], RerankModel] = {}
+_loaded: dict[tuple[str, str, str], RerankModel] = {}
 _lock = threading.Lock()
 
 
-def load_cross_encoder(name: str, device: str) -> RerankModel:
+def load_cross_encoder(
+    name: str, device: str, dtype: str = "fp32", probe: list[tuple[str, str]] | None = None
+) -> RerankModel:
     """Load a reranker once per process and device; later calls return the same instance.
 
     Loading takes seconds and the weights take memory, so a worker pays for them once,
@@ -91,23 +94,37 @@ def load_cross_encoder(name: str, device: str) -> RerankModel:
     """
     name = canonical_name(name)
     with _lock:
-        if (name, device) not in _loaded:
+        if (name, device, dtype) not in _loaded:
             from sentence_transformers import CrossEncoder
 
             resolved = resolve_model(name)
-            model = CrossEncoder(str(resolved.path), device=device)
+
+            def load() -> Any:
+                return CrossEncoder(str(resolved.path), device=device)
+
+            pairs = [list(pair) for pair in (probe or [("a query", "a passage")])[:32]]
+            model, precision = apply_precision(
+                load(),
+                dtype,
+                device,
+                lambda m: m.predict(pairs, batch_size=len(pairs), show_progress_bar=False),
+                scores_agree,
+                load,
+            )
             info = ModelInfo(
                 name=resolved.name,
                 source=resolved.source,
                 revision=resolved.revision,
                 dim=int(getattr(model, "num_labels", 1) or 1),
-                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                dtype=precision.dtype,
                 device=str(model.device),
                 max_seq_length=model_max_length(model),
                 kind="rerank",
+                dtype_reason=precision.reason,
+                parameters=parameter_count(model),
             )
-            _loaded[(name, device)] = RerankModel(model, info)
-        return _loaded[(name, device)]
+            _loaded[(name, device, dtype)] = RerankModel(model, info)
+        return _loaded[(name, device, dtype)]
 
 
 def model_max_length(model: Any) -> int:
@@ -543,16 +560,21 @@ def _fields(group: list[int], **more: object) -> dict[str, dict[str, object]]:
 
 # --- the rerank task's work ------------------------------------------------------------
 
-_executors: dict[tuple[str, str], CrossEncoderBatchExecutor] = {}
+_executors: dict[tuple[str, str, str], CrossEncoderBatchExecutor] = {}
 
 
 def executor_for(
-    name: str, device: str, time_limit_s: float | None, max_batch_tokens: int | None = None
+    name: str,
+    device: str,
+    time_limit_s: float | None,
+    max_batch_tokens: int | None = None,
+    dtype: str = "auto",
+    probe: list[tuple[str, str]] | None = None,
 ) -> tuple[CrossEncoderBatchExecutor, RerankModel]:
     """The worker's executor for (model, device): one per process, so the budget it
     learns outlives the task."""
-    loaded = load_cross_encoder(name, device)
-    key = (loaded.info.name, device)
+    loaded = load_cross_encoder(name, device, dtype, probe)
+    key = (loaded.info.name, device, dtype)
     if key not in _executors:
         _executors[key] = CrossEncoderBatchExecutor(
             loaded.model,
@@ -573,7 +595,14 @@ def rerank_fused(
     queries and stay full.
     """
     device = pick_device()
-    executor, loaded = executor_for(msg.model, device, time_limit_s, msg.max_batch_tokens)
+    probe = [
+        (query.text, group.texts[c.chunk_id])
+        for query in group.queries
+        for c in query.candidates[: msg.rerank_top]
+    ][:32]
+    executor, loaded = executor_for(
+        msg.model, device, time_limit_s, msg.max_batch_tokens, msg.dtype, probe
+    )
     pairs: list[tuple[str, str]] = []
     lengths: list[int] = []
     owners: list[tuple[str, int]] = []

@@ -22,6 +22,7 @@ from typing import Any
 from shared.models import BM25, canonical_name, resolve_model
 from shared.schemas import BatchKind, ChunkBatch, ModelInfo, SparseRow, SparseShard
 from workers.batching import token_budget_batches
+from workers.precision import apply_precision, parameter_count, vectors_agree
 from workers.stage import StageResult
 
 # Padded tokens per SPLADE batch on CPU; the MLM head makes each token cost a full
@@ -36,7 +37,7 @@ class SparseModel:
     info: ModelInfo
 
 
-_loaded: dict[tuple[str, str], SparseModel] = {}
+_loaded: dict[tuple[str, str, str], SparseModel] = {}
 _lock = threading.Lock()
 
 
@@ -51,15 +52,28 @@ def resolve_device(requested: str | None) -> str:
     return requested
 
 
-def load_sparse(name: str, device: str) -> SparseModel:
-    """Load a SPLADE model once per process and device."""
+def load_sparse(
+    name: str, device: str, dtype: str = "auto", probe: list[str] | None = None
+) -> SparseModel:
+    """Load a SPLADE model once per process, device and dtype policy; ``probe`` (texts)
+    decides whether ``auto`` may keep bf16."""
     name = canonical_name(name)
     with _lock:
-        if (name, device) not in _loaded:
+        if (name, device, dtype) not in _loaded:
             from sentence_transformers import SparseEncoder
 
             resolved = resolve_model(name)
-            model = SparseEncoder(str(resolved.path), device=device)
+
+            def load() -> Any:
+                return SparseEncoder(str(resolved.path), device=device)
+
+            texts = (probe or ["a probe sentence"])[:32]
+
+            def encode(model: Any) -> Any:
+                vectors = model.encode(texts, convert_to_tensor=True, show_progress_bar=False)
+                return (vectors.to_dense() if vectors.is_sparse else vectors).float().cpu().numpy()
+
+            model, precision = apply_precision(load(), dtype, device, encode, vectors_agree, load)
             tokenizer = model.tokenizer
             vocab = [""] * len(tokenizer)
             for token, index in tokenizer.get_vocab().items():
@@ -70,13 +84,15 @@ def load_sparse(name: str, device: str) -> SparseModel:
                 source=resolved.source,
                 revision=resolved.revision,
                 dim=len(vocab),
-                dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                dtype=precision.dtype,
                 device=str(model.device),
                 max_seq_length=int(model.max_seq_length or 0),
                 kind="sparse",
+                dtype_reason=precision.reason,
+                parameters=parameter_count(model),
             )
-            _loaded[(name, device)] = SparseModel(model, vocab, info)
-        return _loaded[(name, device)]
+            _loaded[(name, device, dtype)] = SparseModel(model, vocab, info)
+        return _loaded[(name, device, dtype)]
 
 
 def bm25_tokenize(texts: list[str]) -> list[list[str]]:
@@ -118,9 +134,12 @@ def metadata_row(metadata: dict[str, Any]) -> SparseRow:
 class SparseVectorGenerator:
     """Sparse rows for every chunk of a batch, for every sparse model of the job."""
 
-    def __init__(self, device: str | None = None, max_batch_tokens: int | None = None) -> None:
+    def __init__(
+        self, device: str | None = None, max_batch_tokens: int | None = None, dtype: str = "auto"
+    ) -> None:
         self.device = resolve_device(device)
         self.max_batch_tokens = max_batch_tokens or DEFAULT_SPARSE_BATCH_TOKENS
+        self.dtype = dtype
 
     def encode(
         self, batch: ChunkBatch, models: list[str], kind: BatchKind = "documents"
@@ -139,7 +158,7 @@ class SparseVectorGenerator:
                 doc_freqs = freqs if kind == "documents" else {}
                 continue
             try:
-                sparse = load_sparse(name, self.device)
+                sparse = load_sparse(name, self.device, self.dtype, texts)
             except Exception as exc:  # unloadable model: fall back for the whole batch
                 errors.append(f"{name}: load failed: {type(exc).__name__}: {exc}"[:300])
                 rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]

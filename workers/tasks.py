@@ -116,7 +116,9 @@ def embed_batch(self: DenseTask, payload: dict[str, Any]) -> None:
     run_stage(
         self,
         payload,
-        lambda batch, msg: dense.encode_batch(batch, msg.models, msg.max_batch_tokens, msg.kind),
+        lambda batch, msg: dense.encode_batch(
+            batch, msg.models, msg.max_batch_tokens, msg.kind, msg.dtype
+        ),
     )
 
 
@@ -126,9 +128,9 @@ def encode_sparse_batch(self: SparseTask, payload: dict[str, Any]) -> None:
     run_stage(
         self,
         payload,
-        lambda batch, msg: SparseVectorGenerator(msg.device, msg.max_batch_tokens).encode(
-            batch, msg.models, msg.kind
-        ),
+        lambda batch, msg: SparseVectorGenerator(
+            msg.device, msg.max_batch_tokens, msg.dtype
+        ).encode(batch, msg.models, msg.kind),
     )
 
 

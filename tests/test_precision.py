@@ -1,0 +1,86 @@
+"""The dtype policy: what auto picks, the probe gate, and real models in bf16."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from shared.models import DEFAULT_DENSE_MODEL
+from workers import dense, precision
+from workers.precision import apply_precision, choose, min_cosine, scores_agree, vectors_agree
+
+
+def test_explicit_choices_and_auto_follow_the_hardware(monkeypatch) -> None:
+    assert choose("fp32", "cpu").dtype == "float32"
+    assert choose("bf16", "cpu").dtype == "bfloat16"
+    assert choose("fp16", "cuda").dtype == "float16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
+    emulated = choose("auto", "cpu")
+    assert emulated.dtype == "float32" and "without AMX/AVX512-BF16" in emulated.reason
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "amx_bf16", "avx512_bf16"})
+    native = choose("auto", "cpu")
+    assert native.dtype == "bfloat16" and "amx_bf16, avx512_bf16" in native.reason
+    with pytest.raises(ValueError, match="unknown dtype 'int8'"):
+        choose("int8", "cpu")
+
+
+def test_agreement_measures() -> None:
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert min_cosine(a, a) == pytest.approx(1.0)
+    # 45 degrees: cos = 0.7071 < 0.99
+    ok, detail = vectors_agree(a, np.array([[1.0, 1.0], [0.0, 1.0]]))
+    assert not ok and "0.7071" in detail
+    assert scores_agree(np.array([0.5, 0.9]), np.array([0.51, 0.89]))[0]
+    assert not scores_agree(np.array([0.5]), np.array([0.6]))[0]
+
+
+class Linear(torch.nn.Module):
+    """A model whose bf16 output is made to disagree (or not) with its fp32 output."""
+
+    def __init__(self, breaks_in_bf16: bool) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+        self.breaks = breaks_in_bf16
+
+    def probe(self, _: Any = None) -> np.ndarray[Any, Any]:
+        out = self.layer(torch.eye(4, dtype=self.layer.weight.dtype)).float().detach().numpy()
+        if self.breaks and self.layer.weight.dtype == torch.bfloat16:
+            out = -out
+        return out
+
+
+@pytest.mark.parametrize("breaks", [False, True])
+def test_auto_keeps_bf16_only_when_the_probe_agrees(monkeypatch, breaks) -> None:
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
+    torch.manual_seed(0)
+    model = Linear(breaks)
+    reloads: list[Linear] = []
+
+    def reload() -> Linear:
+        reloads.append(Linear(breaks))
+        return reloads[-1]
+
+    chosen, result = apply_precision(
+        model, "auto", "cpu", lambda m: m.probe(), vectors_agree, reload
+    )
+    if breaks:
+        assert result.dtype == "float32" and "kept fp32" in result.reason
+        assert chosen is reloads[0] and chosen.layer.weight.dtype == torch.float32
+    else:
+        assert result.dtype == "bfloat16" and "probe cosine min" in result.reason
+        assert chosen is model and model.layer.weight.dtype == torch.bfloat16 and not reloads
+
+
+def test_real_dense_model_in_bf16_exports_float32_vectors_close_to_fp32() -> None:
+    texts = ["experimental investigation of the aerodynamics of a wing", "boundary layer"]
+    fp32 = dense.load_dense(DEFAULT_DENSE_MODEL, "fp32", texts)
+    bf16 = dense.load_dense(DEFAULT_DENSE_MODEL, "bf16", texts)
+    assert fp32.info.dtype == "float32" and bf16.info.dtype == "bfloat16"
+    assert bf16.info.parameters == fp32.info.parameters > 20_000_000
+    a = fp32.model.encode(texts)
+    b = bf16.model.encode(texts)
+    assert b.dtype == np.float32
+    assert min_cosine(a, b) > 0.99
