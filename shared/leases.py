@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +61,27 @@ class LeaseInfo(Struct):
     pid: int
     held_s: float
     expires_in_s: float
+
+
+def gpu_count() -> int:
+    """GPUs this host offers: ``EMBED_FLEET_GPUS`` if set (0 keeps a worker on the CPU),
+    else what CUDA reports (honouring ``CUDA_VISIBLE_DEVICES``).
+
+    CUDA is asked in a child process: a worker's main process that touched CUDA before
+    Celery forks its pool leaves the pool unable to use it (seen on an H200: the forked
+    child's first CUDA call failed after the parent called ``torch.cuda.device_count()``).
+    """
+    forced = os.environ.get("EMBED_FLEET_GPUS")
+    if forced is not None and forced.strip():
+        return max(0, int(forced))
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+        )
+        return int(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return 0
 
 
 def lease_key(host: str, index: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -38,39 +39,51 @@ def test_agreement_measures() -> None:
 
 
 class Linear(torch.nn.Module):
-    """A model whose bf16 output is made to disagree (or not) with its fp32 output."""
+    """A model whose bf16 output can be made to disagree with fp32, and whose probe
+    takes longer in one dtype (as a device would)."""
 
-    def __init__(self, breaks_in_bf16: bool) -> None:
+    def __init__(self, breaks_in_bf16: bool, slow: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(4, 4)
         self.breaks = breaks_in_bf16
+        self.slow = slow
 
     def probe(self, _: Any = None) -> np.ndarray[Any, Any]:
+        if self.layer.weight.dtype == self.slow:
+            time.sleep(0.03)
         out = self.layer(torch.eye(4, dtype=self.layer.weight.dtype)).float().detach().numpy()
         if self.breaks and self.layer.weight.dtype == torch.bfloat16:
             out = -out
         return out
 
 
-@pytest.mark.parametrize("breaks", [False, True])
-def test_auto_keeps_bf16_only_when_the_probe_agrees(monkeypatch, breaks) -> None:
+@pytest.mark.parametrize(
+    ("breaks", "slow", "kept", "why"),
+    [
+        (False, torch.float32, "bfloat16", "probe cosine min"),
+        (True, torch.float32, "float32", "kept fp32: probe cosine min"),
+        (False, torch.bfloat16, "float32", "kept fp32: probe"),  # agrees, but slower
+    ],
+)
+def test_auto_keeps_bf16_only_when_the_probe_agrees_and_is_faster(
+    monkeypatch, breaks, slow, kept, why
+) -> None:
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
     torch.manual_seed(0)
-    model = Linear(breaks)
+    model = Linear(breaks, slow)
     reloads: list[Linear] = []
 
     def reload() -> Linear:
-        reloads.append(Linear(breaks))
+        reloads.append(Linear(breaks, slow))
         return reloads[-1]
 
     chosen, result = apply_precision(
         model, "auto", "cpu", lambda m: m.probe(), vectors_agree, reload
     )
-    if breaks:
-        assert result.dtype == "float32" and "kept fp32" in result.reason
+    assert result.dtype == kept and why in result.reason
+    if kept == "float32":
         assert chosen is reloads[0] and chosen.layer.weight.dtype == torch.float32
     else:
-        assert result.dtype == "bfloat16" and "probe cosine min" in result.reason
         assert chosen is model and model.layer.weight.dtype == torch.bfloat16 and not reloads
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from celery import signals
 
 from shared.errors import EmbedFleetError
-from shared.leases import GpuLease
+from shared.leases import GpuLease, gpu_count
 from shared.logs import get_logger
 from workers.hooks import ledger_client
 
@@ -26,17 +26,6 @@ log = get_logger("gpu")
 # The queues whose work runs on a GPU when there is one.
 GPU_QUEUES = frozenset({"dense", "rerank"})
 _lease: GpuLease | None = None
-
-
-def gpu_count() -> int:
-    """GPUs this host offers: ``EMBED_FLEET_GPUS`` if set (0 keeps a worker on the CPU),
-    else what CUDA reports."""
-    forced = os.environ.get("EMBED_FLEET_GPUS")
-    if forced is not None and forced.strip():
-        return max(0, int(forced))
-    import torch
-
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 def _consumes_gpu_queue(worker: Any) -> bool:
