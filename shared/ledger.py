@@ -63,6 +63,11 @@ def phase_stages(spec: JobSpec, phase: Phase) -> list[str]:
     return list(spec.stages) if phase == "encode" else [phase]
 
 
+def total_field(phase: Phase) -> str:
+    """The state field holding how many units ``phase`` has."""
+    return "total_batches" if phase == "encode" else f"total:{phase}"
+
+
 def next_status(spec: JobSpec, phase: Phase) -> JobStatus:
     """What the job does once ``phase`` is complete."""
     if phase == "encode":
@@ -210,7 +215,7 @@ class JobLedger:
     def open_phase(self, phase: Phase, units: int) -> bool:
         """Set how many units ``phase`` has (before they are enqueued). True if the
         caller must start the next phase at once (a phase without units)."""
-        self.client.hset(self.k_state, f"total:{phase}", units)
+        self.client.hset(self.k_state, total_field(phase), units)
         return self.check_phase(phase) if units == 0 else False
 
     # --- worker side -----------------------------------------------------------------
@@ -244,8 +249,7 @@ class JobLedger:
         keys = [self.k_state, self.k_guard(phase)]
         for stage in phase_stages(spec, phase):
             keys += [self.k_done(stage), self.k_failed(stage)]
-        total = "total_batches" if phase == "encode" else f"total:{phase}"
-        return bool(self._check(keys=keys, args=[total, next_status(spec, phase)]))
+        return bool(self._check(keys=keys, args=[total_field(phase), next_status(spec, phase)]))
 
     # --- aggregator side -----------------------------------------------------------
 
@@ -334,7 +338,7 @@ class JobLedger:
         total = state.get("total_batches")
         stages = []
         for i, name in enumerate(names):
-            stage_total = state.get("total_batches" if i < len(spec.stages) else f"total:{name}")
+            stage_total = state.get(total_field(PHASE_OF[name]))
             stages.append(
                 StageProgress(
                     stage=name,

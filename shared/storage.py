@@ -251,10 +251,10 @@ class JobLayout:
         self.root = join_key(safe_name(collection), safe_name(job_id))
 
     def batch(self, batch_id: str) -> str:
-        return join_key(self.root, "work", "batches", f"{batch_id}.msgpack")
+        return self.work("batches", f"{batch_id}.msgpack")
 
     def shard(self, stage: str, batch_id: str) -> str:
-        return join_key(self.root, "work", stage, f"{batch_id}.msgpack")
+        return self.work(stage, f"{batch_id}.msgpack")
 
     def work(self, *parts: str) -> str:
         return join_key(self.root, "work", *parts)

@@ -24,7 +24,6 @@ from shared.models import BM25
 from shared.phases import advance
 from shared.schemas import (
     DENSE_RANKING,
-    BM25Params,
     Candidate,
     FusedGroup,
     Hits,
@@ -38,7 +37,6 @@ from shared.schemas import (
 from shared.storage import ObjectStore
 from workers.fusion import fuse
 from workers.retrieval import JobShards, merge_hits
-from workers.sparse_export import BM25Statistics
 
 
 def doc_id_of(chunk_id: str) -> str:
@@ -75,12 +73,8 @@ def plan_retrieve(ledger: JobLedger, store: ObjectStore, app: Celery) -> int:
     spec = ledger.spec()
     shards = JobShards(store, spec)
     if BM25 in spec.sparse_models:
-        stats = BM25Statistics(spec.bm25 or BM25Params())
         failed = {f.batch_id for f in ledger.failures("sparse")}
-        for batch_id in ledger.staged_batches():
-            if batch_id not in failed:
-                shard = shards.sparse(batch_id)
-                stats.add(shard.rows[BM25], shard.doc_freqs)
+        stats = shards.merge_bm25([b for b in ledger.staged_batches() if b not in failed])
         store.put_bytes(shards.layout.bm25_statistics, msgspec.msgpack.encode(stats.collection()))
     units = retrieve_units(ledger, spec)
     if ledger.open_phase("retrieve", len(units)):
@@ -109,18 +103,13 @@ def read_queries(ledger: JobLedger, shards: JobShards) -> list[QueryText]:
     return out
 
 
-def merged_rankings(
-    ledger: JobLedger, shards: JobShards, query_ids: list[str]
-) -> dict[str, dict[str, Hits]]:
+def merged_rankings(ledger: JobLedger, shards: JobShards) -> dict[str, dict[str, Hits]]:
     """Per ranking, every query's global top-k, merged from the retrieve tasks' lists
     one shard at a time (memory: queries x rankings x k)."""
     spec = shards.spec
     k = _retrieval(spec).top_k
     merged: dict[str, dict[str, Hits]] = {}
-    failed = {f.batch_id for f in ledger.failures("retrieve")}
-    for report in ledger.reports("retrieve"):
-        if report.batch_id in failed:
-            continue
+    for report in ledger.reports("retrieve"):  # done units only; failed ones are missing
         data = shards.store.get_bytes(shards.layout.top_k(*_unit_parts(report.batch_id)))
         part = msgspec.msgpack.decode(data, type=TopKShard)
         for ranking, lists in part.hits.items():
@@ -139,7 +128,8 @@ def _unit_parts(unit_id: str) -> tuple[str, str]:
 def fused_candidates(
     query: QueryText, rankings: dict[str, dict[str, Hits]], retrieval: RetrievalSpec
 ) -> QueryCandidates:
-    """One query's fused candidates, with every ranking's raw score kept."""
+    """One query's fused candidates, with every ranking's raw score kept, and the
+    per-ranking lists (for the evaluation at export)."""
     lists = {name: by_query.get(query.id, Hits([], [])) for name, by_query in rankings.items()}
     fused = fuse(
         lists, retrieval.weights, retrieval.fusion, top_k=retrieval.top_k, rrf_k=retrieval.rrf_k
@@ -157,7 +147,9 @@ def fused_candidates(
         )
         for rank, hit in enumerate(fused, start=1)
     ]
-    return QueryCandidates(query_id=query.id, text=query.text, candidates=candidates)
+    return QueryCandidates(
+        query_id=query.id, text=query.text, candidates=candidates, rankings=lists
+    )
 
 
 def _rounded(score: float | None) -> float | None:
@@ -178,15 +170,10 @@ def fuse_job(ledger: JobLedger, store: ObjectStore, app: Celery) -> int:
     retrieval = _retrieval(spec)
     shards = JobShards(store, spec)
     queries = read_queries(ledger, shards)
-    rankings = merged_rankings(ledger, shards, [q.id for q in queries])
+    rankings = merged_rankings(ledger, shards)
     groups: list[FusedGroup] = []
     for group_id, members in query_groups(spec, queries):
         fused = [fused_candidates(q, rankings, retrieval) for q in members]
-        for entry in fused:  # per-ranking lists, kept for the evaluation at export
-            entry.rankings = {
-                name: by_query.get(entry.query_id, Hits([], []))
-                for name, by_query in rankings.items()
-            }
         groups.append(FusedGroup(job_id=spec.job_id, group_id=group_id, queries=fused))
     rerank = retrieval.rerank_model is not None and retrieval.rerank_top > 0
     if rerank:

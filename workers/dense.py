@@ -13,7 +13,7 @@ import numpy as np
 from shared.models import canonical_name, resolve_model
 from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.batching import token_budget_batches
-from workers.precision import apply_precision, parameter_count, vectors_agree
+from workers.precision import PROBE_ITEMS, apply_precision, parameter_count, vectors_agree
 from workers.stage import StageResult
 
 
@@ -27,7 +27,6 @@ class DenseModel:
 
 _loaded: dict[tuple[str, str], DenseModel] = {}
 _lock = threading.Lock()
-PROBE_TEXTS = 32
 
 
 def pick_device() -> str:
@@ -55,7 +54,7 @@ def load_dense(name: str, dtype: str = "auto", probe: list[str] | None = None) -
             def load() -> Any:
                 return SentenceTransformer(str(resolved.path), device=device)
 
-            texts = (probe or ["a probe sentence"])[:PROBE_TEXTS]
+            texts = (probe or ["a probe sentence"])[:PROBE_ITEMS]
             model, precision = apply_precision(
                 load(),
                 dtype,

@@ -23,12 +23,10 @@ from shared.schemas import (
     Artifact,
     BatchFailure,
     BatchReport,
-    BM25Params,
     ChunkBatch,
     ChunkRecord,
     Counts,
     CrossEncoderRerankRun,
-    DenseShard,
     FusedGroup,
     LatencySummary,
     Manifest,
@@ -40,7 +38,6 @@ from shared.schemas import (
     RerankStats,
     RetrievalSpec,
     SparseInferenceRun,
-    SparseShard,
 )
 from shared.storage import JobLayout, ObjectStore, open_store
 from workers.aggregate import query_groups, read_queries
@@ -103,6 +100,7 @@ class ExportRuntime:
         self.spec = ledger.spec()
         self.store = store or open_store(self.spec.output)
         self.layout = JobLayout(self.spec.collection, self.spec.job_id)
+        self.shards = JobShards(self.store, self.spec)
 
     def run(self) -> Manifest:
         started = time.time()
@@ -119,7 +117,7 @@ class ExportRuntime:
             with path.open("wb") as handle:
                 chunks = ArtifactWriter(handle)
                 for batch_id in batch_ids:
-                    self._write_batch(self._batch(batch_id), chunks)
+                    self._write_batch(self.shards.batch(batch_id), chunks)
             chunks_key = self.layout.artifact("chunks.jsonl")
             self.store.put_file(chunks_key, path)
             artifacts.append(chunks.artifact(chunks_key))
@@ -136,27 +134,19 @@ class ExportRuntime:
     def sparse(self) -> bool:
         return "sparse" in self.spec.stages
 
-    def _sparse_shard(self, batch_id: str) -> SparseShard:
-        data = self.store.get_bytes(self.layout.shard("sparse", batch_id))
-        return msgspec.msgpack.decode(data, type=SparseShard)
-
     def _bm25_statistics(self, batch_ids: list[str]) -> BM25Statistics | None:
         """First pass over the sparse shards: merge every batch's BM25 statistics."""
         if not self.sparse or BM25 not in self.spec.sparse_models:
             return None
-        planned = JobShards(self.store, self.spec).bm25()
+        planned = self.shards.bm25()
         if planned is not None:  # merged by the retrieve phase's plan step: same numbers
             return planned
-        stats = BM25Statistics(self.spec.bm25 or BM25Params())
-        for batch_id in batch_ids:
-            shard = self._sparse_shard(batch_id)
-            stats.add(shard.rows[BM25], shard.doc_freqs)
-        return stats
+        return self.shards.merge_bm25(batch_ids)
 
     def _sparse_vectors(self, batch: ChunkBatch) -> list[dict[str, dict[str, float]]] | None:
         if self.sparse_run is None:
             return None
-        shard = self._sparse_shard(batch.batch_id)
+        shard = self.shards.sparse(batch.batch_id)
         if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
             raise RuntimeError(f"sparse shard {batch.batch_id} does not match its chunk batch")
         self.sparse_run.add_shard(shard)
@@ -172,15 +162,11 @@ class ExportRuntime:
                     vectors[position][model] = exported
         return vectors
 
-    def _batch(self, batch_id: str) -> ChunkBatch:
-        data = self.store.get_bytes(self.layout.batch(batch_id))
-        return msgspec.msgpack.decode(data, type=ChunkBatch)
-
     def _missing(self, failure: BatchFailure) -> Missing:
         """What a failed batch leaves out; its chunk ids if its staged batch is readable
         (the failure may be that it is not)."""
         try:
-            ids = [chunk.chunk_id for chunk in self._batch(failure.batch_id).chunks]
+            ids = [chunk.chunk_id for chunk in self.shards.batch(failure.batch_id).chunks]
         except Exception:
             ids = []
         return Missing(
@@ -188,9 +174,7 @@ class ExportRuntime:
         )
 
     def _write_batch(self, batch: ChunkBatch, out: ArtifactWriter) -> None:
-        shard = msgspec.msgpack.decode(
-            self.store.get_bytes(self.layout.shard("dense", batch.batch_id)), type=DenseShard
-        )
+        shard = self.shards.dense(batch.batch_id)
         if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
             raise RuntimeError(f"dense shard {batch.batch_id} does not match its chunk batch")
         # float32 -> Python float is exact; JSON then holds each float32 value exactly.
@@ -222,8 +206,7 @@ class ExportRuntime:
     ) -> list[Artifact]:
         """``results.jsonl`` (one line per query, final order) and, with judgements,
         ``metrics.json``."""
-        shards = JobShards(self.store, self.spec)
-        queries = read_queries(self.ledger, shards)
+        queries = read_queries(self.ledger, self.shards)
         reranked = retrieval.rerank_model is not None and retrieval.rerank_top > 0
         failed_reranks = {f.batch_id: f for f in self.ledger.failures("rerank")}
         missing += [self._missing(f) for f in self.ledger.failures("retrieve")]

@@ -8,6 +8,8 @@ the hand-off to the export phase all live here. Task bodies only do their stage'
 from __future__ import annotations
 
 import os
+import socket
+import time
 from typing import Any, ClassVar
 
 import msgspec
@@ -18,7 +20,7 @@ from shared.config import Settings
 from shared.ledger import PHASE_OF, JobLedger, Phase, connect
 from shared.logs import get_logger
 from shared.phases import advance
-from shared.schemas import BatchFailure
+from shared.schemas import BatchFailure, BatchKind, BatchReport
 
 log = get_logger("worker")
 _settings = Settings.from_env()
@@ -55,6 +57,36 @@ class FleetTask(Task):  # type: ignore[misc]
 
     def ledger(self, job_id: str) -> JobLedger:
         return JobLedger(ledger_client(), job_id)
+
+    def report_done(
+        self,
+        ledger: JobLedger,
+        *,
+        unit: str,
+        items: int,
+        started: float,
+        device: str,
+        batch_sizes: list[int],
+        kind: BatchKind,
+        tokens: int = 0,
+    ) -> BatchReport:
+        """Record a finished unit of this task's stage; if it completed its phase, start
+        the next one."""
+        report = BatchReport(
+            batch_id=unit,
+            stage=self.stage,
+            chunks=items,
+            tokens=tokens,
+            started_at=started,
+            finished_at=time.time(),
+            worker=f"{socket.gethostname()}:{self.request.hostname or ''}",
+            device=device,
+            batch_sizes=batch_sizes,
+            kind=kind,
+        )
+        if ledger.record_done(report):
+            self.advance(ledger, PHASE_OF[self.stage])
+        return report
 
     def advance(self, ledger: JobLedger, phase: Phase) -> None:
         """Start what follows ``phase``; called by whoever won its guard."""

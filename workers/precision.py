@@ -35,6 +35,8 @@ MIN_PROBE_COSINE = 0.99
 # Reranker scores (sigmoid, 0..1) that drift more than this reorder candidates.
 MAX_SCORE_DRIFT = 0.02
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# Items (texts or pairs) a probe encodes: enough to see drift, cheap next to a batch.
+PROBE_ITEMS = 32
 
 
 def cpu_flags() -> set[str]:

@@ -37,7 +37,7 @@ from shared.models import canonical_name, resolve_model
 from shared.schemas import FusedGroup, ModelInfo, RerankGroup, RerankShard, RerankStats
 from workers.batching import token_budget_batches
 from workers.dense import pick_device
-from workers.precision import apply_precision, parameter_count, scores_agree
+from workers.precision import PROBE_ITEMS, apply_precision, parameter_count, scores_agree
 
 log = logging.getLogger(f"{LOGGER}.rerank")
 
@@ -102,7 +102,7 @@ def load_cross_encoder(
             def load() -> Any:
                 return CrossEncoder(str(resolved.path), device=device)
 
-            pairs = [list(pair) for pair in (probe or [("a query", "a passage")])[:32]]
+            pairs = [list(pair) for pair in (probe or [("a query", "a passage")])[:PROBE_ITEMS]]
             model, precision = apply_precision(
                 load(),
                 dtype,
@@ -599,7 +599,7 @@ def rerank_fused(
         (query.text, group.texts[c.chunk_id])
         for query in group.queries
         for c in query.candidates[: msg.rerank_top]
-    ][:32]
+    ][:PROBE_ITEMS]
     executor, loaded = executor_for(
         msg.model, device, time_limit_s, msg.max_batch_tokens, msg.dtype, probe
     )

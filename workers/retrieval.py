@@ -27,6 +27,7 @@ from shared.models import BM25
 from shared.schemas import (
     DENSE_RANKING,
     BM25Collection,
+    BM25Params,
     ChunkBatch,
     DenseShard,
     Hits,
@@ -214,6 +215,14 @@ class JobShards:
     def sparse(self, batch_id: str) -> SparseShard:
         data = self.store.get_bytes(self.layout.shard("sparse", batch_id))
         return msgspec.msgpack.decode(data, type=SparseShard)
+
+    def merge_bm25(self, batch_ids: list[str]) -> BM25Statistics:
+        """The collection's BM25 statistics, merged from these batches' sparse shards."""
+        stats = BM25Statistics(self.spec.bm25 or BM25Params())
+        for batch_id in batch_ids:
+            shard = self.sparse(batch_id)
+            stats.add(shard.rows[BM25], shard.doc_freqs)
+        return stats
 
     def bm25(self) -> BM25Statistics | None:
         if BM25 not in self.spec.sparse_models or not self.store.exists(

@@ -22,7 +22,7 @@ from typing import Any
 from shared.models import BM25, canonical_name, resolve_model
 from shared.schemas import BatchKind, ChunkBatch, ModelInfo, SparseRow, SparseShard
 from workers.batching import token_budget_batches
-from workers.precision import apply_precision, parameter_count, vectors_agree
+from workers.precision import PROBE_ITEMS, apply_precision, parameter_count, vectors_agree
 from workers.stage import StageResult
 
 # Padded tokens per SPLADE batch on CPU; the MLM head makes each token cost a full
@@ -67,7 +67,7 @@ def load_sparse(
             def load() -> Any:
                 return SparseEncoder(str(resolved.path), device=device)
 
-            texts = (probe or ["a probe sentence"])[:32]
+            texts = (probe or ["a probe sentence"])[:PROBE_ITEMS]
 
             def encode(model: Any) -> Any:
                 vectors = model.encode(texts, convert_to_tensor=True, show_progress_bar=False)

@@ -3,7 +3,6 @@ its stage's work, and reports to the ledger; retries and failure live in FleetTa
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +21,6 @@ from shared.celery_app import (
 )
 from shared.logs import get_logger
 from shared.schemas import (
-    BatchReport,
     ChunkBatch,
     EmbedBatch,
     ExportJob,
@@ -86,17 +84,15 @@ def run_stage(
     store.put_bytes(msg.shard_key, msgspec.msgpack.encode(result.shard))
     for info in result.models:
         ledger.record_model(info)
-    report = BatchReport(
-        batch_id=msg.batch_id,
-        stage=task.stage,
-        chunks=len(batch.chunks),
-        tokens=result.tokens,
-        started_at=started,
-        finished_at=time.time(),
-        worker=f"{socket.gethostname()}:{task.request.hostname or ''}",
+    report = task.report_done(
+        ledger,
+        unit=msg.batch_id,
+        items=len(batch.chunks),
+        started=started,
         device=result.device,
         batch_sizes=result.batch_sizes,
         kind=msg.kind,
+        tokens=result.tokens,
     )
     fields = {
         "job_id": msg.job_id,
@@ -106,8 +102,6 @@ def run_stage(
         "latency_s": round(report.latency_s, 3),
     }
     log.info("batch encoded", extra={"fields": fields})
-    if ledger.record_done(report):
-        task.advance(ledger, "encode")
 
 
 @app.task(name=TASK_EMBED_DENSE, base=DenseTask, bind=True)
@@ -145,20 +139,15 @@ def run_retrieve(task: FleetTask, payload: dict[str, Any], stage: str) -> None:
     query_ids, hits = retrieve(shards, stage, queries, msg.batch_ids, msg.top_k)
     shard = TopKShard(job_id=msg.job_id, group_id=msg.group_id, query_ids=query_ids, hits=hits)
     shards.store.put_bytes(shards.layout.top_k(stage, msg.group_id), msgspec.msgpack.encode(shard))
-    report = BatchReport(
-        batch_id=msg.group_id,
-        stage="retrieve",
-        chunks=len(query_ids),
-        tokens=0,
-        started_at=started,
-        finished_at=time.time(),
-        worker=f"{socket.gethostname()}:{task.request.hostname or ''}",
+    task.report_done(
+        ledger,
+        unit=msg.group_id,
+        items=len(query_ids),
+        started=started,
         device="cpu",
         batch_sizes=[],
         kind="queries",
     )
-    if ledger.record_done(report):
-        task.advance(ledger, "retrieve")
 
 
 @app.task(name=TASK_RETRIEVE_DENSE, base=RetrieveTask, bind=True)
@@ -188,20 +177,15 @@ def rerank_group(self: RerankTask, payload: dict[str, Any]) -> None:
     shard, info = rerank.rerank_fused(group, msg, settings().rerank_batch_timeout)
     store.put_bytes(layout.reranked(msg.group_id), msgspec.msgpack.encode(shard))
     ledger.record_model(info)
-    report = BatchReport(
-        batch_id=msg.group_id,
-        stage="rerank",
-        chunks=shard.stats.pairs_asked,
-        tokens=0,
-        started_at=started,
-        finished_at=time.time(),
-        worker=f"{socket.gethostname()}:{self.request.hostname or ''}",
+    self.report_done(
+        ledger,
+        unit=msg.group_id,
+        items=shard.stats.pairs_asked,
+        started=started,
         device=info.device,
         batch_sizes=shard.stats.batch_sizes,
         kind="queries",
     )
-    if ledger.record_done(report):
-        self.advance(ledger, "rerank")
 
 
 def run_aggregator_step(
