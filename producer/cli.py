@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import os
 import sys
@@ -27,9 +28,9 @@ from producer.follow import (
     summary_table,
 )
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
-from producer.local_fleet import LocalFleet, local_queues
+from producer.local_fleet import LocalFleet, local_queues, preload_list
 from producer.sources import ReadProgress
-from shared import logs
+from shared import logs, telemetry
 from shared.celery_app import make_app
 from shared.config import Settings
 from shared.errors import EmbedFleetError
@@ -40,6 +41,7 @@ from shared.models import (
     DEFAULT_DENSE_MODEL,
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
+    PRELOAD_ENV,
 )
 from shared.schemas import BM25Params, Manifest
 from shared.storage import JobLayout, ObjectStore, open_store, safe_name
@@ -248,10 +250,24 @@ def main() -> None:
     "Follow later with `status JOB_ID`.",
 )
 @click.option(
+    "--model-cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="The one model cache (HF_HOME) for dense, sparse and rerank models, for this "
+    "command and the local workers it starts. Default: $HF_HOME, else "
+    "~/.cache/huggingface. Workers of a shared fleet read their own HF_HOME.",
+)
+@click.option(
+    "--trace-console",
+    is_flag=True,
+    help="Print OpenTelemetry spans on stderr (the producer's; local workers' go to "
+    "their logs). OTLP export is set by the standard OTEL_* variables.",
+)
+@click.option(
     "--json",
     "as_json",
     is_flag=True,
-    help="Print progress and the summary as JSON lines on stdout.",
+    help="Print progress (with live per-stage figures) and the summary as JSON lines on stdout.",
 )
 def run(
     source: str,
@@ -280,6 +296,8 @@ def run(
     retrieve_chunks_per_task: int,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
+    model_cache: str | None,
+    trace_console: bool,
     as_json: bool,
 ) -> None:
     """Embed SOURCE: a BEIR folder, a JSONL file, or a folder of .txt/.md files.
@@ -292,6 +310,11 @@ def run(
     metrics.json (with judgements), then manifest.json. Exit code: 0 complete,
     1 partial or failed, 2 bad input or configuration, 130 interrupted.
     """
+    if model_cache:
+        os.environ["HF_HOME"] = str(Path(model_cache).expanduser().resolve())
+    if trace_console:
+        os.environ[telemetry.TRACE_CONSOLE_ENV] = "1"
+    telemetry.configure("embed-fleet-producer")
     settings = Settings.from_env()
     options = JobOptions(
         source=source,
@@ -335,6 +358,7 @@ def run(
                     "[dim]no REDIS_URL set: starting a private Redis and local workers[/]"
                 )
             queues = local_queues(job.spec)
+            os.environ.setdefault(PRELOAD_ENV, preload_list(job.spec))
             with LocalFleet(queues) as fleet:
                 local = dataclasses.replace(settings, broker_url=fleet.redis_url)
                 client = connect(fleet.redis_url)
@@ -349,6 +373,8 @@ def run(
             "as complete (no manifest)"
         )
         sys.exit(EXIT_INTERRUPTED)
+    finally:
+        telemetry.shutdown()
     sys.exit(code)
 
 
@@ -386,11 +412,29 @@ def _submit(
     as_json: bool,
     on_tick: Callable[[], None] | None = None,
 ) -> int:
+    attributes = {
+        "embed_fleet.job_id": job.spec.job_id,
+        "embed_fleet.collection": job.spec.collection,
+    }
+    with telemetry.tracer().start_as_current_span("embed_fleet.run", attributes=attributes):
+        return _submit_traced(job, settings, client, detach, as_json, on_tick)
+
+
+def _submit_traced(
+    job: PreparedJob,
+    settings: Settings,
+    client: redis.Redis,
+    detach: bool,
+    as_json: bool,
+    on_tick: Callable[[], None] | None,
+) -> int:
     app = make_app(settings)
     ledger = JobLedger(client, job.spec.job_id)
     ledger.open(job.spec, job.validation.documents, job.validation.bytes_total)
     stager = Stager(job, ledger, app, settings.ledger_ttl)
-    thread = threading.Thread(target=stager.run, name="stager", daemon=True)
+    # The stager's thread publishes under the run span: it needs this context.
+    staging = contextvars.copy_context()
+    thread = threading.Thread(target=staging.run, args=(stager.run,), name="stager", daemon=True)
     thread.start()
     if not as_json:
         console.print(

@@ -23,6 +23,7 @@ from types import TracebackType
 import redis
 
 from shared.errors import EmbedFleetError
+from shared.models import BM25
 from shared.schemas import JobSpec
 
 QUEUES = ("dense", "aggregate")
@@ -33,6 +34,16 @@ def local_queues(spec: JobSpec) -> tuple[str, ...]:
     a GPU worker of a real fleet does."""
     dense = "dense,rerank" if spec.retrieval and spec.retrieval.rerank_model else "dense"
     return (dense, *(["sparse"] if spec.sparse_models else []), "aggregate")
+
+
+def preload_list(spec: JobSpec) -> str:
+    """``EMBED_FLEET_PRELOAD`` for the job's models (see ``workers.preload``), so each
+    local worker stages them while the producer is still validating and staging."""
+    items = [f"dense:{name}@{spec.dtype}" for name in spec.dense_models]
+    items += [f"sparse:{name}@{spec.dtype}" for name in spec.sparse_models if name != BM25]
+    if spec.retrieval and spec.retrieval.rerank_model:
+        items.append(f"rerank:{spec.retrieval.rerank_model}@{spec.dtype}")
+    return ",".join(items)
 
 
 def redis_server_binary() -> str:

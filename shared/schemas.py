@@ -292,6 +292,14 @@ class BatchReport(Struct):
     device: str
     batch_sizes: list[int]
     kind: BatchKind = "documents"
+    # Telemetry of the unit's model batches (see workers.measure).
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""  # "gpu" (max_memory_allocated) or "rss" (a CPU's)
+    oom_count: int = 0
+    # Model name -> padded-token budget the worker had learned when the unit ended.
+    budgets: dict[str, int] = {}
+    # Items the unit's model could not process (rerank: pairs left unscored).
+    items_missed: int = 0
 
     @property
     def latency_s(self) -> float:
@@ -334,6 +342,8 @@ class StageProgress(Struct):
     chunks_done: int
     queries_done: int = 0
     total: int | None = None
+    # Live figures of the units so far (``progress(detail=True)``; the live view).
+    summary: LatencySummary | None = None
 
 
 class JobProgress(Struct):
@@ -418,6 +428,8 @@ class RerankStats(Struct):
     timeout_count: int = 0
     fallbacks: dict[str, int] = {}
     max_batch_tokens: int = 0
+    peak_memory_bytes: int = 0
+    tokens: int = 0
 
 
 class RerankShard(Struct):
@@ -478,7 +490,8 @@ class Artifact(Struct):
 
 
 class LatencySummary(Struct):
-    """Per-stage latency, seconds per batch, and the sizes of its model batches."""
+    """Per-stage figures: latency (seconds per unit), throughput, the sizes of its model
+    batches, and what the units reported about memory and out-of-memory retries."""
 
     batches: int
     items: int
@@ -489,6 +502,16 @@ class LatencySummary(Struct):
     batch_size_min: int = 0
     batch_size_p50: int = 0
     batch_size_max: int = 0
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    oom_count: int = 0
+    # Model -> the smallest budget any worker had learned at its last unit.
+    budgets: dict[str, int] = {}
+    devices: list[str] = []
+    # Share of the items the model processed (1.0 unless a unit reported misses).
+    coverage: float = 1.0
 
     @classmethod
     def from_samples(
@@ -508,6 +531,40 @@ class LatencySummary(Struct):
             batch_size_p50=int(np.percentile(sizes, 50)),
             batch_size_max=int(max(sizes)),
         )
+
+    @classmethod
+    def from_reports(cls, reports: list[BatchReport]) -> LatencySummary:
+        """The stage's figures from the units its workers recorded in the ledger."""
+        if not reports:
+            return cls.from_samples([], 0, 0.0)
+        span = max(r.finished_at for r in reports) - min(r.started_at for r in reports)
+        summary = cls.from_samples(
+            [r.latency_s for r in reports],
+            sum(r.chunks for r in reports),
+            span,
+            [size for r in reports for size in r.batch_sizes],
+        )
+        latest: dict[tuple[str, str], tuple[float, int]] = {}
+        for r in reports:
+            for model, budget in r.budgets.items():
+                key = (r.worker, model)
+                if key not in latest or latest[key][0] < r.finished_at:
+                    latest[key] = (r.finished_at, budget)
+        budgets: dict[str, int] = {}
+        for (_, model), (_, budget) in latest.items():
+            budgets[model] = min(budget, budgets.get(model, budget))
+        tokens = sum(r.tokens for r in reports)
+        peak = max(reports, key=lambda r: r.peak_memory_bytes)
+        missed = sum(r.items_missed for r in reports)
+        summary.tokens = tokens
+        summary.tokens_per_s = round(tokens / span, 1) if span > 0 else 0.0
+        summary.peak_memory_bytes = peak.peak_memory_bytes
+        summary.peak_memory_kind = peak.peak_memory_kind
+        summary.oom_count = sum(r.oom_count for r in reports)
+        summary.budgets = budgets
+        summary.devices = sorted({r.device for r in reports if r.device})
+        summary.coverage = round(1 - missed / summary.items, 4) if summary.items else 1.0
+        return summary
 
 
 class Counts(Struct):
@@ -576,15 +633,18 @@ class RankingMetrics(Struct):
 
 
 class Metrics(Struct):
-    """``metrics.json``: retrieval quality per ranking, when judgements were given."""
+    """``metrics.json``: every stage's figures (latency, throughput, batch sizes, peak
+    memory, out-of-memory retries, learned batch budgets) and, when judgements were
+    given, retrieval quality per ranking."""
 
     job_id: str
     collection: str
-    qrels: str
-    queries_judged: int
-    rankings: dict[str, RankingMetrics]
-    fusion: Fusion
-    weights: dict[str, float]
+    stages: dict[str, LatencySummary] = {}
+    qrels: str = ""
+    queries_judged: int = 0
+    rankings: dict[str, RankingMetrics] = {}
+    fusion: Fusion | None = None
+    weights: dict[str, float] = {}
     document_score: str = "max over the document's chunks"
     evaluator: str = ""
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 from crossencoder import build_tiny_cross_encoder
 
+from workers.model_manager import Loaded
 from workers.rerank import (
     CrossEncoderBatchExecutor,
-    RerankModel,
     default_rerank_tokens,
     load_cross_encoder,
     pair_lengths,
@@ -34,7 +34,7 @@ QUERY = "heat transfer in a turbulent boundary layer"
 
 
 @pytest.fixture(scope="module")
-def reranker(tmp_path_factory: pytest.TempPathFactory) -> RerankModel:
+def reranker(tmp_path_factory: pytest.TempPathFactory) -> Loaded:
     folder = build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "tiny-ce")
     return load_cross_encoder(str(folder), "cpu")
 
@@ -49,14 +49,14 @@ def pairs() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def lengths(reranker: RerankModel, pairs: list[tuple[str, str]]) -> list[int]:
+def lengths(reranker: Loaded, pairs: list[tuple[str, str]]) -> list[int]:
     return pair_lengths(
         reranker.model.tokenizer, QUERY, [p for _, p in pairs], reranker.info.max_seq_length
     )
 
 
 @pytest.fixture(scope="module")
-def bare(reranker: RerankModel, pairs: list[tuple[str, str]]) -> np.ndarray[Any, Any]:
+def bare(reranker: Loaded, pairs: list[tuple[str, str]]) -> np.ndarray[Any, Any]:
     """What the plain CrossEncoder says, in one call with its own batching."""
     return np.asarray(reranker.model.predict(pairs, show_progress_bar=False))
 
@@ -113,13 +113,13 @@ def assert_alarm_untouched(handler_before: Any) -> None:
 # --- loading and lengths ---------------------------------------------------------------
 
 
-def test_load_once_with_model_info(reranker: RerankModel) -> None:
+def test_load_once_with_model_info(reranker: Loaded) -> None:
     info = reranker.info
     assert info.kind == "rerank"
     assert info.source == "path"
     assert info.revision.startswith("sha256:")
     assert (info.dim, info.dtype, info.device, info.max_seq_length) == (1, "float32", "cpu", 512)
-    assert load_cross_encoder(info.name, "cpu") is reranker
+    assert load_cross_encoder(info.name, "cpu").model is reranker.model
 
 
 def test_default_budgets() -> None:
@@ -128,7 +128,7 @@ def test_default_budgets() -> None:
     assert default_rerank_tokens("mps") == 4096
 
 
-def test_pair_lengths_match_tokenizer_and_cap(reranker: RerankModel) -> None:
+def test_pair_lengths_match_tokenizer_and_cap(reranker: Loaded) -> None:
     tokenizer = reranker.model.tokenizer
     passages = ["x", "supersonic flow over a wedge", " ".join(WORDS * 10), ""]
     got = pair_lengths(tokenizer, QUERY, passages, max_length=32)
@@ -146,7 +146,7 @@ def test_pair_lengths_match_tokenizer_and_cap(reranker: RerankModel) -> None:
     assert pair_lengths(tokenizer, QUERY, [], max_length=32) == []
 
 
-def test_pair_lengths_are_what_the_model_sees(reranker: RerankModel) -> None:
+def test_pair_lengths_are_what_the_model_sees(reranker: Loaded) -> None:
     passages = ["x", "supersonic flow over a wedge", " ".join(WORDS * 100), ""]
     limit = reranker.info.max_seq_length
     got = pair_lengths(reranker.model.tokenizer, QUERY, passages, max_length=limit)
@@ -159,7 +159,7 @@ def test_pair_lengths_are_what_the_model_sees(reranker: RerankModel) -> None:
 
 
 def test_scores_equal_bare_predict_in_input_order(
-    reranker: RerankModel,
+    reranker: Loaded,
     pairs: list[tuple[str, str]],
     lengths: list[int],
     bare: np.ndarray[Any, Any],
@@ -184,7 +184,7 @@ def test_scores_equal_bare_predict_in_input_order(
 
 @pytest.mark.parametrize("columns", [1, 2])
 def test_column_output(
-    reranker: RerankModel,
+    reranker: Loaded,
     pairs: list[tuple[str, str]],
     lengths: list[int],
     bare: np.ndarray[Any, Any],
@@ -199,7 +199,7 @@ def test_column_output(
             executor.score(pairs, lengths)
 
 
-def test_mismatched_lengths_rejected(reranker: RerankModel) -> None:
+def test_mismatched_lengths_rejected(reranker: Loaded) -> None:
     executor = CrossEncoderBatchExecutor(reranker.model, "cpu", 4096)
     with pytest.raises(ValueError, match="lengths"):
         executor.score([("q", "p")], [])
@@ -209,7 +209,7 @@ def test_mismatched_lengths_rejected(reranker: RerankModel) -> None:
 
 
 def test_oom_shrinks_then_grows_back(
-    reranker: RerankModel,
+    reranker: Loaded,
     pairs: list[tuple[str, str]],
     lengths: list[int],
     bare: np.ndarray[Any, Any],
@@ -244,7 +244,7 @@ def test_oom_shrinks_then_grows_back(
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])
 def test_oom_on_a_single_pair_falls_back(
-    reranker: RerankModel,
+    reranker: Loaded,
     pairs: list[tuple[str, str]],
     lengths: list[int],
     bare: np.ndarray[Any, Any],
@@ -291,7 +291,7 @@ UNIFORM = [10] * 12  # with a budget of 40: batches of exactly 4 pairs
 
 
 def test_timeout_splits_the_batch(
-    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
@@ -313,7 +313,7 @@ def test_timeout_splits_the_batch(
 
 
 def test_timeout_everywhere_leaves_pairs_unreranked(
-    reranker: RerankModel, pairs: list[tuple[str, str]]
+    reranker: Loaded, pairs: list[tuple[str, str]]
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
@@ -330,7 +330,7 @@ def test_timeout_everywhere_leaves_pairs_unreranked(
 
 
 def test_timeout_of_one_half_costs_only_that_half(
-    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
 ) -> None:
     executor = CrossEncoderBatchExecutor(
         reranker.model,
@@ -349,7 +349,7 @@ def test_timeout_of_one_half_costs_only_that_half(
 
 
 def test_timeout_falls_back_to_the_cpu_model(
-    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
 ) -> None:
     executor: CrossEncoderBatchExecutor | None = None
 
@@ -375,7 +375,7 @@ def test_timeout_falls_back_to_the_cpu_model(
 
 
 def test_slow_cpu_fallback_leaves_pairs_unreranked(
-    reranker: RerankModel, pairs: list[tuple[str, str]]
+    reranker: Loaded, pairs: list[tuple[str, str]]
 ) -> None:
     executor = CrossEncoderBatchExecutor(
         reranker.model,
@@ -392,7 +392,7 @@ def test_slow_cpu_fallback_leaves_pairs_unreranked(
 
 
 def test_off_the_main_thread_slow_batches_are_counted_and_kept(
-    reranker: RerankModel, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
@@ -410,7 +410,7 @@ def test_off_the_main_thread_slow_batches_are_counted_and_kept(
     assert_alarm_untouched(handler)
 
 
-def test_previous_alarm_is_restored(reranker: RerankModel, pairs: list[tuple[str, str]]) -> None:
+def test_previous_alarm_is_restored(reranker: Loaded, pairs: list[tuple[str, str]]) -> None:
     fired: list[int] = []
 
     def previous(signum: int, frame: Any) -> None:
@@ -439,7 +439,7 @@ def test_previous_alarm_is_restored(reranker: RerankModel, pairs: list[tuple[str
         signal.signal(signal.SIGALRM, old)
 
 
-def test_invalid_settings_rejected(reranker: RerankModel) -> None:
+def test_invalid_settings_rejected(reranker: Loaded) -> None:
     for kwargs in ({"time_limit_s": 0.0}, {"grow_after": 0}):
         with pytest.raises(ValueError):
             CrossEncoderBatchExecutor(reranker.model, "cpu", 4096, **kwargs)

@@ -10,7 +10,9 @@ import torch (models load on a worker's first task), so Flower stays light.
 
 from __future__ import annotations
 
-from shared import logs
+from celery import signals
+
+from shared import logs, telemetry
 from shared.celery_app import make_app
 from shared.config import Settings
 
@@ -18,4 +20,11 @@ _settings = Settings.from_env()
 logs.configure(_settings.log_level)
 app = make_app(_settings)
 
-from workers import gpu_lease, tasks  # noqa: E402, F401  (registers signals and tasks)
+from workers import gpu_lease, preload, tasks  # noqa: E402, F401  (registers signals and tasks)
+
+
+@signals.worker_process_init.connect
+def start_tracing(**_: object) -> None:
+    """Tracing in every pool process (after the fork: exporter threads do not survive
+    one); off unless OTEL_* or EMBED_FLEET_TRACE_* ask for it (see shared.telemetry)."""
+    telemetry.configure("embed-fleet-worker")

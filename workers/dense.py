@@ -4,29 +4,16 @@ a token budget, vectors L2-normalised float32, one matrix per model."""
 from __future__ import annotations
 
 import os
-import threading
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from shared.models import canonical_name, resolve_model
 from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
-from workers.batching import token_budget_batches
-from workers.precision import PROBE_ITEMS, apply_precision, parameter_count, vectors_agree
+from workers.adaptive import run_adaptive
+from workers.measure import StageFigures
+from workers.model_manager import Loaded, ModelFamily, manager
+from workers.precision import vectors_agree
 from workers.stage import StageResult
-
-
-@dataclass
-class DenseModel:
-    """A loaded SentenceTransformer and what the manifest records about it."""
-
-    model: Any
-    info: ModelInfo
-
-
-_loaded: dict[tuple[str, str], DenseModel] = {}
-_lock = threading.Lock()
 
 
 def pick_device() -> str:
@@ -40,42 +27,33 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_dense(name: str, dtype: str = "auto", probe: list[str] | None = None) -> DenseModel:
-    """Load a model once per process and dtype policy; later calls return the same
-    instance. ``probe`` (texts) decides whether ``auto`` may keep bf16."""
-    name = canonical_name(name)
-    with _lock:
-        if (name, dtype) not in _loaded:
-            from sentence_transformers import SentenceTransformer
+def _load(path: str, device: str) -> Any:
+    from sentence_transformers import SentenceTransformer
 
-            resolved = resolve_model(name)
-            device = pick_device()
+    return SentenceTransformer(path, device=device)
 
-            def load() -> Any:
-                return SentenceTransformer(str(resolved.path), device=device)
 
-            texts = (probe or ["a probe sentence"])[:PROBE_ITEMS]
-            model, precision = apply_precision(
-                load(),
-                dtype,
-                device,
-                lambda m: m.encode(texts, batch_size=len(texts), show_progress_bar=False),
-                vectors_agree,
-                load,
-            )
-            info = ModelInfo(
-                name=resolved.name,
-                source=resolved.source,
-                revision=resolved.revision,
-                dim=int(_embedding_dim(model)),
-                dtype=precision.dtype,
-                device=str(model.device),
-                max_seq_length=int(model.max_seq_length or 0),
-                dtype_reason=precision.reason,
-                parameters=parameter_count(model),
-            )
-            _loaded[(name, dtype)] = DenseModel(model, info)
-        return _loaded[(name, dtype)]
+def _probe(model: Any, texts: list[str]) -> np.ndarray[Any, Any]:
+    vectors: np.ndarray[Any, Any] = model.encode(
+        texts, batch_size=len(texts), show_progress_bar=False
+    )
+    return vectors
+
+
+DENSE = ModelFamily(
+    kind="dense",
+    load=_load,
+    probe=_probe,
+    agree=vectors_agree,
+    dim=lambda model: _embedding_dim(model),
+    max_seq_length=lambda model: int(model.max_seq_length or 0),
+)
+
+
+def load_dense(name: str, dtype: str = "auto", probe: list[str] | None = None) -> Loaded:
+    """The dense model, hydrated on this worker's device by the :class:`ModelManager`;
+    ``probe`` (texts) decides whether ``auto`` may keep bf16."""
+    return manager().get(DENSE, name, pick_device(), dtype, probe)
 
 
 # Padded tokens per model batch when the job leaves it to the worker. Measured on a
@@ -105,23 +83,36 @@ def encode_batch(
     texts = [chunk.text for chunk in batch.chunks]
     # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
     lengths = [chunk.n_tokens + 2 for chunk in batch.chunks]
-    budget = max_batch_tokens or default_batch_tokens(pick_device())
-    groups = token_budget_batches(lengths, budget)
+    device = pick_device()
+    ceiling = max_batch_tokens or default_batch_tokens(device)
     vectors: dict[str, Matrix] = {}
     infos: list[ModelInfo] = []
+    sizes: list[int] = []
+    figures = StageFigures()
     for name in models:
         dense = load_dense(name, dtype, texts)
         out = np.zeros((len(texts), dense.info.dim), dtype=np.float32)
         encode = dense.model.encode_query if kind == "queries" else dense.model.encode
-        for group in groups:
-            encoded = encode(
+
+        def run(group: list[int], encode: Any = encode, out: Any = out) -> None:
+            out[group] = encode(
                 [texts[i] for i in group],
                 batch_size=len(group),
                 convert_to_numpy=True,
                 normalize_embeddings=False,
                 show_progress_bar=False,
             )
-            out[group] = encoded
+
+        done = run_adaptive(
+            lengths,
+            run,
+            stage="dense",
+            model=dense.info.name,
+            device=device,
+            ceiling=ceiling,
+            figures=figures,
+        )
+        sizes += done.batch_sizes
         vectors[dense.info.name] = Matrix.from_numpy(l2_normalise(out))
         infos.append(dense.info)
     shard = DenseShard(
@@ -130,8 +121,7 @@ def encode_batch(
         chunk_ids=[chunk.chunk_id for chunk in batch.chunks],
         vectors=vectors,
     )
-    device = infos[0].device if infos else pick_device()
-    return StageResult(shard, [len(g) for g in groups], sum(lengths), infos, device)
+    return StageResult(shard, sizes, sum(lengths), infos, device, figures)
 
 
 def l2_normalise(matrix: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float32]]:

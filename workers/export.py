@@ -22,7 +22,6 @@ from shared.schemas import (
     FORMAT_VERSION,
     Artifact,
     BatchFailure,
-    BatchReport,
     ChunkBatch,
     ChunkRecord,
     Counts,
@@ -75,19 +74,6 @@ class ArtifactWriter:
         )
 
 
-def latency_summary(reports: list[BatchReport]) -> LatencySummary:
-    """Per-batch latency, throughput over the stage's wall-clock span, model batch sizes."""
-    if not reports:
-        return LatencySummary.from_samples([], 0, 0.0)
-    span = max(r.finished_at for r in reports) - min(r.started_at for r in reports)
-    return LatencySummary.from_samples(
-        [r.latency_s for r in reports],
-        sum(r.chunks for r in reports),
-        span,
-        [size for r in reports for size in r.batch_sizes],
-    )
-
-
 class ExportRuntime:
     """Writes one job's ``chunks.jsonl`` and ``manifest.json``.
 
@@ -123,7 +109,9 @@ class ExportRuntime:
             artifacts.append(chunks.artifact(chunks_key))
             if self.spec.retrieval is not None:
                 artifacts += self._write_results(Path(tmp), self.spec.retrieval, missing)
-        manifest = self._manifest(artifacts, missing, started)
+        stages = self._stages()
+        artifacts.append(self._write_metrics(stages))
+        manifest = self._manifest(artifacts, missing, started, stages)
         # Last write of the job: readers take the manifest's presence as "complete".
         self.store.put_bytes(
             self.layout.manifest, msgspec.json.format(msgspec.json.encode(manifest), indent=2)
@@ -204,8 +192,8 @@ class ExportRuntime:
     def _write_results(
         self, tmp: Path, retrieval: RetrievalSpec, missing: list[Missing]
     ) -> list[Artifact]:
-        """``results.jsonl`` (one line per query, final order) and, with judgements,
-        ``metrics.json``."""
+        """``results.jsonl`` (one line per query, final order); with judgements, the
+        retrieval quality that ``metrics.json`` will carry."""
         queries = read_queries(self.ledger, self.shards)
         reranked = retrieval.rerank_model is not None and retrieval.rerank_top > 0
         failed_reranks = {f.batch_id: f for f in self.ledger.failures("rerank")}
@@ -238,7 +226,7 @@ class ExportRuntime:
                 stats,
                 models[0] if models else None,
                 len(queries),
-                latency_summary(self.ledger.reports("rerank")),
+                LatencySummary.from_reports(self.ledger.reports("rerank")),
             )
         if self.store.exists(self.layout.qrels):
             qrels = msgspec.msgpack.decode(self.store.get_bytes(self.layout.qrels), type=Qrels)
@@ -253,34 +241,47 @@ class ExportRuntime:
                 weights=retrieval.weights,
                 evaluator=evaluator,
             )
-            body = msgspec.json.format(msgspec.json.encode(self.metrics), indent=2) + b"\n"
-            key = self.layout.artifact("metrics.json")
-            self.store.put_bytes(key, body)
-            artifacts.append(
-                Artifact(
-                    key=key,
-                    bytes=len(body),
-                    sha256=hashlib.sha256(body).hexdigest(),
-                    records=1,
-                    content_type="application/json",
-                )
-            )
         return artifacts
 
-    def _manifest(
-        self, artifacts: list[Artifact], missing: list[Missing], started: float
-    ) -> Manifest:
-        chunks = artifacts[0]
+    def _stages(self) -> dict[str, LatencySummary]:
+        """Every stage's figures, summed from the units its workers recorded."""
         producer = self.ledger.producer_report()
         assert producer is not None, "export runs only after the producer sealed the job"
         stages: dict[str, LatencySummary] = {"produce": producer.latency}
         for stage in self.spec.stages:  # the collection's batches (queries are tiny)
             reports = [r for r in self.ledger.reports(stage) if r.kind == "documents"]
-            stages[stage] = latency_summary(reports)
+            stages[stage] = LatencySummary.from_reports(reports)
         if self.spec.retrieval is not None:
-            stages["retrieve"] = latency_summary(self.ledger.reports("retrieve"))
+            stages["retrieve"] = LatencySummary.from_reports(self.ledger.reports("retrieve"))
         if self.rerank_run is not None:
             stages["rerank"] = self.rerank_run.latency
+        return stages
+
+    def _write_metrics(self, stages: dict[str, LatencySummary]) -> Artifact:
+        """``metrics.json``: the stages' figures, and retrieval quality with judgements."""
+        metrics = self.metrics or Metrics(job_id=self.spec.job_id, collection=self.spec.collection)
+        metrics.stages = stages
+        body = msgspec.json.format(msgspec.json.encode(metrics), indent=2) + b"\n"
+        key = self.layout.artifact("metrics.json")
+        self.store.put_bytes(key, body)
+        return Artifact(
+            key=key,
+            bytes=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            records=1,
+            content_type="application/json",
+        )
+
+    def _manifest(
+        self,
+        artifacts: list[Artifact],
+        missing: list[Missing],
+        started: float,
+        stages: dict[str, LatencySummary],
+    ) -> Manifest:
+        chunks = artifacts[0]
+        producer = self.ledger.producer_report()
+        assert producer is not None, "export runs only after the producer sealed the job"
         elapsed = time.time() - started
         stages["export"] = LatencySummary.from_samples([elapsed], chunks.records, elapsed)
         return Manifest(

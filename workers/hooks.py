@@ -15,12 +15,26 @@ from typing import Any, ClassVar
 import msgspec
 import redis
 from celery import Task
+from opentelemetry import trace
 
 from shared.config import Settings
 from shared.ledger import PHASE_OF, JobLedger, Phase, connect
 from shared.logs import get_logger
 from shared.phases import advance
 from shared.schemas import BatchFailure, BatchKind, BatchReport
+from shared.telemetry import tracer
+from workers.measure import (
+    ATTR_BATCH_SIZE,
+    ATTR_DEVICE,
+    ATTR_LATENCY,
+    ATTR_MODEL,
+    ATTR_OOM,
+    ATTR_PEAK,
+    ATTR_PEAK_KIND,
+    ATTR_STAGE,
+    ATTR_TOKENS,
+    StageFigures,
+)
 
 log = get_logger("worker")
 _settings = Settings.from_env()
@@ -55,6 +69,14 @@ class FleetTask(Task):  # type: ignore[misc]
     retry_jitter = True
     max_retries = _settings.max_retries
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task inside its stage span (a child of the Celery ``run`` span)."""
+        name = f"embed_fleet.stage.{self.stage or 'aggregate'}"
+        with tracer().start_as_current_span(
+            name, attributes={ATTR_STAGE: self.stage or "aggregate", "celery.task_name": self.name}
+        ):
+            return super().__call__(*args, **kwargs)
+
     def ledger(self, job_id: str) -> JobLedger:
         return JobLedger(ledger_client(), job_id)
 
@@ -69,9 +91,13 @@ class FleetTask(Task):  # type: ignore[misc]
         batch_sizes: list[int],
         kind: BatchKind,
         tokens: int = 0,
+        figures: StageFigures | None = None,
+        models: list[str] | None = None,
+        items_missed: int = 0,
     ) -> BatchReport:
-        """Record a finished unit of this task's stage; if it completed its phase, start
-        the next one."""
+        """Record a finished unit of this task's stage, put its figures on the stage's
+        span; if it completed its phase, start the next one."""
+        figures = figures or StageFigures()
         report = BatchReport(
             batch_id=unit,
             stage=self.stage,
@@ -83,7 +109,13 @@ class FleetTask(Task):  # type: ignore[misc]
             device=device,
             batch_sizes=batch_sizes,
             kind=kind,
+            peak_memory_bytes=figures.peak_memory_bytes,
+            peak_memory_kind=figures.peak_memory_kind,
+            oom_count=figures.oom_count,
+            budgets=figures.budgets,
+            items_missed=items_missed,
         )
+        describe_stage_span(report, models or [])
         if ledger.record_done(report):
             self.advance(ledger, PHASE_OF[self.stage])
         return report
@@ -110,6 +142,26 @@ class FleetTask(Task):  # type: ignore[misc]
                 self.advance(ledger, PHASE_OF[self.stage])
         else:
             ledger.fail(f"{self.name} failed: {reason}", _settings.ledger_ttl)
+
+
+def describe_stage_span(report: BatchReport, models: list[str]) -> None:
+    """The unit's figures as attributes of the current (stage) span."""
+    span = trace.get_current_span()
+    span.set_attributes(
+        {
+            ATTR_STAGE: report.stage,
+            ATTR_MODEL: ",".join(models),
+            ATTR_BATCH_SIZE: report.chunks,
+            ATTR_TOKENS: report.tokens,
+            ATTR_LATENCY: round(report.latency_s, 6),
+            ATTR_DEVICE: report.device,
+            ATTR_PEAK: report.peak_memory_bytes,
+            ATTR_PEAK_KIND: report.peak_memory_kind,
+            ATTR_OOM: report.oom_count,
+            "embed_fleet.unit": report.batch_id,
+            "embed_fleet.model_batch_sizes": report.batch_sizes,
+        }
+    )
 
 
 def settings() -> Settings:

@@ -33,11 +33,13 @@ import torch
 
 from shared.errors import EmbedFleetError
 from shared.logs import LOGGER
-from shared.models import canonical_name, resolve_model
 from shared.schemas import FusedGroup, ModelInfo, RerankGroup, RerankShard, RerankStats
+from workers.adaptive import TokenBudget, budget_for, check_simulated_oom, padded_tokens
 from workers.batching import token_budget_batches
 from workers.dense import pick_device
-from workers.precision import PROBE_ITEMS, apply_precision, parameter_count, scores_agree
+from workers.measure import StageFigures, model_batch
+from workers.model_manager import Loaded, ModelFamily, manager
+from workers.precision import PROBE_ITEMS, scores_agree
 
 log = logging.getLogger(f"{LOGGER}.rerank")
 
@@ -61,30 +63,45 @@ def default_rerank_tokens(device: str) -> int:
 # --- loading -------------------------------------------------------------------------
 
 
-@dataclass
-class RerankModel:
-    """A loaded CrossEncoder and what the manifest records about it."""
+def _load(path: str, device: str) -> Any:
+    from sentence_transformers import CrossEncoder
 
-    model: Any
-    info: ModelInfo
+    return CrossEncoder(path, device=device)
 
 
-_loaded: dict[tuple[str, str, str], RerankModel] = {}
-_lock = threading.Lock()
+def _probe(model: Any, pairs: list[tuple[str, str]]) -> np.ndarray[Any, Any]:
+    batch = [list(pair) for pair in pairs]
+    scores: np.ndarray[Any, Any] = model.predict(
+        batch, batch_size=len(batch), show_progress_bar=False
+    )
+    return scores
+
+
+RERANK = ModelFamily(
+    kind="rerank",
+    load=_load,
+    probe=_probe,
+    agree=scores_agree,
+    dim=lambda model: int(getattr(model, "num_labels", 1) or 1),
+    max_seq_length=lambda model: model_max_length(model),
+    default_probe=(("a query", "a passage"),),
+)
 
 
 def load_cross_encoder(
     name: str, device: str, dtype: str = "fp32", probe: list[tuple[str, str]] | None = None
-) -> RerankModel:
-    """Load a reranker once per process and device; later calls return the same instance.
+) -> Loaded:
+    """The reranker, hydrated on ``device`` by the worker's :class:`ModelManager`.
 
     Loading takes seconds and the weights take memory, so a worker pays for them once,
-    not per task. The key includes the device because a GPU worker also keeps a CPU copy
-    for its fallback path.
+    not per task. A GPU worker also keeps a CPU copy for its fallback path (a separate
+    entry of the manager, device ``cpu``).
 
     Args:
         name: A hub id, an alias, or a local folder (see :func:`shared.models.resolve_model`).
         device: A torch device string (``cpu``, ``cuda``, ``cuda:1``).
+        dtype: The dtype policy (``auto``, ``fp32``, ``bf16``, ``fp16``).
+        probe: (query, passage) pairs that decide whether ``auto`` may keep bf16.
 
     Returns:
         The model and its :class:`ModelInfo` (``kind="rerank"``).
@@ -92,39 +109,7 @@ def load_cross_encoder(
     Raises:
         EmbedFleetError: if no source has the model.
     """
-    name = canonical_name(name)
-    with _lock:
-        if (name, device, dtype) not in _loaded:
-            from sentence_transformers import CrossEncoder
-
-            resolved = resolve_model(name)
-
-            def load() -> Any:
-                return CrossEncoder(str(resolved.path), device=device)
-
-            pairs = [list(pair) for pair in (probe or [("a query", "a passage")])[:PROBE_ITEMS]]
-            model, precision = apply_precision(
-                load(),
-                dtype,
-                device,
-                lambda m: m.predict(pairs, batch_size=len(pairs), show_progress_bar=False),
-                scores_agree,
-                load,
-            )
-            info = ModelInfo(
-                name=resolved.name,
-                source=resolved.source,
-                revision=resolved.revision,
-                dim=int(getattr(model, "num_labels", 1) or 1),
-                dtype=precision.dtype,
-                device=str(model.device),
-                max_seq_length=model_max_length(model),
-                kind="rerank",
-                dtype_reason=precision.reason,
-                parameters=parameter_count(model),
-            )
-            _loaded[(name, device, dtype)] = RerankModel(model, info)
-        return _loaded[(name, device, dtype)]
+    return manager().get(RERANK, name, device, dtype, probe)
 
 
 def model_max_length(model: Any) -> int:
@@ -207,6 +192,7 @@ class _Run:
     oom_count: int = 0
     timeout_count: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)
+    figures: StageFigures = field(default_factory=StageFigures)
 
     def count(self, fallback: str) -> None:
         self.fallbacks[fallback] = self.fallbacks.get(fallback, 0) + 1
@@ -243,6 +229,8 @@ class CrossEncoderBatchExecutor:
         grow_after: int = 8,
         cpu_model: Callable[[], Any] | None = None,
         before_batch: Callable[[list[int]], None] | None = None,
+        budget: TokenBudget | None = None,
+        model_name: str = "",
     ) -> None:
         """Set up an executor for one model on one device.
 
@@ -261,32 +249,31 @@ class CrossEncoderBatchExecutor:
                 each model call (device and CPU; :attr:`current_device` tells which),
                 inside the time-limited region, so a test can make a batch slow without
                 a slow model.
+            budget: The process's learned budget for this (model, device)
+                (:func:`workers.adaptive.budget_for`); default: the executor's own.
+            model_name: Names the model in spans and logs.
 
         Raises:
             ValueError: on a non-positive budget, time limit or ``grow_after``.
         """
-        if max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if time_limit_s is not None and not time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0 or None, got {time_limit_s}")
-        if grow_after < 1:
-            raise ValueError(f"grow_after must be >= 1, got {grow_after}")
+        self._tokens = budget or TokenBudget(max_batch_tokens, grow_after)
         self.model = model
+        self.model_name = model_name
         self.device = device
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens = self._tokens.ceiling
         self.time_limit_s = time_limit_s
-        self.grow_after = grow_after
         self._cpu_factory = cpu_model
         self._cpu: Any = None
         self._before_batch = before_batch
-        self._budget = max_batch_tokens
-        self._streak = 0
         self._current_device: str | None = None
 
     @property
     def budget(self) -> int:
-        """The padded-token budget the next batch is cut at (learned, per instance)."""
-        return self._budget
+        """The padded-token budget the next batch is cut at (learned over the worker's
+        life)."""
+        return self._tokens.value
 
     @property
     def current_device(self) -> str | None:
@@ -324,14 +311,14 @@ class CrossEncoderBatchExecutor:
         if len(pairs) != len(lengths):
             raise ValueError(f"{len(pairs)} pairs but {len(lengths)} lengths")
         run = _Run(lengths=lengths, scores=[None] * len(pairs))
-        run.pending.extend(token_budget_batches(lengths, self._budget))
-        cut_at = self._budget
+        run.pending.extend(token_budget_batches(lengths, self._tokens.value))
+        cut_at = self._tokens.value
         while run.pending:
-            if self._budget != cut_at:
+            if self._tokens.value != cut_at:
                 # Re-cut everything not yet run: after an OOM the old groups would fail
                 # again; after a grow-back bigger groups are cheaper.
                 self._recut(run)
-                cut_at = self._budget
+                cut_at = self._tokens.value
             group = run.pending.popleft()
             self._run_device(pairs, group, run, may_split=True)
         self._collect(run)
@@ -343,7 +330,9 @@ class CrossEncoderBatchExecutor:
             oom_count=run.oom_count,
             timeout_count=run.timeout_count,
             fallbacks=run.fallbacks,
-            max_batch_tokens=self._budget,
+            max_batch_tokens=self._tokens.value,
+            peak_memory_bytes=run.figures.peak_memory_bytes,
+            tokens=sum(lengths),
         )
         return run.scores, stats
 
@@ -355,7 +344,7 @@ class CrossEncoderBatchExecutor:
         """One batch on the executor's model, with the OOM and time-limit handling."""
         out_of_memory = False
         try:
-            values, slow = self._call(self.model, pairs, group, device=self.device)
+            values, slow = self._call(self.model, pairs, group, run, device=self.device)
         except torch.cuda.OutOfMemoryError:
             # Handled below, outside the except block: the exception's traceback holds
             # the frames (and tensors) of the failed call until the block ends.
@@ -369,26 +358,22 @@ class CrossEncoderBatchExecutor:
         self._record(group, values, run)
         if slow:
             run.timeout_count += 1
-            self._streak = 0
+            self._tokens.interrupted()
             log.warning("rerank batch over the time limit (kept)", extra=_fields(group))
             return
-        self._streak += 1
-        if self._streak >= self.grow_after and self._budget < self.max_batch_tokens:
-            self._budget = min(self._budget * 2, self.max_batch_tokens)
-            self._streak = 0
+        self._tokens.succeeded()
 
     def _on_oom(self, pairs: list[tuple[str, str]], group: list[int], run: _Run) -> None:
         run.oom_count += 1
-        self._streak = 0
+        self._tokens.shrink()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self._budget = max(self._budget // 2, 1)
         longest = max(run.lengths[i] for i in group)
         log.warning(
             "rerank batch out of memory",
-            extra=_fields(group, budget=self._budget, longest=longest),
+            extra=_fields(group, budget=self._tokens.value, longest=longest),
         )
-        if self._budget < longest:
+        if self._tokens.value < longest:
             self._run_fallback(pairs, group, run)
         else:
             # Back to the front of the queue; score() re-cuts it at the new budget.
@@ -398,7 +383,7 @@ class CrossEncoderBatchExecutor:
         self, pairs: list[tuple[str, str]], group: list[int], run: _Run, *, may_split: bool
     ) -> None:
         run.timeout_count += 1
-        self._streak = 0
+        self._tokens.interrupted()
         log.warning("rerank batch timed out", extra=_fields(group, split=may_split))
         if may_split and len(group) > 1:
             run.count("split")
@@ -423,7 +408,7 @@ class CrossEncoderBatchExecutor:
         try:
             if self._cpu is None:
                 self._cpu = self._cpu_factory()
-            values, slow = self._call(self._cpu, pairs, group, device="cpu")
+            values, slow = self._call(self._cpu, pairs, group, run, device="cpu")
         except _BatchTimeout:
             run.timeout_count += 1
             run.count("unreranked")
@@ -441,9 +426,15 @@ class CrossEncoderBatchExecutor:
     # -- one model call -----------------------------------------------------------------
 
     def _call(
-        self, model: Any, pairs: list[tuple[str, str]], group: list[int], *, device: str
+        self,
+        model: Any,
+        pairs: list[tuple[str, str]],
+        group: list[int],
+        run: _Run,
+        *,
+        device: str,
     ) -> tuple[torch.Tensor, bool]:
-        """One ``predict`` over ``group``, under the time limit.
+        """One ``predict`` over ``group``, under the time limit, in a batch span.
 
         Returns:
             The scores, and whether the call ran over the limit without being
@@ -456,8 +447,17 @@ class CrossEncoderBatchExecutor:
         interruptible = _signals_usable()
         started = time.monotonic()
         self._current_device = device
+        tokens = padded_tokens(group, run.lengths)
+        record = None
         try:
-            with _time_limit(self.time_limit_s if interruptible else None):
+            with (
+                model_batch(
+                    "rerank", self.model_name, device, len(group), tokens, run.oom_count
+                ) as record,
+                _time_limit(self.time_limit_s if interruptible else None),
+            ):
+                if device == self.device:
+                    check_simulated_oom(tokens)
                 if self._before_batch is not None:
                     self._before_batch(list(group))
                 # A tensor, left where the model computed it: no device sync per batch.
@@ -466,6 +466,8 @@ class CrossEncoderBatchExecutor:
                 )
         finally:
             self._current_device = None
+            if record is not None:
+                run.figures.add(record, device)
         elapsed = time.monotonic() - started
         slow = not interruptible and self.time_limit_s is not None and elapsed > self.time_limit_s
         return _as_scores(output, len(group)), slow
@@ -492,7 +494,7 @@ class CrossEncoderBatchExecutor:
     def _recut(self, run: _Run) -> None:
         """Cut the pending pairs (still longest first) again at the current budget."""
         flat = [i for group in run.pending for i in group]
-        groups = token_budget_batches([run.lengths[i] for i in flat], self._budget)
+        groups = token_budget_batches([run.lengths[i] for i in flat], self._tokens.value)
         run.pending = deque([flat[j] for j in group] for group in groups)
 
 
@@ -570,20 +572,27 @@ def executor_for(
     max_batch_tokens: int | None = None,
     dtype: str = "auto",
     probe: list[tuple[str, str]] | None = None,
-) -> tuple[CrossEncoderBatchExecutor, RerankModel]:
-    """The worker's executor for (model, device): one per process, so the budget it
-    learns outlives the task."""
+) -> tuple[CrossEncoderBatchExecutor, Loaded]:
+    """The worker's executor for (model, device): one per process, and its budget is
+    the process's (:func:`workers.adaptive.budget_for`), so what it learns outlives
+    the task."""
     loaded = load_cross_encoder(name, device, dtype, probe)
     key = (loaded.info.name, device, dtype)
+    ceiling = max_batch_tokens or default_rerank_tokens(device)
     if key not in _executors:
         _executors[key] = CrossEncoderBatchExecutor(
             loaded.model,
             device,
-            max_batch_tokens or default_rerank_tokens(device),
+            ceiling,
             time_limit_s=time_limit_s,
-            cpu_model=lambda: load_cross_encoder(name, "cpu").model,
+            cpu_model=lambda: load_cross_encoder(name, "cpu", "fp32").model,
+            budget=budget_for("rerank", loaded.info.name, device, ceiling),
+            model_name=loaded.info.name,
         )
-    return _executors[key], loaded
+    executor = _executors[key]
+    # The manager may have released and staged the model again since the last task.
+    executor.model = loaded.model
+    return executor, loaded
 
 
 def rerank_fused(

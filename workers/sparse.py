@@ -14,31 +14,22 @@ every batch and computes the BM25 weights.
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
-from shared.models import BM25, canonical_name, resolve_model
+import numpy as np
+
+from shared.models import BM25
 from shared.schemas import BatchKind, ChunkBatch, ModelInfo, SparseRow, SparseShard
-from workers.batching import token_budget_batches
-from workers.precision import PROBE_ITEMS, apply_precision, parameter_count, vectors_agree
+from workers.adaptive import run_adaptive
+from workers.measure import StageFigures
+from workers.model_manager import Loaded, ModelFamily, manager
+from workers.precision import vectors_agree
 from workers.stage import StageResult
 
 # Padded tokens per SPLADE batch on CPU; the MLM head makes each token cost a full
 # vocabulary row, so batches stay small.
 DEFAULT_SPARSE_BATCH_TOKENS = 4096
-
-
-@dataclass
-class SparseModel:
-    model: Any
-    vocab: list[str]
-    info: ModelInfo
-
-
-_loaded: dict[tuple[str, str, str], SparseModel] = {}
-_lock = threading.Lock()
 
 
 def resolve_device(requested: str | None) -> str:
@@ -52,47 +43,49 @@ def resolve_device(requested: str | None) -> str:
     return requested
 
 
+def _load(path: str, device: str) -> Any:
+    from sentence_transformers import SparseEncoder
+
+    return SparseEncoder(path, device=device)
+
+
+def _probe(model: Any, texts: list[str]) -> np.ndarray[Any, Any]:
+    vectors = model.encode(texts, convert_to_tensor=True, show_progress_bar=False)
+    dense: np.ndarray[Any, Any] = (
+        (vectors.to_dense() if vectors.is_sparse else vectors).float().cpu().numpy()
+    )
+    return dense
+
+
+SPARSE = ModelFamily(
+    kind="sparse",
+    load=_load,
+    probe=_probe,
+    agree=vectors_agree,
+    dim=lambda model: len(model.tokenizer),
+    max_seq_length=lambda model: int(model.max_seq_length or 0),
+)
+
+_vocabs: dict[str, list[str]] = {}
+
+
+def vocabulary(name: str, tokenizer: Any) -> list[str]:
+    """Token of each vocabulary index (once per model and process)."""
+    if name not in _vocabs:
+        vocab = [""] * len(tokenizer)
+        for token, index in tokenizer.get_vocab().items():
+            if index < len(vocab):
+                vocab[index] = token
+        _vocabs[name] = vocab
+    return _vocabs[name]
+
+
 def load_sparse(
     name: str, device: str, dtype: str = "auto", probe: list[str] | None = None
-) -> SparseModel:
-    """Load a SPLADE model once per process, device and dtype policy; ``probe`` (texts)
-    decides whether ``auto`` may keep bf16."""
-    name = canonical_name(name)
-    with _lock:
-        if (name, device, dtype) not in _loaded:
-            from sentence_transformers import SparseEncoder
-
-            resolved = resolve_model(name)
-
-            def load() -> Any:
-                return SparseEncoder(str(resolved.path), device=device)
-
-            texts = (probe or ["a probe sentence"])[:PROBE_ITEMS]
-
-            def encode(model: Any) -> Any:
-                vectors = model.encode(texts, convert_to_tensor=True, show_progress_bar=False)
-                return (vectors.to_dense() if vectors.is_sparse else vectors).float().cpu().numpy()
-
-            model, precision = apply_precision(load(), dtype, device, encode, vectors_agree, load)
-            tokenizer = model.tokenizer
-            vocab = [""] * len(tokenizer)
-            for token, index in tokenizer.get_vocab().items():
-                if index < len(vocab):
-                    vocab[index] = token
-            info = ModelInfo(
-                name=resolved.name,
-                source=resolved.source,
-                revision=resolved.revision,
-                dim=len(vocab),
-                dtype=precision.dtype,
-                device=str(model.device),
-                max_seq_length=int(model.max_seq_length or 0),
-                kind="sparse",
-                dtype_reason=precision.reason,
-                parameters=parameter_count(model),
-            )
-            _loaded[(name, device, dtype)] = SparseModel(model, vocab, info)
-        return _loaded[(name, device, dtype)]
+) -> Loaded:
+    """The SPLADE model, hydrated on ``device`` by the :class:`ModelManager`; ``probe``
+    (texts) decides whether ``auto`` may keep bf16."""
+    return manager().get(SPARSE, name, device, dtype, probe)
 
 
 def bm25_tokenize(texts: list[str]) -> list[list[str]]:
@@ -150,6 +143,7 @@ class SparseVectorGenerator:
         errors: list[str] = []
         sizes: list[int] = []
         infos: list[ModelInfo] = []
+        figures = StageFigures()
         doc_freqs: dict[str, int] = {}
         texts = [chunk.text for chunk in batch.chunks]
         for name in models:
@@ -164,7 +158,7 @@ class SparseVectorGenerator:
                 rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]
                 continue
             infos.append(sparse.info)
-            rows[name] = self._live(sparse, batch, errors, sizes, kind)
+            rows[name] = self._live(sparse, batch, errors, sizes, kind, figures)
         shard = SparseShard(
             job_id=batch.job_id,
             batch_id=batch.batch_id,
@@ -175,21 +169,34 @@ class SparseVectorGenerator:
             batch_sizes=sizes,
         )
         tokens = sum(chunk.n_tokens for chunk in batch.chunks)
-        return StageResult(shard, sizes, tokens, infos, self.device)
+        return StageResult(shard, sizes, tokens, infos, self.device, figures)
 
     def _live(
         self,
-        sparse: SparseModel,
+        sparse: Loaded,
         batch: ChunkBatch,
         errors: list[str],
         sizes: list[int],
         kind: BatchKind,
+        figures: StageFigures,
     ) -> list[SparseRow]:
+        """Rows from the model, in adaptive token-budget batches. A batch that fails
+        (a single chunk out of memory, a time limit, a broken input) falls back to
+        metadata weights for its chunks, and the rest of the batch goes on."""
+        import torch
+
         chunks = batch.chunks
         encode = sparse.model.encode_query if kind == "queries" else sparse.model.encode
+        vocab = vocabulary(sparse.info.name, sparse.model.tokenizer)
         out: list[SparseRow | None] = [None] * len(chunks)
         lengths = [chunk.n_tokens + 2 for chunk in chunks]
-        for group in token_budget_batches(lengths, self.max_batch_tokens):
+
+        def fall_back(group: list[int], reason: str) -> None:
+            errors.append(f"{sparse.info.name}: {reason}"[:300])
+            for position in group:
+                out[position] = metadata_row(chunks[position].metadata)
+
+        def run(group: list[int]) -> None:
             try:
                 encoded = encode(
                     [chunks[i].text for i in group],
@@ -197,13 +204,25 @@ class SparseVectorGenerator:
                     convert_to_tensor=True,
                     show_progress_bar=False,
                 )
-                for position, row in zip(group, _rows(encoded, sparse.vocab), strict=True):
-                    out[position] = row
-                sizes.append(len(group))
-            except Exception as exc:  # OOM, time limit, a bad batch: fall back, go on
-                errors.append(f"{sparse.info.name}: {type(exc).__name__}: {exc}"[:300])
-                for position in group:
-                    out[position] = metadata_row(chunks[position].metadata)
+            except torch.cuda.OutOfMemoryError:
+                raise  # run_adaptive halves the budget and re-cuts (or calls fall_back)
+            except Exception as exc:  # a time limit, a broken input: fall back, go on
+                fall_back(group, f"{type(exc).__name__}: {exc}")
+                return
+            for position, row in zip(group, _rows(encoded, vocab), strict=True):
+                out[position] = row
+
+        done = run_adaptive(
+            lengths,
+            run,
+            stage="sparse",
+            model=sparse.info.name,
+            device=self.device,
+            ceiling=self.max_batch_tokens,
+            figures=figures,
+            too_large=fall_back,
+        )
+        sizes += done.batch_sizes
         return [
             row if row is not None else SparseRow(tokens=[], weights=[], source="missing")
             for row in out

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from shared.schemas import ModelInfo, Struct
+from workers.measure import StageFigures
 
 HOST_WORKERS_KEY = "embed-fleet:host:{host}:torch-workers"
 # A worker that ran no task for this long no longer counts against the host's cores.
@@ -27,6 +28,7 @@ class StageResult:
         tokens: Tokens it processed.
         models: What it loaded, for the manifest.
         device: Where it ran.
+        figures: Peak memory, out-of-memory retries and learned batch budgets.
     """
 
     shard: Struct
@@ -34,6 +36,7 @@ class StageResult:
     tokens: int
     models: list[ModelInfo]
     device: str
+    figures: StageFigures = field(default_factory=StageFigures)
 
 
 def balance_torch_threads(client: redis.Redis) -> int:

@@ -34,6 +34,7 @@ from workers import aggregate, dense
 from workers.app import app
 from workers.export import ExportRuntime
 from workers.hooks import FleetTask, ledger_client, settings
+from workers.measure import StageFigures, peak_kind
 from workers.retrieval import JobShards, retrieve
 from workers.sparse import SparseVectorGenerator
 from workers.stage import StageResult, balance_torch_threads
@@ -93,6 +94,8 @@ def run_stage(
         batch_sizes=result.batch_sizes,
         kind=msg.kind,
         tokens=result.tokens,
+        figures=result.figures,
+        models=[info.name for info in result.models],
     )
     fields = {
         "job_id": msg.job_id,
@@ -177,14 +180,24 @@ def rerank_group(self: RerankTask, payload: dict[str, Any]) -> None:
     shard, info = rerank.rerank_fused(group, msg, settings().rerank_batch_timeout)
     store.put_bytes(layout.reranked(msg.group_id), msgspec.msgpack.encode(shard))
     ledger.record_model(info)
+    stats = shard.stats
     self.report_done(
         ledger,
         unit=msg.group_id,
-        items=shard.stats.pairs_asked,
+        items=stats.pairs_asked,
         started=started,
         device=info.device,
-        batch_sizes=shard.stats.batch_sizes,
+        batch_sizes=stats.batch_sizes,
         kind="queries",
+        tokens=stats.tokens,
+        figures=StageFigures(
+            peak_memory_bytes=stats.peak_memory_bytes,
+            peak_memory_kind=peak_kind(info.device),
+            oom_count=stats.oom_count,
+            budgets={info.name: stats.max_batch_tokens},
+        ),
+        models=[info.name],
+        items_missed=stats.pairs_asked - stats.pairs_scored,
     )
 
 

@@ -1,0 +1,139 @@
+"""What one model batch cost: a span with its figures, and the peak memory it took.
+
+Every stage runs its model calls inside :func:`model_batch`, so the figures telemetry
+exports and the ones the ledger sums come from one place. Peak memory is the device's
+where there is one (``torch.cuda.max_memory_allocated``, reset before each batch) and
+the process's peak resident set on a CPU (Linux's ``VmHWM``, reset per batch through
+``/proc/self/clear_refs``; where that cannot be reset, the process's lifetime peak).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opentelemetry.trace import Status, StatusCode
+
+from shared.telemetry import tracer
+
+# Span attribute names, shared by every stage (and read back by the tests).
+ATTR_STAGE = "embed_fleet.stage"
+ATTR_MODEL = "embed_fleet.model"
+ATTR_BATCH_SIZE = "embed_fleet.batch_size"
+ATTR_TOKENS = "embed_fleet.tokens"
+ATTR_LATENCY = "embed_fleet.latency_s"
+ATTR_DEVICE = "embed_fleet.device"
+ATTR_PEAK = "embed_fleet.peak_memory_bytes"
+ATTR_PEAK_KIND = "embed_fleet.peak_memory_kind"
+ATTR_OOM = "embed_fleet.oom_retries"
+ATTR_OUT_OF_MEMORY = "embed_fleet.out_of_memory"
+
+
+def is_cuda(device: str) -> bool:
+    """Whether ``device`` is a CUDA device that this process can read peaks of (a test
+    may label a CPU model ``cuda``)."""
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def reset_peak(device: str) -> None:
+    """Start a new peak-memory window for ``device``."""
+    if is_cuda(device):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    # 5: reset the peak RSS only. Not Linux, or not allowed: the lifetime peak it is.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def read_peak(device: str) -> int:
+    """Bytes at the peak since :func:`reset_peak`."""
+    if is_cuda(device):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_kind(device: str) -> str:
+    return "gpu" if is_cuda(device) else "rss"
+
+
+@dataclass
+class BatchRecord:
+    """One model batch, filled in by :func:`model_batch` when it ends."""
+
+    latency_s: float = 0.0
+    peak_memory_bytes: int = 0
+    out_of_memory: bool = False
+
+
+@dataclass
+class StageFigures:
+    """The sums over a unit's model batches that the ledger keeps per stage."""
+
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+    oom_count: int = 0
+    budgets: dict[str, int] = field(default_factory=dict)
+
+    def add(self, record: BatchRecord, device: str) -> None:
+        self.peak_memory_bytes = max(self.peak_memory_bytes, record.peak_memory_bytes)
+        self.peak_memory_kind = peak_kind(device)
+        self.oom_count += int(record.out_of_memory)
+
+
+@contextmanager
+def model_batch(
+    stage: str, model: str, device: str, size: int, tokens: int, oom_retries: int = 0
+) -> Iterator[BatchRecord]:
+    """A span around one model call, with its figures as attributes.
+
+    An out-of-memory error is recorded on the span (``embed_fleet.out_of_memory``) and
+    re-raised for the caller's recovery; the span still ends with its latency and peak.
+    """
+    record = BatchRecord()
+    attributes: dict[str, str | int | float | bool] = {
+        ATTR_STAGE: stage,
+        ATTR_MODEL: model,
+        ATTR_BATCH_SIZE: size,
+        ATTR_TOKENS: tokens,
+        ATTR_DEVICE: device,
+        ATTR_PEAK_KIND: peak_kind(device),
+        ATTR_OOM: oom_retries,
+    }
+    with tracer().start_as_current_span(
+        f"{stage}.batch", attributes=attributes, record_exception=False
+    ) as span:
+        reset_peak(device)
+        started = time.perf_counter()
+        try:
+            yield record
+        except Exception as exc:
+            record.out_of_memory = "OutOfMemoryError" in type(exc).__name__
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
+            record.latency_s = time.perf_counter() - started
+            record.peak_memory_bytes = read_peak(device)
+            span.set_attribute(ATTR_LATENCY, round(record.latency_s, 6))
+            span.set_attribute(ATTR_PEAK, record.peak_memory_bytes)
+            span.set_attribute(ATTR_OUT_OF_MEMORY, record.out_of_memory)

@@ -1,0 +1,339 @@
+"""ModelManager: every model a worker uses, staged on the CPU and hydrated on demand.
+
+One manager per worker process holds the dense, sparse and rerank models alike:
+
+- **Staged**: loaded from the one shared model cache (``HF_HOME``, or the folder given
+  to ``--model-cache``; see :func:`shared.models.resolve_model`) into CPU memory, at
+  worker start for the models named in ``EMBED_FLEET_PRELOAD`` (:mod:`workers.preload`)
+  and otherwise on first use. Loading from disk is the slow part (seconds); it happens once.
+- **Hydrated**: moved to the worker's device (the leased GPU) when a task of its stage
+  arrives, and put in the dtype the policy picks there (:mod:`workers.precision`, whose
+  bf16 probe must run on the device that will run the model).
+- **Evicted**: when hydrating a model would take the device's models over the memory
+  budget (``EMBED_FLEET_MODEL_MEMORY``, default half of the GPU), the least recently
+  used models go back to the CPU first; hydrating them again is a copy, not a load.
+
+On a CPU-only worker the CPU is both the staging place and the device: models simply
+stay where they are, unless ``EMBED_FLEET_MODEL_MEMORY`` is set, in which case an
+evicted model is released and staged again from the cache when it is needed, so the
+budget bounds the worker's memory there too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from shared.errors import EmbedFleetError
+from shared.logs import get_logger
+from shared.models import ResolvedModel, canonical_name, resolve_model
+from shared.schemas import ModelInfo
+from workers.precision import PROBE_ITEMS, Precision, apply_precision, parameter_count
+
+log = get_logger("models")
+
+ModelKind = Literal["dense", "sparse", "rerank"]
+MEMORY_ENV = "EMBED_FLEET_MODEL_MEMORY"
+# Share of a GPU's memory the models may take when no budget is set; the rest is for
+# activations, whose size the batch budgets (workers.adaptive) adapt to.
+DEFAULT_GPU_SHARE = 0.5
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
+_UNITS |= {"gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1.5GiB"``, ``"800MB"``, ``"123456"`` into bytes.
+
+    Raises:
+        EmbedFleetError: for anything else, naming the variable.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _UNITS:
+        raise EmbedFleetError(
+            f"{MEMORY_ENV}={text!r} is not a size",
+            "Give bytes with an optional unit, e.g. 2GiB, 800MB or 500000000",
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """How to load, probe and describe one kind of model.
+
+    Attributes:
+        kind: ``dense``, ``sparse`` or ``rerank``.
+        load: Builds the model from its folder on a device (``SentenceTransformer``,
+            ``SparseEncoder``, ``CrossEncoder``).
+        probe: Runs the model on probe items; its output decides whether ``auto``
+            may keep bf16.
+        agree: Whether reduced-precision probe output is close enough to fp32's.
+        dim: The model's output width, for the manifest.
+        max_seq_length: Tokens the model truncates an input to.
+        default_probe: Probe items when the caller has none.
+    """
+
+    kind: ModelKind
+    load: Callable[[str, str], Any]
+    probe: Callable[[Any, list[Any]], np.ndarray[Any, Any]]
+    agree: Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any]], tuple[bool, str]]
+    dim: Callable[[Any], int]
+    max_seq_length: Callable[[Any], int]
+    default_probe: tuple[Any, ...] = ("a probe sentence",)
+
+
+@dataclass
+class ManagedModel:
+    """One model of the worker and where it is now.
+
+    Attributes:
+        model: The model object (``None`` while released on a CPU-only worker).
+        info: What the manifest records (set at first hydration, with the dtype).
+        device: The device it runs on when hydrated.
+        resident: Whether it is on ``device`` now.
+        bytes: Its parameters and buffers, in the dtype it runs in.
+    """
+
+    family: ModelFamily
+    resolved: ResolvedModel
+    dtype_request: str
+    device: str
+    model: Any = None
+    info: ModelInfo | None = None
+    precision: Precision | None = None
+    resident: bool = False
+    bytes: int = 0
+    last_used: float = 0.0
+    hydrations: int = 0
+    evictions: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.resolved.name
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A hydrated model and its manifest entry, as :meth:`ModelManager.get` returns it."""
+
+    model: Any
+    info: ModelInfo
+
+
+@dataclass
+class ManagerStats:
+    """Counters of one process's manager, reported with each unit of work."""
+
+    loads: int = 0
+    hydrations: int = 0
+    evictions: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
+
+
+class ModelManager:
+    """The worker's models, staged on the CPU and hydrated on demand (see module doc).
+
+    Thread-safe: one lock around the bookkeeping and moves (a worker process runs one
+    task at a time, so the lock is never contended in practice).
+    """
+
+    def __init__(self, budgets: dict[str, int | None] | None = None) -> None:
+        """Args:
+        budgets: Memory budget per device kind (``cuda``, ``cpu``); missing: the
+            default (half a GPU, no limit on the CPU) or ``EMBED_FLEET_MODEL_MEMORY``.
+        """
+        self._budgets = budgets or {}
+        self._models: dict[tuple[str, str, str, str], ManagedModel] = {}
+        self._lock = threading.RLock()
+        self.stats = ManagerStats()
+
+    # -- the one call tasks make ---------------------------------------------------------
+
+    def get(
+        self,
+        family: ModelFamily,
+        name: str,
+        device: str,
+        dtype: str = "auto",
+        probe: list[Any] | None = None,
+    ) -> Loaded:
+        """The model, hydrated on ``device`` in the policy's dtype.
+
+        Args:
+            family: How to load and probe it.
+            name: A hub id, an alias or a folder.
+            device: Where it should run (``cpu``, ``cuda:0``).
+            dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+            probe: Items for the ``auto`` probe (the first texts or pairs of the batch
+                about to run), used at first hydration only.
+        """
+        with self._lock:
+            entry = self.stage(family, name, device, dtype)
+            if not entry.resident:
+                self._hydrate(entry, probe)
+            entry.last_used = time.monotonic()
+            assert entry.info is not None, "set by the first hydration"
+            return Loaded(entry.model, entry.info)
+
+    def stage(self, family: ModelFamily, name: str, device: str, dtype: str) -> ManagedModel:
+        """Load a model into CPU memory (once); hydration comes later."""
+        with self._lock:
+            key = (family.kind, canonical_name(name), device, dtype)
+            entry = self._models.get(key)
+            if entry is None:
+                entry = ManagedModel(family, resolve_model(name), dtype, device)
+                self._models[key] = entry
+            if entry.model is None:
+                entry.model = self._load(entry)
+            return entry
+
+    def resident(self, device: str | None = None) -> list[str]:
+        """``kind:name`` of the models on ``device`` (every device when ``None``), most
+        recently used last."""
+        entries = sorted(
+            (e for e in self._models.values() if e.resident),
+            key=lambda e: e.last_used,
+        )
+        return [
+            f"{e.family.kind}:{e.name}" for e in entries if device is None or e.device == device
+        ]
+
+    def budget(self, device: str) -> int | None:
+        """The memory budget of the models on ``device``, in bytes (None: no limit)."""
+        kind = device.split(":")[0]
+        if kind in self._budgets:
+            return self._budgets[kind]
+        configured = os.environ.get(MEMORY_ENV)
+        if configured:
+            return parse_bytes(configured)
+        if kind == "cuda":
+            import torch
+
+            total = torch.cuda.get_device_properties(device).total_memory
+            return int(total * DEFAULT_GPU_SHARE)
+        return None
+
+    # -- staging, hydration, eviction ------------------------------------------------------
+
+    def _load(self, entry: ManagedModel) -> Any:
+        started = time.perf_counter()
+        model = entry.family.load(str(entry.resolved.path), "cpu")
+        if entry.precision is not None:  # staged again after a release: dtype known
+            self._set_dtype(model, entry.precision.dtype)
+        self.stats.loads += 1
+        fields = {"model": entry.name, "kind": entry.family.kind}
+        fields["load_s"] = round(time.perf_counter() - started, 2)  # type: ignore[assignment]
+        log.info("model staged on cpu", extra={"fields": fields})
+        return model
+
+    def _hydrate(self, entry: ManagedModel, probe: list[Any] | None) -> None:
+        incoming = entry.bytes or model_bytes(entry.model)
+        self._make_room(entry.device, incoming, keep=entry)
+        if entry.model is None:
+            entry.model = self._load(entry)
+        entry.model.to(entry.device)
+        if entry.precision is None:
+            self._first_hydration(entry, probe)
+        entry.bytes = model_bytes(entry.model)
+        entry.resident = True
+        entry.hydrations += 1
+        self.stats.hydrations += 1
+        fields = {"model": entry.name, "device": entry.device, "bytes": entry.bytes}
+        log.info("model hydrated", extra={"fields": fields})
+
+    def _first_hydration(self, entry: ManagedModel, probe: list[Any] | None) -> None:
+        family = entry.family
+        items = list(probe or family.default_probe)[:PROBE_ITEMS]
+
+        def run_probe(model: Any) -> np.ndarray[Any, Any]:
+            return family.probe(model, items)
+
+        def reload() -> Any:
+            return family.load(str(entry.resolved.path), entry.device)
+
+        model, precision = apply_precision(
+            entry.model, entry.dtype_request, entry.device, run_probe, family.agree, reload
+        )
+        entry.model = model
+        entry.precision = precision
+        entry.info = ModelInfo(
+            name=entry.resolved.name,
+            source=entry.resolved.source,
+            revision=entry.resolved.revision,
+            dim=family.dim(model),
+            dtype=precision.dtype,
+            device=str(getattr(model, "device", entry.device)),
+            max_seq_length=family.max_seq_length(model),
+            kind=family.kind,
+            dtype_reason=precision.reason,
+            parameters=parameter_count(model),
+        )
+
+    def _make_room(self, device: str, incoming: int, keep: ManagedModel) -> None:
+        """Evict the least recently used models of ``device`` until ``incoming`` fits."""
+        budget = self.budget(device)
+        if budget is None:
+            return
+        on_device = sorted(
+            (e for e in self._models.values() if e.resident and e.device == device),
+            key=lambda e: e.last_used,
+        )
+        on_device = [e for e in on_device if e is not keep]
+        used = sum(e.bytes for e in on_device)
+        for victim in on_device:
+            if used + incoming <= budget:
+                break
+            self._evict(victim)
+            used -= victim.bytes
+        if used + incoming > budget:
+            fields = {"device": device, "bytes": incoming, "budget": budget}
+            log.warning("model over the memory budget; hydrated anyway", extra={"fields": fields})
+
+    def _evict(self, entry: ManagedModel) -> None:
+        if entry.device.split(":")[0] == "cpu":
+            entry.model = None  # the CPU is its device: release it, stage again later
+        else:
+            entry.model.to("cpu")
+            if entry.device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+        entry.resident = False
+        entry.evictions += 1
+        self.stats.evictions += 1
+        fields = {"model": entry.name, "device": entry.device, "bytes": entry.bytes}
+        log.info("model evicted", extra={"fields": fields})
+
+    @staticmethod
+    def _set_dtype(model: Any, dtype: str) -> None:
+        import torch
+
+        if dtype != "float32":
+            model.to(getattr(torch, dtype))
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of a model's parameters and buffers in their current dtype."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+_manager: ModelManager | None = None
+_manager_lock = threading.Lock()
+
+
+def manager() -> ModelManager:
+    """The process's manager."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = ModelManager()
+        return _manager
