@@ -32,6 +32,9 @@ log = get_logger("adaptive")
 SIMULATE_OOM_ENV = "EMBED_FLEET_SIMULATE_OOM_TOKENS"
 # Good batches in a row after which a shrunk budget doubles again.
 GROW_AFTER = 8
+# Runs of good batches after which a size that ran out of memory is tried again (the
+# pressure may have been another process's, and gone).
+FORGET_AFTER = 4
 
 
 class TokenBudget:
@@ -41,6 +44,9 @@ class TokenBudget:
         ceiling: The initial and largest budget.
         value: The budget the next batch is cut at.
         oom_count: Out-of-memory errors seen over the worker's life.
+        failed_at: The smallest padded size that ran out of memory lately: the budget
+            grows back only below it, until ``FORGET_AFTER`` runs of good batches say
+            the memory is there again.
     """
 
     def __init__(self, ceiling: int, grow_after: int = GROW_AFTER) -> None:
@@ -52,13 +58,17 @@ class TokenBudget:
         self.value = ceiling
         self.grow_after = grow_after
         self.oom_count = 0
+        self.failed_at: int | None = None
         self._streak = 0
 
-    def shrink(self) -> int:
-        """Halve after an out-of-memory error; returns the new budget."""
+    def shrink(self, failed_tokens: int | None = None) -> int:
+        """Halve after an out-of-memory error of a batch of ``failed_tokens`` padded
+        tokens; returns the new budget."""
         self.oom_count += 1
         self._streak = 0
         self.value = max(self.value // 2, 1)
+        if failed_tokens is not None:
+            self.failed_at = min(failed_tokens, self.failed_at or failed_tokens)
         return self.value
 
     def interrupted(self) -> None:
@@ -67,11 +77,18 @@ class TokenBudget:
         self._streak = 0
 
     def succeeded(self) -> None:
-        """Count a good batch; after ``grow_after`` in a row the budget doubles."""
+        """Count a good batch; after ``grow_after`` in a row the budget doubles (up to
+        the ceiling, and below the last size that failed)."""
         self._streak += 1
-        if self._streak >= self.grow_after and self.value < self.ceiling:
-            self.value = min(self.value * 2, self.ceiling)
-            self._streak = 0
+        if self._streak % self.grow_after or self.value >= self.ceiling:
+            return
+        grown = min(self.value * 2, self.ceiling)
+        if self.failed_at is not None and grown >= self.failed_at:
+            if self._streak < self.grow_after * FORGET_AFTER:
+                return
+            self.failed_at = None
+        self.value = grown
+        self._streak = 0
 
 
 _budgets: dict[tuple[str, str, str], TokenBudget] = {}
@@ -182,7 +199,7 @@ def run_adaptive(
             budget.succeeded()
             continue
         run.oom_count += 1
-        new_budget = budget.shrink()
+        new_budget = budget.shrink(tokens)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         what = f"{stage} {model} on {device}"

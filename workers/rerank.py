@@ -365,7 +365,7 @@ class CrossEncoderBatchExecutor:
 
     def _on_oom(self, pairs: list[tuple[str, str]], group: list[int], run: _Run) -> None:
         run.oom_count += 1
-        self._tokens.shrink()
+        self._tokens.shrink(padded_tokens(group, run.lengths))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         longest = max(run.lengths[i] for i in group)

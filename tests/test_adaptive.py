@@ -1,0 +1,119 @@
+"""Dynamic batch sizing with simulated out-of-memory errors: the real recovery code, the
+real models, on a CPU (``EMBED_FLEET_SIMULATE_OOM_TOKENS`` raises the real
+``torch.cuda.OutOfMemoryError`` above a padded size)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_dense import TEXTS, batch
+
+from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL
+from workers import adaptive, dense
+from workers.adaptive import (
+    SIMULATE_OOM_ENV,
+    BatchTooLarge,
+    TokenBudget,
+    run_adaptive,
+)
+from workers.measure import StageFigures
+from workers.sparse import SparseVectorGenerator
+
+
+@pytest.fixture(autouse=True)
+def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Budgets live for the process; each test starts from none.
+    monkeypatch.setattr(adaptive, "_budgets", {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_budget_halves_grows_back_below_the_failing_size_then_forgets() -> None:
+    budget = TokenBudget(4096, grow_after=2)
+    assert budget.shrink(failed_tokens=3000) == 2048
+    for _ in range(2):
+        budget.succeeded()
+    assert budget.value == 2048  # 4096 would be >= 3000, which just failed
+    for _ in range(2 * adaptive.FORGET_AFTER - 2):
+        budget.succeeded()
+    assert budget.value == 4096 and budget.failed_at is None  # the pressure was transient
+    assert budget.oom_count == 1
+
+
+def test_run_adaptive_recuts_and_learns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SIMULATE_OOM_ENV, "100")
+    lengths = [30] * 20
+    seen: list[list[int]] = []
+    figures = StageFigures()
+    run = run_adaptive(
+        lengths,
+        seen.append,
+        stage="dense",
+        model="m",
+        device="cpu",
+        ceiling=1024,
+        figures=figures,
+    )
+    assert sorted(i for group in seen for i in group) == list(range(20))  # each item once
+    assert all(len(group) * 30 <= 100 for group in seen)
+    assert run.oom_count == figures.oom_count > 0
+    assert figures.budgets["m"] < 100 < 1024
+    assert adaptive.learned_budgets("dense") == {"m": figures.budgets["m"]}
+    assert figures.peak_memory_kind == "rss" and figures.peak_memory_bytes > 0
+
+
+def test_one_item_too_large_raises_without_a_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SIMULATE_OOM_ENV, "10")
+    with pytest.raises(BatchTooLarge, match="one item of 30 tokens"):
+        run_adaptive(
+            [30],
+            lambda g: None,
+            stage="dense",
+            model="m",
+            device="cpu",
+            ceiling=64,
+            figures=StageFigures(),
+        )
+
+
+def test_dense_stage_completes_under_simulated_oom(monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = dense.encode_batch(batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
+    assert reference.figures.oom_count == 0
+    monkeypatch.setattr(adaptive, "_budgets", {})
+    lengths = [c.n_tokens + 2 for c in batch().chunks]
+    # Two of the longest chunk no longer fit; one does.
+    monkeypatch.setenv(SIMULATE_OOM_ENV, str(max(lengths) + 1))
+    result = dense.encode_batch(batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
+    assert result.figures.oom_count > 0
+    learned = result.figures.budgets[DEFAULT_DENSE_MODEL]
+    budget = adaptive.budget_for("dense", DEFAULT_DENSE_MODEL, "cpu", 0)
+    assert budget.failed_at is not None
+    assert learned == budget.value < budget.failed_at < dense.default_batch_tokens("cpu")
+    for name, matrix in result.shard.vectors.items():
+        np.testing.assert_allclose(
+            matrix.to_numpy(), reference.shard.vectors[name].to_numpy(), atol=1e-5
+        )
+    assert len(result.batch_sizes) > len(reference.batch_sizes)
+
+
+def test_sparse_single_chunk_oom_falls_back_and_the_rest_is_live(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lengths = sorted(c.n_tokens + 2 for c in batch().chunks)
+    # Only the longest chunk is too large even alone: it alone falls back.
+    monkeypatch.setenv(SIMULATE_OOM_ENV, str(lengths[-2]))
+    result = SparseVectorGenerator("cpu", dtype="fp32").encode(batch(), [BUNDLED_SPLADE])
+    rows = result.shard.rows[BUNDLED_SPLADE]
+    sources = [row.source for row in rows]
+    longest = max(range(len(TEXTS)), key=lambda i: len(TEXTS[i].split()))
+    assert sources[longest] == "missing"  # no metadata weights to fall back to
+    assert all(s == "live" for i, s in enumerate(sources) if i != longest)
+    assert result.figures.oom_count > 0
+    assert any("runs out of memory alone" in e for e in result.shard.errors)
+
+
+def test_simulated_oom_is_the_real_cuda_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SIMULATE_OOM_ENV, "5")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        adaptive.check_simulated_oom(6)
+    adaptive.check_simulated_oom(5)

@@ -1,0 +1,89 @@
+"""ModelManager with the real loading code: staging, hydration, LRU eviction under a
+memory budget, and results that stay correct across swaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from crossencoder import build_tiny_cross_encoder
+from sentence_transformers import CrossEncoder, SentenceTransformer
+
+from shared.errors import EmbedFleetError
+from shared.models import DEFAULT_DENSE_MODEL, resolve_model
+from workers.dense import DENSE
+from workers.model_manager import ModelManager, model_bytes, parse_bytes
+from workers.preload import parse_preload
+from workers.rerank import RERANK
+
+TEXTS = ["supersonic flow over a wedge", "heat transfer in hypersonic flight"]
+PAIRS = [("wedge flow", TEXTS[0]), ("wedge flow", TEXTS[1])]
+
+
+@pytest.fixture(scope="module")
+def reranker_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("ce") / "tiny-ce")
+
+
+def test_budget_of_one_model_swaps_on_alternating_tasks(
+    reranker_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    dense_path = resolve_model(DEFAULT_DENSE_MODEL).path
+    bare_vectors = SentenceTransformer(str(dense_path), device="cpu").encode(TEXTS)
+    bare_scores = CrossEncoder(str(reranker_folder), device="cpu").predict(PAIRS)
+    dense_bytes = model_bytes(SentenceTransformer(str(dense_path), device="cpu"))
+    # Room for the larger model, not for both.
+    manager = ModelManager(budgets={"cpu": dense_bytes + 1})
+
+    for round_ in range(3):
+        dense = manager.get(DENSE, DEFAULT_DENSE_MODEL, "cpu", "fp32", TEXTS)
+        np.testing.assert_allclose(dense.model.encode(TEXTS), bare_vectors, atol=1e-5)
+        assert manager.resident("cpu") == [f"dense:{DEFAULT_DENSE_MODEL}"]
+        rerank = manager.get(RERANK, str(reranker_folder), "cpu", "fp32", PAIRS)
+        np.testing.assert_allclose(rerank.model.predict(PAIRS), bare_scores, atol=1e-5)
+        assert manager.resident("cpu") == [f"rerank:{reranker_folder}"]
+        assert manager.stats.evictions == 2 * round_ + 1
+    # Each task after the first found its model evicted: hydrated (here: staged again
+    # from the cache, the CPU being this worker's device) six times in all.
+    assert manager.stats.hydrations == 6
+    assert (dense.info.dtype, dense.info.device, dense.info.kind) == ("float32", "cpu", "dense")
+    assert (rerank.info.dtype, rerank.info.device, rerank.info.kind) == ("float32", "cpu", "rerank")
+    assert dense.info.parameters > rerank.info.parameters > 0
+
+
+def test_without_a_budget_models_stay_and_load_once(
+    reranker_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EMBED_FLEET_MODEL_MEMORY", raising=False)
+    manager = ModelManager()
+    first = manager.get(RERANK, str(reranker_folder), "cpu", "fp32", PAIRS)
+    manager.get(DENSE, DEFAULT_DENSE_MODEL, "cpu", "fp32", TEXTS)
+    again = manager.get(RERANK, str(reranker_folder), "cpu", "fp32", PAIRS)
+    assert again.model is first.model
+    assert manager.stats.loads == 2 and manager.stats.evictions == 0
+
+
+def test_staging_loads_on_cpu_without_hydrating(reranker_folder: Path) -> None:
+    manager = ModelManager()
+    entry = manager.stage(RERANK, str(reranker_folder), "cpu", "auto")
+    assert entry.model is not None and not entry.resident and entry.info is None
+    assert manager.resident() == []
+
+
+def test_sizes_parse_and_bad_ones_say_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    assert parse_bytes("800MB") == 800 * 10**6
+    assert parse_bytes("1234") == 1234
+    with pytest.raises(EmbedFleetError, match=r"EMBED_FLEET_MODEL_MEMORY=.lots.*e\.g\. 2GiB"):
+        parse_bytes("lots")
+    monkeypatch.setenv("EMBED_FLEET_MODEL_MEMORY", "2GiB")
+    assert ModelManager().budget("cpu") == 2 * 2**30
+
+
+def test_preload_list_parses() -> None:
+    assert parse_preload("dense:a/b, rerank:c@bf16,bogus,sparse:") == [
+        ("dense", "a/b", "auto"),
+        ("rerank", "c", "bf16"),
+    ]
