@@ -511,13 +511,22 @@ def _show_summary(manifest: Manifest, location: str, as_json: bool) -> None:
     help="Without a broker, where to look for the job's manifest "
     f"(default: $EMBED_FLEET_OUTPUT or {DEFAULT_OUTPUT}).",
 )
+@click.option(
+    "--follow",
+    "-f",
+    "follow_job",
+    is_flag=True,
+    help="Follow a running job with the live view (as `run` shows it) until it ends.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(job_id: str | None, output: str | None, as_json: bool) -> None:
+def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bool) -> None:
     """Show a job's progress (or, without JOB_ID, the recent jobs).
 
     Reads the ledger of the broker in REDIS_URL; with no broker configured, reads the
-    manifest of a finished job from the output folder. Exit code: 0 complete,
-    1 partial or failed, 3 still running.
+    manifest of a finished job from the output folder. With --follow, shows the live
+    view (progress, throughput, latency p50/p95, batch sizes, peak memory, rerank
+    coverage) until the job ends. Exit code: 0 complete, 1 partial or failed, 3 still
+    running.
     """
     settings = Settings.from_env()
     output = output or os.environ.get("EMBED_FLEET_OUTPUT") or DEFAULT_OUTPUT
@@ -544,10 +553,14 @@ def status(job_id: str | None, output: str | None, as_json: bool) -> None:
                 )
             sys.exit(EXIT_OK)
         ledger = JobLedger(client, job_id)
-        snap = ledger.progress()
-        if as_json:
-            emit_json("progress", snap)
+        ledger.spec()  # an unknown job id fails here, saying what to do
+        if follow_job:
+            snap = follow(ledger, as_json=as_json, console=console)
         else:
+            snap = ledger.progress(detail=True)
+        if as_json and not follow_job:
+            emit_json("progress", snap)
+        elif not as_json:
             stages = ", ".join(
                 f"{s.stage} {s.batches_done}/{s.total if s.total is not None else '?'} tasks"
                 if s.stage in PHASES

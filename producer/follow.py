@@ -1,6 +1,9 @@
-"""Following a job through the ledger: progress bars per stage, then a summary table.
+"""Following a job through the ledger: the live view, then a summary table.
 
-The same snapshots go out as JSON lines with ``--json``, for scripts and CI logs.
+Each stage gets a progress bar and its live figures beside it: throughput, latency
+p50/p95 per unit, model batch sizes (min/p50/max), peak memory (GPU, or the worker's
+RSS on a CPU), out-of-memory retries and, for reranking, coverage. The same snapshots
+(with the figures) go out as JSON lines with ``--json``, for scripts and dashboards.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from shared.ledger import JobLedger
-from shared.schemas import JobProgress, Manifest
+from shared.schemas import JobProgress, LatencySummary, Manifest
 
 FINISHED = ("complete", "partial", "failed")
 PHASES = ("retrieve", "rerank")  # later phases: their bars count tasks
@@ -52,7 +55,7 @@ def follow(
     if as_json:
         last = b""
         while True:
-            snap = ledger.progress()
+            snap = ledger.progress(detail=True)
             encoded = msgspec.json.encode(snap)
             if encoded != last:
                 emit_json("progress", snap)
@@ -70,13 +73,14 @@ def follow(
         TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[figures]}"),
     )
     with Progress(*columns, console=console, transient=False) as bars:
-        read = bars.add_task("read", total=None, unit="docs")
+        read = bars.add_task("read", total=None, unit="docs", figures="")
         stage_bars: dict[str, TaskID] = {}
         export: TaskID | None = None  # added last, so it shows below the stages
         while True:
-            snap = ledger.progress()
+            snap = ledger.progress(detail=True)
             bars.update(read, completed=snap.documents_read, total=snap.documents_total)
             sealed = snap.total_batches is not None
             for stage in snap.stages:
@@ -85,7 +89,12 @@ def follow(
                     continue
                 if stage.stage not in stage_bars:
                     unit = "tasks" if phase else "chunks"
-                    stage_bars[stage.stage] = bars.add_task(stage.stage, total=None, unit=unit)
+                    stage_bars[stage.stage] = bars.add_task(
+                        stage.stage, total=None, unit=unit, figures=""
+                    )
+                if stage.summary is not None and stage.summary.batches:
+                    figures = figures_text(stage.summary, rerank=stage.stage == "rerank")
+                    bars.update(stage_bars[stage.stage], figures=figures)
                 if phase:
                     bars.update(
                         stage_bars[stage.stage], completed=stage.batches_done, total=stage.total
@@ -98,13 +107,47 @@ def follow(
                 )
             if snap.status in ("exporting", *FINISHED):
                 if export is None:
-                    export = bars.add_task("export", total=1, unit="")
+                    export = bars.add_task("export", total=1, unit="", figures="")
                 bars.update(export, completed=1 if snap.status in FINISHED else 0)
             if snap.status in FINISHED:
                 return snap
             if on_tick:
                 on_tick()
             time.sleep(poll_s)
+
+
+def human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def peak_text(summary: LatencySummary) -> str:
+    if not summary.peak_memory_bytes:
+        return "-"
+    kind = "GPU" if summary.peak_memory_kind == "gpu" else "RSS"
+    return f"{human_bytes(summary.peak_memory_bytes)} {kind}"
+
+
+def figures_text(summary: LatencySummary, rerank: bool = False) -> str:
+    """One line of a stage's live figures, beside its bar."""
+    parts = [
+        f"{summary.items_per_s:.1f}/s",
+        f"p50 {summary.p50_s:.2f}s p95 {summary.p95_s:.2f}s",
+    ]
+    if summary.batch_size_max:
+        sizes = f"{summary.batch_size_min}/{summary.batch_size_p50}/{summary.batch_size_max}"
+        parts.append(f"batch {sizes}")
+    if summary.peak_memory_bytes:
+        parts.append(f"peak {peak_text(summary)}")
+    if summary.oom_count:
+        parts.append(f"OOM {summary.oom_count}")
+    if rerank:
+        parts.append(f"coverage {summary.coverage:.3f}")
+    return " · ".join(parts)
 
 
 def summary_table(manifest: Manifest, location: str) -> Table:
@@ -118,12 +161,16 @@ def summary_table(manifest: Manifest, location: str) -> Table:
     table.add_column("p50 s", justify="right")
     table.add_column("p95 s", justify="right")
     table.add_column("model batch sizes", justify="right")
+    table.add_column("peak memory", justify="right")
+    table.add_column("OOM", justify="right")
+    table.add_column("learned budget", justify="right")
     for name, stage in manifest.stages.items():
         sizes = (
             f"{stage.batch_size_min}/{stage.batch_size_p50}/{stage.batch_size_max}"
             if stage.batch_size_max
             else "-"
         )
+        budget = min(stage.budgets.values()) if stage.budgets else None
         table.add_row(
             name,
             str(stage.batches),
@@ -132,12 +179,16 @@ def summary_table(manifest: Manifest, location: str) -> Table:
             f"{stage.p50_s:.3f}",
             f"{stage.p95_s:.3f}",
             sizes,
+            peak_text(stage),
+            str(stage.oom_count) if stage.batches else "-",
+            f"{budget} tok" if budget else "-",
         )
     table.caption = (
         f"{counts.documents} documents, {counts.chunks} chunks "
         f"({counts.chunks_exported} exported), {counts.empty_documents} empty, "
         f"{counts.skipped_records} skipped, {counts.failed_batches} failed batches; "
-        f"batch sizes min/p50/max\nartifacts: {location}"
+        f"batch sizes min/p50/max; learned budget: padded tokens per model batch"
+        f"\nartifacts: {location}"
     )
     table.caption_justify = "left"
     return table

@@ -41,6 +41,7 @@ from shared.schemas import (
     JobProgress,
     JobSpec,
     JobStatus,
+    LatencySummary,
     ModelInfo,
     ProducerReport,
     StageProgress,
@@ -324,7 +325,10 @@ class JobLedger:
         raw: dict[bytes, bytes] = self.client.hgetall(key)  # type: ignore[assignment]
         return [msgspec.msgpack.decode(raw[k], type=kind) for k in sorted(raw)]
 
-    def progress(self) -> JobProgress:
+    def progress(self, detail: bool = False) -> JobProgress:
+        """A snapshot of the job; with ``detail``, each stage's live figures
+        (throughput, latency percentiles, batch sizes, peak memory, coverage), summed
+        from the units recorded so far."""
         spec = self.spec()
         pipe = self.client.pipeline()
         pipe.hgetall(self.k_state)
@@ -347,6 +351,7 @@ class JobLedger:
                     chunks_done=int(state.get(f"chunks_done:{name}", 0)),
                     queries_done=int(state.get(f"queries_done:{name}", 0)),
                     total=int(stage_total) if stage_total is not None else None,
+                    summary=LatencySummary.from_reports(self.reports(name)) if detail else None,
                 )
             )
         return JobProgress(
