@@ -89,6 +89,30 @@ def fleet_stage(options: JobOptions, stage: str, queues: tuple[str, ...]) -> dic
     }
 
 
+def cli_job(source: Path, extra: list[str]) -> dict[str, Any]:
+    """``embed-collections run SOURCE --json EXTRA`` as a user runs it (embedded fleet);
+    the job's manifest, with its ``wall_s``."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CELERY_BROKER_URL")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="embed-fleet-bench-") as tmp:
+        command = [sys.executable, "-m", "producer.cli", "run", str(source), "--output", tmp]
+        done = subprocess.run(
+            [*command, "--json", *extra], cwd=REPO, env=env, capture_output=True, text=True
+        )
+    if done.returncode != 0:
+        sys.exit(f"job failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    lines = [json.loads(line) for line in done.stdout.splitlines() if '"summary"' in line]
+    manifest: dict[str, Any] = lines[-1]["manifest"]
+    manifest["wall_s"] = round(time.perf_counter() - started, 1)
+    return manifest
+
+
 def steady_state(reports: list[Any]) -> dict[str, Any]:
     """Throughput of a stage from its ledger reports, leaving out each worker's first
     unit (it pays for loading the model): items of the rest over the time from the end

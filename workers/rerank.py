@@ -1,9 +1,10 @@
 """CrossEncoder reranking: (query, passage) pairs scored in token-budget batches.
 
-A worker loads each reranker once per process and device (:func:`load_cross_encoder`)
-and keeps one :class:`CrossEncoderBatchExecutor` per (model, device) for its life, so
-the batch budget the executor learns (shrunk on out-of-memory errors, grown back after
-a run of good batches) carries over from one task to the next.
+A worker's :class:`~workers.model_manager.ModelManager` holds each reranker
+(:func:`load_cross_encoder`), and the worker keeps one :class:`CrossEncoderBatchExecutor`
+per (model, device) for its life, whose batch budget is the process's
+(:mod:`workers.adaptive`: shrunk on out-of-memory errors, grown back after a run of good
+batches), so what it learns carries over from one task to the next.
 
 A rerank task must not fail a job because one batch is too big or too slow: an
 out-of-memory batch is re-cut smaller, a batch over the time limit is split in two,

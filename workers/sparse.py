@@ -1,10 +1,13 @@
 """SparseVectorGenerator: SPLADE vectors and BM25 term statistics for a staged batch.
 
-CPU first (GPU when the job asks for it); each SPLADE model is loaded once per worker
-process through ``sentence_transformers.SparseEncoder``. When a model cannot be loaded
-or fails on a batch (an exception, an out-of-memory error, a Celery time limit), chunks
-whose metadata carries sparse weights (``metadata.sparse`` as ``{token: weight}``) use
-those, the rest are marked missing, and the error is recorded: the job still completes.
+CPU first (GPU when the job asks for it); each SPLADE model is a
+``sentence_transformers.SparseEncoder`` held by the worker's
+:class:`~workers.model_manager.ModelManager`, and its batches adapt to memory
+(:mod:`workers.adaptive`: an out-of-memory batch is cut smaller and retried). When a
+model cannot be loaded or fails on a batch (an exception, a single chunk out of memory
+alone, a Celery time limit), chunks whose metadata carries sparse weights
+(``metadata.sparse`` as ``{token: weight}``) use those, the rest are marked missing, and
+the error is recorded: the job still completes.
 
 ``bm25`` is a sparse "model" without weights: workers emit each chunk's term
 frequencies and length (tokenised as ``bm25s`` does: English stopwords, Snowball
