@@ -366,13 +366,16 @@ def test_embedded_default_runs_everything_locally(tmp_path) -> None:
 
 
 def test_embedded_ctrl_c_stops_everything(tmp_path) -> None:
-    cli, watch = run_watched(["run", str(CRANFIELD)], cwd=tmp_path)
+    # fp32: the slowest dtype, so the job (~30 s of encoding) is surely still running.
+    cli, watch = run_watched(["run", str(CRANFIELD), "--dtype", "fp32"], cwd=tmp_path)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(
-        "celery" in " ".join(p.cmdline()) for p in list(watch.seen.values()) if _alive(p)
+    while time.monotonic() < deadline and not (
+        any("celery" in " ".join(p.cmdline()) for p in list(watch.seen.values()) if _alive(p))
+        and list((tmp_path / "embed-out").glob("*/*/work"))  # batches are being staged
     ):
         time.sleep(0.2)
-    time.sleep(3)  # mid-job
+    assert cli.poll() is None, "the job ended before it could be interrupted"
+    time.sleep(2)  # mid-job
     cli.send_signal(signal.SIGINT)
     _, stderr = cli.communicate(timeout=60)
     assert cli.returncode == 130, stderr
