@@ -102,6 +102,14 @@ def test_one_trace_oom_recovery_and_model_swaps(
         if s["stage"] == "dense" and s.get("summary") and s["summary"]["batches"]
     ]
     assert dense_live and dense_live[-1]["items_per_s"] > 0 and dense_live[-1]["p95_s"] > 0
+    # `status --follow` shows the same figures from another process (here: at once, the
+    # job being finished) and then the summary.
+    followed = run_cli("status", manifest["job_id"], "--follow", "--json", env=env)
+    assert followed.returncode == 0, followed.stderr
+    (last,) = events(followed.stdout, "progress")[-1:]
+    (rerank_live,) = [s["summary"] for s in last["stages"] if s["stage"] == "rerank"]
+    assert rerank_live["coverage"] == 1.0 and rerank_live["batches"] > 0
+    assert events(followed.stdout, "summary")[-1]["manifest"] == manifest
 
     # metrics.json: per-stage figures, OOM retries and the learned budget.
     client = s3.client()
