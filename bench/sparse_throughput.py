@@ -8,7 +8,8 @@ excludes model load and process start (reported apart). Only sparse workers run,
 dense stage does not compete for the cores. With 2 workers each takes half the cores
 (``balance_torch_threads``). Quality per dtype: ``embed-collections run examples/cranfield
 --sparse-models splade-tiny --dtype X`` and the nDCG@10 of its ``sparse:splade-tiny``
-ranking (skip with ``--no-quality``); auto must stay within 0.005 of fp32.
+ranking (always the whole collection, with its judgements; skip with ``--no-quality``);
+auto must stay within 0.005 of fp32.
 
 Usage: python bench/sparse_throughput.py [--source examples/cranfield] [--docs N]
        [--two-workers] [--no-quality]
@@ -66,7 +67,7 @@ def main() -> None:
     if not args.no_quality:
         for dtype in ("fp32", "auto"):
             extra = ["--sparse-models", BUNDLED_SPLADE, "--dtype", dtype]
-            manifest = cli_job(Path(source), extra)
+            manifest = cli_job(Path(args.source), extra)  # the whole collection, judged
             quality[dtype] = manifest["metrics"][f"sparse:{BUNDLED_SPLADE}"]["ndcg_at_10"]
     drop = quality["fp32"] - quality["auto"] if quality else 0.0
     result = {

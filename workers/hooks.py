@@ -1,8 +1,9 @@
 """Cross-cutting task behaviour, in one base class instead of in every task body.
 
 Like dramatiq's middleware: retries with backoff, "a batch that keeps failing is
-recorded as failed with its reason", the per-process Redis client for the ledger, and
-the hand-off to the export phase all live here. Task bodies only do their stage's work.
+recorded as failed with its reason", the per-process Redis client for the ledger, the
+stage span around every task run (with the unit's figures as attributes), and the
+hand-off to the next phase all live here. Task bodies only do their stage's work.
 """
 
 from __future__ import annotations
