@@ -8,9 +8,11 @@ RSS on a CPU), out-of-memory retries and, for reranking, coverage. The same snap
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-import time
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import msgspec
 from rich.console import Console
@@ -48,10 +50,42 @@ def follow(
 ) -> JobProgress:
     """Poll the ledger until the job finishes; return the last snapshot.
 
+    Ctrl-C raises ``KeyboardInterrupt`` between polls, never inside a Redis call or a
+    redraw: an interrupt that lands while rich holds its display lock would leave the
+    lock taken and hang the exit.
+
     Args:
         on_tick: Called every poll; raising from it stops following (the embedded
             fleet uses it to notice a dead worker).
     """
+    with _interrupt_between_polls() as interrupted:
+
+        def tick() -> None:
+            if on_tick:
+                on_tick()
+            if interrupted.wait(poll_s):
+                raise KeyboardInterrupt
+
+        return _follow(ledger, as_json=as_json, console=console, tick=tick)
+
+
+@contextlib.contextmanager
+def _interrupt_between_polls() -> Iterator[threading.Event]:
+    """SIGINT sets an event instead of raising wherever the main thread happens to be."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _follow(
+    ledger: JobLedger, *, as_json: bool, console: Console, tick: Callable[[], None]
+) -> JobProgress:
     if as_json:
         last = b""
         while True:
@@ -62,9 +96,7 @@ def follow(
                 last = encoded
             if snap.status in FINISHED:
                 return snap
-            if on_tick:
-                on_tick()
-            time.sleep(poll_s)
+            tick()
 
     columns = (
         TextColumn("[bold]{task.description:<8}"),
@@ -111,9 +143,7 @@ def follow(
                 bars.update(export, completed=1 if snap.status in FINISHED else 0)
             if snap.status in FINISHED:
                 return snap
-            if on_tick:
-                on_tick()
-            time.sleep(poll_s)
+            tick()
 
 
 def human_bytes(count: int) -> str:
