@@ -300,6 +300,11 @@ class BatchReport(Struct):
     budgets: dict[str, int] = {}
     # Items the unit's model could not process (rerank: pairs left unscored).
     items_missed: int = 0
+    # The worker's ModelManager while the unit ran: loads from the cache, moves to the
+    # device, and models sent back to the CPU to make room (see workers.model_manager).
+    model_loads: int = 0
+    hydrations: int = 0
+    evictions: int = 0
 
     @property
     def latency_s(self) -> float:
@@ -512,6 +517,10 @@ class LatencySummary(Struct):
     devices: list[str] = []
     # Share of the items the model processed (1.0 unless a unit reported misses).
     coverage: float = 1.0
+    # Model manager activity summed over the units (swaps show as evictions).
+    model_loads: int = 0
+    hydrations: int = 0
+    evictions: int = 0
 
     @classmethod
     def from_samples(
@@ -564,6 +573,9 @@ class LatencySummary(Struct):
         summary.budgets = budgets
         summary.devices = sorted({r.device for r in reports if r.device})
         summary.coverage = round(1 - missed / summary.items, 4) if summary.items else 1.0
+        summary.model_loads = sum(r.model_loads for r in reports)
+        summary.hydrations = sum(r.hydrations for r in reports)
+        summary.evictions = sum(r.evictions for r in reports)
         return summary
 
 

@@ -36,6 +36,7 @@ from workers.measure import (
     ATTR_TOKENS,
     StageFigures,
 )
+from workers.model_manager import manager
 
 log = get_logger("worker")
 _settings = Settings.from_env()
@@ -71,7 +72,9 @@ class FleetTask(Task):  # type: ignore[misc]
     max_retries = _settings.max_retries
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task inside its stage span (a child of the Celery ``run`` span)."""
+        """Run the task inside its stage span (a child of the Celery ``run`` span),
+        noting the model manager's counters so the unit can report its model swaps."""
+        self._models_before = manager().stats.snapshot()
         name = f"embed_fleet.stage.{self.stage or 'aggregate'}"
         with tracer().start_as_current_span(
             name, attributes={ATTR_STAGE: self.stage or "aggregate", "celery.task_name": self.name}
@@ -115,6 +118,7 @@ class FleetTask(Task):  # type: ignore[misc]
             oom_count=figures.oom_count,
             budgets=figures.budgets,
             items_missed=items_missed,
+            **manager().stats.since(getattr(self, "_models_before", None)),
         )
         describe_stage_span(report, models or [])
         if ledger.record_done(report):
@@ -160,6 +164,8 @@ def describe_stage_span(report: BatchReport, models: list[str]) -> None:
             ATTR_PEAK_KIND: report.peak_memory_kind,
             ATTR_OOM: report.oom_count,
             "embed_fleet.unit": report.batch_id,
+            "embed_fleet.hydrations": report.hydrations,
+            "embed_fleet.evictions": report.evictions,
             "embed_fleet.model_batch_sizes": report.batch_sizes,
         }
     )

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -130,12 +130,24 @@ class Loaded:
 
 @dataclass
 class ManagerStats:
-    """Counters of one process's manager, reported with each unit of work."""
+    """Counters of one process's manager; each unit of work reports what changed
+    while it ran (``model_loads``, ``hydrations``, ``evictions`` of its report)."""
 
     loads: int = 0
     hydrations: int = 0
     evictions: int = 0
-    by_model: dict[str, int] = field(default_factory=dict)
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return (self.loads, self.hydrations, self.evictions)
+
+    def since(self, before: tuple[int, int, int] | None) -> dict[str, int]:
+        """The counters' growth since ``before`` (all of it when ``None``)."""
+        loads, hydrations, evictions = before or (0, 0, 0)
+        return {
+            "model_loads": self.loads - loads,
+            "hydrations": self.hydrations - hydrations,
+            "evictions": self.evictions - evictions,
+        }
 
 
 class ModelManager:
