@@ -21,9 +21,11 @@ Cranfield with BM25's top documents, on a machine that has the fleet installed).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +60,21 @@ def build_model(tokenizer_dir: Path, folder: Path) -> str:
         num_attention_heads=12,
         intermediate_size=1536,
         max_position_embeddings=512,
-        num_labels=1,
     )
+    config.num_labels = 1  # a PretrainedConfig kwarg, not in BertConfig's typed signature
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
 
-def timed(fn: Any) -> tuple[Any, float]:
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     import torch
 
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     sync()
     started = time.perf_counter()
     out = fn()
@@ -116,11 +121,13 @@ def main() -> None:
         "pairs": len(pairs),
         "mean_pair_tokens": round(float(np.mean(lengths)), 1),
     }
+
+    def predict(batch_size: int) -> Any:
+        return model.predict(pairs, batch_size=batch_size, show_progress_bar=False)
+
     bare = {}
     for batch in (32, 128):
-        scores, elapsed = timed(
-            lambda b=batch: model.predict(pairs, batch_size=b, show_progress_bar=False)
-        )
+        scores, elapsed = timed(functools.partial(predict, batch))
         bare[batch] = scores
         result[f"bare_predict_bs{batch}_pairs_per_s"] = round(len(pairs) / elapsed, 1)
     executor = CrossEncoderBatchExecutor(
@@ -135,12 +142,10 @@ def main() -> None:
     )
     for budget in (65536, 131072, 262144):
         sweep = CrossEncoderBatchExecutor(model, args.device, budget)
-        _, elapsed = timed(lambda ex=sweep: ex.score(pairs, lengths))
+        _, elapsed = timed(functools.partial(sweep.score, pairs, lengths))
         result[f"executor_budget{budget}_pairs_per_s"] = round(len(pairs) / elapsed, 1)
     for batch in (256, 512):
-        _, elapsed = timed(
-            lambda b=batch: model.predict(pairs, batch_size=b, show_progress_bar=False)
-        )
+        _, elapsed = timed(functools.partial(predict, batch))
         result[f"bare_predict_bs{batch}_pairs_per_s"] = round(len(pairs) / elapsed, 1)
     result["max_abs_diff_vs_bare"] = float(
         np.max(np.abs(np.array(scores, dtype=np.float64) - np.asarray(bare[32])))

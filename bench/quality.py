@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 CRANFIELD = REPO / "examples" / "cranfield"
@@ -36,7 +37,7 @@ REFERENCE = {
 SINGLE = ("dense", "sparse:splade-tiny", "sparse:bm25")
 
 
-def run_job(output: Path, extra: list[str]) -> dict[str, object]:
+def run_job(output: Path, extra: list[str]) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CELERY_BROKER_URL")}
     env.setdefault("HF_HUB_OFFLINE", "1")
     command = [
@@ -56,7 +57,7 @@ def run_job(output: Path, extra: list[str]) -> dict[str, object]:
     if done.returncode != 0:
         sys.exit(f"job failed ({done.returncode}):\n{done.stderr[-3000:]}")
     summary = [json.loads(line) for line in done.stdout.splitlines() if '"summary"' in line][-1]
-    manifest = summary["manifest"]
+    manifest: dict[str, Any] = summary["manifest"]
     manifest["wall_s"] = round(time.perf_counter() - started, 1)
     return manifest
 
