@@ -59,7 +59,11 @@ def main() -> None:
     result["auto"] = {"native_bf16": native, "why": why}
     pairs = [tuple(p) for p in json.loads(args.pairs.read_text())]
     folder = build_model(args.tokenizer, Path("/tmp/standin-cross-encoder"))
-    lengths = [min(512, (len(q) + len(p)) // 4) for q, p in pairs]  # a rough length
+    from transformers import AutoTokenizer
+
+    # The lengths the executor cuts batches by, as the rerank task computes them.
+    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+    lengths = [rerank.pair_lengths(tokenizer, q, [p], 512)[0] for q, p in pairs]
     timings = {}
     scores = {}
     for dtype in ("fp32", "auto"):
