@@ -115,6 +115,14 @@ def padded_tokens(group: Sequence[int], lengths: Sequence[int]) -> int:
     return len(group) * max((lengths[i] for i in group), default=0)
 
 
+def recut(pending: deque[list[int]], lengths: Sequence[int], budget: int) -> deque[list[int]]:
+    """Cut the groups not yet run again at a new budget, still longest first: after an
+    OOM the old groups would fail again; after a grow-back bigger groups are cheaper."""
+    flat = [i for group in pending for i in group]
+    groups = token_budget_batches([lengths[i] for i in flat], budget)
+    return deque([flat[j] for j in group] for group in groups)
+
+
 def check_simulated_oom(tokens: int) -> None:
     """The test hook: raise a real CUDA out-of-memory error above the configured size."""
     limit = os.environ.get(SIMULATE_OOM_ENV)
@@ -176,11 +184,7 @@ def run_adaptive(
     cut_at = budget.value
     while pending:
         if budget.value != cut_at:
-            # After an OOM the old groups would fail again; after a grow-back bigger
-            # groups are cheaper. Groups stay longest first.
-            flat = [i for group in pending for i in group]
-            regrouped = token_budget_batches([lengths[i] for i in flat], budget.value)
-            pending = deque([flat[j] for j in group] for group in regrouped)
+            pending = recut(pending, lengths, budget.value)
             cut_at = budget.value
         group = pending.popleft()
         out_of_memory = False

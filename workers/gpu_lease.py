@@ -28,16 +28,17 @@ GPU_QUEUES = frozenset({"dense", "rerank"})
 _lease: GpuLease | None = None
 
 
-def _consumes_gpu_queue(worker: Any) -> bool:
-    queues = getattr(worker.app.amqp.queues, "consume_from", None) or {}
-    return bool(set(queues) & GPU_QUEUES)
+def consumed_queues(worker: Any) -> set[str]:
+    """The queue names a starting Celery worker consumes (``-Q``)."""
+    queues = getattr(getattr(getattr(worker, "app", None), "amqp", None), "queues", None)
+    return set(getattr(queues, "consume_from", None) or {})
 
 
 @signals.worker_init.connect
 def take_gpu_lease(sender: Any = None, **_: Any) -> None:
     """Lease a GPU for a worker that serves ``dense`` or ``rerank``."""
     global _lease
-    if sender is None or not _consumes_gpu_queue(sender):
+    if sender is None or not consumed_queues(sender) & GPU_QUEUES:
         return
     if os.environ.get("EMBED_FLEET_DEVICE"):
         log.warning(

@@ -19,6 +19,7 @@ from celery import signals
 
 from shared.logs import get_logger
 from shared.models import PRELOAD_ENV
+from workers.gpu_lease import consumed_queues
 
 log = get_logger("preload")
 QUEUES_ENV = "EMBED_FLEET_WORKER_QUEUES"
@@ -42,9 +43,7 @@ def parse_preload(text: str) -> list[tuple[str, str, str]]:
 @signals.worker_init.connect
 def remember_queues(sender: Any = None, **_: Any) -> None:
     """Hand the worker's queues to its pool processes (they fork after this)."""
-    queues = getattr(getattr(sender, "app", None), "amqp", None)
-    names = getattr(getattr(queues, "queues", None), "consume_from", None) or {}
-    os.environ[QUEUES_ENV] = ",".join(sorted(names))
+    os.environ[QUEUES_ENV] = ",".join(sorted(consumed_queues(sender)))
 
 
 @signals.worker_process_init.connect

@@ -35,7 +35,13 @@ import torch
 from shared.errors import EmbedFleetError
 from shared.logs import LOGGER
 from shared.schemas import FusedGroup, ModelInfo, RerankGroup, RerankShard, RerankStats
-from workers.adaptive import TokenBudget, budget_for, check_simulated_oom, padded_tokens
+from workers.adaptive import (
+    TokenBudget,
+    budget_for,
+    check_simulated_oom,
+    padded_tokens,
+    recut,
+)
 from workers.batching import token_budget_batches
 from workers.dense import pick_device
 from workers.measure import StageFigures, model_batch
@@ -316,9 +322,7 @@ class CrossEncoderBatchExecutor:
         cut_at = self._tokens.value
         while run.pending:
             if self._tokens.value != cut_at:
-                # Re-cut everything not yet run: after an OOM the old groups would fail
-                # again; after a grow-back bigger groups are cheaper.
-                self._recut(run)
+                run.pending = recut(run.pending, run.lengths, self._tokens.value)
                 cut_at = self._tokens.value
             group = run.pending.popleft()
             self._run_device(pairs, group, run, may_split=True)
@@ -491,12 +495,6 @@ class CrossEncoderBatchExecutor:
                     run.scores[index] = float(flat[position])
                     position += 1
         run.results.clear()
-
-    def _recut(self, run: _Run) -> None:
-        """Cut the pending pairs (still longest first) again at the current budget."""
-        flat = [i for group in run.pending for i in group]
-        groups = token_budget_batches([run.lengths[i] for i in flat], self._tokens.value)
-        run.pending = deque([flat[j] for j in group] for group in groups)
 
 
 def _as_scores(output: Any, rows: int) -> torch.Tensor:
