@@ -31,6 +31,7 @@ from shared.schemas import (
     Manifest,
     Metrics,
     Missing,
+    ProducerReport,
     Qrels,
     RankingMetrics,
     RerankShard,
@@ -109,9 +110,11 @@ class ExportRuntime:
             artifacts.append(chunks.artifact(chunks_key))
             if self.spec.retrieval is not None:
                 artifacts += self._write_results(Path(tmp), self.spec.retrieval, missing)
-        stages = self._stages()
+        producer = self.ledger.producer_report()
+        assert producer is not None, "export runs only after the producer sealed the job"
+        stages = self._stages(producer)
         artifacts.append(self._write_metrics(stages))
-        manifest = self._manifest(artifacts, missing, started, stages)
+        manifest = self._manifest(artifacts, missing, started, producer, stages)
         # Last write of the job: readers take the manifest's presence as "complete".
         self.store.put_bytes(
             self.layout.manifest, msgspec.json.format(msgspec.json.encode(manifest), indent=2)
@@ -243,10 +246,8 @@ class ExportRuntime:
             )
         return artifacts
 
-    def _stages(self) -> dict[str, LatencySummary]:
+    def _stages(self, producer: ProducerReport) -> dict[str, LatencySummary]:
         """Every stage's figures, summed from the units its workers recorded."""
-        producer = self.ledger.producer_report()
-        assert producer is not None, "export runs only after the producer sealed the job"
         stages: dict[str, LatencySummary] = {"produce": producer.latency}
         for stage in self.spec.stages:  # the collection's batches (queries are tiny)
             reports = [r for r in self.ledger.reports(stage) if r.kind == "documents"]
@@ -277,11 +278,10 @@ class ExportRuntime:
         artifacts: list[Artifact],
         missing: list[Missing],
         started: float,
+        producer: ProducerReport,
         stages: dict[str, LatencySummary],
     ) -> Manifest:
         chunks = artifacts[0]
-        producer = self.ledger.producer_report()
-        assert producer is not None, "export runs only after the producer sealed the job"
         elapsed = time.time() - started
         stages["export"] = LatencySummary.from_samples([elapsed], chunks.records, elapsed)
         return Manifest(

@@ -112,8 +112,6 @@ class ManagedModel:
     resident: bool = False
     bytes: int = 0
     last_used: float = 0.0
-    hydrations: int = 0
-    evictions: int = 0
 
     @property
     def name(self) -> str:
@@ -256,7 +254,6 @@ class ModelManager:
             self._first_hydration(entry, probe)
         entry.bytes = model_bytes(entry.model)
         entry.resident = True
-        entry.hydrations += 1
         self.stats.hydrations += 1
         fields = {"model": entry.name, "device": entry.device, "bytes": entry.bytes}
         log.info("model hydrated", extra={"fields": fields})
@@ -319,7 +316,6 @@ class ModelManager:
 
                 torch.cuda.empty_cache()
         entry.resident = False
-        entry.evictions += 1
         self.stats.evictions += 1
         fields = {"model": entry.name, "device": entry.device, "bytes": entry.bytes}
         log.info("model evicted", extra={"fields": fields})
