@@ -18,9 +18,9 @@ from producer.jobs import JobOptions, Stager, prepare  # noqa: E402
 from producer.local_fleet import LocalFleet  # noqa: E402
 from producer.sources import documents  # noqa: E402
 from shared.celery_app import make_app  # noqa: E402
-from shared.config import Settings  # noqa: E402
 from shared.ledger import JobLedger, connect  # noqa: E402
 from shared.schemas import SkippedRecord  # noqa: E402
+from shared.settings import Settings  # noqa: E402
 
 
 def chunk_texts(options: JobOptions) -> list[str]:
@@ -138,11 +138,10 @@ def steady_state(reports: list[Any]) -> dict[str, Any]:
 
 def run_rerank_groups(groups: list[Any], model_dir: str, top: int, tmp: Path) -> dict[str, Any]:
     """Rerank fused candidate groups through one worker on queue ``rerank``."""
-    import msgspec
-
-    from shared.celery_app import TASK_RERANK, send
+    from shared.celery_app import send_unit
+    from shared.job_store import JobStore
     from shared.schemas import JobSpec, RerankGroup, RetrievalSpec
-    from shared.storage import JobLayout, open_store
+    from shared.storage import open_store
 
     store = open_store(str(tmp / "out"))
     spec = JobSpec(
@@ -166,7 +165,7 @@ def run_rerank_groups(groups: list[Any], model_dir: str, top: int, tmp: Path) ->
             rerank_top=top,
         ),
     )
-    layout = JobLayout(spec.collection, spec.job_id)
+    job_store = JobStore.of(spec, store)
     started = time.perf_counter()
     with LocalFleet(("rerank",)) as local:
         ledger = JobLedger(connect(local.redis_url), spec.job_id)
@@ -175,16 +174,8 @@ def run_rerank_groups(groups: list[Any], model_dir: str, top: int, tmp: Path) ->
         app = make_app(dataclasses.replace(Settings.from_env(), broker_url=local.redis_url))
         for group in groups:
             group.job_id = spec.job_id
-            store.put_bytes(layout.fused(group.group_id), msgspec.msgpack.encode(group))
-            message = RerankGroup(
-                job_id=spec.job_id,
-                group_id=group.group_id,
-                store_url=store.url,
-                collection=spec.collection,
-                model=model_dir,
-                rerank_top=top,
-            )
-            send(app, TASK_RERANK, message)
+            job_store.put_fused(group)
+            send_unit(app, RerankGroup(job_id=spec.job_id, stage="rerank", unit=group.group_id))
         while len(ledger.reports("rerank")) < len(groups):
             local.check()
             time.sleep(0.25)

@@ -42,7 +42,7 @@ from sentence_transformers import SentenceTransformer
 
 from producer.jobs import JobOptions
 from shared.models import DEFAULT_DENSE_MODEL, resolve_model
-from workers.precision import cpu_flags
+from workers.inference.precision import cpu_flags
 
 TARGET_AUTO = 2.5
 MAX_NDCG_DROP = 0.005

@@ -37,7 +37,8 @@ def main() -> None:
     import torch
     from gpu_rerank import build_model
 
-    from workers import precision, rerank
+    from workers.inference import precision, rerank
+    from workers.inference.engine import Inference
 
     result: dict[str, Any] = {}
     # 3 first: nothing may have initialised CUDA in this process before the fork.
@@ -66,8 +67,9 @@ def main() -> None:
     lengths = [rerank.pair_lengths(tokenizer, q, [p], 512)[0] for q, p in pairs]
     timings = {}
     scores = {}
+    inference = Inference(requested_device="cuda")
     for dtype in ("fp32", "auto"):
-        loaded = rerank.load_cross_encoder(folder, "cuda", dtype, pairs[:32])
+        loaded = rerank.load_cross_encoder(inference, str(folder), "cuda", dtype, pairs[:32])
         executor = rerank.CrossEncoderBatchExecutor(loaded.model, "cuda", 32768)
         executor.score(pairs[:256], lengths[:256])
         torch.cuda.synchronize()

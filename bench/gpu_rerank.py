@@ -100,7 +100,7 @@ def main() -> None:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from workers.rerank import CrossEncoderBatchExecutor, model_max_length, pair_lengths
+    from workers.inference.rerank import CrossEncoderBatchExecutor, model_max_length, pair_lengths
 
     pairs = [tuple(p) for p in json.loads(args.pairs.read_text())]
     pairs = pairs[: args.limit] if args.limit else pairs

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from shared import ids
 from shared.errors import EmbedFleetError
 from shared.schemas import Chunk, Document
 
@@ -85,7 +86,7 @@ class Chunker:
             start, end = tokens[0].start, tokens[-1].end
             chunks.append(
                 Chunk(
-                    chunk_id=f"{doc.id}#{len(chunks)}",
+                    chunk_id=ids.chunk_id(doc.id, len(chunks)),
                     doc_id=doc.id,
                     index=len(chunks),
                     text=full[start:end],

@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import click
 import msgspec
@@ -20,7 +20,7 @@ from rich.table import Table
 
 from producer.follow import (
     FINISHED,
-    PHASES,
+    counts_tasks,
     emit_json,
     follow,
     metrics_table,
@@ -32,8 +32,8 @@ from producer.local_fleet import LocalFleet, local_queues, preload_list
 from producer.sources import ReadProgress
 from shared import logs, telemetry
 from shared.celery_app import make_app
-from shared.config import Settings
 from shared.errors import EmbedFleetError
+from shared.job_store import JobStore
 from shared.leases import list_leases
 from shared.ledger import JobLedger, connect, recent_jobs
 from shared.models import (
@@ -41,32 +41,43 @@ from shared.models import (
     DEFAULT_DENSE_MODEL,
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
-    PRELOAD_ENV,
 )
 from shared.schemas import BM25Params, Manifest
-from shared.storage import JobLayout, ObjectStore, open_store, safe_name
+from shared.settings import DEFAULT_OUTPUT, Settings, env_name
+from shared.storage import LocalStore, safe_name
 
-DEFAULT_OUTPUT = "./embed-out"
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 console = Console(stderr=True)
 
 
-def _fail(exc: EmbedFleetError) -> None:
+def _fail(exc: EmbedFleetError) -> NoReturn:
     console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_ERROR)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="embed-fleet")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Embed document collections with a Celery + Redis worker fleet.
 
     With REDIS_URL (or CELERY_BROKER_URL) set, jobs go to the workers of that broker,
     wherever they run. With neither set, `run` starts a private Redis and one worker
     per queue on this machine, runs the job, and stops them again.
     """
-    logs.configure(Settings.from_env().log_level)
+    try:
+        settings = Settings.from_env()
+    except EmbedFleetError as exc:
+        _fail(exc)
+    logs.configure(settings.log_level)
+    ctx.obj = settings
+
+
+def _settings() -> Settings:
+    """The settings ``main`` read once for this command."""
+    settings: Settings = click.get_current_context().find_root().obj
+    return settings
 
 
 @main.command()
@@ -312,13 +323,13 @@ def run(
     """
     if model_cache:
         os.environ["HF_HOME"] = str(Path(model_cache).expanduser().resolve())
+    settings = _settings()
     if trace_console:
-        os.environ[telemetry.TRACE_CONSOLE_ENV] = "1"
-    telemetry.configure("embed-fleet-producer")
-    settings = Settings.from_env()
+        settings = dataclasses.replace(settings, trace_console=True)
+    telemetry.configure("embed-fleet-producer", settings)
     options = JobOptions(
         source=source,
-        output=output or os.environ.get("EMBED_FLEET_OUTPUT") or DEFAULT_OUTPUT,
+        output=output or settings.output,
         dense_models=[m.strip() for m in dense_models.split(",") if m.strip()],
         chunk_tokens=chunk_tokens,
         chunk_overlap=chunk_overlap,
@@ -358,8 +369,12 @@ def run(
                     "[dim]no REDIS_URL set: starting a private Redis and local workers[/]"
                 )
             queues = local_queues(job.spec)
-            os.environ.setdefault(PRELOAD_ENV, preload_list(job.spec))
-            with LocalFleet(queues) as fleet:
+            # The local workers stage the job's models while staging goes on, and print
+            # spans where the producer does.
+            env = {env_name("preload"): settings.preload or preload_list(job.spec)}
+            if settings.trace_console:
+                env[env_name("trace_console")] = "1"
+            with LocalFleet(queues, env) as fleet:
                 local = dataclasses.replace(settings, broker_url=fleet.redis_url)
                 client = connect(fleet.redis_url)
                 code = _submit(
@@ -464,8 +479,9 @@ def _submit_traced(
     _raise_stager_error(stager)
     if snap.status == "failed":
         raise EmbedFleetError(f"job {job.spec.job_id} failed: {snap.error}", "See the worker logs")
-    manifest = _read_manifest(job.store, job.layout)
-    _show_summary(manifest, job.store.locate(job.layout.root), as_json)
+    store = JobStore(job.store, job.spec.collection, job.spec.job_id)
+    manifest = store.manifest()
+    _show_summary(manifest, store.locate(), as_json)
     return EXIT_OK if manifest.status == "complete" else EXIT_INCOMPLETE
 
 
@@ -477,10 +493,6 @@ def _raise_stager_error(stager: Stager) -> None:
             f"staging failed: {type(stager.error).__name__}: {stager.error}",
             "Check the output store and the broker, then run again",
         )
-
-
-def _read_manifest(store: ObjectStore, layout: JobLayout) -> Manifest:
-    return msgspec.json.decode(store.get_bytes(layout.manifest), type=Manifest)
 
 
 def _show_summary(manifest: Manifest, location: str, as_json: bool) -> None:
@@ -528,8 +540,8 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
     coverage) until the job ends. Exit code: 0 complete, 1 partial or failed, 3 still
     running.
     """
-    settings = Settings.from_env()
-    output = output or os.environ.get("EMBED_FLEET_OUTPUT") or DEFAULT_OUTPUT
+    settings = _settings()
+    output = output or settings.output
     try:
         if not settings.broker_url:
             if not job_id:
@@ -537,9 +549,9 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
                     "no broker configured to list jobs from",
                     "Set REDIS_URL, or pass a JOB_ID of a finished local job",
                 )
-            manifest_path = _find_local_manifest(Path(output), job_id)
-            manifest = msgspec.json.decode(manifest_path.read_bytes(), type=Manifest)
-            _show_summary(manifest, str(manifest_path.parent), as_json)
+            store = _find_local_job(Path(output), job_id)
+            manifest = store.manifest()
+            _show_summary(manifest, store.locate(), as_json)
             sys.exit(EXIT_OK if manifest.status == "complete" else EXIT_INCOMPLETE)
         client = connect(settings.broker_url)
         if not job_id:
@@ -563,7 +575,7 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
         elif not as_json:
             stages = ", ".join(
                 f"{s.stage} {s.batches_done}/{s.total if s.total is not None else '?'} tasks"
-                if s.stage in PHASES
+                if counts_tasks(s.stage)
                 else f"{s.stage} {s.chunks_done}/{snap.staged_chunks} chunks"
                 for s in snap.stages
             )
@@ -574,8 +586,8 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
             )
         if snap.status in ("complete", "partial"):
             spec = ledger.spec()
-            store, layout = open_store(spec.output), JobLayout(spec.collection, spec.job_id)
-            _show_summary(_read_manifest(store, layout), store.locate(layout.root), as_json)
+            store = JobStore.of(spec)
+            _show_summary(store.manifest(), store.locate(), as_json)
         if snap.status not in FINISHED:
             sys.exit(EXIT_RUNNING)
         sys.exit(EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE)
@@ -591,7 +603,7 @@ def leases(as_json: bool) -> None:
     GPU workers (queues dense, rerank) take a lease when they start and renew it while
     they run; a crashed worker's lease expires within its TTL (30 s).
     """
-    settings = Settings.from_env()
+    settings = _settings()
     try:
         if not settings.broker_url:
             raise EmbedFleetError(
@@ -623,9 +635,10 @@ def leases(as_json: bool) -> None:
     Console().print(table)
 
 
-def _find_local_manifest(root: Path, job_id: str) -> Path:
+def _find_local_job(root: Path, job_id: str) -> JobStore:
+    """The finished job of that id in a local output folder (any collection)."""
     for path in sorted(root.expanduser().glob(f"*/{safe_name(job_id)}/manifest.json")):
-        return path
+        return JobStore(LocalStore(root), path.parent.parent.name, job_id)
     raise EmbedFleetError(
         f"no manifest for job {job_id!r} under {root}",
         "Pass --output where the job wrote, or set REDIS_URL to ask the fleet's ledger",

@@ -27,11 +27,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from shared import pipeline
 from shared.ledger import JobLedger
 from shared.schemas import JobProgress, LatencySummary, Manifest
 
 FINISHED = ("complete", "partial", "failed")
-PHASES = ("retrieve", "rerank")  # later phases: their bars count tasks
+
+
+def counts_tasks(stage: str) -> bool:
+    """Whether a stage's bar counts its tasks (known once its phase opened) rather than
+    the job's chunks (see :mod:`shared.pipeline`)."""
+    return pipeline.stage(stage).counts == "tasks"
 
 
 def emit_json(event: str, payload: object) -> None:
@@ -116,7 +122,7 @@ def _follow(
             bars.update(read, completed=snap.documents_read, total=snap.documents_total)
             sealed = snap.total_batches is not None
             for stage in snap.stages:
-                phase = stage.stage in PHASES  # units are tasks, known once it started
+                phase = counts_tasks(stage.stage)
                 if phase and stage.total is None:
                     continue
                 if stage.stage not in stage_bars:
@@ -137,7 +143,7 @@ def _follow(
                     completed=stage.chunks_done,
                     total=snap.staged_chunks if sealed else None,
                 )
-            if snap.status in ("exporting", *FINISHED):
+            if snap.status in (pipeline.step("export").status, *FINISHED):
                 if export is None:
                     export = bars.add_task("export", total=1, unit="", figures="")
                 bars.update(export, completed=1 if snap.status in FINISHED else 0)

@@ -15,25 +15,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import msgspec
 from celery import Celery
 
 from producer.chunking import Chunker, model_max_tokens
 from producer.queries import QuerySet, find_query_files, load_query_set
 from producer.sources import ReadProgress, Source, documents, open_source
-from shared.celery_app import STAGE_TASKS, send
+from shared import ids, pipeline
+from shared.celery_app import advance, send_unit
 from shared.errors import EmbedFleetError
 from shared.fusion_weights import default_weights, parse_weights
+from shared.job_store import JobLayout, JobStore
 from shared.ledger import JobLedger
 from shared.models import BM25, resolve_model
-from shared.phases import advance
 from shared.schemas import (
     DENSE_RANKING,
     BatchKind,
     BM25Params,
     Chunk,
     ChunkBatch,
-    EmbedBatch,
+    EncodeBatch,
     Fusion,
     JobSpec,
     LatencySummary,
@@ -42,7 +42,7 @@ from shared.schemas import (
     RetrievalSpec,
     SkippedRecord,
 )
-from shared.storage import JobLayout, ObjectStore, open_store
+from shared.storage import ObjectStore, open_store
 
 # How many skipped records the manifest lists one by one (all are counted).
 MAX_LISTED_SKIPS = 1000
@@ -98,6 +98,10 @@ class PreparedJob:
     @property
     def layout(self) -> JobLayout:
         return JobLayout(self.spec.collection, self.spec.job_id)
+
+    @property
+    def job_store(self) -> JobStore:
+        return JobStore(self.store, self.spec.collection, self.spec.job_id)
 
 
 def new_job_id() -> str:
@@ -273,6 +277,7 @@ class Stager:
         self, job: PreparedJob, ledger: JobLedger, app: Celery, ledger_ttl: float = 7 * 24 * 3600
     ) -> None:
         self.job = job
+        self.store = job.job_store
         self.ledger_ttl = ledger_ttl
         self.ledger = ledger
         self.app = app
@@ -301,7 +306,7 @@ class Stager:
 
         def flush() -> None:
             nonlocal batches, batch_started, pending
-            batch_id = f"b{batches:06d}"
+            batch_id = ids.document_batch_id(batches)
             self._stage_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=pending))
             self.ledger.record_staged(
                 batch_id, len(pending), progress.documents, progress.bytes_read
@@ -350,24 +355,13 @@ class Stager:
     def _stage_batch(self, batch: ChunkBatch, kind: BatchKind = "documents") -> None:
         """Write a batch to the store and enqueue one message per encode stage, all
         naming the same batch."""
-        spec, layout = self.job.spec, self.job.layout
-        key = layout.batch(batch.batch_id)
-        self.job.store.put_bytes(key, msgspec.msgpack.encode(batch))
-        for stage in spec.stages:
-            dense = stage == "dense"
-            message = EmbedBatch(
-                job_id=spec.job_id,
-                batch_id=batch.batch_id,
-                store_url=self.job.store.url,
-                batch_key=key,
-                shard_key=layout.shard(stage, batch.batch_id),
-                models=spec.dense_models if dense else spec.sparse_models,
-                max_batch_tokens=spec.max_batch_tokens if dense else None,
-                device=None if dense else spec.sparse_device,
-                kind=kind,
-                dtype=spec.dtype,
+        spec = self.job.spec
+        self.store.put_batch(batch)
+        for stage in pipeline.job_stages(spec, "encode"):
+            message = EncodeBatch(
+                job_id=spec.job_id, stage=stage.name, unit=batch.batch_id, kind=kind
             )
-            send(self.app, STAGE_TASKS[stage], message)
+            send_unit(self.app, message)
 
     def _stage_queries(self) -> int:
         """Stage the queries (first, so their encoding never waits behind the
@@ -376,8 +370,7 @@ class Stager:
         if job.queries is None:
             return 0
         if job.queries.qrels is not None:
-            qrels = Qrels(judgements=job.queries.qrels)
-            job.store.put_bytes(job.layout.qrels, msgspec.msgpack.encode(qrels))
+            self.store.put_qrels(Qrels(judgements=job.queries.qrels))
         tokenizer = job.chunker.tokenizer
         limit = spec.chunk_tokens - 2
         batches = 0
@@ -396,7 +389,7 @@ class Stager:
                 )
                 for q, ids in zip(group, counts, strict=True)
             ]
-            batch_id = f"q{batches:06d}"
+            batch_id = ids.query_batch_id(batches)
             self._stage_batch(
                 ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks), "queries"
             )

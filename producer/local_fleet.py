@@ -37,7 +37,7 @@ def local_queues(spec: JobSpec) -> tuple[str, ...]:
 
 
 def preload_list(spec: JobSpec) -> str:
-    """``EMBED_FLEET_PRELOAD`` for the job's models (see ``workers.preload``), so each
+    """``EMBED_FLEET_PRELOAD`` for the job's models (see ``workers.runtime.preload``), so each
     local worker stages them while the producer is still validating and staging."""
     items = [f"dense:{name}@{spec.dtype}" for name in spec.dense_models]
     items += [f"sparse:{name}@{spec.dtype}" for name in spec.sparse_models if name != BM25]

@@ -1,7 +1,7 @@
 """Fusion weights from the command line: ``--alpha`` or ``--fusion-weights``.
 
 Shared because the producer checks them before anything is enqueued and the
-aggregator (``workers.fusion``) applies them.
+aggregator (``workers.ranking.fusion``) applies them.
 """
 
 from __future__ import annotations

@@ -63,17 +63,16 @@ class LeaseInfo(Struct):
     expires_in_s: float
 
 
-def gpu_count() -> int:
-    """GPUs this host offers: ``EMBED_FLEET_GPUS`` if set (0 keeps a worker on the CPU),
-    else what CUDA reports (honouring ``CUDA_VISIBLE_DEVICES``).
+def gpu_count(forced: int | None = None) -> int:
+    """GPUs this host offers: ``forced`` if given (``EMBED_FLEET_GPUS``; 0 keeps a worker
+    on the CPU), else what CUDA reports (honouring ``CUDA_VISIBLE_DEVICES``).
 
     CUDA is asked in a child process: a worker's main process that touched CUDA before
     Celery forks its pool leaves the pool unable to use it (seen on an H200: the forked
     child's first CUDA call failed after the parent called ``torch.cuda.device_count()``).
     """
-    forced = os.environ.get("EMBED_FLEET_GPUS")
-    if forced is not None and forced.strip():
-        return max(0, int(forced))
+    if forced is not None:
+        return max(0, forced)
     code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
     try:
         done = subprocess.run(

@@ -1,11 +1,8 @@
 """The job ledger in Redis: spec, progress, finished units of work, and phase guards.
 
-A job moves through phases, each a set of units that must all be accounted for
-(done, or failed after retries) before the next phase starts:
-
-    encode    stages ``dense`` / ``sparse``; units: staged batches (documents and queries)
-    retrieve  stage ``retrieve``; units: one task per retriever and group of shards
-    rerank    stage ``rerank``; units: one task per group of queries
+Persistence only: what a phase or a stage *means* (which stages a phase waits for, what
+status follows it) is the pipeline table's (:mod:`shared.pipeline`); this module keeps
+the counts and makes each phase transition happen exactly once.
 
 Completion is counted by *distinct unit ids* per stage (hash fields), so a task that
 Redis hands out twice never counts twice. Each phase transition fires exactly once:
@@ -28,13 +25,14 @@ Keys, all under ``embed-fleet:job:<id>:``::
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import redis
 
-from shared.config import redact_url
+from shared import pipeline
 from shared.errors import EmbedFleetError
+from shared.pipeline import PhaseName
 from shared.schemas import (
     BatchFailure,
     BatchReport,
@@ -46,37 +44,11 @@ from shared.schemas import (
     ProducerReport,
     StageProgress,
 )
+from shared.settings import redact_url
 
 PREFIX = "embed-fleet"
 JOBS_INDEX = f"{PREFIX}:jobs"
 T = TypeVar("T")
-
-Phase = Literal["encode", "retrieve", "rerank"]
-PHASE_OF: dict[str, Phase] = {
-    "dense": "encode",
-    "sparse": "encode",
-    "retrieve": "retrieve",
-    "rerank": "rerank",
-}
-
-
-def phase_stages(spec: JobSpec, phase: Phase) -> list[str]:
-    return list(spec.stages) if phase == "encode" else [phase]
-
-
-def total_field(phase: Phase) -> str:
-    """The state field holding how many units ``phase`` has."""
-    return "total_batches" if phase == "encode" else f"total:{phase}"
-
-
-def next_status(spec: JobSpec, phase: Phase) -> JobStatus:
-    """What the job does once ``phase`` is complete."""
-    if phase == "encode":
-        return "retrieving" if spec.retrieval is not None else "exporting"
-    if phase == "retrieve":
-        return "fusing"
-    return "exporting"
-
 
 # Counts units accounted for per stage of a phase (done, or failed and not later done)
 # and, when every stage has all of them and the phase's total is known, takes the
@@ -161,7 +133,7 @@ class JobLedger:
     def k_failed(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:failed:{stage}"
 
-    def k_guard(self, phase: Phase) -> str:
+    def k_guard(self, phase: PhaseName) -> str:
         return f"{PREFIX}:job:{self.job_id}:guard:{phase}"
 
     # --- producer side ---------------------------------------------------------------
@@ -213,11 +185,16 @@ class JobLedger:
         pipe.execute()
         return self.check_phase("encode")
 
-    def open_phase(self, phase: Phase, units: int) -> bool:
-        """Set how many units ``phase`` has (before they are enqueued). True if the
-        caller must start the next phase at once (a phase without units)."""
-        self.client.hset(self.k_state, total_field(phase), units)
-        return self.check_phase(phase) if units == 0 else False
+    def open_phase(self, phase: PhaseName, units: int) -> bool:
+        """Set how many units ``phase`` has (before they are enqueued) and the status
+        while they run. True if the caller must start the next phase at once (a phase
+        without units)."""
+        opened = pipeline.phase(phase)
+        if units == 0:
+            self.client.hset(self.k_state, opened.total_field, 0)
+            return self.check_phase(phase)
+        self.client.hset(self.k_state, mapping={opened.total_field: units, "status": opened.status})
+        return False
 
     # --- worker side -----------------------------------------------------------------
 
@@ -228,7 +205,7 @@ class JobLedger:
             keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
             args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, counter],
         )
-        return self.check_phase(PHASE_OF[report.stage])
+        return self.check_phase(pipeline.stage(report.stage).phase)
 
     def record_failed(self, failure: BatchFailure) -> bool:
         """Record a unit that kept failing. True if the caller must start the next phase."""
@@ -236,7 +213,7 @@ class JobLedger:
             self.client.hset(
                 self.k_failed(failure.stage), failure.batch_id, msgspec.msgpack.encode(failure)
             )
-        return self.check_phase(PHASE_OF[failure.stage])
+        return self.check_phase(pipeline.stage(failure.stage).phase)
 
     def record_model(self, info: ModelInfo) -> None:
         self.client.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
@@ -244,13 +221,14 @@ class JobLedger:
     def set_status(self, status: JobStatus) -> None:
         self.client.hset(self.k_state, "status", status)
 
-    def check_phase(self, phase: Phase) -> bool:
+    def check_phase(self, phase: PhaseName) -> bool:
         """True exactly once per phase: for the caller that finds it complete first."""
         spec = self.spec()
         keys = [self.k_state, self.k_guard(phase)]
-        for stage in phase_stages(spec, phase):
-            keys += [self.k_done(stage), self.k_failed(stage)]
-        return bool(self._check(keys=keys, args=[total_field(phase), next_status(spec, phase)]))
+        for stage in pipeline.job_stages(spec, phase):
+            keys += [self.k_done(stage.name), self.k_failed(stage.name)]
+        after = pipeline.next_step(spec, phase)
+        return bool(self._check(keys=keys, args=[pipeline.phase(phase).total_field, after.status]))
 
     # --- aggregator side -----------------------------------------------------------
 
@@ -273,11 +251,9 @@ class JobLedger:
             self.k_models,
             self.k_producer,
         ]
-        phases: list[Phase] = ["encode", "retrieve", "rerank"]
-        for phase in phases:
-            keys.append(self.k_guard(phase))
-        for stage in [*spec.stages, "retrieve", "rerank"]:
-            keys += [self.k_done(stage), self.k_failed(stage)]
+        keys += [self.k_guard(phase.name) for phase in pipeline.PHASES]
+        for stage in pipeline.job_stages(spec):
+            keys += [self.k_done(stage.name), self.k_failed(stage.name)]
         return keys
 
     # --- readers ---------------------------------------------------------------------
@@ -332,8 +308,7 @@ class JobLedger:
         spec = self.spec()
         pipe = self.client.pipeline()
         pipe.hgetall(self.k_state)
-        later = self._later_stages(spec)
-        names: list[str] = [*spec.stages, *later]
+        names = [stage.name for stage in pipeline.job_stages(spec)]
         for name in names:
             pipe.hlen(self.k_done(name))
             pipe.hlen(self.k_failed(name))
@@ -342,7 +317,7 @@ class JobLedger:
         total = state.get("total_batches")
         stages = []
         for i, name in enumerate(names):
-            stage_total = state.get(total_field(PHASE_OF[name]))
+            stage_total = state.get(pipeline.phase(pipeline.stage(name).phase).total_field)
             stages.append(
                 StageProgress(
                     stage=name,
@@ -368,12 +343,6 @@ class JobLedger:
             stages=stages,
             error=state.get("error", ""),
         )
-
-    @staticmethod
-    def _later_stages(spec: JobSpec) -> list[str]:
-        if spec.retrieval is None:
-            return []
-        return ["retrieve", "rerank"] if spec.retrieval.rerank_model else ["retrieve"]
 
     def fail(self, error: str, ttl: float) -> None:
         """Mark the job failed (the producer could not finish staging it)."""

@@ -24,9 +24,6 @@ DEFAULT_SPARSE_MODELS = [BUNDLED_SPLADE, BM25]
 # No cross-encoder ships in an installable package: stage it in the HF cache.
 DEFAULT_RERANK_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 
-# Models a worker stages at start (see workers.preload for the format).
-PRELOAD_ENV = "EMBED_FLEET_PRELOAD"
-
 # Short names people type, mapped to hub ids.
 ALIASES = {"all-MiniLM-L6-v2": DEFAULT_DENSE_MODEL}
 

@@ -1,8 +1,8 @@
 """Every message and artifact record of the fleet, as msgspec Structs.
 
 Producer and workers import these same types, so a message is checked against one
-definition on both ends. Messages carry references (job id, batch id, object keys);
-texts and vectors live in the object store.
+definition on both ends. Messages carry references (the job, the stage, the unit's
+id); texts and vectors live in the object store, at keys ``shared.job_store`` derives.
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ DENSE_RANKING = "dense"
 SparseSource = Literal["live", "metadata", "missing"]
 """Where a chunk's sparse vector came from: the model, the chunk's ``metadata.sparse``
 weights (fallback), or nowhere."""
-
-BM25_MODEL = "bm25"
 
 JobStatus = Literal[
     "running", "retrieving", "fusing", "reranking", "exporting", "complete", "partial", "failed"
@@ -144,52 +142,42 @@ class DenseShard(Struct):
 # --- messages ------------------------------------------------------------------------
 
 
-class EmbedBatch(Struct):
-    """Task message of ``embed_fleet.dense.embed_batch``."""
+class UnitMessage(Struct):
+    """What every stage's task message holds: the job, the stage and the unit's id.
+
+    A message names its unit and nothing else: the unit's inputs and outputs live at
+    keys :class:`shared.job_store.JobStore` derives from these ids, and what the job
+    asked for (models, budgets, dtype) is in its spec, which a worker reads once per job.
+    """
 
     job_id: str
-    batch_id: str
-    store_url: str
-    batch_key: str
-    shard_key: str
-    models: list[str]
-    max_batch_tokens: int | None = None
-    device: str | None = None
+    stage: str
+    unit: str
+
+
+class EncodeBatch(UnitMessage, kw_only=True):
+    """A staged batch for one encode stage (``dense``, ``sparse``); ``unit`` is its id."""
+
     kind: BatchKind = "documents"
-    dtype: str = "auto"
 
 
-class ExportJob(Struct):
-    """Task message of ``embed_fleet.aggregate.export_job`` (and of the other
-    aggregator steps, ``plan_retrieve`` and ``fuse``: they need only the job)."""
+class RetrieveGroup(UnitMessage, kw_only=True):
+    """Every query's top-k over one group of document shards, searched with the vectors
+    of one encode stage (the ``retriever``: ``dense`` or ``sparse``)."""
 
-    job_id: str
-
-
-class RetrieveGroup(Struct):
-    """Task message of ``embed_fleet.{dense,sparse}.retrieve``: every query's top-k over
-    one group of document shards."""
-
-    job_id: str
-    group_id: str
-    store_url: str
-    collection: str
+    retriever: Stage
     batch_ids: list[str]
-    top_k: int
 
 
-class RerankGroup(Struct):
-    """Task message of ``embed_fleet.rerank.rerank_group``: rerank the fused candidates
-    of one group of queries."""
+class RerankGroup(UnitMessage, kw_only=True):
+    """Rerank the fused candidates of one group of queries (``unit`` is the group)."""
+
+
+class JobStep(Struct):
+    """Task message of an aggregator step (``plan_retrieve``, ``fuse``, ``export``)."""
 
     job_id: str
-    group_id: str
-    store_url: str
-    collection: str
-    model: str
-    rerank_top: int
-    max_batch_tokens: int | None = None
-    dtype: str = "auto"
+    step: str
 
 
 # --- job spec and ledger records ---------------------------------------------------
@@ -292,7 +280,7 @@ class BatchReport(Struct):
     device: str
     batch_sizes: list[int]
     kind: BatchKind = "documents"
-    # Telemetry of the unit's model batches (see workers.measure).
+    # Telemetry of the unit's model batches (see workers.runtime.measure).
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""  # "gpu" (max_memory_allocated) or "rss" (a CPU's)
     oom_count: int = 0
@@ -301,7 +289,7 @@ class BatchReport(Struct):
     # Items the unit's model could not process (rerank: pairs left unscored).
     items_missed: int = 0
     # The worker's ModelManager while the unit ran: loads from the cache, moves to the
-    # device, and models sent back to the CPU to make room (see workers.model_manager).
+    # device, and models sent back to the CPU to make room (see workers.inference.model_manager).
     model_loads: int = 0
     hydrations: int = 0
     evictions: int = 0

@@ -4,7 +4,7 @@ The Celery instrumentation puts a ``apply_async/<task>`` span around every publi
 a ``run/<task>`` span around every task run, linked through the message headers, so the
 producer's ``embed_fleet.run`` span is the root of every task the job causes (tasks a
 worker enqueues, such as the next phase, are children of the task that enqueued them).
-Workers add a span per stage unit and per model batch (see ``workers.measure``).
+Workers add a span per stage unit and per model batch (see ``workers.runtime.measure``).
 
 Tracing is off unless asked for, and the exporters are chosen the standard way:
 
@@ -31,9 +31,9 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
+from shared.settings import Settings
+
 TRACER_NAME = "embed_fleet"
-TRACE_FILE_ENV = "EMBED_FLEET_TRACE_FILE"
-TRACE_CONSOLE_ENV = "EMBED_FLEET_TRACE_CONSOLE"
 
 _configured_pid: int | None = None
 _lock = threading.Lock()
@@ -67,8 +67,9 @@ class JsonLinesExporter(SpanExporter):
         return None
 
 
-def wanted_exporters(console: bool = False) -> list[str]:
-    """Which exporters the environment (and the console flag) ask for."""
+def wanted_exporters(settings: Settings, console: bool = False) -> list[str]:
+    """Which exporters OpenTelemetry's own variables, the settings and the console flag
+    ask for."""
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return []
     names = {n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n}
@@ -78,14 +79,14 @@ def wanted_exporters(console: bool = False) -> list[str]:
     )
     if "otlp" in names or (endpoint and "none" not in names):
         wanted.append("otlp")
-    if console or "console" in names or os.environ.get(TRACE_CONSOLE_ENV) == "1":
+    if console or "console" in names or settings.trace_console:
         wanted.append("console")
-    if os.environ.get(TRACE_FILE_ENV):
+    if settings.trace_file:
         wanted.append("file")
     return wanted
 
 
-def configure(service: str, *, console: bool = False) -> bool:
+def configure(service: str, settings: Settings, *, console: bool = False) -> bool:
     """Install a tracer provider and instrument Celery, once per process.
 
     Call it in the producer before it publishes and in every worker process after the
@@ -95,7 +96,7 @@ def configure(service: str, *, console: bool = False) -> bool:
         Whether tracing is on.
     """
     global _configured_pid
-    wanted = wanted_exporters(console)
+    wanted = wanted_exporters(settings, console)
     with _lock:
         if not wanted or _configured_pid == os.getpid():
             return bool(wanted)
@@ -118,7 +119,7 @@ def configure(service: str, *, console: bool = False) -> bool:
             provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         if "file" in wanted:
             # Simple, not batched: a worker killed at the end of a run loses nothing.
-            exporter = JsonLinesExporter(os.environ[TRACE_FILE_ENV])
+            exporter = JsonLinesExporter(settings.trace_file or "")
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
         CeleryInstrumentor().instrument()  # type: ignore[no-untyped-call]

@@ -1,6 +1,6 @@
-"""Dynamic batch sizing with simulated out-of-memory errors: the real recovery code, the
-real models, on a CPU (``EMBED_FLEET_SIMULATE_OOM_TOKENS`` raises the real
-``torch.cuda.OutOfMemoryError`` above a padded size)."""
+"""Dynamic batch sizing with simulated out-of-memory errors: the real recovery code
+(BatchRunner), the real models, on a CPU (``EMBED_FLEET_SIMULATE_OOM_TOKENS`` raises the
+real ``torch.cuda.OutOfMemoryError`` above a padded size)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,17 @@ import torch
 from test_dense import TEXTS, batch
 
 from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL
-from workers import adaptive, dense
-from workers.adaptive import (
-    SIMULATE_OOM_ENV,
-    BatchTooLarge,
-    TokenBudget,
-    run_adaptive,
-)
-from workers.measure import StageFigures
-from workers.sparse import SparseVectorGenerator
+from shared.settings import Settings
+from workers.inference import batch_runner, dense
+from workers.inference.batch_runner import BatchTooLarge, TokenBudget, check_simulated_oom
+from workers.inference.devices import default_batch_tokens
+from workers.inference.engine import Inference
+from workers.inference.sparse import SparseVectorGenerator
+from workers.runtime.measure import StageFigures
 
 
 @pytest.fixture(autouse=True)
-def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Budgets live for the process; each test starts from none.
-    monkeypatch.setattr(adaptive, "_budgets", {})
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -34,61 +30,48 @@ def test_budget_halves_grows_back_below_the_failing_size_then_forgets() -> None:
     for _ in range(2):
         budget.succeeded()
     assert budget.value == 2048  # 4096 would be >= 3000, which just failed
-    for _ in range(2 * adaptive.FORGET_AFTER - 2):
+    for _ in range(2 * batch_runner.FORGET_AFTER - 2):
         budget.succeeded()
     assert budget.value == 4096 and budget.failed_at is None  # the pressure was transient
     assert budget.oom_count == 1
 
 
-def test_run_adaptive_recuts_and_learns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(SIMULATE_OOM_ENV, "100")
+def test_runner_recuts_and_learns() -> None:
+    # Budgets live for the process: each test starts from a fresh one.
+    inference = Inference(simulate_oom_tokens=100)
     lengths = [30] * 20
     seen: list[list[int]] = []
     figures = StageFigures()
-    run = run_adaptive(
-        lengths,
-        seen.append,
-        stage="dense",
-        model="m",
-        device="cpu",
-        ceiling=1024,
-        figures=figures,
-    )
+    runner = inference.runner("dense", "m", "cpu", 1024)
+    run = runner.run(None, lengths, lambda model, group: seen.append(group), figures=figures)
     assert sorted(i for group in seen for i in group) == list(range(20))  # each item once
     assert all(len(group) * 30 <= 100 for group in seen)
     assert run.oom_count == figures.oom_count > 0
     assert figures.budgets["m"] < 100 < 1024
-    assert adaptive.learned_budgets("dense") == {"m": figures.budgets["m"]}
+    # What it learned stays with the worker process, for the next unit.
+    assert inference.budgets.get("dense", "m", "cpu", 1024).value == figures.budgets["m"]
     assert figures.peak_memory_kind == "rss" and figures.peak_memory_bytes > 0
 
 
-def test_one_item_too_large_raises_without_a_handler(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(SIMULATE_OOM_ENV, "10")
+def test_one_item_too_large_raises_without_a_fallback() -> None:
+    runner = Inference(simulate_oom_tokens=10).runner("dense", "m", "cpu", 64)
     with pytest.raises(BatchTooLarge, match="one item of 30 tokens"):
-        run_adaptive(
-            [30],
-            lambda g: None,
-            stage="dense",
-            model="m",
-            device="cpu",
-            ceiling=64,
-            figures=StageFigures(),
-        )
+        runner.run(None, [30], lambda model, group: None, figures=StageFigures())
 
 
-def test_dense_stage_completes_under_simulated_oom(monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = dense.encode_batch(batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
+def test_dense_stage_completes_under_simulated_oom() -> None:
+    plain = Inference()
+    reference = dense.encode_batch(plain, batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
     assert reference.figures.oom_count == 0
-    monkeypatch.setattr(adaptive, "_budgets", {})
     lengths = [c.n_tokens + 2 for c in batch().chunks]
-    # Two of the longest chunk no longer fit; one does.
-    monkeypatch.setenv(SIMULATE_OOM_ENV, str(max(lengths) + 1))
-    result = dense.encode_batch(batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
+    # Two of the longest chunk no longer fit; one does. Same models, fresh budgets.
+    squeezed = Inference(models=plain.models, simulate_oom_tokens=max(lengths) + 1)
+    result = dense.encode_batch(squeezed, batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
     assert result.figures.oom_count > 0
     learned = result.figures.budgets[DEFAULT_DENSE_MODEL]
-    budget = adaptive.budget_for("dense", DEFAULT_DENSE_MODEL, "cpu", 0)
+    budget = squeezed.budgets.get("dense", DEFAULT_DENSE_MODEL, "cpu", 0)
     assert budget.failed_at is not None
-    assert learned == budget.value < budget.failed_at < dense.default_batch_tokens("cpu")
+    assert learned == budget.value < budget.failed_at < default_batch_tokens("dense", "cpu")
     for name, matrix in result.shard.vectors.items():
         np.testing.assert_allclose(
             matrix.to_numpy(), reference.shard.vectors[name].to_numpy(), atol=1e-5
@@ -96,13 +79,11 @@ def test_dense_stage_completes_under_simulated_oom(monkeypatch: pytest.MonkeyPat
     assert len(result.batch_sizes) > len(reference.batch_sizes)
 
 
-def test_sparse_single_chunk_oom_falls_back_and_the_rest_is_live(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_sparse_single_chunk_oom_falls_back_and_the_rest_is_live() -> None:
     lengths = sorted(c.n_tokens + 2 for c in batch().chunks)
     # Only the longest chunk is too large even alone: it alone falls back.
-    monkeypatch.setenv(SIMULATE_OOM_ENV, str(lengths[-2]))
-    result = SparseVectorGenerator("cpu", dtype="fp32").encode(batch(), [BUNDLED_SPLADE])
+    inference = Inference(simulate_oom_tokens=lengths[-2])
+    result = SparseVectorGenerator(inference, "cpu", dtype="fp32").encode(batch(), [BUNDLED_SPLADE])
     rows = result.shard.rows[BUNDLED_SPLADE]
     sources = [row.source for row in rows]
     longest = max(range(len(TEXTS)), key=lambda i: len(TEXTS[i].split()))
@@ -113,7 +94,8 @@ def test_sparse_single_chunk_oom_falls_back_and_the_rest_is_live(
 
 
 def test_simulated_oom_is_the_real_cuda_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(SIMULATE_OOM_ENV, "5")
+    monkeypatch.setenv("EMBED_FLEET_SIMULATE_OOM_TOKENS", "5")
+    limit = Settings.from_env().simulate_oom_tokens
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        adaptive.check_simulated_oom(6)
-    adaptive.check_simulated_oom(5)
+        check_simulated_oom(6, limit)
+    check_simulated_oom(5, limit)

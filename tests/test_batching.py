@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from workers.batching import token_budget_batches
+from workers.inference.batch_runner import token_budget_batches
 
 
 def check_batches(lengths: list[int], budget: int, batches: list[list[int]]) -> None:

@@ -13,8 +13,9 @@ import Stemmer
 from conftest import CRANFIELD
 
 from shared.schemas import BM25Params, SparseRow
-from workers.sparse import SparseVectorGenerator, bm25_tokenize
-from workers.sparse_export import BM25Statistics
+from workers.inference.engine import Inference
+from workers.inference.sparse import SparseVectorGenerator, bm25_tokenize
+from workers.ranking.sparse_weights import BM25Statistics
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,9 @@ def merged(corpus: list[str], batch_size: int) -> tuple[BM25Statistics, list[Spa
     stats = BM25Statistics(BM25Params(k1=1.2, b=0.75))
     rows: list[SparseRow] = []
     for start in range(0, len(corpus), batch_size):
-        batch_rows, doc_freqs = SparseVectorGenerator._bm25(corpus[start : start + batch_size])
+        batch_rows, doc_freqs = SparseVectorGenerator(Inference())._bm25(
+            corpus[start : start + batch_size]
+        )
         stats.add(batch_rows, doc_freqs)
         rows += batch_rows
     return stats, rows

@@ -8,7 +8,8 @@ from sentence_transformers import SentenceTransformer
 
 from shared.models import DEFAULT_DENSE_MODEL, resolve_model
 from shared.schemas import Chunk, ChunkBatch
-from workers import dense
+from workers.inference import dense
+from workers.inference.engine import Inference
 
 TEXTS = [
     "supersonic flow over a wedge",
@@ -45,8 +46,9 @@ def test_ensemble_of_a_name_and_a_path_matches_bare_sentence_transformers(monkey
     folder = resolve_model(DEFAULT_DENSE_MODEL).path
     # Tiny budget: several model batches, out of input order; rows must come back in order.
     # fp32: the comparison is with bare fp32 (auto may pick bf16 on a CPU with AVX512-BF16).
+    inference = Inference()
     result = dense.encode_batch(
-        batch(), [DEFAULT_DENSE_MODEL, str(folder)], max_batch_tokens=64, dtype="fp32"
+        inference, batch(), [DEFAULT_DENSE_MODEL, str(folder)], max_batch_tokens=64, dtype="fp32"
     )
     assert list(result.shard.vectors) == [DEFAULT_DENSE_MODEL, str(folder.resolve())]
     assert len(result.batch_sizes) > 1
@@ -57,7 +59,10 @@ def test_ensemble_of_a_name_and_a_path_matches_bare_sentence_transformers(monkey
         np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
         np.testing.assert_allclose(vectors, bare, atol=1e-5)
     assert {m.source for m in result.models} == {"bundled", "path"}
-    assert dense.load_dense(DEFAULT_DENSE_MODEL).model is dense.load_dense("all-MiniLM-L6-v2").model
+    assert (
+        dense.load_dense(inference, DEFAULT_DENSE_MODEL).model
+        is dense.load_dense(inference, "all-MiniLM-L6-v2").model
+    )
 
 
 def test_zero_vector_stays_zero() -> None:
@@ -89,6 +94,6 @@ def test_a_name_in_the_shared_hf_cache_loads_through_the_same_code(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     resolved = resolve_model("acme/minilm-copy")
     assert (resolved.source, resolved.revision) == ("hf-cache", revision)
-    result = dense.encode_batch(batch(), ["acme/minilm-copy"], max_batch_tokens=4096)
+    result = dense.encode_batch(Inference(), batch(), ["acme/minilm-copy"], max_batch_tokens=4096)
     assert result.models[0].revision == revision
     assert result.shard.vectors["acme/minilm-copy"].to_numpy().shape == (len(TEXTS), 384)

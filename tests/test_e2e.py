@@ -23,7 +23,7 @@ from crossencoder import build_tiny_cross_encoder
 
 from shared.ledger import JOBS_INDEX, JobLedger
 from shared.schemas import ChunkBatch
-from workers.sparse import bm25_tokenize
+from workers.inference.sparse import bm25_tokenize
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.evaluation import document_ranking, evaluate
+from workers.ranking.evaluation import document_ranking, evaluate
 
 # 1 / log2(3) = 0.6309298
 INV_LOG2_3 = 0.6309298

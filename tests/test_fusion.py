@@ -12,7 +12,7 @@ import pytest
 from shared.errors import EmbedFleetError
 from shared.fusion_weights import default_weights, parse_weights
 from shared.schemas import DENSE_RANKING, Hits
-from workers.fusion import FusedHit, fuse
+from workers.ranking.fusion import FusedHit, fuse
 
 
 def ids(hits: list[FusedHit]) -> list[str]:

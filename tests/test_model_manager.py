@@ -12,10 +12,11 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from shared.errors import EmbedFleetError
 from shared.models import DEFAULT_DENSE_MODEL, resolve_model
-from workers.dense import DENSE
-from workers.model_manager import ModelManager, model_bytes, parse_bytes
-from workers.preload import parse_preload
-from workers.rerank import RERANK
+from shared.settings import Settings, parse_bytes
+from workers.inference.dense import DENSE
+from workers.inference.model_manager import ModelManager, model_bytes
+from workers.inference.rerank import RERANK
+from workers.runtime.preload import parse_preload
 
 TEXTS = ["supersonic flow over a wedge", "heat transfer in hypersonic flight"]
 PAIRS = [("wedge flow", TEXTS[0]), ("wedge flow", TEXTS[1])]
@@ -79,7 +80,7 @@ def test_sizes_parse_and_bad_ones_say_how(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(EmbedFleetError, match=r"EMBED_FLEET_MODEL_MEMORY=.lots.*e\.g\. 2GiB"):
         parse_bytes("lots")
     monkeypatch.setenv("EMBED_FLEET_MODEL_MEMORY", "2GiB")
-    assert ModelManager().budget("cpu") == 2 * 2**30
+    assert ModelManager(memory=Settings.from_env().model_memory).budget("cpu") == 2 * 2**30
 
 
 def test_preload_list_parses() -> None:

@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from shared.models import DEFAULT_DENSE_MODEL
-from workers import dense, precision
-from workers.precision import apply_precision, choose, min_cosine, scores_agree, vectors_agree
+from workers.inference import dense, precision
+from workers.inference.engine import Inference
+from workers.inference.precision import (
+    apply_precision,
+    choose,
+    min_cosine,
+    scores_agree,
+    vectors_agree,
+)
 
 
 def test_explicit_choices_and_auto_follow_the_hardware(monkeypatch) -> None:
@@ -89,8 +96,9 @@ def test_auto_keeps_bf16_only_when_the_probe_agrees_and_is_faster(
 
 def test_real_dense_model_in_bf16_exports_float32_vectors_close_to_fp32() -> None:
     texts = ["experimental investigation of the aerodynamics of a wing", "boundary layer"]
-    fp32 = dense.load_dense(DEFAULT_DENSE_MODEL, "fp32", texts)
-    bf16 = dense.load_dense(DEFAULT_DENSE_MODEL, "bf16", texts)
+    inference = Inference()
+    fp32 = dense.load_dense(inference, DEFAULT_DENSE_MODEL, "fp32", texts)
+    bf16 = dense.load_dense(inference, DEFAULT_DENSE_MODEL, "bf16", texts)
     assert fp32.info.dtype == "float32" and bf16.info.dtype == "bfloat16"
     assert bf16.info.parameters == fp32.info.parameters > 20_000_000
     a = fp32.model.encode(texts)

@@ -20,13 +20,10 @@ import pytest
 import torch
 from crossencoder import build_tiny_cross_encoder
 
-from workers.model_manager import Loaded
-from workers.rerank import (
-    CrossEncoderBatchExecutor,
-    default_rerank_tokens,
-    load_cross_encoder,
-    pair_lengths,
-)
+from workers.inference.devices import default_batch_tokens
+from workers.inference.engine import Inference
+from workers.inference.model_manager import Loaded
+from workers.inference.rerank import CrossEncoderBatchExecutor, load_cross_encoder, pair_lengths
 
 WORDS = ["flow", "wedge", "layer", "plate", "heat", "shock", "wave", "nozzle", "drag", "lift"]
 
@@ -34,9 +31,15 @@ QUERY = "heat transfer in a turbulent boundary layer"
 
 
 @pytest.fixture(scope="module")
-def reranker(tmp_path_factory: pytest.TempPathFactory) -> Loaded:
+def inference() -> Inference:
+    """The models of a worker process (the tests' own)."""
+    return Inference()
+
+
+@pytest.fixture(scope="module")
+def reranker(tmp_path_factory: pytest.TempPathFactory, inference: Inference) -> Loaded:
     folder = build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "tiny-ce")
-    return load_cross_encoder(str(folder), "cpu")
+    return load_cross_encoder(inference, str(folder), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +116,19 @@ def assert_alarm_untouched(handler_before: Any) -> None:
 # --- loading and lengths ---------------------------------------------------------------
 
 
-def test_load_once_with_model_info(reranker: Loaded) -> None:
+def test_load_once_with_model_info(reranker: Loaded, inference: Inference) -> None:
     info = reranker.info
     assert info.kind == "rerank"
     assert info.source == "path"
     assert info.revision.startswith("sha256:")
     assert (info.dim, info.dtype, info.device, info.max_seq_length) == (1, "float32", "cpu", 512)
-    assert load_cross_encoder(info.name, "cpu").model is reranker.model
+    assert load_cross_encoder(inference, info.name, "cpu").model is reranker.model
 
 
 def test_default_budgets() -> None:
-    assert default_rerank_tokens("cpu") == 4096
-    assert default_rerank_tokens("cuda:1") == 32768
-    assert default_rerank_tokens("mps") == 4096
+    assert default_batch_tokens("rerank", "cpu") == 4096
+    assert default_batch_tokens("rerank", "cuda:1") == 32768
+    assert default_batch_tokens("rerank", "mps") == 4096
 
 
 def test_pair_lengths_match_tokenizer_and_cap(reranker: Loaded) -> None:

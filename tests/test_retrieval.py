@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from shared.schemas import Candidate, DenseShard, Hits, Matrix
-from workers.dense import l2_normalise
-from workers.results_export import final_order
-from workers.retrieval import dense_top_k, merge_hits, sparse_top_k, top_indices
+from workers.aggregate.results import final_order
+from workers.inference.dense import l2_normalise
+from workers.ranking.retrieval import dense_top_k, merge_hits, sparse_top_k, top_indices
 
 
 def brute_force(scores: list[float], ids: list[str], k: int) -> list[str]:

@@ -9,19 +9,12 @@ import pytest
 from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps, loads
 
-from shared import serializer
-from shared.celery_app import TASK_EMBED_DENSE, make_app
-from shared.config import Settings
-from shared.schemas import EmbedBatch
+from shared import pipeline, serializer
+from shared.celery_app import make_app
+from shared.schemas import EncodeBatch, RetrieveGroup
+from shared.settings import Settings
 
-MESSAGE = EmbedBatch(
-    job_id="j",
-    batch_id="b000001",
-    store_url="s3://b/p",
-    batch_key="c/j/work/batches/b000001.msgpack",
-    shard_key="c/j/work/dense/b000001.msgpack",
-    models=["m1", "m2"],
-)
+MESSAGE = EncodeBatch(job_id="j", stage="dense", unit="b000001", kind="queries")
 
 
 def test_struct_round_trips_through_kombu() -> None:
@@ -29,7 +22,7 @@ def test_struct_round_trips_through_kombu() -> None:
     content_type, encoding, body = dumps(((MESSAGE,), {}, {}), serializer=serializer.NAME)
     assert content_type == serializer.CONTENT_TYPE
     args, _, _ = loads(body, content_type, encoding, accept=[content_type])
-    assert msgspec.convert(args[0], EmbedBatch) == MESSAGE
+    assert msgspec.convert(args[0], EncodeBatch) == MESSAGE
 
 
 def test_app_accepts_only_msgspec() -> None:
@@ -38,7 +31,10 @@ def test_app_accepts_only_msgspec() -> None:
     assert app.conf.task_serializer == serializer.NAME
     assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
     assert app.conf.worker_prefetch_multiplier == 1
-    assert app.conf.task_routes[TASK_EMBED_DENSE] == {"queue": "dense"}
+    for stage in pipeline.STAGES:
+        for route in stage.routes.values():
+            assert app.conf.task_routes[route.task] == {"queue": route.queue}
+    assert app.conf.task_routes["embed_fleet.sparse.retrieve"] == {"queue": "sparse"}
 
 
 def test_pickle_is_refused() -> None:
@@ -49,10 +45,12 @@ def test_pickle_is_refused() -> None:
 
 
 def test_a_malformed_message_fails_validation() -> None:
-    with pytest.raises(msgspec.ValidationError, match="batch_key"):
+    with pytest.raises(msgspec.ValidationError, match="unit"):
+        msgspec.convert({"job_id": "j", "stage": "dense", "kind": "documents"}, EncodeBatch)
+    with pytest.raises(msgspec.ValidationError, match="retriever"):
         msgspec.convert(
-            {"job_id": "j", "batch_id": "b", "store_url": "x", "shard_key": "k", "models": []},
-            EmbedBatch,
+            {"job_id": "j", "stage": "retrieve", "unit": "g", "retriever": "x", "batch_ids": []},
+            RetrieveGroup,
         )
 
 

@@ -13,7 +13,8 @@ import boto3
 import pytest
 
 from shared.errors import EmbedFleetError
-from shared.storage import JobLayout, LocalStore, S3Store, join_key, open_store, safe_name
+from shared.job_store import JobLayout
+from shared.storage import LocalStore, S3Store, join_key, open_store, safe_name
 
 # --- keys ------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from crossencoder import build_tiny_cross_encoder
 from test_e2e import events
 
 from shared.models import DEFAULT_DENSE_MODEL
-from workers.measure import (
+from workers.runtime.measure import (
     ATTR_BATCH_SIZE,
     ATTR_DEVICE,
     ATTR_LATENCY,

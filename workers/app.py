@@ -1,30 +1,71 @@
 """The app that fleet workers run::
 
     celery -A workers.app worker -Q dense,rerank -c 1   # one per GPU (or CPU host)
+    celery -A workers.app worker -Q sparse -c 1
     celery -A workers.app worker -Q aggregate -c 1
     celery -A workers.app flower
 
-Importing this module registers the msgspec serializer and the tasks; it does not
-import torch (models load on a worker's first task), so Flower stays light.
+Importing this module reads the settings once, registers the msgspec serializer and the
+tasks, and wires the worker's lifecycle to the worker context
+(:mod:`workers.runtime.context`); it does not import torch (models load on a worker's
+first task, or at start with ``EMBED_FLEET_PRELOAD``), so Flower stays light.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from celery import signals
 
 from shared import logs, telemetry
 from shared.celery_app import make_app
-from shared.config import Settings
+from shared.settings import Settings
+from workers.runtime import context
 
-_settings = Settings.from_env()
-logs.configure(_settings.log_level)
-app = make_app(_settings)
+settings = Settings.from_env()
+logs.configure(settings.log_level)
+app = make_app(settings)
 
-from workers import gpu_lease, preload, tasks  # noqa: E402, F401  (registers signals and tasks)
+
+def consumed_queues(worker: Any) -> frozenset[str]:
+    """The queue names a starting Celery worker consumes (``-Q``)."""
+    queues = getattr(getattr(getattr(worker, "app", None), "amqp", None), "queues", None)
+    return frozenset(getattr(queues, "consume_from", None) or {})
+
+
+@signals.worker_init.connect
+def boot_worker(sender: Any = None, **_: Any) -> None:
+    """In the worker's main process, before the fork: its queues and its GPU lease."""
+    from workers.runtime.gpu_lease import take_gpu_lease
+
+    boot = context.WorkerBoot(
+        settings=settings, queues=consumed_queues(sender), node=str(getattr(sender, "hostname", ""))
+    )
+    take_gpu_lease(boot)
+    context.attach_boot(app, boot)
 
 
 @signals.worker_process_init.connect
-def start_tracing(**_: object) -> None:
-    """Tracing in every pool process (after the fork: exporter threads do not survive
-    one); off unless OTEL_* or EMBED_FLEET_TRACE_* ask for it (see shared.telemetry)."""
-    telemetry.configure("embed-fleet-worker")
+def start_process(**_: Any) -> None:
+    """In each pool process, after the fork: tracing (exporter threads do not survive a
+    fork), the worker context, and the preloaded models."""
+    from workers.runtime.preload import stage_models
+
+    telemetry.configure("embed-fleet-worker", settings)
+    boot = context.boot_of(app) or context.WorkerBoot(settings=settings)
+    worker = context.WorkerContext.start(boot)
+    context.attach(app, worker)
+    stage_models(worker)
+
+
+@signals.worker_shutdown.connect
+def stop_worker(**_: Any) -> None:
+    """Give the GPU lease back."""
+    from workers.runtime.gpu_lease import release_gpu_lease
+
+    boot = context.boot_of(app)
+    if boot is not None:
+        release_gpu_lease(boot)
+
+
+from workers import tasks  # noqa: E402, F401  (registers the tasks)

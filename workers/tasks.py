@@ -1,191 +1,148 @@
-"""The fleet's Celery tasks. Each converts its message to the Struct it expects, does
-its stage's work, and reports to the ledger; retries and failure live in FleetTask."""
+"""The fleet's tasks: one per pipeline stage (and retriever) and one per aggregator step.
+
+Each body takes the worker context, the job and its validated message, does its stage's
+work through the job's store, and returns what it did; validation, retries, spans, the
+ledger and the phase hand-off are the hooks' (:mod:`workers.runtime.middleware`). Task
+names and queues come from the pipeline table (:mod:`shared.pipeline`): a new stage is
+an entry there plus a body here.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
-from shared.celery_app import (
-    TASK_EMBED_DENSE,
-    TASK_ENCODE_SPARSE,
-    TASK_EXPORT,
-    TASK_FUSE,
-    TASK_PLAN_RETRIEVE,
-    TASK_RERANK,
-    TASK_RETRIEVE_DENSE,
-    TASK_RETRIEVE_SPARSE,
-)
+from shared import pipeline
 from shared.logs import get_logger
-from shared.schemas import (
-    ChunkBatch,
-    EmbedBatch,
-    ExportJob,
-    FusedGroup,
-    RerankGroup,
-    RetrieveGroup,
-    TopKShard,
-)
-from shared.storage import JobLayout, ObjectStore, open_store
-from workers import aggregate, dense
-from workers.app import app
-from workers.export import ExportRuntime
-from workers.hooks import FleetTask, ledger_client, settings
-from workers.measure import StageFigures, peak_kind
-from workers.retrieval import JobShards, retrieve
-from workers.sparse import SparseVectorGenerator
-from workers.stage import StageResult, balance_torch_threads
+from shared.schemas import EncodeBatch, JobStep, RerankGroup, RetrieveGroup, TopKShard
+from workers.app import app, settings
+from workers.inference import dense
+from workers.inference.sparse import SparseVectorGenerator
+from workers.runtime.context import Job, WorkerContext
+from workers.runtime.measure import StageFigures, UnitOutcome, peak_kind
+from workers.runtime.middleware import Body, FleetTask
 
 log = get_logger("tasks")
-_stores: dict[str, ObjectStore] = {}
 
 
-def store_for(url: str) -> ObjectStore:
-    if url not in _stores:
-        _stores[url] = open_store(url)
-    return _stores[url]
-
-
-class DenseTask(FleetTask):
-    stage = "dense"
-
-
-class SparseTask(FleetTask):
-    stage = "sparse"
-
-
-class RetrieveTask(FleetTask):
-    stage = "retrieve"
-
-
-class RerankTask(FleetTask):
-    stage = "rerank"
-
-
-def run_stage(
-    task: FleetTask,
-    payload: dict[str, Any],
-    encode: Callable[[ChunkBatch, EmbedBatch], StageResult],
-) -> None:
-    """The flow every per-batch stage shares: read the staged batch, encode it, write the
-    shard to its deterministic key, then report the batch to the ledger (the last one
-    to finish hands the job to the aggregator)."""
-    msg = msgspec.convert(payload, EmbedBatch)
-    ledger = task.ledger(msg.job_id)
-    if ledger.status() == "failed":
-        return  # the producer gave up on this job; nothing will read the shard
-    started = time.time()
-    balance_torch_threads(ledger_client())
-    store = store_for(msg.store_url)
-    batch = msgspec.msgpack.decode(store.get_bytes(msg.batch_key), type=ChunkBatch)
-    result = encode(batch, msg)
-    store.put_bytes(msg.shard_key, msgspec.msgpack.encode(result.shard))
-    for info in result.models:
-        ledger.record_model(info)
-    report = task.report_done(
-        ledger,
-        unit=msg.batch_id,
-        items=len(batch.chunks),
-        started=started,
-        device=result.device,
-        batch_sizes=result.batch_sizes,
-        kind=msg.kind,
-        tokens=result.tokens,
-        figures=result.figures,
-        models=[info.name for info in result.models],
+def _register(name: str, stage: str, message_type: type[Any], body: Body) -> Any:
+    """One Celery task running ``body`` inside the hooks."""
+    base = type(
+        f"{body.__name__}_task",
+        (FleetTask,),
+        {"stage": stage, "message_type": message_type, "body": staticmethod(body)},
     )
-    fields = {
-        "job_id": msg.job_id,
-        "batch_id": msg.batch_id,
-        "stage": task.stage,
-        "chunks": report.chunks,
-        "latency_s": round(report.latency_s, 3),
-    }
-    log.info("batch encoded", extra={"fields": fields})
+
+    def run(self: FleetTask, payload: dict[str, Any]) -> None:
+        self.execute(payload)
+
+    run.__doc__ = body.__doc__
+    return app.task(name=name, base=base, bind=True, max_retries=settings.max_retries)(run)
 
 
-@app.task(name=TASK_EMBED_DENSE, base=DenseTask, bind=True)
-def embed_batch(self: DenseTask, payload: dict[str, Any]) -> None:
+def unit_task(stage: str, variant: str = "") -> Callable[[Body], Body]:
+    """Register a body as the task of a pipeline stage (and variant)."""
+
+    def register(body: Body) -> Body:
+        definition = pipeline.stage(stage)
+        _register(definition.route(variant).task, stage, definition.message, body)
+        return body
+
+    return register
+
+
+def step_task(step: pipeline.StepName) -> Callable[[Body], Body]:
+    """Register a body as the task of an aggregator step."""
+
+    def register(body: Body) -> Body:
+        _register(pipeline.step(step).route.task, "", JobStep, body)
+        return body
+
+    return register
+
+
+# --- encode --------------------------------------------------------------------------
+
+
+def _encode(job: Job, msg: EncodeBatch, encode: Callable[[Any], UnitOutcome]) -> UnitOutcome:
+    """What every encode stage shares: read the staged batch, encode it, write the shard
+    to its deterministic key."""
+    outcome = encode(job.store.batch(msg.unit))
+    assert outcome.shard is not None, "an encode stage returns its shard"
+    job.store.put_shard(msg.stage, msg.unit, outcome.shard)
+    return outcome
+
+
+@unit_task("dense")
+def embed_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitOutcome:
     """Encode one staged chunk batch with the job's dense ensemble."""
-    run_stage(
-        self,
-        payload,
-        lambda batch, msg: dense.encode_batch(
-            batch, msg.models, msg.max_batch_tokens, msg.kind, msg.dtype
+    spec = job.spec
+    return _encode(
+        job,
+        msg,
+        lambda batch: dense.encode_batch(
+            ctx.inference, batch, spec.dense_models, spec.max_batch_tokens, msg.kind, spec.dtype
         ),
     )
 
 
-@app.task(name=TASK_ENCODE_SPARSE, base=SparseTask, bind=True)
-def encode_sparse_batch(self: SparseTask, payload: dict[str, Any]) -> None:
+@unit_task("sparse")
+def encode_sparse_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitOutcome:
     """Sparse vectors (SPLADE, BM25 statistics) for one staged chunk batch."""
-    run_stage(
-        self,
-        payload,
-        lambda batch, msg: SparseVectorGenerator(
-            msg.device, msg.max_batch_tokens, msg.dtype
-        ).encode(batch, msg.models, msg.kind),
-    )
+    spec = job.spec
+    generator = SparseVectorGenerator(ctx.inference, spec.sparse_device, None, spec.dtype)
+    return _encode(job, msg, lambda batch: generator.encode(batch, spec.sparse_models, msg.kind))
 
 
-def run_retrieve(task: FleetTask, payload: dict[str, Any], stage: str) -> None:
+# --- retrieve ------------------------------------------------------------------------
+
+
+def _retrieve(ctx: WorkerContext, job: Job, msg: RetrieveGroup) -> UnitOutcome:
     """Every query's top-k over one group of document shards, for one retriever."""
-    msg = msgspec.convert(payload, RetrieveGroup)
-    ledger = task.ledger(msg.job_id)
-    started = time.time()
-    spec = ledger.spec()
-    shards = JobShards(store_for(msg.store_url), spec)
-    queries = aggregate.encoded_query_batches(ledger, stage)
-    query_ids, hits = retrieve(shards, stage, queries, msg.batch_ids, msg.top_k)
-    shard = TopKShard(job_id=msg.job_id, group_id=msg.group_id, query_ids=query_ids, hits=hits)
-    shards.store.put_bytes(shards.layout.top_k(stage, msg.group_id), msgspec.msgpack.encode(shard))
-    task.report_done(
-        ledger,
-        unit=msg.group_id,
-        items=len(query_ids),
-        started=started,
-        device="cpu",
-        batch_sizes=[],
-        kind="queries",
+    from workers.ranking.retrieval import retrieve
+
+    assert job.spec.retrieval is not None, "retrieve units exist only for jobs with queries"
+    failed = {f.batch_id for f in job.ledger.failures(msg.retriever)}
+    queries = [b for b in job.ledger.staged_query_batches() if b not in failed]
+    query_ids, hits = retrieve(
+        job.store, job.spec, msg.retriever, queries, msg.batch_ids, job.spec.retrieval.top_k
     )
+    job.store.put_top_k(
+        TopKShard(job_id=msg.job_id, group_id=msg.unit, query_ids=query_ids, hits=hits)
+    )
+    return UnitOutcome(items=len(query_ids), device="cpu", kind="queries")
 
 
-@app.task(name=TASK_RETRIEVE_DENSE, base=RetrieveTask, bind=True)
-def retrieve_dense(self: RetrieveTask, payload: dict[str, Any]) -> None:
+@unit_task("retrieve", variant="dense")
+def retrieve_dense(ctx: WorkerContext, job: Job, msg: RetrieveGroup) -> UnitOutcome:
     """Dense (ensemble) top-k of every query over one group of document shards."""
-    run_retrieve(self, payload, "dense")
+    return _retrieve(ctx, job, msg)
 
 
-@app.task(name=TASK_RETRIEVE_SPARSE, base=RetrieveTask, bind=True)
-def retrieve_sparse(self: RetrieveTask, payload: dict[str, Any]) -> None:
+@unit_task("retrieve", variant="sparse")
+def retrieve_sparse(ctx: WorkerContext, job: Job, msg: RetrieveGroup) -> UnitOutcome:
     """Sparse top-k, per sparse model, of every query over one group of document shards."""
-    run_retrieve(self, payload, "sparse")
+    return _retrieve(ctx, job, msg)
 
 
-@app.task(name=TASK_RERANK, base=RerankTask, bind=True)
-def rerank_group(self: RerankTask, payload: dict[str, Any]) -> None:
+# --- rerank --------------------------------------------------------------------------
+
+
+@unit_task("rerank")
+def rerank_group(ctx: WorkerContext, job: Job, msg: RerankGroup) -> UnitOutcome:
     """CrossEncoder scores for the fused top candidates of one group of queries."""
-    msg = msgspec.convert(payload, RerankGroup)
-    ledger = self.ledger(msg.job_id)
-    started = time.time()
-    store = store_for(msg.store_url)
-    layout = JobLayout(msg.collection, msg.job_id)
-    group = msgspec.msgpack.decode(store.get_bytes(layout.fused(msg.group_id)), type=FusedGroup)
-    balance_torch_threads(ledger_client())
-    from workers import rerank  # torch at import: only rerank workers pay for it
+    from workers.inference import rerank  # torch at import: only rerank workers pay for it
 
-    shard, info = rerank.rerank_fused(group, msg, settings().rerank_batch_timeout)
-    store.put_bytes(layout.reranked(msg.group_id), msgspec.msgpack.encode(shard))
-    ledger.record_model(info)
+    retrieval = job.spec.retrieval
+    assert retrieval is not None and retrieval.rerank_model, "rerank units need a reranker"
+    group = job.store.fused(msg.unit)
+    shard, info = rerank.rerank_fused(
+        ctx.inference, group, retrieval.rerank_model, retrieval.rerank_top, job.spec.dtype
+    )
+    job.store.put_reranked(shard)
     stats = shard.stats
-    self.report_done(
-        ledger,
-        unit=msg.group_id,
+    return UnitOutcome(
         items=stats.pairs_asked,
-        started=started,
         device=info.device,
         batch_sizes=stats.batch_sizes,
         kind="queries",
@@ -196,41 +153,39 @@ def rerank_group(self: RerankTask, payload: dict[str, Any]) -> None:
             oom_count=stats.oom_count,
             budgets={info.name: stats.max_batch_tokens},
         ),
-        models=[info.name],
+        models=[info],
         items_missed=stats.pairs_asked - stats.pairs_scored,
     )
 
 
-def run_aggregator_step(
-    task: FleetTask, payload: dict[str, Any], step: Callable[..., int], event: str
-) -> None:
-    """A fan-out step of the aggregator: it gets the job and returns how many tasks it
-    enqueued."""
-    msg = msgspec.convert(payload, ExportJob)
-    ledger = task.ledger(msg.job_id)
-    tasks = step(ledger, store_for(ledger.spec().output), task.app)
-    log.info(event, extra={"fields": {"job_id": msg.job_id, "tasks": tasks}})
+# --- aggregator steps ------------------------------------------------------------------
 
 
-@app.task(name=TASK_PLAN_RETRIEVE, base=FleetTask, bind=True)
-def plan_retrieve(self: FleetTask, payload: dict[str, Any]) -> None:
-    """After encoding: BM25 statistics once, then one retrieve task per shard group."""
-    run_aggregator_step(self, payload, aggregate.plan_retrieve, "retrieve planned")
+@step_task("plan_retrieve")
+def plan_retrieve(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """After encoding: BM25 statistics once, then one retrieve unit per shard group."""
+    from workers.aggregate.plan import plan_retrieve as plan
+
+    units = plan(job.ledger, job.store, app)
+    log.info("retrieve planned", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
 
 
-@app.task(name=TASK_FUSE, base=FleetTask, bind=True)
-def fuse(self: FleetTask, payload: dict[str, Any]) -> None:
+@step_task("fuse")
+def fuse(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
     """After retrieval: merge top-k lists, fuse rankings, fan reranking out."""
-    run_aggregator_step(self, payload, aggregate.fuse_job, "rankings fused")
+    from workers.aggregate.fuse import fuse_job
+
+    units = fuse_job(job.ledger, job.store, app)
+    log.info("rankings fused", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
 
 
-@app.task(name=TASK_EXPORT, base=FleetTask, bind=True)
-def export_job(self: FleetTask, payload: dict[str, Any]) -> None:
+@step_task("export")
+def export_job(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
     """Write the job's artifacts and, last, its manifest."""
-    msg = msgspec.convert(payload, ExportJob)
-    ledger = self.ledger(msg.job_id)
-    if ledger.status() in ("complete", "partial"):
+    from workers.aggregate.export import ExportRuntime
+
+    if job.ledger.status() in ("complete", "partial"):
         return  # a redelivered export of a finished job
-    manifest = ExportRuntime(ledger, store_for(ledger.spec().output)).run()
-    ledger.finish(manifest.status, settings().ledger_ttl)
+    manifest = ExportRuntime(job.ledger, job.store).run()
+    job.ledger.finish(manifest.status, ctx.settings.ledger_ttl)
     log.info("job exported", extra={"fields": {"job_id": msg.job_id, "status": manifest.status}})

@@ -1,18 +1,16 @@
-"""The aggregator's side of the sparse stage: BM25 statistics merged across batches,
-final sparse weights for ``chunks.jsonl``, and the manifest's ``sparse_run``."""
+"""The manifest's ``sparse_run``: per sparse model, where its vectors came from and how
+many non-zeros they have, summed by the export as it writes the chunks."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
 
+from shared.models import BM25
 from shared.schemas import (
     BatchReport,
-    BM25Collection,
-    BM25Params,
     LatencySummary,
     ModelInfo,
     SparseInferenceRun,
@@ -20,72 +18,7 @@ from shared.schemas import (
     SparseRow,
     SparseShard,
 )
-
-# Exported sparse weights are rounded to this many decimals; zeros are dropped.
-WEIGHT_DECIMALS = 6
-
-
-class BM25Statistics:
-    """Collection statistics merged from per-batch shards (nothing holds every chunk).
-
-    Scores follow ``bm25s``'s Lucene variant: idf = ln(1 + (N - df + 0.5) / (df + 0.5)),
-    tf part = tf / (tf + k1 * (1 - b + b * len / avg_len)); a chunk's exported weight for
-    a term is their product, so a query's BM25 score is the sum of its terms' weights.
-    """
-
-    def __init__(self, params: BM25Params) -> None:
-        self.params = params
-        self.documents = 0
-        self.total_length = 0
-        self.doc_freqs: Counter[str] = Counter()
-
-    @classmethod
-    def from_collection(cls, merged: BM25Collection) -> BM25Statistics:
-        stats = cls(merged.params)
-        stats.documents = merged.documents
-        stats.total_length = merged.total_length
-        stats.doc_freqs = Counter(merged.doc_freqs)
-        return stats
-
-    def collection(self) -> BM25Collection:
-        return BM25Collection(
-            params=self.params,
-            documents=self.documents,
-            total_length=self.total_length,
-            doc_freqs=dict(self.doc_freqs),
-        )
-
-    def add(self, rows: list[SparseRow], doc_freqs: dict[str, int]) -> None:
-        self.documents += len(rows)
-        self.total_length += sum(row.length for row in rows)
-        self.doc_freqs.update(doc_freqs)
-
-    @property
-    def avg_length(self) -> float:
-        return self.total_length / self.documents if self.documents else 0.0
-
-    def idf(self, term: str) -> float:
-        df = self.doc_freqs.get(term, 0)
-        return math.log(1 + (self.documents - df + 0.5) / (df + 0.5))
-
-    def weights(self, row: SparseRow) -> dict[str, float]:
-        k1, b = self.params.k1, self.params.b
-        norm = k1 * (1 - b + b * row.length / self.avg_length) if self.avg_length else k1
-        out: dict[str, float] = {}
-        for term, tf in zip(row.tokens, row.weights, strict=True):
-            weight = round(self.idf(term) * tf / (tf + norm), WEIGHT_DECIMALS)
-            if weight:
-                out[term] = weight
-        return out
-
-
-def rounded(row: SparseRow) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for token, weight in zip(row.tokens, row.weights, strict=True):
-        value = round(weight, WEIGHT_DECIMALS)
-        if value:
-            out[token] = value
-    return out
+from workers.ranking.sparse_weights import WEIGHT_DECIMALS, BM25Statistics
 
 
 class SparseRunBuilder:
@@ -144,7 +77,7 @@ class SparseRunBuilder:
 def _builtin_info(model: str, reports: list[BatchReport]) -> ModelInfo:
     """BM25 has no weights; a SPLADE model that never loaded is named as such."""
     device = reports[0].device if reports else "cpu"
-    if model == "bm25":
+    if model == BM25:
         return ModelInfo(
             name="bm25",
             source="builtin",

@@ -19,24 +19,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import msgspec
 import numpy as np
 from scipy import sparse as sp
 
+from shared.job_store import JobStore
 from shared.models import BM25
-from shared.schemas import (
-    DENSE_RANKING,
-    BM25Collection,
-    BM25Params,
-    ChunkBatch,
-    DenseShard,
-    Hits,
-    JobSpec,
-    SparseRow,
-    SparseShard,
-)
-from shared.storage import JobLayout, ObjectStore
-from workers.sparse_export import BM25Statistics, rounded
+from shared.schemas import DENSE_RANKING, DenseShard, Hits, JobSpec, SparseRow
+from workers.ranking.sparse_weights import BM25Statistics, collection_bm25, rounded
 
 # Queries scored at once: bounds the score matrix to QUERY_BLOCK x shard rows.
 QUERY_BLOCK = 1024
@@ -192,97 +181,68 @@ def query_vector(row: SparseRow) -> SparseVector:
     return dict(zip(row.tokens, row.weights, strict=True))
 
 
-# --- reading the job's shards --------------------------------------------------------
+# --- one retrieve unit ------------------------------------------------------------------
 
 
-class JobShards:
-    """Typed reads of one job's staged batches and shards."""
+def dense_queries(
+    store: JobStore, batch_ids: list[str]
+) -> tuple[list[str], dict[str, np.ndarray[Any, Any]]]:
+    """The query ids and, per dense model, the query matrix, from the query shards."""
+    ids: list[str] = []
+    parts: dict[str, list[np.ndarray[Any, Any]]] = {}
+    for batch_id in batch_ids:
+        shard = store.dense(batch_id)
+        ids += shard.chunk_ids
+        for model, matrix in shard.vectors.items():
+            parts.setdefault(model, []).append(matrix.to_numpy())
+    return ids, {model: np.concatenate(blocks) for model, blocks in parts.items()}
 
-    def __init__(self, store: ObjectStore, spec: JobSpec) -> None:
-        self.store = store
-        self.spec = spec
-        self.layout = JobLayout(spec.collection, spec.job_id)
 
-    def batch(self, batch_id: str) -> ChunkBatch:
-        return msgspec.msgpack.decode(
-            self.store.get_bytes(self.layout.batch(batch_id)), type=ChunkBatch
-        )
+def sparse_queries(
+    store: JobStore, batch_ids: list[str]
+) -> tuple[list[str], dict[str, list[SparseVector]]]:
+    """The query ids and, per sparse model, the query vectors, from the query shards."""
+    ids: list[str] = []
+    vectors: dict[str, list[SparseVector]] = {}
+    for batch_id in batch_ids:
+        shard = store.sparse(batch_id)
+        ids += shard.chunk_ids
+        for model, rows in shard.rows.items():
+            vectors.setdefault(model, []).extend(query_vector(row) for row in rows)
+    return ids, vectors
 
-    def dense(self, batch_id: str) -> DenseShard:
-        data = self.store.get_bytes(self.layout.shard("dense", batch_id))
-        return msgspec.msgpack.decode(data, type=DenseShard)
 
-    def sparse(self, batch_id: str) -> SparseShard:
-        data = self.store.get_bytes(self.layout.shard("sparse", batch_id))
-        return msgspec.msgpack.decode(data, type=SparseShard)
-
-    def merge_bm25(self, batch_ids: list[str]) -> BM25Statistics:
-        """The collection's BM25 statistics, merged from these batches' sparse shards."""
-        stats = BM25Statistics(self.spec.bm25 or BM25Params())
-        for batch_id in batch_ids:
-            shard = self.sparse(batch_id)
-            stats.add(shard.rows[BM25], shard.doc_freqs)
-        return stats
-
-    def bm25(self) -> BM25Statistics | None:
-        if BM25 not in self.spec.sparse_models or not self.store.exists(
-            self.layout.bm25_statistics
-        ):
-            return None
-        merged = msgspec.msgpack.decode(
-            self.store.get_bytes(self.layout.bm25_statistics), type=BM25Collection
-        )
-        return BM25Statistics.from_collection(merged)
-
-    def dense_queries(
-        self, batch_ids: list[str]
-    ) -> tuple[list[str], dict[str, np.ndarray[Any, Any]]]:
-        ids: list[str] = []
-        parts: dict[str, list[np.ndarray[Any, Any]]] = {}
-        for batch_id in batch_ids:
-            shard = self.dense(batch_id)
-            ids += shard.chunk_ids
-            for model, matrix in shard.vectors.items():
-                parts.setdefault(model, []).append(matrix.to_numpy())
-        return ids, {model: np.concatenate(blocks) for model, blocks in parts.items()}
-
-    def sparse_queries(
-        self, batch_ids: list[str]
-    ) -> tuple[list[str], dict[str, list[SparseVector]]]:
-        ids: list[str] = []
-        vectors: dict[str, list[SparseVector]] = {}
-        for batch_id in batch_ids:
-            shard = self.sparse(batch_id)
-            ids += shard.chunk_ids
-            for model, rows in shard.rows.items():
-                vectors.setdefault(model, []).extend(query_vector(row) for row in rows)
-        return ids, vectors
-
-    def sparse_chunks(
-        self, batch_ids: list[str], bm25: BM25Statistics | None
-    ) -> Iterable[tuple[list[str], dict[str, list[SparseVector]]]]:
-        for batch_id in batch_ids:
-            shard = self.sparse(batch_id)
-            vectors = {
-                model: [chunk_vector(model, row, bm25) for row in rows]
-                for model, rows in shard.rows.items()
-            }
-            yield shard.chunk_ids, vectors
+def sparse_chunks(
+    store: JobStore, batch_ids: list[str], bm25: BM25Statistics | None
+) -> Iterable[tuple[list[str], dict[str, list[SparseVector]]]]:
+    """Each document shard's chunk ids and exported sparse vectors, one shard at a time."""
+    for batch_id in batch_ids:
+        shard = store.sparse(batch_id)
+        vectors = {
+            model: [chunk_vector(model, row, bm25) for row in rows]
+            for model, rows in shard.rows.items()
+        }
+        yield shard.chunk_ids, vectors
 
 
 def retrieve(
-    shards: JobShards, stage: str, query_batches: list[str], batch_ids: list[str], k: int
+    store: JobStore,
+    spec: JobSpec,
+    retriever: str,
+    query_batches: list[str],
+    batch_ids: list[str],
+    k: int,
 ) -> tuple[list[str], dict[str, list[Hits]]]:
-    """One retrieve task's work: the query ids and, per ranking, their top-k lists over
-    the documents of ``batch_ids``."""
-    if stage == "dense":
-        query_ids, matrices = shards.dense_queries(query_batches)
+    """One retrieve unit's work: the query ids and, per ranking, their top-k lists over
+    the documents of ``batch_ids``, searched with the ``retriever`` stage's vectors."""
+    if retriever == "dense":
+        query_ids, matrices = dense_queries(store, query_batches)
         if not query_ids:
             return [], {DENSE_RANKING: []}
-        hits = dense_top_k(matrices, (shards.dense(b) for b in batch_ids), k)
+        hits = dense_top_k(matrices, (store.dense(b) for b in batch_ids), k)
         return query_ids, {DENSE_RANKING: hits}
-    query_ids, vectors = shards.sparse_queries(query_batches)
+    query_ids, vectors = sparse_queries(store, query_batches)
     if not query_ids:
-        return [], {model: [] for model in shards.spec.sparse_models}
-    chunks = shards.sparse_chunks(batch_ids, shards.bm25())
+        return [], {model: [] for model in spec.sparse_models}
+    chunks = sparse_chunks(store, batch_ids, collection_bm25(store))
     return query_ids, sparse_top_k(vectors, chunks, k)

@@ -1,4 +1,5 @@
-"""What one model batch cost: a span with its figures, and the peak memory it took.
+"""What one model batch cost (a span with its figures, the peak memory it took) and what
+a whole unit did (:class:`UnitOutcome`).
 
 Every stage runs its model calls inside :func:`model_batch`, so the figures telemetry
 exports and the ones the ledger sums come from one place. Peak memory is the device's
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from opentelemetry.trace import Status, StatusCode
 
+from shared.schemas import BatchKind, ModelInfo, Struct
 from shared.telemetry import tracer
 
 # Span attribute names, shared by every stage (and read back by the tests).
@@ -137,3 +139,30 @@ def model_batch(
             span.set_attribute(ATTR_LATENCY, round(record.latency_s, 6))
             span.set_attribute(ATTR_PEAK, record.peak_memory_bytes)
             span.set_attribute(ATTR_OUT_OF_MEMORY, record.out_of_memory)
+
+
+@dataclass
+class UnitOutcome:
+    """What a unit did, as its task writes it and the ledger records it.
+
+    Attributes:
+        shard: An encode stage's output, which its task writes to the job store.
+        items: What it processed (chunks, queries served, pairs asked).
+        device: Where it ran.
+        batch_sizes: Sizes of its model batches.
+        kind: ``documents`` or ``queries``.
+        tokens: Tokens it processed.
+        figures: Peak memory, out-of-memory retries and learned budgets.
+        models: What it used, for the manifest.
+        items_missed: Items its model could not process (rerank: pairs left unscored).
+    """
+
+    items: int
+    device: str
+    shard: Struct | None = None
+    batch_sizes: list[int] = field(default_factory=list)
+    kind: BatchKind = "documents"
+    tokens: int = 0
+    figures: StageFigures = field(default_factory=StageFigures)
+    models: list[ModelInfo] = field(default_factory=list)
+    items_missed: int = 0

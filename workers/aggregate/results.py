@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
+from shared.ids import doc_id_of
 from shared.schemas import (
     DENSE_RANKING,
     Candidate,
@@ -16,8 +17,7 @@ from shared.schemas import (
     QueryResult,
     RerankStats,
 )
-from workers.aggregate import doc_id_of
-from workers.evaluation import document_ranking
+from workers.ranking.evaluation import document_ranking
 
 FUSED, RERANKED = "fused", "reranked"
 

@@ -12,17 +12,13 @@ first task, whose error then says what is wrong.
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
-from celery import signals
-
 from shared.logs import get_logger
-from shared.models import PRELOAD_ENV
-from workers.gpu_lease import consumed_queues
+from workers.inference.devices import sparse_device
+from workers.inference.engine import Inference
+from workers.inference.model_manager import ModelFamily
+from workers.runtime.context import WorkerContext
 
 log = get_logger("preload")
-QUEUES_ENV = "EMBED_FLEET_WORKER_QUEUES"
 
 
 def parse_preload(text: str) -> list[tuple[str, str, str]]:
@@ -40,33 +36,25 @@ def parse_preload(text: str) -> list[tuple[str, str, str]]:
     return items
 
 
-@signals.worker_init.connect
-def remember_queues(sender: Any = None, **_: Any) -> None:
-    """Hand the worker's queues to its pool processes (they fork after this)."""
-    os.environ[QUEUES_ENV] = ",".join(sorted(consumed_queues(sender)))
-
-
-@signals.worker_process_init.connect
-def stage_models(**_: Any) -> None:
+def stage_models(context: WorkerContext) -> None:
     """Stage the preload list's models that this worker's queues use."""
-    serves = set(os.environ.get(QUEUES_ENV, "").split(","))
-    for kind, name, dtype in parse_preload(os.environ.get(PRELOAD_ENV, "")):
-        if kind not in serves:
+    for kind, name, dtype in parse_preload(context.settings.preload):
+        if kind not in context.boot.queues:
             continue
         try:
-            stage(kind, name, dtype)
+            stage(context.inference, kind, name, dtype)
         except Exception as exc:  # the first task will raise the real error
             fields = {"model": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
             log.warning("model not staged", extra={"fields": fields})
 
 
-def stage(kind: str, name: str, dtype: str) -> None:
-    from workers import dense, rerank, sparse
-    from workers.model_manager import manager
+def stage(inference: Inference, kind: str, name: str, dtype: str) -> None:
+    from workers.inference import dense, rerank, sparse
 
-    if kind == "dense":
-        manager().stage(dense.DENSE, name, dense.pick_device(), dtype)
-    elif kind == "rerank":
-        manager().stage(rerank.RERANK, name, dense.pick_device(), dtype)
-    else:
-        manager().stage(sparse.SPARSE, name, sparse.resolve_device(None), dtype)
+    families: dict[str, ModelFamily] = {
+        "dense": dense.DENSE,
+        "rerank": rerank.RERANK,
+        "sparse": sparse.SPARSE,
+    }
+    device = sparse_device(None) if kind == "sparse" else inference.device
+    inference.models.stage(families[kind], name, device, dtype)

@@ -2,12 +2,12 @@
 
 CPU first (GPU when the job asks for it); each SPLADE model is a
 ``sentence_transformers.SparseEncoder`` held by the worker's
-:class:`~workers.model_manager.ModelManager`, and its batches adapt to memory
-(:mod:`workers.adaptive`: an out-of-memory batch is cut smaller and retried). When a
-model cannot be loaded or fails on a batch (an exception, a single chunk out of memory
-alone, a Celery time limit), chunks whose metadata carries sparse weights
-(``metadata.sparse`` as ``{token: weight}``) use those, the rest are marked missing, and
-the error is recorded: the job still completes.
+:class:`~workers.inference.model_manager.ModelManager`, and its batches run through a
+:class:`~workers.inference.batch_runner.BatchRunner` (an out-of-memory batch is cut
+smaller and retried). When a model cannot be loaded or fails on a batch (an exception,
+a single chunk out of memory alone, a Celery time limit), chunks whose metadata carries
+sparse weights (``metadata.sparse`` as ``{token: weight}``) use those, the rest are
+marked missing, and the error is recorded: the job still completes.
 
 ``bm25`` is a sparse "model" without weights: workers emit each chunk's term
 frequencies and length (tokenised as ``bm25s`` does: English stopwords, Snowball
@@ -24,26 +24,12 @@ import numpy as np
 
 from shared.models import BM25
 from shared.schemas import BatchKind, ChunkBatch, ModelInfo, SparseRow, SparseShard
-from workers.adaptive import run_adaptive
-from workers.measure import StageFigures
-from workers.model_manager import Loaded, ModelFamily, manager
-from workers.precision import vectors_agree
-from workers.stage import StageResult
-
-# Padded tokens per SPLADE batch on CPU; the MLM head makes each token cost a full
-# vocabulary row, so batches stay small.
-DEFAULT_SPARSE_BATCH_TOKENS = 4096
-
-
-def resolve_device(requested: str | None) -> str:
-    """``cpu`` (the default), ``cuda``, or ``auto`` (CUDA when present)."""
-    if requested in (None, "", "cpu"):
-        return "cpu"
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+from workers.inference.batch_runner import ItemFallback
+from workers.inference.devices import sparse_device
+from workers.inference.engine import Inference
+from workers.inference.model_manager import Loaded, ModelFamily
+from workers.inference.precision import vectors_agree
+from workers.runtime.measure import StageFigures, UnitOutcome
 
 
 def _load(path: str, device: str) -> Any:
@@ -69,29 +55,17 @@ SPARSE = ModelFamily(
     max_seq_length=lambda model: int(model.max_seq_length or 0),
 )
 
-_vocabs: dict[str, list[str]] = {}
+
+def vocabulary(tokenizer: Any) -> list[str]:
+    """The token of each vocabulary index."""
+    vocab = [""] * len(tokenizer)
+    for token, index in tokenizer.get_vocab().items():
+        if index < len(vocab):
+            vocab[index] = token
+    return vocab
 
 
-def vocabulary(name: str, tokenizer: Any) -> list[str]:
-    """Token of each vocabulary index (once per model and process)."""
-    if name not in _vocabs:
-        vocab = [""] * len(tokenizer)
-        for token, index in tokenizer.get_vocab().items():
-            if index < len(vocab):
-                vocab[index] = token
-        _vocabs[name] = vocab
-    return _vocabs[name]
-
-
-def load_sparse(
-    name: str, device: str, dtype: str = "auto", probe: list[str] | None = None
-) -> Loaded:
-    """The SPLADE model, hydrated on ``device`` by the :class:`ModelManager`; ``probe``
-    (texts) decides whether ``auto`` may keep bf16."""
-    return manager().get(SPARSE, name, device, dtype, probe)
-
-
-def bm25_tokenize(texts: list[str]) -> list[list[str]]:
+def bm25_tokenize(texts: list[str], stemmer: Any = None) -> list[list[str]]:
     """Tokenise exactly as ``bm25s.tokenize(..., stopwords="en", stemmer=english)``."""
     import bm25s
     import Stemmer
@@ -99,20 +73,11 @@ def bm25_tokenize(texts: list[str]) -> list[list[str]]:
     tokens: list[list[str]] = bm25s.tokenize(
         texts,
         stopwords="en",
-        stemmer=_stemmer(Stemmer),
+        stemmer=stemmer or Stemmer.Stemmer("english"),
         return_ids=False,
         show_progress=False,
     )
     return tokens
-
-
-_stemmers: dict[str, Any] = {}
-
-
-def _stemmer(module: Any) -> Any:
-    if "english" not in _stemmers:
-        _stemmers["english"] = module.Stemmer("english")
-    return _stemmers["english"]
 
 
 def metadata_row(metadata: dict[str, Any]) -> SparseRow:
@@ -128,18 +93,30 @@ def metadata_row(metadata: dict[str, Any]) -> SparseRow:
 
 
 class SparseVectorGenerator:
-    """Sparse rows for every chunk of a batch, for every sparse model of the job."""
+    """Sparse rows for every chunk of a batch, for every sparse model of the job.
+
+    Args:
+        inference: The worker's models and learned budgets.
+        device: The job's ``--sparse-device`` (``cpu``, ``cuda``, ``auto``).
+        max_batch_tokens: The padded-token budget to start from (default: the device's).
+        dtype: The dtype policy.
+    """
 
     def __init__(
-        self, device: str | None = None, max_batch_tokens: int | None = None, dtype: str = "auto"
+        self,
+        inference: Inference,
+        device: str | None = None,
+        max_batch_tokens: int | None = None,
+        dtype: str = "auto",
     ) -> None:
-        self.device = resolve_device(device)
-        self.max_batch_tokens = max_batch_tokens or DEFAULT_SPARSE_BATCH_TOKENS
+        self.inference = inference
+        self.device = sparse_device(device)
+        self.max_batch_tokens = max_batch_tokens
         self.dtype = dtype
 
     def encode(
         self, batch: ChunkBatch, models: list[str], kind: BatchKind = "documents"
-    ) -> StageResult:
+    ) -> UnitOutcome:
         """Rows for every chunk and model. Queries go through ``encode_query`` (SPLADE's
         query side) and give BM25 term counts without adding to document frequencies."""
         rows: dict[str, list[SparseRow]] = {}
@@ -155,7 +132,8 @@ class SparseVectorGenerator:
                 doc_freqs = freqs if kind == "documents" else {}
                 continue
             try:
-                sparse = load_sparse(name, self.device, self.dtype, texts)
+                # texts: the probe that decides whether ``auto`` may keep bf16
+                sparse = self.inference.models.get(SPARSE, name, self.device, self.dtype, texts)
             except Exception as exc:  # unloadable model: fall back for the whole batch
                 errors.append(f"{name}: load failed: {type(exc).__name__}: {exc}"[:300])
                 rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]
@@ -171,8 +149,16 @@ class SparseVectorGenerator:
             errors=errors,
             batch_sizes=sizes,
         )
-        tokens = sum(chunk.n_tokens for chunk in batch.chunks)
-        return StageResult(shard, sizes, tokens, infos, self.device, figures)
+        return UnitOutcome(
+            items=len(batch.chunks),
+            device=self.device,
+            shard=shard,
+            batch_sizes=sizes,
+            kind=kind,
+            tokens=sum(chunk.n_tokens for chunk in batch.chunks),
+            figures=figures,
+            models=infos,
+        )
 
     def _live(
         self,
@@ -189,17 +175,20 @@ class SparseVectorGenerator:
         import torch
 
         chunks = batch.chunks
-        encode = sparse.model.encode_query if kind == "queries" else sparse.model.encode
-        vocab = vocabulary(sparse.info.name, sparse.model.tokenizer)
+        name = sparse.info.name
+        vocab: list[str] = self.inference.once(
+            ("vocabulary", name), lambda: vocabulary(sparse.model.tokenizer)
+        )
         out: list[SparseRow | None] = [None] * len(chunks)
         lengths = [chunk.n_tokens + 2 for chunk in chunks]
 
         def fall_back(group: list[int], reason: str) -> None:
-            errors.append(f"{sparse.info.name}: {reason}"[:300])
+            errors.append(f"{name}: {reason}"[:300])
             for position in group:
                 out[position] = metadata_row(chunks[position].metadata)
 
-        def run(group: list[int]) -> None:
+        def run(model: Any, group: list[int]) -> None:
+            encode = model.encode_query if kind == "queries" else model.encode
             try:
                 encoded = encode(
                     [chunks[i].text for i in group],
@@ -208,22 +197,20 @@ class SparseVectorGenerator:
                     show_progress_bar=False,
                 )
             except torch.cuda.OutOfMemoryError:
-                raise  # run_adaptive halves the budget and re-cuts (or calls fall_back)
+                raise  # the runner halves the budget and re-cuts (or falls back)
             except Exception as exc:  # a time limit, a broken input: fall back, go on
                 fall_back(group, f"{type(exc).__name__}: {exc}")
                 return
             for position, row in zip(group, _rows(encoded, vocab), strict=True):
                 out[position] = row
 
-        done = run_adaptive(
+        runner = self.inference.runner("sparse", name, self.device, self.max_batch_tokens)
+        done = runner.run(
+            sparse.model,
             lengths,
             run,
-            stage="sparse",
-            model=sparse.info.name,
-            device=self.device,
-            ceiling=self.max_batch_tokens,
             figures=figures,
-            too_large=fall_back,
+            fallback=ItemFallback("metadata", fall_back),
         )
         sizes += done.batch_sizes
         return [
@@ -231,11 +218,13 @@ class SparseVectorGenerator:
             for row in out
         ]
 
-    @staticmethod
-    def _bm25(texts: list[str]) -> tuple[list[SparseRow], dict[str, int]]:
+    def _bm25(self, texts: list[str]) -> tuple[list[SparseRow], dict[str, int]]:
+        import Stemmer
+
+        stemmer = self.inference.once(("stemmer", "english"), lambda: Stemmer.Stemmer("english"))
         rows: list[SparseRow] = []
         doc_freqs: Counter[str] = Counter()
-        for terms in bm25_tokenize(texts):
+        for terms in bm25_tokenize(texts, stemmer):
             counts = Counter(terms)
             doc_freqs.update(counts.keys())
             rows.append(

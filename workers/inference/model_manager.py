@@ -4,10 +4,10 @@ One manager per worker process holds the dense, sparse and rerank models alike:
 
 - **Staged**: loaded from the one shared model cache (``HF_HOME``, or the folder given
   to ``--model-cache``; see :func:`shared.models.resolve_model`) into CPU memory, at
-  worker start for the models named in ``EMBED_FLEET_PRELOAD`` (:mod:`workers.preload`)
+  worker start for the models named in ``EMBED_FLEET_PRELOAD`` (:mod:`workers.runtime.preload`)
   and otherwise on first use. Loading from disk is the slow part (seconds); it happens once.
 - **Hydrated**: moved to the worker's device (the leased GPU) when a task of its stage
-  arrives, and put in the dtype the policy picks there (:mod:`workers.precision`, whose
+  arrives, and put in the dtype the policy picks there (:mod:`workers.inference.precision`, whose
   bf16 probe must run on the device that will run the model).
 - **Evicted**: when hydrating a model would take the device's models over the memory
   budget (``EMBED_FLEET_MODEL_MEMORY``, default half of the GPU), the least recently
@@ -21,48 +21,25 @@ budget bounds the worker's memory there too.
 
 from __future__ import annotations
 
-import os
-import re
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 
-from shared.errors import EmbedFleetError
 from shared.logs import get_logger
 from shared.models import ResolvedModel, canonical_name, resolve_model
 from shared.schemas import ModelInfo
-from workers.precision import PROBE_ITEMS, Precision, apply_precision, parameter_count
+from workers.inference.precision import PROBE_ITEMS, Precision, apply_precision, parameter_count
 
 log = get_logger("models")
 
 ModelKind = Literal["dense", "sparse", "rerank"]
-MEMORY_ENV = "EMBED_FLEET_MODEL_MEMORY"
 # Share of a GPU's memory the models may take when no budget is set; the rest is for
-# activations, whose size the batch budgets (workers.adaptive) adapt to.
+# activations, whose size the batch budgets (workers.inference.batch_runner) adapt to.
 DEFAULT_GPU_SHARE = 0.5
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
-_UNITS |= {"gib": 2**30, "k": 2**10, "m": 2**20, "g": 2**30}
-
-
-def parse_bytes(text: str) -> int:
-    """``"1.5GiB"``, ``"800MB"``, ``"123456"`` into bytes.
-
-    Raises:
-        EmbedFleetError: for anything else, naming the variable.
-    """
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise EmbedFleetError(
-            f"{MEMORY_ENV}={text!r} is not a size",
-            "Give bytes with an optional unit, e.g. 2GiB, 800MB or 500000000",
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
 
 
 @dataclass(frozen=True)
@@ -126,6 +103,14 @@ class Loaded:
     info: ModelInfo
 
 
+class Activity(TypedDict):
+    """What a manager did while one unit ran."""
+
+    model_loads: int
+    hydrations: int
+    evictions: int
+
+
 @dataclass
 class ManagerStats:
     """Counters of one process's manager; each unit of work reports what changed
@@ -138,14 +123,15 @@ class ManagerStats:
     def snapshot(self) -> tuple[int, int, int]:
         return (self.loads, self.hydrations, self.evictions)
 
-    def since(self, before: tuple[int, int, int] | None) -> dict[str, int]:
-        """The counters' growth since ``before`` (all of it when ``None``)."""
+    def since(self, before: tuple[int, int, int] | None) -> Activity:
+        """The counters' growth since ``before`` (all of it when ``None``), named as a
+        unit's report names them."""
         loads, hydrations, evictions = before or (0, 0, 0)
-        return {
-            "model_loads": self.loads - loads,
-            "hydrations": self.hydrations - hydrations,
-            "evictions": self.evictions - evictions,
-        }
+        return Activity(
+            model_loads=self.loads - loads,
+            hydrations=self.hydrations - hydrations,
+            evictions=self.evictions - evictions,
+        )
 
 
 class ModelManager:
@@ -155,12 +141,16 @@ class ModelManager:
     task at a time, so the lock is never contended in practice).
     """
 
-    def __init__(self, budgets: dict[str, int | None] | None = None) -> None:
+    def __init__(
+        self, budgets: dict[str, int | None] | None = None, memory: int | None = None
+    ) -> None:
         """Args:
-        budgets: Memory budget per device kind (``cuda``, ``cpu``); missing: the
-            default (half a GPU, no limit on the CPU) or ``EMBED_FLEET_MODEL_MEMORY``.
+        budgets: Memory budget per device kind (``cuda``, ``cpu``), for tests.
+        memory: The budget on any device (``EMBED_FLEET_MODEL_MEMORY``); ``None``:
+            half a GPU, no limit on the CPU.
         """
         self._budgets = budgets or {}
+        self._memory = memory
         self._models: dict[tuple[str, str, str, str], ManagedModel] = {}
         self._lock = threading.RLock()
         self.stats = ManagerStats()
@@ -221,9 +211,8 @@ class ModelManager:
         kind = device.split(":")[0]
         if kind in self._budgets:
             return self._budgets[kind]
-        configured = os.environ.get(MEMORY_ENV)
-        if configured:
-            return parse_bytes(configured)
+        if self._memory is not None:
+            return self._memory
         if kind == "cuda":
             import torch
 
@@ -332,16 +321,3 @@ def model_bytes(model: Any) -> int:
     """Bytes of a model's parameters and buffers in their current dtype."""
     tensors = [*model.parameters(), *model.buffers()]
     return int(sum(t.numel() * t.element_size() for t in tensors))
-
-
-_manager: ModelManager | None = None
-_manager_lock = threading.Lock()
-
-
-def manager() -> ModelManager:
-    """The process's manager."""
-    global _manager
-    with _manager_lock:
-        if _manager is None:
-            _manager = ModelManager()
-        return _manager

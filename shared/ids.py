@@ -1,0 +1,36 @@
+"""The ids of a job's things, defined once: chunks, staged batches, groups of work.
+
+The producer builds these ids and the workers read them back, so their format lives
+here and nowhere else. Ids are plain strings a person can read in a log or a key; the
+only one that is ever taken apart is a chunk id (the aggregator needs its document).
+"""
+
+from __future__ import annotations
+
+CHUNK_SEPARATOR = "#"
+
+
+def chunk_id(doc_id: str, index: int) -> str:
+    """``{doc_id}#{index}``: the ``index``-th chunk of a document (0-based)."""
+    return f"{doc_id}{CHUNK_SEPARATOR}{index}"
+
+
+def doc_id_of(chunk: str) -> str:
+    """The document of a chunk id; a document id may itself contain ``#``."""
+    return chunk.rsplit(CHUNK_SEPARATOR, 1)[0]
+
+
+def document_batch_id(number: int) -> str:
+    """Staged document batches: ``b000000``, ``b000001``, ... (they sort in staging order)."""
+    return f"b{number:06d}"
+
+
+def query_batch_id(number: int) -> str:
+    """Staged query batches: ``q000000``, ... (a query is its own one chunk)."""
+    return f"q{number:06d}"
+
+
+def group_id(kind: str, number: int) -> str:
+    """A group of work fanned out by an aggregator step: ``dense-g00000`` (retrieval over
+    one group of shards), ``q-g00000`` (one group of queries). Unique within its stage."""
+    return f"{kind}-g{number:05d}"

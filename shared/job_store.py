@@ -1,0 +1,217 @@
+"""One job's objects: where each lives (:class:`JobLayout`) and typed access to it
+(:class:`JobStore`).
+
+Every object a job has, from the staged batches to the manifest, is read and written
+here and nowhere else, as the msgspec Struct it is: the producer stages batches and
+queries through it, workers read their inputs and write their outputs through it, and
+the export reads everything back through it. Keys are deterministic (a redelivered task
+writes the same object again, not a second one), and messages carry ids, never keys:
+the layout turns ids into keys.
+
+::
+
+    <collection>/<job_id>/
+        chunks.jsonl  results.jsonl  metrics.json  manifest.json (last)
+        work/batches/<batch>.msgpack          ChunkBatch (documents and queries)
+        work/dense/<batch>.msgpack            DenseShard
+        work/sparse/<batch>.msgpack           SparseShard
+        work/qrels.msgpack                    Qrels
+        work/bm25-statistics.msgpack          BM25Collection
+        work/retrieve/<group>.msgpack         TopKShard
+        work/fused/<group>.msgpack            FusedGroup
+        work/rerank/<group>.msgpack           RerankShard
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+
+from shared.schemas import (
+    BM25Collection,
+    ChunkBatch,
+    DenseShard,
+    FusedGroup,
+    JobSpec,
+    Manifest,
+    Qrels,
+    RerankShard,
+    SparseShard,
+    Struct,
+    TopKShard,
+)
+from shared.storage import ObjectStore, join_key, open_store, safe_name
+
+T = TypeVar("T")
+
+
+class JobLayout:
+    """Where one job's objects live: ``<collection>/<job_id>/...`` (see module doc).
+
+    Artifacts sit at the top of the job folder; intermediate objects under ``work/``.
+    """
+
+    def __init__(self, collection: str, job_id: str) -> None:
+        self.root = join_key(safe_name(collection), safe_name(job_id))
+
+    def batch(self, batch_id: str) -> str:
+        return self.work("batches", f"{batch_id}.msgpack")
+
+    def shard(self, stage: str, batch_id: str) -> str:
+        return self.work(stage, f"{batch_id}.msgpack")
+
+    def work(self, *parts: str) -> str:
+        return join_key(self.root, "work", *parts)
+
+    @property
+    def qrels(self) -> str:
+        return self.work("qrels.msgpack")
+
+    @property
+    def bm25_statistics(self) -> str:
+        return self.work("bm25-statistics.msgpack")
+
+    def top_k(self, group_id: str) -> str:
+        return self.work("retrieve", f"{group_id}.msgpack")
+
+    def fused(self, group_id: str) -> str:
+        return self.work("fused", f"{group_id}.msgpack")
+
+    def reranked(self, group_id: str) -> str:
+        return self.work("rerank", f"{group_id}.msgpack")
+
+    def artifact(self, name: str) -> str:
+        return join_key(self.root, name)
+
+    @property
+    def manifest(self) -> str:
+        return self.artifact("manifest.json")
+
+
+@dataclass(frozen=True)
+class QueryText:
+    """A query as the aggregator needs it: its id and text."""
+
+    id: str
+    text: str
+
+
+class JobStore:
+    """Typed reads and writes of one job's objects.
+
+    Args:
+        store: The job's object store (its ``output``).
+        collection: The collection's name (the first segment of every key).
+        job_id: The job.
+    """
+
+    def __init__(self, store: ObjectStore, collection: str, job_id: str) -> None:
+        self.store = store
+        self.layout = JobLayout(collection, job_id)
+
+    @classmethod
+    def of(cls, spec: JobSpec, store: ObjectStore | None = None) -> JobStore:
+        """The store of a job, opening its output URL unless ``store`` is given."""
+        return cls(store or open_store(spec.output), spec.collection, spec.job_id)
+
+    def _put(self, key: str, value: Struct) -> None:
+        self.store.put_bytes(key, msgspec.msgpack.encode(value))
+
+    def _get(self, key: str, kind: type[T]) -> T:
+        return msgspec.msgpack.decode(self.store.get_bytes(key), type=kind)
+
+    def _get_if_there(self, key: str, kind: type[T]) -> T | None:
+        return self._get(key, kind) if self.store.exists(key) else None
+
+    # --- staged by the producer ------------------------------------------------------
+
+    def put_batch(self, batch: ChunkBatch) -> None:
+        self._put(self.layout.batch(batch.batch_id), batch)
+
+    def batch(self, batch_id: str) -> ChunkBatch:
+        return self._get(self.layout.batch(batch_id), ChunkBatch)
+
+    def queries(self, batch_ids: list[str]) -> list[QueryText]:
+        """The queries of these staged query batches, in order."""
+        return [
+            QueryText(chunk.chunk_id, chunk.text)
+            for batch_id in batch_ids
+            for chunk in self.batch(batch_id).chunks
+        ]
+
+    def put_qrels(self, qrels: Qrels) -> None:
+        self._put(self.layout.qrels, qrels)
+
+    def qrels(self) -> Qrels | None:
+        """The judgements, if the job was given any."""
+        return self._get_if_there(self.layout.qrels, Qrels)
+
+    # --- encode stages -----------------------------------------------------------------
+
+    def put_shard(self, stage: str, batch_id: str, shard: Struct) -> None:
+        """An encode stage's output for one batch (a DenseShard, a SparseShard)."""
+        self._put(self.layout.shard(stage, batch_id), shard)
+
+    def dense(self, batch_id: str) -> DenseShard:
+        return self._get(self.layout.shard("dense", batch_id), DenseShard)
+
+    def sparse(self, batch_id: str) -> SparseShard:
+        return self._get(self.layout.shard("sparse", batch_id), SparseShard)
+
+    # --- retrieve ------------------------------------------------------------------------
+
+    def put_bm25(self, statistics: BM25Collection) -> None:
+        self._put(self.layout.bm25_statistics, statistics)
+
+    def bm25(self) -> BM25Collection | None:
+        """The collection's merged BM25 statistics, once the plan step wrote them."""
+        return self._get_if_there(self.layout.bm25_statistics, BM25Collection)
+
+    def put_top_k(self, shard: TopKShard) -> None:
+        self._put(self.layout.top_k(shard.group_id), shard)
+
+    def top_k(self, group_id: str) -> TopKShard:
+        return self._get(self.layout.top_k(group_id), TopKShard)
+
+    # --- fuse and rerank -----------------------------------------------------------------
+
+    def put_fused(self, group: FusedGroup) -> None:
+        self._put(self.layout.fused(group.group_id), group)
+
+    def fused(self, group_id: str) -> FusedGroup:
+        return self._get(self.layout.fused(group_id), FusedGroup)
+
+    def put_reranked(self, shard: RerankShard) -> None:
+        self._put(self.layout.reranked(shard.group_id), shard)
+
+    def reranked(self, group_id: str) -> RerankShard:
+        return self._get(self.layout.reranked(group_id), RerankShard)
+
+    # --- artifacts -----------------------------------------------------------------------
+
+    def put_artifact(self, name: str, data: bytes) -> str:
+        """Write a small artifact in one piece; returns its key."""
+        key = self.layout.artifact(name)
+        self.store.put_bytes(key, data)
+        return key
+
+    def upload_artifact(self, name: str, path: Path) -> str:
+        """Upload a large artifact from a local file (multipart on S3); returns its key."""
+        key = self.layout.artifact(name)
+        self.store.put_file(key, path)
+        return key
+
+    def put_manifest(self, manifest: Manifest) -> None:
+        """The job's last write: readers take the manifest's presence as "complete"."""
+        body = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
+        self.store.put_bytes(self.layout.manifest, body)
+
+    def manifest(self) -> Manifest:
+        return msgspec.json.decode(self.store.get_bytes(self.layout.manifest), type=Manifest)
+
+    def locate(self, key: str | None = None) -> str:
+        """Where a key (default: the job's folder) is, for people to read."""
+        return self.store.locate(key or self.layout.root)

@@ -1,0 +1,213 @@
+"""The pipeline, defined once: its phases, the stages that do their units, the Celery
+tasks and queues that run them, and the aggregator steps between phases.
+
+::
+
+    phase     stages: what a unit is, where it runs          opened by      then
+    encode    dense  (a staged batch; queue dense)            the producer   plan_retrieve/export
+              sparse (a staged batch; queue sparse)
+    retrieve  retrieve (a group of shards; dense or sparse)   plan_retrieve  fuse
+    rerank    rerank (a group of queries; queue rerank)       fuse           export
+
+A phase is complete when every unit of each of its stages is accounted for (done, or
+failed after retries); the caller that finds it so first wins its guard and enqueues
+the step that opens the next phase the job has, or the export. The ledger
+(:mod:`shared.ledger`) keeps the counts; this table says what they mean. Routes, the
+phase hand-off, the task hooks and the live view all read it, so adding a stage is one
+:class:`Stage` entry here plus its task in ``workers.tasks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+from shared.schemas import (
+    EncodeBatch,
+    JobSpec,
+    JobStatus,
+    JobStep,
+    RerankGroup,
+    RetrieveGroup,
+    UnitMessage,
+)
+
+PhaseName = Literal["encode", "retrieve", "rerank"]
+StepName = Literal["plan_retrieve", "fuse", "export"]
+
+QUEUE_DENSE = "dense"
+QUEUE_SPARSE = "sparse"
+QUEUE_RERANK = "rerank"
+QUEUE_AGGREGATE = "aggregate"
+
+
+class Route(NamedTuple):
+    """A Celery task and the queue its messages go to."""
+
+    task: str
+    queue: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A kind of unit that workers do, counted unit by unit in the ledger.
+
+    Attributes:
+        name: The stage's name in the ledger, reports, spans and the live view.
+        phase: The phase whose completion waits for this stage's units.
+        routes: The task running one unit, by variant: ``""`` for a stage with one
+            task; the retrieve stage has one per encode stage it searches.
+        message: The task message's type.
+        counts: What the live view's bar counts: the job's ``chunks`` (per-batch stages)
+            or the stage's ``tasks``.
+        applies: Whether a job has this stage at all.
+        runs_models: Whether its units run torch models (and so take a share of the
+            host's cores before each unit).
+    """
+
+    name: str
+    phase: PhaseName
+    routes: dict[str, Route]
+    message: type[UnitMessage]
+    counts: Literal["chunks", "tasks"]
+    applies: Callable[[JobSpec], bool]
+    runs_models: bool = True
+
+    def route(self, variant: str = "") -> Route:
+        return self.routes[variant]
+
+
+@dataclass(frozen=True)
+class Step:
+    """An aggregator step: one task per job, between two phases (or at the end).
+
+    Attributes:
+        status: The job's status from the moment the step is due.
+    """
+
+    name: StepName
+    route: Route
+    status: JobStatus
+    message: type[JobStep] = JobStep
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A set of units that must all be accounted for before the job moves on.
+
+    Attributes:
+        opened_by: The step that plans the phase's units (``None``: the producer,
+            which stages the encode phase's batches itself).
+        status: The job's status while the phase's units run.
+        total_field: The ledger's state field holding how many units the phase has.
+        applies: Whether a job has this phase.
+    """
+
+    name: PhaseName
+    opened_by: StepName | None
+    status: JobStatus
+    total_field: str
+    applies: Callable[[JobSpec], bool]
+
+
+def _always(spec: JobSpec) -> bool:
+    return True
+
+
+def _has_queries(spec: JobSpec) -> bool:
+    return spec.retrieval is not None
+
+
+def _has_sparse(spec: JobSpec) -> bool:
+    return "sparse" in spec.stages
+
+
+def _has_rerank(spec: JobSpec) -> bool:
+    return spec.retrieval is not None and spec.retrieval.rerank_model is not None
+
+
+def _per_batch(name: str, task: str, queue: str, applies: Callable[[JobSpec], bool]) -> Stage:
+    """An encode stage: every staged batch (documents and queries) goes through it."""
+    return Stage(name, "encode", {"": Route(task, queue)}, EncodeBatch, "chunks", applies)
+
+
+STAGES: tuple[Stage, ...] = (
+    _per_batch("dense", "embed_fleet.dense.embed_batch", QUEUE_DENSE, _always),
+    _per_batch("sparse", "embed_fleet.sparse.encode_batch", QUEUE_SPARSE, _has_sparse),
+    Stage(
+        name="retrieve",
+        phase="retrieve",
+        routes={
+            "dense": Route("embed_fleet.dense.retrieve", QUEUE_DENSE),
+            "sparse": Route("embed_fleet.sparse.retrieve", QUEUE_SPARSE),
+        },
+        message=RetrieveGroup,
+        counts="tasks",
+        applies=_has_queries,
+        runs_models=False,
+    ),
+    Stage(
+        name="rerank",
+        phase="rerank",
+        routes={"": Route("embed_fleet.rerank.rerank_group", QUEUE_RERANK)},
+        message=RerankGroup,
+        counts="tasks",
+        applies=_has_rerank,
+    ),
+)
+
+STEPS: tuple[Step, ...] = (
+    Step(
+        "plan_retrieve", Route("embed_fleet.aggregate.plan_retrieve", QUEUE_AGGREGATE), "retrieving"
+    ),
+    Step("fuse", Route("embed_fleet.aggregate.fuse", QUEUE_AGGREGATE), "fusing"),
+    Step("export", Route("embed_fleet.aggregate.export_job", QUEUE_AGGREGATE), "exporting"),
+)
+
+PHASES: tuple[Phase, ...] = (
+    Phase("encode", None, "running", "total_batches", _always),
+    Phase("retrieve", "plan_retrieve", "retrieving", "total:retrieve", _has_queries),
+    # fuse opens the rerank phase whether or not the job reranks: with no reranker it
+    # opens it with no units, and the phase is complete at once.
+    Phase("rerank", "fuse", "reranking", "total:rerank", _has_queries),
+)
+
+_STAGES = {s.name: s for s in STAGES}
+_STEPS = {s.name: s for s in STEPS}
+_PHASES = {p.name: p for p in PHASES}
+
+
+def stage(name: str) -> Stage:
+    """The stage of that name (``KeyError`` for an unknown one: a programming error)."""
+    return _STAGES[name]
+
+
+def step(name: StepName) -> Step:
+    return _STEPS[name]
+
+
+def phase(name: PhaseName) -> Phase:
+    return _PHASES[name]
+
+
+def job_stages(spec: JobSpec, phase_name: PhaseName | None = None) -> list[Stage]:
+    """The stages a job has (of one phase, or all), in pipeline order."""
+    return [s for s in STAGES if s.applies(spec) and (phase_name is None or s.phase == phase_name)]
+
+
+def next_step(spec: JobSpec, after: PhaseName) -> Step:
+    """The step to enqueue once phase ``after`` is complete: the opener of the next
+    phase the job has, else the export."""
+    names = [p.name for p in PHASES]
+    for later in PHASES[names.index(after) + 1 :]:
+        if later.applies(spec) and later.opened_by is not None:
+            return step(later.opened_by)
+    return step("export")
+
+
+def routes() -> dict[str, str]:
+    """Celery task name -> queue, for every task of the pipeline."""
+    out = {route.task: route.queue for s in STAGES for route in s.routes.values()}
+    out.update({s.route.task: s.route.queue for s in STEPS})
+    return out

@@ -1,0 +1,69 @@
+"""The pipeline table: what follows each phase, and that every entry has its task."""
+
+from __future__ import annotations
+
+import time
+
+from shared import pipeline
+from shared.schemas import JobSpec, RetrievalSpec
+
+
+def spec(queries: bool, rerank: bool = False, sparse: bool = False) -> JobSpec:
+    retrieval = (
+        RetrievalSpec(
+            queries_source="q",
+            queries=1,
+            query_batches=1,
+            qrels_source=None,
+            rerank_model="r" if rerank else None,
+        )
+        if queries
+        else None
+    )
+    return JobSpec(
+        job_id="j",
+        collection="c",
+        source="s",
+        output="o",
+        created_at=time.time(),
+        dense_models=["m"],
+        chunk_tokens=256,
+        chunk_overlap=0,
+        batch_chunks=4,
+        max_batch_tokens=None,
+        on_bad_record="fail",
+        stages=["dense", "sparse"] if sparse else ["dense"],
+        retrieval=retrieval,
+    )
+
+
+def test_what_follows_each_phase() -> None:
+    embed_only = spec(queries=False, sparse=True)
+    assert pipeline.next_step(embed_only, "encode").name == "export"
+    assert [s.name for s in pipeline.job_stages(embed_only)] == ["dense", "sparse"]
+    with_queries = spec(queries=True)
+    assert pipeline.next_step(with_queries, "encode").name == "plan_retrieve"
+    assert pipeline.next_step(with_queries, "retrieve").name == "fuse"
+    assert pipeline.next_step(with_queries, "rerank").name == "export"
+    assert [s.name for s in pipeline.job_stages(with_queries)] == ["dense", "retrieve"]
+    reranked = spec(queries=True, rerank=True)
+    assert [s.name for s in pipeline.job_stages(reranked, "rerank")] == ["rerank"]
+    # the status a job takes when a phase completes is the next step's
+    assert [pipeline.next_step(reranked, p.name).status for p in pipeline.PHASES] == [
+        "retrieving",
+        "fusing",
+        "exporting",
+    ]
+
+
+def test_every_entry_has_its_task_and_every_task_an_entry() -> None:
+    from workers.app import app
+
+    fleet_tasks = {name for name in app.tasks if name.startswith("embed_fleet.")}
+    assert fleet_tasks == set(pipeline.routes())
+    for stage in pipeline.STAGES:
+        for route in stage.routes.values():
+            assert app.tasks[route.task].stage == stage.name
+            assert app.tasks[route.task].message_type is stage.message
+    for step in pipeline.STEPS:
+        assert app.tasks[step.route.task].stage == ""

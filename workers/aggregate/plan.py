@@ -1,0 +1,58 @@
+"""The aggregator's step after encoding: plan the retrieve phase.
+
+The collection's BM25 statistics are merged once (the retrieve units and the export
+read them), the document batches are cut into groups, and one retrieve unit is enqueued
+per encode stage and group. Idempotent: a redelivered step rewrites the same objects
+and enqueues units the ledger counts once.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from shared import ids
+from shared.celery_app import advance, send_unit
+from shared.job_store import JobStore
+from shared.ledger import JobLedger
+from shared.models import BM25
+from shared.schemas import BM25Params, JobSpec, RetrieveGroup
+from workers.ranking.sparse_weights import merge_bm25
+
+
+def retrieve_units(ledger: JobLedger, spec: JobSpec) -> list[RetrieveGroup]:
+    """One retrieve unit per encode stage and group of that stage's encoded document
+    batches (a batch whose stage failed has no shard to search)."""
+    assert spec.retrieval is not None, "only jobs with queries have a retrieve phase"
+    size = spec.retrieval.batches_per_retrieve_task
+    batches = ledger.staged_batches()
+    units: list[RetrieveGroup] = []
+    for stage in spec.stages:
+        failed = {f.batch_id for f in ledger.failures(stage)}
+        usable = [b for b in batches if b not in failed]
+        for number, start in enumerate(range(0, len(usable), size)):
+            units.append(
+                RetrieveGroup(
+                    job_id=spec.job_id,
+                    stage="retrieve",
+                    unit=ids.group_id(stage, number),
+                    retriever=stage,
+                    batch_ids=usable[start : start + size],
+                )
+            )
+    return units
+
+
+def plan_retrieve(ledger: JobLedger, store: JobStore, app: Celery) -> int:
+    """Fan the retrieve phase out; returns how many units it enqueued."""
+    spec = ledger.spec()
+    if BM25 in spec.sparse_models:
+        failed = {f.batch_id for f in ledger.failures("sparse")}
+        usable = [b for b in ledger.staged_batches() if b not in failed]
+        stats = merge_bm25(store, spec.bm25 or BM25Params(), usable)
+        store.put_bm25(stats.collection())
+    units = retrieve_units(ledger, spec)
+    if ledger.open_phase("retrieve", len(units)):
+        advance(app, spec, "retrieve")
+    for unit in units:
+        send_unit(app, unit, variant=unit.retriever)
+    return len(units)

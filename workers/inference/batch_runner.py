@@ -1,0 +1,523 @@
+"""BatchRunner: the one loop that runs a model over a unit's items in token-budget batches.
+
+Dense encoding, SPLADE and the CrossEncoder executor all hand their items to a
+:class:`BatchRunner` and give it a call that runs the model on one group of item
+indices. The runner owns everything around that call, the same way for every stage:
+
+- **Batching** (:func:`token_budget_batches`, TEI's rule): items sorted longest first
+  and cut so that ``len(batch) * longest item`` stays within a padded-token budget.
+- **Out of memory** (``torch.cuda.OutOfMemoryError``): the budget halves, the CUDA cache
+  is emptied, and the batches not yet run are cut again; a single item that runs out of
+  memory alone goes down the fallback chain. After ``grow_after`` good batches in a row
+  the budget doubles, back up to its ceiling but not to a size that failed, until
+  ``FORGET_AFTER`` such runs say the memory is there again.
+- **Time limit** (optional, main thread only): a model call over the limit is interrupted
+  by ``SIGALRM``; the batch is split in two, and a half that is still too slow goes down
+  the fallback chain. Off the main thread a slow call is counted but kept.
+- **Fallback chain**: a CPU copy of the model, when the stage has one and runs
+  elsewhere; then the stage's :class:`ItemFallback` (sparse: metadata weights; rerank:
+  leave unreranked); a stage without one (dense) fails the unit with
+  :class:`BatchTooLarge`.
+- **Figures**: every model call runs inside a batch span with its latency, size,
+  tokens and peak memory (:func:`workers.runtime.measure.model_batch`).
+
+The budget of a (stage, model, device) is learned for the worker's life
+(:class:`BudgetBook`, kept in the worker context), because the memory a device can
+spare is a property of the worker process, not of one task.
+
+``EMBED_FLEET_SIMULATE_OOM_TOKENS=N`` makes every device call whose padded size is above
+``N`` tokens raise the real ``torch.cuda.OutOfMemoryError`` before it runs: the tests
+exercise on a CPU the recovery a GPU takes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from shared.errors import EmbedFleetError
+from shared.logs import get_logger
+from workers.runtime.measure import StageFigures, model_batch
+
+log = get_logger("batches")
+
+# Good batches in a row after which a shrunk budget doubles again.
+GROW_AFTER = 8
+# Runs of good batches after which a size that ran out of memory is tried again (the
+# pressure may have been another process's, and gone).
+FORGET_AFTER = 4
+
+
+# --- the batching rule ---------------------------------------------------------------
+
+
+def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group item indices into batches whose padded size stays within ``max_tokens``.
+
+    A batch of short chunks can hold many more items than a batch of 256-token chunks for
+    the same memory and time, so the budget is ``len(batch) * longest item``, the size of
+    the padded tensor the model actually sees. Items are sorted by length first so that
+    padding stays small.
+
+    Args:
+        lengths: Token count of each item (special tokens included or not, but alike).
+        max_tokens: Budget of ``batch size * longest item`` per batch. An item longer
+            than the budget gets a batch of its own.
+
+    Returns:
+        Lists of indices into ``lengths``, longest items first.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i], 1)
+        if current and longest_if_added * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest_if_added = [], max(lengths[i], 1)
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+def padded_tokens(group: Sequence[int], lengths: Sequence[int]) -> int:
+    """The size of the padded tensor a model batch makes: items x longest item."""
+    return len(group) * max((lengths[i] for i in group), default=0)
+
+
+def recut(pending: deque[list[int]], lengths: Sequence[int], budget: int) -> deque[list[int]]:
+    """Cut the groups not yet run again at a new budget, still longest first: after an
+    OOM the old groups would fail again; after a grow-back bigger groups are cheaper."""
+    flat = [i for group in pending for i in group]
+    groups = token_budget_batches([lengths[i] for i in flat], budget)
+    return deque([flat[j] for j in group] for group in groups)
+
+
+# --- learned budgets -----------------------------------------------------------------
+
+
+class TokenBudget:
+    """The padded-token budget of one (stage, model, device) in this process.
+
+    Attributes:
+        ceiling: The initial and largest budget.
+        value: The budget the next batch is cut at.
+        oom_count: Out-of-memory errors seen over the worker's life.
+        failed_at: The smallest padded size that ran out of memory lately: the budget
+            grows back only below it, until ``FORGET_AFTER`` runs of good batches say
+            the memory is there again.
+    """
+
+    def __init__(self, ceiling: int, grow_after: int = GROW_AFTER) -> None:
+        if ceiling < 1:
+            raise ValueError(f"a token budget must be >= 1, got {ceiling}")
+        if grow_after < 1:
+            raise ValueError(f"grow_after must be >= 1, got {grow_after}")
+        self.ceiling = ceiling
+        self.value = ceiling
+        self.grow_after = grow_after
+        self.oom_count = 0
+        self.failed_at: int | None = None
+        self._streak = 0
+
+    def shrink(self, failed_tokens: int | None = None) -> int:
+        """Halve after an out-of-memory error of a batch of ``failed_tokens`` padded
+        tokens; returns the new budget."""
+        self.oom_count += 1
+        self._streak = 0
+        self.value = max(self.value // 2, 1)
+        if failed_tokens is not None:
+            self.failed_at = min(failed_tokens, self.failed_at or failed_tokens)
+        return self.value
+
+    def interrupted(self) -> None:
+        """A batch that neither succeeded nor ran out of memory (a time limit) breaks
+        the run of good batches without changing the budget."""
+        self._streak = 0
+
+    def succeeded(self) -> None:
+        """Count a good batch; after ``grow_after`` in a row the budget doubles (up to
+        the ceiling, and below the last size that failed)."""
+        self._streak += 1
+        if self._streak % self.grow_after or self.value >= self.ceiling:
+            return
+        grown = min(self.value * 2, self.ceiling)
+        if self.failed_at is not None and grown >= self.failed_at:
+            if self._streak < self.grow_after * FORGET_AFTER:
+                return
+            self.failed_at = None
+        self.value = grown
+        self._streak = 0
+
+
+class BudgetBook:
+    """A worker process's learned budgets, one per (stage, model, device)."""
+
+    def __init__(self) -> None:
+        self._budgets: dict[tuple[str, str, str], TokenBudget] = {}
+        self._lock = threading.Lock()
+
+    def get(self, stage: str, model: str, device: str, ceiling: int) -> TokenBudget:
+        """The budget for (stage, model, device), created at ``ceiling`` the first time."""
+        key = (stage, model, device)
+        with self._lock:
+            if key not in self._budgets:
+                self._budgets[key] = TokenBudget(ceiling)
+            return self._budgets[key]
+
+
+# --- errors and fallbacks --------------------------------------------------------------
+
+
+class BatchTooLarge(EmbedFleetError):
+    """Items no model call could process (one item out of memory alone, or over the
+    time limit everywhere), in a stage that has no fallback for them."""
+
+
+@dataclass(frozen=True)
+class ItemFallback:
+    """What a stage does with items no model call could process.
+
+    Attributes:
+        name: Counted under this name in :attr:`BatchRun.fallbacks`.
+        handle: Called with the item indices and the reason.
+    """
+
+    name: str
+    handle: Callable[[list[int], str], None]
+
+
+class _BatchTimeout(BaseException):
+    """Raised by the SIGALRM handler inside a model call that ran past its time limit.
+
+    A ``BaseException``, not an ``Exception``: library code between the handler and the
+    runner (tokenizers, progress bars, the caller's task body) may catch ``Exception``
+    and would otherwise swallow the interruption.
+    """
+
+
+@dataclass
+class BatchRun:
+    """What one :meth:`BatchRunner.run` did.
+
+    Attributes:
+        batch_sizes: Sizes of the model calls that succeeded (device and CPU copy).
+        oom_count: Out-of-memory errors on the way.
+        timeout_count: Calls over the time limit (interrupted or, off the main
+            thread, kept).
+        fallbacks: Batches ``split`` after a time limit, run on the ``cpu`` copy, and
+            given to the stage's :class:`ItemFallback` (under its name).
+    """
+
+    batch_sizes: list[int] = field(default_factory=list)
+    oom_count: int = 0
+    timeout_count: int = 0
+    fallbacks: Counter[str] = field(default_factory=Counter)
+
+
+ModelCall = Callable[[Any, list[int]], None]
+"""Runs a model on one group of item indices and stores the output itself."""
+
+
+@dataclass
+class _Pass:
+    """One :meth:`BatchRunner.run`: its model, items and call, the batches not yet run,
+    and what it did so far."""
+
+    model: Any
+    lengths: Sequence[int]
+    call: ModelCall
+    figures: StageFigures
+    fallback: ItemFallback | None
+    pending: deque[list[int]] = field(default_factory=deque)
+    done: BatchRun = field(default_factory=BatchRun)
+
+
+class BatchRunner:
+    """Runs one model over items in adaptive token-budget batches (see module doc).
+
+    Args:
+        stage: The stage, for spans and logs.
+        model_name: The model's name, likewise.
+        device: Where ``model`` runs (only ``cpu`` versus anything else matters for
+            the fallback chain; the label goes into spans).
+        budget: The learned budget to cut batches at (shared across runs).
+        time_limit_s: Seconds one model call may take (``None``: no limit).
+        cpu_model: Returns a CPU copy of the model for the fallback chain; called once,
+            on first use, so a GPU worker loads it only if it needs it.
+        before_batch: A test hook, called with a batch's item indices right before each
+            model call (device and CPU), inside the time-limited region.
+        simulate_oom_tokens: The test hook of ``EMBED_FLEET_SIMULATE_OOM_TOKENS``.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        model_name: str,
+        device: str,
+        budget: TokenBudget,
+        *,
+        time_limit_s: float | None = None,
+        cpu_model: Callable[[], Any] | None = None,
+        before_batch: Callable[[list[int]], None] | None = None,
+        simulate_oom_tokens: int | None = None,
+    ) -> None:
+        if time_limit_s is not None and not time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 or None, got {time_limit_s}")
+        self.stage = stage
+        self.model_name = model_name
+        self.device = device
+        self.budget = budget
+        self.time_limit_s = time_limit_s
+        self.before_batch = before_batch
+        self.simulate_oom_tokens = simulate_oom_tokens
+        self._cpu_factory = cpu_model
+        self._cpu: Any = None
+        self.current_device: str | None = None
+        """The device of the model call in progress (``cpu`` in the fallback), else
+        None; for ``before_batch`` hooks."""
+
+    @property
+    def has_cpu_copy(self) -> bool:
+        return self._cpu_factory is not None and self.device.split(":")[0] != "cpu"
+
+    def run(
+        self,
+        model: Any,
+        lengths: Sequence[int],
+        call: ModelCall,
+        *,
+        figures: StageFigures,
+        fallback: ItemFallback | None = None,
+    ) -> BatchRun:
+        """Run ``call(model, group)`` over every item, adapting to memory and time.
+
+        Args:
+            model: The model on :attr:`device`, handed to ``call``.
+            lengths: Token count of each item, special tokens included.
+            call: Runs a model on a group of item indices and stores the output.
+            figures: The unit's running figures; every call's peak memory and OOM go
+                in, and the budget the run ended with.
+            fallback: What to do with items no call could process; without one they
+                raise :class:`BatchTooLarge`.
+
+        Raises:
+            BatchTooLarge: items no call could process and no fallback.
+            Exception: anything ``call`` raises other than an out-of-memory error: a
+                broken model must fail the task, not be papered over.
+        """
+        work = _Pass(model, lengths, call, figures, fallback)
+        work.pending.extend(token_budget_batches(lengths, self.budget.value))
+        cut_at = self.budget.value
+        while work.pending:
+            if self.budget.value != cut_at:
+                work.pending = recut(work.pending, lengths, self.budget.value)
+                cut_at = self.budget.value
+            self._on_device(work, work.pending.popleft())
+        figures.budgets[self.model_name] = self.budget.value
+        return work.done
+
+    # -- the paths a batch can take ----------------------------------------------------
+
+    def _on_device(self, work: _Pass, group: list[int], *, may_split: bool = True) -> None:
+        import torch
+
+        out_of_memory = False
+        try:
+            slow = self._call(work, self.device, group)
+        except torch.cuda.OutOfMemoryError:
+            # Handled below, outside the except block: the exception's traceback holds
+            # the frames (and tensors) of the failed call until the block ends.
+            out_of_memory = True
+        except _BatchTimeout:
+            self._timed_out(work, group, may_split)
+            return
+        if out_of_memory:
+            self._out_of_memory(work, group)
+            return
+        work.done.batch_sizes.append(len(group))
+        if slow:
+            work.done.timeout_count += 1
+            self.budget.interrupted()
+            log.warning("batch over the time limit (kept)", extra=self._fields(group))
+            return
+        self.budget.succeeded()
+
+    def _timed_out(self, work: _Pass, group: list[int], may_split: bool) -> None:
+        """Split a batch over the time limit in two (once); a half still too slow goes
+        down the fallback chain."""
+        work.done.timeout_count += 1
+        self.budget.interrupted()
+        log.warning("batch over the time limit", extra=self._fields(group, may_split))
+        if may_split and len(group) > 1:
+            work.done.fallbacks["split"] += 1
+            half = (len(group) + 1) // 2
+            for part in (group[:half], group[half:]):
+                self._on_device(work, part, may_split=False)
+            return
+        self._fall_back(work, group, f"{self._what()}: {len(group)} item(s) over the time limit")
+
+    def _out_of_memory(self, work: _Pass, group: list[int]) -> None:
+        """Halve the budget; several items go back to be cut again, one goes down the
+        fallback chain (no smaller batch of it exists)."""
+        import torch
+
+        work.done.oom_count += 1
+        new_budget = self.budget.shrink(padded_tokens(group, work.lengths))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("batch out of memory; budget halved", extra=self._fields(group, new_budget))
+        if len(group) > 1:
+            work.pending.appendleft(group)
+            return
+        tokens = work.lengths[group[0]]
+        self._fall_back(
+            work, group, f"{self._what()}: one item of {tokens} tokens runs out of memory alone"
+        )
+
+    def _fall_back(self, work: _Pass, group: list[int], reason: str) -> None:
+        """The CPU copy if there is one; else (or if it fails too) the stage's fallback.
+
+        Failures of the CPU copy (it cannot load, a torch error, its own time limit)
+        are absorbed: this is the last resort for one batch, and the rest of the unit
+        should still run. Only those failures, though: anything else (a Celery time
+        limit of the whole task, an interrupt) propagates.
+        """
+        done = work.done
+        if self.has_cpu_copy:
+            try:
+                slow = self._call(work, "cpu", group)
+            except _BatchTimeout:
+                done.timeout_count += 1
+                log.warning("CPU fallback over the time limit", extra=self._fields(group))
+            except (RuntimeError, ValueError, OSError, EmbedFleetError):
+                log.warning("CPU fallback failed", extra=self._fields(group), exc_info=True)
+            else:
+                done.timeout_count += int(slow)
+                done.fallbacks["cpu"] += 1
+                done.batch_sizes.append(len(group))
+                return
+        if work.fallback is None:
+            raise BatchTooLarge(
+                reason,
+                "Lower the model's max_seq_length, free the device, or run this stage "
+                "on a device with more memory",
+            )
+        done.fallbacks[work.fallback.name] += 1
+        log.warning("batch given up", extra=self._fields(group, work.fallback.name))
+        work.fallback.handle(group, reason)
+
+    # -- one model call -----------------------------------------------------------------
+
+    def _call(self, work: _Pass, device: str, group: list[int]) -> bool:
+        """One model call over ``group`` on ``device`` (the runner's, or ``cpu`` for the
+        CPU copy), under the time limit, in a batch span.
+
+        Returns:
+            Whether the call ran over the limit without being interrupted (off the main
+            thread, where no signal can interrupt it).
+
+        Raises:
+            _BatchTimeout: if the SIGALRM timer interrupted the call.
+        """
+        on_device = device == self.device
+        if on_device:
+            model = work.model
+        else:
+            if self._cpu is None:
+                assert self._cpu_factory is not None, "only a runner with a CPU copy calls it"
+                self._cpu = self._cpu_factory()
+            model = self._cpu
+        interruptible = _signals_usable()
+        tokens = padded_tokens(group, work.lengths)
+        started = time.monotonic()
+        self.current_device = device
+        record = None
+        try:
+            with (
+                model_batch(
+                    self.stage, self.model_name, device, len(group), tokens, work.done.oom_count
+                ) as record,
+                _time_limit(self.time_limit_s if interruptible else None),
+            ):
+                if on_device:
+                    check_simulated_oom(tokens, self.simulate_oom_tokens)
+                if self.before_batch is not None:
+                    self.before_batch(list(group))
+                work.call(model, group)
+        finally:
+            self.current_device = None
+            if record is not None:
+                work.figures.add(record, device)
+        elapsed = time.monotonic() - started
+        return not interruptible and self.time_limit_s is not None and elapsed > self.time_limit_s
+
+    def _what(self) -> str:
+        return f"{self.stage} {self.model_name} on {self.device}"
+
+    def _fields(self, group: list[int], detail: object = None) -> dict[str, dict[str, object]]:
+        fields: dict[str, object] = {"what": self._what(), "items": len(group)}
+        if detail is not None:
+            fields["detail"] = detail
+        return {"fields": fields}
+
+
+def check_simulated_oom(tokens: int, limit: int | None) -> None:
+    """The test hook: raise a real CUDA out-of-memory error above ``limit`` tokens."""
+    if limit is not None and tokens > limit:
+        import torch
+
+        raise torch.cuda.OutOfMemoryError(
+            f"simulated: {tokens} padded tokens > EMBED_FLEET_SIMULATE_OOM_TOKENS={limit}"
+        )
+
+
+# --- the time limit ----------------------------------------------------------------------
+
+
+def _signals_usable() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def _raise_timeout(signum: int, frame: FrameType | None) -> None:
+    raise _BatchTimeout
+
+
+@contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Interrupt the block with :class:`_BatchTimeout` after ``seconds`` (main thread).
+
+    The previous SIGALRM handler and timer are restored afterwards, a previous timer
+    with the time the block took subtracted (and fired at once if it fell due meanwhile),
+    so code around the runner that uses SIGALRM keeps working. Main thread only (the
+    caller checks); without a limit the block just runs.
+    """
+    if seconds is None:
+        yield
+        return
+    previous_handler = signal.signal(signal.SIGALRM, _raise_timeout)
+    started = time.monotonic()
+    previous_delay, previous_interval = 0.0, 0.0
+    try:
+        try:
+            previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+            yield
+        finally:
+            # Disarm first; if the alarm fires right here, the outer finally still
+            # restores the handler.
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous_handler)
+        if previous_delay > 0:
+            remaining = previous_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-6), previous_interval)

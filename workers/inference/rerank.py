@@ -1,0 +1,403 @@
+"""CrossEncoder reranking: (query, passage) pairs scored in token-budget batches.
+
+A worker's :class:`~workers.inference.model_manager.ModelManager` holds each reranker
+(:func:`load_cross_encoder`), and the worker keeps one :class:`CrossEncoderBatchExecutor`
+per (model, device) for its life. The executor owns no loop of its own: it hands the
+pairs to a :class:`~workers.inference.batch_runner.BatchRunner`, whose budget is the
+process's (shrunk on out-of-memory errors, grown back after a run of good batches), so
+what it learns carries over from one task to the next.
+
+A rerank task must not fail a job because one batch is too big or too slow: the
+runner re-cuts an out-of-memory batch smaller, splits a batch over the time limit in
+two, sends a half that is still too slow (or a pair out of memory alone) to a CPU copy
+of the model, and pairs that no path could score come back as ``None`` (the caller
+keeps them in fused order). Every such event is counted in
+:class:`~shared.schemas.RerankStats`, so the manifest says how much of the ranking the
+reranker really saw. Any other error of the model (a plain ``RuntimeError``, a bad
+input) propagates: it is a bug or a broken model, and the task's retry and failure
+handling should see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.schemas import FusedGroup, ModelInfo, RerankShard, RerankStats
+from workers.inference.batch_runner import BatchRunner, ItemFallback, TokenBudget
+from workers.inference.engine import Inference
+from workers.inference.model_manager import Loaded, ModelFamily
+from workers.inference.precision import PROBE_ITEMS, scores_agree
+from workers.runtime.measure import StageFigures
+
+# Tokenizers without a configured limit report int(1e30) as model_max_length; anything
+# above this is such a placeholder, not a real limit.
+_UNSET_MAX_LENGTH = 1_000_000
+# The limit used when neither the model nor its config states one (BERT's).
+_FALLBACK_MAX_LENGTH = 512
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def _load(path: str, device: str) -> Any:
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(path, device=device)
+
+
+def _probe(model: Any, pairs: list[tuple[str, str]]) -> np.ndarray[Any, Any]:
+    batch = [list(pair) for pair in pairs]
+    scores: np.ndarray[Any, Any] = model.predict(
+        batch, batch_size=len(batch), show_progress_bar=False
+    )
+    return scores
+
+
+RERANK = ModelFamily(
+    kind="rerank",
+    load=_load,
+    probe=_probe,
+    agree=scores_agree,
+    dim=lambda model: int(getattr(model, "num_labels", 1) or 1),
+    max_seq_length=lambda model: model_max_length(model),
+    default_probe=(("a query", "a passage"),),
+)
+
+
+def load_cross_encoder(
+    inference: Inference,
+    name: str,
+    device: str,
+    dtype: str = "fp32",
+    probe: list[tuple[str, str]] | None = None,
+) -> Loaded:
+    """The reranker, hydrated on ``device`` by the worker's :class:`ModelManager`.
+
+    Loading takes seconds and the weights take memory, so a worker pays for them once,
+    not per task. A GPU worker also keeps a CPU copy for its fallback path (a separate
+    entry of the manager, device ``cpu``).
+
+    Args:
+        inference: The worker's models.
+        name: A hub id, an alias, or a local folder (see :func:`shared.models.resolve_model`).
+        device: A torch device string (``cpu``, ``cuda``, ``cuda:1``).
+        dtype: The dtype policy (``auto``, ``fp32``, ``bf16``, ``fp16``).
+        probe: (query, passage) pairs that decide whether ``auto`` may keep bf16.
+
+    Returns:
+        The model and its :class:`ModelInfo` (``kind="rerank"``).
+
+    Raises:
+        EmbedFleetError: if no source has the model.
+    """
+    return inference.models.get(RERANK, name, device, dtype, probe)
+
+
+def model_max_length(model: Any) -> int:
+    """The number of tokens the CrossEncoder truncates a pair to.
+
+    sentence-transformers 6 calls it ``max_seq_length`` (``max_length`` is a deprecated
+    alias there, and the only name in 5); the tokenizer's ``model_max_length`` is the
+    last resort. Tokenizers without a limit report 1e30, and no value may exceed the
+    model's position embeddings, so the result is capped by those.
+    """
+    value: Any = getattr(model, "max_seq_length", None)
+    if not value:
+        value = getattr(model, "max_length", None)
+    if not value:
+        tokenizer = getattr(model, "tokenizer", None)
+        value = getattr(tokenizer, "model_max_length", None)
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    cap = int(positions) if isinstance(positions, int) and positions > 0 else None
+    if not isinstance(value, int) or value <= 0 or value >= _UNSET_MAX_LENGTH:
+        return cap or _FALLBACK_MAX_LENGTH
+    return min(value, cap) if cap else value
+
+
+def pair_lengths(tokenizer: Any, query: str, passages: list[str], max_length: int) -> list[int]:
+    """Token counts of each (query, passage) pair, as the CrossEncoder will see them.
+
+    The executor cuts batches by padded tokens, so it needs each pair's length with the
+    special tokens ([CLS] q [SEP] p [SEP]) and after the truncation the model applies.
+    One call of the (Rust) tokenizer over all pairs, without tensors, attention masks or
+    token type ids, keeps this cheap for thousands of pairs.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (``CrossEncoder.tokenizer``).
+        query: The query, the first text of every pair.
+        passages: The second texts.
+        max_length: The model's limit (:func:`model_max_length`); longer pairs are
+            truncated to it, as the model truncates them.
+
+    Returns:
+        One count per passage, each at most ``max_length``.
+    """
+    if not passages:
+        return []
+    encoded = tokenizer(
+        [query] * len(passages),
+        passages,
+        add_special_tokens=True,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+    )
+    return [min(len(ids), max_length) for ids in encoded["input_ids"]]
+
+
+# --- the executor --------------------------------------------------------------------
+
+
+class CrossEncoderBatchExecutor:
+    """Scores (query, passage) pairs in token-budget batches that adapt to the device.
+
+    The batches run through a :class:`~workers.inference.batch_runner.BatchRunner`:
+    out of memory, the budget halves and the rest is re-cut (a pair that does not fit
+    alone goes to the CPU fallback); after ``grow_after`` good batches in a row the
+    budget doubles again, up to ``max_batch_tokens``. In the main thread (where Celery's
+    prefork children run tasks) a call over ``time_limit_s`` is interrupted, split in
+    two, and a half still too slow goes to the CPU model (when the executor runs on
+    another device and ``cpu_model`` is given); what no path scored stays ``None``.
+    Elsewhere (threads cannot receive signals) a slow call is counted as a timeout but
+    its scores are kept, because they are correct and dropping them would only lose
+    work already paid for.
+
+    Scores stay where the model computed them until the end of :meth:`score`, then come
+    back in one device-to-host copy per device, so the GPU runs batch n while the CPU
+    tokenises batch n + 1.
+
+    An instance is not thread-safe: a worker keeps one per (model, device) and process.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        device: str,
+        max_batch_tokens: int,
+        *,
+        time_limit_s: float | None = None,
+        grow_after: int = 8,
+        cpu_model: Callable[[], Any] | None = None,
+        before_batch: Callable[[list[int]], None] | None = None,
+        budget: TokenBudget | None = None,
+        model_name: str = "",
+        simulate_oom_tokens: int | None = None,
+    ) -> None:
+        """Set up an executor for one model on one device.
+
+        Args:
+            model: Anything with ``CrossEncoder.predict(sentences, batch_size=...,
+                show_progress_bar=False, convert_to_tensor=True)``.
+            device: The device ``model`` runs on; only ``cpu`` versus anything else
+                matters here (a CPU executor has no CPU fallback).
+            max_batch_tokens: The initial and largest budget of padded tokens
+                (batch size x longest pair) per model call.
+            time_limit_s: Seconds one model call may take; ``None``: no limit.
+            grow_after: Good batches in a row after which a shrunk budget doubles.
+            cpu_model: Returns the CPU copy of the model for the fallback path; called
+                once, on first use, so a GPU worker loads it only if it needs it.
+            before_batch: A test hook, called with a batch's pair indices right before
+                each model call (device and CPU; :attr:`current_device` tells which),
+                inside the time-limited region, so a test can make a batch slow without
+                a slow model.
+            budget: The process's learned budget for this (model, device); default: the
+                executor's own.
+            model_name: Names the model in spans and logs.
+            simulate_oom_tokens: The out-of-memory test hook.
+
+        Raises:
+            ValueError: on a non-positive budget, time limit or ``grow_after``.
+        """
+        self.model = model
+        self.device = device
+        self._runner = BatchRunner(
+            "rerank",
+            model_name,
+            device,
+            budget or TokenBudget(max_batch_tokens, grow_after),
+            time_limit_s=time_limit_s,
+            cpu_model=cpu_model,
+            before_batch=before_batch,
+            simulate_oom_tokens=simulate_oom_tokens,
+        )
+        self.max_batch_tokens = self._runner.budget.ceiling
+
+    @property
+    def budget(self) -> int:
+        """The padded-token budget the next batch is cut at (learned over the worker's
+        life)."""
+        return self._runner.budget.value
+
+    @property
+    def current_device(self) -> str | None:
+        """The device of the model call in progress (``cpu`` in the fallback), else None.
+
+        For ``before_batch`` hooks: a test can make only the device calls slow.
+        """
+        return self._runner.current_device
+
+    def score(
+        self, pairs: list[tuple[str, str]], lengths: list[int]
+    ) -> tuple[list[float | None], RerankStats]:
+        """Score every pair; ``None`` where neither the device nor the CPU could.
+
+        Args:
+            pairs: (query, passage) pairs.
+            lengths: Token count of each pair with its special tokens
+                (:func:`pair_lengths`), to cut batches by padded size.
+
+        Returns:
+            The scores in the order of ``pairs`` and what it took to get them.
+
+        Raises:
+            ValueError: if ``pairs`` and ``lengths`` differ in length, or the model
+                returns more than one score per pair.
+            Exception: whatever the device model raises other than an out-of-memory
+                error (and the time-limit interruption): a broken model must fail the
+                task, not be papered over.
+        """
+        if len(pairs) != len(lengths):
+            raise ValueError(f"{len(pairs)} pairs but {len(lengths)} lengths")
+        # Scored batches whose values may still be on the device: read back at the end.
+        results: list[tuple[list[int], torch.Tensor]] = []
+
+        def predict(model: Any, group: list[int]) -> None:
+            batch = [list(pairs[i]) for i in group]
+            # A tensor, left where the model computed it: no device sync per batch.
+            output = model.predict(
+                batch, batch_size=len(batch), show_progress_bar=False, convert_to_tensor=True
+            )
+            results.append((group, _as_scores(output, len(group))))
+
+        figures = StageFigures()
+        run = self._runner.run(
+            self.model,
+            lengths,
+            predict,
+            figures=figures,
+            fallback=ItemFallback("unreranked", lambda group, reason: None),
+        )
+        scores = _collect(results, len(pairs))
+        stats = RerankStats(
+            pairs_asked=len(pairs),
+            pairs_scored=sum(score is not None for score in scores),
+            batch_sizes=run.batch_sizes,
+            oom_count=run.oom_count,
+            timeout_count=run.timeout_count,
+            fallbacks=dict(run.fallbacks),
+            max_batch_tokens=self._runner.budget.value,
+            peak_memory_bytes=figures.peak_memory_bytes,
+            tokens=sum(lengths),
+        )
+        return scores, stats
+
+
+def _collect(results: list[tuple[list[int], torch.Tensor]], n: int) -> list[float | None]:
+    """Every batch's scores back in pair order (one device-to-host copy per device)."""
+    scores: list[float | None] = [None] * n
+    by_device: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+    for group, values in results:
+        by_device.setdefault(str(values.device), []).append((group, values))
+    for parts in by_device.values():
+        flat = torch.cat([values for _, values in parts]).double().cpu().tolist()
+        position = 0
+        for group, _ in parts:
+            for index in group:
+                scores[index] = float(flat[position])
+                position += 1
+    return scores
+
+
+def _as_scores(output: Any, rows: int) -> torch.Tensor:
+    """``predict``'s output ([n] or [n, 1]; tensor, tensors or array) as one [n] tensor,
+    on the device it was computed on (shapes are checked without a device sync)."""
+    if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
+        output = torch.stack(output)
+    tensor = (
+        output.detach()
+        if isinstance(output, torch.Tensor)
+        else torch.as_tensor(np.asarray(output, dtype=np.float64))
+    )
+    if tensor.ndim == 2 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tuple(tensor.shape) != (rows,):
+        raise ValueError(
+            f"expected one score per pair ({rows}), got output of shape {tuple(tensor.shape)}: "
+            "a reranker needs a single-label CrossEncoder"
+        )
+    return tensor
+
+
+# --- the rerank task's work ------------------------------------------------------------
+
+
+def executor_for(
+    inference: Inference,
+    name: str,
+    dtype: str = "auto",
+    probe: list[tuple[str, str]] | None = None,
+) -> tuple[CrossEncoderBatchExecutor, Loaded]:
+    """The worker's executor for (model, device): one per process, and its budget is
+    the process's, so what it learns outlives the task."""
+    device = inference.device
+    loaded = load_cross_encoder(inference, name, device, dtype, probe)
+
+    def build() -> CrossEncoderBatchExecutor:
+        runner = inference.runner("rerank", loaded.info.name, device)
+        return CrossEncoderBatchExecutor(
+            loaded.model,
+            device,
+            runner.budget.ceiling,
+            time_limit_s=inference.rerank_timeout_s,
+            cpu_model=lambda: load_cross_encoder(inference, name, "cpu", "fp32").model,
+            budget=runner.budget,
+            model_name=loaded.info.name,
+            simulate_oom_tokens=inference.simulate_oom_tokens,
+        )
+
+    executor: CrossEncoderBatchExecutor = inference.once(
+        ("rerank-executor", loaded.info.name, device, dtype), build
+    )
+    # The manager may have released and staged the model again since the last task.
+    executor.model = loaded.model
+    return executor, loaded
+
+
+def rerank_fused(
+    inference: Inference, group: FusedGroup, model: str, rerank_top: int, dtype: str
+) -> tuple[RerankShard, ModelInfo]:
+    """Score the first ``rerank_top`` fused candidates of every query of a group.
+
+    All pairs of the group go to the executor at once, so its token-budget batches mix
+    queries and stay full.
+    """
+    probe = [
+        (query.text, group.texts[c.chunk_id])
+        for query in group.queries
+        for c in query.candidates[:rerank_top]
+    ][:PROBE_ITEMS]
+    executor, loaded = executor_for(inference, model, dtype, probe)
+    pairs: list[tuple[str, str]] = []
+    lengths: list[int] = []
+    owners: list[tuple[str, int]] = []
+    for query in group.queries:
+        passages = [group.texts[c.chunk_id] for c in query.candidates[:rerank_top]]
+        pairs += [(query.text, passage) for passage in passages]
+        lengths += pair_lengths(
+            loaded.model.tokenizer, query.text, passages, loaded.info.max_seq_length
+        )
+        owners.append((query.query_id, len(passages)))
+    scores, stats = executor.score(pairs, lengths)
+    by_query: dict[str, list[float | None]] = {}
+    position = 0
+    for query_id, count in owners:
+        by_query[query_id] = scores[position : position + count]
+        position += count
+    shard = RerankShard(job_id=group.job_id, group_id=group.group_id, scores=by_query, stats=stats)
+    return shard, loaded.info

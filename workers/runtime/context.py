@@ -1,0 +1,146 @@
+"""The worker context: everything a task needs, built once per worker process.
+
+Two moments build it, as Celery's prefork model dictates:
+
+- :func:`boot`, in the worker's main process before it forks its pool
+  (``worker_init``): the settings, the queues the worker consumes, and its device (the
+  GPU lease is taken here, once per worker, so two pool processes never take two GPUs).
+- :meth:`WorkerContext.start`, in each pool process after the fork
+  (``worker_process_init``): a Redis client of its own (a client must not cross a
+  fork), the object stores, and the :class:`~workers.inference.engine.Inference` that
+  holds its models and learned budgets.
+
+Both live on the worker's Celery app (:func:`attach`), which Celery hands to every task
+(``self.app``), so nothing is passed through module globals or environment variables.
+Task bodies receive the context as their first argument.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from shared.job_store import JobStore
+from shared.leases import GpuLease
+from shared.ledger import JobLedger, connect
+from shared.schemas import JobSpec
+from shared.settings import Settings
+from shared.storage import ObjectStore, open_store
+from workers.inference.engine import Inference
+
+# Queues whose work runs on a GPU when there is one.
+GPU_QUEUES = frozenset({"dense", "rerank"})
+# Specs of recent jobs kept per process (a spec never changes once a job is open).
+KEPT_SPECS = 64
+
+
+@dataclass
+class WorkerBoot:
+    """What the worker's main process settles before the fork.
+
+    Attributes:
+        settings: The process's settings, read once.
+        queues: The queues the worker consumes (``-Q``).
+        node: The worker's Celery node name (``-n``).
+        device: Where its dense and rerank models run (``None``: decide in the pool
+            process, which may look at CUDA; the main process must not).
+        lease: Its GPU lease, if it took one.
+    """
+
+    settings: Settings
+    queues: frozenset[str] = frozenset()
+    node: str = ""
+    device: str | None = None
+    lease: GpuLease | None = None
+
+
+@dataclass
+class Job:
+    """One job as a task sees it: what was asked, its ledger, its objects."""
+
+    spec: JobSpec
+    ledger: JobLedger
+    store: JobStore
+
+
+@dataclass
+class WorkerContext:
+    """A worker process's resources (see module doc).
+
+    Attributes:
+        boot: What the main process settled.
+        redis: This process's Redis client (broker and ledger).
+        inference: Its models, learned budgets and device.
+        host: The host's name, for reports.
+    """
+
+    boot: WorkerBoot
+    redis: redis.Redis
+    inference: Inference
+    host: str = field(default_factory=socket.gethostname)
+    _stores: dict[str, ObjectStore] = field(default_factory=dict)
+    _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
+
+    @classmethod
+    def start(cls, boot: WorkerBoot) -> WorkerContext:
+        """Build the context of one pool process (after the fork)."""
+        settings = boot.settings
+        client = connect(settings.worker_broker_url)
+        device = boot.device or settings.device
+        return cls(boot=boot, redis=client, inference=Inference.from_settings(settings, device))
+
+    @property
+    def settings(self) -> Settings:
+        return self.boot.settings
+
+    def ledger(self, job_id: str) -> JobLedger:
+        return JobLedger(self.redis, job_id)
+
+    def store(self, url: str) -> ObjectStore:
+        """The object store at ``url``, opened once per process."""
+        if url not in self._stores:
+            self._stores[url] = open_store(url)
+        return self._stores[url]
+
+    def job(self, job_id: str) -> Job:
+        """A job's spec (read from the ledger once per process), ledger and store."""
+        ledger = self.ledger(job_id)
+        spec = self._specs.get(job_id)
+        if spec is None:
+            spec = ledger.spec()
+            self._specs[job_id] = spec
+            while len(self._specs) > KEPT_SPECS:
+                self._specs.popitem(last=False)
+        return Job(spec, ledger, JobStore.of(spec, self.store(spec.output)))
+
+
+_BOOT = "embed_fleet_boot"
+_CONTEXT = "embed_fleet_context"
+
+
+def attach_boot(app: Any, boot: WorkerBoot) -> None:
+    setattr(app, _BOOT, boot)
+
+
+def boot_of(app: Any) -> WorkerBoot | None:
+    boot: WorkerBoot | None = getattr(app, _BOOT, None)
+    return boot
+
+
+def attach(app: Any, context: WorkerContext) -> None:
+    setattr(app, _CONTEXT, context)
+
+
+def context_of(app: Any) -> WorkerContext:
+    """The context of the worker process running ``app``'s tasks; built on first use
+    where no ``worker_process_init`` ran (a solo pool, a test calling a task)."""
+    context: WorkerContext | None = getattr(app, _CONTEXT, None)
+    if context is None:
+        boot = boot_of(app) or WorkerBoot(settings=Settings.from_env())
+        context = WorkerContext.start(boot)
+        attach(app, context)
+    return context

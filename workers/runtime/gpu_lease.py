@@ -1,0 +1,58 @@
+"""The GPU lease of a dense/rerank worker, taken when the worker starts.
+
+Celery's ``worker_init`` runs in the worker's main process before it forks its pool, so
+the lease is taken once per worker and its device goes to the pool processes in the
+:class:`~workers.runtime.context.WorkerBoot` they inherit; ``worker_shutdown`` gives it
+back. A worker that finds every GPU of its host leased exits with a message saying so
+(or waits for one with ``EMBED_FLEET_GPU_WAIT=1``); on a host without CUDA it runs on
+the CPU and says that instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from shared.errors import EmbedFleetError
+from shared.leases import GpuLease, gpu_count
+from shared.ledger import connect
+from shared.logs import get_logger
+from workers.runtime.context import GPU_QUEUES, WorkerBoot
+
+log = get_logger("gpu")
+
+
+def take_gpu_lease(boot: WorkerBoot) -> None:
+    """Lease a GPU for a worker that serves ``dense`` or ``rerank`` (sets the boot's
+    device and lease); exits with code 3 when every GPU is held and it may not wait."""
+    settings = boot.settings
+    if not boot.queues & GPU_QUEUES:
+        return
+    if settings.device:
+        log.warning(
+            "device set by EMBED_FLEET_DEVICE: no GPU lease taken",
+            extra={"fields": {"device": settings.device}},
+        )
+        boot.device = settings.device
+        return
+    devices = gpu_count(settings.gpus)
+    if devices == 0:
+        log.warning("no CUDA device on this host: this worker runs on the CPU")
+        boot.device = "cpu"
+        return
+    lease = GpuLease(connect(settings.worker_broker_url), worker=boot.node)
+    try:
+        index = lease.acquire(
+            devices, wait=settings.gpu_wait, on_wait=lambda: log.warning("waiting for a free GPU")
+        )
+    except EmbedFleetError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(3) from None
+    boot.lease = lease
+    boot.device = f"cuda:{index}"
+    log.warning("GPU leased", extra={"fields": {"device": boot.device, "host": lease.host}})
+
+
+def release_gpu_lease(boot: WorkerBoot) -> None:
+    if boot.lease is not None:
+        boot.lease.release()
+        boot.lease = None

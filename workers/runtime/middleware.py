@@ -1,0 +1,281 @@
+"""Cross-cutting task behaviour: one task base class and named hooks, in one ordered list.
+
+In the spirit of dramatiq's middleware, a task body only does its stage's work and
+returns what it did (a :class:`UnitOutcome`); everything around it is a hook of
+:data:`MIDDLEWARE`, each with the same three points:
+
+- ``around(unit)``: a context manager the body runs in (entered in list order);
+- ``after(unit, outcome)``: once the body returned (in reverse list order);
+- ``gave_up(task, payload, exc)``: once Celery's retries are spent.
+
+The hooks, in order:
+
+1. **Retries** are Celery's own (``autoretry_for`` with exponential backoff, set on
+   :class:`FleetTask`); a message that does not validate is not retried.
+2. :class:`Tracing`: the ``embed_fleet.stage.<stage>`` span around every run (a child of
+   Celery's ``run`` span), with the unit's figures as attributes.
+3. :class:`ModelActivity`: notes the model manager's counters, so a unit reports its
+   loads, hydrations and evictions.
+4. :class:`TorchThreads`: a model stage's process takes its share of the host's cores.
+5. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
+   its models) in the ledger and, when that completes its phase, enqueues what follows;
+   records a unit that kept failing so the job can still finish (``partial``).
+
+The GPU lease is a worker-level hook, taken at worker start (``workers.runtime.gpu_lease``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+from celery import Task
+from opentelemetry import trace
+
+from shared import pipeline
+from shared.celery_app import advance
+from shared.logs import get_logger
+from shared.schemas import BatchFailure, BatchReport, JobStep, Struct
+from shared.telemetry import tracer
+from workers.runtime.context import Job, WorkerContext, context_of
+from workers.runtime.measure import (
+    ATTR_BATCH_SIZE,
+    ATTR_DEVICE,
+    ATTR_LATENCY,
+    ATTR_MODEL,
+    ATTR_OOM,
+    ATTR_PEAK,
+    ATTR_PEAK_KIND,
+    ATTR_STAGE,
+    ATTR_TOKENS,
+    UnitOutcome,
+)
+from workers.runtime.threads import balance_torch_threads
+
+log = get_logger("worker")
+
+
+@dataclass
+class UnitRun:
+    """One run of a task, as the hooks see it.
+
+    Attributes:
+        context: The worker process's context.
+        task: The Celery task.
+        stage: The pipeline stage (``""`` for an aggregator step).
+        unit: The unit's id (the step's name for a step).
+        job: The job.
+        message: The validated message.
+        started: When the body started.
+        notes: What a hook keeps for its own ``after`` (by hook name).
+        report: The ledger record of a finished unit (set by :class:`LedgerReporting`).
+    """
+
+    context: WorkerContext
+    task: FleetTask
+    stage: str
+    unit: str
+    job: Job
+    message: Struct
+    started: float = field(default_factory=time.time)
+    notes: dict[str, Any] = field(default_factory=dict)
+    report: BatchReport | None = None
+
+
+class SkipUnit(Exception):
+    """Raised by a hook's ``around`` to skip the body (e.g. the job failed)."""
+
+
+class Middleware:
+    """A named cross-cutting concern; every hook point does nothing by default."""
+
+    name = ""
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        yield
+
+    def after(self, unit: UnitRun, outcome: UnitOutcome | None) -> None:
+        return None
+
+    def gave_up(self, task: FleetTask, payload: dict[str, Any], exc: BaseException) -> None:
+        return None
+
+
+class Tracing(Middleware):
+    """The stage span around every run, with the unit's figures as attributes."""
+
+    name = "tracing"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        stage = unit.stage or "aggregate"
+        attributes = {ATTR_STAGE: stage, "celery.task_name": unit.task.name}
+        with tracer().start_as_current_span(f"embed_fleet.stage.{stage}", attributes=attributes):
+            yield
+
+    def after(self, unit: UnitRun, outcome: UnitOutcome | None) -> None:
+        report = unit.report
+        if report is None or outcome is None:
+            return
+        trace.get_current_span().set_attributes(
+            {
+                ATTR_STAGE: report.stage,
+                ATTR_MODEL: ",".join(info.name for info in outcome.models),
+                ATTR_BATCH_SIZE: report.chunks,
+                ATTR_TOKENS: report.tokens,
+                ATTR_LATENCY: round(report.latency_s, 6),
+                ATTR_DEVICE: report.device,
+                ATTR_PEAK: report.peak_memory_bytes,
+                ATTR_PEAK_KIND: report.peak_memory_kind,
+                ATTR_OOM: report.oom_count,
+                "embed_fleet.unit": report.batch_id,
+                "embed_fleet.hydrations": report.hydrations,
+                "embed_fleet.evictions": report.evictions,
+                "embed_fleet.model_batch_sizes": report.batch_sizes,
+            }
+        )
+
+
+class ModelActivity(Middleware):
+    """The model manager's counters before the body, for the unit's report."""
+
+    name = "model-activity"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        unit.notes[self.name] = unit.context.inference.models.stats.snapshot()
+        yield
+
+
+class TorchThreads(Middleware):
+    """A model stage's process takes its share of the host's cores before each unit."""
+
+    name = "torch-threads"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        if unit.stage and pipeline.stage(unit.stage).runs_models:
+            balance_torch_threads(unit.context.redis, unit.context.settings.torch_threads)
+        yield
+
+
+class LedgerReporting(Middleware):
+    """Finished units into the ledger (and the phase hand-off); given-up units too."""
+
+    name = "ledger"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        if unit.job.ledger.status() == "failed":
+            raise SkipUnit("the job failed; nothing will read this unit's output")
+        yield
+
+    def after(self, unit: UnitRun, outcome: UnitOutcome | None) -> None:
+        if outcome is None or not unit.stage:
+            return
+        ledger = unit.job.ledger
+        for info in outcome.models:
+            ledger.record_model(info)
+        activity = unit.context.inference.models.stats.since(unit.notes.get(ModelActivity.name))
+        unit.report = BatchReport(
+            batch_id=unit.unit,
+            stage=unit.stage,
+            chunks=outcome.items,
+            tokens=outcome.tokens,
+            started_at=unit.started,
+            finished_at=time.time(),
+            worker=f"{unit.context.host}:{unit.task.request.hostname or ''}",
+            device=outcome.device,
+            batch_sizes=outcome.batch_sizes,
+            kind=outcome.kind,
+            items_missed=outcome.items_missed,
+            **activity,
+            # peak memory, OOM count, learned budgets: the report's fields of those names
+            **dataclasses.asdict(outcome.figures),
+        )
+        if ledger.record_done(unit.report):
+            advance(unit.task.app, unit.job.spec, pipeline.stage(unit.stage).phase)
+
+    def gave_up(self, task: FleetTask, payload: dict[str, Any], exc: BaseException) -> None:
+        job_id = payload.get("job_id")
+        if not job_id:
+            return
+        context = context_of(task.app)
+        ledger = context.ledger(job_id)
+        reason = f"{type(exc).__name__}: {exc}"[:500]
+        stage = payload.get("stage")
+        if task.stage and stage:
+            failure = BatchFailure(
+                batch_id=str(payload.get("unit", "?")), stage=stage, reason=reason
+            )
+            if ledger.record_failed(failure):
+                advance(task.app, ledger.spec(), pipeline.stage(stage).phase)
+        else:
+            ledger.fail(f"{task.name} failed: {reason}", context.settings.ledger_ttl)
+
+
+MIDDLEWARE: list[Middleware] = [Tracing(), ModelActivity(), TorchThreads(), LedgerReporting()]
+"""The hooks every fleet task runs, in order (see the module doc)."""
+
+Body = Callable[[WorkerContext, Job, Any], "UnitOutcome | None"]
+
+
+class FleetTask(Task):  # type: ignore[misc]
+    """Base of every fleet task: validates the message, runs the body inside the
+    hooks of :data:`MIDDLEWARE`, and retries with exponential backoff (Celery's
+    ``autoretry_for``) up to ``EMBED_FLEET_MAX_RETRIES`` times.
+
+    Subclasses (made by :func:`workers.tasks.unit_task` and ``step_task``) set
+    :attr:`stage` (``""`` for an aggregator step), :attr:`message_type` and :attr:`body`.
+    """
+
+    abstract = True
+    stage: ClassVar[str] = ""
+    message_type: ClassVar[type[Struct]] = JobStep
+    body: ClassVar[Body]
+    autoretry_for = (Exception,)
+    dont_autoretry_for = (msgspec.ValidationError,)
+    retry_backoff = 2
+    retry_backoff_max = 60
+    retry_jitter = True
+
+    def execute(self, payload: dict[str, Any]) -> None:
+        """Run the body of one message inside the hooks."""
+        message: Any = msgspec.convert(payload, self.message_type)
+        context = context_of(self.app)
+        unit = UnitRun(
+            context=context,
+            task=self,
+            stage=self.stage,
+            unit=message.unit if self.stage else message.step,
+            job=context.job(message.job_id),
+            message=message,
+        )
+        try:
+            with contextlib.ExitStack() as stack:
+                for hook in MIDDLEWARE:
+                    stack.enter_context(hook.around(unit))
+                unit.started = time.time()
+                outcome = type(self).body(context, unit.job, message)
+                for hook in reversed(MIDDLEWARE):
+                    hook.after(unit, outcome)
+        except SkipUnit as skipped:
+            log.info("unit skipped", extra={"fields": {"unit": unit.unit, "why": str(skipped)}})
+            return
+        fields = {"job_id": unit.job.spec.job_id, "stage": unit.stage, "unit": unit.unit}
+        log.info("unit done", extra={"fields": fields})
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        payload = args[0] if args and isinstance(args[0], dict) else {}
+        fields = {"task": self.name, "task_id": task_id, "job_id": payload.get("job_id")}
+        log.error("task failed after retries", exc_info=exc, extra={"fields": fields})
+        for hook in MIDDLEWARE:
+            hook.gave_up(self, payload, exc)
