@@ -32,7 +32,7 @@ from producer.local_fleet import LocalFleet, local_queues, preload_list
 from producer.sources import ReadProgress
 from shared import logs, telemetry
 from shared.celery_app import make_app
-from shared.errors import EmbedFleetError
+from shared.errors import EmbedFleetError, ExitCode
 from shared.job_store import JobStore
 from shared.leases import list_leases
 from shared.ledger import JobLedger, connect, recent_jobs
@@ -46,14 +46,24 @@ from shared.schemas import BM25Params, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name
 from shared.storage import LocalStore, safe_name
 
-EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = (
+    ExitCode.OK,
+    ExitCode.INCOMPLETE,
+    ExitCode.BAD_INPUT,
+    ExitCode.RUNNING,
+    ExitCode.INTERRUPTED,
+)
 
 console = Console(stderr=True)
 
 
-def _fail(exc: EmbedFleetError) -> NoReturn:
+def _fail(exc: EmbedFleetError, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
     console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    sys.exit(EXIT_ERROR)
+    sys.exit(code)
+
+
+class JobEnded(EmbedFleetError):
+    """A job that was started ended without its artifacts (``failed``): exit 1, not 2."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -380,6 +390,8 @@ def run(
                 code = _submit(
                     job, local, client, detach=False, as_json=as_json, on_tick=fleet.check
                 )
+    except JobEnded as exc:
+        _fail(exc, EXIT_INCOMPLETE)
     except EmbedFleetError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -478,7 +490,7 @@ def _submit_traced(
     thread.join(timeout=30)
     _raise_stager_error(stager)
     if snap.status == "failed":
-        raise EmbedFleetError(f"job {job.spec.job_id} failed: {snap.error}", "See the worker logs")
+        raise JobEnded(f"job {job.spec.job_id} failed: {snap.error}", "See the worker logs")
     store = JobStore(job.store, job.spec.collection, job.spec.job_id)
     manifest = store.manifest()
     _show_summary(manifest, store.locate(), as_json)
@@ -487,9 +499,10 @@ def _submit_traced(
 
 def _raise_stager_error(stager: Stager) -> None:
     if stager.error is not None:
+        # The job was open: it failed, whatever stopped the staging.
         if isinstance(stager.error, EmbedFleetError):
-            raise stager.error
-        raise EmbedFleetError(
+            raise JobEnded(stager.error.cause, stager.error.fix)
+        raise JobEnded(
             f"staging failed: {type(stager.error).__name__}: {stager.error}",
             "Check the output store and the broker, then run again",
         )

@@ -1,10 +1,29 @@
-"""Errors a user can act on.
+"""Errors a user can act on, and the exit codes every command ends with.
 
 Every error the CLI shows is an :class:`EmbedFleetError`: it carries the cause and the
-fix, so the CLI prints one line and exits non-zero instead of a traceback.
+fix, so the CLI prints one line and exits with an :class:`ExitCode` instead of a
+traceback.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """How every command of the fleet ends (the README's table lists the same)."""
+
+    OK = 0
+    """The job is complete; or the command did what was asked."""
+    INCOMPLETE = 1
+    """The job ended ``partial`` (the manifest lists what is missing) or ``failed``."""
+    BAD_INPUT = 2
+    """Bad input or configuration, or the fleet cannot be reached: no job was started."""
+    RUNNING = 3
+    """``status``: the job is still running. A GPU worker: every GPU of its host is
+    leased (it exits instead of sharing one)."""
+    INTERRUPTED = 130
+    """Ctrl-C."""
 
 
 class EmbedFleetError(Exception):

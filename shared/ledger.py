@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import redis
@@ -89,15 +90,19 @@ def connect(url: str) -> redis.Redis:
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
     try:
         client.ping()
+    except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
+        # Before ConnectionError: redis-py makes AuthenticationError one of those.
+        given = bool(urlsplit(url).password)
+        what = "refused the credentials" if given else "wants credentials and REDIS_URL has none"
+        raise EmbedFleetError(
+            f"Redis at {redact_url(url)} {what} ({type(exc).__name__})",
+            "Check the user and password in REDIS_URL (redis://USER:PASSWORD@HOST:PORT/DB)",
+        ) from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
         raise EmbedFleetError(
             f"cannot reach Redis at {redact_url(url)}: {exc}",
             "Start Redis there, fix REDIS_URL, or unset REDIS_URL and CELERY_BROKER_URL "
             "to run the embedded local fleet",
-        ) from None
-    except redis.AuthenticationError:
-        raise EmbedFleetError(
-            f"Redis at {redact_url(url)} refused the credentials", "Check the password in REDIS_URL"
         ) from None
     return client
 

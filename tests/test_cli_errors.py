@@ -64,6 +64,36 @@ def test_unreachable_redis(tmp_path) -> None:
     assert "hunter2" not in line  # credentials are never printed
 
 
+@pytest.mark.parametrize("password", ["wrong-one", ""])
+def test_refused_redis_credentials_say_so(tmp_path, password: str) -> None:
+    """A Redis that wants a password: a wrong one, or none, is not 'cannot reach'."""
+    import subprocess
+
+    from servers import wait_for
+
+    from producer.local_fleet import redis_server_binary
+
+    port = free_port()
+    server = subprocess.Popen(
+        [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--appendonly", "no", "--requirepass", "the-right-one", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import redis
+
+        right = redis.Redis(port=port, password="the-right-one")  # noqa: S106
+        wait_for(right.ping, 10, "redis-server")
+        env = base_env(REDIS_URL=f"redis://:{password}@127.0.0.1:{port}/0")
+        line = one_line_error(run_cli("status", env=env, cwd=tmp_path))
+        assert ("refused the credentials" if password else "wants credentials") in line
+        assert "password in REDIS_URL" in line and "cannot reach" not in line
+        assert not password or password not in line  # credentials are never printed
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_unreachable_s3(tmp_path, redis_server) -> None:
     env = base_env(
         REDIS_URL=redis_server.url,
@@ -179,3 +209,12 @@ def test_fusion_weights_must_name_every_ranking(tmp_path) -> None:
     )
     line = one_line_error(result)
     assert "--fusion-weights leaves out splade-tiny, bm25" in line
+
+
+def test_the_readme_lists_every_exit_code() -> None:
+    from shared.errors import ExitCode
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| exit code | meaning |") :].split("\n\n", 1)[0]
+    codes = [int(line.split("|")[1]) for line in table.splitlines()[2:]]
+    assert codes == [code.value for code in ExitCode]

@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import time
+from test_ledger import spec as ledger_spec
 
 from shared import pipeline
 from shared.schemas import JobSpec, RetrievalSpec
 
 
 def spec(queries: bool, rerank: bool = False, sparse: bool = False) -> JobSpec:
-    retrieval = (
-        RetrievalSpec(
+    job = ledger_spec("j")
+    job.stages = ["dense", "sparse"] if sparse else ["dense"]
+    if queries:
+        job.retrieval = RetrievalSpec(
             queries_source="q",
             queries=1,
             query_batches=1,
             qrels_source=None,
             rerank_model="r" if rerank else None,
         )
-        if queries
-        else None
-    )
-    return JobSpec(
-        job_id="j",
-        collection="c",
-        source="s",
-        output="o",
-        created_at=time.time(),
-        dense_models=["m"],
-        chunk_tokens=256,
-        chunk_overlap=0,
-        batch_chunks=4,
-        max_batch_tokens=None,
-        on_bad_record="fail",
-        stages=["dense", "sparse"] if sparse else ["dense"],
-        retrieval=retrieval,
-    )
+    return job
 
 
 def test_what_follows_each_phase() -> None:

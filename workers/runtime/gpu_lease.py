@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from shared.errors import EmbedFleetError
+from shared.errors import EmbedFleetError, ExitCode
 from shared.leases import GpuLease, gpu_count
 from shared.ledger import connect
 from shared.logs import get_logger
@@ -46,7 +46,7 @@ def take_gpu_lease(boot: WorkerBoot) -> None:
         )
     except EmbedFleetError as exc:
         sys.stderr.write(f"error: {exc}\n")
-        raise SystemExit(3) from None
+        raise SystemExit(ExitCode.RUNNING) from None
     boot.lease = lease
     boot.device = f"cuda:{index}"
     log.warning("GPU leased", extra={"fields": {"device": boot.device, "host": lease.host}})
