@@ -220,6 +220,15 @@ class JobLedger:
             )
         return self.check_phase(pipeline.stage(failure.stage).phase)
 
+    def record_failed_try_ooms(self, stage: str, count: int) -> None:
+        """Out-of-memory errors of a try of a unit that then raised (and is retried, or
+        given up): no report carries them, so the stage's figures add these."""
+        self.client.hincrby(self.k_state, f"ooms_of_failed_tries:{stage}", count)
+
+    def failed_try_ooms(self, stage: str) -> int:
+        raw = self.client.hget(self.k_state, f"ooms_of_failed_tries:{stage}")
+        return int(raw) if raw else 0
+
     def record_model(self, info: ModelInfo) -> None:
         self.client.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
 
@@ -323,6 +332,9 @@ class JobLedger:
         stages = []
         for i, name in enumerate(names):
             stage_total = state.get(pipeline.phase(pipeline.stage(name).phase).total_field)
+            summary = LatencySummary.from_reports(self.reports(name)) if detail else None
+            if summary is not None:
+                summary.oom_count += int(state.get(f"ooms_of_failed_tries:{name}", 0))
             stages.append(
                 StageProgress(
                     stage=name,
@@ -331,7 +343,7 @@ class JobLedger:
                     chunks_done=int(state.get(f"chunks_done:{name}", 0)),
                     queries_done=int(state.get(f"queries_done:{name}", 0)),
                     total=int(stage_total) if stage_total is not None else None,
-                    summary=LatencySummary.from_reports(self.reports(name)) if detail else None,
+                    summary=summary,
                 )
             )
         return JobProgress(

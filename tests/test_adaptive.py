@@ -99,3 +99,51 @@ def test_simulated_oom_is_the_real_cuda_error(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(torch.cuda.OutOfMemoryError):
         check_simulated_oom(6, limit)
     check_simulated_oom(5, limit)
+
+
+def test_an_item_too_large_alone_leaves_the_budget_alone() -> None:
+    """Retrying a unit with one over-long item must not halve the worker's budget on
+    every try: only batches of several items shrink it."""
+    inference = Inference(simulate_oom_tokens=50)
+    runner = inference.runner("sparse", "m", "cpu", 4096)
+    given_up: list[list[int]] = []
+    fallback = batch_runner.ItemFallback("metadata", lambda group, reason: given_up.append(group))
+    values = []
+    for _ in range(4):  # the first try and three retries of the same unit
+        run = runner.run(
+            None, [60, 10, 10], lambda model, group: None, figures=StageFigures(), fallback=fallback
+        )
+        assert run.fallbacks == {"metadata": 1} and run.oom_count >= 1
+        values.append(runner.budget.value)
+    assert given_up == [[0]] * 4
+    assert values[1:] == values[:1] * 3  # settled after the first try
+    assert 20 <= values[0] < 4096  # [10, 10] fits; the mixed batch did not
+    assert runner.budget.oom_count == inference.budgets.oom_total() > 4
+
+
+def test_ooms_of_a_failed_try_reach_the_ledger(redis_client, tmp_path) -> None:
+    """A unit that raises after out-of-memory errors has no report to carry them: the
+    hook adds them to the stage's figures, which the live view and the export show."""
+    from test_ledger import spec as ledger_spec
+
+    from shared.job_store import JobStore
+    from shared.ledger import JobLedger
+    from shared.storage import LocalStore
+    from workers.runtime.context import Job, WorkerBoot, WorkerContext
+    from workers.runtime.middleware import ModelActivity, UnitRun
+
+    spec = ledger_spec("job-oom")
+    ledger = JobLedger(redis_client, spec.job_id)
+    ledger.open(spec, documents_total=1, bytes_total=1)
+    lengths = [c.n_tokens + 2 for c in batch().chunks]
+    inference = Inference(simulate_oom_tokens=max(lengths) - 1)  # the longest never fits
+    context = WorkerContext(WorkerBoot(Settings(broker_url=None)), redis_client, inference)
+    job = Job(spec, ledger, JobStore(LocalStore(tmp_path), spec.collection, spec.job_id))
+    unit = UnitRun(context, None, "dense", "b000000", job, batch())  # type: ignore[arg-type]
+    with pytest.raises(BatchTooLarge), ModelActivity().around(unit):
+        dense.encode_batch(inference, batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
+    lost = inference.budgets.oom_total()
+    assert lost > 0
+    assert ledger.failed_try_ooms("dense") == lost
+    (dense_stage,) = [s for s in ledger.progress(detail=True).stages if s.stage == "dense"]
+    assert dense_stage.summary is not None and dense_stage.summary.oom_count == lost

@@ -321,6 +321,7 @@ class ExportRuntime:
         for stage in self.spec.stages:  # the collection's batches (queries are tiny)
             reports = [r for r in self.ledger.reports(stage) if r.kind == "documents"]
             stages[stage] = LatencySummary.from_reports(reports)
+            stages[stage].oom_count += self.ledger.failed_try_ooms(stage)
         if self.spec.retrieval is not None:
             stages["retrieve"] = LatencySummary.from_reports(self.ledger.reports("retrieve"))
         if rerank is not None:

@@ -7,10 +7,12 @@ indices. The runner owns everything around that call, the same way for every sta
 - **Batching** (:func:`token_budget_batches`, TEI's rule): items sorted longest first
   and cut so that ``len(batch) * longest item`` stays within a padded-token budget.
 - **Out of memory** (``torch.cuda.OutOfMemoryError``): the budget halves, the CUDA cache
-  is emptied, and the batches not yet run are cut again; a single item that runs out of
-  memory alone goes down the fallback chain. After ``grow_after`` good batches in a row
-  the budget doubles, back up to its ceiling but not to a size that failed, until
-  ``FORGET_AFTER`` such runs say the memory is there again.
+  is emptied, and the batches not yet run are cut again. A single item that runs out of
+  memory alone goes down the fallback chain and leaves the budget as it is: no batch size
+  failed there, that item did, and a unit retried because of it must not halve the
+  worker's budget on every try. After ``grow_after`` good batches in a row the budget
+  doubles, back up to its ceiling but not to a size that failed, until ``FORGET_AFTER``
+  such runs say the memory is there again.
 - **Time limit** (optional, main thread only): a model call over the limit is interrupted
   by ``SIGALRM``; the batch is split in two, and a half that is still too slow goes down
   the fallback chain. Off the main thread a slow call is counted but kept.
@@ -140,6 +142,11 @@ class TokenBudget:
             self.failed_at = min(failed_tokens, self.failed_at or failed_tokens)
         return self.value
 
+    def too_large(self) -> None:
+        """Count an item that ran out of memory alone; the budget stays (see module doc)."""
+        self.oom_count += 1
+        self._streak = 0
+
     def interrupted(self) -> None:
         """A batch that neither succeeded nor ran out of memory (a time limit) breaks
         the run of good batches without changing the budget."""
@@ -174,6 +181,11 @@ class BudgetBook:
             if key not in self._budgets:
                 self._budgets[key] = TokenBudget(ceiling)
             return self._budgets[key]
+
+    def oom_total(self) -> int:
+        """Out-of-memory errors seen by every budget of the process so far."""
+        with self._lock:
+            return sum(budget.oom_count for budget in self._budgets.values())
 
 
 # --- errors and fallbacks --------------------------------------------------------------
@@ -368,18 +380,19 @@ class BatchRunner:
         self._fall_back(work, group, f"{self._what()}: {len(group)} item(s) over the time limit")
 
     def _out_of_memory(self, work: _Pass, group: list[int]) -> None:
-        """Halve the budget; several items go back to be cut again, one goes down the
-        fallback chain (no smaller batch of it exists)."""
+        """Several items: halve the budget and cut them again. One item: no smaller batch
+        of it exists, so it goes down the fallback chain and the budget stays."""
         import torch
 
         work.done.oom_count += 1
-        new_budget = self.budget.shrink(padded_tokens(group, work.lengths))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.warning("batch out of memory; budget halved", extra=self._fields(group, new_budget))
         if len(group) > 1:
+            new_budget = self.budget.shrink(padded_tokens(group, work.lengths))
+            log.warning("batch out of memory; budget halved", extra=self._fields(group, new_budget))
             work.pending.appendleft(group)
             return
+        self.budget.too_large()
         tokens = work.lengths[group[0]]
         self._fall_back(
             work, group, f"{self._what()}: one item of {tokens} tokens runs out of memory alone"

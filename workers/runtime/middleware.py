@@ -15,7 +15,8 @@ The hooks, in order:
 2. :class:`Tracing`: the ``embed_fleet.stage.<stage>`` span around every run (a child of
    Celery's ``run`` span), with the unit's figures as attributes.
 3. :class:`ModelActivity`: notes the model manager's counters, so a unit reports its
-   loads, hydrations and evictions.
+   loads, hydrations and evictions; and records in the ledger the out-of-memory errors
+   of a try that failed (a retried unit's report would otherwise lose them).
 4. :class:`TorchThreads`: a model stage's process takes its share of the host's cores.
 5. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
    its models) in the ledger and, when that completes its phase, enqueues what follows;
@@ -143,14 +144,23 @@ class Tracing(Middleware):
 
 
 class ModelActivity(Middleware):
-    """The model manager's counters before the body, for the unit's report."""
+    """The model manager's counters before the body, for the unit's report; the
+    out-of-memory errors of a try that raised, into the ledger."""
 
     name = "model-activity"
 
     @contextlib.contextmanager
     def around(self, unit: UnitRun) -> Iterator[None]:
-        unit.notes[self.name] = unit.context.inference.models.stats.snapshot()
-        yield
+        inference = unit.context.inference
+        unit.notes[self.name] = inference.models.stats.snapshot()
+        ooms_before = inference.budgets.oom_total()
+        try:
+            yield
+        except Exception:
+            lost = inference.budgets.oom_total() - ooms_before
+            if lost and unit.stage:
+                unit.job.ledger.record_failed_try_ooms(unit.stage, lost)
+            raise
 
 
 class TorchThreads(Middleware):
