@@ -1,0 +1,221 @@
+"""A fleet spread over hosts: a services host (Redis, SeaweedFS S3), two worker hosts
+with hostnames of their own and a producer host, each a network namespace on a private
+bridge (root only; CI runs as root). Every run is checked the same way: every input
+chunk exactly once, unit-norm vectors, the manifest's checksums equal to the stored
+objects."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import CRANFIELD, REPO, base_env
+from hosts import Host, Network, namespaces_available
+from servers import S3_KEY, S3_SECRET
+
+from producer.local_fleet import redis_server_binary, worker_command
+
+pytestmark = pytest.mark.e2e
+
+REDIS_PORT, S3_PORT = 6379, 8333
+BUCKET = "fleet"
+
+
+class Fleet:
+    """The hosts of one test and how to reach the services from them."""
+
+    def __init__(self, net: Network, tmp: Path) -> None:
+        self.tmp = tmp
+        self.services = net.add_host("services")
+        self.producer = net.add_host("producer")
+        self.workers = [net.add_host("worker-a"), net.add_host("worker-b")]
+        address = self.services.address
+        self.env = base_env(
+            REDIS_URL=f"redis://{address}:{REDIS_PORT}/0",
+            S3_ENDPOINT_URL=f"http://{address}:{S3_PORT}",
+            AWS_ACCESS_KEY_ID=S3_KEY,
+            AWS_SECRET_ACCESS_KEY=S3_SECRET,
+            AWS_DEFAULT_REGION="us-east-1",
+            EMBED_FLEET_VISIBILITY_TIMEOUT="8",
+            EMBED_FLEET_UNACKED_RESTORE_INTERVAL="1",
+        )
+
+    def start_services(self) -> None:
+        host, tmp = self.services, self.tmp
+        host.start(
+            [redis_server_binary(), "--bind", host.address, "--port", str(REDIS_PORT),
+             "--save", "", "--appendonly", "no", "--dir", str(tmp),
+             # Off loopback on purpose; only the test's own namespaces can reach it.
+             "--protected-mode", "no"],
+            self.env, tmp / "redis.log",
+        )  # fmt: skip
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        (tmp / "weed").mkdir()
+        # Ports of its own namespace: nothing else binds them (grpc twins at +10000).
+        host.start(
+            [weed, "mini", f"-dir={tmp / 'weed'}", f"-ip={host.address}",
+             f"-ip.bind={host.address}", f"-s3.port={S3_PORT}", "-master.port=9333",
+             "-volume.port=8080", "-filer.port=8888", "-admin.port=23646", "-admin.ui=false",
+             "-webdav=false", "-s3.port.iceberg=8181", "-s3.port.lance=9101"],
+            {**self.env, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET},
+            tmp / "weed.log",
+        )  # fmt: skip
+        # Ready when the producer host reaches both (bounded: 60 s).
+        ready = self.python(READY.replace("BUCKET", BUCKET), timeout=90)
+        assert ready.returncode == 0, ready.stderr
+
+    def start_worker(self, host: Host, queues: str = "dense,sparse,aggregate") -> None:
+        host.start(
+            worker_command(queues, f"{host.name}@%h", "INFO"),
+            self.env,
+            self.tmp / f"{host.name}.log",
+            cwd=REPO,
+        )
+
+    def python(self, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.producer.run([sys.executable, "-c", code], self.env, REPO, timeout)
+
+    def cli(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+        return self.producer.run(
+            [sys.executable, "-m", "producer.cli", *args], self.env, REPO, timeout
+        )
+
+    def check_output(self, prefix: str) -> dict[str, object]:
+        """Every input chunk once, unit-norm vectors, checksums that match."""
+        done = self.python(CHECKER.replace("PREFIX", prefix).replace("BUCKET", BUCKET))
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """The hosts of one test; removed at the end, also when the test failed."""
+    reason = namespaces_available()
+    assert reason is None, reason
+    net = Network()
+    try:
+        yield Fleet(net, tmp_path)
+    finally:
+        net.close()
+        # weed leaves its unix sockets in /tmp (shared by every namespace), named by port.
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{S3_PORT}.sock"):
+            sock.unlink(missing_ok=True)
+
+
+READY = """
+import os, time
+import boto3, redis
+deadline = time.monotonic() + 60
+while True:
+    try:
+        redis.Redis.from_url(os.environ["REDIS_URL"]).ping()
+        s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        s3.create_bucket(Bucket="BUCKET")
+        break
+    except Exception:
+        assert time.monotonic() < deadline, "services not ready"
+        time.sleep(0.2)
+"""
+
+CHECKER = """
+import hashlib, json, os
+import boto3, numpy as np
+s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket="BUCKET", Prefix="PREFIX/")["Contents"]]
+(manifest_key,) = [k for k in keys if k.endswith("/manifest.json")]
+manifest = json.loads(s3.get_object(Bucket="BUCKET", Key=manifest_key)["Body"].read())
+def read(key):  # artifact keys are relative to the output URL (s3://BUCKET/PREFIX)
+    return s3.get_object(Bucket="BUCKET", Key="PREFIX/" + key)["Body"].read()
+checksums_match = all(
+    hashlib.sha256(read(a["key"])).hexdigest() == a["sha256"] for a in manifest["artifacts"]
+)
+chunks_key = [a["key"] for a in manifest["artifacts"] if a["key"].endswith("chunks.jsonl")][0]
+ids, norms = [], []
+for line in read(chunks_key).splitlines():
+    record = json.loads(line)
+    ids.append(record["chunk_id"])
+    norms += [float(np.linalg.norm(v)) for v in record["dense"].values()]
+print(json.dumps({
+    "status": manifest["status"], "chunks": manifest["counts"]["chunks"], "ids": len(ids),
+    "distinct": len(set(ids)), "norm_min": min(norms), "norm_max": max(norms),
+    "checksums_match": checksums_match,
+}))
+"""
+
+
+def small_corpus(tmp: Path, documents: int) -> Path:
+    folder = tmp / "corpus"
+    folder.mkdir()
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:documents]
+    (folder / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def mid_job(progress: Path) -> bool:
+    """Whether the producer's JSON progress shows the dense stage started, not half done."""
+    for line in reversed(progress.read_text().splitlines()):
+        if line.startswith('{"event":"progress"'):
+            event = json.loads(line)
+            dense = next(s for s in event["stages"] if s["stage"] == "dense")
+            total = event["total_batches"] or 10**9
+            return bool(2 <= dense["batches_done"] <= total // 2)
+    return False
+
+
+def assert_complete(result: dict[str, object]) -> None:
+    assert result["status"] == "complete", result
+    assert result["ids"] == result["distinct"] == result["chunks"], result  # each chunk once
+    assert abs(float(result["norm_min"]) - 1) < 1e-5 > abs(float(result["norm_max"]) - 1)
+    assert result["checksums_match"] is True
+
+
+def test_a_job_spread_over_two_worker_hosts(fleet: Fleet, tmp_path: Path) -> None:
+    fleet.start_services()
+    for host in fleet.workers:
+        fleet.start_worker(host)
+    corpus = small_corpus(tmp_path, 60)
+    done = fleet.cli(
+        "run", str(corpus), "--output", f"s3://{BUCKET}/spread", "--sparse-models", "bm25",
+        "--batch-chunks", "8", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_complete(fleet.check_output("spread"))
+    # Both hosts did encode work, each under its own hostname.
+    for host in fleet.workers:
+        log = (tmp_path / f"{host.name}.log").read_text()
+        assert f"{host.name}@{host.name}" in log
+        assert "embed_fleet.dense.embed_batch" in log and "succeeded" in log
+
+
+def test_a_worker_host_lost_mid_job(fleet: Fleet, tmp_path: Path) -> None:
+    """Every process of one worker host dies mid-job; the other host takes its units
+    back after the visibility timeout and the job completes with nothing lost."""
+    fleet.start_services()
+    doomed, survivor = fleet.workers
+    fleet.start_worker(doomed)
+    corpus = small_corpus(tmp_path, 300)
+    progress = tmp_path / "producer.log"
+    producer = fleet.producer.start(
+        [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
+         f"s3://{BUCKET}/lost", "--batch-chunks", "4", "--json"],
+        fleet.env, progress, cwd=REPO,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not mid_job(progress):
+        assert producer.poll() is None, progress.read_text()[-2000:]
+        assert time.monotonic() < deadline, "no progress before the host was lost"
+        time.sleep(0.1)
+    doomed.lose()
+    lost_at = time.monotonic()
+    fleet.start_worker(survivor)
+    assert producer.wait(timeout=300) == 0, progress.read_text()[-2000:]
+    recovered_s = time.monotonic() - lost_at
+    assert_complete(fleet.check_output("lost"))
+    assert "succeeded" in (tmp_path / f"{survivor.name}.log").read_text()
+    print(f"host lost: job finished {recovered_s:.1f} s after the loss")
