@@ -219,3 +219,29 @@ def test_a_worker_host_lost_mid_job(fleet: Fleet, tmp_path: Path) -> None:
     assert_complete(fleet.check_output("lost"))
     assert "succeeded" in (tmp_path / f"{survivor.name}.log").read_text()
     print(f"host lost: job finished {recovered_s:.1f} s after the loss")
+
+
+def test_a_worker_host_partitioned_then_healed(fleet: Fleet, tmp_path: Path) -> None:
+    """One worker host loses the network for 30 s mid-job and comes back: the job
+    completes with nothing lost or duplicated (the other host carries on meanwhile)."""
+    fleet.start_services()
+    cut_off = fleet.workers[0]
+    for host in fleet.workers:
+        fleet.start_worker(host)
+    corpus = small_corpus(tmp_path, 300)
+    progress = tmp_path / "producer.log"
+    producer = fleet.producer.start(
+        [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
+         f"s3://{BUCKET}/partition", "--batch-chunks", "4", "--json"],
+        fleet.env, progress, cwd=REPO,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not mid_job(progress):
+        assert producer.poll() is None, progress.read_text()[-2000:]
+        assert time.monotonic() < deadline, "no progress before the partition"
+        time.sleep(0.1)
+    cut_off.partition()
+    time.sleep(30)
+    cut_off.heal()
+    assert producer.wait(timeout=300) == 0, progress.read_text()[-2000:]
+    assert_complete(fleet.check_output("partition"))
