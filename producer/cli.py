@@ -363,7 +363,7 @@ def run(
     )
     try:
         if settings.broker_url:
-            client = connect(settings.broker_url)
+            client = connect(settings.broker_url, settings.transient_window)
             job = _prepare(options, as_json)
             code = _submit(job, settings, client, detach=detach, as_json=as_json)
         else:
@@ -566,7 +566,7 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
             manifest = store.manifest()
             _show_summary(manifest, store.locate(), as_json)
             sys.exit(EXIT_OK if manifest.status == "complete" else EXIT_INCOMPLETE)
-        client = connect(settings.broker_url)
+        client = connect(settings.broker_url, settings.transient_window)
         if not job_id:
             for jid in recent_jobs(client):
                 ledger = JobLedger(client, jid)

@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 
 from shared import pipeline, serializer
+from shared.ledger import RETRY_CAP_S, RETRY_FIRST_S, retries_for
 from shared.pipeline import PhaseName
 from shared.schemas import JobSpec, JobStep, UnitMessage
 from shared.settings import Settings
@@ -43,6 +44,14 @@ def make_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        # A publish (a retry, the next phase's step) rides out a broker restart instead of
+        # failing, which would make Celery reject the message without requeueing it.
+        task_publish_retry_policy={
+            "max_retries": retries_for(settings.transient_window),
+            "interval_start": RETRY_FIRST_S,
+            "interval_step": RETRY_FIRST_S,
+            "interval_max": RETRY_CAP_S,
+        },
         task_routes={task: {"queue": queue} for task, queue in pipeline.routes().items()},
         task_default_queue=pipeline.QUEUE_AGGREGATE,
         # Flower shows task events only with these on.

@@ -85,11 +85,38 @@ return 0
 """
 
 
-def connect(url: str) -> redis.Redis:
-    """Connect to Redis and check it answers, with an error that says what to do."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+# Backoff between retries of a Redis call that could not connect: doubling from
+# RETRY_FIRST_S up to RETRY_CAP_S.
+RETRY_FIRST_S, RETRY_CAP_S = 0.25, 5.0
+
+
+def retries_for(window_s: float) -> int:
+    """How many retries, backing off from RETRY_FIRST_S to RETRY_CAP_S, span ``window_s``."""
+    retries, spent, delay = 0, 0.0, RETRY_FIRST_S
+    while spent < window_s:
+        spent += delay
+        delay = min(delay * 2, RETRY_CAP_S)
+        retries += 1
+    return retries
+
+
+def connect(url: str, transient_window_s: float = 0.0) -> redis.Redis:
+    """Connect to Redis and check it answers, with an error that says what to do.
+
+    Args:
+        url: The broker's URL (credentials are never printed).
+        transient_window_s: How long a call of the returned client keeps retrying when
+            Redis cannot be reached (a restart, a blip), backing off up to 5 s between
+            tries, before the error is raised. The first check does not wait: a Redis
+            that is not there at all is reported at once.
+    """
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
     try:
-        client.ping()
+        check = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        check.ping()
+        check.close()
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
         # Before ConnectionError: redis-py makes AuthenticationError one of those.
         given = bool(urlsplit(url).password)
@@ -104,7 +131,17 @@ def connect(url: str) -> redis.Redis:
             "Start Redis there, fix REDIS_URL, or unset REDIS_URL and CELERY_BROKER_URL "
             "to run the embedded local fleet",
         ) from None
-    return client
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=3,
+        socket_timeout=10,
+        health_check_interval=30,
+        retry=Retry(
+            ExponentialBackoff(cap=RETRY_CAP_S, base=RETRY_FIRST_S),
+            retries_for(transient_window_s),
+        ),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 def _decode(data: Any, kind: type[T]) -> T | None:

@@ -56,6 +56,12 @@ VARIABLES: tuple[Variable, ...] = (
         "retries of a failing batch (exponential backoff) before it is recorded as failed",
     ),
     Variable("ledger_ttl", "604800", "seconds a finished job's ledger stays in Redis"),
+    Variable(
+        "transient_window",
+        "300",
+        "seconds a Redis call that cannot connect (a restart, a blip) is retried, backing off "
+        "up to 5 s, before the error counts; also the broker publish retries",
+    ),
     Variable("log_level", "WARNING", "the fleet's own logs: one JSON object per line on stderr"),
     Variable(
         "rerank_batch_timeout",
@@ -183,6 +189,8 @@ class Settings:
             unacknowledged tasks (``None``: kombu's default). Tests set it low.
         max_retries: Retries of a failing unit before it is recorded as failed.
         ledger_ttl: Seconds a finished job's ledger stays in Redis.
+        transient_window: Seconds a Redis call or a broker publish that cannot connect
+            is retried before its error counts.
         log_level: Level of the fleet's own structured logs.
         rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
             split, moved to the CPU, or left unreranked (``None``: no limit).
@@ -205,6 +213,7 @@ class Settings:
     unacked_restore_interval: float | None = None
     max_retries: int = 3
     ledger_ttl: float = 7 * 24 * 3600.0
+    transient_window: float = 300.0
     log_level: str = "WARNING"
     rerank_batch_timeout: float | None = 120.0
     device: str | None = None
@@ -252,6 +261,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "unacked_restore_interval": _number,
     "max_retries": _whole,
     "ledger_ttl": _number,
+    "transient_window": _number,
     "log_level": lambda name, raw: raw.strip().upper(),
     "rerank_batch_timeout": _optional_seconds,
     "device": _device,

@@ -89,7 +89,7 @@ class WorkerContext:
     def start(cls, boot: WorkerBoot) -> WorkerContext:
         """Build the context of one pool process (after the fork)."""
         settings = boot.settings
-        client = connect(settings.worker_broker_url)
+        client = connect(settings.worker_broker_url, settings.transient_window)
         device = boot.device or settings.device
         return cls(boot=boot, redis=client, inference=Inference.from_settings(settings, device))
 
