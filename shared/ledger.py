@@ -144,6 +144,11 @@ def connect(url: str, transient_window_s: float = 0.0) -> redis.Redis:
     )
 
 
+def _failed_try_ooms_field(stage: str) -> str:
+    """The state field counting a stage's out-of-memory errors of failed tries."""
+    return f"ooms_of_failed_tries:{stage}"
+
+
 def _decode(data: Any, kind: type[T]) -> T | None:
     return None if data is None else msgspec.msgpack.decode(data, type=kind)
 
@@ -260,10 +265,10 @@ class JobLedger:
     def record_failed_try_ooms(self, stage: str, count: int) -> None:
         """Out-of-memory errors of a try of a unit that then raised (and is retried, or
         given up): no report carries them, so the stage's figures add these."""
-        self.client.hincrby(self.k_state, f"ooms_of_failed_tries:{stage}", count)
+        self.client.hincrby(self.k_state, _failed_try_ooms_field(stage), count)
 
     def failed_try_ooms(self, stage: str) -> int:
-        raw = self.client.hget(self.k_state, f"ooms_of_failed_tries:{stage}")
+        raw = self.client.hget(self.k_state, _failed_try_ooms_field(stage))
         return int(raw) if raw else 0
 
     def record_model(self, info: ModelInfo) -> None:
@@ -371,7 +376,7 @@ class JobLedger:
             stage_total = state.get(pipeline.phase(pipeline.stage(name).phase).total_field)
             summary = LatencySummary.from_reports(self.reports(name)) if detail else None
             if summary is not None:
-                summary.oom_count += int(state.get(f"ooms_of_failed_tries:{name}", 0))
+                summary.oom_count += int(state.get(_failed_try_ooms_field(name), 0))
             stages.append(
                 StageProgress(
                     stage=name,

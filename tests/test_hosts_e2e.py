@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,11 @@ class Fleet:
             cwd=REPO,
         )
 
+    def start_workers(self) -> None:
+        """A worker on every worker host."""
+        for host in self.workers:
+            self.start_worker(host)
+
     def python(self, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return self.producer.run([sys.executable, "-c", code], self.env, REPO, timeout)
 
@@ -97,6 +103,18 @@ class Fleet:
         return self.producer.run(
             [sys.executable, "-m", "producer.cli", *args], self.env, REPO, timeout
         )
+
+    def start_job(self, prefix: str) -> RunningJob:
+        """A 300-document job (batches of 4 chunks) from the producer host, in the
+        background, writing to ``s3://BUCKET/prefix``."""
+        corpus = small_corpus(self.tmp, 300)
+        progress = self.tmp / "producer.log"
+        producer = self.producer.start(
+            [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
+             f"s3://{BUCKET}/{prefix}", "--batch-chunks", "4", "--json"],
+            self.env, progress, cwd=REPO,
+        )  # fmt: skip
+        return RunningJob(self, prefix, producer, progress)
 
     def check_output(self, prefix: str) -> dict[str, object]:
         """Every input chunk once, unit-norm vectors, checksums that match."""
@@ -169,6 +187,32 @@ def small_corpus(tmp: Path, documents: int) -> Path:
     return folder
 
 
+@dataclass
+class RunningJob:
+    """A job the producer host runs in the background, followed through its JSON lines."""
+
+    fleet: Fleet
+    prefix: str
+    producer: subprocess.Popen[bytes]
+    progress: Path
+
+    def wait_mid_job(self) -> None:
+        """Until the dense stage has started and is not half done (bounded: 240 s)."""
+        deadline = time.monotonic() + 240
+        while not mid_job(self.progress):
+            assert self.producer.poll() is None, self.progress.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no progress before the fault"
+            time.sleep(0.1)
+
+    def finish(self) -> float:
+        """The producer exits 0 and the output passes every check; returns when the
+        producer exited (``time.monotonic``)."""
+        assert self.producer.wait(timeout=300) == 0, self.progress.read_text()[-2000:]
+        done_at = time.monotonic()
+        assert_complete(self.fleet.check_output(self.prefix))
+        return done_at
+
+
 def mid_job(progress: Path) -> bool:
     """Whether the producer's JSON progress shows the dense stage started, not half done."""
     for line in reversed(progress.read_text().splitlines()):
@@ -189,8 +233,7 @@ def assert_complete(result: dict[str, object]) -> None:
 
 def test_a_job_spread_over_two_worker_hosts(fleet: Fleet, tmp_path: Path) -> None:
     fleet.start_services()
-    for host in fleet.workers:
-        fleet.start_worker(host)
+    fleet.start_workers()
     corpus = small_corpus(tmp_path, 60)
     done = fleet.cli(
         "run", str(corpus), "--output", f"s3://{BUCKET}/spread", "--sparse-models", "bm25",
@@ -211,75 +254,39 @@ def test_a_worker_host_lost_mid_job(fleet: Fleet, tmp_path: Path) -> None:
     fleet.start_services()
     doomed, survivor = fleet.workers
     fleet.start_worker(doomed)
-    corpus = small_corpus(tmp_path, 300)
-    progress = tmp_path / "producer.log"
-    producer = fleet.producer.start(
-        [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
-         f"s3://{BUCKET}/lost", "--batch-chunks", "4", "--json"],
-        fleet.env, progress, cwd=REPO,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not mid_job(progress):
-        assert producer.poll() is None, progress.read_text()[-2000:]
-        assert time.monotonic() < deadline, "no progress before the host was lost"
-        time.sleep(0.1)
+    job = fleet.start_job("lost")
+    job.wait_mid_job()
     doomed.lose()
     lost_at = time.monotonic()
     fleet.start_worker(survivor)
-    assert producer.wait(timeout=300) == 0, progress.read_text()[-2000:]
-    recovered_s = time.monotonic() - lost_at
-    assert_complete(fleet.check_output("lost"))
+    recovered_s = job.finish() - lost_at
     assert "succeeded" in (tmp_path / f"{survivor.name}.log").read_text()
     print(f"host lost: job finished {recovered_s:.1f} s after the loss")
 
 
-def test_a_worker_host_partitioned_then_healed(fleet: Fleet, tmp_path: Path) -> None:
+def test_a_worker_host_partitioned_then_healed(fleet: Fleet) -> None:
     """One worker host loses the network for 30 s mid-job and comes back: the job
     completes with nothing lost or duplicated (the other host carries on meanwhile)."""
     fleet.start_services()
     cut_off = fleet.workers[0]
-    for host in fleet.workers:
-        fleet.start_worker(host)
-    corpus = small_corpus(tmp_path, 300)
-    progress = tmp_path / "producer.log"
-    producer = fleet.producer.start(
-        [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
-         f"s3://{BUCKET}/partition", "--batch-chunks", "4", "--json"],
-        fleet.env, progress, cwd=REPO,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not mid_job(progress):
-        assert producer.poll() is None, progress.read_text()[-2000:]
-        assert time.monotonic() < deadline, "no progress before the partition"
-        time.sleep(0.1)
+    fleet.start_workers()
+    job = fleet.start_job("partition")
+    job.wait_mid_job()
     cut_off.partition()
     time.sleep(30)
     cut_off.heal()
-    assert producer.wait(timeout=300) == 0, progress.read_text()[-2000:]
-    assert_complete(fleet.check_output("partition"))
+    job.finish()
 
 
-def test_redis_restarted_mid_job(fleet: Fleet, tmp_path: Path) -> None:
+def test_redis_restarted_mid_job(fleet: Fleet) -> None:
     """Redis shut down with AOF mid-job and back 4 s later: workers and the producer
     ride it out (their calls and publishes retry over EMBED_FLEET_TRANSIENT_WINDOW), and
     the job completes with nothing lost or duplicated."""
     fleet.start_services()
-    for host in fleet.workers:
-        fleet.start_worker(host)
-    corpus = small_corpus(tmp_path, 300)
-    progress = tmp_path / "producer.log"
-    producer = fleet.producer.start(
-        [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
-         f"s3://{BUCKET}/restart", "--batch-chunks", "4", "--json"],
-        fleet.env, progress, cwd=REPO,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not mid_job(progress):
-        assert producer.poll() is None, progress.read_text()[-2000:]
-        assert time.monotonic() < deadline, "no progress before the restart"
-        time.sleep(0.1)
+    fleet.start_workers()
+    job = fleet.start_job("restart")
+    job.wait_mid_job()
     fleet.shutdown_redis()
     time.sleep(4)
     fleet.start_redis()
-    assert producer.wait(timeout=300) == 0, progress.read_text()[-2000:]
-    assert_complete(fleet.check_output("restart"))
+    job.finish()

@@ -11,6 +11,7 @@ the whole order of things, read top to bottom.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 import time
@@ -20,6 +21,7 @@ from typing import IO, Any
 
 import msgspec
 
+from shared import pipeline
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
 from shared.models import BM25
@@ -182,12 +184,13 @@ class ExportRuntime:
         )
 
     def _missing(self, failure: BatchFailure) -> Missing:
-        """What a failed unit leaves out; a batch's chunk ids if its staged batch is
-        readable (the failure may be that it is not)."""
-        try:
-            chunk_ids = [chunk.chunk_id for chunk in self.store.batch(failure.batch_id).chunks]
-        except Exception:
-            chunk_ids = []
+        """What a failed unit leaves out; an encode stage's batch lists its chunk ids if
+        its staged batch is readable (the failure may be that it is not). A retrieve or
+        rerank group has no staged batch to read."""
+        chunk_ids: list[str] = []
+        if pipeline.stage(failure.stage).phase == "encode":
+            with contextlib.suppress(Exception):
+                chunk_ids = [c.chunk_id for c in self.store.batch(failure.batch_id).chunks]
         return Missing(
             stage=failure.stage,
             batch_id=failure.batch_id,

@@ -76,25 +76,14 @@ class SparseRunBuilder:
 
 def _builtin_info(model: str, reports: list[BatchReport]) -> ModelInfo:
     """BM25 has no weights; a SPLADE model that never loaded is named as such."""
-    device = reports[0].device if reports else "cpu"
-    if model == BM25:
-        return ModelInfo(
-            name="bm25",
-            source="builtin",
-            revision="bm25s-tokenizer+english-stemmer",
-            dim=0,
-            dtype="float64",
-            device=device,
-            max_seq_length=0,
-            kind="sparse",
-        )
+    bm25 = model == BM25
     return ModelInfo(
         name=model,
-        source="unavailable",
-        revision="",
+        source="builtin" if bm25 else "unavailable",
+        revision="bm25s-tokenizer+english-stemmer" if bm25 else "",
         dim=0,
-        dtype="",
-        device=device,
+        dtype="float64" if bm25 else "",
+        device=reports[0].device if reports else "cpu",
         max_seq_length=0,
         kind="sparse",
     )

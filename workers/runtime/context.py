@@ -2,9 +2,10 @@
 
 Two moments build it, as Celery's prefork model dictates:
 
-- :func:`boot`, in the worker's main process before it forks its pool
-  (``worker_init``): the settings, the queues the worker consumes, and its device (the
-  GPU lease is taken here, once per worker, so two pool processes never take two GPUs).
+- :class:`WorkerBoot`, in the worker's main process before it forks its pool
+  (``worker_init``, see ``workers.app``): the settings, the queues the worker consumes,
+  and its device (the GPU lease is taken here, once per worker, so two pool processes
+  never take two GPUs).
 - :meth:`WorkerContext.start`, in each pool process after the fork
   (``worker_process_init``): a Redis client of its own (a client must not cross a
   fork), the object stores, and the :class:`~workers.inference.engine.Inference` that
