@@ -33,13 +33,16 @@ def chunk_texts(options: JobOptions) -> list[str]:
     return texts
 
 
-def bare_encode(model_class: Any, model_dir: str, texts: list[str]) -> dict[str, Any]:
-    """``model_class(model_dir).encode(texts)`` with its defaults (batch_size 32), timed
-    after loading and one warm-up batch."""
+def bare_encode(
+    model_class: Any, model_dir: str, texts: list[str], device: str = "cpu"
+) -> dict[str, Any]:
+    """``model_class(model_dir, device=device).encode(texts)`` with its defaults
+    (batch_size 32), timed after loading and one warm-up batch (on a GPU, until the
+    vectors are back on the host, as ``encode`` returns them)."""
     import torch
 
     started = time.perf_counter()
-    model = model_class(model_dir, device="cpu")
+    model = model_class(model_dir, device=device)
     model.encode(texts[:32])
     load_s = time.perf_counter() - started
     started = time.perf_counter()
@@ -54,22 +57,30 @@ def bare_encode(model_class: Any, model_dir: str, texts: list[str]) -> dict[str,
     }
 
 
-def fleet_stage(options: JobOptions, stage: str, queues: tuple[str, ...]) -> dict[str, Any]:
+def fleet_stage(
+    options: JobOptions, stage: str, queues: tuple[str, ...], stage_first: bool = False
+) -> dict[str, Any]:
     """Run a job on the embedded fleet with these worker queues until ``stage`` has
     every batch, and measure it.
 
     Steady state: the chunks of every batch but each worker's first (which pays for
     model load) over the time from the end of the first batch to the end of the last.
     Only ``stage``'s workers need to be started: other stages' messages wait unread.
+    ``stage_first``: stage every batch before the workers start, so that a worker
+    faster than the (serial) producer is measured, not the producer.
     """
     started = time.perf_counter()
-    with LocalFleet(queues) as local:
+    with LocalFleet(() if stage_first else queues) as local:
         settings = dataclasses.replace(Settings.from_env(), broker_url=local.redis_url)
         job = prepare(options)
         ledger = JobLedger(connect(local.redis_url), job.spec.job_id)
         ledger.open(job.spec, job.validation.documents, job.validation.bytes_total)
         stager = Stager(job, ledger, make_app(settings))
-        threading.Thread(target=stager.run, daemon=True).start()
+        if stage_first:
+            stager.run()
+            local.add_workers(queues)
+        else:
+            threading.Thread(target=stager.run, daemon=True).start()
         while True:
             local.check()
             progress = ledger.progress()
@@ -89,16 +100,16 @@ def fleet_stage(options: JobOptions, stage: str, queues: tuple[str, ...]) -> dic
     }
 
 
-def cli_job(source: Path, extra: list[str]) -> dict[str, Any]:
-    """``embed-collections run SOURCE --json EXTRA`` as a user runs it (embedded fleet);
-    the job's manifest, with its ``wall_s``."""
+def cli_job(source: Path, extra: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``embed-collections run SOURCE --json EXTRA`` as a user runs it (embedded fleet,
+    with ``env`` added to the environment); the job's manifest, with its ``wall_s``."""
     import json
     import os
     import subprocess
     import tempfile
 
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CELERY_BROKER_URL")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    inherited = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "CELERY_BROKER_URL")}
+    env = {"HF_HUB_OFFLINE": "1", **inherited, **(env or {})}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="embed-fleet-bench-") as tmp:
         command = [sys.executable, "-m", "producer.cli", "run", str(source), "--output", tmp]
@@ -136,8 +147,11 @@ def steady_state(reports: list[Any]) -> dict[str, Any]:
     }
 
 
-def run_rerank_groups(groups: list[Any], model_dir: str, top: int, tmp: Path) -> dict[str, Any]:
-    """Rerank fused candidate groups through one worker on queue ``rerank``."""
+def run_rerank_groups(
+    groups: list[Any], model_dir: str, top: int, tmp: Path, dtype: str = "auto"
+) -> dict[str, Any]:
+    """Rerank fused candidate groups through one worker on queue ``rerank``, with the
+    job's ``--dtype``."""
     from shared.celery_app import send_unit
     from shared.job_store import JobStore
     from shared.schemas import JobSpec, RerankGroup, RetrievalSpec
@@ -164,6 +178,7 @@ def run_rerank_groups(groups: list[Any], model_dir: str, top: int, tmp: Path) ->
             rerank_model=model_dir,
             rerank_top=top,
         ),
+        dtype=dtype,
     )
     job_store = JobStore.of(spec, store)
     started = time.perf_counter()

@@ -157,9 +157,14 @@ class LocalFleet:
                         "Set REDIS_URL to a running Redis instead",
                     ) from None
                 time.sleep(0.02)
+        self.add_workers(self.queues)
+
+    def add_workers(self, queues: tuple[str, ...]) -> None:
+        """Start one more worker process per entry of ``queues`` (a benchmark stages a
+        whole job first, then starts the workers it measures)."""
         env = {**os.environ, **self.extra_env, "REDIS_URL": self.redis_url}
         env.pop("CELERY_BROKER_URL", None)
-        for number, queue in enumerate(self.queues):
+        for number, queue in enumerate(queues, start=len(self.workers)):
             label = queue.replace(",", "+")
             log = (self.workdir / f"worker-{label}-{number}.log").open("wb")
             proc = subprocess.Popen(

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from workers.inference.batch_runner import token_budget_batches
+from workers.inference.batch_runner import first_batch, token_budget_batches
 
 
 def check_batches(lengths: list[int], budget: int, batches: list[list[int]]) -> None:
@@ -75,3 +75,11 @@ def test_random_inputs(seed: int) -> None:
     assert token_budget_batches(lengths, budget) == batches
     # Accepts any sequence, not only lists.
     assert token_budget_batches(tuple(lengths), budget) == batches
+
+
+def test_first_batch_is_the_longest_items_the_budget_holds() -> None:
+    lengths = [10, 50, 20, 50, 5, 40]
+    items = [f"item{i}" for i in range(len(lengths))]
+    assert first_batch(items, lengths, 150) == ["item1", "item3", "item5"]  # 3 x 50
+    assert first_batch(items, lengths, 10) == ["item1"]  # too long alone: its own batch
+    assert first_batch([], [], 100) == []

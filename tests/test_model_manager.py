@@ -88,3 +88,22 @@ def test_preload_list_parses() -> None:
         ("dense", "a/b", "auto"),
         ("rerank", "c", "bf16"),
     ]
+
+
+def test_cuda_turns_off_cudnn_attention_and_the_cpu_leaves_it() -> None:
+    """cuDNN's SDPA builds a plan per new shape (bf16 first passes at a third of fp32 on
+    an H100): a process that runs models on a GPU turns it off; one on the CPU does not
+    touch the setting."""
+    import torch
+
+    from workers.inference.devices import prepare_cuda
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        prepare_cuda("cpu")
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        prepare_cuda("cuda:0")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

@@ -454,3 +454,52 @@ def test_tiny_model_is_deterministic(tmp_path: Path) -> None:
     a = build_tiny_cross_encoder(tmp_path / "a", seed=3)
     b = build_tiny_cross_encoder(tmp_path / "b", seed=3)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_auto_probes_the_first_real_batch(tmp_path: Path, monkeypatch: Any) -> None:
+    """``auto`` times the batch the executor runs first (the longest pairs, as many as
+    the budget holds), not a fixed handful of pairs: a small probe can favour a dtype
+    that loses at full batch size."""
+    from shared.schemas import Candidate, FusedGroup, QueryCandidates
+    from workers.inference.batch_runner import first_batch
+    from workers.inference.rerank import RERANK, model_max_length, rerank_fused
+
+    folder = build_tiny_cross_encoder(tmp_path / "tiny-ce")
+    rng = random.Random(3)
+    texts = {f"d{i}#0": " ".join(rng.choices(WORDS, k=rng.randint(1, 60))) for i in range(60)}
+    queries = [
+        QueryCandidates(
+            query_id=f"q{n}",
+            text=f"{QUERY} {n}",
+            candidates=[
+                Candidate(
+                    chunk_id=c,
+                    doc_id=c[:-2],
+                    dense_score=None,
+                    sparse_score={},
+                    fused_score=1.0,
+                    rank=r,
+                )
+                for r, c in enumerate(texts, start=1)
+            ],
+        )
+        for n in range(3)
+    ]
+    group = FusedGroup(job_id="j", group_id="q-g00000", queries=queries, texts=texts)
+    inference = Inference()
+    probes: list[list[Any]] = []
+    get = inference.models.get
+
+    def spy(*args: Any, **kwargs: Any) -> Loaded:
+        probes.append(list(args[4]))
+        return get(*args, **kwargs)
+
+    monkeypatch.setattr(inference.models, "get", spy)
+    rerank_fused(inference, group, str(folder), 60, "fp32")
+    staged = inference.models.stage(RERANK, str(folder), "cpu", "fp32").model
+    pairs = [(q.text, texts[c.chunk_id]) for q in queries for c in q.candidates]
+    limit = model_max_length(staged)
+    lengths = [pair_lengths(staged.tokenizer, q, [p], limit)[0] for q, p in pairs]
+    expected = first_batch(pairs, lengths, default_batch_tokens("rerank", "cpu"))
+    assert probes == [expected]
+    assert 32 < len(expected) < len(pairs)

@@ -125,8 +125,10 @@ def test_one_trace_oom_recovery_and_model_swaps(
     # A budget that fits no model: the reranker's hydration sent the dense model back.
     assert rerank_stage["hydrations"] >= 1 and rerank_stage["evictions"] >= 1
     # The dense model was loaded and hydrated by the first dense unit (a query batch,
-    # which the live figures count and the manifest's document stage leaves out).
+    # whose model activity the live figures and the manifest count, though its
+    # throughput is left out of the document stage's).
     assert dense_live[-1]["model_loads"] >= 1 and dense_live[-1]["hydrations"] >= 1
+    assert dense_stage["model_loads"] >= 1 and dense_stage["hydrations"] >= 1
     assert manifest["stages"]["dense"] == dense_stage
 
     # The manifest records every model's dtype, device and size.

@@ -321,10 +321,17 @@ class ExportRuntime:
         """Every stage's figures, summed from the units its workers recorded, and the
         export's own (so far: everything but the metrics and the manifest)."""
         stages: dict[str, LatencySummary] = {"produce": producer.latency}
-        for stage in self.spec.stages:  # the collection's batches (queries are tiny)
-            reports = [r for r in self.ledger.reports(stage) if r.kind == "documents"]
-            stages[stage] = LatencySummary.from_reports(reports)
-            stages[stage].oom_count += self.ledger.failed_try_ooms(stage)
+        for stage in self.spec.stages:
+            reports = self.ledger.reports(stage)
+            # Throughput and latency: the collection's batches (queries are tiny).
+            summary = LatencySummary.from_reports([r for r in reports if r.kind == "documents"])
+            # Model activity: every unit's, since a query batch may be the one that
+            # loaded or hydrated the model.
+            summary.model_loads = sum(r.model_loads for r in reports)
+            summary.hydrations = sum(r.hydrations for r in reports)
+            summary.evictions = sum(r.evictions for r in reports)
+            summary.oom_count += self.ledger.failed_try_ooms(stage)
+            stages[stage] = summary
         if self.spec.retrieval is not None:
             stages["retrieve"] = LatencySummary.from_reports(self.ledger.reports("retrieve"))
         if rerank is not None:

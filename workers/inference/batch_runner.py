@@ -42,13 +42,15 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.errors import EmbedFleetError
 from shared.logs import get_logger
 from workers.runtime.measure import StageFigures, model_batch
 
 log = get_logger("batches")
+
+T = TypeVar("T")
 
 # Good batches in a row after which a shrunk budget doubles again.
 GROW_AFTER = 8
@@ -90,6 +92,15 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[i
     if current:
         batches.append(current)
     return batches
+
+
+def first_batch(items: Sequence[T], lengths: Sequence[int], max_tokens: int) -> list[T]:
+    """The items of the first batch :func:`token_budget_batches` cuts: the longest ones,
+    as many as the budget holds. This is the shape the model is about to run at, which
+    is what the ``auto`` dtype probe must time (a small probe can favour a dtype that
+    loses at full batch size)."""
+    batches = token_budget_batches(lengths, max_tokens)
+    return [items[i] for i in batches[0]] if batches else []
 
 
 def padded_tokens(group: Sequence[int], lengths: Sequence[int]) -> int:

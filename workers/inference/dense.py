@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 
 from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
+from workers.inference.batch_runner import first_batch
+from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
@@ -49,8 +51,8 @@ DENSE = ModelFamily(
 def load_dense(
     inference: Inference, name: str, dtype: str = "auto", probe: list[str] | None = None
 ) -> Loaded:
-    """The dense model, hydrated on the worker's device; ``probe`` (texts) decides
-    whether ``auto`` may keep bf16."""
+    """The dense model, hydrated on the worker's device; ``probe`` (the first model
+    batch's texts) decides whether ``auto`` may keep bf16."""
     return inference.models.get(DENSE, name, inference.device, dtype, probe)
 
 
@@ -78,8 +80,10 @@ def encode_batch(
     infos: list[ModelInfo] = []
     sizes: list[int] = []
     figures = StageFigures()
+    # The ``auto`` probe runs the batch the model is about to run first, at its shape.
+    probe = first_batch(texts, lengths, max_batch_tokens or default_batch_tokens("dense", device))
     for name in models:
-        dense = load_dense(inference, name, dtype, texts)
+        dense = load_dense(inference, name, dtype, probe)
         out = np.zeros((len(texts), dense.info.dim), dtype=np.float32)
 
         def run(model: Any, group: list[int], out: Any = out) -> None:

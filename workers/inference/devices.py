@@ -46,3 +46,21 @@ def sparse_device(requested: str | None) -> str:
     if requested == "auto":
         return "cuda" if cuda_available() else "cpu"
     return requested
+
+
+def prepare_cuda(device: str) -> None:
+    """Process-wide settings for running models on ``device`` when it is a GPU.
+
+    cuDNN's attention, PyTorch's first choice for bf16/fp16 SDPA on Hopper, builds an
+    execution plan for every new input shape, and a token-budget run has a new padded
+    length in nearly every batch. Measured on an H100 (``bench/gpu_attention.py``, each
+    case in a fresh process): a bf16 MiniLM-shaped CrossEncoder's first pass over 4800
+    pairs ran at 736 pairs/s with it and 2482 without (fp32: 2216), its second pass over
+    the same shapes at 2288 and 2328; ``SentenceTransformer.encode`` in bf16, 627 against
+    1953 chunks/s. Flash and memory-efficient attention need no plan, so cuDNN's is
+    turned off; this was the whole of the "bf16 reranker at 0.35x fp32" seen on an H200.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        torch.backends.cuda.enable_cudnn_sdp(False)

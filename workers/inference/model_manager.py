@@ -32,7 +32,13 @@ import numpy as np
 from shared.logs import get_logger
 from shared.models import ResolvedModel, canonical_name, resolve_model
 from shared.schemas import ModelInfo
-from workers.inference.precision import PROBE_ITEMS, Precision, apply_precision, parameter_count
+from workers.inference.devices import prepare_cuda
+from workers.inference.precision import (
+    MAX_PROBE_ITEMS,
+    Precision,
+    apply_precision,
+    parameter_count,
+)
 
 log = get_logger("models")
 
@@ -172,8 +178,9 @@ class ModelManager:
             name: A hub id, an alias or a folder.
             device: Where it should run (``cpu``, ``cuda:0``).
             dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-            probe: Items for the ``auto`` probe (the first texts or pairs of the batch
-                about to run), used at first hydration only.
+            probe: Items for the ``auto`` probe (the first model batch about to run, at
+                its real shape: :func:`~workers.inference.batch_runner.first_batch`),
+                used at first hydration only.
         """
         with self._lock:
             entry = self.stage(family, name, device, dtype)
@@ -238,6 +245,7 @@ class ModelManager:
         self._make_room(entry.device, incoming, keep=entry)
         if entry.model is None:
             entry.model = self._load(entry)
+        prepare_cuda(entry.device)
         entry.model.to(entry.device)
         if entry.precision is None:
             self._first_hydration(entry, probe)
@@ -249,7 +257,7 @@ class ModelManager:
 
     def _first_hydration(self, entry: ManagedModel, probe: list[Any] | None) -> None:
         family = entry.family
-        items = list(probe or family.default_probe)[:PROBE_ITEMS]
+        items = list(probe or family.default_probe)[:MAX_PROBE_ITEMS]
 
         def run_probe(model: Any) -> np.ndarray[Any, Any]:
             return family.probe(model, items)

@@ -6,12 +6,16 @@ slower than fp32 (measured on this project's AVX2-only AMD EPYC: all-MiniLM-L6-v
 4.7x *longer* in bf16), so ``auto`` keeps fp32 there.
 
 ``auto`` must also keep quality and pay off: before switching a model, the worker
-encodes a probe (the first texts of the batch it is about to encode) in fp32 and in
-bf16 and keeps bf16 only if every probe vector's cosine to its fp32 twin is at least
+runs a probe, the first model batch it is about to run at its real shape (the longest
+items, as many as the token budget holds; see
+:func:`~workers.inference.batch_runner.first_batch`), in fp32 and in bf16, and keeps
+bf16 only if every probe vector's cosine to its fp32 twin is at least
 :data:`MIN_PROBE_COSINE` (for a reranker: every score within :data:`MAX_SCORE_DRIFT`)
-and the probe ran faster in bf16 (measured on an H200: a MiniLM-shaped cross-encoder
-scored 0.36x as many pairs/s in bf16 as in fp32). Otherwise the model is reloaded in
-fp32 and the reason is recorded in the manifest.
+and the probe ran faster in bf16. The probe used to be 32 items: on an H200 such a
+probe timed a MiniLM-shaped cross-encoder faster in bf16 while whole runs, at the
+budget's ~110 pairs a batch, scored 0.35x as many pairs/s as fp32 (see
+``bench/gpu_fleet.py``). Otherwise the model is reloaded in fp32 and the reason is
+recorded in the manifest.
 Vectors are exported as float32 whatever the compute dtype.
 """
 
@@ -35,8 +39,9 @@ MIN_PROBE_COSINE = 0.99
 # Reranker scores (sigmoid, 0..1) that drift more than this reorder candidates.
 MAX_SCORE_DRIFT = 0.02
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# Items (texts or pairs) a probe encodes: enough to see drift, cheap next to a batch.
-PROBE_ITEMS = 32
+# At most this many items (texts or pairs) in a probe: one real batch is far fewer on
+# any budget the fleet uses; the cap only bounds a caller's mistake.
+MAX_PROBE_ITEMS = 4096
 
 
 def cpu_flags() -> set[str]:

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from shared.schemas import FusedGroup, ModelInfo, RerankShard, RerankStats
-from workers.inference.batch_runner import BatchRunner, ItemFallback, TokenBudget
+from workers.inference.batch_runner import BatchRunner, ItemFallback, TokenBudget, first_batch
+from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
 from workers.inference.model_manager import Loaded, ModelFamily
-from workers.inference.precision import PROBE_ITEMS, scores_agree
+from workers.inference.precision import scores_agree
 from workers.runtime.measure import StageFigures
 
 # Tokenizers without a configured limit report int(1e30) as model_max_length; anything
@@ -375,24 +376,22 @@ def rerank_fused(
     """Score the first ``rerank_top`` fused candidates of every query of a group.
 
     All pairs of the group go to the executor at once, so its token-budget batches mix
-    queries and stay full.
+    queries and stay full. The pairs are measured with the model's tokenizer first (the
+    model staged on the CPU is enough), so that the ``auto`` probe can run the first
+    real batch at its real shape.
     """
-    probe = [
-        (query.text, group.texts[c.chunk_id])
-        for query in group.queries
-        for c in query.candidates[:rerank_top]
-    ][:PROBE_ITEMS]
-    executor, loaded = executor_for(inference, model, dtype, probe)
+    staged = inference.models.stage(RERANK, model, inference.device, dtype).model
+    max_length = model_max_length(staged)
     pairs: list[tuple[str, str]] = []
     lengths: list[int] = []
     owners: list[tuple[str, int]] = []
     for query in group.queries:
         passages = [group.texts[c.chunk_id] for c in query.candidates[:rerank_top]]
         pairs += [(query.text, passage) for passage in passages]
-        lengths += pair_lengths(
-            loaded.model.tokenizer, query.text, passages, loaded.info.max_seq_length
-        )
+        lengths += pair_lengths(staged.tokenizer, query.text, passages, max_length)
         owners.append((query.query_id, len(passages)))
+    budget = default_batch_tokens("rerank", inference.device)
+    executor, loaded = executor_for(inference, model, dtype, first_batch(pairs, lengths, budget))
     scores, stats = executor.score(pairs, lengths)
     by_query: dict[str, list[float | None]] = {}
     position = 0

@@ -24,8 +24,8 @@ import numpy as np
 
 from shared.models import BM25
 from shared.schemas import BatchKind, ChunkBatch, ModelInfo, SparseRow, SparseShard
-from workers.inference.batch_runner import ItemFallback
-from workers.inference.devices import sparse_device
+from workers.inference.batch_runner import ItemFallback, first_batch
+from workers.inference.devices import default_batch_tokens, sparse_device
 from workers.inference.engine import Inference
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
@@ -126,14 +126,19 @@ class SparseVectorGenerator:
         figures = StageFigures()
         doc_freqs: dict[str, int] = {}
         texts = [chunk.text for chunk in batch.chunks]
+        # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
+        lengths = [chunk.n_tokens + 2 for chunk in batch.chunks]
         for name in models:
             if name == BM25:
                 rows[name], freqs = self._bm25(texts)
                 doc_freqs = freqs if kind == "documents" else {}
                 continue
             try:
-                # texts: the probe that decides whether ``auto`` may keep bf16
-                sparse = self.inference.models.get(SPARSE, name, self.device, self.dtype, texts)
+                # The probe that decides whether ``auto`` may keep bf16: the first
+                # model batch, at its real shape.
+                budget = self.max_batch_tokens or default_batch_tokens("sparse", self.device)
+                probe = first_batch(texts, lengths, budget)
+                sparse = self.inference.models.get(SPARSE, name, self.device, self.dtype, probe)
             except Exception as exc:  # unloadable model: fall back for the whole batch
                 errors.append(f"{name}: load failed: {type(exc).__name__}: {exc}"[:300])
                 rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]
