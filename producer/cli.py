@@ -360,6 +360,7 @@ def run(
         rerank_top=min(rerank_top, top_k),
         retrieve_chunks_per_task=retrieve_chunks_per_task,
         dtype=dtype,
+        transient_window_s=settings.transient_window,
     )
     try:
         if settings.broker_url:

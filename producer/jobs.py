@@ -74,6 +74,9 @@ class JobOptions:
     rerank_top: int = 50
     retrieve_chunks_per_task: int = 16384
     dtype: str = "auto"
+    # Seconds the producer's writes to the store ride out an outage
+    # (EMBED_FLEET_TRANSIENT_WINDOW); the first check of the store never waits.
+    transient_window_s: float = 0.0
 
 
 @dataclass
@@ -142,7 +145,7 @@ def prepare(
         )
     query_set = _query_set(source, options)
     retrieval = _retrieval_spec(options, query_set, sparse) if query_set else None
-    store = open_store(options.output)
+    store = open_store(options.output, options.transient_window_s)
     store.check()
     validation = validate(source, options.on_bad_record, on_progress)
     spec = JobSpec(

@@ -59,8 +59,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "transient_window",
         "300",
-        "seconds a Redis call that cannot connect (a restart, a blip) is retried, backing off "
-        "up to 5 s, before the error counts; also the broker publish retries",
+        "seconds a Redis or S3 call that cannot connect (a restart, a blip; for S3 also a "
+        "5xx or SlowDown) is retried, backing off up to 5 s, before the error counts; also "
+        "the broker publish retries",
     ),
     Variable("log_level", "WARNING", "the fleet's own logs: one JSON object per line on stderr"),
     Variable(
@@ -189,8 +190,8 @@ class Settings:
             unacknowledged tasks (``None``: kombu's default). Tests set it low.
         max_retries: Retries of a failing unit before it is recorded as failed.
         ledger_ttl: Seconds a finished job's ledger stays in Redis.
-        transient_window: Seconds a Redis call or a broker publish that cannot connect
-            is retried before its error counts.
+        transient_window: Seconds a Redis or S3 call or a broker publish that cannot
+            connect is retried before its error counts.
         log_level: Level of the fleet's own structured logs.
         rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
             split, moved to the CPU, or left unreranked (``None``: no limit).

@@ -4,6 +4,13 @@
 standard AWS variables, plus ``S3_ENDPOINT_URL``) or a plain path. Keys are relative,
 ``/``-separated and sanitised, so a collection or job name can never climb out of
 the store's root.
+
+An S3 outage is normal (a restart, a failover, a throttled bucket): with a transient
+window (``EMBED_FLEET_TRANSIENT_WINDOW`` in workers and the producer) every call that
+cannot connect, or that the server answers with a 5xx or ``SlowDown``, is retried with
+backoff up to 5 s until the window is spent, so a unit's own retries (its failure
+budget) are not used up by an outage. ``check()`` is never patient: a producer must
+hear at once that its output is unreachable.
 """
 
 from __future__ import annotations
@@ -14,11 +21,23 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 from shared.errors import EmbedFleetError
+from shared.logs import get_logger
+
+log = get_logger("storage")
+T = TypeVar("T")
+# Backoff between tries of a call during an outage: doubling from the first to the cap.
+FIRST_BACKOFF_S = 0.25
+MAX_BACKOFF_S = 5.0
+# S3 error codes that say "later", not "no".
+_TRANSIENT_CODES = frozenset(
+    {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
+)
 
 _SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -139,7 +158,12 @@ class S3Store:
     path-style addressing is used, which every S3-compatible server understands.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, transient_window_s: float = 0.0) -> None:
+        """Args:
+        url: ``s3://bucket/prefix``.
+        transient_window_s: Seconds a call is retried while S3 cannot be reached or
+            answers 5xx/``SlowDown`` (0: botocore's own 3 attempts only).
+        """
         import boto3
         from botocore.config import Config
 
@@ -161,6 +185,32 @@ class S3Store:
         # resolved and is not thread-safe.
         session = boto3.session.Session()
         self.client: Any = session.client("s3", endpoint_url=self.endpoint, config=config)
+        self.transient_window_s = transient_window_s
+
+    def _patient(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, retried over the transient window while the error is transient."""
+        deadline: float | None = None
+        delay = FIRST_BACKOFF_S
+        while True:
+            try:
+                return call()
+            except Exception as exc:
+                if self.transient_window_s <= 0 or not transient_s3_error(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.transient_window_s
+                    fields = {
+                        "endpoint": self.endpoint or "aws",
+                        "call": what,
+                        "error": type(exc).__name__,
+                        "window_s": self.transient_window_s,
+                    }
+                    log.warning("S3 unavailable; retrying", extra={"fields": fields})
+                if now >= deadline:
+                    raise
+                time.sleep(min(delay, deadline - now))  # the last try at the deadline
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
     def _key(self, key: str) -> str:
         return join_key(self.prefix, key) if self.prefix else join_key(key)
@@ -193,21 +243,31 @@ class S3Store:
             ) from None
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        full = self._key(key)
+        self._patient(
+            "put", lambda: self.client.put_object(Bucket=self.bucket, Key=full, Body=data)
+        )
 
     def put_file(self, key: str, path: Path) -> None:
         # upload_file switches to multipart for large files, so memory stays flat.
-        self.client.upload_file(str(path), self.bucket, self._key(key))
+        full = self._key(key)
+        self._patient("upload", lambda: self.client.upload_file(str(path), self.bucket, full))
 
     def get_bytes(self, key: str) -> bytes:
-        response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        return bytes(response["Body"].read())
+        full = self._key(key)
+
+        def get() -> bytes:
+            response = self.client.get_object(Bucket=self.bucket, Key=full)
+            return bytes(response["Body"].read())
+
+        return self._patient("get", get)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
+        full = self._key(key)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            self._patient("head", lambda: self.client.head_object(Bucket=self.bucket, Key=full))
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return False
@@ -219,19 +279,43 @@ class S3Store:
         if full:
             full += "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            for item in page.get("Contents", []):
-                yield str(item["Key"])[strip:]
+
+        def listing() -> list[str]:
+            # Whole, so that a retry after an outage starts the listing again.
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=full)
+            return [str(item["Key"])[strip:] for page in pages for item in page.get("Contents", [])]
+
+        yield from self._patient("list", listing)
 
     def locate(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
 
-def open_store(url: str) -> ObjectStore:
-    """Open ``s3://bucket/prefix`` or a local folder."""
+def transient_s3_error(exc: BaseException) -> bool:
+    """Whether an S3 call's error says "try later": no connection, a timeout, a dropped
+    connection, or the server's 5xx/``SlowDown`` (also inside boto3's
+    ``S3UploadFailedError``, which wraps the client error of an upload)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, S3UploadFailedError) and exc.__context__ is not None:
+        return transient_s3_error(exc.__context__)
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status >= 500 or str(error.get("Code", "")) in _TRANSIENT_CODES
+    return False
+
+
+def open_store(url: str, transient_window_s: float = 0.0) -> ObjectStore:
+    """Open ``s3://bucket/prefix`` or a local folder; an S3 store retries transient
+    errors over ``transient_window_s`` (see the module doc)."""
     if url.startswith("s3://"):
-        return S3Store(url)
+        return S3Store(url, transient_window_s)
     if "://" in url:
         raise EmbedFleetError(
             f"unsupported output URL {url!r}", "Use s3://BUCKET/PREFIX or a local folder path"

@@ -7,7 +7,9 @@ objects."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,12 +68,20 @@ class Fleet:
         self.redis.wait(timeout=30)
 
     def start_services(self) -> None:
-        host, tmp = self.services, self.tmp
         self.start_redis()
+        (self.tmp / "weed").mkdir()
+        self.start_s3()
+        # Ready when the producer host reaches both (bounded: 60 s).
+        ready = self.python(READY.replace("BUCKET", BUCKET), timeout=90)
+        assert ready.returncode == 0, ready.stderr
+
+    def start_s3(self) -> None:
+        """SeaweedFS (S3) on the services host, its data in the test's folder, so that
+        a restart finds every object again."""
+        host, tmp = self.services, self.tmp
         weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        (tmp / "weed").mkdir()
         # Ports of its own namespace: nothing else binds them (grpc twins at +10000).
-        host.start(
+        self.s3 = host.start(
             [weed, "mini", f"-dir={tmp / 'weed'}", f"-ip={host.address}",
              f"-ip.bind={host.address}", f"-s3.port={S3_PORT}", "-master.port=9333",
              "-volume.port=8080", "-filer.port=8888", "-admin.port=23646", "-admin.ui=false",
@@ -79,9 +89,13 @@ class Fleet:
             {**self.env, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET},
             tmp / "weed.log",
         )  # fmt: skip
-        # Ready when the producer host reaches both (bounded: 60 s).
-        ready = self.python(READY.replace("BUCKET", BUCKET), timeout=90)
-        assert ready.returncode == 0, ready.stderr
+
+    def stop_s3(self) -> None:
+        """Every SeaweedFS process down (SIGTERM to its process group), as an outage."""
+        os.killpg(self.s3.pid, signal.SIGTERM)
+        self.s3.wait(timeout=30)
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{S3_PORT}.sock"):
+            sock.unlink(missing_ok=True)
 
     def start_worker(self, host: Host, queues: str = "dense,sparse,aggregate") -> None:
         host.start(
@@ -289,4 +303,18 @@ def test_redis_restarted_mid_job(fleet: Fleet) -> None:
     fleet.shutdown_redis()
     time.sleep(4)
     fleet.start_redis()
+    job.finish()
+
+
+def test_s3_down_then_back_mid_job(fleet: Fleet) -> None:
+    """S3 stops for 60 s mid-job and comes back with its data: workers and the
+    producer retry their S3 calls over EMBED_FLEET_TRANSIENT_WINDOW instead of spending
+    the units' retries, and the job completes with nothing lost or duplicated."""
+    fleet.start_services()
+    fleet.start_workers()
+    job = fleet.start_job("s3-outage")
+    job.wait_mid_job()
+    fleet.stop_s3()
+    time.sleep(60)
+    fleet.start_s3()
     job.finish()

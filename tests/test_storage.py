@@ -5,16 +5,26 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import pytest
+from servers import SeaweedS3
 
 from shared.errors import EmbedFleetError
 from shared.job_store import JobLayout
-from shared.storage import LocalStore, S3Store, join_key, open_store, safe_name
+from shared.storage import (
+    LocalStore,
+    S3Store,
+    join_key,
+    open_store,
+    safe_name,
+    transient_s3_error,
+)
 
 # --- keys ------------------------------------------------------------------------------
 
@@ -354,3 +364,71 @@ def test_s3_store_reads_credentials_when_created(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "definitely-wrong-secret")
     with pytest.raises(EmbedFleetError):
         S3Store(f"s3://{bucket}").check()
+
+
+# --- S3 outages ------------------------------------------------------------------------
+
+
+def test_s3_errors_that_say_later_are_transient(
+    s3_env: dict[str, str], bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real errors from a real server and a real dead endpoint: no connection is
+    transient; a missing key or a refused credential is not."""
+    from botocore.exceptions import ClientError
+
+    store = open_store(f"s3://{bucket}")
+    assert isinstance(store, S3Store)
+    with pytest.raises(ClientError) as missing:
+        store.get_bytes("nothing/here.bin")
+    assert not transient_s3_error(missing.value)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-" + s3_env["AWS_SECRET_ACCESS_KEY"])
+    with pytest.raises(ClientError) as refused:
+        open_store(f"s3://{bucket}").put_bytes("x.bin", b"x")
+    assert not transient_s3_error(refused.value)
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(Exception) as dead:
+        open_store(f"s3://{bucket}").get_bytes("x.bin")
+    assert transient_s3_error(dead.value)
+
+
+def test_s3_calls_give_up_when_the_window_is_spent(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("S3_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    store = open_store("s3://nowhere", transient_window_s=2)
+    started = time.monotonic()
+    with pytest.raises(Exception) as dead:
+        store.put_bytes("x.bin", b"x")
+    waited = time.monotonic() - started
+    assert transient_s3_error(dead.value)
+    assert 1.5 <= waited < 10, waited  # the window, not botocore's 3 quick attempts
+
+
+def test_s3_calls_ride_out_an_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 stops and comes back 3 s later with its data: a store with a transient window
+    waits and succeeds; one without fails at once."""
+    (tmp_path / "weed").mkdir()
+    server = SeaweedS3(tmp_path / "weed")
+    server.start()
+    restart = threading.Timer(3, server.start)
+    try:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        server.client().create_bucket(Bucket="outage")  # type: ignore[attr-defined]
+        patient = open_store("s3://outage", transient_window_s=120)
+        patient.put_bytes("before.bin", b"1")
+        server.stop()
+        with pytest.raises(Exception) as down:
+            open_store("s3://outage").get_bytes("before.bin")
+        assert transient_s3_error(down.value)
+        started = time.monotonic()
+        restart.start()
+        patient.put_bytes("during.bin", b"2")
+        assert time.monotonic() - started >= 2.5  # it waited for the restart
+        assert patient.get_bytes("before.bin") == b"1"
+        assert patient.get_bytes("during.bin") == b"2"
+        assert sorted(patient.list()) == ["before.bin", "during.bin"]
+    finally:
+        restart.cancel()
+        restart.join()
+        server.stop()

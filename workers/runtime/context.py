@@ -104,7 +104,7 @@ class WorkerContext:
     def store(self, url: str) -> ObjectStore:
         """The object store at ``url``, opened once per process."""
         if url not in self._stores:
-            self._stores[url] = open_store(url)
+            self._stores[url] = open_store(url, self.settings.transient_window)
         return self._stores[url]
 
     def job(self, job_id: str) -> Job:
