@@ -30,7 +30,7 @@ from producer.follow import (
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
 from producer.local_fleet import LocalFleet, local_queues, preload_list
 from producer.sources import ReadProgress
-from shared import logs, telemetry
+from shared import logs, pipeline, telemetry
 from shared.celery_app import make_app
 from shared.errors import EmbedFleetError, ExitCode
 from shared.job_store import JobStore
@@ -42,7 +42,7 @@ from shared.models import (
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
 )
-from shared.schemas import BM25Params, Manifest
+from shared.schemas import BM25Params, JobStep, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name
 from shared.storage import LocalStore, safe_name
 
@@ -604,6 +604,58 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
             _show_summary(store.manifest(), store.locate(), as_json)
         if snap.status not in FINISHED:
             sys.exit(EXIT_RUNNING)
+        sys.exit(EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE)
+    except EmbedFleetError as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--detach", is_flag=True, help="Hand the job back to the fleet and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines.")
+def resume(job_id: str, detach: bool, as_json: bool) -> None:
+    """Re-drive a job that failed, ended partial or stalled, on the fleet in REDIS_URL.
+
+    The object store is the record of what is done: the fleet's aggregator finds the
+    job's first unfinished phase, enqueues exactly the units whose outputs are missing
+    (failed ones included) or the step that was lost, and the job goes on from there to
+    a fresh manifest. Then follows the job as `status --follow` does. A complete job is
+    left as it is. Exit code: 0 complete, 1 partial or failed, 2 no such job or not
+    resumable, 3 still running (--detach).
+    """
+    settings = _settings()
+    try:
+        if not settings.broker_url:
+            raise EmbedFleetError(
+                "resume needs the fleet's Redis (REDIS_URL): the embedded fleet's ledger "
+                "ends with its run",
+                "Run the job again, or run it on a shared fleet to be able to resume it",
+            )
+        client = connect(settings.broker_url, settings.transient_window)
+        ledger = JobLedger(client, job_id)
+        spec = ledger.spec()  # an unknown or expired job fails here, saying what to do
+        if ledger.status() == "complete":
+            console.print(f"job {job_id} is complete: nothing to resume")
+            sys.exit(EXIT_OK)
+        if not ledger.phase_opened("encode"):
+            raise EmbedFleetError(
+                f"job {job_id} was never fully submitted (its producer stopped while staging)",
+                "Run the collection again: a job is resumable once every batch is staged",
+            )
+        ledger.mark_resuming()
+        step = pipeline.step("resume")
+        make_app(settings).send_task(
+            step.route.task, args=[JobStep(job_id=job_id, step="resume")], queue=step.route.queue
+        )
+        if not as_json:
+            console.print(f"job {job_id} ({spec.collection}) handed back to the fleet")
+        if detach:
+            click.echo(job_id)
+            sys.exit(EXIT_RUNNING)
+        snap = follow(ledger, as_json=as_json, console=console)
+        if snap.status in ("complete", "partial"):
+            store = JobStore.of(spec)
+            _show_summary(store.manifest(), store.locate(), as_json)
         sys.exit(EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE)
     except EmbedFleetError as exc:
         _fail(exc)

@@ -209,6 +209,10 @@ class JobStore:
         body = msgspec.json.format(msgspec.json.encode(manifest), indent=2)
         self.store.put_bytes(self.layout.manifest, body)
 
+    def delete_manifest(self) -> None:
+        """A resumed job's old manifest goes first: it no longer says what is there."""
+        self.store.delete(self.layout.manifest)
+
     def manifest(self) -> Manifest:
         return msgspec.json.decode(self.store.get_bytes(self.layout.manifest), type=Manifest)
 

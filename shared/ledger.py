@@ -149,6 +149,11 @@ def _failed_try_ooms_field(stage: str) -> str:
     return f"ooms_of_failed_tries:{stage}"
 
 
+def _counter(report: BatchReport) -> str:
+    """The state field a finished unit's items are counted in."""
+    return f"{'queries' if report.kind == 'queries' else 'chunks'}_done:{report.stage}"
+
+
 def _decode(data: Any, kind: type[T]) -> T | None:
     return None if data is None else msgspec.msgpack.decode(data, type=kind)
 
@@ -247,7 +252,7 @@ class JobLedger:
 
     def record_done(self, report: BatchReport) -> bool:
         """Record a finished unit. True if the caller must start the next phase."""
-        counter = f"{'queries' if report.kind == 'queries' else 'chunks'}_done:{report.stage}"
+        counter = _counter(report)
         self._record_done(
             keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
             args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, counter],
@@ -285,6 +290,58 @@ class JobLedger:
             keys += [self.k_done(stage.name), self.k_failed(stage.name)]
         after = pipeline.next_step(spec, phase)
         return bool(self._check(keys=keys, args=[pipeline.phase(phase).total_field, after.status]))
+
+    # --- resuming --------------------------------------------------------------------
+
+    def phase_opened(self, phase: PhaseName) -> bool:
+        """Whether ``phase``'s units were planned (its total is set; for ``encode``: the
+        producer staged every batch)."""
+        return bool(self.client.hexists(self.k_state, pipeline.phase(phase).total_field))
+
+    def mark_resuming(self) -> None:
+        """Status ``resuming`` until the aggregator re-drives the job; the job's keys
+        lose the expiry a finished job has."""
+        pipe = self.client.pipeline()
+        pipe.hset(self.k_state, "status", "resuming")
+        pipe.hdel(self.k_state, "error", "finished_at")
+        for key in self._all_keys():
+            pipe.persist(key)
+        pipe.execute()
+
+    def reopen(
+        self, phase: PhaseName, missing: dict[str, list[str]], later: list[PhaseName]
+    ) -> None:
+        """Make ``phase`` wait again for the ``missing`` units (stage -> unit ids) and
+        forget every ``later`` phase, so it is planned again when ``phase`` completes
+        (see ``workers.aggregate.resume``). A missing unit that was recorded done (its
+        output was lost) is uncounted."""
+        spec = self.spec()
+        pipe = self.client.pipeline()
+        for stage, units in missing.items():
+            reports = self.client.hmget(self.k_done(stage), units) if units else []
+            for raw in reports:
+                report = _decode(raw, BatchReport) if raw else None
+                if report is not None:
+                    pipe.hincrby(self.k_state, _counter(report), -report.chunks)
+            if units:
+                pipe.hdel(self.k_done(stage), *units)
+                pipe.hdel(self.k_failed(stage), *units)
+        for name in later:
+            for gone in pipeline.job_stages(spec, name):
+                pipe.delete(self.k_done(gone.name), self.k_failed(gone.name))
+                pipe.hdel(self.k_state, f"chunks_done:{gone.name}", f"queries_done:{gone.name}")
+            pipe.delete(self.k_guard(name))
+            pipe.hdel(self.k_state, pipeline.phase(name).total_field)
+        pipe.delete(self.k_guard(phase))
+        pipe.hset(self.k_state, "status", pipeline.phase(phase).status)
+        pipe.execute()
+
+    def record_resume(self, summary: str) -> None:
+        """How many times the job was resumed, and what the last resume re-drove."""
+        pipe = self.client.pipeline()
+        pipe.hincrby(self.k_state, "resumes", 1)
+        pipe.hset(self.k_state, "last_resume", summary)
+        pipe.execute()
 
     # --- aggregator side -----------------------------------------------------------
 

@@ -34,7 +34,7 @@ from shared.schemas import (
 )
 
 PhaseName = Literal["encode", "retrieve", "rerank"]
-StepName = Literal["plan_retrieve", "fuse", "export"]
+StepName = Literal["plan_retrieve", "fuse", "export", "resume"]
 
 QUEUE_DENSE = "dense"
 QUEUE_SPARSE = "sparse"
@@ -163,6 +163,9 @@ STEPS: tuple[Step, ...] = (
     ),
     Step("fuse", Route("embed_fleet.aggregate.fuse", QUEUE_AGGREGATE), "fusing"),
     Step("export", Route("embed_fleet.aggregate.export_job", QUEUE_AGGREGATE), "exporting"),
+    # Not between two phases: `embed-collections resume` sends it to re-drive a job from
+    # its first unfinished phase (workers.aggregate.resume).
+    Step("resume", Route("embed_fleet.aggregate.resume_job", QUEUE_AGGREGATE), "resuming"),
 )
 
 PHASES: tuple[Phase, ...] = (

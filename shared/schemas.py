@@ -32,7 +32,15 @@ SparseSource = Literal["live", "metadata", "missing"]
 weights (fallback), or nowhere."""
 
 JobStatus = Literal[
-    "running", "retrieving", "fusing", "reranking", "exporting", "complete", "partial", "failed"
+    "running",
+    "retrieving",
+    "fusing",
+    "reranking",
+    "exporting",
+    "resuming",
+    "complete",
+    "partial",
+    "failed",
 ]
 
 

@@ -79,6 +79,9 @@ class ObjectStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete(self, key: str) -> None:
+        """Remove an object; no error if it is not there."""
+
     def list(self, prefix: str = "") -> Iterator[str]: ...
 
     def locate(self, key: str) -> str:
@@ -137,6 +140,9 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self._path(prefix) if prefix else self.root
@@ -273,6 +279,10 @@ class S3Store:
                 return False
             raise
         return True
+
+    def delete(self, key: str) -> None:
+        full = self._key(key)
+        self._patient("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
 
     def list(self, prefix: str = "") -> Iterator[str]:
         full = self._key(prefix) if prefix else self.prefix

@@ -218,3 +218,11 @@ def test_the_readme_lists_every_exit_code() -> None:
     table = readme[readme.index("| exit code | meaning |") :].split("\n\n", 1)[0]
     codes = [int(line.split("|")[1]) for line in table.splitlines()[2:]]
     assert codes == [code.value for code in ExitCode]
+
+
+def test_resume_needs_a_broker_and_a_known_job(tmp_path, redis_server) -> None:
+    alone = run_cli("resume", "20260101-000000-abcdef", env=base_env())
+    assert alone.returncode == 2 and "REDIS_URL" in alone.stderr
+    unknown = run_cli("resume", "20260101-000000-abcdef", env=base_env(REDIS_URL=redis_server.url))
+    assert unknown.returncode == 2 and "no job '20260101-000000-abcdef'" in unknown.stderr
+    assert "Traceback" not in alone.stderr + unknown.stderr

@@ -384,8 +384,8 @@ def test_embedded_ctrl_c_stops_everything(tmp_path) -> None:
     assert not list((tmp_path / "embed-out").glob("*/*/manifest.json"))
 
 
-def test_a_batch_that_keeps_failing_makes_the_job_partial(
-    fleet_env, bucket, s3, start_worker, tmp_path
+def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_it(
+    fleet_env, bucket, s3, start_worker, tmp_path, redis_client
 ) -> None:
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:40]
     (tmp_path / "small").mkdir()
@@ -405,7 +405,9 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial(
     job_id = submitted.stdout.strip().splitlines()[-1]
     assert run_cli("status", job_id, env=fleet_env).returncode == 3  # still running
     # Break one batch for good: its staged object disappears.
-    s3.client().delete_object(Bucket=bucket, Key=f"small/{job_id}/work/batches/b000001.msgpack")
+    staged_key = f"small/{job_id}/work/batches/b000001.msgpack"
+    staged = s3.client().get_object(Bucket=bucket, Key=staged_key)["Body"].read()
+    s3.client().delete_object(Bucket=bucket, Key=staged_key)
     start_worker("dense", fleet_env)
     start_worker("aggregate", fleet_env)
     deadline = time.monotonic() + 300
@@ -422,6 +424,60 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial(
     # Everything else was exported; only that batch's chunks are absent.
     body = s3.client().get_object(Bucket=bucket, Key=f"small/{job_id}/chunks.jsonl")["Body"].read()
     assert len(body.splitlines()) == manifest["counts"]["chunks"] - 8
+
+    # The batch comes back (an operator restores it); `resume` re-drives the job from
+    # its first unfinished phase: exactly that unit is encoded again, then the export.
+    s3.client().put_object(Bucket=bucket, Key=staged_key, Body=staged)
+    resumed = run_cli("resume", job_id, "--json", env=fleet_env)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = events(resumed.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete" and manifest["missing"] == []
+    assert manifest["counts"]["failed_batches"] == 0
+    body = s3.client().get_object(Bucket=bucket, Key=f"small/{job_id}/chunks.jsonl")["Body"].read()
+    chunk_ids = [json.loads(line)["chunk_id"] for line in body.splitlines()]
+    assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
+    state = JobLedger(redis_client, job_id)
+    assert state.client.hget(state.k_state, "last_resume") == b"encode: dense 1 unit"
+    # A complete job is left as it is.
+    again = run_cli("resume", job_id, env=fleet_env)
+    assert again.returncode == 0 and "nothing to resume" in again.stderr
+
+
+def test_a_lost_step_message_stalls_the_job_until_resume(
+    fleet_env, bucket, start_worker, tmp_path, redis_client
+) -> None:
+    """The message that would plan the retrieve phase is lost (as when the guard's
+    winner dies before publishing it, or the broker drops it): the job stalls in
+    `retrieving` with nothing planned; `resume` runs the lost step again and the job
+    completes."""
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    queries = (CRANFIELD / "queries.jsonl").read_text().splitlines()[:5]
+    (tmp_path / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    submitted = run_cli(
+        "run", str(tmp_path / "small"), "--output", f"s3://{bucket}", "--queries",
+        str(tmp_path / "queries.jsonl"), "--batch-chunks", "8", "--detach", env=fleet_env,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    ledger = JobLedger(redis_client, job_id)
+    start_worker("dense", fleet_env)
+    deadline = time.monotonic() + 240
+    while ledger.status() != "retrieving":  # encoded; the plan step is queued
+        assert time.monotonic() < deadline, ledger.status()
+        time.sleep(0.5)
+    assert redis_client.llen("aggregate") == 1
+    redis_client.delete("aggregate")  # the step message is lost
+    start_worker("aggregate", fleet_env)
+    time.sleep(5)
+    assert ledger.status() == "retrieving" and not ledger.phase_opened("retrieve")
+    resumed = run_cli("resume", job_id, "--json", env=fleet_env)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = events(resumed.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete" and manifest["stages"]["retrieve"]["batches"] >= 1
+    assert any(a["key"].endswith("/results.jsonl") for a in manifest["artifacts"])
+    assert redis_client.hget(ledger.k_state, "last_resume") == b"step plan_retrieve"
 
 
 def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:

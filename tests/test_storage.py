@@ -432,3 +432,13 @@ def test_s3_calls_ride_out_an_outage(tmp_path: Path, monkeypatch: pytest.MonkeyP
         restart.cancel()
         restart.join()
         server.stop()
+
+
+def test_delete_removes_and_is_quiet_when_missing(
+    tmp_path: Path, s3_env: dict[str, str], bucket: str
+) -> None:
+    for store in (LocalStore(tmp_path / "out"), open_store(f"s3://{bucket}/p")):
+        store.put_bytes("a/b.bin", b"x")
+        store.delete("a/b.bin")
+        assert not store.exists("a/b.bin")
+        store.delete("a/b.bin")  # already gone: no error

@@ -189,3 +189,19 @@ def export_job(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
     manifest = ExportRuntime(job.ledger, job.store).run()
     job.ledger.finish(manifest.status, ctx.settings.ledger_ttl)
     log.info("job exported", extra={"fields": {"job_id": msg.job_id, "status": manifest.status}})
+
+
+@step_task("resume")
+def resume_job(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """Re-drive a job from its first unfinished phase (``embed-collections resume``)."""
+    from workers.aggregate.resume import resume_job as resume
+
+    resumed = resume(job.ledger, job.store, app)
+    summary = (
+        f"{resumed.phase}: "
+        + ", ".join(f"{stage} {n} unit{'s' * (n != 1)}" for stage, n in resumed.units.items())
+        if resumed.units
+        else f"step {resumed.step}"
+    )
+    job.ledger.record_resume(summary)
+    log.info("job resumed", extra={"fields": {"job_id": msg.job_id, "resumed": summary}})

@@ -1,0 +1,115 @@
+"""The aggregator's resume step: re-drive a job from what the object store holds.
+
+The store is the record of what is done (a unit is done when its output object is
+there); the ledger is progress that can be corrected. Resuming walks the job's phases
+in pipeline order and stops at the first one that is not finished:
+
+- a phase with units whose outputs are missing (failed, lost with a message, or never
+  run): those units are taken out of the ledger's failed and done records and enqueued
+  again, and every later phase is reset, to be planned again when this one completes;
+- a phase never opened (its step was lost: a dead guard winner, a lost message): the
+  step that opens it runs again;
+- every phase complete: the export runs again.
+
+Each re-driven step and unit is idempotent (deterministic keys, units counted once),
+so a resume of a job that was in fact still running costs repeated work, never a wrong
+or doubled result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from celery import Celery
+
+from shared import pipeline
+from shared.celery_app import advance, send_unit
+from shared.errors import EmbedFleetError
+from shared.job_store import JobStore
+from shared.ledger import JobLedger
+from shared.pipeline import PhaseName
+from shared.schemas import BatchKind, EncodeBatch, JobSpec, RerankGroup, UnitMessage
+from workers.aggregate.fuse import query_groups
+from workers.aggregate.plan import retrieve_units
+
+
+@dataclass
+class Resumed:
+    """What a resume did: the phase it re-drove, and the units or step it enqueued."""
+
+    phase: PhaseName | None
+    units: dict[str, int] = field(default_factory=dict)  # stage -> units enqueued
+    step: str = ""
+
+
+def phase_units(
+    ledger: JobLedger, store: JobStore, spec: JobSpec, phase: PhaseName
+) -> list[tuple[UnitMessage, str]]:
+    """Every unit of an opened phase, with its variant (the route within its stage)."""
+    if phase == "encode":
+        batches: list[tuple[str, BatchKind]] = [(b, "documents") for b in ledger.staged_batches()]
+        batches += [(b, "queries") for b in ledger.staged_query_batches()]
+        return [
+            (EncodeBatch(job_id=spec.job_id, stage=stage.name, unit=batch, kind=kind), "")
+            for stage in pipeline.job_stages(spec, "encode")
+            for batch, kind in batches
+        ]
+    if phase == "retrieve":
+        return [(unit, unit.retriever) for unit in retrieve_units(ledger, spec)]
+    if not pipeline.stage("rerank").applies(spec):
+        return []  # opened empty: nothing to rerank
+    queries = store.queries(ledger.staged_query_batches())
+    return [
+        (RerankGroup(job_id=spec.job_id, stage="rerank", unit=group_id), "")
+        for group_id, _ in query_groups(spec, queries)
+    ]
+
+
+def output_key(store: JobStore, message: UnitMessage) -> str:
+    """The object whose presence means the unit is done."""
+    layout = store.layout
+    if message.stage == "retrieve":
+        return layout.top_k(message.unit)
+    if message.stage == "rerank":
+        return layout.reranked(message.unit)
+    return layout.shard(message.stage, message.unit)
+
+
+def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
+    """Re-drive the job from its first unfinished phase (see the module doc)."""
+    spec = ledger.spec()
+    store.delete_manifest()  # the export writes a new one, last, as always
+    phases = [p.name for p in pipeline.PHASES if p.applies(spec)]
+    for position, phase in enumerate(phases):
+        if not ledger.phase_opened(phase):
+            if position == 0:
+                raise EmbedFleetError(
+                    f"job {spec.job_id} was never fully submitted (its producer stopped "
+                    "while staging)",
+                    "Run the collection again: a job is resumable once every batch is staged",
+                )
+            # Its opening step never ran to the end: run it again.
+            return _redo_step(ledger, app, spec, phases[position - 1], phases[position:])
+        units = phase_units(ledger, store, spec, phase)
+        missing = [(m, v) for m, v in units if not store.store.exists(output_key(store, m))]
+        if not missing:
+            continue
+        by_stage: dict[str, list[str]] = {}
+        for message, _ in missing:
+            by_stage.setdefault(message.stage, []).append(message.unit)
+        ledger.reopen(phase, by_stage, later=phases[position + 1 :])
+        for message, variant in missing:
+            send_unit(app, message, variant=variant)
+        return Resumed(phase=phase, units={s: len(u) for s, u in by_stage.items()})
+    return _redo_step(ledger, app, spec, phases[-1], [])
+
+
+def _redo_step(
+    ledger: JobLedger, app: Celery, spec: JobSpec, after: PhaseName, later: list[PhaseName]
+) -> Resumed:
+    """Run again the step that follows the complete phase ``after``."""
+    step = pipeline.next_step(spec, after)
+    ledger.reopen(after, {}, later=later)
+    ledger.set_status(step.status)
+    advance(app, spec, after)
+    return Resumed(phase=None, step=step.name)
