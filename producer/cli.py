@@ -30,7 +30,8 @@ from producer.follow import (
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
 from producer.local_fleet import LocalFleet, local_queues, preload_list
 from producer.sources import ReadProgress
-from shared import logs, pipeline, telemetry
+from producer.watchdog import Watchdog, redrive
+from shared import logs, telemetry
 from shared.celery_app import make_app
 from shared.errors import EmbedFleetError, ExitCode
 from shared.job_store import JobStore
@@ -42,7 +43,7 @@ from shared.models import (
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
 )
-from shared.schemas import BM25Params, JobStep, Manifest
+from shared.schemas import BM25Params, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name
 from shared.storage import LocalStore, safe_name
 
@@ -60,6 +61,10 @@ console = Console(stderr=True)
 def _fail(exc: EmbedFleetError, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
     console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+def _warn(message: str) -> None:
+    console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 class JobEnded(EmbedFleetError):
@@ -478,10 +483,13 @@ def _submit_traced(
             click.echo(job.spec.job_id)
         return EXIT_OK
 
+    watchdog = Watchdog(ledger, app, settings.stall_timeout, _warn)
+
     def tick() -> None:
         if on_tick is not None:
             on_tick()
         _raise_stager_error(stager)
+        watchdog()
 
     try:
         snap = follow(ledger, as_json=as_json, console=console, on_tick=tick)
@@ -581,7 +589,8 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
         ledger = JobLedger(client, job_id)
         ledger.spec()  # an unknown job id fails here, saying what to do
         if follow_job:
-            snap = follow(ledger, as_json=as_json, console=console)
+            watchdog = Watchdog(ledger, make_app(settings), settings.stall_timeout, _warn)
+            snap = follow(ledger, as_json=as_json, console=console, on_tick=watchdog)
         else:
             snap = ledger.progress(detail=True)
         if as_json and not follow_job:
@@ -642,17 +651,15 @@ def resume(job_id: str, detach: bool, as_json: bool) -> None:
                 f"job {job_id} was never fully submitted (its producer stopped while staging)",
                 "Run the collection again: a job is resumable once every batch is staged",
             )
-        ledger.mark_resuming()
-        step = pipeline.step("resume")
-        make_app(settings).send_task(
-            step.route.task, args=[JobStep(job_id=job_id, step="resume")], queue=step.route.queue
-        )
+        app = make_app(settings)
+        redrive(ledger, app)
         if not as_json:
             console.print(f"job {job_id} ({spec.collection}) handed back to the fleet")
         if detach:
             click.echo(job_id)
             sys.exit(EXIT_RUNNING)
-        snap = follow(ledger, as_json=as_json, console=console)
+        watchdog = Watchdog(ledger, app, settings.stall_timeout, _warn)
+        snap = follow(ledger, as_json=as_json, console=console, on_tick=watchdog)
         if snap.status in ("complete", "partial"):
             store = JobStore.of(spec)
             _show_summary(store.manifest(), store.locate(), as_json)

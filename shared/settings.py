@@ -63,6 +63,13 @@ VARIABLES: tuple[Variable, ...] = (
         "5xx or SlowDown) is retried, backing off up to 5 s, before the error counts; also "
         "the broker publish retries",
     ),
+    Variable(
+        "stall_timeout",
+        "120",
+        "seconds a followed job (`run`, `status --follow`, `resume`) may make no progress "
+        "while nothing is queued or running in the fleet before it is re-driven as "
+        "`resume` does (0: never)",
+    ),
     Variable("log_level", "WARNING", "the fleet's own logs: one JSON object per line on stderr"),
     Variable(
         "rerank_batch_timeout",
@@ -192,6 +199,8 @@ class Settings:
         ledger_ttl: Seconds a finished job's ledger stays in Redis.
         transient_window: Seconds a Redis or S3 call or a broker publish that cannot
             connect is retried before its error counts.
+        stall_timeout: Seconds a followed job may make no progress, with nothing queued
+            or running, before the follower re-drives it (0: never).
         log_level: Level of the fleet's own structured logs.
         rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
             split, moved to the CPU, or left unreranked (``None``: no limit).
@@ -215,6 +224,7 @@ class Settings:
     max_retries: int = 3
     ledger_ttl: float = 7 * 24 * 3600.0
     transient_window: float = 300.0
+    stall_timeout: float = 120.0
     log_level: str = "WARNING"
     rerank_batch_timeout: float | None = 120.0
     device: str | None = None
@@ -263,6 +273,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "max_retries": _whole,
     "ledger_ttl": _number,
     "transient_window": _number,
+    "stall_timeout": _number,
     "log_level": lambda name, raw: raw.strip().upper(),
     "rerank_batch_timeout": _optional_seconds,
     "device": _device,

@@ -443,12 +443,15 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_
     assert again.returncode == 0 and "nothing to resume" in again.stderr
 
 
-def test_a_lost_step_message_stalls_the_job_until_resume(
-    fleet_env, bucket, start_worker, tmp_path, redis_client
+@pytest.mark.parametrize("rescuer", ["resume", "watchdog"])
+def test_a_lost_step_message_stalls_the_job_until_it_is_redriven(
+    rescuer, fleet_env, bucket, start_worker, tmp_path, redis_client
 ) -> None:
     """The message that would plan the retrieve phase is lost (as when the guard's
     winner dies before publishing it, or the broker drops it): the job stalls in
-    `retrieving` with nothing planned; `resume` runs the lost step again and the job
+    `retrieving` with nothing planned. `resume` runs the lost step again, or the
+    watchdog of a follower (`status --follow`) does it by itself once the job has made
+    no progress for EMBED_FLEET_STALL_TIMEOUT with nothing queued or running; the job
     completes."""
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:40]
     (tmp_path / "small").mkdir()
@@ -472,7 +475,12 @@ def test_a_lost_step_message_stalls_the_job_until_resume(
     start_worker("aggregate", fleet_env)
     time.sleep(5)
     assert ledger.status() == "retrieving" and not ledger.phase_opened("retrieve")
-    resumed = run_cli("resume", job_id, "--json", env=fleet_env)
+    if rescuer == "resume":
+        resumed = run_cli("resume", job_id, "--json", env=fleet_env)
+    else:
+        env = {**fleet_env, "EMBED_FLEET_STALL_TIMEOUT": "3"}
+        resumed = run_cli("status", job_id, "--follow", "--json", env=env)
+        assert "made no progress" in resumed.stderr and "re-driving" in resumed.stderr
     assert resumed.returncode == 0, resumed.stderr
     manifest = events(resumed.stdout, "summary")[-1]["manifest"]
     assert manifest["status"] == "complete" and manifest["stages"]["retrieve"]["batches"] >= 1

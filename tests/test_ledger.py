@@ -184,3 +184,55 @@ def test_query_job_moves_through_every_phase_once(redis_client) -> None:
     assert led.open_phase("rerank", 0)
     assert led.status() == "exporting"
     assert not led.check_phase("rerank")
+
+
+def test_reopen_uncounts_lost_units_and_forgets_later_phases(ledger) -> None:
+    """What a resume does to the ledger: a failed unit and a done unit whose output was
+    lost are outstanding again (the done one uncounted), the phase can complete again,
+    and the job's expiry is gone."""
+    ledger.seal(producer_report(3))
+    ledger.record_done(report("b0"))
+    ledger.record_done(report("b1"))
+    ledger.record_failed(BatchFailure(batch_id="b2", stage="dense", reason="boom"))
+    assert ledger.status() == "exporting"  # every unit accounted for
+    ledger.finish("partial", ttl=60)
+    ledger.mark_resuming()
+    assert ledger.status() == "resuming"
+    assert ledger.client.ttl(ledger.k_state) == -1  # no expiry while it runs again
+    ledger.reopen("encode", {"dense": ["b1", "b2"]}, later=[])
+    assert ledger.status() == "running"
+    (dense,) = ledger.progress().stages
+    assert (dense.batches_done, dense.chunks_done, ledger.failures("dense")) == (1, 4, [])
+    assert not ledger.record_done(report("b1"))
+    assert ledger.record_done(report("b2"))  # the phase completes again, once
+    assert ledger.status() == "exporting"
+
+
+def test_the_watchdog_redrives_a_stalled_job_only_when_the_fleet_is_idle(
+    ledger, redis_client, redis_server, monkeypatch
+) -> None:
+    import dataclasses
+
+    from producer import watchdog
+    from shared.celery_app import make_app
+    from shared.settings import Settings
+
+    monkeypatch.setattr(watchdog, "CHECK_EVERY_S", 0.0)
+    app = make_app(dataclasses.replace(Settings.from_env({}), broker_url=redis_server.url))
+    said: list[str] = []
+    dog = watchdog.Watchdog(ledger, app, stall_s=0.3, say=said.append)
+    ledger.seal(producer_report(3))
+    dog()  # first look: progress seen now
+    redis_client.rpush("dense", b"a message someone will take")  # work is queued
+    time.sleep(0.4)
+    dog()
+    assert said == [] and ledger.status() == "running"
+    redis_client.delete("dense")
+    redis_client.hset(watchdog.UNACKED_KEY, "tag", b"held by a worker")  # work is held
+    dog()
+    assert said == []
+    redis_client.delete(watchdog.UNACKED_KEY)
+    dog()  # idle, no progress for > 0.3 s: re-driven
+    assert len(said) == 1 and "re-driving" in said[0]
+    assert ledger.status() == "resuming"
+    assert redis_client.llen("aggregate") == 1  # the resume step, for the aggregator

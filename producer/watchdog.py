@@ -1,0 +1,95 @@
+"""The watchdog of a followed job: re-drive it when it has stalled.
+
+A job stalls when a message is lost (a broker that dropped it, an aggregator that died
+between winning a phase and publishing the next step): the ledger stops moving and no
+worker will ever move it. A dead worker is not a stall: its unacknowledged unit sits in
+the broker's ``unacked`` record until it is redelivered. So the rule is: no progress in
+the ledger for ``EMBED_FLEET_STALL_TIMEOUT`` seconds, while no queue of the fleet holds a
+message and no worker holds one unacknowledged. Then the watchdog does what
+``embed-collections resume`` does. On a busy shared fleet the queues are rarely all
+empty, so it errs on the side of waiting; a re-drive that was not needed costs
+repeated work, never a wrong result (see ``workers.aggregate.resume``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import msgspec
+import redis
+from celery import Celery
+
+from shared import pipeline
+from shared.ledger import JobLedger
+from shared.schemas import JobStep
+
+# kombu's Redis transport: the hash of delivered, unacknowledged messages, and the
+# separator of a queue's per-priority lists.
+UNACKED_KEY = "unacked"
+PRIORITY_SEPARATOR = "\x06\x16"
+QUEUES = (
+    pipeline.QUEUE_DENSE,
+    pipeline.QUEUE_SPARSE,
+    pipeline.QUEUE_RERANK,
+    pipeline.QUEUE_AGGREGATE,
+)
+# How often the ledger is looked at (the follow loop ticks faster).
+CHECK_EVERY_S = 2.0
+
+
+def fleet_idle(client: redis.Redis) -> bool:
+    """Whether no queue of the fleet holds a message and no worker holds one."""
+    pipe = client.pipeline()
+    for queue in QUEUES:
+        pipe.llen(queue)
+        for priority in range(1, 10):
+            pipe.llen(f"{queue}{PRIORITY_SEPARATOR}{priority}")
+    pipe.hlen(UNACKED_KEY)
+    return not any(pipe.execute())
+
+
+def redrive(ledger: JobLedger, app: Celery) -> None:
+    """Hand the job to the fleet's resume step (what ``embed-collections resume`` does)."""
+    ledger.mark_resuming()
+    step = pipeline.step("resume")
+    app.send_task(
+        step.route.task, args=[JobStep(job_id=ledger.job_id, step="resume")], queue=step.route.queue
+    )
+
+
+class Watchdog:
+    """A follow loop's ``on_tick``: re-drives the job after ``stall_s`` without progress
+    while the fleet is idle (see the module doc). ``say`` tells the user."""
+
+    def __init__(
+        self, ledger: JobLedger, app: Celery, stall_s: float, say: Callable[[str], None]
+    ) -> None:
+        self.ledger = ledger
+        self.app = app
+        self.stall_s = stall_s
+        self.say = say
+        self._seen = b""
+        self._moved_at = time.monotonic()
+        self._checked_at = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.stall_s <= 0 or now - self._checked_at < CHECK_EVERY_S:
+            return
+        self._checked_at = now
+        seen = msgspec.json.encode(self.ledger.progress())
+        if seen != self._seen:
+            self._seen, self._moved_at = seen, now
+            return
+        stalled = now - self._moved_at
+        if stalled < self.stall_s or not self.ledger.phase_opened("encode"):
+            return
+        if not fleet_idle(self.ledger.client):
+            return
+        self.say(
+            f"job {self.ledger.job_id} made no progress for {stalled:.0f} s with nothing "
+            "queued or running: re-driving it (as `embed-collections resume` does)"
+        )
+        redrive(self.ledger, self.app)
+        self._moved_at = now
