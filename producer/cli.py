@@ -67,6 +67,15 @@ def _warn(message: str) -> None:
     console.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
+class Detached(Exception):
+    """Ctrl-C while following a job on a shared fleet, after every batch was staged:
+    the job goes on without this command."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
 class JobEnded(EmbedFleetError):
     """A job that was started ended without its artifacts (``failed``): exit 1, not 2."""
 
@@ -394,17 +403,38 @@ def run(
                 local = dataclasses.replace(settings, broker_url=fleet.redis_url)
                 client = connect(fleet.redis_url)
                 code = _submit(
-                    job, local, client, detach=False, as_json=as_json, on_tick=fleet.check
+                    job,
+                    local,
+                    client,
+                    detach=False,
+                    as_json=as_json,
+                    on_tick=fleet.check,
+                    shared=False,
                 )
     except JobEnded as exc:
         _fail(exc, EXIT_INCOMPLETE)
     except EmbedFleetError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
+    except Detached as detached:
+        job_id = detached.job_id
         console.print(
-            "[yellow]interrupted[/]: workers stopped; nothing half-written is kept "
-            "as complete (no manifest)"
+            f"[yellow]detached[/]: job {job_id} goes on on the fleet. Follow it: "
+            f"`embed-collections status {job_id} --follow`; stop it: `embed-collections "
+            f"cancel {job_id}`; if it fails: `embed-collections resume {job_id}`",
+            highlight=False,
         )
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        if settings.broker_url:
+            console.print(
+                "[yellow]interrupted[/] while staging: the job was cancelled (a job is "
+                "only resumable once every batch is staged); run the collection again"
+            )
+        else:
+            console.print(
+                "[yellow]interrupted[/]: workers stopped; nothing half-written is kept "
+                "as complete (no manifest)"
+            )
         sys.exit(EXIT_INTERRUPTED)
     finally:
         telemetry.shutdown()
@@ -444,13 +474,14 @@ def _submit(
     detach: bool,
     as_json: bool,
     on_tick: Callable[[], None] | None = None,
+    shared: bool = True,
 ) -> int:
     attributes = {
         "embed_fleet.job_id": job.spec.job_id,
         "embed_fleet.collection": job.spec.collection,
     }
     with telemetry.tracer().start_as_current_span("embed_fleet.run", attributes=attributes):
-        return _submit_traced(job, settings, client, detach, as_json, on_tick)
+        return _submit_traced(job, settings, client, detach, as_json, on_tick, shared)
 
 
 def _submit_traced(
@@ -460,7 +491,10 @@ def _submit_traced(
     detach: bool,
     as_json: bool,
     on_tick: Callable[[], None] | None,
+    shared: bool,
 ) -> int:
+    """Stage and follow; ``shared``: the fleet outlives this command (Ctrl-C after the
+    staging detaches instead of stopping the job)."""
     app = make_app(settings)
     ledger = JobLedger(client, job.spec.job_id)
     ledger.open(job.spec, job.validation.documents, job.validation.bytes_total)
@@ -493,6 +527,14 @@ def _submit_traced(
 
     try:
         snap = follow(ledger, as_json=as_json, console=console, on_tick=tick)
+    except KeyboardInterrupt:
+        if shared and not thread.is_alive() and stager.error is None:
+            raise Detached(job.spec.job_id) from None  # staged: the fleet carries on
+        stager.cancel.set()
+        if shared:  # half staged, it can never complete: end it now
+            thread.join(timeout=30)
+            ledger.fail("interrupted while staging", settings.ledger_ttl)
+        raise
     except BaseException:
         stager.cancel.set()
         raise
@@ -664,6 +706,38 @@ def resume(job_id: str, detach: bool, as_json: bool) -> None:
             store = JobStore.of(spec)
             _show_summary(store.manifest(), store.locate(), as_json)
         sys.exit(EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE)
+    except EmbedFleetError as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.argument("job_id")
+def cancel(job_id: str) -> None:
+    """Stop a job on the fleet in REDIS_URL.
+
+    The job ends `failed` ("cancelled"): workers drop its queued units and steps as
+    they reach them (a unit already running finishes), and nothing more is written.
+    `resume JOB_ID` takes it up again. Exit code: 0 cancelled or already finished, 2 no
+    such job or no broker.
+    """
+    settings = _settings()
+    try:
+        if not settings.broker_url:
+            raise EmbedFleetError(
+                "cancel needs the fleet's Redis (REDIS_URL); an embedded run stops with Ctrl-C",
+                "Set REDIS_URL to the Redis your workers use",
+            )
+        ledger = JobLedger(connect(settings.broker_url, settings.transient_window), job_id)
+        ledger.spec()  # an unknown or expired job fails here, saying what to do
+        status = ledger.status()
+        if status in FINISHED:
+            console.print(f"job {job_id} is already {status}: nothing to cancel")
+            sys.exit(EXIT_OK)
+        ledger.fail("cancelled with `embed-collections cancel`", settings.ledger_ttl)
+        console.print(
+            f"job {job_id} cancelled; `embed-collections resume {job_id}` takes it up again"
+        )
+        sys.exit(EXIT_OK)
     except EmbedFleetError as exc:
         _fail(exc)
 

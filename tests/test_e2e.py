@@ -488,6 +488,76 @@ def test_a_lost_step_message_stalls_the_job_until_it_is_redriven(
     assert redis_client.hget(ledger.k_state, "last_resume") == b"step plan_retrieve"
 
 
+def _small_collection(tmp_path: Path, documents: int = 40) -> Path:
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:documents]
+    folder = tmp_path / "small"
+    folder.mkdir(exist_ok=True)
+    (folder / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_cancel_drops_the_jobs_units_and_resume_takes_it_up(
+    fleet_env, bucket, s3, start_worker, tmp_path, redis_client
+) -> None:
+    submitted = run_cli(
+        "run", str(_small_collection(tmp_path)), "--output", f"s3://{bucket}",
+        "--batch-chunks", "8", "--detach", env=fleet_env,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    cancelled = run_cli("cancel", job_id, env=fleet_env)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stderr, cancelled.stderr
+    status = run_cli("status", job_id, env=fleet_env)
+    assert status.returncode == 1 and "cancelled" in status.stderr
+    # Workers reach the queued units and drop them: nothing is encoded.
+    start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    deadline = time.monotonic() + 120
+    while redis_client.llen("dense") or redis_client.hlen("unacked"):
+        assert time.monotonic() < deadline, "the cancelled units were not taken"
+        time.sleep(0.5)
+    listed = s3.client().list_objects_v2(Bucket=bucket, Prefix=f"small/{job_id}/work/dense/")
+    assert listed.get("KeyCount", 0) == 0
+    again = run_cli("cancel", job_id, env=fleet_env)
+    assert again.returncode == 0 and "already failed" in again.stderr
+    # `resume` takes it up again, and it completes.
+    resumed = run_cli("resume", job_id, "--json", env=fleet_env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert events(resumed.stdout, "summary")[-1]["manifest"]["status"] == "complete"
+
+
+def test_ctrl_c_on_a_shared_fleet_detaches_once_the_job_is_staged(
+    fleet_env, bucket, start_worker, tmp_path, redis_client
+) -> None:
+    """The job goes on without its submitter: Ctrl-C of `run` (no worker yet) says how
+    to follow, cancel or resume it, and the job completes when workers come."""
+    command = [
+        sys.executable, "-m", "producer.cli", "run", str(_small_collection(tmp_path)),
+        "--output", f"s3://{bucket}", "--batch-chunks", "8",
+    ]  # fmt: skip
+    cli = subprocess.Popen(
+        command, cwd=REPO, env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (jobs := redis_client.zrange(JOBS_INDEX, 0, -1)) or not JobLedger(
+        redis_client, jobs[-1].decode()
+    ).phase_opened("encode"):
+        assert cli.poll() is None and time.monotonic() < deadline, "not staged"
+        time.sleep(0.2)
+    job_id = jobs[-1].decode()
+    cli.send_signal(signal.SIGINT)
+    _, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 130, stderr
+    assert "detached" in stderr and f"status {job_id} --follow" in stderr
+    assert f"cancel {job_id}" in stderr and "Traceback" not in stderr
+    start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    followed = run_cli("status", job_id, "--follow", "--json", env=fleet_env)
+    assert followed.returncode == 0, followed.stderr
+    assert events(followed.stdout, "summary")[-1]["manifest"]["status"] == "complete"
+
+
 def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:
     """A SPLADE model whose weights are broken: the job completes, chunks with
     metadata.sparse use those weights, the rest are marked missing, errors recorded."""
