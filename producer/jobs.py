@@ -312,7 +312,11 @@ class Stager:
             batch_id = ids.document_batch_id(batches)
             self._stage_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=pending))
             self.ledger.record_staged(
-                batch_id, len(pending), progress.documents, progress.bytes_read
+                batch_id,
+                len(pending),
+                progress.documents,
+                progress.bytes_read,
+                [chunk.chunk_id for chunk in pending],
             )
             latencies.append(time.time() - batch_started)
             batches += 1

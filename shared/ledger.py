@@ -25,6 +25,7 @@ Keys, all under ``embed-fleet:job:<id>:``::
 from __future__ import annotations
 
 import time
+import zlib
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -174,6 +175,7 @@ class JobLedger:
         self.k_state = f"{base}:state"
         self.k_staged = f"{base}:staged"
         self.k_staged_queries = f"{base}:staged-queries"
+        self.k_staged_ids = f"{base}:staged-ids"
         self.k_models = f"{base}:models"
         self.k_producer = f"{base}:producer"
         self._check = client.register_script(_CHECK_COMPLETE)
@@ -209,10 +211,19 @@ class JobLedger:
         pipe.execute()
 
     def record_staged(
-        self, batch_id: str, chunks: int, documents_read: int, bytes_read: int
+        self,
+        batch_id: str,
+        chunks: int,
+        documents_read: int,
+        bytes_read: int,
+        chunk_ids: list[str] | None = None,
     ) -> None:
+        """A staged batch, with its chunk ids (compressed), so that a batch whose staged
+        object is lost can still be reported chunk by chunk."""
         pipe = self.client.pipeline()
         pipe.hset(self.k_staged, batch_id, chunks)
+        if chunk_ids:
+            pipe.hset(self.k_staged_ids, batch_id, zlib.compress("\n".join(chunk_ids).encode()))
         pipe.hincrby(self.k_state, "staged_batches", 1)
         pipe.hincrby(self.k_state, "staged_chunks", chunks)
         pipe.hset(
@@ -361,6 +372,7 @@ class JobLedger:
             self.k_state,
             self.k_staged,
             self.k_staged_queries,
+            self.k_staged_ids,
             self.k_models,
             self.k_producer,
         ]
@@ -391,6 +403,11 @@ class JobLedger:
     def staged_batches(self) -> list[str]:
         """Staged document batch ids in staging order (zero-padded sequence numbers)."""
         return sorted(_text(field) for field in self.client.hkeys(self.k_staged))
+
+    def staged_chunk_ids(self, batch_id: str) -> list[str]:
+        """The chunk ids a staged document batch held ([] if not recorded)."""
+        raw: bytes | None = self.client.hget(self.k_staged_ids, batch_id)  # type: ignore[assignment]
+        return zlib.decompress(raw).decode().split("\n") if raw else []
 
     def staged_query_batches(self) -> list[str]:
         return sorted(_text(field) for field in self.client.hkeys(self.k_staged_queries))

@@ -420,6 +420,9 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_
     (missing,) = manifest["missing"]
     assert missing["batch_id"] == "b000001" and missing["stage"] == "dense"
     assert "NoSuchKey" in missing["reason"]
+    # The lost batch still names its chunks, from the ledger's record of the staging.
+    lost = msgspec.msgpack.decode(staged, type=ChunkBatch)
+    assert missing["chunk_ids"] == [chunk.chunk_id for chunk in lost.chunks]
     assert manifest["counts"]["failed_batches"] == 1
     # Everything else was exported; only that batch's chunks are absent.
     body = s3.client().get_object(Bucket=bucket, Key=f"small/{job_id}/chunks.jsonl")["Body"].read()

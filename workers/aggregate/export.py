@@ -11,7 +11,6 @@ the whole order of things, read top to bottom.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import tempfile
 import time
@@ -184,13 +183,12 @@ class ExportRuntime:
         )
 
     def _missing(self, failure: BatchFailure) -> Missing:
-        """What a failed unit leaves out; an encode stage's batch lists its chunk ids if
-        its staged batch is readable (the failure may be that it is not). A retrieve or
-        rerank group has no staged batch to read."""
+        """What a failed unit leaves out: an encode stage's batch lists its chunk ids,
+        from the ledger's record of the staging (the failure may be that the staged
+        object is gone). A retrieve or rerank group has no chunks of its own."""
         chunk_ids: list[str] = []
         if pipeline.stage(failure.stage).phase == "encode":
-            with contextlib.suppress(Exception):
-                chunk_ids = [c.chunk_id for c in self.store.batch(failure.batch_id).chunks]
+            chunk_ids = self.ledger.staged_chunk_ids(failure.batch_id)
         return Missing(
             stage=failure.stage,
             batch_id=failure.batch_id,
