@@ -688,11 +688,7 @@ def resume(job_id: str, detach: bool, as_json: bool) -> None:
         if ledger.status() == "complete":
             console.print(f"job {job_id} is complete: nothing to resume")
             sys.exit(EXIT_OK)
-        if not ledger.phase_opened("encode"):
-            raise EmbedFleetError(
-                f"job {job_id} was never fully submitted (its producer stopped while staging)",
-                "Run the collection again: a job is resumable once every batch is staged",
-            )
+        ledger.require_submitted()
         app = make_app(settings)
         redrive(ledger, app)
         if not as_json:

@@ -309,6 +309,15 @@ class JobLedger:
         producer staged every batch)."""
         return bool(self.client.hexists(self.k_state, pipeline.phase(phase).total_field))
 
+    def require_submitted(self) -> None:
+        """Raise unless the producer staged every batch: only then can a job be
+        re-driven (resume, the watchdog)."""
+        if not self.phase_opened("encode"):
+            raise EmbedFleetError(
+                f"job {self.job_id} was never fully submitted (its producer stopped while staging)",
+                "Run the collection again: a job is resumable once every batch is staged",
+            )
+
     def mark_resuming(self) -> None:
         """Status ``resuming`` until the aggregator re-drives the job; the job's keys
         lose the expiry a finished job has."""

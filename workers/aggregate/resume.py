@@ -24,7 +24,6 @@ from celery import Celery
 
 from shared import pipeline
 from shared.celery_app import advance, send_unit
-from shared.errors import EmbedFleetError
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
 from shared.pipeline import PhaseName
@@ -83,11 +82,7 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
     for position, phase in enumerate(phases):
         if not ledger.phase_opened(phase):
             if position == 0:
-                raise EmbedFleetError(
-                    f"job {spec.job_id} was never fully submitted (its producer stopped "
-                    "while staging)",
-                    "Run the collection again: a job is resumable once every batch is staged",
-                )
+                ledger.require_submitted()  # raises: the encode phase was never sealed
             # Its opening step never ran to the end: run it again.
             return _redo_step(ledger, app, spec, phases[position - 1], phases[position:])
         units = phase_units(ledger, store, spec, phase)

@@ -144,7 +144,7 @@ class SparseVectorGenerator:
                 rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]
                 continue
             infos.append(sparse.info)
-            rows[name] = self._live(sparse, batch, errors, sizes, kind, figures)
+            rows[name] = self._live(sparse, batch, lengths, errors, sizes, kind, figures)
         shard = SparseShard(
             job_id=batch.job_id,
             batch_id=batch.batch_id,
@@ -169,6 +169,7 @@ class SparseVectorGenerator:
         self,
         sparse: Loaded,
         batch: ChunkBatch,
+        lengths: list[int],
         errors: list[str],
         sizes: list[int],
         kind: BatchKind,
@@ -185,7 +186,6 @@ class SparseVectorGenerator:
             ("vocabulary", name), lambda: vocabulary(sparse.model.tokenizer)
         )
         out: list[SparseRow | None] = [None] * len(chunks)
-        lengths = [chunk.n_tokens + 2 for chunk in chunks]
 
         def fall_back(group: list[int], reason: str) -> None:
             errors.append(f"{name}: {reason}"[:300])
