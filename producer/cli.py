@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, NoReturn
 
@@ -29,6 +30,7 @@ from producer.follow import (
 )
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
 from producer.local_fleet import LocalFleet, local_queues, preload_list
+from producer.recovery import find_job, finish_staging, rebuild_ledger
 from producer.sources import ReadProgress
 from producer.watchdog import Watchdog, redrive
 from shared import logs, telemetry
@@ -43,9 +45,9 @@ from shared.models import (
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
 )
-from shared.schemas import BM25Params, Manifest
+from shared.schemas import BM25Params, JobSpec, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name
-from shared.storage import LocalStore, safe_name
+from shared.storage import LocalStore, open_store, safe_name
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = (
     ExitCode.OK,
@@ -285,6 +287,14 @@ def _settings() -> Settings:
     "Follow later with `status JOB_ID`.",
 )
 @click.option(
+    "--resume",
+    "resume_job",
+    default=None,
+    metavar="JOB_ID",
+    help="Take up job JOB_ID of this SOURCE again instead of starting a new one (as "
+    "`embed-collections resume JOB_ID` does; the other options are the job's own).",
+)
+@click.option(
     "--model-cache",
     type=click.Path(file_okay=False),
     default=None,
@@ -331,6 +341,7 @@ def run(
     retrieve_chunks_per_task: int,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
+    resume_job: str | None,
     model_cache: str | None,
     trace_console: bool,
     as_json: bool,
@@ -376,40 +387,20 @@ def run(
         dtype=dtype,
         transient_window_s=settings.transient_window,
     )
+    if resume_job:
+        _resume_main(resume_job, output, detach, as_json, source=source)
+    job: PreparedJob | None = None
     try:
         if settings.broker_url:
             client = connect(settings.broker_url, settings.transient_window)
             job = _prepare(options, as_json)
             code = _submit(job, settings, client, detach=detach, as_json=as_json)
         else:
-            if detach:
-                raise EmbedFleetError(
-                    "--detach needs a shared broker: the embedded fleet stops when this "
-                    "command ends",
-                    "Set REDIS_URL to a Redis that your workers use",
-                )
+            _no_detach_without_broker(detach)
             job = _prepare(options, as_json)
-            if not as_json:
-                console.print(
-                    "[dim]no REDIS_URL set: starting a private Redis and local workers[/]"
-                )
-            queues = local_queues(job.spec)
-            # The local workers stage the job's models while staging goes on, and print
-            # spans where the producer does.
-            env = {env_name("preload"): settings.preload or preload_list(job.spec)}
-            if settings.trace_console:
-                env[env_name("trace_console")] = "1"
-            with LocalFleet(queues, env) as fleet:
-                local = dataclasses.replace(settings, broker_url=fleet.redis_url)
-                client = connect(fleet.redis_url)
+            with _embedded_fleet(settings, job.spec, as_json) as (local, client, check):
                 code = _submit(
-                    job,
-                    local,
-                    client,
-                    detach=False,
-                    as_json=as_json,
-                    on_tick=fleet.check,
-                    shared=False,
+                    job, local, client, detach=False, as_json=as_json, on_tick=check, shared=False
                 )
     except JobEnded as exc:
         _fail(exc, EXIT_INCOMPLETE)
@@ -422,23 +413,60 @@ def run(
             f"`embed-collections status {job_id} --follow`; stop it: `embed-collections "
             f"cancel {job_id}`; if it fails: `embed-collections resume {job_id}`",
             highlight=False,
+            soft_wrap=True,
         )
         sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
+        where = "" if settings.broker_url else f" --output {options.output}"
+        later = (
+            f"`embed-collections resume {job.spec.job_id}{where}` continues it"
+            if job is not None
+            else "nothing was submitted"
+        )
         if settings.broker_url:
             console.print(
-                "[yellow]interrupted[/] while staging: the job was cancelled (a job is "
-                "only resumable once every batch is staged); run the collection again"
+                f"[yellow]interrupted[/] while staging: the job stopped; {later} (the "
+                "source must be there to stage the rest)",
+                highlight=False,
+                soft_wrap=True,
             )
         else:
             console.print(
                 "[yellow]interrupted[/]: workers stopped; nothing half-written is kept "
-                "as complete (no manifest)"
+                f"as complete (no manifest); {later}",
+                highlight=False,
+                soft_wrap=True,
             )
         sys.exit(EXIT_INTERRUPTED)
     finally:
         telemetry.shutdown()
     sys.exit(code)
+
+
+def _no_detach_without_broker(detach: bool) -> None:
+    if detach:
+        raise EmbedFleetError(
+            "--detach needs a shared broker: the embedded fleet stops when this command ends",
+            "Set REDIS_URL to a Redis that your workers use",
+        )
+
+
+@contextlib.contextmanager
+def _embedded_fleet(
+    settings: Settings, spec: JobSpec, as_json: bool
+) -> Iterator[tuple[Settings, redis.Redis, Callable[[], None]]]:
+    """A private Redis and local workers for one job, stopped on the way out: the
+    settings and client that reach them, and the check that raises if one died. The
+    workers stage the job's models while the producer stages batches, and print spans
+    where the producer does."""
+    if not as_json:
+        console.print("[dim]no REDIS_URL set: starting a private Redis and local workers[/]")
+    env = {env_name("preload"): settings.preload or preload_list(spec)}
+    if settings.trace_console:
+        env[env_name("trace_console")] = "1"
+    with LocalFleet(local_queues(spec), env) as fleet:
+        local = dataclasses.replace(settings, broker_url=fleet.redis_url)
+        yield local, connect(fleet.redis_url), fleet.check
 
 
 def _sparse_models(enabled: bool, names: str | None) -> list[str]:
@@ -662,48 +690,124 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
 
 @main.command()
 @click.argument("job_id")
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    metavar="URL",
+    help="Where the job wrote (default: $EMBED_FLEET_OUTPUT or "
+    f"{DEFAULT_OUTPUT}). Read when the ledger no longer has the job (Redis lost its "
+    "data; any job of the embedded fleet): the job is rebuilt from its objects there.",
+)
 @click.option("--detach", is_flag=True, help="Hand the job back to the fleet and return at once.")
 @click.option("--json", "as_json", is_flag=True, help="Print progress as JSON lines.")
-def resume(job_id: str, detach: bool, as_json: bool) -> None:
-    """Re-drive a job that failed, ended partial or stalled, on the fleet in REDIS_URL.
+def resume(job_id: str, output: str | None, detach: bool, as_json: bool) -> None:
+    """Take up a job that failed, ended partial, stalled or was cut short.
 
-    The object store is the record of what is done: the fleet's aggregator finds the
-    job's first unfinished phase, enqueues exactly the units whose outputs are missing
-    (failed ones included) or the step that was lost, and the job goes on from there to
-    a fresh manifest. Then follows the job as `status --follow` does. A complete job is
-    left as it is. Exit code: 0 complete, 1 partial or failed, 2 no such job or not
-    resumable, 3 still running (--detach).
+    The object store is the record of what is done. If the ledger (Redis) no longer
+    has the job, it is rebuilt from the job's objects under --output. If the job's
+    producer stopped before every batch was staged, the rest is staged now from the
+    job's source (run this where the source is). Then the fleet's aggregator finds the
+    first unfinished phase, enqueues exactly the units whose outputs are missing
+    (failed ones included) or the step that was lost, and the job goes on to a fresh
+    manifest; this command follows it as `status --follow` does. A complete job is left
+    as it is.
+
+    With REDIS_URL set, on that fleet; without, on the embedded fleet (a private Redis
+    and local workers, as `run` starts them). Exit code: 0 complete, 1 partial or
+    failed, 2 no such job or not resumable, 3 still running (--detach), 130 interrupted.
     """
+    _resume_main(job_id, output, detach, as_json)
+
+
+def _resume_main(
+    job_id: str, output: str | None, detach: bool, as_json: bool, source: str | None = None
+) -> NoReturn:
+    """``resume`` (and ``run --resume``, which names the ``source`` it expects)."""
     settings = _settings()
+    output = output or settings.output
     try:
-        if not settings.broker_url:
-            raise EmbedFleetError(
-                "resume needs the fleet's Redis (REDIS_URL): the embedded fleet's ledger "
-                "ends with its run",
-                "Run the job again, or run it on a shared fleet to be able to resume it",
-            )
-        client = connect(settings.broker_url, settings.transient_window)
-        ledger = JobLedger(client, job_id)
-        spec = ledger.spec()  # an unknown or expired job fails here, saying what to do
-        if ledger.status() == "complete":
-            console.print(f"job {job_id} is complete: nothing to resume")
-            sys.exit(EXIT_OK)
-        ledger.require_submitted()
-        app = make_app(settings)
-        redrive(ledger, app)
-        if not as_json:
-            console.print(f"job {job_id} ({spec.collection}) handed back to the fleet")
-        if detach:
-            click.echo(job_id)
-            sys.exit(EXIT_RUNNING)
-        watchdog = Watchdog(ledger, app, settings.stall_timeout, _warn)
-        snap = follow(ledger, as_json=as_json, console=console, on_tick=watchdog)
-        if snap.status in ("complete", "partial"):
-            store = JobStore.of(spec)
-            _show_summary(store.manifest(), store.locate(), as_json)
-        sys.exit(EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE)
+        if settings.broker_url:
+            client = connect(settings.broker_url, settings.transient_window)
+            code = _resume(job_id, output, settings, client, detach, as_json, source)
+        else:
+            _no_detach_without_broker(detach)
+            found = find_job(open_store(output, settings.transient_window), job_id)
+            record = found.job_record()
+            assert record is not None  # find_job found it by its record
+            with _embedded_fleet(settings, record.spec, as_json) as (local, client, check):
+                code = _resume(job_id, output, local, client, False, as_json, source, check)
+    except JobEnded as exc:
+        _fail(exc, EXIT_INCOMPLETE)
     except EmbedFleetError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        console.print(
+            f"[yellow]interrupted[/]: `embed-collections resume {job_id}` takes the job up again"
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+def _resume(
+    job_id: str,
+    output: str,
+    settings: Settings,
+    client: redis.Redis,
+    detach: bool,
+    as_json: bool,
+    source: str | None,
+    on_tick: Callable[[], None] | None = None,
+) -> int:
+    """Rebuild the ledger if it lost the job, finish the staging if it never ended,
+    hand the job to the resume step, and follow it (see ``producer.recovery``)."""
+    ledger = JobLedger(client, job_id)
+    app = make_app(settings)
+
+    def say(text: str) -> None:
+        if not as_json:
+            console.print(text, highlight=False, soft_wrap=True)
+
+    if ledger.exists():
+        spec = ledger.spec()
+        store = JobStore.of(spec, open_store(spec.output, settings.transient_window))
+        if ledger.status() == "complete":
+            say(f"job {job_id} is complete: nothing to resume")
+            return EXIT_OK
+    else:
+        store = find_job(open_store(output, settings.transient_window), job_id)
+        if store.store.exists(store.layout.manifest) and store.manifest().status == "complete":
+            say(f"job {job_id} is complete ({store.locate()}): nothing to resume")
+            return EXIT_OK
+        rebuild_ledger(ledger, store)
+        spec = ledger.spec()
+        say(f"job {job_id}: the ledger did not have it; rebuilt from {store.locate()}")
+    if source is not None and str(Path(source).expanduser().resolve()) != spec.source:
+        raise EmbedFleetError(
+            f"job {job_id} is of {spec.source}, not of {source}",
+            f"Run `embed-collections resume {job_id}`, or run {source} as a new job",
+        )
+    if not ledger.phase_opened("encode"):
+        say(f"job {job_id} was not fully submitted: staging the rest from {spec.source}")
+        ledger.mark_resuming()
+        finish_staging(ledger, store, app, settings.ledger_ttl)
+    redrive(ledger, app)
+    say(f"job {job_id} ({spec.collection}) handed back to the fleet")
+    if detach:
+        click.echo(job_id)
+        return EXIT_RUNNING
+    watchdog = Watchdog(ledger, app, settings.stall_timeout, _warn)
+
+    def tick() -> None:
+        if on_tick is not None:
+            on_tick()
+        watchdog()
+
+    snap = follow(ledger, as_json=as_json, console=console, on_tick=tick)
+    if snap.status == "failed":
+        raise JobEnded(f"job {job_id} failed: {snap.error}", "See the worker logs")
+    _show_summary(store.manifest(), store.locate(), as_json)
+    return EXIT_OK if snap.status == "complete" else EXIT_INCOMPLETE
 
 
 @main.command()

@@ -35,6 +35,7 @@ from shared.schemas import (
     ChunkBatch,
     EncodeBatch,
     Fusion,
+    JobRecord,
     JobSpec,
     LatencySummary,
     ProducerReport,
@@ -273,17 +274,31 @@ class Stager:
     """Second pass: chunk, stage batches, enqueue; then seal the job in the ledger.
 
     Runs in a thread of its own while the CLI follows the ledger, so workers start on
-    the first batches while later ones are still being chunked.
+    the first batches while later ones are still being chunked. The job's record goes
+    to the store first and the producer's report last, so the store alone says whether
+    the job was fully submitted (see ``producer.recovery``).
+
+    Args:
+        already_staged: Resuming a job whose producer stopped while staging: these
+            batches are in the store already and are not written again, and nothing is
+            enqueued (the resume step that follows enqueues every unit whose output is
+            missing). Chunking is deterministic, so the batch ids come out the same.
     """
 
     def __init__(
-        self, job: PreparedJob, ledger: JobLedger, app: Celery, ledger_ttl: float = 7 * 24 * 3600
+        self,
+        job: PreparedJob,
+        ledger: JobLedger,
+        app: Celery,
+        ledger_ttl: float = 7 * 24 * 3600,
+        already_staged: set[str] | None = None,
     ) -> None:
         self.job = job
         self.store = job.job_store
         self.ledger_ttl = ledger_ttl
         self.ledger = ledger
         self.app = app
+        self.already_staged = already_staged
         self.cancel = threading.Event()
         self.error: BaseException | None = None
         self.report: ProducerReport | None = None
@@ -305,6 +320,10 @@ class Stager:
         batches = chunks = tokens = 0
         batch_started = time.time()
 
+        if self.already_staged is None:
+            self.store.put_job_record(
+                JobRecord(spec, job.validation.documents, job.validation.bytes_total)
+            )
         query_batches = self._stage_queries()
 
         def flush() -> None:
@@ -355,7 +374,8 @@ class Stager:
             queries=len(job.queries.queries) if job.queries else 0,
             query_batches=query_batches,
         )
-        if self.ledger.seal(report):
+        self.store.put_producer_report(report)
+        if self.ledger.seal(report, check=self.already_staged is None):
             advance(self.app, spec, "encode")
         return report
 
@@ -363,6 +383,10 @@ class Stager:
         """Write a batch to the store and enqueue one message per encode stage, all
         naming the same batch."""
         spec = self.job.spec
+        if self.already_staged is not None:
+            if batch.batch_id not in self.already_staged:
+                self.store.put_batch(batch)
+            return
         self.store.put_batch(batch)
         for stage in pipeline.job_stages(spec, "encode"):
             message = EncodeBatch(

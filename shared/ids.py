@@ -30,6 +30,11 @@ def query_batch_id(number: int) -> str:
     return f"q{number:06d}"
 
 
+def is_query_batch(batch_id: str) -> bool:
+    """Whether a staged batch id is a query batch's (else a document batch's)."""
+    return batch_id.startswith("q")
+
+
 def group_id(kind: str, number: int) -> str:
     """A group of work fanned out by an aggregator step: ``dense-g00000`` (retrieval over
     one group of shards), ``q-g00000`` (one group of queries). Unique within its stage."""

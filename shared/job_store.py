@@ -8,10 +8,17 @@ the export reads everything back through it. Keys are deterministic (a redeliver
 writes the same object again, not a second one), and messages carry ids, never keys:
 the layout turns ids into keys.
 
+The store is also the job's durable record: with ``job.msgpack``, ``producer.msgpack``
+and the models beside the staged batches and the shards, a job whose ledger Redis lost
+can be rebuilt and resumed (``producer.recovery``).
+
 ::
 
     <collection>/<job_id>/
         chunks.jsonl  results.jsonl  metrics.json  manifest.json (last)
+        work/job.msgpack                      JobRecord (written first)
+        work/producer.msgpack                 ProducerReport (every batch staged)
+        work/models/<kind>-<model>.msgpack    ModelInfo (what the workers loaded)
         work/batches/<batch>.msgpack          ChunkBatch (documents and queries)
         work/dense/<batch>.msgpack            DenseShard
         work/sparse/<batch>.msgpack           SparseShard
@@ -35,8 +42,11 @@ from shared.schemas import (
     ChunkBatch,
     DenseShard,
     FusedGroup,
+    JobRecord,
     JobSpec,
     Manifest,
+    ModelInfo,
+    ProducerReport,
     Qrels,
     RerankShard,
     SparseShard,
@@ -59,6 +69,25 @@ class JobLayout:
 
     def batch(self, batch_id: str) -> str:
         return self.work("batches", f"{batch_id}.msgpack")
+
+    @property
+    def batches(self) -> str:
+        return self.work("batches")
+
+    @property
+    def job_record(self) -> str:
+        return self.work("job.msgpack")
+
+    @property
+    def producer_report(self) -> str:
+        return self.work("producer.msgpack")
+
+    def model(self, info: ModelInfo) -> str:
+        return self.work("models", f"{info.kind}-{safe_name(info.name)}.msgpack")
+
+    @property
+    def models(self) -> str:
+        return self.work("models")
 
     def shard(self, stage: str, batch_id: str) -> str:
         return self.work(stage, f"{batch_id}.msgpack")
@@ -125,6 +154,36 @@ class JobStore:
 
     def _get_if_there(self, key: str, kind: type[T]) -> T | None:
         return self._get(key, kind) if self.store.exists(key) else None
+
+    # --- the job's record ------------------------------------------------------------
+
+    def put_job_record(self, record: JobRecord) -> None:
+        self._put(self.layout.job_record, record)
+
+    def job_record(self) -> JobRecord | None:
+        return self._get_if_there(self.layout.job_record, JobRecord)
+
+    def put_producer_report(self, report: ProducerReport) -> None:
+        """Written once every batch is staged: the store's mark of a submitted job."""
+        self._put(self.layout.producer_report, report)
+
+    def producer_report(self) -> ProducerReport | None:
+        return self._get_if_there(self.layout.producer_report, ProducerReport)
+
+    def put_model(self, info: ModelInfo) -> None:
+        self._put(self.layout.model(info), info)
+
+    def models(self) -> list[ModelInfo]:
+        return [self._get(key, ModelInfo) for key in self.store.list(self.layout.models)]
+
+    def staged_batch_ids(self) -> list[str]:
+        """The ids of every staged batch (documents and queries) the store holds."""
+        suffix = ".msgpack"
+        return sorted(
+            key.rsplit("/", 1)[-1].removesuffix(suffix)
+            for key in self.store.list(self.layout.batches)
+            if key.endswith(suffix)
+        )
 
     # --- staged by the producer ------------------------------------------------------
 

@@ -39,6 +39,7 @@ from shared.schemas import (
     BatchFailure,
     BatchReport,
     JobProgress,
+    JobRecord,
     JobSpec,
     JobStatus,
     LatencySummary,
@@ -82,6 +83,19 @@ if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
+return 0
+"""
+
+
+# Records a staged batch (KEYS: staged, state, staged-ids); counts it only the first time
+# its id is seen, so a producer that stages again after a resume counts nothing twice.
+_RECORD_STAGED = """
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'staged_batches', 1)
+  redis.call('HINCRBY', KEYS[2], 'staged_chunks', ARGV[2])
+end
+redis.call('HSET', KEYS[2], 'documents_read', ARGV[3], 'bytes_read', ARGV[4])
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
 return 0
 """
 
@@ -180,6 +194,7 @@ class JobLedger:
         self.k_producer = f"{base}:producer"
         self._check = client.register_script(_CHECK_COMPLETE)
         self._record_done = client.register_script(_RECORD_DONE)
+        self._record_staged = client.register_script(_RECORD_STAGED)
 
     def k_done(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:done:{stage}"
@@ -219,34 +234,75 @@ class JobLedger:
         chunk_ids: list[str] | None = None,
     ) -> None:
         """A staged batch, with its chunk ids (compressed), so that a batch whose staged
-        object is lost can still be reported chunk by chunk."""
-        pipe = self.client.pipeline()
-        pipe.hset(self.k_staged, batch_id, chunks)
-        if chunk_ids:
-            pipe.hset(self.k_staged_ids, batch_id, zlib.compress("\n".join(chunk_ids).encode()))
-        pipe.hincrby(self.k_state, "staged_batches", 1)
-        pipe.hincrby(self.k_state, "staged_chunks", chunks)
-        pipe.hset(
-            self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read}
+        object is lost can still be reported chunk by chunk. Counted once per id."""
+        ids = zlib.compress("\n".join(chunk_ids).encode()) if chunk_ids else b""
+        self._record_staged(
+            keys=[self.k_staged, self.k_state, self.k_staged_ids],
+            args=[batch_id, chunks, documents_read, bytes_read, ids],
         )
-        pipe.execute()
 
     def record_staged_queries(self, batch_id: str, queries: int) -> None:
         self.client.hset(self.k_staged_queries, batch_id, queries)
+
+    def is_sealed(self) -> bool:
+        """Whether the producer recorded every batch staged."""
+        return bool(self.client.exists(self.k_producer))
+
+    def rebuild(
+        self,
+        record: JobRecord,
+        producer: ProducerReport | None,
+        documents: dict[str, int],
+        queries: dict[str, int],
+        models: list[ModelInfo],
+    ) -> None:
+        """Write the ledger again from the job's object store (see
+        ``producer.recovery``): the spec, the staged batches (id -> items), the
+        producer's report if it finished, the models. Whatever was left of the old
+        ledger goes first. Status ``resuming``: the resume step records the units whose
+        outputs are there and enqueues the others."""
+        stale = list(self.client.scan_iter(match=f"{PREFIX}:job:{self.job_id}:*", count=1000))
+        pipe = self.client.pipeline()
+        if stale:
+            pipe.delete(*stale)
+        pipe.set(self.k_spec, msgspec.msgpack.encode(record.spec))
+        state: dict[str, str | int | float] = {
+            "status": "resuming",
+            "staged_batches": len(documents),
+            "staged_chunks": sum(documents.values()),
+            "documents_total": record.documents_total,
+            "bytes_total": record.bytes_total,
+            "documents_read": producer.documents if producer else 0,
+            "bytes_read": record.bytes_total if producer else 0,
+            "rebuilt_at": time.time(),
+        }
+        if producer is not None:
+            pipe.set(self.k_producer, msgspec.msgpack.encode(producer))
+            state["total_batches"] = producer.batches + producer.query_batches
+        pipe.hset(self.k_state, mapping=state)  # type: ignore[arg-type]
+        if documents:
+            pipe.hset(self.k_staged, mapping=documents)  # type: ignore[arg-type]
+        if queries:
+            pipe.hset(self.k_staged_queries, mapping=queries)  # type: ignore[arg-type]
+        for info in models:
+            pipe.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
+        pipe.zadd(JOBS_INDEX, {self.job_id: record.spec.created_at})
+        pipe.execute()
 
     def record_read(self, documents_read: int, bytes_read: int) -> None:
         self.client.hset(
             self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read}
         )
 
-    def seal(self, report: ProducerReport) -> bool:
+    def seal(self, report: ProducerReport, check: bool = True) -> bool:
         """Record that every batch (documents and queries) is staged. True if the caller
-        must start the next phase (every batch was already done)."""
+        must start the next phase (every batch was already done); ``check=False``: a
+        resume's producer, whose job the resume step re-drives, does not look."""
         pipe = self.client.pipeline()
         pipe.set(self.k_producer, msgspec.msgpack.encode(report))
         pipe.hset(self.k_state, "total_batches", report.batches + report.query_batches)
         pipe.execute()
-        return self.check_phase("encode")
+        return self.check_phase("encode") if check else False
 
     def open_phase(self, phase: PhaseName, units: int) -> bool:
         """Set how many units ``phase`` has (before they are enqueued) and the status
@@ -269,6 +325,26 @@ class JobLedger:
             args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, counter],
         )
         return self.check_phase(pipeline.stage(report.stage).phase)
+
+    def record_recovered(self, reports: list[BatchReport]) -> None:
+        """Units a resume found done in the object store, recorded as done (counted once,
+        as every unit is). The caller checks the phase afterwards."""
+        pipe = self.client.pipeline()
+        for report in reports:
+            self._record_done(
+                keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
+                args=[
+                    report.batch_id,
+                    msgspec.msgpack.encode(report),
+                    report.chunks,
+                    _counter(report),
+                ],
+                client=pipe,
+            )
+        pipe.execute()
+
+    def done_units(self, stage: str) -> set[str]:
+        return {_text(unit) for unit in self.client.hkeys(self.k_done(stage))}
 
     def record_failed(self, failure: BatchFailure) -> bool:
         """Record a unit that kept failing. True if the caller must start the next phase."""
@@ -401,7 +477,9 @@ class JobLedger:
             raise EmbedFleetError(
                 f"no job {self.job_id!r} in the ledger",
                 "Check the job id (`embed-collections status` lists recent jobs); finished "
-                "jobs expire from Redis after EMBED_FLEET_LEDGER_TTL seconds",
+                "jobs expire from Redis after EMBED_FLEET_LEDGER_TTL seconds. If Redis lost "
+                "its data, `embed-collections resume JOB_ID --output URL` rebuilds the job "
+                "from its object store",
             )
         return spec
 
@@ -417,6 +495,13 @@ class JobLedger:
         """The chunk ids a staged document batch held ([] if not recorded)."""
         raw: bytes | None = self.client.hget(self.k_staged_ids, batch_id)  # type: ignore[assignment]
         return zlib.decompress(raw).decode().split("\n") if raw else []
+
+    def staged_items(self) -> dict[str, int]:
+        """Every staged batch (documents and queries) -> its chunks or queries."""
+        pipe = self.client.pipeline()
+        pipe.hgetall(self.k_staged)
+        pipe.hgetall(self.k_staged_queries)
+        return {_text(k): int(v) for found in pipe.execute() for k, v in found.items()}
 
     def staged_query_batches(self) -> list[str]:
         return sorted(_text(field) for field in self.client.hkeys(self.k_staged_queries))

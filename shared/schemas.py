@@ -213,6 +213,16 @@ class JobSpec(Struct):
     dtype: str = "auto"
 
 
+class JobRecord(Struct):
+    """The job as the object store keeps it (``work/job.msgpack``), written before the
+    first batch is staged: with the staged batches, the shards and the producer's
+    report beside it, enough to rebuild the ledger of a job whose Redis lost it."""
+
+    spec: JobSpec
+    documents_total: int
+    bytes_total: int
+
+
 class RetrievalSpec(Struct):
     """The query side of a job: retrieve, fuse, rerank, evaluate.
 
@@ -301,6 +311,26 @@ class BatchReport(Struct):
     model_loads: int = 0
     hydrations: int = 0
     evictions: int = 0
+    # Found done in the object store by a resume (its output was there, the ledger had
+    # lost its record): it counts as done, but it has no figures to add.
+    recovered: bool = False
+
+    @classmethod
+    def recovered_unit(cls, stage: str, unit: str, items: int, kind: BatchKind) -> BatchReport:
+        """The record of a unit whose output a resume found in the store."""
+        return cls(
+            batch_id=unit,
+            stage=stage,
+            chunks=items,
+            tokens=0,
+            started_at=0.0,
+            finished_at=0.0,
+            worker="",
+            device="",
+            batch_sizes=[],
+            kind=kind,
+            recovered=True,
+        )
 
     @property
     def latency_s(self) -> float:
@@ -539,7 +569,9 @@ class LatencySummary(Struct):
 
     @classmethod
     def from_reports(cls, reports: list[BatchReport]) -> LatencySummary:
-        """The stage's figures from the units its workers recorded in the ledger."""
+        """The stage's figures from the units its workers recorded in the ledger (units a
+        resume found done in the store have none to add)."""
+        reports = [r for r in reports if not r.recovered]
         if not reports:
             return cls.from_samples([], 0, 0.0)
         span = max(r.finished_at for r in reports) - min(r.started_at for r in reports)

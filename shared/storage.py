@@ -22,7 +22,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
@@ -83,6 +83,9 @@ class ObjectStore(Protocol):
         """Remove an object; no error if it is not there."""
 
     def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    def folders(self, prefix: str = "") -> Sequence[str]:
+        """The names of the folders directly under ``prefix`` (one listing call)."""
 
     def locate(self, key: str) -> str:
         """The full URL or path of a key, for people to read."""
@@ -151,6 +154,10 @@ class LocalStore:
         for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 yield path.relative_to(self.root).as_posix()
+
+    def folders(self, prefix: str = "") -> Sequence[str]:
+        base = self._path(prefix) if prefix else self.root
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
 
     def locate(self, key: str) -> str:
         return str(self._path(key))
@@ -297,6 +304,18 @@ class S3Store:
             return [str(item["Key"])[strip:] for page in pages for item in page.get("Contents", [])]
 
         yield from self._patient("list", listing)
+
+    def folders(self, prefix: str = "") -> Sequence[str]:
+        full = self._key(prefix) if prefix else self.prefix
+        full = f"{full}/" if full else ""
+
+        def listing() -> list[str]:
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
+            found = [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
+            return sorted(str(p)[len(full) :].rstrip("/") for p in found)
+
+        return self._patient("list", listing)
 
     def locate(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

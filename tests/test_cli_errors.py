@@ -220,9 +220,14 @@ def test_the_readme_lists_every_exit_code() -> None:
     assert codes == [code.value for code in ExitCode]
 
 
-def test_resume_needs_a_broker_and_a_known_job(tmp_path, redis_server) -> None:
-    alone = run_cli("resume", "20260101-000000-abcdef", env=base_env())
-    assert alone.returncode == 2 and "REDIS_URL" in alone.stderr
-    unknown = run_cli("resume", "20260101-000000-abcdef", env=base_env(REDIS_URL=redis_server.url))
-    assert unknown.returncode == 2 and "no job '20260101-000000-abcdef'" in unknown.stderr
-    assert "Traceback" not in alone.stderr + unknown.stderr
+def test_resume_needs_a_known_job(tmp_path, redis_server) -> None:
+    """Neither the ledger nor the output store has the job: the error says where it
+    looked and to pass the job's --output."""
+    job = "20260101-000000-abcdef"
+    alone = run_cli("resume", job, "--output", str(tmp_path), env=base_env(), cwd=tmp_path)
+    unknown = run_cli("resume", job, env=base_env(REDIS_URL=redis_server.url), cwd=tmp_path)
+    for result in (alone, unknown):
+        assert result.returncode == 2, result.stderr
+        assert f"no job '{job}'" in result.stderr and "--output" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert str(tmp_path) in " ".join(alone.stderr.split())

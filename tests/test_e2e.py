@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -365,7 +366,7 @@ def test_embedded_default_runs_everything_locally(tmp_path) -> None:
     assert status.returncode == 0, status.stderr
 
 
-def test_embedded_ctrl_c_stops_everything(tmp_path) -> None:
+def test_embedded_ctrl_c_stops_everything_and_resume_takes_it_up(tmp_path) -> None:
     # fp32: the slowest dtype, so the job (~30 s of encoding) is surely still running.
     cli, watch = run_watched(["run", str(CRANFIELD), "--dtype", "fp32"], cwd=tmp_path)
     deadline = time.monotonic() + 120
@@ -382,6 +383,20 @@ def test_embedded_ctrl_c_stops_everything(tmp_path) -> None:
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert watch.seen and watch.alive() == []
     assert not list((tmp_path / "embed-out").glob("*/*/manifest.json"))
+    # The job can be taken up later from the output folder alone: a new embedded fleet
+    # (its Redis starts empty) rebuilds the ledger from the job's objects.
+    match = re.search(r"resume (\S+) --output (\S+)`", stderr)
+    assert match, stderr
+    resumed = run_cli(
+        "resume", match[1], "--output", match[2], "--json", env=base_env(), cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = events(resumed.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 1400
+    (chunks_path,) = (tmp_path / "embed-out").glob(f"*/{match[1]}/chunks.jsonl")
+    chunks = chunks_path.read_text()
+    chunk_ids = [json.loads(line)["chunk_id"] for line in chunks.splitlines()]
+    assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
 
 
 def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_it(
@@ -559,6 +574,118 @@ def test_ctrl_c_on_a_shared_fleet_detaches_once_the_job_is_staged(
     followed = run_cli("status", job_id, "--follow", "--json", env=fleet_env)
     assert followed.returncode == 0, followed.stderr
     assert events(followed.stdout, "summary")[-1]["manifest"]["status"] == "complete"
+
+
+def _chunks(s3: Any, bucket: str, key: str) -> dict[str, np.ndarray]:
+    """chunk id -> its dense vectors, concatenated; fails on a chunk exported twice."""
+    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    vectors: dict[str, np.ndarray] = {}
+    for line in body.splitlines():
+        record = json.loads(line)
+        assert record["chunk_id"] not in vectors, f"{record['chunk_id']} exported twice"
+        vectors[record["chunk_id"]] = np.concatenate(
+            [np.asarray(v) for _, v in sorted(record["dense"].items())]
+        )
+    return vectors
+
+
+def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
+    fleet_env, bucket, s3, start_worker, tmp_path, redis_client
+) -> None:
+    """Redis loses everything mid-encode (no persistence: ledger and queued messages
+    gone). `resume --output` rebuilds the ledger from the job's objects, counts the
+    units whose shards are there as done, enqueues the others, and the job ends with
+    the artifacts a clean run gives: every chunk once, the same vectors."""
+    collection = _small_collection(tmp_path, 120)
+    queries = (CRANFIELD / "queries.jsonl").read_text().splitlines()[:5]
+    (tmp_path / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    options = ["--queries", str(tmp_path / "queries.jsonl"), "--batch-chunks", "4"]
+    options += ["--dtype", "fp32", "--detach"]
+    submitted = run_cli(
+        "run", str(collection), "--output", f"s3://{bucket}/lost", *options, env=fleet_env
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    ledger = JobLedger(redis_client, job_id)
+    start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    deadline = time.monotonic() + 240
+    while (done := ledger.progress().stages[0].batches_done) < 3:
+        assert time.monotonic() < deadline, "no progress before the fault"
+        time.sleep(0.2)
+    total = ledger.progress().total_batches or 0
+    assert done < total // 2, "too late for the fault"
+    redis_client.flushall()  # Redis lost, as a restart without persistence leaves it
+    time.sleep(3)
+    status = run_cli("status", job_id, env=fleet_env)
+    assert status.returncode == 2 and "rebuilds the job" in status.stderr, status.stderr
+
+    resumed = run_cli("resume", job_id, "--output", f"s3://{bucket}/lost", "--json", env=fleet_env)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = events(resumed.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete" and manifest["missing"] == []
+    assert {m["name"] for m in manifest["models"]} >= set(manifest["spec"]["dense_models"])
+    kept = s3.client().list_objects_v2(Bucket=bucket, Prefix=f"lost/small/{job_id}/work/models/")
+    assert kept.get("KeyCount", 0) >= 1  # what a rebuilt ledger's model table comes from
+    assert any(a["key"].endswith("/results.jsonl") for a in manifest["artifacts"])
+    last = redis_client.hget(ledger.k_state, "last_resume").decode()
+    assert last.startswith("encode: dense") and "found done in the store" in last, last
+    resumed_vectors = _chunks(s3, bucket, f"lost/small/{job_id}/chunks.jsonl")
+
+    # A clean run of the same collection gives the same chunks and vectors.
+    clean = run_cli(
+        "run", str(collection), "--output", f"s3://{bucket}/clean", *options[:-1], "--json",
+        env=fleet_env,
+    )  # fmt: skip
+    assert clean.returncode == 0, clean.stderr
+    clean_id = events(clean.stdout, "summary")[-1]["manifest"]["job_id"]
+    clean_vectors = _chunks(s3, bucket, f"clean/small/{clean_id}/chunks.jsonl")
+    assert resumed_vectors.keys() == clean_vectors.keys()
+    for chunk_id, vector in clean_vectors.items():
+        np.testing.assert_allclose(resumed_vectors[chunk_id], vector, atol=1e-4)
+
+
+def test_producer_killed_mid_submit_then_resume_stages_the_rest(
+    fleet_env, bucket, s3, start_worker, tmp_path, redis_client
+) -> None:
+    """kill -9 of `run` while it stages: the job cannot complete (its last batches were
+    never staged). `run SOURCE --resume JOB` stages the rest from the same source
+    (deterministic batch ids: nothing staged twice), the resume step enqueues every
+    unit whose output is missing, and the job completes with every chunk once."""
+    collection = _small_collection(tmp_path, 600)
+    command = [
+        sys.executable, "-m", "producer.cli", "run", str(collection), "--output",
+        f"s3://{bucket}", "--batch-chunks", "2", "--detach",
+    ]  # fmt: skip
+    cli = subprocess.Popen(command, cwd=REPO, env=fleet_env, stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (
+        not (jobs := redis_client.zrange(JOBS_INDEX, 0, -1))
+        or int(
+            redis_client.hget(JobLedger(redis_client, jobs[-1].decode()).k_state, "staged_batches")
+            or 0
+        )
+        < 10
+    ):
+        assert cli.poll() is None and time.monotonic() < deadline, "not staging"
+        time.sleep(0.02)
+    cli.kill()
+    cli.wait(timeout=30)
+    job_id = jobs[-1].decode()
+    ledger = JobLedger(redis_client, job_id)
+    assert not ledger.phase_opened("encode"), "staged to the end before the kill"
+    staged_before = len(ledger.staged_batches())
+    start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    wrong = run_cli("run", str(tmp_path), "--resume", job_id, env=fleet_env)
+    assert wrong.returncode == 2 and "is of" in wrong.stderr, wrong.stderr
+    resumed = run_cli("run", str(collection), "--resume", job_id, "--json", env=fleet_env)
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = events(resumed.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 600
+    assert manifest["counts"]["batches"] > staged_before
+    vectors = _chunks(s3, bucket, f"small/{job_id}/chunks.jsonl")
+    assert len(vectors) == manifest["counts"]["chunks"] == ledger.progress().staged_chunks
 
 
 def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:

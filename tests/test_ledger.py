@@ -8,7 +8,15 @@ import time
 import pytest
 
 from shared.ledger import JobLedger
-from shared.schemas import BatchFailure, BatchReport, JobSpec, LatencySummary, ProducerReport
+from shared.schemas import (
+    BatchFailure,
+    BatchReport,
+    JobRecord,
+    JobSpec,
+    LatencySummary,
+    ModelInfo,
+    ProducerReport,
+)
 
 
 def spec(job_id: str = "job-1") -> JobSpec:
@@ -236,3 +244,36 @@ def test_the_watchdog_redrives_a_stalled_job_only_when_the_fleet_is_idle(
     assert len(said) == 1 and "re-driving" in said[0]
     assert ledger.status() == "resuming"
     assert redis_client.llen("aggregate") == 1  # the resume step, for the aggregator
+
+
+def test_a_batch_staged_again_counts_once(ledger) -> None:
+    """A producer that stages again after a resume records each batch once."""
+    ledger.record_staged("b1", 4, 2, 20, ["d#0", "d#1", "d#2", "d#3"])
+    progress = ledger.progress()
+    assert (progress.staged_batches, progress.staged_chunks) == (3, 12)
+    assert progress.documents_read == 2 and ledger.staged_chunk_ids("b1")[-1] == "d#3"
+
+
+def test_rebuild_writes_the_ledger_again_from_the_stores_record(redis_client) -> None:
+    """What ``producer.recovery`` does after Redis lost a job: the spec, the staged
+    batches with their items, the producer's report and the models come back; stale
+    keys left from the old ledger go; units the resume step then finds done count once."""
+    led = JobLedger(redis_client, "job-r")
+    led.client.hset(led.k_done("dense"), "stale", b"x")  # written after the loss
+    record = JobRecord(spec=spec("job-r"), documents_total=3, bytes_total=30)
+    info = ModelInfo(name="m", source="/m", revision="", dim=4, dtype="fp32", device="cpu",
+                     max_seq_length=256)  # fmt: skip
+    led.rebuild(record, producer_report(2), {"b0": 4, "b1": 4}, {}, [info])
+    assert led.spec() == record.spec and led.status() == "resuming"
+    assert led.staged_items() == {"b0": 4, "b1": 4} and led.is_sealed()
+    assert led.phase_opened("encode") and led.models() == [info]
+    assert led.done_units("dense") == set()  # the stale record went
+    progress = led.progress()
+    assert (progress.staged_chunks, progress.total_batches, progress.documents_total) == (8, 2, 3)
+    found = BatchReport.recovered_unit("dense", "b0", 4, "documents")
+    led.record_recovered([found, found])
+    assert led.progress().stages[0].chunks_done == 4
+    assert led.record_done(report("b1"))  # the last unit completes the phase
+    # Recovered units count, but add no figures (no times, no sizes).
+    summary = LatencySummary.from_reports(led.reports("dense"))
+    assert summary.items == 4 and summary.batch_size_max == 4

@@ -161,6 +161,9 @@ def test_local_put_get_exists_list(tmp_path: Path) -> None:
     assert list(store.list()) == ["a/b.bin", "a/c/d.txt", "ab/e.txt", "top.json"]
     assert list(store.list("a")) == ["a/b.bin", "a/c/d.txt"]
     assert list(store.list("missing")) == []
+    assert list(store.folders()) == ["a", "ab"]
+    assert list(store.folders("a")) == ["c"]
+    assert list(store.folders("missing")) == []
     # Overwrite replaces the object.
     store.put_bytes("a/b.bin", b"new")
     assert store.get_bytes("a/b.bin") == b"new"
@@ -304,6 +307,11 @@ def test_s3_with_prefix(s3_env: dict[str, str], bucket: str) -> None:
     whole = open_store(f"s3://{bucket}")
     assert sorted(whole.list("some/prefix")) == ["some/prefix/a.txt", "some/prefix/sub/b.txt"]
     assert whole.get_bytes("some/prefix/a.txt") == b"A"
+    # Folders: one level, under the store's prefix, not its sibling's.
+    assert list(store.folders()) == ["sub"]
+    assert list(whole.folders("some")) == ["prefix", "prefix2"]
+    assert list(whole.folders()) == ["some"]
+    assert list(store.folders("sub")) == []
 
 
 def test_s3_put_file_multipart(s3_env: dict[str, str], bucket: str, tmp_path: Path) -> None:

@@ -203,5 +203,7 @@ def resume_job(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
         if resumed.units
         else f"step {resumed.step}"
     )
+    if resumed.recovered:
+        summary += f" ({resumed.recovered} units found done in the store)"
     job.ledger.record_resume(summary)
     log.info("job resumed", extra={"fields": {"job_id": msg.job_id, "resumed": summary}})

@@ -11,6 +11,10 @@ in pipeline order and stops at the first one that is not finished:
   step that opens it runs again;
 - every phase complete: the export runs again.
 
+A unit whose output is there but which the ledger does not count as done (the ledger
+was rebuilt from the store after Redis lost it, or the worker died between its write
+and its report) is recorded as done first: the store, not the ledger, says what is done.
+
 Each re-driven step and unit is idempotent (deterministic keys, units counted once),
 so a resume of a job that was in fact still running costs repeated work, never a wrong
 or doubled result.
@@ -27,7 +31,14 @@ from shared.celery_app import advance, send_unit
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
 from shared.pipeline import PhaseName
-from shared.schemas import BatchKind, EncodeBatch, JobSpec, RerankGroup, UnitMessage
+from shared.schemas import (
+    BatchKind,
+    BatchReport,
+    EncodeBatch,
+    JobSpec,
+    RerankGroup,
+    UnitMessage,
+)
 from workers.aggregate.fuse import query_groups
 from workers.aggregate.plan import retrieve_units
 
@@ -39,6 +50,7 @@ class Resumed:
     phase: PhaseName | None
     units: dict[str, int] = field(default_factory=dict)  # stage -> units enqueued
     step: str = ""
+    recovered: int = 0  # units found done in the store that the ledger did not count
 
 
 def phase_units(
@@ -79,14 +91,19 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
     spec = ledger.spec()
     store.delete_manifest()  # the export writes a new one, last, as always
     phases = [p.name for p in pipeline.PHASES if p.applies(spec)]
+    recovered = 0
     for position, phase in enumerate(phases):
         if not ledger.phase_opened(phase):
             if position == 0:
                 ledger.require_submitted()  # raises: the encode phase was never sealed
             # Its opening step never ran to the end: run it again.
-            return _redo_step(ledger, app, spec, phases[position - 1], phases[position:])
+            resumed = _redo_step(ledger, app, spec, phases[position - 1], phases[position:])
+            resumed.recovered = recovered
+            return resumed
         units = phase_units(ledger, store, spec, phase)
-        missing = [(m, v) for m, v in units if not store.store.exists(output_key(store, m))]
+        present = {id(m) for m, _ in units if store.store.exists(output_key(store, m))}
+        recovered += _record_recovered(ledger, [m for m, _ in units if id(m) in present])
+        missing = [(m, v) for m, v in units if id(m) not in present]
         if not missing:
             continue
         by_stage: dict[str, list[str]] = {}
@@ -95,8 +112,28 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
         ledger.reopen(phase, by_stage, later=phases[position + 1 :])
         for message, variant in missing:
             send_unit(app, message, variant=variant)
-        return Resumed(phase=phase, units={s: len(u) for s, u in by_stage.items()})
-    return _redo_step(ledger, app, spec, phases[-1], [])
+        units_sent = {s: len(u) for s, u in by_stage.items()}
+        return Resumed(phase=phase, units=units_sent, recovered=recovered)
+    resumed = _redo_step(ledger, app, spec, phases[-1], [])
+    resumed.recovered = recovered
+    return resumed
+
+
+def _record_recovered(ledger: JobLedger, done: list[UnitMessage]) -> int:
+    """Record as done the units whose outputs are there but the ledger does not count."""
+    items = ledger.staged_items()
+    recorded: dict[str, set[str]] = {}
+    reports = []
+    for message in done:
+        if message.stage not in recorded:
+            recorded[message.stage] = ledger.done_units(message.stage)
+        if message.unit in recorded[message.stage]:
+            continue
+        kind: BatchKind = message.kind if isinstance(message, EncodeBatch) else "documents"
+        count = items.get(message.unit, 0) if isinstance(message, EncodeBatch) else 0
+        reports.append(BatchReport.recovered_unit(message.stage, message.unit, count, kind))
+    ledger.record_recovered(reports)
+    return len(reports)
 
 
 def _redo_step(

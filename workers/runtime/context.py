@@ -28,7 +28,7 @@ import redis
 from shared.job_store import JobStore
 from shared.leases import GpuLease
 from shared.ledger import JobLedger, connect
-from shared.schemas import JobSpec
+from shared.schemas import JobSpec, ModelInfo
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_store
 from workers.inference.engine import Inference
@@ -85,6 +85,7 @@ class WorkerContext:
     host: str = field(default_factory=socket.gethostname)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
+    _models_kept: OrderedDict[tuple[str, str, str], None] = field(default_factory=OrderedDict)
 
     @classmethod
     def start(cls, boot: WorkerBoot) -> WorkerContext:
@@ -117,6 +118,18 @@ class WorkerContext:
             while len(self._specs) > KEPT_SPECS:
                 self._specs.popitem(last=False)
         return Job(spec, ledger, JobStore.of(spec, self.store(spec.output)))
+
+    def record_model(self, job: Job, info: ModelInfo) -> None:
+        """A model a unit used, in the ledger (every time: the ledger may have been
+        rebuilt) and in the store (once per process and job: the store's copy is what a
+        rebuilt ledger's model table comes from)."""
+        job.ledger.record_model(info)
+        key = (job.spec.job_id, info.kind, info.name)
+        if key not in self._models_kept:
+            job.store.put_model(info)
+            self._models_kept[key] = None
+            while len(self._models_kept) > KEPT_SPECS * 4:
+                self._models_kept.popitem(last=False)
 
 
 _BOOT = "embed_fleet_boot"

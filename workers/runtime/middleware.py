@@ -191,7 +191,7 @@ class LedgerReporting(Middleware):
             return
         ledger = unit.job.ledger
         for info in outcome.models:
-            ledger.record_model(info)
+            unit.context.record_model(unit.job, info)
         activity = unit.context.inference.models.stats.since(unit.notes.get(ModelActivity.name))
         unit.report = BatchReport(
             batch_id=unit.unit,
