@@ -515,6 +515,12 @@ class JobLedger:
             f for f in self._values(self.k_failed(stage), BatchFailure) if f.batch_id not in done
         ]
 
+    def failed_batches(self) -> set[str]:
+        """Staged batches that failed any encode stage: the job leaves them out whole
+        (no retrieval over them, no export of them), so its artifacts agree."""
+        stages = self.spec().stages
+        return {failure.batch_id for stage in stages for failure in self.failures(stage)}
+
     def models(self) -> list[ModelInfo]:
         return self._values(self.k_models, ModelInfo)
 

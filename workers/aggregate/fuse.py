@@ -122,7 +122,12 @@ def _attach_texts(ledger: JobLedger, store: JobStore, groups: list[FusedGroup], 
         for query in group.queries:
             for candidate in query.candidates[:top]:
                 wanted.setdefault(candidate.chunk_id, []).append(group)
+    # A batch that failed an encode stage is left out of the job (no candidate comes
+    # from it) and may be unreadable: it was poison, or its object was lost.
+    failed = ledger.failed_batches()
     for batch_id in ledger.staged_batches():
+        if batch_id in failed:
+            continue
         for chunk in store.batch(batch_id).chunks:
             for group in wanted.get(chunk.chunk_id, ()):
                 group.texts[chunk.chunk_id] = chunk.text

@@ -20,15 +20,15 @@ from workers.ranking.sparse_weights import merge_bm25
 
 
 def retrieve_units(ledger: JobLedger, spec: JobSpec) -> list[RetrieveGroup]:
-    """One retrieve unit per encode stage and group of that stage's encoded document
-    batches (a batch whose stage failed has no shard to search)."""
+    """One retrieve unit per encode stage and group of the encoded document batches (a
+    batch that failed any encode stage is left out of the job, as the export leaves it
+    out, so that no candidate names a chunk the artifacts lack)."""
     assert spec.retrieval is not None, "only jobs with queries have a retrieve phase"
     size = spec.retrieval.batches_per_retrieve_task
-    batches = ledger.staged_batches()
+    failed = ledger.failed_batches()
+    usable = [b for b in ledger.staged_batches() if b not in failed]
     units: list[RetrieveGroup] = []
     for stage in spec.stages:
-        failed = {f.batch_id for f in ledger.failures(stage)}
-        usable = [b for b in batches if b not in failed]
         for number, start in enumerate(range(0, len(usable), size)):
             units.append(
                 RetrieveGroup(
@@ -46,7 +46,7 @@ def plan_retrieve(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """Fan the retrieve phase out; returns how many units it enqueued."""
     spec = ledger.spec()
     if BM25 in spec.sparse_models:
-        failed = {f.batch_id for f in ledger.failures("sparse")}
+        failed = ledger.failed_batches()
         usable = [b for b in ledger.staged_batches() if b not in failed]
         stats = merge_bm25(store, spec.bm25 or BM25Params(), usable)
         store.put_bm25(stats.collection())

@@ -1,0 +1,280 @@
+"""A fleet spread over hosts, for the multi-host tests and ``bench/faults.py``: a
+services host (Redis with AOF, SeaweedFS S3), two worker hosts with hostnames of their
+own and a producer host, each a network namespace on a private bridge (``hosts``; root
+only). Faults are one call each (a worker killed, a host lost or cut off, Redis
+restarted or lost, S3 stopped), and :data:`CHECKER` checks a job's output the same way
+after every one: every chunk once, unit-norm vectors, checksums that match the stored
+objects, the manifest written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from conftest import CRANFIELD, REPO, base_env
+from hosts import Host, Network
+from servers import S3_KEY, S3_SECRET
+
+from producer.local_fleet import redis_server_binary, worker_command
+
+REDIS_PORT, S3_PORT = 6379, 8333
+BUCKET = "fleet"
+
+
+class Fleet:
+    """The hosts of one test and how to reach the services from them."""
+
+    def __init__(self, net: Network, tmp: Path) -> None:
+        self.tmp = tmp
+        self.worker_procs: dict[tuple[str, str], tuple[subprocess.Popen[bytes], str]] = {}
+        self.worker_starts: list[tuple[str, str]] = []
+        self.services = net.add_host("services")
+        self.producer = net.add_host("producer")
+        self.workers = [net.add_host("worker-a"), net.add_host("worker-b")]
+        address = self.services.address
+        self.env = base_env(
+            REDIS_URL=f"redis://{address}:{REDIS_PORT}/0",
+            S3_ENDPOINT_URL=f"http://{address}:{S3_PORT}",
+            AWS_ACCESS_KEY_ID=S3_KEY,
+            AWS_SECRET_ACCESS_KEY=S3_SECRET,
+            AWS_DEFAULT_REGION="us-east-1",
+            EMBED_FLEET_VISIBILITY_TIMEOUT="8",
+            EMBED_FLEET_UNACKED_RESTORE_INTERVAL="1",
+        )
+
+    def start_redis(self) -> None:
+        """Redis with AOF (as a fleet runs it), off loopback on purpose: only the test's
+        own namespaces can reach it."""
+        host = self.services
+        self.redis = host.start(
+            [redis_server_binary(), "--bind", host.address, "--port", str(REDIS_PORT),
+             "--save", "", "--appendonly", "yes", "--dir", str(self.tmp),
+             "--protected-mode", "no"],
+            self.env, self.tmp / "redis.log",
+        )  # fmt: skip
+
+    def shutdown_redis(self) -> None:
+        """``SHUTDOWN`` (the AOF is written), as an operator's restart does."""
+        cli = str(Path(redis_server_binary()).parent / "redis-cli")
+        args = [cli, "-h", self.services.address, "-p", str(REDIS_PORT), "SHUTDOWN"]
+        self.producer.run(args, self.env, REPO, timeout=30)
+        self.redis.wait(timeout=30)
+
+    def start_services(self) -> None:
+        self.start_redis()
+        (self.tmp / "weed").mkdir()
+        self.start_s3()
+        # Ready when the producer host reaches both (bounded: 60 s).
+        ready = self.python(READY.replace("BUCKET", BUCKET), timeout=90)
+        assert ready.returncode == 0, ready.stderr
+
+    def start_s3(self) -> None:
+        """SeaweedFS (S3) on the services host, its data in the test's folder, so that
+        a restart finds every object again."""
+        host, tmp = self.services, self.tmp
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        # Ports of its own namespace: nothing else binds them (grpc twins at +10000).
+        self.s3 = host.start(
+            [weed, "mini", f"-dir={tmp / 'weed'}", f"-ip={host.address}",
+             f"-ip.bind={host.address}", f"-s3.port={S3_PORT}", "-master.port=9333",
+             "-volume.port=8080", "-filer.port=8888", "-admin.port=23646", "-admin.ui=false",
+             "-webdav=false", "-s3.port.iceberg=8181", "-s3.port.lance=9101"],
+            {**self.env, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET},
+            tmp / "weed.log",
+        )  # fmt: skip
+
+    def stop_s3(self) -> None:
+        """Every SeaweedFS process down (SIGTERM to its process group), as an outage."""
+        os.killpg(self.s3.pid, signal.SIGTERM)
+        self.s3.wait(timeout=30)
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{S3_PORT}.sock"):
+            sock.unlink(missing_ok=True)
+
+    def lose_redis(self) -> None:
+        """Redis killed and its data gone (no persistence, a new instance): it comes
+        back empty."""
+        os.killpg(self.redis.pid, signal.SIGKILL)
+        self.redis.wait(timeout=30)
+        shutil.rmtree(self.tmp / "appendonlydir", ignore_errors=True)
+        (self.tmp / "dump.rdb").unlink(missing_ok=True)
+        self.start_redis()
+
+    def start_worker(
+        self, host: Host, queues: str = "dense,sparse,aggregate", kind: str = "all"
+    ) -> subprocess.Popen[bytes]:
+        """A worker of ``queues`` on ``host``, known as ``kind`` to the kill methods."""
+        proc = host.start(
+            worker_command(queues, f"{kind}-{host.name}@%h", "INFO"),
+            self.env,
+            self.tmp / f"{host.name}-{kind}.log"
+            if kind != "all"
+            else self.tmp / f"{host.name}.log",
+            cwd=REPO,
+        )
+        self.worker_procs[(host.name, kind)] = (proc, queues)
+        self.worker_starts.append((host.name, kind))
+        return proc
+
+    def start_workers(self) -> None:
+        """A worker on every worker host."""
+        for host in self.workers:
+            self.start_worker(host)
+
+    def kill_worker(self, host: Host, kind: str, restart_after_s: float | None = None) -> None:
+        """kill -9 of a whole worker (main process and pool), as a crashed container;
+        with ``restart_after_s``, started again that much later, as a supervisor does."""
+        proc, queues = self.worker_procs[(host.name, kind)]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        if restart_after_s is not None:
+            time.sleep(restart_after_s)
+            self.start_worker(host, queues, kind)
+
+    def kill_worker_child(self, host: Host, kind: str) -> int | None:
+        """kill -9 of a worker's pool process (the one running tasks), as the kernel's
+        OOM killer would; the worker's main process sees it. Returns its pid."""
+        proc, _ = self.worker_procs[(host.name, kind)]
+        children = psutil.Process(proc.pid).children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        return children[0].pid if children else None
+
+    def python(self, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return self.producer.run([sys.executable, "-c", code], self.env, REPO, timeout)
+
+    def cli(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+        return self.producer.run(
+            [sys.executable, "-m", "producer.cli", *args], self.env, REPO, timeout
+        )
+
+    def start_job(self, prefix: str) -> RunningJob:
+        """A 300-document job (batches of 4 chunks) from the producer host, in the
+        background, writing to ``s3://BUCKET/prefix``."""
+        corpus = small_corpus(self.tmp, 300)
+        progress = self.tmp / "producer.log"
+        producer = self.producer.start(
+            [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
+             f"s3://{BUCKET}/{prefix}", "--batch-chunks", "4", "--json"],
+            self.env, progress, cwd=REPO,
+        )  # fmt: skip
+        return RunningJob(self, prefix, producer, progress)
+
+    def check_output(self, prefix: str) -> dict[str, object]:
+        """What :data:`CHECKER` finds of the job under ``prefix``."""
+        done = self.python(CHECKER.replace("PREFIX", prefix).replace("BUCKET", BUCKET))
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+READY = """
+import os, time
+import boto3, redis
+deadline = time.monotonic() + 60
+while True:
+    try:
+        redis.Redis.from_url(os.environ["REDIS_URL"]).ping()
+        s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        s3.create_bucket(Bucket="BUCKET")
+        break
+    except Exception:
+        assert time.monotonic() < deadline, "services not ready"
+        time.sleep(0.2)
+"""
+
+CHECKER = """
+import hashlib, json, os
+import boto3, numpy as np
+s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+pages = s3.get_paginator("list_objects_v2").paginate(Bucket="BUCKET", Prefix="PREFIX/")
+objects = {o["Key"]: o for page in pages for o in page.get("Contents", [])}
+(manifest_key,) = [k for k in objects if k.endswith("/manifest.json")]
+manifest = json.loads(s3.get_object(Bucket="BUCKET", Key=manifest_key)["Body"].read())
+def read(key):  # artifact keys are relative to the output URL (s3://BUCKET/PREFIX)
+    return s3.get_object(Bucket="BUCKET", Key="PREFIX/" + key)["Body"].read()
+artifacts = [a["key"] for a in manifest["artifacts"]]
+checksums_match = all(
+    hashlib.sha256(read(a["key"])).hexdigest() == a["sha256"] for a in manifest["artifacts"]
+)
+written = objects[manifest_key]["LastModified"]
+manifest_last = all(objects["PREFIX/" + k]["LastModified"] <= written for k in artifacts)
+chunks_key = [k for k in artifacts if k.endswith("chunks.jsonl")][0]
+ids, norms = [], []
+for line in read(chunks_key).splitlines():
+    record = json.loads(line)
+    ids.append(record["chunk_id"])
+    norms += [float(np.linalg.norm(v)) for v in record["dense"].values()]
+results = [k for k in artifacts if k.endswith("results.jsonl")]
+print(json.dumps({
+    "status": manifest["status"], "chunks": manifest["counts"]["chunks"], "ids": len(ids),
+    "distinct": len(set(ids)), "norm_min": min(norms), "norm_max": max(norms),
+    "checksums_match": checksums_match, "manifest_last": manifest_last,
+    "queries": len(read(results[0]).splitlines()) if results else 0,
+    "chunk_ids": sorted(set(ids)),
+    "missing_ids": sorted({c for m in manifest["missing"] for c in m["chunk_ids"]}),
+    "job_id": manifest["job_id"],
+}))
+"""
+
+
+def small_corpus(tmp: Path, documents: int) -> Path:
+    folder = tmp / "corpus"
+    folder.mkdir()
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:documents]
+    (folder / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@dataclass
+class RunningJob:
+    """A job the producer host runs in the background, followed through its JSON lines."""
+
+    fleet: Fleet
+    prefix: str
+    producer: subprocess.Popen[bytes]
+    progress: Path
+
+    def wait_mid_job(self) -> None:
+        """Until the dense stage has started and is not half done (bounded: 240 s)."""
+        deadline = time.monotonic() + 240
+        while not mid_job(self.progress):
+            assert self.producer.poll() is None, self.progress.read_text()[-2000:]
+            assert time.monotonic() < deadline, "no progress before the fault"
+            time.sleep(0.1)
+
+    def finish(self) -> float:
+        """The producer exits 0 and the output passes every check; returns when the
+        producer exited (``time.monotonic``)."""
+        assert self.producer.wait(timeout=300) == 0, self.progress.read_text()[-2000:]
+        done_at = time.monotonic()
+        assert_complete(self.fleet.check_output(self.prefix))
+        return done_at
+
+
+def mid_job(progress: Path) -> bool:
+    """Whether the producer's JSON progress shows the dense stage started, not half done."""
+    for line in reversed(progress.read_text().splitlines()):
+        if line.startswith('{"event":"progress"'):
+            event = json.loads(line)
+            dense = next(s for s in event["stages"] if s["stage"] == "dense")
+            total = event["total_batches"] or 10**9
+            return bool(2 <= dense["batches_done"] <= total // 2)
+    return False
+
+
+def assert_complete(result: dict[str, object]) -> None:
+    assert result["status"] == "complete", result
+    assert result["ids"] == result["distinct"] == result["chunks"], result  # each chunk once
+    assert abs(float(result["norm_min"]) - 1) < 1e-5 > abs(float(result["norm_max"]) - 1)
+    assert result["checksums_match"] is True and result["manifest_last"] is True
