@@ -427,6 +427,12 @@ def main() -> None:
     parser.add_argument("--faults", default="", help="only these (comma-separated names)")
     parser.add_argument("--docs", type=int, default=120, help="Cranfield documents per job")
     parser.add_argument("--list", action="store_true", help="list the faults and exit")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs of faults not run now from the existing --out file (the "
+        "baseline is this run's)",
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "faults.json"))
     args = parser.parse_args()
     chosen = faults()
@@ -461,6 +467,12 @@ def main() -> None:
             net.close()
             for sock in Path("/tmp").glob(f"seaweedfs-*-{S3_PORT}.sock"):
                 sock.unlink(missing_ok=True)
+    if args.merge and Path(args.out).exists():
+        now = {r.fault for r in runs}
+        kept = json.loads(Path(args.out).read_text())["runs"]
+        runs += [Run(**r) for r in kept if r["fault"] not in now]
+        ran = {r.fault for r in runs}
+        chosen = [f for f in faults() if f.name in ran]
     report(runs, chosen, args, time.time() - started)
 
 

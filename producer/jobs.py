@@ -8,6 +8,7 @@ batch in the object store and enqueues a message that carries only its keys.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import redis
 from celery import Celery
 
 from producer.chunking import Chunker, model_max_tokens
@@ -308,7 +310,9 @@ class Stager:
             self.report = self._run()
         except BaseException as exc:
             self.error = exc
-            self.ledger.fail(f"producer stopped: {exc}", ttl=self.ledger_ttl)
+            # Best effort: the ledger may be what failed (Redis gone, or back empty).
+            with contextlib.suppress(EmbedFleetError, redis.RedisError):
+                self.ledger.fail(f"producer stopped: {exc}", ttl=self.ledger_ttl)
 
     def _run(self) -> ProducerReport:
         job, spec = self.job, self.job.spec

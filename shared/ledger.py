@@ -24,6 +24,7 @@ Keys, all under ``embed-fleet:job:<id>:``::
 
 from __future__ import annotations
 
+import secrets
 import time
 import zlib
 from typing import Any, TypeVar
@@ -55,8 +56,11 @@ T = TypeVar("T")
 
 # Counts units accounted for per stage of a phase (done, or failed and not later done)
 # and, when every stage has all of them and the phase's total is known, takes the
-# phase guard and sets the next status (ARGV[1]: the total's field, ARGV[2]: status).
-# Runs atomically in Redis, after the caller's own write.
+# phase guard for its claimant and sets the next status (ARGV[1]: the total's field,
+# ARGV[2]: status, ARGV[3]: the claimant). The claimant that holds the guard gets it
+# again: a winner that died before it published the next step is redelivered (its
+# message was never acknowledged) and publishes it then. Runs atomically in Redis,
+# after the caller's own write.
 _CHECK_COMPLETE = """
 local total = redis.call('HGET', KEYS[1], ARGV[1])
 if not total then return 0 end
@@ -68,10 +72,11 @@ for i = 3, #KEYS, 2 do
   end
   if n < total then return 0 end
 end
-if redis.call('SET', KEYS[2], '1', 'NX') then
+if redis.call('SET', KEYS[2], ARGV[3], 'NX') then
   redis.call('HSET', KEYS[1], 'status', ARGV[2])
   return 1
 end
+if redis.call('GET', KEYS[2]) == ARGV[3] then return 1 end
 return 0
 """
 
@@ -167,6 +172,11 @@ def _failed_try_ooms_field(stage: str) -> str:
 def _counter(report: BatchReport) -> str:
     """The state field a finished unit's items are counted in."""
     return f"{'queries' if report.kind == 'queries' else 'chunks'}_done:{report.stage}"
+
+
+def _claimant(unit: BatchReport | BatchFailure) -> str:
+    """Who takes a phase guard when recording this unit: the unit itself."""
+    return f"unit:{unit.stage}:{unit.batch_id}"
 
 
 def _decode(data: Any, kind: type[T]) -> T | None:
@@ -302,16 +312,16 @@ class JobLedger:
         pipe.set(self.k_producer, msgspec.msgpack.encode(report))
         pipe.hset(self.k_state, "total_batches", report.batches + report.query_batches)
         pipe.execute()
-        return self.check_phase("encode") if check else False
+        return self.check_phase("encode", "producer") if check else False
 
     def open_phase(self, phase: PhaseName, units: int) -> bool:
         """Set how many units ``phase`` has (before they are enqueued) and the status
-        while they run. True if the caller must start the next phase at once (a phase
-        without units)."""
+        while they run. True if the caller (the step that plans ``phase``) must start
+        the next phase at once (a phase without units)."""
         opened = pipeline.phase(phase)
         if units == 0:
             self.client.hset(self.k_state, opened.total_field, 0)
-            return self.check_phase(phase)
+            return self.check_phase(phase, f"step:{opened.name}")
         self.client.hset(self.k_state, mapping={opened.total_field: units, "status": opened.status})
         return False
 
@@ -324,7 +334,7 @@ class JobLedger:
             keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
             args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, counter],
         )
-        return self.check_phase(pipeline.stage(report.stage).phase)
+        return self.check_phase(pipeline.stage(report.stage).phase, _claimant(report))
 
     def record_recovered(self, reports: list[BatchReport]) -> None:
         """Units a resume found done in the object store, recorded as done (counted once,
@@ -352,7 +362,7 @@ class JobLedger:
             self.client.hset(
                 self.k_failed(failure.stage), failure.batch_id, msgspec.msgpack.encode(failure)
             )
-        return self.check_phase(pipeline.stage(failure.stage).phase)
+        return self.check_phase(pipeline.stage(failure.stage).phase, _claimant(failure))
 
     def record_failed_try_ooms(self, stage: str, count: int) -> None:
         """Out-of-memory errors of a try of a unit that then raised (and is retried, or
@@ -369,14 +379,19 @@ class JobLedger:
     def set_status(self, status: JobStatus) -> None:
         self.client.hset(self.k_state, "status", status)
 
-    def check_phase(self, phase: PhaseName) -> bool:
-        """True exactly once per phase: for the caller that finds it complete first."""
+    def check_phase(self, phase: PhaseName, claimant: str = "") -> bool:
+        """True for the caller that finds ``phase`` complete first, and again for that
+        same claimant only (a unit or step redelivered after its worker died before it
+        published the next step; publishing it twice is harmless, never publishing it
+        would stall the job). An empty claimant never gets it twice."""
         spec = self.spec()
         keys = [self.k_state, self.k_guard(phase)]
         for stage in pipeline.job_stages(spec, phase):
             keys += [self.k_done(stage.name), self.k_failed(stage.name)]
         after = pipeline.next_step(spec, phase)
-        return bool(self._check(keys=keys, args=[pipeline.phase(phase).total_field, after.status]))
+        total = pipeline.phase(phase).total_field
+        claimant = claimant or f"anonymous:{secrets.token_hex(8)}"
+        return bool(self._check(keys=keys, args=[total, after.status, claimant]))
 
     # --- resuming --------------------------------------------------------------------
 
@@ -391,7 +406,8 @@ class JobLedger:
         if not self.phase_opened("encode"):
             raise EmbedFleetError(
                 f"job {self.job_id} was never fully submitted (its producer stopped while staging)",
-                "Run the collection again: a job is resumable once every batch is staged",
+                f"Run `embed-collections resume {self.job_id}` where the job's source is: it "
+                "stages the rest",
             )
 
     def mark_resuming(self) -> None:

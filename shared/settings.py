@@ -224,7 +224,7 @@ class Settings:
     max_retries: int = 3
     ledger_ttl: float = 7 * 24 * 3600.0
     transient_window: float = 300.0
-    stall_timeout: float = 120.0
+    stall_timeout: float = 30.0
     log_level: str = "WARNING"
     rerank_batch_timeout: float | None = 120.0
     device: str | None = None

@@ -6,6 +6,7 @@ objects (see ``host_fleet``)."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,3 +106,22 @@ def test_s3_down_then_back_mid_job(fleet: Fleet) -> None:
     time.sleep(60)
     fleet.start_s3()
     job.finish()
+
+
+def test_redis_lost_mid_job_then_resume(fleet: Fleet) -> None:
+    """Redis dies mid-job and comes back empty (its AOF gone): the ledger and every
+    queued message are lost, and the producer stops, saying how to go on. `resume
+    --output` from the producer host rebuilds the ledger from the store and the job
+    completes with nothing lost or duplicated."""
+    fleet.start_services()
+    fleet.start_workers()
+    job = fleet.start_job("lost-redis")
+    job.wait_mid_job()
+    fleet.lose_redis()
+    assert job.producer.wait(timeout=120) == 2
+    said = job.progress.read_text()
+    assert "rebuilds the job" in " ".join(said.split()), said[-1000:]
+    job_id = next(json.loads(line) for line in said.splitlines() if line.startswith("{"))["job_id"]
+    resumed = fleet.cli("resume", job_id, "--output", f"s3://{BUCKET}/lost-redis", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert_complete(fleet.check_output("lost-redis"))
