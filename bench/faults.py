@@ -173,15 +173,11 @@ class Bench:
         deadline = time.monotonic() + timeout
         for (name, kind), _ in self.fleet.worker_procs.items():
             log = self.tmp / f"{name}-{kind}.log"
-            starts = sum(1 for (n, k) in self.started if (n, k) == (name, kind))
+            starts = self.fleet.worker_starts.count((name, kind))
             while log.read_text(errors="replace").count(" ready.") < starts:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"worker {kind} on {name} not ready: {log}")
                 time.sleep(0.2)
-
-    @property
-    def started(self) -> list[tuple[str, str]]:
-        return self.fleet.worker_starts
 
     def host(self, name: str) -> Host:
         return next(h for h in self.fleet.workers if h.name == name)

@@ -254,10 +254,6 @@ class JobLedger:
     def record_staged_queries(self, batch_id: str, queries: int) -> None:
         self.client.hset(self.k_staged_queries, batch_id, queries)
 
-    def is_sealed(self) -> bool:
-        """Whether the producer recorded every batch staged."""
-        return bool(self.client.exists(self.k_producer))
-
     def rebuild(
         self,
         record: JobRecord,
@@ -329,28 +325,23 @@ class JobLedger:
 
     def record_done(self, report: BatchReport) -> bool:
         """Record a finished unit. True if the caller must start the next phase."""
-        counter = _counter(report)
+        self._run_record_done(report)
+        return self.check_phase(pipeline.stage(report.stage).phase, _claimant(report))
+
+    def _run_record_done(self, report: BatchReport, client: Any = None) -> None:
+        """The record-done script for one unit (in ``client``, a pipeline, if given)."""
         self._record_done(
             keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
-            args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, counter],
+            args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, _counter(report)],
+            client=client,
         )
-        return self.check_phase(pipeline.stage(report.stage).phase, _claimant(report))
 
     def record_recovered(self, reports: list[BatchReport]) -> None:
         """Units a resume found done in the object store, recorded as done (counted once,
         as every unit is). The caller checks the phase afterwards."""
         pipe = self.client.pipeline()
         for report in reports:
-            self._record_done(
-                keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
-                args=[
-                    report.batch_id,
-                    msgspec.msgpack.encode(report),
-                    report.chunks,
-                    _counter(report),
-                ],
-                client=pipe,
-            )
+            self._run_record_done(report, pipe)
         pipe.execute()
 
     def done_units(self, stage: str) -> set[str]:

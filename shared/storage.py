@@ -291,10 +291,14 @@ class S3Store:
         full = self._key(key)
         self._patient("delete", lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def _folder(self, prefix: str) -> str:
+        """The full key of the folder ``prefix`` (under the store's prefix), ending in
+        ``/``, or "" for the bucket's root."""
         full = self._key(prefix) if prefix else self.prefix
-        if full:
-            full += "/"
+        return f"{full}/" if full else ""
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        full = self._folder(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
 
         def listing() -> list[str]:
@@ -306,8 +310,7 @@ class S3Store:
         yield from self._patient("list", listing)
 
     def folders(self, prefix: str = "") -> Sequence[str]:
-        full = self._key(prefix) if prefix else self.prefix
-        full = f"{full}/" if full else ""
+        full = self._folder(prefix)
 
         def listing() -> list[str]:
             paginator = self.client.get_paginator("list_objects_v2")

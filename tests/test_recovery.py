@@ -3,10 +3,11 @@ real Redis and a real folder store."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
+import msgspec
 import pytest
+from test_ledger import spec
 
 from producer.recovery import find_job, rebuild_ledger
 from shared.errors import EmbedFleetError
@@ -26,19 +27,10 @@ from shared.storage import LocalStore
 
 
 def _spec(job_id: str) -> JobSpec:
-    return JobSpec(
-        job_id=job_id,
-        collection="my docs",
-        source="/data/docs",
-        output="/out",
-        created_at=time.time(),
-        dense_models=["m"],
-        chunk_tokens=64,
-        chunk_overlap=0,
-        batch_chunks=4,
-        max_batch_tokens=None,
-        on_bad_record="fail",
-        retrieval=RetrievalSpec(queries_source="/q", queries=5, query_batches=2, qrels_source=None),
+    """The ledger tests' spec, with queries and a collection name that needs sanitising."""
+    retrieval = RetrievalSpec(queries_source="/q", queries=5, query_batches=2, qrels_source=None)
+    return msgspec.structs.replace(
+        spec(job_id), collection="my docs", chunk_tokens=64, retrieval=retrieval
     )
 
 

@@ -97,13 +97,15 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
             if position == 0:
                 ledger.require_submitted()  # raises: the encode phase was never sealed
             # Its opening step never ran to the end: run it again.
-            resumed = _redo_step(ledger, app, spec, phases[position - 1], phases[position:])
-            resumed.recovered = recovered
-            return resumed
-        units = phase_units(ledger, store, spec, phase)
-        present = {id(m) for m, _ in units if store.store.exists(output_key(store, m))}
-        recovered += _record_recovered(ledger, [m for m, _ in units if id(m) in present])
-        missing = [(m, v) for m, v in units if id(m) not in present]
+            return _redo_step(ledger, app, spec, phases[position - 1], phases[position:], recovered)
+        present: list[UnitMessage] = []
+        missing: list[tuple[UnitMessage, str]] = []
+        for message, variant in phase_units(ledger, store, spec, phase):
+            if store.store.exists(output_key(store, message)):
+                present.append(message)
+            else:
+                missing.append((message, variant))
+        recovered += _record_recovered(ledger, present)
         if not missing:
             continue
         by_stage: dict[str, list[str]] = {}
@@ -114,9 +116,7 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
             send_unit(app, message, variant=variant)
         units_sent = {s: len(u) for s, u in by_stage.items()}
         return Resumed(phase=phase, units=units_sent, recovered=recovered)
-    resumed = _redo_step(ledger, app, spec, phases[-1], [])
-    resumed.recovered = recovered
-    return resumed
+    return _redo_step(ledger, app, spec, phases[-1], [], recovered)
 
 
 def _record_recovered(ledger: JobLedger, done: list[UnitMessage]) -> int:
@@ -137,11 +137,16 @@ def _record_recovered(ledger: JobLedger, done: list[UnitMessage]) -> int:
 
 
 def _redo_step(
-    ledger: JobLedger, app: Celery, spec: JobSpec, after: PhaseName, later: list[PhaseName]
+    ledger: JobLedger,
+    app: Celery,
+    spec: JobSpec,
+    after: PhaseName,
+    later: list[PhaseName],
+    recovered: int,
 ) -> Resumed:
     """Run again the step that follows the complete phase ``after``."""
     step = pipeline.next_step(spec, after)
     ledger.reopen(after, {}, later=later)
     ledger.set_status(step.status)
     advance(app, spec, after)
-    return Resumed(phase=None, step=step.name)
+    return Resumed(phase=None, step=step.name, recovered=recovered)
