@@ -45,7 +45,7 @@ from shared.models import (
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
 )
-from shared.schemas import BM25Params, JobSpec, Manifest
+from shared.schemas import BM25Params, ExportSpec, JobSpec, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name
 from shared.storage import LocalStore, open_store, safe_name
 
@@ -273,6 +273,39 @@ def _settings() -> Settings:
     "size); more tasks spread retrieval over more workers.",
 )
 @click.option(
+    "--format",
+    "export_format",
+    type=click.Choice(["parquet", "jsonl"]),
+    default="parquet",
+    show_default=True,
+    help="How the chunks are written: Parquet parts (dense vectors as "
+    "fixed_size_list<float32>[dim] columns, sparse as struct<indices, values> over "
+    "vocab/<model>.json; what LanceDB, DuckDB, HF datasets and Milvus read) or JSONL "
+    "parts (one record per line, vectors as JSON). Parts are written in parallel by the "
+    "aggregate workers.",
+)
+@click.option(
+    "--part-rows",
+    type=click.IntRange(1),
+    default=100_000,
+    show_default=True,
+    help="The most chunks one part file holds.",
+)
+@click.option(
+    "--part-mb",
+    type=click.IntRange(1),
+    default=256,
+    show_default=True,
+    help="About the most MiB one part file holds (estimated from the vectors' sizes; "
+    "a part never splits a staged batch).",
+)
+@click.option(
+    "--keep-work",
+    is_flag=True,
+    help="Keep OUTPUT/<collection>/<job_id>/work/ (staged batches and per-batch shards) "
+    "after the manifest is written; by default it is deleted then.",
+)
+@click.option(
     "--on-bad-record",
     type=click.Choice(["fail", "skip"]),
     default="fail",
@@ -339,6 +372,10 @@ def run(
     rerank_top: int,
     dtype: str,
     retrieve_chunks_per_task: int,
+    export_format: Literal["parquet", "jsonl"],
+    part_rows: int,
+    part_mb: int,
+    keep_work: bool,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
     resume_job: str | None,
@@ -352,9 +389,11 @@ def run(
     by the dense ensemble and every sparse model, the rankings are fused, and (with
     --enable-rerank) the fused top candidates are reranked by a CrossEncoder.
 
-    Artifacts land in OUTPUT/<collection>/<job_id>/: chunks.jsonl, results.jsonl,
-    metrics.json (with judgements), then manifest.json. Exit code: 0 complete,
-    1 partial or failed, 2 bad input or configuration, 130 interrupted.
+    Artifacts land in OUTPUT/<collection>/<job_id>/: chunks/part-NNNNN.parquet (or
+    .jsonl), vocab/<sparse model>.json, results.jsonl, metrics.json, then
+    manifest.json, which lists every file and says which column holds which model.
+    Exit code: 0 complete, 1 partial or failed, 2 bad input or configuration, 130
+    interrupted.
     """
     if model_cache:
         os.environ["HF_HOME"] = str(Path(model_cache).expanduser().resolve())
@@ -386,6 +425,12 @@ def run(
         retrieve_chunks_per_task=retrieve_chunks_per_task,
         dtype=dtype,
         transient_window_s=settings.transient_window,
+        export=ExportSpec(
+            format=export_format,
+            part_rows=part_rows,
+            part_bytes=part_mb * 2**20,
+            keep_work=keep_work,
+        ),
     )
     if resume_job:
         _resume_main(resume_job, output, detach, as_json, source=source)

@@ -116,15 +116,15 @@ def _follow(
     with Progress(*columns, console=console, transient=False) as bars:
         read = bars.add_task("read", total=None, unit="docs", figures="")
         stage_bars: dict[str, TaskID] = {}
-        export: TaskID | None = None  # added last, so it shows below the stages
         while True:
             snap = ledger.progress(detail=True)
             bars.update(read, completed=snap.documents_read, total=snap.documents_total)
             sealed = snap.total_batches is not None
             for stage in snap.stages:
                 phase = counts_tasks(stage.stage)
-                if phase and stage.total is None:
-                    continue
+                opened = stage.total is not None or pipeline.stage(stage.stage).phase == "encode"
+                if not opened:
+                    continue  # shown once its phase is planned (the encode phase: at once)
                 if stage.stage not in stage_bars:
                     unit = "tasks" if phase else "chunks"
                     stage_bars[stage.stage] = bars.add_task(
@@ -143,10 +143,6 @@ def _follow(
                     completed=stage.chunks_done,
                     total=snap.staged_chunks if sealed else None,
                 )
-            if snap.status in (pipeline.step("export").status, *FINISHED):
-                if export is None:
-                    export = bars.add_task("export", total=1, unit="", figures="")
-                bars.update(export, completed=1 if snap.status in FINISHED else 0)
             if snap.status in FINISHED:
                 return snap
             tick()

@@ -36,6 +36,7 @@ from shared.schemas import (
     Chunk,
     ChunkBatch,
     EncodeBatch,
+    ExportSpec,
     Fusion,
     JobRecord,
     JobSpec,
@@ -80,6 +81,7 @@ class JobOptions:
     # Seconds the producer's writes to the store ride out an outage
     # (EMBED_FLEET_TRANSIENT_WINDOW); the first check of the store never waits.
     transient_window_s: float = 0.0
+    export: ExportSpec = field(default_factory=ExportSpec)
 
 
 @dataclass
@@ -169,6 +171,7 @@ def prepare(
         bm25=options.bm25 if BM25 in sparse else None,
         retrieval=retrieval,
         dtype=options.dtype,
+        export=options.export,
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set)
 

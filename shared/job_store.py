@@ -15,7 +15,9 @@ can be rebuilt and resumed (``producer.recovery``).
 ::
 
     <collection>/<job_id>/
-        chunks.jsonl  results.jsonl  metrics.json  manifest.json (last)
+        chunks/part-00000.parquet ...         the chunks, in parts (or .jsonl)
+        vocab/<sparse model>.json             a sparse model's terms (Parquet parts)
+        results.jsonl  metrics.json  manifest.json (last)
         work/job.msgpack                      JobRecord (written first)
         work/producer.msgpack                 ProducerReport (every batch staged)
         work/models/<kind>-<model>.msgpack    ModelInfo (what the workers loaded)
@@ -27,6 +29,11 @@ can be rebuilt and resumed (``producer.recovery``).
         work/retrieve/<group>.msgpack         TopKShard
         work/fused/<group>.msgpack            FusedGroup
         work/rerank/<group>.msgpack           RerankShard
+        work/vocab/<sparse model>.msgpack     Vocabulary (what a sparse worker used)
+        work/export-plan.msgpack              ExportPlan (the parts and their batches)
+        work/parts/<part>.msgpack             ExportedPart (a part is written)
+
+``work/`` goes once the manifest is written, unless the job keeps it (``--keep-work``).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from shared.schemas import (
     BM25Collection,
     ChunkBatch,
     DenseShard,
+    ExportedPart,
+    ExportPlan,
     FusedGroup,
     JobRecord,
     JobSpec,
@@ -52,6 +61,7 @@ from shared.schemas import (
     SparseShard,
     Struct,
     TopKShard,
+    Vocabulary,
 )
 from shared.storage import ObjectStore, join_key, open_store, safe_name
 
@@ -112,8 +122,28 @@ class JobLayout:
     def reranked(self, group_id: str) -> str:
         return self.work("rerank", f"{group_id}.msgpack")
 
+    def vocabulary(self, model: str) -> str:
+        return self.work("vocab", f"{safe_name(model)}.msgpack")
+
+    def exported_part(self, part: str) -> str:
+        return self.work("parts", f"{part}.msgpack")
+
+    @property
+    def export_plan(self) -> str:
+        return self.work("export-plan.msgpack")
+
     def artifact(self, name: str) -> str:
         return join_key(self.root, name)
+
+    @staticmethod
+    def part_name(part: str, format: str) -> str:
+        """A chunk part's artifact name: ``chunks/part-00000.parquet``."""
+        return f"chunks/{part}.{format}"
+
+    @staticmethod
+    def vocabulary_name(model: str) -> str:
+        """A sparse model's vocabulary artifact name: ``vocab/<model>.json``."""
+        return f"vocab/{safe_name(model)}.json"
 
     @property
     def manifest(self) -> str:
@@ -248,6 +278,31 @@ class JobStore:
 
     def reranked(self, group_id: str) -> RerankShard:
         return self._get(self.layout.reranked(group_id), RerankShard)
+
+    # --- export ------------------------------------------------------------------------
+
+    def put_vocabulary(self, vocabulary: Vocabulary) -> None:
+        self._put(self.layout.vocabulary(vocabulary.model), vocabulary)
+
+    def vocabulary(self, model: str) -> Vocabulary | None:
+        """A sparse model's vocabulary, as its workers recorded it (if any ran)."""
+        return self._get_if_there(self.layout.vocabulary(model), Vocabulary)
+
+    def put_export_plan(self, plan: ExportPlan) -> None:
+        self._put(self.layout.export_plan, plan)
+
+    def export_plan(self) -> ExportPlan:
+        return self._get(self.layout.export_plan, ExportPlan)
+
+    def put_exported_part(self, part: ExportedPart) -> None:
+        self._put(self.layout.exported_part(part.part), part)
+
+    def exported_part(self, part: str) -> ExportedPart:
+        return self._get(self.layout.exported_part(part), ExportedPart)
+
+    def delete_work(self) -> int:
+        """Delete ``work/`` (everything but the artifacts); returns the objects deleted."""
+        return self.store.delete_folder(self.layout.work())
 
     # --- artifacts -----------------------------------------------------------------------
 

@@ -4,14 +4,16 @@ tasks and queues that run them, and the aggregator steps between phases.
 ::
 
     phase     stages: what a unit is, where it runs          opened by      then
-    encode    dense  (a staged batch; queue dense)            the producer   plan_retrieve/export
-              sparse (a staged batch; queue sparse)
+    encode    dense  (a staged batch; queue dense)            the producer   plan_retrieve or
+              sparse (a staged batch; queue sparse)                          plan_export
     retrieve  retrieve (a group of shards; dense or sparse)   plan_retrieve  fuse
-    rerank    rerank (a group of queries; queue rerank)       fuse           export
+    rerank    rerank (a group of queries; queue rerank)       fuse           plan_export
+    export    export (a group of batches -> one part file)    plan_export    finish
 
 A phase is complete when every unit of each of its stages is accounted for (done, or
 failed after retries); the caller that finds it so first wins its guard and enqueues
-the step that opens the next phase the job has, or the export. The ledger
+the step that opens the next phase the job has, or, after the last, ``finish`` (the
+results, the metrics and, last, the manifest). The ledger
 (:mod:`shared.ledger`) keeps the counts; this table says what they mean. Routes, the
 phase hand-off, the task hooks and the live view all read it, so adding a stage is one
 :class:`Stage` entry here plus its task in ``workers.tasks``.
@@ -25,6 +27,7 @@ from typing import Literal, NamedTuple
 
 from shared.schemas import (
     EncodeBatch,
+    ExportPart,
     JobSpec,
     JobStatus,
     JobStep,
@@ -33,8 +36,8 @@ from shared.schemas import (
     UnitMessage,
 )
 
-PhaseName = Literal["encode", "retrieve", "rerank"]
-StepName = Literal["plan_retrieve", "fuse", "export", "resume"]
+PhaseName = Literal["encode", "retrieve", "rerank", "export"]
+StepName = Literal["plan_retrieve", "fuse", "plan_export", "finish", "resume"]
 
 QUEUE_DENSE = "dense"
 QUEUE_SPARSE = "sparse"
@@ -155,6 +158,15 @@ STAGES: tuple[Stage, ...] = (
         counts="tasks",
         applies=_has_rerank,
     ),
+    Stage(
+        name="export",
+        phase="export",
+        routes={"": Route("embed_fleet.aggregate.export_part", QUEUE_AGGREGATE)},
+        message=ExportPart,
+        counts="chunks",
+        applies=_always,
+        runs_models=False,
+    ),
 )
 
 STEPS: tuple[Step, ...] = (
@@ -162,7 +174,8 @@ STEPS: tuple[Step, ...] = (
         "plan_retrieve", Route("embed_fleet.aggregate.plan_retrieve", QUEUE_AGGREGATE), "retrieving"
     ),
     Step("fuse", Route("embed_fleet.aggregate.fuse", QUEUE_AGGREGATE), "fusing"),
-    Step("export", Route("embed_fleet.aggregate.export_job", QUEUE_AGGREGATE), "exporting"),
+    Step("plan_export", Route("embed_fleet.aggregate.plan_export", QUEUE_AGGREGATE), "exporting"),
+    Step("finish", Route("embed_fleet.aggregate.finish_job", QUEUE_AGGREGATE), "exporting"),
     # Not between two phases: `embed-collections resume` sends it to re-drive a job from
     # its first unfinished phase (workers.aggregate.resume).
     Step("resume", Route("embed_fleet.aggregate.resume_job", QUEUE_AGGREGATE), "resuming"),
@@ -174,6 +187,8 @@ PHASES: tuple[Phase, ...] = (
     # fuse opens the rerank phase whether or not the job reranks: with no reranker it
     # opens it with no units, and the phase is complete at once.
     Phase("rerank", "fuse", "reranking", "total:rerank", _has_queries),
+    # Every job ends with its chunks written as parts, in parallel, before `finish`.
+    Phase("export", "plan_export", "exporting", "total:export", _always),
 )
 
 _STAGES = {s.name: s for s in STAGES}
@@ -201,12 +216,12 @@ def job_stages(spec: JobSpec, phase_name: PhaseName | None = None) -> list[Stage
 
 def next_step(spec: JobSpec, after: PhaseName) -> Step:
     """The step to enqueue once phase ``after`` is complete: the opener of the next
-    phase the job has, else the export."""
+    phase the job has, else ``finish``."""
     names = [p.name for p in PHASES]
     for later in PHASES[names.index(after) + 1 :]:
         if later.applies(spec) and later.opened_by is not None:
             return step(later.opened_by)
-    return step("export")
+    return step("finish")
 
 
 def routes() -> dict[str, str]:

@@ -12,7 +12,9 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: chunks in parts (``chunks/part-NNNNN.parquet`` or ``.jsonl``) and sparse
+vocabularies, described by the manifest's ``chunks``; 1 was one ``chunks.jsonl``."""
 
 Stage = Literal["dense", "sparse"]
 """A per-batch encode stage: every staged batch goes through each stage of its job."""
@@ -30,6 +32,10 @@ DENSE_RANKING = "dense"
 SparseSource = Literal["live", "metadata", "missing"]
 """Where a chunk's sparse vector came from: the model, the chunk's ``metadata.sparse``
 weights (fallback), or nowhere."""
+
+ExportFormat = Literal["parquet", "jsonl"]
+"""How the chunks are written: Parquet parts (vectors as fixed-size float32 lists, sparse
+vectors as indices into a vocabulary) or JSONL parts (one ``ChunkRecord`` per line)."""
 
 JobStatus = Literal[
     "running",
@@ -181,8 +187,15 @@ class RerankGroup(UnitMessage, kw_only=True):
     """Rerank the fused candidates of one group of queries (``unit`` is the group)."""
 
 
+class ExportPart(UnitMessage, kw_only=True):
+    """Write one part of the job's chunks from these staged batches (``unit``: the part's
+    name, ``part-00000``)."""
+
+    batch_ids: list[str]
+
+
 class JobStep(Struct):
-    """Task message of an aggregator step (``plan_retrieve``, ``fuse``, ``export``)."""
+    """Task message of an aggregator step (``plan_retrieve``, ``fuse``, ...)."""
 
     job_id: str
     step: str
@@ -211,6 +224,24 @@ class JobSpec(Struct):
     bm25: BM25Params | None = None
     retrieval: RetrievalSpec | None = None
     dtype: str = "auto"
+    export: ExportSpec = msgspec.field(default_factory=lambda: ExportSpec())
+
+
+class ExportSpec(Struct):
+    """How the chunks are exported.
+
+    Attributes:
+        format: Parquet or JSONL parts.
+        part_rows: The most chunks a part holds.
+        part_bytes: About the most bytes a part holds (estimated from the vectors' sizes
+            before writing; a part never splits a staged batch).
+        keep_work: Keep ``work/`` (staged batches, shards) after the manifest is written.
+    """
+
+    format: ExportFormat = "parquet"
+    part_rows: int = 100_000
+    part_bytes: int = 256 * 2**20
+    keep_work: bool = False
 
 
 class JobRecord(Struct):
@@ -500,7 +531,8 @@ class CrossEncoderRerankRun(Struct):
 
 
 class ChunkRecord(Struct):
-    """One line of ``chunks.jsonl``."""
+    """One chunk as a JSONL part (``chunks/part-NNNNN.jsonl``) writes it: one line each.
+    A Parquet part holds the same fields as columns (see ``ChunksLayout``)."""
 
     chunk_id: str
     doc_id: str
@@ -513,6 +545,8 @@ class ChunkRecord(Struct):
 
 
 class Artifact(Struct):
+    """A file of the job's output: its key, size, sha256 and records (rows, lines)."""
+
     key: str
     bytes: int
     sha256: str
@@ -605,6 +639,73 @@ class LatencySummary(Struct):
         summary.hydrations = sum(r.hydrations for r in reports)
         summary.evictions = sum(r.evictions for r in reports)
         return summary
+
+
+class SparseTally(Struct):
+    """What one part's sparse vectors were, summed by ``finish`` into ``sparse_run``.
+
+    Attributes:
+        chunks: Chunks the part's sparse shards held.
+        sources: Model -> where its vectors came from (``live``, ``metadata``,
+            ``missing``) -> chunks.
+        nnz: Model -> non-zeros of an exported vector -> chunks (a histogram, so that
+            the sum of any number of parts stays small).
+        errors: What the sparse workers reported, -> batches.
+        outside_vocabulary: Model -> weights a Parquet part could not index (a chunk's
+            own ``metadata.sparse`` terms the model's vocabulary lacks; the metadata
+            column still holds them).
+    """
+
+    chunks: int = 0
+    sources: dict[str, dict[str, int]] = {}
+    nnz: dict[str, dict[int, int]] = {}
+    errors: dict[str, int] = {}
+    outside_vocabulary: dict[str, int] = {}
+
+
+class Vocabulary(Struct):
+    """A sparse model's terms in index order (a tokenizer's vocabulary; for BM25 the
+    collection's terms, sorted): what a Parquet sparse column's ``indices`` point into."""
+
+    model: str
+    terms: list[str]
+
+
+class ExportPlan(Struct):
+    """The export phase's parts, as ``plan_export`` cut them (``work/export-plan.msgpack``):
+    what a resume checks the parts against."""
+
+    parts: list[ExportPart]
+
+
+class ExportedPart(Struct):
+    """One part as its export task left it (``work/parts/<part>.msgpack``)."""
+
+    part: str
+    artifact: Artifact
+    batch_ids: list[str]
+    sparse: SparseTally | None = None
+
+
+class ChunksLayout(Struct):
+    """How the manifest's chunk parts are laid out, so a reader needs nothing else.
+
+    Attributes:
+        format: ``parquet`` or ``jsonl``.
+        parts: The parts' keys, in order (each is also in ``artifacts``).
+        dense_columns: Parquet column -> dense model (``fixed_size_list<float32>[dim]``,
+            unit-norm).
+        sparse_columns: Parquet column -> sparse model (``struct<indices: list<int32>,
+            values: list<float32>>``).
+        vocabularies: Sparse model -> the key of its vocabulary (a JSON list of terms:
+            a sparse column's ``indices`` point into it).
+    """
+
+    format: ExportFormat
+    parts: list[str]
+    dense_columns: dict[str, str] = {}
+    sparse_columns: dict[str, str] = {}
+    vocabularies: dict[str, str] = {}
 
 
 class Counts(Struct):
@@ -709,3 +810,4 @@ class Manifest(Struct):
     sparse_run: SparseInferenceRun | None = None
     rerank_run: CrossEncoderRerankRun | None = None
     metrics: dict[str, RankingMetrics] | None = None
+    chunks: ChunksLayout | None = None

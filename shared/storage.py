@@ -84,6 +84,9 @@ class ObjectStore(Protocol):
 
     def list(self, prefix: str = "") -> Iterator[str]: ...
 
+    def delete_folder(self, prefix: str) -> int:
+        """Remove every object under ``prefix``; returns how many there were."""
+
     def folders(self, prefix: str = "") -> Sequence[str]:
         """The names of the folders directly under ``prefix`` (one listing call)."""
 
@@ -154,6 +157,12 @@ class LocalStore:
         for path in sorted(base.rglob("*")):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 yield path.relative_to(self.root).as_posix()
+
+    def delete_folder(self, prefix: str) -> int:
+        base = self._path(prefix)
+        count = sum(1 for path in base.rglob("*") if path.is_file()) if base.is_dir() else 0
+        shutil.rmtree(base, ignore_errors=True)
+        return count
 
     def folders(self, prefix: str = "") -> Sequence[str]:
         base = self._path(prefix) if prefix else self.root
@@ -308,6 +317,18 @@ class S3Store:
             return [str(item["Key"])[strip:] for page in pages for item in page.get("Contents", [])]
 
         yield from self._patient("list", listing)
+
+    def delete_folder(self, prefix: str) -> int:
+        keys = [self._key(key) for key in self.list(prefix)]
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes 1,000 keys a call
+            self._delete_objects(keys[start : start + 1000])
+        return len(keys)
+
+    def _delete_objects(self, keys: Sequence[str]) -> None:
+        batch = {"Objects": [{"Key": key} for key in keys]}
+        self._patient(
+            "delete", lambda: self.client.delete_objects(Bucket=self.bucket, Delete=batch)
+        )
 
     def folders(self, prefix: str = "") -> Sequence[str]:
         full = self._folder(prefix)

@@ -209,12 +209,21 @@ checksums_match = all(
 )
 written = objects[manifest_key]["LastModified"]
 manifest_last = all(objects["PREFIX/" + k]["LastModified"] <= written for k in artifacts)
-chunks_key = [k for k in artifacts if k.endswith("chunks.jsonl")][0]
 ids, norms = [], []
-for line in read(chunks_key).splitlines():
-    record = json.loads(line)
-    ids.append(record["chunk_id"])
-    norms += [float(np.linalg.norm(v)) for v in record["dense"].values()]
+layout = manifest["chunks"]
+for key in layout["parts"]:
+    if layout["format"] == "parquet":
+        import io, pyarrow.parquet as pq
+        table = pq.read_table(io.BytesIO(read(key)))
+        ids += table.column("chunk_id").to_pylist()
+        for column in layout["dense_columns"]:
+            vectors = np.stack(table.column(column).to_numpy(zero_copy_only=False))
+            norms += np.linalg.norm(vectors, axis=1).tolist()
+        continue
+    for line in read(key).splitlines():
+        record = json.loads(line)
+        ids.append(record["chunk_id"])
+        norms += [float(np.linalg.norm(v)) for v in record["dense"].values()]
 results = [k for k in artifacts if k.endswith("results.jsonl")]
 print(json.dumps({
     "status": manifest["status"], "chunks": manifest["counts"]["chunks"], "ids": len(ids),

@@ -3,7 +3,7 @@ the real all-MiniLM-L6-v2 model."""
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import re
 import signal
@@ -12,13 +12,17 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from artifacts import check_artifacts, chunk_records
 from conftest import CRANFIELD, REPO, base_env, run_cli
 from crossencoder import build_tiny_cross_encoder
 
@@ -32,6 +36,16 @@ pytestmark = pytest.mark.e2e
 def events(stdout: str, kind: str) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     return [e for e in lines if e.get("event") == kind]
+
+
+def s3_getter(client: Any, bucket: str, prefix: str = "") -> Callable[[str], bytes]:
+    """An artifact's bytes by its manifest key, from a bucket (under an output prefix)."""
+
+    def get(key: str) -> bytes:
+        full = f"{prefix}/{key}" if prefix else key
+        return bytes(client.get_object(Bucket=bucket, Key=full)["Body"].read())
+
+    return get
 
 
 def corpus_ids(path: Path) -> list[str]:
@@ -96,17 +110,18 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
     assert stored == manifest
     assert manifest["status"] == "complete" and manifest["missing"] == []
 
-    # Every artifact's bytes and sha256 match the stored object.
-    for artifact in manifest["artifacts"]:
-        body = client.get_object(Bucket=bucket, Key=f"runs/{artifact['key']}")["Body"].read()
-        assert len(body) == artifact["bytes"]
-        assert hashlib.sha256(body).hexdigest() == artifact["sha256"]
-        if artifact["content_type"] == "application/x-ndjson":
-            assert body.count(b"\n") == artifact["records"]
-        else:
-            assert json.loads(body) and artifact["records"] == 1
-    chunks_body = client.get_object(Bucket=bucket, Key=f"{job}/chunks.jsonl")["Body"].read()
-    records = [json.loads(line) for line in chunks_body.splitlines()]
+    # Every artifact's bytes, sha256 and rows match the stored object; the chunks are
+    # Parquet parts that read back into the records JSONL would hold.
+    get = s3_getter(client, bucket, "runs")
+    check_artifacts(manifest, get)
+    layout = manifest["chunks"]
+    assert layout["format"] == "parquet" and layout["parts"]
+    assert layout["dense_columns"] == {
+        "dense_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"
+    }
+    assert layout["sparse_columns"] == {"sparse_splade_tiny": "splade-tiny", "sparse_bm25": "bm25"}
+    records = chunk_records(manifest, get)
+    check_parquet_types(get(layout["parts"][0]))
 
     # Every document's chunks appear exactly once, numbered 0..n-1; empty ones are listed.
     ids = Counter(r["chunk_id"] for r in records)
@@ -160,13 +175,26 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
 
     check_results(client, bucket, job, manifest, records)
 
-    # The manifest was the last object written.
+    # The manifest was the last object written, after every artifact; then work/ went.
     assert watch.keys_at_manifest is not None
-    for name in ("chunks.jsonl", "results.jsonl", "metrics.json"):
-        assert f"{job}/{name}" in watch.keys_at_manifest
+    for artifact in manifest["artifacts"]:
+        assert f"runs/{artifact['key']}" in watch.keys_at_manifest
     listing = client.list_objects_v2(Bucket=bucket, Prefix=job + "/")["Contents"]
     stamps = {item["Key"]: item["LastModified"] for item in listing}
     assert stamps[f"{job}/manifest.json"] == max(stamps.values())
+    assert not [key for key in stamps if key.startswith(f"{job}/work/")]
+    assert set(stamps) == {f"runs/{a['key']}" for a in manifest["artifacts"]} | {
+        f"{job}/manifest.json"
+    }
+
+
+def check_parquet_types(body: bytes) -> None:
+    """The column types vector stores and DuckDB read directly."""
+    schema = pq.read_schema(io.BytesIO(body))
+    assert schema.field("dense_all_minilm_l6_v2").type == pa.list_(pa.float32(), 384)
+    sparse = pa.struct([("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32()))])
+    assert schema.field("sparse_splade_tiny").type == sparse
+    assert schema.field("chunk_id").type == pa.string()
 
 
 def check_results(
@@ -231,19 +259,27 @@ def check_results(
     assert {"retrieve", "rerank"} <= set(manifest["stages"])
 
 
-@pytest.mark.parametrize("victim", ["dense", "sparse"])
+@pytest.mark.parametrize("victim", ["dense", "sparse", "export"])
 def test_kill9_worker_mid_job(
     victim, fleet_env, bucket, s3, redis_server, start_worker, tmp_path
 ) -> None:
+    """A worker killed mid-stage (an encode stage; or an aggregate worker while two of
+    them write the parts): the job completes with every chunk exactly once."""
     # A smaller collection, in small batches, so the job is mid-way when we kill.
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:500]
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    queue = {"dense": "dense", "sparse": "sparse", "export": "aggregate"}[victim]
     workers = {"dense": start_worker("dense", fleet_env)}
     if victim == "sparse":
         workers["sparse"] = start_worker("sparse", fleet_env)
-    start_worker("aggregate", fleet_env)
+    workers["export"] = start_worker("aggregate", fleet_env)
+    if victim == "export":
+        start_worker("aggregate", fleet_env)  # the one that goes on
     sparse_args = ["--sparse-models", "splade-tiny,bm25"] if victim == "sparse" else []
+    # Export: a part per batch of 4 chunks, ~160 parts, so the kill lands mid-phase.
+    sparse_args += ["--part-rows", "4", "--format", "jsonl"] if victim == "export" else []
+    batch_chunks = "4" if victim == "export" else "16"
     cli = subprocess.Popen(
         [
             sys.executable,
@@ -254,7 +290,8 @@ def test_kill9_worker_mid_job(
             "--output",
             f"s3://{bucket}",
             "--batch-chunks",
-            "16",
+            batch_chunks,
+            "--keep-work",
             "--json",
             *sparse_args,
         ],
@@ -277,15 +314,15 @@ def test_kill9_worker_mid_job(
         pytest.fail(f"{victim} worker made no progress")
     workers[victim].kill9()
     done_at_kill = len(ledger.reports(victim))
-    start_worker(victim, fleet_env)
+    start_worker(queue, fleet_env)
     stdout, stderr = cli.communicate(timeout=600)
     assert cli.returncode == 0, stderr
-    assert done_at_kill < ledger.progress().total_batches  # the kill was mid-job
+    units = {s.stage: s.total for s in ledger.progress().stages}[victim]
+    assert units is not None and done_at_kill < units  # the kill was mid-stage
     manifest = events(stdout, "summary")[-1]["manifest"]
     s3c = s3.client()
     job = f"corpus/{manifest['job_id']}"
-    body = s3c.get_object(Bucket=bucket, Key=f"{job}/chunks.jsonl")["Body"].read()
-    exported = [json.loads(line)["chunk_id"] for line in body.splitlines()]
+    exported = [r["chunk_id"] for r in chunk_records(manifest, s3_getter(s3c, bucket))]
     staged: list[str] = []
     for batch_id in ledger.staged_batches():
         raw = s3c.get_object(Bucket=bucket, Key=f"{job}/work/batches/{batch_id}.msgpack")[
@@ -295,7 +332,7 @@ def test_kill9_worker_mid_job(
     assert len(exported) == len(set(exported))  # nothing duplicated
     assert exported == staged  # nothing lost, in staging order
     assert manifest["status"] == "complete"
-    assert manifest["stages"][victim]["batches"] == len(ledger.staged_batches())
+    assert manifest["stages"][victim]["batches"] == units
     if victim == "sparse":
         for stats in manifest["sparse_run"]["models"]:
             assert stats["live"] == len(staged)  # each chunk counted once
@@ -356,8 +393,12 @@ def test_embedded_default_runs_everything_locally(tmp_path) -> None:
     manifest = json.loads(manifest_path.read_text())
     assert manifest["status"] == "complete"
     assert manifest["counts"]["documents"] == 60
-    chunks = manifest_path.parent / "chunks.jsonl"
-    assert manifest_path.stat().st_mtime_ns >= chunks.stat().st_mtime_ns
+    out = tmp_path / "embed-out"
+    for artifact in manifest["artifacts"]:
+        assert manifest_path.stat().st_mtime_ns >= (out / artifact["key"]).stat().st_mtime_ns
+    assert not (manifest_path.parent / "work").exists()  # deleted once complete
+    records = chunk_records(manifest, lambda key: (out / key).read_bytes())
+    assert len(records) == manifest["counts"]["chunks"]
     assert "complete" in stderr  # the summary table
     assert len(watch.seen) >= 3  # redis-server and two workers ran ...
     assert watch.alive() == []  # ... and none outlived the command
@@ -393,9 +434,8 @@ def test_embedded_ctrl_c_stops_everything_and_resume_takes_it_up(tmp_path) -> No
     assert resumed.returncode == 0, resumed.stderr
     manifest = events(resumed.stdout, "summary")[-1]["manifest"]
     assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 1400
-    (chunks_path,) = (tmp_path / "embed-out").glob(f"*/{match[1]}/chunks.jsonl")
-    chunks = chunks_path.read_text()
-    chunk_ids = [json.loads(line)["chunk_id"] for line in chunks.splitlines()]
+    out = tmp_path / "embed-out"
+    chunk_ids = [r["chunk_id"] for r in chunk_records(manifest, lambda k: (out / k).read_bytes())]
     assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
 
 
@@ -440,8 +480,8 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_
     assert missing["chunk_ids"] == [chunk.chunk_id for chunk in lost.chunks]
     assert manifest["counts"]["failed_batches"] == 1
     # Everything else was exported; only that batch's chunks are absent.
-    body = s3.client().get_object(Bucket=bucket, Key=f"small/{job_id}/chunks.jsonl")["Body"].read()
-    assert len(body.splitlines()) == manifest["counts"]["chunks"] - 8
+    records = chunk_records(manifest, s3_getter(s3.client(), bucket))
+    assert len(records) == manifest["counts"]["chunks"] - 8
 
     # The batch comes back (an operator restores it); `resume` re-drives the job from
     # its first unfinished phase: exactly that unit is encoded again, then the export.
@@ -451,8 +491,7 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_
     manifest = events(resumed.stdout, "summary")[-1]["manifest"]
     assert manifest["status"] == "complete" and manifest["missing"] == []
     assert manifest["counts"]["failed_batches"] == 0
-    body = s3.client().get_object(Bucket=bucket, Key=f"small/{job_id}/chunks.jsonl")["Body"].read()
-    chunk_ids = [json.loads(line)["chunk_id"] for line in body.splitlines()]
+    chunk_ids = [r["chunk_id"] for r in chunk_records(manifest, s3_getter(s3.client(), bucket))]
     assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
     state = JobLedger(redis_client, job_id)
     assert state.client.hget(state.k_state, "last_resume") == b"encode: dense 1 unit"
@@ -576,12 +615,10 @@ def test_ctrl_c_on_a_shared_fleet_detaches_once_the_job_is_staged(
     assert events(followed.stdout, "summary")[-1]["manifest"]["status"] == "complete"
 
 
-def _chunks(s3: Any, bucket: str, key: str) -> dict[str, np.ndarray]:
+def _chunks(s3: Any, bucket: str, manifest: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """chunk id -> its dense vectors, concatenated; fails on a chunk exported twice."""
-    body = s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
     vectors: dict[str, np.ndarray] = {}
-    for line in body.splitlines():
-        record = json.loads(line)
+    for record in chunk_records(manifest, s3_getter(s3.client(), bucket, prefix)):
         assert record["chunk_id"] not in vectors, f"{record['chunk_id']} exported twice"
         vectors[record["chunk_id"]] = np.concatenate(
             [np.asarray(v) for _, v in sorted(record["dense"].items())]
@@ -630,7 +667,7 @@ def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
     assert any(a["key"].endswith("/results.jsonl") for a in manifest["artifacts"])
     last = redis_client.hget(ledger.k_state, "last_resume").decode()
     assert last.startswith("encode: dense") and "found done in the store" in last, last
-    resumed_vectors = _chunks(s3, bucket, f"lost/small/{job_id}/chunks.jsonl")
+    resumed_vectors = _chunks(s3, bucket, manifest, "lost")
 
     # A clean run of the same collection gives the same chunks and vectors.
     clean = run_cli(
@@ -638,8 +675,7 @@ def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
         env=fleet_env,
     )  # fmt: skip
     assert clean.returncode == 0, clean.stderr
-    clean_id = events(clean.stdout, "summary")[-1]["manifest"]["job_id"]
-    clean_vectors = _chunks(s3, bucket, f"clean/small/{clean_id}/chunks.jsonl")
+    clean_vectors = _chunks(s3, bucket, events(clean.stdout, "summary")[-1]["manifest"], "clean")
     assert resumed_vectors.keys() == clean_vectors.keys()
     for chunk_id, vector in clean_vectors.items():
         np.testing.assert_allclose(resumed_vectors[chunk_id], vector, atol=1e-4)
@@ -684,7 +720,7 @@ def test_producer_killed_mid_submit_then_resume_stages_the_rest(
     manifest = events(resumed.stdout, "summary")[-1]["manifest"]
     assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 600
     assert manifest["counts"]["batches"] > staged_before
-    vectors = _chunks(s3, bucket, f"small/{job_id}/chunks.jsonl")
+    vectors = _chunks(s3, bucket, manifest)
     assert len(vectors) == manifest["counts"]["chunks"] == ledger.progress().staged_chunks
 
 
@@ -710,6 +746,10 @@ def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:
         str(tmp_path / "docs.jsonl"),
         "--sparse-models",
         str(broken),
+        # JSONL: a model that never loaded has no vocabulary for a Parquet column to
+        # index the chunks' own terms with (the manifest says so, see below).
+        "--format",
+        "jsonl",
         "--json",
         env=base_env(),
         cwd=tmp_path,
@@ -718,8 +758,9 @@ def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:
     manifest = events(result.stdout, "summary")[-1]["manifest"]
     assert manifest["status"] == "complete"
     (stats,) = manifest["sparse_run"]["models"]
-    chunks_path = next((tmp_path / "embed-out" / "docs").glob("*/chunks.jsonl"))
-    records = [json.loads(line) for line in chunks_path.read_text().splitlines()]
+    out = tmp_path / "embed-out"
+    assert manifest["chunks"]["format"] == "jsonl"
+    records = chunk_records(manifest, lambda key: (out / key).read_bytes())
     fallback = [r for r in records if r["doc_id"] in with_weights]
     assert stats["live"] == 0
     assert stats["metadata"] == len(fallback)
@@ -731,3 +772,79 @@ def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:
             assert r["sparse"][name] == {"wing": 1.5, "flow": 0.25}
         else:
             assert name not in (r["sparse"] or {})
+
+
+def test_parquet_parts_load_in_duckdb_and_match_the_jsonl_parts_and_the_shards(
+    tmp_path,
+) -> None:
+    """The same collection exported both ways (embedded fleet, fp32 so both runs compute
+    the same numbers): the Parquet parts hold exactly the JSONL parts' records, their
+    dense vectors are bit for bit the workers' shards, and DuckDB reads them as is."""
+    import duckdb
+
+    from shared.schemas import DenseShard
+
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:40]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "embed-out"
+
+    def run(*options: str) -> dict[str, Any]:
+        result = run_cli(
+            "run", str(tmp_path / "docs.jsonl"), "--enable-sparse", "--dtype", "fp32",
+            "--batch-chunks", "8", "--part-rows", "20", "--json", *options,
+            env=base_env(), cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        manifest: dict[str, Any] = events(result.stdout, "summary")[-1]["manifest"]
+        assert manifest["status"] == "complete"
+        check_artifacts(manifest, lambda key: (out / key).read_bytes())
+        return manifest
+
+    parquet = run("--keep-work")
+    jsonl = run("--format", "jsonl")
+    assert len(parquet["chunks"]["parts"]) == len(jsonl["chunks"]["parts"]) > 1
+    from_parquet = chunk_records(parquet, lambda key: (out / key).read_bytes())
+    from_jsonl = chunk_records(jsonl, lambda key: (out / key).read_bytes())
+    assert [r["chunk_id"] for r in from_parquet] == [r["chunk_id"] for r in from_jsonl]
+    assert len(from_parquet) == parquet["counts"]["chunks"]
+    for a, b in zip(from_parquet, from_jsonl, strict=True):
+        for field in ("doc_id", "chunk_index", "text", "span", "metadata"):
+            assert a[field] == b[field]
+        for model, vector in a["dense"].items():
+            np.testing.assert_allclose(vector, b["dense"][model], atol=1e-6)
+        assert a["sparse"].keys() == b["sparse"].keys()
+        for model, weights in a["sparse"].items():
+            assert weights.keys() == b["sparse"][model].keys()  # every term, indexed
+            for term, weight in weights.items():
+                assert weight == pytest.approx(b["sparse"][model][term], rel=1e-6)
+
+    # The Parquet dense columns are exactly the vectors the workers wrote.
+    job = out / "docs" / parquet["job_id"]
+    shards = {}
+    for path in sorted((job / "work" / "dense").glob("*.msgpack")):
+        shard = msgspec.msgpack.decode(path.read_bytes(), type=DenseShard)
+        for row, chunk_id in enumerate(shard.chunk_ids):
+            shards[chunk_id] = shard.vectors["sentence-transformers/all-MiniLM-L6-v2"].to_numpy()[
+                row
+            ]
+    for record in from_parquet:
+        vector = np.asarray(record["dense"]["sentence-transformers/all-MiniLM-L6-v2"], np.float32)
+        assert np.array_equal(vector, shards[record["chunk_id"]])
+
+    # DuckDB reads the parts as a user would, with the manifest's column names.
+    files = [str(out / key) for key in parquet["chunks"]["parts"]]
+    con = duckdb.connect()
+    count, distinct, dims, nnz = con.execute(
+        "SELECT count(*), count(DISTINCT chunk_id), min(len(dense_all_minilm_l6_v2)), "
+        "sum(len(sparse_bm25.indices)) FROM read_parquet(?)",
+        [files],
+    ).fetchone()
+    assert count == distinct == len(from_jsonl) and dims == 384
+    assert nnz == sum(len(r["sparse"].get("bm25", {})) for r in from_jsonl)
+    best = con.execute(
+        "SELECT chunk_id FROM read_parquet(?) ORDER BY array_cosine_similarity("
+        "dense_all_minilm_l6_v2::FLOAT[384], (SELECT dense_all_minilm_l6_v2::FLOAT[384] "
+        "FROM read_parquet(?) WHERE chunk_id = ?)) DESC LIMIT 1",
+        [files, files, from_jsonl[5]["chunk_id"]],
+    ).fetchone()
+    assert best == (from_jsonl[5]["chunk_id"],)

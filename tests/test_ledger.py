@@ -210,7 +210,7 @@ def test_reopen_uncounts_lost_units_and_forgets_later_phases(ledger) -> None:
     assert ledger.client.ttl(ledger.k_state) == -1  # no expiry while it runs again
     ledger.reopen("encode", {"dense": ["b1", "b2"]}, later=[])
     assert ledger.status() == "running"
-    (dense,) = ledger.progress().stages
+    dense, _export = ledger.progress().stages
     assert (dense.batches_done, dense.chunks_done, ledger.failures("dense")) == (1, 4, [])
     assert not ledger.record_done(report("b1"))
     assert ledger.record_done(report("b2"))  # the phase completes again, once

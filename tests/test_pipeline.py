@@ -24,19 +24,21 @@ def spec(queries: bool, rerank: bool = False, sparse: bool = False) -> JobSpec:
 
 def test_what_follows_each_phase() -> None:
     embed_only = spec(queries=False, sparse=True)
-    assert pipeline.next_step(embed_only, "encode").name == "export"
-    assert [s.name for s in pipeline.job_stages(embed_only)] == ["dense", "sparse"]
+    assert pipeline.next_step(embed_only, "encode").name == "plan_export"
+    assert pipeline.next_step(embed_only, "export").name == "finish"
+    assert [s.name for s in pipeline.job_stages(embed_only)] == ["dense", "sparse", "export"]
     with_queries = spec(queries=True)
     assert pipeline.next_step(with_queries, "encode").name == "plan_retrieve"
     assert pipeline.next_step(with_queries, "retrieve").name == "fuse"
-    assert pipeline.next_step(with_queries, "rerank").name == "export"
-    assert [s.name for s in pipeline.job_stages(with_queries)] == ["dense", "retrieve"]
+    assert pipeline.next_step(with_queries, "rerank").name == "plan_export"
+    assert [s.name for s in pipeline.job_stages(with_queries)] == ["dense", "retrieve", "export"]
     reranked = spec(queries=True, rerank=True)
     assert [s.name for s in pipeline.job_stages(reranked, "rerank")] == ["rerank"]
     # the status a job takes when a phase completes is the next step's
     assert [pipeline.next_step(reranked, p.name).status for p in pipeline.PHASES] == [
         "retrieving",
         "fusing",
+        "exporting",
         "exporting",
     ]
 

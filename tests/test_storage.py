@@ -314,6 +314,20 @@ def test_s3_with_prefix(s3_env: dict[str, str], bucket: str) -> None:
     assert list(store.folders("sub")) == []
 
 
+def test_delete_folder_removes_only_that_folder(
+    s3_env: dict[str, str], bucket: str, tmp_path: Path
+) -> None:
+    """A job's work/ goes in DeleteObjects calls of up to 1,000 keys; its siblings stay."""
+    for store in (open_store(f"s3://{bucket}/out"), open_store(str(tmp_path / "out"))):
+        for i in range(1005):
+            store.put_bytes(f"job/work/batches/b{i:05d}.msgpack", b"x")
+        store.put_bytes("job/work2/keep.txt", b"k")
+        store.put_bytes("job/manifest.json", b"{}")
+        assert store.delete_folder("job/work") == 1005
+        assert sorted(store.list()) == ["job/manifest.json", "job/work2/keep.txt"]
+        assert store.delete_folder("job/work") == 0
+
+
 def test_s3_put_file_multipart(s3_env: dict[str, str], bucket: str, tmp_path: Path) -> None:
     path = tmp_path / "big.bin"
     data = os.urandom(11 * 1024 * 1024)

@@ -14,7 +14,15 @@ from typing import Any
 
 from shared import pipeline
 from shared.logs import get_logger
-from shared.schemas import EncodeBatch, JobStep, RerankGroup, RetrieveGroup, TopKShard
+from shared.schemas import (
+    EncodeBatch,
+    ExportPart,
+    JobStep,
+    RerankGroup,
+    RetrieveGroup,
+    TopKShard,
+    Vocabulary,
+)
 from workers.app import app, settings
 from workers.inference import dense
 from workers.inference.sparse import SparseVectorGenerator
@@ -88,10 +96,21 @@ def embed_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitOutcome:
 
 @unit_task("sparse")
 def encode_sparse_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitOutcome:
-    """Sparse vectors (SPLADE, BM25 statistics) for one staged chunk batch."""
+    """Sparse vectors (SPLADE, BM25 statistics) for one staged chunk batch; the first
+    unit of a job in a process also keeps each model's vocabulary beside the shards, for
+    the Parquet export's sparse columns."""
     spec = job.spec
     generator = SparseVectorGenerator(ctx.inference, spec.sparse_device, None, spec.dtype)
-    return _encode(job, msg, lambda batch: generator.encode(batch, spec.sparse_models, msg.kind))
+    outcome = _encode(job, msg, lambda batch: generator.encode(batch, spec.sparse_models, msg.kind))
+    for model, terms in generator.vocabularies.items():
+        _keep_vocabulary(ctx, job, Vocabulary(model=model, terms=terms))
+    return outcome
+
+
+def _keep_vocabulary(ctx: WorkerContext, job: Job, vocabulary: Vocabulary) -> None:
+    ctx.once_per_job(
+        job, f"vocabulary:{vocabulary.model}", lambda: job.store.put_vocabulary(vocabulary)
+    )
 
 
 # --- retrieve ------------------------------------------------------------------------
@@ -179,16 +198,39 @@ def fuse(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
     log.info("rankings fused", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
 
 
-@step_task("export")
-def export_job(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
-    """Write the job's artifacts and, last, its manifest."""
-    from workers.aggregate.export import ExportRuntime
+@step_task("plan_export")
+def plan_export(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """After the last phase with units: cut the chunks into parts, fan the export out."""
+    from workers.aggregate.export import plan_export as plan
 
-    if job.ledger.status() in ("complete", "partial"):
-        return  # a redelivered export of a finished job
-    manifest = ExportRuntime(job.ledger, job.store).run()
-    job.ledger.finish(manifest.status, ctx.settings.ledger_ttl)
-    log.info("job exported", extra={"fields": {"job_id": msg.job_id, "status": manifest.status}})
+    parts = plan(job.ledger, job.store, app)
+    log.info("export planned", extra={"fields": {"job_id": msg.job_id, "parts": parts}})
+
+
+@unit_task("export")
+def export_part(ctx: WorkerContext, job: Job, msg: ExportPart) -> UnitOutcome:
+    """Write one part of the job's chunks (Parquet or JSONL) from its batches."""
+    from workers.aggregate.export import write_part
+
+    exported = write_part(job.ledger, job.store, msg)
+    return UnitOutcome(items=exported.artifact.records, device="cpu")
+
+
+@step_task("finish")
+def finish_job(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """Write the results, the metrics and, last, the manifest; then, for a complete job,
+    delete ``work/``."""
+    from workers.aggregate.finish import Finisher
+
+    if job.ledger.status() not in ("complete", "partial"):
+        manifest = Finisher(job.ledger, job.store).run()
+        job.ledger.finish(manifest.status, ctx.settings.ledger_ttl)
+        log.info(
+            "job finished", extra={"fields": {"job_id": msg.job_id, "status": manifest.status}}
+        )
+    # Also for a redelivered step of a finished job: its worker may have died mid-way.
+    if not job.spec.export.keep_work:
+        job.store.delete_work()
 
 
 @step_task("resume")

@@ -9,7 +9,7 @@ in pipeline order and stops at the first one that is not finished:
   again, and every later phase is reset, to be planned again when this one completes;
 - a phase never opened (its step was lost: a dead guard winner, a lost message): the
   step that opens it runs again;
-- every phase complete: the export runs again.
+- every phase complete: ``finish`` runs again.
 
 A unit whose output is there but which the ledger does not count as done (the ledger
 was rebuilt from the store after Redis lost it, or the worker died between its write
@@ -67,6 +67,8 @@ def phase_units(
         ]
     if phase == "retrieve":
         return [(unit, unit.retriever) for unit in retrieve_units(ledger, spec)]
+    if phase == "export":
+        return [(part, "") for part in store.export_plan().parts]
     if not pipeline.stage("rerank").applies(spec):
         return []  # opened empty: nothing to rerank
     queries = store.queries(ledger.staged_query_batches())
@@ -83,6 +85,8 @@ def output_key(store: JobStore, message: UnitMessage) -> str:
         return layout.top_k(message.unit)
     if message.stage == "rerank":
         return layout.reranked(message.unit)
+    if message.stage == "export":
+        return layout.exported_part(message.unit)
     return layout.shard(message.stage, message.unit)
 
 

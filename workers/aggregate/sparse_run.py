@@ -1,10 +1,11 @@
 """The manifest's ``sparse_run``: per sparse model, where its vectors came from and how
-many non-zeros they have, summed by the export as it writes the chunks."""
+many non-zeros they have, counted by each export part as it writes its chunks and
+summed by ``finish``."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable
+from typing import TypeVar
 
 import numpy as np
 
@@ -17,28 +18,52 @@ from shared.schemas import (
     SparseModelRun,
     SparseRow,
     SparseShard,
+    SparseTally,
 )
 from workers.ranking.sparse_weights import WEIGHT_DECIMALS, BM25Statistics
 
+K = TypeVar("K", str, int)
+
 
 class SparseRunBuilder:
-    """Counts, per model, where vectors came from and how many non-zeros they have."""
+    """Counts, per model, where vectors came from and how many non-zeros they have.
+
+    Each export part counts its own chunks into a :class:`SparseTally` (kept with the
+    part); ``finish`` merges the parts' tallies and builds the manifest's ``sparse_run``.
+    """
 
     def __init__(self, models: list[str]) -> None:
         self.models = models
-        self.sources: dict[str, Counter[str]] = {m: Counter() for m in models}
-        self.nnz: dict[str, list[int]] = {m: [] for m in models}
-        self.errors: Counter[str] = Counter()
-        self.chunks = 0
+        self.tally = SparseTally(
+            sources={m: {} for m in models},
+            nnz={m: {} for m in models},
+            outside_vocabulary={m: 0 for m in models},
+        )
 
     def add_shard(self, shard: SparseShard) -> None:
-        self.chunks += len(shard.chunk_ids)
-        self.errors.update(shard.errors)
+        self.tally.chunks += len(shard.chunk_ids)
+        for error in shard.errors:
+            _bump(self.tally.errors, error)
 
     def add_vector(self, model: str, row: SparseRow, exported: dict[str, float]) -> None:
-        self.sources[model][row.source] += 1
+        _bump(self.tally.sources[model], row.source)
         if row.source != "missing":
-            self.nnz[model].append(len(exported))
+            _bump(self.tally.nnz[model], len(exported))
+
+    def add_outside_vocabulary(self, model: str, weights: int) -> None:
+        self.tally.outside_vocabulary[model] += weights
+
+    def merge(self, part: SparseTally) -> None:
+        """Add one part's tally."""
+        self.tally.chunks += part.chunks
+        for error, count in part.errors.items():
+            _bump(self.tally.errors, error, count)
+        for model in self.models:
+            for source, count in part.sources.get(model, {}).items():
+                _bump(self.tally.sources[model], source, count)
+            for nnz, count in part.nnz.get(model, {}).items():
+                _bump(self.tally.nnz[model], nnz, count)
+            self.tally.outside_vocabulary[model] += part.outside_vocabulary.get(model, 0)
 
     def build(
         self,
@@ -49,29 +74,67 @@ class SparseRunBuilder:
     ) -> SparseInferenceRun:
         by_name = {info.name: info for info in infos if info.kind == "sparse"}
         runs = []
+        errors = dict(self.tally.errors)
         for model in self.models:
             info = by_name.get(model) or _builtin_info(model, reports)
-            nnz = np.array(self.nnz[model] or [0])
+            sources = self.tally.sources[model]
+            histogram = self.tally.nnz[model]
             runs.append(
                 SparseModelRun(
                     model=info,
-                    live=self.sources[model]["live"],
-                    metadata=self.sources[model]["metadata"],
-                    missing=self.sources[model]["missing"],
-                    nnz_mean=round(float(nnz.mean()), 2),
-                    nnz_p95=round(float(np.percentile(nnz, 95)), 2),
+                    live=sources.get("live", 0),
+                    metadata=sources.get("metadata", 0),
+                    missing=sources.get("missing", 0),
+                    nnz_mean=round(_mean(histogram), 2),
+                    nnz_p95=round(_percentile(histogram, 95), 2),
                 )
             )
+            if self.tally.outside_vocabulary[model]:
+                errors[
+                    f"{model}: metadata.sparse terms outside the model's vocabulary, left "
+                    "out of the Parquet sparse column (the metadata column keeps them)"
+                ] = self.tally.outside_vocabulary[model]
         return SparseInferenceRun(
             models=runs,
-            chunks=self.chunks,
+            chunks=self.tally.chunks,
             latency=latency,
-            errors=dict(self.errors),
+            errors=errors,
             weight_decimals=WEIGHT_DECIMALS,
             bm25=bm25.params if bm25 else None,
             bm25_avg_length=round(bm25.avg_length, 4) if bm25 else None,
             bm25_documents=bm25.documents if bm25 else None,
         )
+
+
+def _bump(counter: dict[K, int], key: K, count: int = 1) -> None:
+    counter[key] = counter.get(key, 0) + count
+
+
+def _mean(histogram: dict[int, int]) -> float:
+    total = sum(histogram.values())
+    return sum(value * count for value, count in histogram.items()) / total if total else 0.0
+
+
+def _percentile(histogram: dict[int, int], q: float) -> float:
+    """``numpy.percentile`` (linear) of the values a histogram counts, without expanding
+    it (a collection's worth of values would not fit)."""
+    total = sum(histogram.values())
+    if not total:
+        return 0.0
+    position = q / 100 * (total - 1)
+    below, fraction = int(np.floor(position)), position - np.floor(position)
+
+    def value_at(index: int) -> int:
+        seen = 0
+        for value in sorted(histogram):
+            seen += histogram[value]
+            if index < seen:
+                return value
+        return max(histogram)
+
+    low = value_at(below)
+    high = value_at(min(below + 1, total - 1))
+    return float(low + (high - low) * fraction)
 
 
 def _builtin_info(model: str, reports: list[BatchReport]) -> ModelInfo:

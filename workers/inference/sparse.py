@@ -113,6 +113,8 @@ class SparseVectorGenerator:
         self.device = sparse_device(device)
         self.max_batch_tokens = max_batch_tokens
         self.dtype = dtype
+        # Model -> its terms by index, for the export's Parquet parts (see workers.tasks).
+        self.vocabularies: dict[str, list[str]] = {}
 
     def encode(
         self, batch: ChunkBatch, models: list[str], kind: BatchKind = "documents"
@@ -185,6 +187,7 @@ class SparseVectorGenerator:
         vocab: list[str] = self.inference.once(
             ("vocabulary", name), lambda: vocabulary(sparse.model.tokenizer)
         )
+        self.vocabularies[name] = vocab
         out: list[SparseRow | None] = [None] * len(chunks)
 
         def fall_back(group: list[int], reason: str) -> None:

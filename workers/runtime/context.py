@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +86,7 @@ class WorkerContext:
     host: str = field(default_factory=socket.gethostname)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
-    _models_kept: OrderedDict[tuple[str, str, str], None] = field(default_factory=OrderedDict)
+    _kept: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
 
     @classmethod
     def start(cls, boot: WorkerBoot) -> WorkerContext:
@@ -124,12 +125,17 @@ class WorkerContext:
         rebuilt) and in the store (once per process and job: the store's copy is what a
         rebuilt ledger's model table comes from)."""
         job.ledger.record_model(info)
-        key = (job.spec.job_id, info.kind, info.name)
-        if key not in self._models_kept:
-            job.store.put_model(info)
-            self._models_kept[key] = None
-            while len(self._models_kept) > KEPT_SPECS * 4:
-                self._models_kept.popitem(last=False)
+        self.once_per_job(job, f"model:{info.kind}:{info.name}", lambda: job.store.put_model(info))
+
+    def once_per_job(self, job: Job, what: str, write: Callable[[], None]) -> None:
+        """Run ``write`` the first time this process does ``what`` for the job (what a
+        worker records beside the job's shards: the models it used, a vocabulary)."""
+        key = (job.spec.job_id, what)
+        if key not in self._kept:
+            write()
+            self._kept[key] = None
+            while len(self._kept) > KEPT_SPECS * 8:
+                self._kept.popitem(last=False)
 
 
 _BOOT = "embed_fleet_boot"
