@@ -81,15 +81,71 @@ return 0
 """
 
 
-# Records a finished unit; adds to its counter (ARGV[4]) only the first time its id is
-# seen.
+# Records a finished unit (KEYS: done, failed, state, figures, latencies, sizes); the
+# first time its id is seen, adds its items to its counter (ARGV[4]) and, unless a resume
+# found it done in the store (no figures), its figures to the stage's running figures:
+# sums, first start, last finish, peak memory, each worker's latest budget per model,
+# and bounded samples of the latest latencies and model batch sizes. The live view
+# reads those, so a poll costs the same at 10 units or 10 million. ARGV[2] is the
+# BatchReport as msgpack, which Redis's Lua reads as a table.
 _RECORD_DONE = """
 if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
+  local r = cmsgpack.unpack(ARGV[2])
+  if not r.recovered then
+    local f = KEYS[4]
+    local function num(x) return string.format('%.6f', x) end
+    local function add(field, value) redis.call('HINCRBY', f, field, value or 0) end
+    add('units', 1)
+    add('items', r.chunks)
+    add('tokens', r.tokens)
+    add('oom_count', r.oom_count)
+    add('items_missed', r.items_missed)
+    add('model_loads', r.model_loads)
+    add('hydrations', r.hydrations)
+    add('evictions', r.evictions)
+    local latency = r.finished_at - r.started_at
+    redis.call('HINCRBYFLOAT', f, 'latency_sum', num(latency))
+    local first = tonumber(redis.call('HGET', f, 'started_min'))
+    if not first or r.started_at < first then
+      redis.call('HSET', f, 'started_min', num(r.started_at))
+    end
+    local last = tonumber(redis.call('HGET', f, 'finished_max'))
+    if not last or r.finished_at > last then
+      redis.call('HSET', f, 'finished_max', num(r.finished_at))
+    end
+    local peak = tonumber(redis.call('HGET', f, 'peak_memory_bytes'))
+    if not peak or (r.peak_memory_bytes or 0) > peak then
+      redis.call('HSET', f, 'peak_memory_bytes', r.peak_memory_bytes or 0,
+                 'peak_memory_kind', r.peak_memory_kind or '')
+    end
+    if r.device and r.device ~= '' then redis.call('HSET', f, 'device:' .. r.device, 1) end
+    for model, budget in pairs(r.budgets or {}) do
+      local key = 'budget:' .. model .. '@' .. r.worker
+      local at = tonumber(redis.call('HGET', f, key .. ':at'))
+      if not at or at < r.finished_at then
+        redis.call('HSET', f, key, budget, key .. ':at', num(r.finished_at))
+      end
+    end
+    for _, size in ipairs(r.batch_sizes or {}) do
+      local low = tonumber(redis.call('HGET', f, 'size_min'))
+      if not low or size < low then redis.call('HSET', f, 'size_min', size) end
+      local high = tonumber(redis.call('HGET', f, 'size_max'))
+      if not high or size > high then redis.call('HSET', f, 'size_max', size) end
+      redis.call('LPUSH', KEYS[6], size)
+    end
+    redis.call('LTRIM', KEYS[6], 0, tonumber(ARGV[5]) - 1)
+    redis.call('LPUSH', KEYS[5], num(latency))
+    redis.call('LTRIM', KEYS[5], 0, tonumber(ARGV[5]) - 1)
+  end
 end
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 0
 """
+
+# How many of a stage's latest unit latencies (and model batch sizes) the running
+# figures keep for their percentiles.
+FIGURES_SAMPLE = 1024
 
 
 # Records a staged batch (KEYS: staged, state, staged-ids); counts it only the first time
@@ -179,6 +235,45 @@ def _claimant(unit: BatchReport | BatchFailure) -> str:
     return f"unit:{unit.stage}:{unit.batch_id}"
 
 
+def _running_figures(
+    figures: dict[bytes, bytes], latencies: list[bytes], sizes: list[bytes]
+) -> LatencySummary:
+    """A stage's live figures from its running sums and samples (see ``_RECORD_DONE``):
+    the same fields ``LatencySummary.from_reports`` gives from every report, with the
+    percentiles taken over the latest units."""
+    f = {_text(k): _text(v) for k, v in figures.items()}
+    units = int(f.get("units", 0))
+    if not units:
+        return LatencySummary.from_samples([], 0, 0.0)
+    span = float(f["finished_max"]) - float(f["started_min"])
+    items = int(f["items"])
+    summary = LatencySummary.from_samples(
+        [float(x) for x in latencies], items, span, [int(x) for x in sizes]
+    )
+    summary.batches = units
+    summary.mean_s = round(float(f["latency_sum"]) / units, 4)
+    summary.batch_size_min = int(f.get("size_min", 0))
+    summary.batch_size_max = int(f.get("size_max", 0))
+    summary.tokens = int(f["tokens"])
+    summary.tokens_per_s = round(summary.tokens / span, 1) if span > 0 else 0.0
+    summary.peak_memory_bytes = int(f.get("peak_memory_bytes", 0))
+    summary.peak_memory_kind = f.get("peak_memory_kind", "")
+    summary.oom_count = int(f["oom_count"])
+    budgets: dict[str, int] = {}
+    for key, value in f.items():
+        if key.startswith("budget:") and not key.endswith(":at"):
+            model = key[len("budget:") :].rsplit("@", 1)[0]
+            budgets[model] = min(int(value), budgets.get(model, int(value)))
+    summary.budgets = budgets
+    summary.devices = sorted(k[len("device:") :] for k in f if k.startswith("device:"))
+    missed = int(f["items_missed"])
+    summary.coverage = round(1 - missed / items, 4) if items else 1.0
+    summary.model_loads = int(f["model_loads"])
+    summary.hydrations = int(f["hydrations"])
+    summary.evictions = int(f["evictions"])
+    return summary
+
+
 def _decode(data: Any, kind: type[T]) -> T | None:
     return None if data is None else msgspec.msgpack.decode(data, type=kind)
 
@@ -208,6 +303,11 @@ class JobLedger:
 
     def k_done(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:done:{stage}"
+
+    def k_figures(self, stage: str) -> tuple[str, str, str]:
+        """A stage's running figures: the sums hash, the latency and batch-size samples."""
+        base = f"{PREFIX}:job:{self.job_id}"
+        return f"{base}:figures:{stage}", f"{base}:latencies:{stage}", f"{base}:sizes:{stage}"
 
     def k_failed(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:failed:{stage}"
@@ -331,8 +431,19 @@ class JobLedger:
     def _run_record_done(self, report: BatchReport, client: Any = None) -> None:
         """The record-done script for one unit (in ``client``, a pipeline, if given)."""
         self._record_done(
-            keys=[self.k_done(report.stage), self.k_failed(report.stage), self.k_state],
-            args=[report.batch_id, msgspec.msgpack.encode(report), report.chunks, _counter(report)],
+            keys=[
+                self.k_done(report.stage),
+                self.k_failed(report.stage),
+                self.k_state,
+                *self.k_figures(report.stage),
+            ],
+            args=[
+                report.batch_id,
+                msgspec.msgpack.encode(report),
+                report.chunks,
+                _counter(report),
+                FIGURES_SAMPLE,
+            ],
             client=client,
         )
 
@@ -431,7 +542,9 @@ class JobLedger:
                 pipe.hdel(self.k_failed(stage), *units)
         for name in later:
             for gone in pipeline.job_stages(spec, name):
-                pipe.delete(self.k_done(gone.name), self.k_failed(gone.name))
+                pipe.delete(
+                    self.k_done(gone.name), self.k_failed(gone.name), *self.k_figures(gone.name)
+                )
                 pipe.hdel(self.k_state, f"chunks_done:{gone.name}", f"queries_done:{gone.name}")
             pipe.delete(self.k_guard(name))
             pipe.hdel(self.k_state, pipeline.phase(name).total_field)
@@ -471,6 +584,7 @@ class JobLedger:
         keys += [self.k_guard(phase.name) for phase in pipeline.PHASES]
         for stage in pipeline.job_stages(spec):
             keys += [self.k_done(stage.name), self.k_failed(stage.name)]
+            keys += self.k_figures(stage.name)
         return keys
 
     # --- readers ---------------------------------------------------------------------
@@ -549,14 +663,22 @@ class JobLedger:
         for name in names:
             pipe.hlen(self.k_done(name))
             pipe.hlen(self.k_failed(name))
+        if detail:
+            for name in names:
+                figures, latencies, sizes = self.k_figures(name)
+                pipe.hgetall(figures)
+                pipe.lrange(latencies, 0, -1)
+                pipe.lrange(sizes, 0, -1)
         results: list[Any] = pipe.execute()
         state = {_text(k): _text(v) for k, v in results[0].items()}
         total = state.get("total_batches")
         stages = []
         for i, name in enumerate(names):
             stage_total = state.get(pipeline.phase(pipeline.stage(name).phase).total_field)
-            summary = LatencySummary.from_reports(self.reports(name)) if detail else None
-            if summary is not None:
+            summary = None
+            if detail:
+                at = 1 + 2 * len(names) + 3 * i
+                summary = _running_figures(results[at], results[at + 1], results[at + 2])
                 summary.oom_count += int(state.get(_failed_try_ooms_field(name), 0))
             stages.append(
                 StageProgress(

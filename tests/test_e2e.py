@@ -482,6 +482,9 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_
     # Everything else was exported; only that batch's chunks are absent.
     records = chunk_records(manifest, s3_getter(s3.client(), bucket))
     assert len(records) == manifest["counts"]["chunks"] - 8
+    # A partial job keeps work/, for the resume below.
+    listed = s3.client().list_objects_v2(Bucket=bucket, Prefix=f"small/{job_id}/work/")
+    assert listed.get("KeyCount", 0) > 10
 
     # The batch comes back (an operator restores it); `resume` re-drives the job from
     # its first unfinished phase: exactly that unit is encoded again, then the export.
@@ -662,8 +665,9 @@ def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
     manifest = events(resumed.stdout, "summary")[-1]["manifest"]
     assert manifest["status"] == "complete" and manifest["missing"] == []
     assert {m["name"] for m in manifest["models"]} >= set(manifest["spec"]["dense_models"])
-    kept = s3.client().list_objects_v2(Bucket=bucket, Prefix=f"lost/small/{job_id}/work/models/")
-    assert kept.get("KeyCount", 0) >= 1  # what a rebuilt ledger's model table comes from
+    # Complete now: its work/ (the record the resume rebuilt it from) is deleted.
+    kept = s3.client().list_objects_v2(Bucket=bucket, Prefix=f"lost/small/{job_id}/work/")
+    assert kept.get("KeyCount", 0) == 0
     assert any(a["key"].endswith("/results.jsonl") for a in manifest["artifacts"])
     last = redis_client.hget(ledger.k_state, "last_resume").decode()
     assert last.startswith("encode: dense") and "found done in the store" in last, last

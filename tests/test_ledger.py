@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
+import msgspec
 import pytest
 
 from shared.ledger import JobLedger
@@ -290,3 +292,46 @@ def test_the_guard_winner_redelivered_starts_the_next_phase_again(ledger) -> Non
     assert ledger.record_done(report("b2"))  # ... redelivered: it publishes the step
     assert not ledger.record_done(report("b1"))  # a redelivered non-winner does not
     assert not ledger.check_phase("encode")  # nor does a claimant with no name
+
+
+def test_live_figures_are_kept_as_units_finish_and_equal_the_reports(ledger) -> None:
+    """The live view reads running sums and samples, not every report: the same figures
+    as summing the reports (while they fit the sample), whatever order units arrive in,
+    with a unit recorded twice counted once and a recovered unit adding nothing."""
+    rng = random.Random(7)
+    ledger.open(spec(), documents_total=1, bytes_total=1)
+    reports = []
+    for i in range(60):
+        start = 1_000_000 + rng.uniform(0, 50)
+        reports.append(
+            BatchReport(
+                batch_id=f"b{i:03d}",
+                stage="dense",
+                chunks=rng.randint(1, 64),
+                tokens=rng.randint(10, 5000),
+                started_at=start,
+                finished_at=start + rng.uniform(0.01, 3),
+                worker=f"host:w{i % 3}",
+                device=f"cuda:{i % 2}",
+                batch_sizes=[rng.randint(1, 32) for _ in range(rng.randint(1, 4))],
+                peak_memory_bytes=rng.randint(0, 10**9),
+                peak_memory_kind="gpu",
+                oom_count=rng.randint(0, 1),
+                budgets={"m": rng.randint(512, 8192)},
+                items_missed=rng.randint(0, 1),
+                model_loads=rng.randint(0, 1),
+            )
+        )
+    for r in reports:
+        ledger.record_done(r)
+    ledger.record_done(reports[5])  # redelivered: counted once
+    ledger.record_recovered([BatchReport.recovered_unit("dense", "b999", 4, "documents")])
+    (dense, _export) = ledger.progress(detail=True).stages
+    expected = LatencySummary.from_reports(ledger.reports("dense"))
+    assert dense.summary is not None
+    live = msgspec.to_builtins(dense.summary)
+    for field, value in msgspec.to_builtins(expected).items():
+        if isinstance(value, float):
+            assert live[field] == pytest.approx(value, abs=2e-4), field
+        else:
+            assert live[field] == value, field

@@ -13,11 +13,13 @@ from shared.models import DEFAULT_DENSE_MODEL
 from workers.inference import dense, precision
 from workers.inference.engine import Inference
 from workers.inference.precision import (
+    SpeedVerdicts,
     apply_precision,
     choose,
     min_cosine,
     scores_agree,
     vectors_agree,
+    verdict_key,
 )
 
 
@@ -105,3 +107,32 @@ def test_real_dense_model_in_bf16_exports_float32_vectors_close_to_fp32() -> Non
     b = bf16.model.encode(texts)
     assert b.dtype == np.float32
     assert min_cosine(a, b) > 0.99
+
+
+def test_the_speed_verdict_is_kept_per_host_so_auto_decides_the_same_every_time(
+    monkeypatch, tmp_path
+) -> None:
+    """The first probe times the model; a later worker on the host reuses that verdict
+    even when its own timing would say otherwise (a busy core), while the quality half
+    is still probed."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
+    verdicts = SpeedVerdicts(tmp_path / "cache" / "speed-verdicts.json")
+    key = verdict_key("m", "rev", "cpu", "auto")
+
+    def decide(slow: torch.dtype, breaks: bool = False) -> str:
+        model = Linear(breaks, slow)
+        _, result = apply_precision(
+            model, "auto", "cpu", lambda m: m.probe(), vectors_agree,
+            lambda: Linear(breaks, slow), verdicts=verdicts, key=key,
+        )  # fmt: skip
+        return f"{result.dtype}: {result.reason}"
+
+    first = decide(slow=torch.float32)  # bf16 is faster: kept
+    assert first.startswith("bfloat16") and "kept)" not in first
+    assert verdicts.get(key) is not None
+    again = decide(slow=torch.bfloat16)  # now bf16 would time slower: the verdict holds
+    assert again.startswith("bfloat16") and "kept)" in again
+    assert decide(slow=torch.float32, breaks=True).startswith("float32")  # quality still rules
+    (tmp_path / "cache" / "speed-verdicts.json").write_text("not json")
+    assert verdicts.get(key) is None  # a broken file is measured over
+    assert decide(slow=torch.bfloat16).startswith("float32: auto")

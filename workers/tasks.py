@@ -222,14 +222,15 @@ def finish_job(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
     delete ``work/``."""
     from workers.aggregate.finish import Finisher
 
-    if job.ledger.status() not in ("complete", "partial"):
+    status = job.ledger.status()
+    if status not in ("complete", "partial"):
         manifest = Finisher(job.ledger, job.store).run()
         job.ledger.finish(manifest.status, ctx.settings.ledger_ttl)
-        log.info(
-            "job finished", extra={"fields": {"job_id": msg.job_id, "status": manifest.status}}
-        )
-    # Also for a redelivered step of a finished job: its worker may have died mid-way.
-    if not job.spec.export.keep_work:
+        status = manifest.status
+        log.info("job finished", extra={"fields": {"job_id": msg.job_id, "status": status}})
+    # Also for a redelivered step of a finished job: its worker may have died mid-way. A
+    # partial job keeps work/: `resume` takes it up from there.
+    if status == "complete" and not job.spec.export.keep_work:
         job.store.delete_work()
 
 

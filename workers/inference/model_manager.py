@@ -36,8 +36,10 @@ from workers.inference.devices import prepare_cuda
 from workers.inference.precision import (
     MAX_PROBE_ITEMS,
     Precision,
+    SpeedVerdicts,
     apply_precision,
     parameter_count,
+    verdict_key,
 )
 
 log = get_logger("models")
@@ -160,6 +162,8 @@ class ModelManager:
         self._models: dict[tuple[str, str, str, str], ManagedModel] = {}
         self._lock = threading.RLock()
         self.stats = ManagerStats()
+        # ``auto``'s speed verdicts, kept per host (see workers.inference.precision).
+        self.speed_verdicts = SpeedVerdicts.default()
 
     # -- the one call tasks make ---------------------------------------------------------
 
@@ -265,8 +269,16 @@ class ModelManager:
         def reload() -> Any:
             return family.load(str(entry.resolved.path), entry.device)
 
+        resolved = entry.resolved
         model, precision = apply_precision(
-            entry.model, entry.dtype_request, entry.device, run_probe, family.agree, reload
+            entry.model,
+            entry.dtype_request,
+            entry.device,
+            run_probe,
+            family.agree,
+            reload,
+            verdicts=self.speed_verdicts,
+            key=verdict_key(resolved.name, resolved.revision, entry.device, entry.dtype_request),
         )
         entry.model = model
         entry.precision = precision

@@ -16,17 +16,28 @@ probe timed a MiniLM-shaped cross-encoder faster in bf16 while whole runs, at th
 budget's ~110 pairs a batch, scored 0.35x as many pairs/s as fp32 (see
 ``bench/gpu_fleet.py``). Otherwise the model is reloaded in fp32 and the reason is
 recorded in the manifest.
+
+The speed half of that decision is kept per host (:class:`SpeedVerdicts`, a small file
+in the model cache): a probe timed while other stages share the cores is noise, and on
+this project's 2-core machine it made SPLADE bf16 in one run of the same demo and fp32
+in the next. The first probe of a model, dtype and device on a host decides; later
+workers and runs on that host reuse its verdict (the quality half is probed every time,
+it is cheap and exact). Delete the file to measure again.
 Vectors are exported as float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import numpy as np
 
 DTypeChoice = Literal["auto", "fp32", "bf16", "fp16"]
@@ -106,6 +117,75 @@ def scores_agree(reference: np.ndarray[Any, Any], other: np.ndarray[Any, Any]) -
     return drift <= MAX_SCORE_DRIFT, f"probe score drift max {drift:.4f}"
 
 
+class SpeedVerdict(msgspec.Struct):
+    """How long a model's probe took in fp32 and in the reduced dtype, once."""
+
+    fp32_ms: float
+    reduced_ms: float
+    measured_at: float
+    host: str = ""
+
+
+class SpeedVerdicts:
+    """Probe timings kept per host, model, dtype and device (see the module doc).
+
+    A JSON file, read whole and replaced whole (write to a temporary file, rename), so
+    two workers that measure at once leave one verdict or the other, never a torn file;
+    a file that does not parse is ignored (and measured over).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def default(cls) -> SpeedVerdicts:
+        """``<HF_HOME>/embed-fleet/speed-verdicts.json``: beside the models it is about."""
+        from shared.models import hf_cache_dir
+
+        return cls(hf_cache_dir().parent / "embed-fleet" / "speed-verdicts.json")
+
+    def _read(self) -> dict[str, SpeedVerdict]:
+        try:
+            return msgspec.json.decode(self.path.read_bytes(), type=dict[str, SpeedVerdict])
+        except (OSError, msgspec.DecodeError):
+            return {}
+
+    def get(self, key: str) -> SpeedVerdict | None:
+        return self._read().get(key)
+
+    def put(self, key: str, verdict: SpeedVerdict) -> None:
+        verdicts = self._read()
+        verdicts[key] = verdict
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}")
+            tmp.write_bytes(msgspec.json.encode(verdicts))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a read-only cache: measure again next time
+
+
+def verdict_key(model: str, revision: str, device: str, dtype: str) -> str:
+    """What a verdict holds for: the model (and revision), the dtype, and the device as
+    the hardware it is (a CPU's model name, a GPU's)."""
+    return f"{model}@{revision}|{dtype}|{_hardware(device)}"
+
+
+def _hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return f"cuda:{torch.cuda.get_device_name(index)}"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"cpu:{line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return "cpu"
+
+
 def apply_precision(
     model: Any,
     requested: str,
@@ -113,6 +193,8 @@ def apply_precision(
     probe: Callable[[Any], np.ndarray[Any, Any]],
     agree: Callable[[np.ndarray[Any, Any], np.ndarray[Any, Any]], tuple[bool, str]],
     reload: Callable[[], Any],
+    verdicts: SpeedVerdicts | None = None,
+    key: str = "",
 ) -> tuple[Any, Precision]:
     """Put a freshly loaded (fp32) model in the dtype the policy picks.
 
@@ -123,6 +205,8 @@ def apply_precision(
         probe: Encodes the probe with a model (vectors or scores).
         agree: Whether reduced-precision probe output is close enough to fp32's.
         reload: Loads the model again in fp32 (converting back would keep the rounding).
+        verdicts: Where the speed verdict of ``key`` is kept (none: time every time).
+        key: The model's verdict key (:func:`verdict_key`).
 
     Returns:
         The model to use and its precision.
@@ -135,25 +219,35 @@ def apply_precision(
     if requested != "auto":
         model.to(getattr(torch, target.dtype))
         return model, target
-    reference, fp32_s = _timed_probe(probe, model)
+    kept = verdicts.get(key) if verdicts is not None and key else None
+    reference, fp32_s = _timed_probe(probe, model, timed=kept is None)
     model.to(getattr(torch, target.dtype))
-    reduced, reduced_s = _timed_probe(probe, model)
+    reduced, reduced_s = _timed_probe(probe, model, timed=kept is None)
     ok, detail = agree(reference, reduced)
     if not ok:
         return reload(), Precision("float32", f"{target.reason}; kept fp32: {detail}")
-    speed = f"probe {reduced_s * 1000:.0f} ms vs fp32 {fp32_s * 1000:.0f} ms"
-    if reduced_s > fp32_s:
+    if kept is None:
+        kept = SpeedVerdict(fp32_s * 1000, reduced_s * 1000, time.time(), socket.gethostname())
+        if verdicts is not None and key:
+            verdicts.put(key, kept)
+        when = ""
+    else:
+        when = f" (timed {time.strftime('%Y-%m-%d', time.gmtime(kept.measured_at))}, kept)"
+    speed = f"probe {kept.reduced_ms:.0f} ms vs fp32 {kept.fp32_ms:.0f} ms{when}"
+    if kept.reduced_ms > kept.fp32_ms:
         # Native on paper, slower in practice (kernels, shapes, casts): not worth it.
         return reload(), Precision("float32", f"{target.reason}; kept fp32: {speed}")
     return model, Precision(target.dtype, f"{target.reason}; {detail}; {speed}")
 
 
 def _timed_probe(
-    probe: Callable[[Any], np.ndarray[Any, Any]], model: Any
+    probe: Callable[[Any], np.ndarray[Any, Any]], model: Any, timed: bool = True
 ) -> tuple[np.ndarray[Any, Any], float]:
     """The probe's output and its best time of two runs after a warm-up (the output
-    comes back to the host, so GPU work is included)."""
+    comes back to the host, so GPU work is included); untimed: one run, no time."""
     output = probe(model)
+    if not timed:
+        return output, 0.0
     best = float("inf")
     for _ in range(2):
         started = time.perf_counter()

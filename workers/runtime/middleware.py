@@ -17,7 +17,8 @@ The hooks, in order:
 3. :class:`ModelActivity`: notes the model manager's counters, so a unit reports its
    loads, hydrations and evictions; and records in the ledger the out-of-memory errors
    of a try that failed (a retried unit's report would otherwise lose them).
-4. :class:`TorchThreads`: a model stage's process takes its share of the host's cores.
+4. :class:`TorchThreads`: a model stage's process takes its share of the host's cores
+   among the workers that have work (``workers.runtime.threads``).
 5. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
    its models) in the ledger and, when that completes its phase, enqueues what follows;
    records a unit that kept failing so the job can still finish (``partial``).
@@ -56,7 +57,7 @@ from workers.runtime.measure import (
     ATTR_TOKENS,
     UnitOutcome,
 )
-from workers.runtime.threads import balance_torch_threads
+from workers.runtime.threads import balance_torch_threads, unit_finished
 
 log = get_logger("worker")
 
@@ -170,9 +171,15 @@ class TorchThreads(Middleware):
 
     @contextlib.contextmanager
     def around(self, unit: UnitRun) -> Iterator[None]:
-        if unit.stage and pipeline.stage(unit.stage).runs_models:
-            balance_torch_threads(unit.context.redis, unit.context.settings.torch_threads)
-        yield
+        if not (unit.stage and pipeline.stage(unit.stage).runs_models):
+            yield
+            return
+        balance_torch_threads(unit.context.redis, unit.context.settings.torch_threads)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # a figure of speed, never the unit's fate
+                unit_finished(unit.context.redis)
 
 
 class LedgerReporting(Middleware):

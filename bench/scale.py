@@ -1,0 +1,333 @@
+"""Scale: the fleet on 1x, 10x and 100x Cranfield, with a dense model small enough that
+orchestration, not the model, is the bottleneck; and the export's bytes per format.
+
+Collections: N copies of Cranfield with new ids (``<copy>-<id>``), as JSONL. The dense
+model is the bundled BERT-tiny (the SPLADE folder's encoder) saved as a
+sentence-transformer with mean pooling, built by the bench itself. Each size runs on a
+private Redis with one dense worker and ``--aggregate-workers`` aggregate workers, the
+producer as a user runs it (``embed-collections run``), output to a local folder.
+
+Per run: wall time; per-stage chunks/s (produce, dense, export, from the manifest);
+peak RSS of the producer, of each worker (main process + pool) and Redis's
+``used_memory_peak``, each also per chunk; output bytes per chunk; the time from the
+last encoded batch to the manifest; and what one poll of the live view costs (ms, at
+the job's end, with every unit recorded).
+
+Formats (``--formats``): Cranfield with MiniLM + SPLADE + BM25 exported as Parquet and
+as JSONL (embedded fleet), the chunk parts' bytes of each and their ratio.
+
+Demo (``--demo``): the README's demo job (Cranfield, MiniLM + SPLADE + BM25, bf16) from
+its start to its manifest, against bare sentence-transformers in bf16 encoding the same
+chunk texts with every core (dense, then SPLADE), in the same run.
+
+Usage: python bench/scale.py [--sizes 1,10,100] [--aggregate-workers 1,2]
+       [--formats/--no-formats] [--demo/--no-demo]
+Writes bench/results/scale.json and bench/results/scale.png, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from common import REPO, chunk_texts, cli_job
+from rich.console import Console
+from rich.table import Table
+
+from producer.local_fleet import LocalFleet
+from shared.ledger import JobLedger, connect, recent_jobs
+from shared.models import BUNDLED_SPLADE, resolve_model
+from workers.inference.precision import cpu_flags
+
+CRANFIELD = REPO / "examples" / "cranfield" / "corpus.jsonl"
+CACHE = REPO / "bench" / ".cache"
+
+
+def tiny_dense_model() -> Path:
+    """BERT-tiny (the bundled SPLADE model's encoder) with mean pooling, as a
+    sentence-transformer folder (built once, kept in bench/.cache)."""
+    folder = CACHE / "bert-tiny-mean"
+    if (folder / "modules.json").is_file():
+        return folder
+    from sentence_transformers import SentenceTransformer, models
+
+    encoder = models.Transformer(str(resolve_model(BUNDLED_SPLADE).path), max_seq_length=256)
+    pooling = models.Pooling(encoder.get_word_embedding_dimension(), "mean")
+    SentenceTransformer(modules=[encoder, pooling]).save(str(folder))
+    return folder
+
+
+def collection(copies: int) -> Path:
+    """``copies`` copies of Cranfield with new ids, as one JSONL file."""
+    path = CACHE / f"cranfield-x{copies}.jsonl"
+    if path.is_file():
+        return path
+    records = [json.loads(line) for line in CRANFIELD.read_text().splitlines() if line.strip()]
+    with path.open("w") as out:
+        for copy in range(copies):
+            for r in records:
+                line = {"id": f"{copy}-{r['_id']}", "title": r.get("title", ""), "text": r["text"]}
+                out.write(json.dumps(line) + "\n")
+    return path
+
+
+class PeakRss(threading.Thread):
+    """Samples the RSS of named process trees every 0.2 s; keeps each one's peak."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.trees: dict[str, int] = {}
+        self.peaks: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+
+    def watch(self, name: str, pid: int) -> None:
+        with self.lock:
+            self.trees[name] = pid
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            with self.lock:
+                trees = dict(self.trees)
+            for name, pid in trees.items():
+                try:
+                    root = psutil.Process(pid)
+                    rss = root.memory_info().rss + sum(
+                        child.memory_info().rss for child in root.children(recursive=True)
+                    )
+                except psutil.Error:
+                    continue
+                self.peaks[name] = max(self.peaks.get(name, 0), rss)
+
+
+def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[str, Any]:
+    """One job on a private fleet: one dense worker, ``aggregators`` aggregate workers."""
+    queues = ("dense", *(["aggregate"] * aggregators))
+    rss = PeakRss()
+    with LocalFleet(queues) as fleet:
+        for name, proc in fleet.workers:
+            rss.watch(f"worker#{name}", proc.pid)
+        rss.start()
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"},
+            "REDIS_URL": fleet.redis_url,
+            "HF_HUB_OFFLINE": "1",
+        }
+        started = time.perf_counter()
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "producer.cli", "run", str(source), "--output", str(out),
+             "--dense-models", str(model), "--json"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        rss.watch("producer", cli.pid)
+        stdout, stderr = cli.communicate()
+        wall = time.perf_counter() - started
+        rss.stop.set()
+        if cli.returncode != 0:
+            sys.exit(f"job failed ({cli.returncode}):\n{stderr[-3000:]}")
+        summary = [json.loads(line) for line in stdout.splitlines() if '"summary"' in line][-1]
+        manifest = summary["manifest"]
+        client = connect(fleet.redis_url)
+        ledger = JobLedger(client, recent_jobs(client, 1)[0])
+        last_encode = max(r.finished_at for r in ledger.reports("dense"))
+        polls = []
+        for _ in range(5):
+            begun = time.perf_counter()
+            ledger.progress(detail=True)
+            polls.append(time.perf_counter() - begun)
+        redis_peak = int(client.info("memory")["used_memory_peak"])
+    chunks = manifest["counts"]["chunks"]
+    parts = [a for a in manifest["artifacts"] if a["key"] in manifest["chunks"]["parts"]]
+    stages = manifest["stages"]
+    workers = {k.split("#", 1)[1]: v for k, v in rss.peaks.items() if "#" in k}
+    return {
+        "documents": manifest["counts"]["documents"],
+        "chunks": chunks,
+        "batches": manifest["counts"]["batches"],
+        "aggregate_workers": aggregators,
+        "wall_s": round(wall, 1),
+        "chunks_per_s": {
+            "produce": stages["produce"]["items_per_s"],
+            "dense": stages["dense"]["items_per_s"],
+            "export": stages["export"]["items_per_s"],
+        },
+        "parts": len(parts),
+        "bytes_per_chunk": round(sum(a["bytes"] for a in parts) / chunks, 1),
+        "last_encode_to_manifest_s": round(manifest["finished_at"] - last_encode, 2),
+        "poll_ms": round(1000 * min(polls), 2),
+        "peak_rss": {"producer": rss.peaks.get("producer", 0), **workers},
+        "redis_used_memory_peak": redis_peak,
+    }
+
+
+def formats_run() -> dict[str, Any]:
+    """Cranfield, MiniLM + SPLADE + BM25, chunk part bytes as Parquet and as JSONL."""
+    out: dict[str, Any] = {}
+    for fmt in ("parquet", "jsonl"):
+        manifest = cli_job(REPO / "examples" / "cranfield", ["--enable-sparse", "--format", fmt])
+        parts = [a for a in manifest["artifacts"] if a["key"] in manifest["chunks"]["parts"]]
+        out[fmt] = {
+            "chunks": manifest["counts"]["chunks"],
+            "bytes": sum(a["bytes"] for a in parts),
+            "bytes_per_chunk": round(sum(a["bytes"] for a in parts) / manifest["counts"]["chunks"]),
+            "wall_s": manifest["wall_s"],
+        }
+    out["parquet_over_jsonl"] = round(out["parquet"]["bytes"] / out["jsonl"]["bytes"], 3)
+    return out
+
+
+def demo_run() -> dict[str, Any]:
+    """The README's demo (Cranfield, MiniLM + SPLADE + BM25, bf16) against bare
+    sentence-transformers in bf16 on the same chunk texts with every core: the job's
+    wall from its start to its manifest over the sum of the two bare encodes."""
+    import torch
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+
+    from producer.jobs import JobOptions
+    from shared.models import DEFAULT_DENSE_MODEL
+
+    texts = chunk_texts(
+        JobOptions(
+            source=str(REPO / "examples" / "cranfield"),
+            output=tempfile.mkdtemp(),
+            dense_models=[DEFAULT_DENSE_MODEL],
+        )
+    )
+    torch.set_num_threads(os.cpu_count() or 1)
+    bare: dict[str, float] = {}
+    for name, kind, path in (
+        ("dense", SentenceTransformer, resolve_model(DEFAULT_DENSE_MODEL).path),
+        ("sparse", SparseEncoder, resolve_model(BUNDLED_SPLADE).path),
+    ):
+        model = kind(str(path), device="cpu", model_kwargs={"torch_dtype": torch.bfloat16})
+        model.encode(texts[:32])
+        started = time.perf_counter()
+        model.encode(texts)
+        bare[name] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    manifest = cli_job(REPO / "examples" / "cranfield", ["--enable-sparse", "--dtype", "bf16"])
+    job_s = manifest["finished_at"] - manifest["created_at"]
+    return {
+        "chunks": len(texts),
+        "bare_bf16_s": bare,
+        "bare_sum_s": round(sum(bare.values()), 1),
+        "job_start_to_manifest_s": round(job_s, 1),
+        "command_wall_s": manifest["wall_s"],
+        "ratio": round(job_s / sum(bare.values()), 3),
+        "models": {m["name"]: m["dtype"] for m in manifest["models"]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="1,10,100", help="copies of Cranfield per run")
+    parser.add_argument(
+        "--aggregate-workers", default="1,2", help="aggregate workers, tried at the largest size"
+    )
+    parser.add_argument("--formats", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model = tiny_dense_model()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    aggregators = [int(a) for a in args.aggregate_workers.split(",")]
+    runs = []
+    console = Console(width=200)
+    with tempfile.TemporaryDirectory(prefix="embed-fleet-scale-") as tmp:
+        for size in sizes:
+            for count in aggregators if size == max(sizes) else aggregators[:1]:
+                console.print(f"[bold]{size}x Cranfield, {count} aggregate worker(s)[/]")
+                run = fleet_run(collection(size), model, count, Path(tmp) / f"x{size}-{count}")
+                run["size"] = size
+                runs.append(run)
+                console.print(run)
+    result = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
+            "python": platform.python_version(),
+        },
+        "model": "BERT-tiny (bundled SPLADE encoder) + mean pooling, 128-d",
+        "runs": runs,
+        "formats": formats_run() if args.formats else None,
+        "demo": demo_run() if args.demo else None,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    report(result, console)
+    plot(runs, Path(args.out).with_suffix(".png"))
+
+
+def report(result: dict[str, Any], console: Console) -> None:
+    table = Table(title="scale (wall, per-stage chunks/s, peak RSS MiB, Redis peak MiB)")
+    for column in ("size", "chunks", "agg", "wall s", "produce/s", "dense/s", "export/s",
+                   "last encode→manifest s", "poll ms", "producer", "dense", "aggregate",
+                   "redis", "B/chunk"):  # fmt: skip
+        table.add_column(column, justify="right")
+    mib = 2**20
+    for run in result["runs"]:
+        rss = run["peak_rss"]
+        aggregate = max((v for k, v in rss.items() if k.startswith("aggregate")), default=0)
+        dense = max((v for k, v in rss.items() if k.startswith("dense")), default=0)
+        speeds = run["chunks_per_s"]
+        table.add_row(
+            f"{run['size']}x", str(run["chunks"]), str(run["aggregate_workers"]),
+            f"{run['wall_s']:.1f}", f"{speeds['produce']:.0f}", f"{speeds['dense']:.0f}",
+            f"{speeds['export']:.0f}", f"{run['last_encode_to_manifest_s']:.1f}",
+            f"{run['poll_ms']:.1f}", f"{rss.get('producer', 0) / mib:.0f}", f"{dense / mib:.0f}",
+            f"{aggregate / mib:.0f}", f"{run['redis_used_memory_peak'] / mib:.1f}",
+            f"{run['bytes_per_chunk']:.0f}",
+        )  # fmt: skip
+    console.print(table)
+    formats = result["formats"]
+    if formats:
+        console.print(
+            f"Cranfield, MiniLM + SPLADE + BM25: Parquet {formats['parquet']['bytes_per_chunk']} "
+            f"B/chunk, JSONL {formats['jsonl']['bytes_per_chunk']} B/chunk, ratio "
+            f"{formats['parquet_over_jsonl']}"
+        )
+    demo = result["demo"]
+    if demo:
+        console.print(
+            f"Demo: job start to manifest {demo['job_start_to_manifest_s']} s vs bare bf16 "
+            f"dense {demo['bare_bf16_s']['dense']} s + SPLADE {demo['bare_bf16_s']['sparse']} s "
+            f"= {demo['bare_sum_s']} s: ratio {demo['ratio']}"
+        )
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    single = [r for r in runs if r["aggregate_workers"] == runs[0]["aggregate_workers"]]
+    chunks = [r["chunks"] for r in single]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(chunks, [r["wall_s"] for r in single], "o-", label="wall")
+    left.plot(chunks, [r["chunks"] / r["chunks_per_s"]["produce"] for r in single], "s--",
+              label="producer (serial)")  # fmt: skip
+    left.set(xscale="log", yscale="log", xlabel="chunks", ylabel="seconds", title="Job wall time")
+    left.legend()
+    for stage in ("produce", "dense", "export"):
+        right.plot(chunks, [r["chunks_per_s"][stage] for r in single], "o-", label=stage)
+    right.set(xscale="log", xlabel="chunks", ylabel="chunks/s", title="Per-stage throughput")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
