@@ -152,7 +152,9 @@ def test_one_trace_oom_recovery_and_model_swaps(
         "embed_fleet.aggregate.plan_retrieve",
         "embed_fleet.aggregate.fuse",
         "embed_fleet.rerank.rerank_group",
-        "embed_fleet.aggregate.export_job",
+        "embed_fleet.aggregate.plan_export",
+        "embed_fleet.aggregate.export_part",
+        "embed_fleet.aggregate.finish_job",
     }
     assert tasks["embed_fleet.dense.embed_batch"] >= manifest["counts"]["batches"] + 1
     stages = [s for s in spans if s["name"].startswith("embed_fleet.stage.")]
