@@ -170,11 +170,16 @@ def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[st
     }
 
 
-def formats_run() -> dict[str, Any]:
-    """Cranfield, MiniLM + SPLADE + BM25, chunk part bytes as Parquet and as JSONL."""
-    out: dict[str, Any] = {}
+def formats_run(docs: int) -> dict[str, Any]:
+    """Cranfield (its first ``docs`` documents; 0: all), MiniLM + SPLADE + BM25, chunk
+    part bytes as Parquet and as JSONL."""
+    source = REPO / "examples" / "cranfield"
+    if docs:
+        source = CACHE / f"cranfield-first-{docs}.jsonl"
+        source.write_text("\n".join(CRANFIELD.read_text().splitlines()[:docs]) + "\n")
+    out: dict[str, Any] = {"documents": docs or 1400}
     for fmt in ("parquet", "jsonl"):
-        manifest = cli_job(REPO / "examples" / "cranfield", ["--enable-sparse", "--format", fmt])
+        manifest = cli_job(source, ["--enable-sparse", "--format", fmt])
         parts = [a for a in manifest["artifacts"] if a["key"] in manifest["chunks"]["parts"]]
         out[fmt] = {
             "chunks": manifest["counts"]["chunks"],
@@ -241,6 +246,7 @@ def main() -> None:
         "--aggregate-workers", default="1,2", help="aggregate workers, tried at the largest size"
     )
     parser.add_argument("--formats", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--formats-docs", type=int, default=0, help="formats: first N docs")
     parser.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
         "--demo-dtype",
@@ -249,11 +255,14 @@ def main() -> None:
         help="the demo's dtype (default: bf16 where the CPU has AMX/AVX512-BF16, else fp32)",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
+    parser.add_argument(
+        "--merge", action="store_true", help="keep what --out holds for the parts not run now"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     CACHE.mkdir(parents=True, exist_ok=True)
     model = tiny_dense_model()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     aggregators = [int(a) for a in args.aggregate_workers.split(",")]
     runs = []
     console = Console(width=200)
@@ -274,12 +283,18 @@ def main() -> None:
         },
         "model": "BERT-tiny (bundled SPLADE encoder) + mean pooling, 128-d",
         "runs": runs,
-        "formats": formats_run() if args.formats else None,
+        "formats": formats_run(args.formats_docs) if args.formats else None,
         "demo": demo_run(args.demo_dtype or native_dtype()) if args.demo else None,
     }
+    if args.merge and Path(args.out).is_file():
+        kept = json.loads(Path(args.out).read_text())
+        for part in ("runs", "formats", "demo"):
+            if not result[part]:
+                result[part] = kept.get(part)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     report(result, console)
-    plot(runs, Path(args.out).with_suffix(".png"))
+    if result["runs"]:
+        plot(result["runs"], Path(args.out).with_suffix(".png"))
 
 
 def report(result: dict[str, Any], console: Console) -> None:
@@ -305,10 +320,10 @@ def report(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     formats = result["formats"]
     if formats:
+        parquet, jsonl = (formats[f]["bytes_per_chunk"] for f in ("parquet", "jsonl"))
         console.print(
-            f"Cranfield, MiniLM + SPLADE + BM25: Parquet {formats['parquet']['bytes_per_chunk']} "
-            f"B/chunk, JSONL {formats['jsonl']['bytes_per_chunk']} B/chunk, ratio "
-            f"{formats['parquet_over_jsonl']}"
+            f"Cranfield ({formats['documents']} docs), MiniLM + SPLADE + BM25: Parquet "
+            f"{parquet} B/chunk, JSONL {jsonl} B/chunk, ratio {formats['parquet_over_jsonl']}"
         )
     demo = result["demo"]
     if demo:
@@ -335,7 +350,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     left.legend()
     for stage in ("produce", "dense", "export"):
         right.plot(chunks, [r["chunks_per_s"][stage] for r in single], "o-", label=stage)
-    right.set(xscale="log", xlabel="chunks", ylabel="chunks/s", title="Per-stage throughput")
+    right.set(
+        xscale="log", yscale="log", xlabel="chunks", ylabel="chunks/s", title="Per-stage throughput"
+    )
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
