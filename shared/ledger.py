@@ -642,6 +642,12 @@ class JobLedger:
         stages = self.spec().stages
         return {failure.batch_id for stage in stages for failure in self.failures(stage)}
 
+    def usable_batches(self) -> list[str]:
+        """The document batches the job searches and exports: every staged one that no
+        encode stage failed."""
+        failed = self.failed_batches()
+        return [b for b in self.staged_batches() if b not in failed]
+
     def models(self) -> list[ModelInfo]:
         return self._values(self.k_models, ModelInfo)
 

@@ -24,7 +24,6 @@ from shared.job_store import JobLayout, JobStore
 from shared.ledger import JobLedger
 from shared.models import BM25
 from shared.schemas import (
-    BM25Params,
     ChunkBatch,
     ExportedPart,
     ExportPart,
@@ -34,19 +33,17 @@ from shared.schemas import (
 )
 from workers.aggregate.parts import Matrix32, PartWriter, SparseVectors
 from workers.aggregate.sparse_run import SparseRunBuilder
-from workers.ranking.sparse_weights import BM25Statistics, collection_bm25, merge_bm25, rounded
+from workers.ranking.sparse_weights import (
+    BM25Statistics,
+    collection_bm25,
+    keep_merged_bm25,
+    rounded,
+)
 
 # What a chunk's row costs besides its vectors (ids, text, metadata), for part sizing.
 ROW_OVERHEAD_BYTES = 512
 # A sparse vector's estimated bytes (index + value for about 100 non-zeros).
 SPARSE_ROW_BYTES = 800
-
-
-def usable_batches(ledger: JobLedger) -> list[str]:
-    """The document batches the job exports: every staged one that no encode stage
-    failed (the retrieve phase searches the same ones)."""
-    failed = ledger.failed_batches()
-    return [b for b in ledger.staged_batches() if b not in failed]
 
 
 def part_rows(spec: JobSpec, dims: list[int]) -> int:
@@ -90,8 +87,8 @@ def vocabulary_json(vocabulary: Vocabulary) -> bytes:
 def plan_export(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """Plan the parts and fan the export phase out; returns how many parts."""
     spec = ledger.spec()
-    batch_ids = usable_batches(ledger)
-    bm25 = ensure_bm25(store, spec, batch_ids)
+    batch_ids = ledger.usable_batches()
+    bm25 = bm25_for_export(store, spec, batch_ids)
     for vocabulary in _vocabularies(store, spec, bm25):
         store.put_vocabulary(vocabulary)
         name = JobLayout.vocabulary_name(vocabulary.model)
@@ -106,17 +103,13 @@ def plan_export(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     return len(parts)
 
 
-def ensure_bm25(store: JobStore, spec: JobSpec, batch_ids: list[str]) -> BM25Statistics | None:
-    """The collection's BM25 statistics: as the retrieve phase's plan step merged them,
-    else merged now from every exported batch's sparse shard and kept for the parts."""
-    if BM25 not in spec.sparse_models:
-        return None
-    found = collection_bm25(store)
-    if found is not None:
-        return found
-    merged = merge_bm25(store, spec.bm25 or BM25Params(), batch_ids)
-    store.put_bm25(merged.collection())
-    return merged
+def bm25_for_export(store: JobStore, spec: JobSpec, batch_ids: list[str]) -> BM25Statistics | None:
+    """The statistics the retrieve phase's plan step just merged from the same batches;
+    for a job without queries, merged now (afresh: a resume may have encoded a batch
+    again) and kept for the parts."""
+    if spec.retrieval is not None and BM25 in spec.sparse_models:
+        return collection_bm25(store)
+    return keep_merged_bm25(store, spec, batch_ids)
 
 
 def _vocabularies(store: JobStore, spec: JobSpec, bm25: BM25Statistics | None) -> list[Vocabulary]:

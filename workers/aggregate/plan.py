@@ -14,9 +14,8 @@ from shared import ids
 from shared.celery_app import advance, send_unit
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
-from shared.models import BM25
-from shared.schemas import BM25Params, JobSpec, RetrieveGroup
-from workers.ranking.sparse_weights import merge_bm25
+from shared.schemas import JobSpec, RetrieveGroup
+from workers.ranking.sparse_weights import keep_merged_bm25
 
 
 def retrieve_units(ledger: JobLedger, spec: JobSpec) -> list[RetrieveGroup]:
@@ -25,8 +24,7 @@ def retrieve_units(ledger: JobLedger, spec: JobSpec) -> list[RetrieveGroup]:
     out, so that no candidate names a chunk the artifacts lack)."""
     assert spec.retrieval is not None, "only jobs with queries have a retrieve phase"
     size = spec.retrieval.batches_per_retrieve_task
-    failed = ledger.failed_batches()
-    usable = [b for b in ledger.staged_batches() if b not in failed]
+    usable = ledger.usable_batches()
     units: list[RetrieveGroup] = []
     for stage in spec.stages:
         for number, start in enumerate(range(0, len(usable), size)):
@@ -45,11 +43,7 @@ def retrieve_units(ledger: JobLedger, spec: JobSpec) -> list[RetrieveGroup]:
 def plan_retrieve(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """Fan the retrieve phase out; returns how many units it enqueued."""
     spec = ledger.spec()
-    if BM25 in spec.sparse_models:
-        failed = ledger.failed_batches()
-        usable = [b for b in ledger.staged_batches() if b not in failed]
-        stats = merge_bm25(store, spec.bm25 or BM25Params(), usable)
-        store.put_bm25(stats.collection())
+    keep_merged_bm25(store, spec, ledger.usable_batches())
     units = retrieve_units(ledger, spec)
     if ledger.open_phase("retrieve", len(units)):
         advance(app, spec, "retrieve")

@@ -11,7 +11,7 @@ from collections import Counter
 
 from shared.job_store import JobStore
 from shared.models import BM25
-from shared.schemas import BM25Collection, BM25Params, SparseRow
+from shared.schemas import BM25Collection, BM25Params, JobSpec, SparseRow
 
 # Exported sparse weights are rounded to this many decimals; zeros are dropped.
 WEIGHT_DECIMALS = 6
@@ -87,6 +87,16 @@ def merge_bm25(store: JobStore, params: BM25Params, batch_ids: list[str]) -> BM2
         shard = store.sparse(batch_id)
         stats.add(shard.rows[BM25], shard.doc_freqs)
     return stats
+
+
+def keep_merged_bm25(store: JobStore, spec: JobSpec, batch_ids: list[str]) -> BM25Statistics | None:
+    """Merge the collection's BM25 statistics from these batches afresh (a resume may
+    have encoded a batch again) and keep them for the retrieve units and the export."""
+    if BM25 not in spec.sparse_models:
+        return None
+    merged = merge_bm25(store, spec.bm25 or BM25Params(), batch_ids)
+    store.put_bm25(merged.collection())
+    return merged
 
 
 def collection_bm25(store: JobStore) -> BM25Statistics | None:
