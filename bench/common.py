@@ -16,11 +16,11 @@ sys.path.insert(0, str(REPO))
 
 from producer.jobs import JobOptions, Stager, prepare  # noqa: E402
 from producer.local_fleet import LocalFleet  # noqa: E402
-from producer.sources import documents  # noqa: E402
 from shared.celery_app import make_app  # noqa: E402
 from shared.ledger import JobLedger, connect  # noqa: E402
 from shared.schemas import SkippedRecord  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from shared.sources import documents  # noqa: E402
 
 
 def chunk_texts(options: JobOptions) -> list[str]:
@@ -72,7 +72,9 @@ def fleet_stage(
     started = time.perf_counter()
     with LocalFleet(() if stage_first else queues) as local:
         settings = dataclasses.replace(Settings.from_env(), broker_url=local.redis_url)
-        job = prepare(options)
+        # The producer stages (stage_first: before any worker starts), so the bench
+        # times the encode stage alone.
+        job = prepare(dataclasses.replace(options, prepare_on="producer"))
         ledger = JobLedger(connect(local.redis_url), job.spec.job_id)
         ledger.open(job.spec, job.validation.documents, job.validation.bytes_total)
         stager = Stager(job, ledger, make_app(settings))

@@ -48,7 +48,7 @@ from rich.table import Table  # noqa: E402
 
 from workers.inference.precision import cpu_flags  # noqa: E402
 
-KINDS = {"gpu": "dense,rerank", "cpu": "sparse,aggregate"}
+KINDS = {"gpu": "dense,rerank", "cpu": "sparse,aggregate,prepare"}
 # The ledger status while each phase runs ("sealed": every batch staged, encode begun;
 # "staging": the producer still staging).
 PHASE_STATUS = {

@@ -24,6 +24,7 @@ from producer.follow import (
     counts_tasks,
     emit_json,
     follow,
+    human_bytes,
     metrics_table,
     rerank_line,
     summary_table,
@@ -31,7 +32,6 @@ from producer.follow import (
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
 from producer.local_fleet import LocalFleet, local_queues, preload_list
 from producer.recovery import find_job, finish_staging, rebuild_ledger
-from producer.sources import ReadProgress
 from producer.watchdog import Watchdog, redrive
 from shared import logs, telemetry
 from shared.celery_app import make_app
@@ -47,6 +47,7 @@ from shared.models import (
 )
 from shared.schemas import BM25Params, ExportSpec, JobSpec, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name
+from shared.sources import ReadProgress
 from shared.storage import LocalStore, open_store, safe_name
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = (
@@ -306,6 +307,24 @@ def _settings() -> Settings:
     "after the manifest is written; by default it is deleted then.",
 )
 @click.option(
+    "--prepare-on",
+    type=click.Choice(["fleet", "producer"]),
+    default="fleet",
+    show_default=True,
+    help="Who reads, validates and chunks SOURCE. fleet: the workers of the `prepare` "
+    "queue, one read range each, in parallel (SOURCE must be readable at the same absolute "
+    "path on them: a shared volume, or the same host); producer: this command, alone (for "
+    "a SOURCE only this machine can read).",
+)
+@click.option(
+    "--range-mb",
+    type=click.FloatRange(min=0.001),
+    default=8.0,
+    show_default=True,
+    help="With --prepare-on fleet: about how many MiB of SOURCE one prepare unit reads (a "
+    "JSONL file is cut at line starts; a folder's files are grouped whole).",
+)
+@click.option(
     "--on-bad-record",
     type=click.Choice(["fail", "skip"]),
     default="fail",
@@ -376,6 +395,8 @@ def run(
     part_rows: int,
     part_mb: int,
     keep_work: bool,
+    prepare_on: Literal["fleet", "producer"],
+    range_mb: float,
     on_bad_record: Literal["fail", "skip"],
     detach: bool,
     resume_job: str | None,
@@ -431,6 +452,8 @@ def run(
             part_bytes=part_mb * 2**20,
             keep_work=keep_work,
         ),
+        prepare_on=prepare_on,
+        range_bytes=max(1, int(range_mb * 2**20)),
     )
     if resume_job:
         _resume_main(resume_job, output, detach, as_json, source=source)
@@ -570,16 +593,24 @@ def _submit_traced(
     staging detaches instead of stopping the job)."""
     app = make_app(settings)
     ledger = JobLedger(client, job.spec.job_id)
-    ledger.open(job.spec, job.validation.documents, job.validation.bytes_total)
+    plan = job.read_plan
+    ranges = len(plan.ranges) if plan else 0
+    ledger.open(job.spec, job.validation.documents, job.validation.bytes_total, ranges)
     stager = Stager(job, ledger, app, settings.ledger_ttl)
     # The stager's thread publishes under the run span: it needs this context.
     staging = contextvars.copy_context()
     thread = threading.Thread(target=staging.run, args=(stager.run,), name="stager", daemon=True)
     thread.start()
     if not as_json:
+        size = (
+            f"{human_bytes(job.validation.bytes_total)} in {ranges} read range"
+            + "s" * (ranges != 1)
+            if plan
+            else f"{job.validation.documents} documents"
+        )
         console.print(
-            f"job [bold]{job.spec.job_id}[/] · {job.spec.collection} · "
-            f"{job.validation.documents} documents → {job.store.locate(job.layout.root)}"
+            f"job [bold]{job.spec.job_id}[/] · {job.spec.collection} · {size} → "
+            f"{job.store.locate(job.layout.root)}"
         )
     if detach:
         thread.join()
@@ -613,6 +644,8 @@ def _submit_traced(
         raise
     thread.join(timeout=30)
     _raise_stager_error(stager)
+    if snap.status == "failed" and snap.bad_input:
+        raise EmbedFleetError(snap.error)  # the fleet found a bad record: cause and fix
     if snap.status == "failed":
         raise JobEnded(f"job {job.spec.job_id} failed: {snap.error}", "See the worker logs")
     store = JobStore(job.store, job.spec.collection, job.spec.job_id)
@@ -832,7 +865,7 @@ def _resume(
             f"job {job_id} is of {spec.source}, not of {source}",
             f"Run `embed-collections resume {job_id}`, or run {source} as a new job",
         )
-    if not ledger.phase_opened("encode"):
+    if spec.prepare_on == "producer" and not ledger.phase_opened("encode"):
         say(f"job {job_id} was not fully submitted: staging the rest from {spec.source}")
         ledger.mark_resuming()
         finish_staging(ledger, store, app, settings.ledger_ttl)

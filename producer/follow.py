@@ -118,13 +118,15 @@ def _follow(
         stage_bars: dict[str, TaskID] = {}
         while True:
             snap = ledger.progress(detail=True)
-            bars.update(read, completed=snap.documents_read, total=snap.documents_total)
+            # The fleet counts the documents once every range is validated.
+            bars.update(read, completed=snap.documents_read, total=snap.documents_total or None)
             sealed = snap.total_batches is not None
             for stage in snap.stages:
                 phase = counts_tasks(stage.stage)
-                opened = stage.total is not None or pipeline.stage(stage.stage).phase == "encode"
+                encodes = pipeline.stage(stage.stage).phase == "encode"
+                opened = stage.total is not None or (encodes and (snap.staged_batches or sealed))
                 if not opened:
-                    continue  # shown once its phase is planned (the encode phase: at once)
+                    continue  # shown once its phase is planned (encode: its first batch)
                 if stage.stage not in stage_bars:
                     unit = "tasks" if phase else "chunks"
                     stage_bars[stage.stage] = bars.add_task(

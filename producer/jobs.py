@@ -1,9 +1,15 @@
-"""Turning a collection into a job: check everything, then stage batches and enqueue.
+"""Turning a collection into a job: check everything, then hand the collection over.
 
-The source is read twice. The first pass validates every record (and counts them for
-the progress bars) before anything is enqueued, so a bad record under
-``--on-bad-record fail`` costs no worker time. The second pass chunks, stages each
-batch in the object store and enqueues a message that carries only its keys.
+By default the fleet prepares the collection (``--prepare-on fleet``): the producer cuts
+it into read ranges (a seek per range, the file is not read) and enqueues one validate
+unit per range; the fleet validates, finds duplicates, chunks and stages
+(:mod:`workers.prepare`). So the producer's cost does not grow with the collection.
+
+With ``--prepare-on producer`` (a source only this machine can read) the producer does
+it all itself, reading the source twice: the first pass validates every record before
+anything is enqueued, so a bad record under ``--on-bad-record fail`` costs no worker
+time; the second chunks, stages each batch in the object store and enqueues a message
+that carries only its keys.
 """
 
 from __future__ import annotations
@@ -12,18 +18,17 @@ import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import redis
 from celery import Celery
 
-from producer.chunking import Chunker, model_max_tokens
 from producer.queries import QuerySet, find_query_files, load_query_set
-from producer.sources import ReadProgress, Source, documents, open_source
-from shared import ids, pipeline
-from shared.celery_app import advance, send_unit
+from shared import ids
+from shared.celery_app import advance, send_encode_units, send_unit
+from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer, model_max_tokens
 from shared.errors import EmbedFleetError
 from shared.fusion_weights import default_weights, parse_weights
 from shared.job_store import JobLayout, JobStore
@@ -35,17 +40,21 @@ from shared.schemas import (
     BM25Params,
     Chunk,
     ChunkBatch,
-    EncodeBatch,
+    Document,
     ExportSpec,
     Fusion,
     JobRecord,
     JobSpec,
     LatencySummary,
+    PrepareOn,
+    PrepareUnit,
     ProducerReport,
     Qrels,
+    ReadPlan,
     RetrievalSpec,
     SkippedRecord,
 )
+from shared.sources import ReadProgress, Source, cut_ranges, documents, open_source
 from shared.storage import ObjectStore, open_store
 
 # How many skipped records the manifest lists one by one (all are counted).
@@ -82,6 +91,13 @@ class JobOptions:
     # (EMBED_FLEET_TRANSIENT_WINDOW); the first check of the store never waits.
     transient_window_s: float = 0.0
     export: ExportSpec = field(default_factory=ExportSpec)
+    prepare_on: PrepareOn = "fleet"
+    range_bytes: int = 8 * 2**20
+
+
+# Id partitions of the fleet's duplicate check: at most one per range, and few enough
+# that each unit reads a handful of small objects per range.
+MAX_ID_PARTITIONS = 64
 
 
 @dataclass
@@ -102,6 +118,7 @@ class PreparedJob:
     store: ObjectStore
     validation: Validation
     queries: QuerySet | None = None
+    read_plan: ReadPlan | None = None  # the fleet prepares the collection
 
     @property
     def layout(self) -> JobLayout:
@@ -115,14 +132,6 @@ class PreparedJob:
 def new_job_id() -> str:
     """Sortable by time, unique across producers: ``20261125-221304-9f3a1c``."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
-def load_tokenizer(model_dir: str) -> Any:
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # chunking long texts is deliberate, not a mistake
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def prepare(
@@ -152,7 +161,15 @@ def prepare(
     retrieval = _retrieval_spec(options, query_set, sparse) if query_set else None
     store = open_store(options.output, options.transient_window_s)
     store.check()
-    validation = validate(source, options.on_bad_record, on_progress)
+    read_plan = None
+    if options.prepare_on == "fleet":
+        ranges = cut_ranges(source, options.range_bytes)
+        read_plan = ReadPlan(
+            kind=source.kind, ranges=ranges, partitions=min(MAX_ID_PARTITIONS, len(ranges))
+        )
+        validation = Validation(bytes_total=source.bytes_total)
+    else:
+        validation = validate(source, options.on_bad_record, on_progress)
     spec = JobSpec(
         job_id=new_job_id(),
         collection=source.name,
@@ -172,8 +189,9 @@ def prepare(
         retrieval=retrieval,
         dtype=options.dtype,
         export=options.export,
+        prepare_on=options.prepare_on,
     )
-    return PreparedJob(spec, source, chunker, store, validation, query_set)
+    return PreparedJob(spec, source, chunker, store, validation, query_set, read_plan)
 
 
 def _query_set(source: Source, options: JobOptions) -> QuerySet | None:
@@ -317,14 +335,16 @@ class Stager:
             with contextlib.suppress(EmbedFleetError, redis.RedisError):
                 self.ledger.fail(f"producer stopped: {exc}", ttl=self.ledger_ttl)
 
-    def _run(self) -> ProducerReport:
+    def _run(self) -> ProducerReport | None:
+        if self.job.read_plan is not None:
+            self._hand_to_fleet(self.job.read_plan)
+            return None
         job, spec = self.job, self.job.spec
         started = time.time()
         progress = ReadProgress()
-        pending: list[Chunk] = []
-        empty: list[str] = []
         latencies: list[float] = []
-        batches = chunks = tokens = 0
+        tally = ChunkTally()
+        batches = 0
         batch_started = time.time()
 
         if self.already_staged is None:
@@ -333,51 +353,39 @@ class Stager:
             )
         query_batches = self._stage_queries()
 
-        def flush() -> None:
-            nonlocal batches, batch_started, pending
+        def accepted() -> Iterator[Document]:
+            for record in documents(job.source, spec.on_bad_record, progress):
+                if self.cancel.is_set():
+                    raise EmbedFleetError("interrupted", "Run the job again")
+                if isinstance(record, Document):  # the rest: listed by the validation pass
+                    yield record
+
+        for chunks in chunk_batches(job.chunker, accepted(), spec.batch_chunks, tally):
             batch_id = ids.document_batch_id(batches)
-            self._stage_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=pending))
+            self._stage_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks))
             self.ledger.record_staged(
                 batch_id,
-                len(pending),
+                len(chunks),
                 progress.documents,
                 progress.bytes_read,
-                [chunk.chunk_id for chunk in pending],
+                [chunk.chunk_id for chunk in chunks],
             )
             latencies.append(time.time() - batch_started)
             batches += 1
-            pending = []
             batch_started = time.time()
-
-        for record in documents(job.source, spec.on_bad_record, progress):
-            if self.cancel.is_set():
-                raise EmbedFleetError("interrupted", "Run the job again")
-            if isinstance(record, SkippedRecord):
-                continue  # counted and listed by the validation pass
-            doc_chunks = job.chunker.chunk(record)
-            if not doc_chunks:
-                empty.append(record.id)
-            for chunk in doc_chunks:
-                pending.append(chunk)
-                chunks += 1
-                tokens += chunk.n_tokens
-                if len(pending) >= spec.batch_chunks:
-                    flush()
-        if pending:
-            flush()
         self.ledger.record_read(progress.documents, progress.bytes_read)
         finished = time.time()
         report = ProducerReport(
             documents=progress.documents,
-            chunks=chunks,
+            chunks=tally.chunks,
             batches=batches,
-            tokens=tokens,
-            empty_documents=empty,
+            tokens=tally.tokens,
+            empty_documents=tally.empty,
             skipped_records=job.validation.skipped,
             skipped_count=job.validation.skipped_count,
             started_at=started,
             finished_at=finished,
-            latency=LatencySummary.from_samples(latencies, chunks, finished - started),
+            latency=LatencySummary.from_samples(latencies, tally.chunks, finished - started),
             queries=len(job.queries.queries) if job.queries else 0,
             query_batches=query_batches,
         )
@@ -385,6 +393,17 @@ class Stager:
         if self.ledger.seal(report, check=self.already_staged is None):
             advance(self.app, spec, "encode")
         return report
+
+    def _hand_to_fleet(self, plan: ReadPlan) -> None:
+        """The job's record, its read plan and its queries in the store, then one
+        validate unit per range: the fleet does the rest (the seal included)."""
+        spec = self.job.spec
+        self.store.put_job_record(JobRecord(spec, 0, self.job.validation.bytes_total))
+        self.store.put_read_plan(plan)
+        self._stage_queries()
+        for part in plan.ranges:
+            unit = PrepareUnit(job_id=spec.job_id, stage="validate", unit=ids.range_id(part.index))
+            send_unit(self.app, unit)
 
     def _stage_batch(self, batch: ChunkBatch, kind: BatchKind = "documents") -> None:
         """Write a batch to the store and enqueue one message per encode stage, all
@@ -395,11 +414,7 @@ class Stager:
                 self.store.put_batch(batch)
             return
         self.store.put_batch(batch)
-        for stage in pipeline.job_stages(spec, "encode"):
-            message = EncodeBatch(
-                job_id=spec.job_id, stage=stage.name, unit=batch.batch_id, kind=kind
-            )
-            send_unit(self.app, message)
+        send_encode_units(self.app, spec, batch.batch_id, kind)
 
     def _stage_queries(self) -> int:
         """Stage the queries (first, so their encoding never waits behind the

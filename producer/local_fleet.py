@@ -31,9 +31,12 @@ QUEUES = ("dense", "aggregate")
 
 def local_queues(spec: JobSpec) -> tuple[str, ...]:
     """One worker per queue the job uses; the dense worker also serves ``rerank``, as
-    a GPU worker of a real fleet does."""
+    a GPU worker of a real fleet does, and the CPU workers (sparse, aggregate) serve
+    ``prepare``, so a collection is prepared by two processes at once."""
     dense = "dense,rerank" if spec.retrieval and spec.retrieval.rerank_model else "dense"
-    return (dense, *(["sparse"] if spec.sparse_models else []), "aggregate")
+    prepare = ",prepare" if spec.prepare_on == "fleet" else ""
+    sparse = [f"sparse{prepare}"] if spec.sparse_models else []
+    return (dense, *sparse, f"aggregate{prepare}")
 
 
 def preload_list(spec: JobSpec) -> str:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.sources import Source, documents, open_source
 from shared.errors import EmbedFleetError
 from shared.schemas import Document, SkippedRecord
+from shared.sources import Source, documents, open_source
 
 
 @dataclass(frozen=True)

@@ -24,16 +24,15 @@ from pathlib import Path
 
 from celery import Celery
 
-from producer.chunking import Chunker
-from producer.jobs import PreparedJob, Stager, load_tokenizer, validate
+from producer.jobs import PreparedJob, Stager, validate
 from producer.queries import load_query_set
-from producer.sources import ReadProgress, open_source
-from shared import ids
+from shared import ids, pipeline
+from shared.chunking import chunker_for
 from shared.errors import EmbedFleetError
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
-from shared.models import resolve_model
 from shared.schemas import JobRecord, ProducerReport
+from shared.sources import ReadProgress, open_source
 from shared.storage import ObjectStore, safe_name
 
 
@@ -69,6 +68,8 @@ def rebuild_ledger(ledger: JobLedger, store: JobStore) -> JobRecord:
         )
     spec = record.spec
     producer = store.producer_report()
+    if spec.prepare_on == "fleet":
+        return _rebuild_fleet_prepared(ledger, store, record, producer)
     staged = store.staged_batch_ids() if producer else []
     documents = [b for b in staged if not ids.is_query_batch(b)]
     queries = [b for b in staged if ids.is_query_batch(b)]
@@ -78,6 +79,35 @@ def rebuild_ledger(ledger: JobLedger, store: JobStore) -> JobRecord:
         _items(documents, spec.batch_chunks, producer.chunks if producer else 0),
         _items(queries, spec.batch_chunks, producer.queries if producer else 0),
         store.models(),
+    )
+    return record
+
+
+def _rebuild_fleet_prepared(
+    ledger: JobLedger, store: JobStore, record: JobRecord, producer: ProducerReport | None
+) -> JobRecord:
+    """A job the fleet prepares: its read ranges (the validate phase the producer
+    opened), the batches of every range chunked so far (each range's record names them
+    with their chunks) and the queries the producer staged; the resume step re-drives
+    the first phase not done."""
+    spec = record.spec
+    plan = store.read_plan()
+    documents: dict[str, int] = {}
+    for part in plan.ranges:
+        chunked = store.chunked(ids.range_id(part.index))
+        if chunked is not None:
+            documents.update(chunked.batches)
+    retrieval = spec.retrieval
+    staged = store.staged_batch_ids() if retrieval else []
+    queries = [b for b in staged if ids.is_query_batch(b)]
+    total = retrieval.queries if retrieval else 0
+    ledger.rebuild(
+        record,
+        producer,
+        documents,
+        _items(queries, spec.batch_chunks, total),
+        store.models(),
+        state_extra={pipeline.phase("validate").total_field: len(plan.ranges)},
     )
     return record
 
@@ -132,8 +162,7 @@ def finish_staging(
             f"{validation.documents}, {validation.bytes_total} now)",
             "Run the collection again as a new job",
         )
-    model = resolve_model(spec.dense_models[0])
-    chunker = Chunker(load_tokenizer(str(model.path)), spec.chunk_tokens, spec.chunk_overlap)
+    chunker = chunker_for(spec)
     retrieval = spec.retrieval
     queries = (
         load_query_set(

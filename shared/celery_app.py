@@ -14,7 +14,7 @@ from celery import Celery
 from shared import pipeline, serializer
 from shared.ledger import RETRY_CAP_S, RETRY_FIRST_S, retries_for
 from shared.pipeline import PhaseName
-from shared.schemas import JobSpec, JobStep, UnitMessage
+from shared.schemas import BatchKind, EncodeBatch, JobSpec, JobStep, UnitMessage
 from shared.settings import Settings
 
 
@@ -67,6 +67,12 @@ def send_unit(app: Celery, message: UnitMessage, variant: str = "") -> None:
     stage's tasks, e.g. the retriever of a retrieve group)."""
     route = pipeline.stage(message.stage).route(variant)
     app.send_task(route.task, args=[message], queue=route.queue)
+
+
+def send_encode_units(app: Celery, spec: JobSpec, batch_id: str, kind: BatchKind) -> None:
+    """One message per encode stage of the job, all naming the same staged batch."""
+    for stage in pipeline.job_stages(spec, "encode"):
+        send_unit(app, EncodeBatch(job_id=spec.job_id, stage=stage.name, unit=batch_id, kind=kind))
 
 
 def advance(app: Celery, spec: JobSpec, phase: PhaseName) -> None:

@@ -39,6 +39,11 @@ class EmbedFleetError(Exception):
         self.fix = fix
         super().__init__(f"{cause}. {fix}".strip() if fix else cause)
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Celery hands a task's exception on by pickling it (and, when that fails, a
+        # base class that does pickle): rebuild from the arguments, not the message.
+        return type(self), (self.cause, self.fix)
+
 
 class BadRecordError(EmbedFleetError):
     """A record of a collection that cannot be read; names the file and line."""
@@ -52,3 +57,6 @@ class BadRecordError(EmbedFleetError):
             "Fix the record, or pass --on-bad-record skip to skip bad records "
             "(they are counted and listed in the manifest)",
         )
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, str]]:  # type: ignore[override]
+        return type(self), (self.path, self.line, self.reason)

@@ -7,6 +7,8 @@ only one that is ever taken apart is a chunk id (the aggregator needs its docume
 
 from __future__ import annotations
 
+import zlib
+
 CHUNK_SEPARATOR = "#"
 
 
@@ -23,6 +25,33 @@ def doc_id_of(chunk: str) -> str:
 def document_batch_id(number: int) -> str:
     """Staged document batches: ``b000000``, ``b000001``, ... (they sort in staging order)."""
     return f"b{number:06d}"
+
+
+def range_batch_id(range_index: int, number: int) -> str:
+    """Document batches a prepare unit stages from one read range: ``b00003-00012`` (the
+    13th batch of range 3; they sort in reading order)."""
+    return f"b{range_index:05d}-{number:05d}"
+
+
+def range_id(index: int) -> str:
+    """A read range of a collection: ``r00000``, ``r00001``, ..."""
+    return f"r{index:05d}"
+
+
+def range_index(unit: str) -> int:
+    """The index of a read range (or id partition) from its unit id."""
+    return int(unit[1:])
+
+
+def partition_id(index: int) -> str:
+    """An id partition of the duplicate check: ``p0000``, ..."""
+    return f"p{index:04d}"
+
+
+def id_partition(doc_id: str, partitions: int) -> int:
+    """The partition a document id's duplicates are looked for in: a stable hash (the
+    same in every process, unlike Python's ``hash``)."""
+    return zlib.crc32(doc_id.encode()) % partitions
 
 
 def query_batch_id(number: int) -> str:

@@ -20,6 +20,13 @@ can be rebuilt and resumed (``producer.recovery``).
         results.jsonl  metrics.json  manifest.json (last)
         work/job.msgpack                      JobRecord (written first)
         work/producer.msgpack                 ProducerReport (every batch staged)
+        work/read-plan.msgpack                ReadPlan (the ranges the fleet reads)
+        work/validated/<range>.msgpack        RangeValidated (a range is validated)
+        work/ids/<partition>/<range>.msgpack  IdPartition (a range's ids of a partition)
+        work/validation.msgpack               Validation (every range validated)
+        work/duplicates/<partition>.msgpack   Duplicates (a partition is checked)
+        work/exclusions/<range>.msgpack       RangeExclusions (duplicates a range leaves out)
+        work/chunked/<range>.msgpack          RangeChunked (a range is chunked and staged)
         work/models/<kind>-<model>.msgpack    ModelInfo (what the workers loaded)
         work/batches/<batch>.msgpack          ChunkBatch (documents and queries)
         work/dense/<batch>.msgpack            DenseShard
@@ -48,19 +55,26 @@ from shared.schemas import (
     BM25Collection,
     ChunkBatch,
     DenseShard,
+    Duplicates,
     ExportedPart,
     ExportPlan,
     FusedGroup,
+    IdPartition,
     JobRecord,
     JobSpec,
     Manifest,
     ModelInfo,
     ProducerReport,
     Qrels,
+    RangeChunked,
+    RangeExclusions,
+    RangeValidated,
+    ReadPlan,
     RerankShard,
     SparseShard,
     Struct,
     TopKShard,
+    Validation,
     Vocabulary,
 )
 from shared.storage import ObjectStore, join_key, open_store, safe_name
@@ -104,6 +118,29 @@ class JobLayout:
 
     def work(self, *parts: str) -> str:
         return join_key(self.root, "work", *parts)
+
+    @property
+    def read_plan(self) -> str:
+        return self.work("read-plan.msgpack")
+
+    def validated(self, range_id: str) -> str:
+        return self.work("validated", f"{range_id}.msgpack")
+
+    def id_partition(self, partition_id: str, range_id: str) -> str:
+        return self.work("ids", partition_id, f"{range_id}.msgpack")
+
+    @property
+    def validation(self) -> str:
+        return self.work("validation.msgpack")
+
+    def duplicates(self, partition_id: str) -> str:
+        return self.work("duplicates", f"{partition_id}.msgpack")
+
+    def exclusions(self, range_id: str) -> str:
+        return self.work("exclusions", f"{range_id}.msgpack")
+
+    def chunked(self, range_id: str) -> str:
+        return self.work("chunked", f"{range_id}.msgpack")
 
     @property
     def qrels(self) -> str:
@@ -278,6 +315,52 @@ class JobStore:
 
     def reranked(self, group_id: str) -> RerankShard:
         return self._get(self.layout.reranked(group_id), RerankShard)
+
+    # --- preparing on the fleet -------------------------------------------------------
+
+    def put_read_plan(self, plan: ReadPlan) -> None:
+        self._put(self.layout.read_plan, plan)
+
+    def read_plan(self) -> ReadPlan:
+        return self._get(self.layout.read_plan, ReadPlan)
+
+    def put_validated(self, range_id: str, validated: RangeValidated) -> None:
+        self._put(self.layout.validated(range_id), validated)
+
+    def validated(self, range_id: str) -> RangeValidated:
+        return self._get(self.layout.validated(range_id), RangeValidated)
+
+    def put_id_partition(self, partition_id: str, range_id: str, ids: IdPartition) -> None:
+        self._put(self.layout.id_partition(partition_id, range_id), ids)
+
+    def id_partition(self, partition_id: str, range_id: str) -> IdPartition:
+        return self._get(self.layout.id_partition(partition_id, range_id), IdPartition)
+
+    def put_validation(self, validation: Validation) -> None:
+        self._put(self.layout.validation, validation)
+
+    def validation(self) -> Validation:
+        return self._get(self.layout.validation, Validation)
+
+    def put_duplicates(self, partition_id: str, duplicates: Duplicates) -> None:
+        self._put(self.layout.duplicates(partition_id), duplicates)
+
+    def duplicates(self, partition_id: str) -> Duplicates:
+        return self._get(self.layout.duplicates(partition_id), Duplicates)
+
+    def put_exclusions(self, range_id: str, exclusions: RangeExclusions) -> None:
+        self._put(self.layout.exclusions(range_id), exclusions)
+
+    def exclusions(self, range_id: str) -> RangeExclusions:
+        """The ids a range leaves out (none if no exclusions were written for it)."""
+        found = self._get_if_there(self.layout.exclusions(range_id), RangeExclusions)
+        return found or RangeExclusions(doc_ids=[])
+
+    def put_chunked(self, range_id: str, chunked: RangeChunked) -> None:
+        self._put(self.layout.chunked(range_id), chunked)
+
+    def chunked(self, range_id: str) -> RangeChunked | None:
+        return self._get_if_there(self.layout.chunked(range_id), RangeChunked)
 
     # --- export ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ Keys, all under ``embed-fleet:job:<id>:``::
                       total:<phase>, chunks_done:<stage>, queries_done:<stage>, ...
     staged            hash batch_id -> chunk count (document batches)
     staged-queries    hash batch_id -> query count (query batches)
+    ranges-read       hash range id -> 1 (read ranges counted in documents_read)
     done:<stage>      hash unit id -> BatchReport
     failed:<stage>    hash unit id -> BatchFailure
     models            hash model name -> ModelInfo
@@ -155,8 +156,21 @@ if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
   redis.call('HINCRBY', KEYS[2], 'staged_batches', 1)
   redis.call('HINCRBY', KEYS[2], 'staged_chunks', ARGV[2])
 end
-redis.call('HSET', KEYS[2], 'documents_read', ARGV[3], 'bytes_read', ARGV[4])
+if tonumber(ARGV[3]) >= 0 then
+  redis.call('HSET', KEYS[2], 'documents_read', ARGV[3], 'bytes_read', ARGV[4])
+end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
+return 0
+"""
+
+
+# Adds a chunked range's documents and bytes to the figures read (KEYS: ranges-read,
+# state), the first time the range is seen only.
+_RECORD_RANGE_READ = """
+if redis.call('HSET', KEYS[1], ARGV[1], 1) == 1 then
+  redis.call('HINCRBY', KEYS[2], 'documents_read', ARGV[2])
+  redis.call('HINCRBY', KEYS[2], 'bytes_read', ARGV[3])
+end
 return 0
 """
 
@@ -297,9 +311,11 @@ class JobLedger:
         self.k_staged_ids = f"{base}:staged-ids"
         self.k_models = f"{base}:models"
         self.k_producer = f"{base}:producer"
+        self.k_ranges_read = f"{base}:ranges-read"
         self._check = client.register_script(_CHECK_COMPLETE)
         self._record_done = client.register_script(_RECORD_DONE)
         self._record_staged = client.register_script(_RECORD_STAGED)
+        self._record_range_read = client.register_script(_RECORD_RANGE_READ)
 
     def k_done(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:done:{stage}"
@@ -317,13 +333,19 @@ class JobLedger:
 
     # --- producer side ---------------------------------------------------------------
 
-    def open(self, spec: JobSpec, documents_total: int, bytes_total: int) -> None:
+    def open(self, spec: JobSpec, documents_total: int, bytes_total: int, ranges: int = 0) -> None:
+        """A new job; ``ranges``: the read ranges of a job the fleet prepares (its first
+        phase's units, which the producer enqueues next)."""
         pipe = self.client.pipeline()
         pipe.set(self.k_spec, msgspec.msgpack.encode(spec))
+        if spec.prepare_on == "fleet":
+            first = pipeline.phase("validate")
+            pipe.hset(self.k_state, mapping={first.total_field: ranges, "status": first.status})
+        else:
+            pipe.hset(self.k_state, "status", pipeline.phase("encode").status)
         pipe.hset(
             self.k_state,
             mapping={
-                "status": "running",
                 "staged_batches": 0,
                 "staged_chunks": 0,
                 "documents_total": documents_total,
@@ -351,6 +373,17 @@ class JobLedger:
             args=[batch_id, chunks, documents_read, bytes_read, ids],
         )
 
+    def record_range_read(self, range_id: str, documents: int, bytes_read: int) -> None:
+        """A read range is chunked: its documents and bytes join the job's figures read
+        (once per range, however often its unit runs)."""
+        self._record_range_read(
+            keys=[self.k_ranges_read, self.k_state], args=[range_id, documents, bytes_read]
+        )
+
+    def set_documents_total(self, documents: int) -> None:
+        """How many documents the collection holds, once every range is validated."""
+        self.client.hset(self.k_state, "documents_total", documents)
+
     def record_staged_queries(self, batch_id: str, queries: int) -> None:
         self.client.hset(self.k_staged_queries, batch_id, queries)
 
@@ -361,6 +394,7 @@ class JobLedger:
         documents: dict[str, int],
         queries: dict[str, int],
         models: list[ModelInfo],
+        state_extra: dict[str, int] | None = None,
     ) -> None:
         """Write the ledger again from the job's object store (see
         ``producer.recovery``): the spec, the staged batches (id -> items), the
@@ -381,6 +415,7 @@ class JobLedger:
             "documents_read": producer.documents if producer else 0,
             "bytes_read": record.bytes_total if producer else 0,
             "rebuilt_at": time.time(),
+            **(state_extra or {}),
         }
         if producer is not None:
             pipe.set(self.k_producer, msgspec.msgpack.encode(producer))
@@ -400,7 +435,7 @@ class JobLedger:
             self.k_state, mapping={"documents_read": documents_read, "bytes_read": bytes_read}
         )
 
-    def seal(self, report: ProducerReport, check: bool = True) -> bool:
+    def seal(self, report: ProducerReport, check: bool = True, claimant: str = "producer") -> bool:
         """Record that every batch (documents and queries) is staged. True if the caller
         must start the next phase (every batch was already done); ``check=False``: a
         resume's producer, whose job the resume step re-drives, does not look."""
@@ -408,7 +443,11 @@ class JobLedger:
         pipe.set(self.k_producer, msgspec.msgpack.encode(report))
         pipe.hset(self.k_state, "total_batches", report.batches + report.query_batches)
         pipe.execute()
-        return self.check_phase("encode", "producer") if check else False
+        return self.check_phase("encode", claimant) if check else False
+
+    def was_rebuilt(self) -> bool:
+        """Whether this ledger was written again from the object store (Redis lost it)."""
+        return bool(self.client.hexists(self.k_state, "rebuilt_at"))
 
     def open_phase(self, phase: PhaseName, units: int) -> bool:
         """Set how many units ``phase`` has (before they are enqueued) and the status
@@ -541,7 +580,10 @@ class JobLedger:
                 pipe.hdel(self.k_done(stage), *units)
                 pipe.hdel(self.k_failed(stage), *units)
         for name in later:
-            for gone in pipeline.job_stages(spec, name):
+            # A phase fed early (encode) keeps what its units recorded: they were sent by
+            # the phase re-driven now, not by a step that plans them again.
+            stages = [] if pipeline.phase(name).fed_early else pipeline.job_stages(spec, name)
+            for gone in stages:
                 pipe.delete(
                     self.k_done(gone.name), self.k_failed(gone.name), *self.k_figures(gone.name)
                 )
@@ -561,10 +603,20 @@ class JobLedger:
 
     # --- aggregator side -----------------------------------------------------------
 
-    def finish(self, status: JobStatus, ttl: float, error: str = "") -> None:
+    def finish(
+        self, status: JobStatus, ttl: float, error: str = "", bad_input: bool = False
+    ) -> None:
+        """The job's end (``bad_input``: it failed on its input, e.g. a bad record under
+        ``--on-bad-record fail``; the CLI exits 2 for it, as for input it checks itself)."""
         pipe = self.client.pipeline()
         pipe.hset(
-            self.k_state, mapping={"status": status, "error": error, "finished_at": time.time()}
+            self.k_state,
+            mapping={
+                "status": status,
+                "error": error,
+                "finished_at": time.time(),
+                "bad_input": int(bad_input),
+            },
         )
         for key in self._all_keys():
             pipe.expire(key, int(ttl))
@@ -580,6 +632,7 @@ class JobLedger:
             self.k_staged_ids,
             self.k_models,
             self.k_producer,
+            self.k_ranges_read,
         ]
         keys += [self.k_guard(phase.name) for phase in pipeline.PHASES]
         for stage in pipeline.job_stages(spec):
@@ -710,11 +763,13 @@ class JobLedger:
             bytes_total=int(state.get("bytes_total", 0)),
             stages=stages,
             error=state.get("error", ""),
+            bad_input=state.get("bad_input") == "1",
         )
 
-    def fail(self, error: str, ttl: float) -> None:
-        """Mark the job failed (the producer could not finish staging it)."""
-        self.finish("failed", ttl, error)
+    def fail(self, error: str, ttl: float, bad_input: bool = False) -> None:
+        """Mark the job failed (the producer could not finish staging it, a unit gave
+        up, or the fleet found its input bad)."""
+        self.finish("failed", ttl, error, bad_input)
 
 
 def recent_jobs(client: redis.Redis, limit: int = 20) -> list[str]:

@@ -4,11 +4,20 @@ tasks and queues that run them, and the aggregator steps between phases.
 ::
 
     phase     stages: what a unit is, where it runs          opened by      then
-    encode    dense  (a staged batch; queue dense)            the producer   plan_retrieve or
-              sparse (a staged batch; queue sparse)                          plan_export
+    validate  validate (a read range; queue prepare)          the producer   plan_dedupe
+    dedupe    dedupe (an id partition; queue prepare)         plan_dedupe    plan_chunk
+    chunk     chunk (a read range; queue prepare)             plan_chunk     seal
+    encode    dense  (a staged batch; queue dense)            seal (or the   plan_retrieve or
+              sparse (a staged batch; queue sparse)           producer)      plan_export
     retrieve  retrieve (a group of shards; dense or sparse)   plan_retrieve  fuse
     rerank    rerank (a group of queries; queue rerank)       fuse           plan_export
     export    export (a group of batches -> one part file)    plan_export    finish
+
+The first three prepare the collection on the fleet (``--prepare-on fleet``, the
+default): every record validated, duplicate ids found across ranges, then chunked and
+staged; a chunk unit enqueues its batches' encode units as it stages them, so encoding
+starts before chunking ends, and ``seal`` counts the batches once every range is chunked.
+A job prepared by its producer (``--prepare-on producer``) starts at ``encode``.
 
 A phase is complete when every unit of each of its stages is accounted for (done, or
 failed after retries); the caller that finds it so first wins its guard and enqueues
@@ -31,14 +40,18 @@ from shared.schemas import (
     JobSpec,
     JobStatus,
     JobStep,
+    PrepareUnit,
     RerankGroup,
     RetrieveGroup,
     UnitMessage,
 )
 
-PhaseName = Literal["encode", "retrieve", "rerank", "export"]
-StepName = Literal["plan_retrieve", "fuse", "plan_export", "finish", "resume"]
+PhaseName = Literal["validate", "dedupe", "chunk", "encode", "retrieve", "rerank", "export"]
+StepName = Literal[
+    "plan_dedupe", "plan_chunk", "seal", "plan_retrieve", "fuse", "plan_export", "finish", "resume"
+]
 
+QUEUE_PREPARE = "prepare"
 QUEUE_DENSE = "dense"
 QUEUE_SPARSE = "sparse"
 QUEUE_RERANK = "rerank"
@@ -67,6 +80,9 @@ class Stage:
         applies: Whether a job has this stage at all.
         runs_models: Whether its units run torch models (and so take a share of the
             host's cores before each unit).
+        failure_ends_job: A unit that keeps failing fails the job at once (preparing:
+            a collection with a range missing is not worth encoding); otherwise the job
+            goes on without it and ends ``partial``.
     """
 
     name: str
@@ -76,6 +92,7 @@ class Stage:
     counts: Literal["chunks", "tasks"]
     applies: Callable[[JobSpec], bool]
     runs_models: bool = True
+    failure_ends_job: bool = False
 
     def route(self, variant: str = "") -> Route:
         return self.routes[variant]
@@ -105,6 +122,9 @@ class Phase:
         status: The job's status while the phase's units run.
         total_field: The ledger's state field holding how many units the phase has.
         applies: Whether a job has this phase.
+        fed_early: Its units are enqueued while the phase before still runs (the chunk
+            units enqueue the encode batches they stage), so re-driving an earlier phase
+            keeps what this one recorded.
     """
 
     name: PhaseName
@@ -112,10 +132,15 @@ class Phase:
     status: JobStatus
     total_field: str
     applies: Callable[[JobSpec], bool]
+    fed_early: bool = False
 
 
 def _always(spec: JobSpec) -> bool:
     return True
+
+
+def _fleet_prepares(spec: JobSpec) -> bool:
+    return spec.prepare_on == "fleet"
 
 
 def _has_queries(spec: JobSpec) -> bool:
@@ -135,7 +160,17 @@ def _per_batch(name: str, task: str, queue: str, applies: Callable[[JobSpec], bo
     return Stage(name, "encode", {"": Route(task, queue)}, EncodeBatch, "chunks", applies)
 
 
+def _prepare(name: PhaseName, task: str) -> Stage:
+    """A prepare stage (its own phase): CPU work on the collection, one unit per read
+    range or id partition."""
+    route = Route(f"embed_fleet.prepare.{task}", QUEUE_PREPARE)
+    return Stage(name, name, {"": route}, PrepareUnit, "tasks", _fleet_prepares, False, True)
+
+
 STAGES: tuple[Stage, ...] = (
+    _prepare("validate", "validate_range"),
+    _prepare("dedupe", "dedupe_ids"),
+    _prepare("chunk", "chunk_range"),
     _per_batch("dense", "embed_fleet.dense.embed_batch", QUEUE_DENSE, _always),
     _per_batch("sparse", "embed_fleet.sparse.encode_batch", QUEUE_SPARSE, _has_sparse),
     Stage(
@@ -170,6 +205,9 @@ STAGES: tuple[Stage, ...] = (
 )
 
 STEPS: tuple[Step, ...] = (
+    Step("plan_dedupe", Route("embed_fleet.aggregate.plan_dedupe", QUEUE_AGGREGATE), "preparing"),
+    Step("plan_chunk", Route("embed_fleet.aggregate.plan_chunk", QUEUE_AGGREGATE), "preparing"),
+    Step("seal", Route("embed_fleet.aggregate.seal", QUEUE_AGGREGATE), "running"),
     Step(
         "plan_retrieve", Route("embed_fleet.aggregate.plan_retrieve", QUEUE_AGGREGATE), "retrieving"
     ),
@@ -182,7 +220,11 @@ STEPS: tuple[Step, ...] = (
 )
 
 PHASES: tuple[Phase, ...] = (
-    Phase("encode", None, "running", "total_batches", _always),
+    Phase("validate", None, "preparing", "total:validate", _fleet_prepares),
+    Phase("dedupe", "plan_dedupe", "preparing", "total:dedupe", _fleet_prepares),
+    Phase("chunk", "plan_chunk", "preparing", "total:chunk", _fleet_prepares),
+    # Sealed (its total set) by `seal`, or by the producer when it prepares the job.
+    Phase("encode", "seal", "running", "total_batches", _always, fed_early=True),
     Phase("retrieve", "plan_retrieve", "retrieving", "total:retrieve", _has_queries),
     # fuse opens the rerank phase whether or not the job reranks: with no reranker it
     # opens it with no units, and the phase is complete at once.
@@ -190,6 +232,9 @@ PHASES: tuple[Phase, ...] = (
     # Every job ends with its chunks written as parts, in parallel, before `finish`.
     Phase("export", "plan_export", "exporting", "total:export", _always),
 )
+
+# The phases that prepare a collection on the fleet (before any batch is encoded).
+PREPARE_PHASES: tuple[PhaseName, ...] = ("validate", "dedupe", "chunk")
 
 _STAGES = {s.name: s for s in STAGES}
 _STEPS = {s.name: s for s in STEPS}

@@ -37,7 +37,13 @@ ExportFormat = Literal["parquet", "jsonl"]
 """How the chunks are written: Parquet parts (vectors as fixed-size float32 lists, sparse
 vectors as indices into a vocabulary) or JSONL parts (one ``ChunkRecord`` per line)."""
 
+PrepareOn = Literal["fleet", "producer"]
+"""Who reads, validates and chunks the collection: the fleet's ``prepare`` workers, one
+read range each (the source must be readable at the same path there), or the producer
+itself (one process; for a source only the producer's machine can read)."""
+
 JobStatus = Literal[
+    "preparing",
     "running",
     "retrieving",
     "fusing",
@@ -69,11 +75,127 @@ class Document(Struct):
 
 
 class SkippedRecord(Struct):
-    """A bad record skipped under ``--on-bad-record skip``."""
+    """A bad record skipped under ``--on-bad-record skip``.
+
+    Attributes:
+        first_seen: For a duplicate id, the line of the record that kept it (0 otherwise).
+    """
 
     path: str
     line: int
     reason: str
+    first_seen: int = 0
+
+    def shifted(self, lines: int) -> SkippedRecord:
+        """The same record with its lines counted from a range's first line moved on by
+        ``lines`` (the lines of the file before the range)."""
+        if not lines:
+            return self
+        first = self.first_seen + lines if self.first_seen else 0
+        reason = self.reason
+        if first:
+            reason = f"{reason.split(' (first seen at line ')[0]} (first seen at line {first})"
+        return SkippedRecord(
+            path=self.path, line=self.line + lines, reason=reason, first_seen=first
+        )
+
+
+class ReadRange(Struct):
+    """A piece of a collection that one prepare unit reads: a byte range of a JSONL file
+    cut at line boundaries, or a group of whole files of a text folder.
+
+    Attributes:
+        index: Its place in the collection's reading order.
+        path: The JSONL file (or the text folder, the ids' root).
+        start: First byte (JSONL).
+        end: One past the last byte (JSONL); the range's last line ends there.
+        files: A text folder's files in this range (paths under ``path``).
+        bytes: How many bytes the range holds.
+    """
+
+    index: int
+    path: str
+    start: int = 0
+    end: int = 0
+    files: list[str] = []
+    bytes: int = 0
+
+
+class ReadPlan(Struct):
+    """How the fleet reads a collection (``work/read-plan.msgpack``, written by the
+    producer): its ranges in reading order and how many id partitions the duplicate
+    check uses."""
+
+    kind: Literal["beir", "jsonl", "text-dir"]
+    ranges: list[ReadRange]
+    partitions: int
+
+
+class RangeValidated(Struct):
+    """What validating one range found. Lines count from the range's first line (a
+    range does not know how many lines come before it); ``lines`` lets the next step add
+    up where each range starts."""
+
+    documents: int
+    lines: int
+    bytes: int
+    skipped: list[SkippedRecord]
+    skipped_count: int
+
+
+class IdPartition(Struct):
+    """The ids one range accepted whose hash falls in one partition, with their lines
+    (from the range's first line): the duplicate check reads one partition of every
+    range, so no process holds every id."""
+
+    ids: list[str]
+    lines: list[int]
+
+
+class DuplicateId(Struct, array_like=True):
+    """A record whose id an earlier record (in reading order) already has."""
+
+    range: int
+    line: int
+    doc_id: str
+    first_range: int
+    first_line: int
+
+
+class Duplicates(Struct):
+    """The duplicates one id partition holds (lines from each range's first line)."""
+
+    items: list[DuplicateId]
+
+
+class Validation(Struct):
+    """The whole collection's validation (``work/validation.msgpack``): documents,
+    where each range's lines start, and the skipped records with file lines."""
+
+    documents: int
+    line_offsets: list[int]
+    skipped: list[SkippedRecord]
+    skipped_count: int
+    # Duplicates across ranges are in the counts and the list (``plan_chunk``).
+    duplicates_listed: bool = False
+
+
+class RangeExclusions(Struct):
+    """Ids a range must leave out when it chunks (duplicates of earlier records)."""
+
+    doc_ids: list[str]
+
+
+class RangeChunked(Struct):
+    """What chunking one range staged: its batches (id -> chunks), in order."""
+
+    documents: int
+    chunks: int
+    tokens: int
+    batches: dict[str, int]
+    empty_documents: list[str]
+    started_at: float
+    finished_at: float
 
 
 class Chunk(Struct):
@@ -187,6 +309,11 @@ class RerankGroup(UnitMessage, kw_only=True):
     """Rerank the fused candidates of one group of queries (``unit`` is the group)."""
 
 
+class PrepareUnit(UnitMessage, kw_only=True):
+    """A unit of preparing a collection: a read range (``validate``, ``chunk``; ``unit``
+    is ``r00000``) or an id partition (``dedupe``; ``unit`` is ``p0000``)."""
+
+
 class ExportPart(UnitMessage, kw_only=True):
     """Write one part of the job's chunks from these staged batches (``unit``: the part's
     name, ``part-00000``)."""
@@ -225,6 +352,8 @@ class JobSpec(Struct):
     retrieval: RetrievalSpec | None = None
     dtype: str = "auto"
     export: ExportSpec = msgspec.field(default_factory=lambda: ExportSpec())
+    # A spec without it is a job from before the fleet prepared collections.
+    prepare_on: PrepareOn = "producer"
 
 
 class ExportSpec(Struct):
@@ -423,6 +552,8 @@ class JobProgress(Struct):
     bytes_total: int
     stages: list[StageProgress]
     error: str = ""
+    # The job failed on its input (a bad record the fleet found): exit code 2.
+    bad_input: bool = False
 
 
 # --- retrieval, fusion, reranking ---------------------------------------------------

@@ -110,7 +110,7 @@ class Fleet:
         self.start_redis()
 
     def start_worker(
-        self, host: Host, queues: str = "dense,sparse,aggregate", kind: str = "all"
+        self, host: Host, queues: str = "dense,sparse,aggregate,prepare", kind: str = "all"
     ) -> subprocess.Popen[bytes]:
         """A worker of ``queues`` on ``host``, known as ``kind`` to the kill methods."""
         proc = host.start(

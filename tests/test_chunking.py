@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from producer.chunking import SEGMENT_CHARS, Chunker
-from producer.jobs import load_tokenizer
+from shared.chunking import SEGMENT_CHARS, Chunker, load_tokenizer
 from shared.errors import EmbedFleetError
 from shared.models import resolve_model
 from shared.schemas import Chunk, Document

@@ -42,7 +42,9 @@ def test_bad_record_names_file_line_and_reason(tmp_path, redis_server, bad, reas
     source = write_jsonl(tmp_path / "docs.jsonl", [GOOD, b'{"id": "z", "text": "zeta"}', bad])
     env = base_env(REDIS_URL=redis_server.url)
     redis_server.client().flushdb()
-    line = one_line_error(run_cli("run", str(source), "--output", str(tmp_path / "out"), env=env))
+    # The producer validates (the fleet's own check is tested in test_prepare_e2e).
+    args = ("run", str(source), "--output", str(tmp_path / "out"), "--prepare-on", "producer")
+    line = one_line_error(run_cli(*args, env=env))
     assert f"{source}:3:" in line
     assert reason in line
     assert "--on-bad-record skip" in line

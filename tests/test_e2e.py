@@ -79,7 +79,7 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
     fleet_env = {**fleet_env, "EMBED_FLEET_VISIBILITY_TIMEOUT": "300"}
     start_worker("dense,rerank", fleet_env)
     start_worker("sparse", fleet_env)
-    start_worker("aggregate", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
     reranker = build_tiny_cross_encoder(tmp_path / "tiny-cross-encoder")
     client = s3.client()
     watch = ManifestWatch(client, bucket)
@@ -273,9 +273,9 @@ def test_kill9_worker_mid_job(
     workers = {"dense": start_worker("dense", fleet_env)}
     if victim == "sparse":
         workers["sparse"] = start_worker("sparse", fleet_env)
-    workers["export"] = start_worker("aggregate", fleet_env)
+    workers["export"] = start_worker("aggregate,prepare", fleet_env)
     if victim == "export":
-        start_worker("aggregate", fleet_env)  # the one that goes on
+        start_worker("aggregate,prepare", fleet_env)  # the one that goes on
     sparse_args = ["--sparse-models", "splade-tiny,bm25"] if victim == "sparse" else []
     # Export: a part per batch of 4 chunks, ~160 parts, so the kill lands mid-phase.
     sparse_args += ["--part-rows", "4", "--format", "jsonl"] if victim == "export" else []
@@ -453,6 +453,8 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_
         f"s3://{bucket}",
         "--batch-chunks",
         "8",
+        "--prepare-on",
+        "producer",  # staged before any worker starts, so one batch can be broken
         "--detach",
         env=fleet_env,
     )
@@ -464,7 +466,7 @@ def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_
     staged = s3.client().get_object(Bucket=bucket, Key=staged_key)["Body"].read()
     s3.client().delete_object(Bucket=bucket, Key=staged_key)
     start_worker("dense", fleet_env)
-    start_worker("aggregate", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
     deadline = time.monotonic() + 300
     while (status := run_cli("status", job_id, "--json", env=fleet_env)).returncode == 3:
         assert time.monotonic() < deadline, "job did not finish"
@@ -520,7 +522,8 @@ def test_a_lost_step_message_stalls_the_job_until_it_is_redriven(
     (tmp_path / "queries.jsonl").write_text("\n".join(queries) + "\n")
     submitted = run_cli(
         "run", str(tmp_path / "small"), "--output", f"s3://{bucket}", "--queries",
-        str(tmp_path / "queries.jsonl"), "--batch-chunks", "8", "--detach", env=fleet_env,
+        str(tmp_path / "queries.jsonl"), "--batch-chunks", "8", "--prepare-on", "producer",
+        "--detach", env=fleet_env,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
@@ -532,7 +535,7 @@ def test_a_lost_step_message_stalls_the_job_until_it_is_redriven(
         time.sleep(0.5)
     assert redis_client.llen("aggregate") == 1
     redis_client.delete("aggregate")  # the step message is lost
-    start_worker("aggregate", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
     time.sleep(5)
     assert ledger.status() == "retrieving" and not ledger.phase_opened("retrieve")
     if rescuer == "resume":
@@ -571,7 +574,7 @@ def test_cancel_drops_the_jobs_units_and_resume_takes_it_up(
     assert status.returncode == 1 and "cancelled" in status.stderr
     # Workers reach the queued units and drop them: nothing is encoded.
     start_worker("dense", fleet_env)
-    start_worker("aggregate", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
     deadline = time.monotonic() + 120
     while redis_client.llen("dense") or redis_client.hlen("unacked"):
         assert time.monotonic() < deadline, "the cancelled units were not taken"
@@ -593,7 +596,7 @@ def test_ctrl_c_on_a_shared_fleet_detaches_once_the_job_is_staged(
     to follow, cancel or resume it, and the job completes when workers come."""
     command = [
         sys.executable, "-m", "producer.cli", "run", str(_small_collection(tmp_path)),
-        "--output", f"s3://{bucket}", "--batch-chunks", "8",
+        "--output", f"s3://{bucket}", "--batch-chunks", "8", "--prepare-on", "producer",
     ]  # fmt: skip
     cli = subprocess.Popen(
         command, cwd=REPO, env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -612,7 +615,7 @@ def test_ctrl_c_on_a_shared_fleet_detaches_once_the_job_is_staged(
     assert "detached" in stderr and f"status {job_id} --follow" in stderr
     assert f"cancel {job_id}" in stderr and "Traceback" not in stderr
     start_worker("dense", fleet_env)
-    start_worker("aggregate", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
     followed = run_cli("status", job_id, "--follow", "--json", env=fleet_env)
     assert followed.returncode == 0, followed.stderr
     assert events(followed.stdout, "summary")[-1]["manifest"]["status"] == "complete"
@@ -640,7 +643,7 @@ def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
     queries = (CRANFIELD / "queries.jsonl").read_text().splitlines()[:5]
     (tmp_path / "queries.jsonl").write_text("\n".join(queries) + "\n")
     options = ["--queries", str(tmp_path / "queries.jsonl"), "--batch-chunks", "4"]
-    options += ["--dtype", "fp32", "--detach"]
+    options += ["--dtype", "fp32", "--prepare-on", "producer", "--detach"]
     submitted = run_cli(
         "run", str(collection), "--output", f"s3://{bucket}/lost", *options, env=fleet_env
     )
@@ -648,7 +651,7 @@ def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
     job_id = submitted.stdout.strip().splitlines()[-1]
     ledger = JobLedger(redis_client, job_id)
     start_worker("dense", fleet_env)
-    start_worker("aggregate", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
     deadline = time.monotonic() + 240
     while (done := ledger.progress().stages[0].batches_done) < 3:
         assert time.monotonic() < deadline, "no progress before the fault"
@@ -695,7 +698,7 @@ def test_producer_killed_mid_submit_then_resume_stages_the_rest(
     collection = _small_collection(tmp_path, 600)
     command = [
         sys.executable, "-m", "producer.cli", "run", str(collection), "--output",
-        f"s3://{bucket}", "--batch-chunks", "2", "--detach",
+        f"s3://{bucket}", "--batch-chunks", "2", "--prepare-on", "producer", "--detach",
     ]  # fmt: skip
     cli = subprocess.Popen(command, cwd=REPO, env=fleet_env, stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -716,7 +719,7 @@ def test_producer_killed_mid_submit_then_resume_stages_the_rest(
     assert not ledger.phase_opened("encode"), "staged to the end before the kill"
     staged_before = len(ledger.staged_batches())
     start_worker("dense", fleet_env)
-    start_worker("aggregate", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
     wrong = run_cli("run", str(tmp_path), "--resume", job_id, env=fleet_env)
     assert wrong.returncode == 2 and "is of" in wrong.stderr, wrong.stderr
     resumed = run_cli("run", str(collection), "--resume", job_id, "--json", env=fleet_env)

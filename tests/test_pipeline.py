@@ -35,12 +35,29 @@ def test_what_follows_each_phase() -> None:
     reranked = spec(queries=True, rerank=True)
     assert [s.name for s in pipeline.job_stages(reranked, "rerank")] == ["rerank"]
     # the status a job takes when a phase completes is the next step's
-    assert [pipeline.next_step(reranked, p.name).status for p in pipeline.PHASES] == [
+    later = [p for p in pipeline.PHASES if p.name not in pipeline.PREPARE_PHASES]
+    assert [pipeline.next_step(reranked, p.name).status for p in later] == [
         "retrieving",
         "fusing",
         "exporting",
         "exporting",
     ]
+
+
+def test_a_collection_the_fleet_prepares_goes_through_three_phases_before_encode() -> None:
+    job = spec(queries=False)
+    assert pipeline.job_stages(job, "validate") == []  # the producer prepared it
+    job.prepare_on = "fleet"
+    assert [s.name for s in pipeline.job_stages(job)][:4] == [
+        "validate",
+        "dedupe",
+        "chunk",
+        "dense",
+    ]
+    steps = [pipeline.next_step(job, p).name for p in pipeline.PREPARE_PHASES]
+    assert steps == ["plan_dedupe", "plan_chunk", "seal"]
+    assert {pipeline.stage(p).route().queue for p in pipeline.PREPARE_PHASES} == {"prepare"}
+    assert pipeline.phase("encode").fed_early  # chunk units enqueue its batches
 
 
 def test_every_entry_has_its_task_and_every_task_an_entry() -> None:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from producer.sources import ReadProgress, documents, open_source, read_records
 from shared.errors import BadRecordError, EmbedFleetError
 from shared.schemas import Document, SkippedRecord
+from shared.sources import ReadProgress, documents, open_source, read_records
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -321,3 +322,80 @@ def test_progress_counts_text_dir_bytes(tmp_path: Path) -> None:
     assert progress.bytes_read == 237
     assert progress.bytes_read == source.bytes_total
     assert progress.documents == 2
+
+
+# --- read ranges (the fleet reads a collection in pieces) ------------------------------
+
+
+def _ranges_read(source_path: Path, range_bytes: int) -> list[Document | SkippedRecord]:
+    """Every range read on its own, lines moved to file lines as the fleet does."""
+    from shared.sources import cut_ranges, read_range
+
+    source = open_source(source_path)
+    out: list[Document | SkippedRecord] = []
+    offset = 0
+    for part in cut_ranges(source, range_bytes):
+        progress = ReadProgress()
+        for record in read_range(source.kind, part, progress):
+            if isinstance(record, SkippedRecord):
+                out.append(record.shifted(offset))
+            else:
+                out.append(Document(**{**msgspec_fields(record), "line": record.line + offset}))
+        offset += progress.lines
+    return out
+
+
+def msgspec_fields(record: Document) -> dict[str, Any]:
+    return {f: getattr(record, f) for f in record.__struct_fields__}
+
+
+@pytest.mark.parametrize("range_bytes", [1, 7, 64, 1000, 10**9])
+def test_ranges_cover_a_jsonl_file_exactly_once_at_line_starts(
+    tmp_path: Path, range_bytes: int
+) -> None:
+    """Ranges start at line starts, cover every byte once, and read together give the
+    records (and bad records, at their file lines) one reader gives, except duplicates
+    across ranges, which the fleet's dedupe phase finds."""
+    from shared.sources import cut_ranges
+
+    lines: list[Any] = []
+    for i in range(120):
+        lines.append({"id": f"d{i}", "text": "word " * (i % 17)})
+        if i % 13 == 0:
+            lines.append(b"")  # blank lines count as lines
+        if i % 29 == 0:
+            lines.append(b"not json")
+    path = write_jsonl(tmp_path / "c.jsonl", lines)
+    data = path.read_bytes()
+    ranges = cut_ranges(open_source(path), range_bytes)
+    assert ranges[0].start == 0 and ranges[-1].end == len(data)
+    for a, b in itertools.pairwise(ranges):
+        assert a.end == b.start and data[b.start - 1 : b.start] == b"\n"
+    assert sum(r.bytes for r in ranges) == len(data)
+    whole = list(read_records(open_source(path)))
+    assert _ranges_read(path, range_bytes) == whole
+
+
+def test_a_duplicate_within_a_range_names_file_lines(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": "a", "text": "x"}] * 1 + [{"id": f"f{i}", "text": "y"} for i in range(50)]
+        + [{"id": "b", "text": "x"}, {"id": "b", "text": "again"}],
+    )  # fmt: skip
+    found = [r for r in _ranges_read(path, 200) if isinstance(r, SkippedRecord)]
+    assert [(r.line, r.reason, r.first_seen) for r in found] == [
+        (53, "duplicate id 'b' (first seen at line 52)", 52)
+    ]
+
+
+def test_text_folder_ranges_group_whole_files(tmp_path: Path) -> None:
+    from shared.sources import cut_ranges, read_range
+
+    for i in range(7):
+        (tmp_path / f"doc{i}.txt").write_text("text " * (i + 1) * 10)
+    source = open_source(tmp_path)
+    ranges = cut_ranges(source, 150)
+    assert len(ranges) > 1
+    assert sorted(f for r in ranges for f in r.files) == sorted(f"doc{i}.txt" for i in range(7))
+    ids = [d.id for r in ranges for d in read_range(source.kind, r) if isinstance(d, Document)]
+    assert ids == [d.id for d in docs(tmp_path)]

@@ -70,7 +70,7 @@ def test_one_trace_oom_recovery_and_model_swaps(
         "EMBED_FLEET_MODEL_MEMORY": "1MB",  # fits no model: every hydration swaps
     }
     start_worker("dense,rerank", worker_env)
-    start_worker("aggregate", env)
+    start_worker("aggregate,prepare", env)
     reranker = build_tiny_cross_encoder(tmp_path / "tiny-ce")
     result = run_cli(
         "run",

@@ -18,6 +18,7 @@ from shared.schemas import (
     EncodeBatch,
     ExportPart,
     JobStep,
+    PrepareUnit,
     RerankGroup,
     RetrieveGroup,
     TopKShard,
@@ -67,6 +68,61 @@ def step_task(step: pipeline.StepName) -> Callable[[Body], Body]:
         return body
 
     return register
+
+
+# --- prepare (the collection, on the fleet) -------------------------------------------
+
+
+@unit_task("validate")
+def validate_range(ctx: WorkerContext, job: Job, msg: PrepareUnit) -> UnitOutcome:
+    """Parse and check every record of one read range; hand its ids to the dedupe phase."""
+    from workers.prepare.validate import validate_range as validate
+
+    return UnitOutcome(items=validate(job.spec, job.ledger, job.store, msg.unit), device="cpu")
+
+
+@step_task("plan_dedupe")
+def plan_dedupe(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """After validation: file lines of the skipped records, then the duplicate check."""
+    from workers.prepare.validate import plan_dedupe as plan
+
+    units = plan(job.ledger, job.store, app)
+    log.info("dedupe planned", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
+
+
+@unit_task("dedupe")
+def dedupe_ids(ctx: WorkerContext, job: Job, msg: PrepareUnit) -> UnitOutcome:
+    """Duplicate ids across ranges, in one id partition."""
+    from workers.prepare.dedupe import dedupe_partition
+
+    return UnitOutcome(items=dedupe_partition(job.spec, job.store, msg.unit), device="cpu")
+
+
+@step_task("plan_chunk")
+def plan_chunk(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """After the duplicate check: each range's exclusions, then one chunk unit per range."""
+    from workers.prepare.dedupe import plan_chunk as plan
+
+    units = plan(job.ledger, job.store, app)
+    log.info("chunking planned", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
+
+
+@unit_task("chunk")
+def chunk_range(ctx: WorkerContext, job: Job, msg: PrepareUnit) -> UnitOutcome:
+    """Chunk one read range and stage its batches, enqueueing their encode units."""
+    from workers.prepare.chunk import chunk_range as chunk
+
+    done = chunk(job.spec, job.ledger, job.store, app, ctx.chunker(job), msg.unit)
+    return UnitOutcome(items=done.chunks, device="cpu", tokens=done.tokens)
+
+
+@step_task("seal")
+def seal(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """After chunking: the report of what was read and staged; the encode phase's total."""
+    from workers.prepare.chunk import seal as seal_job
+
+    batches = seal_job(job.ledger, job.store, app)
+    log.info("job sealed", extra={"fields": {"job_id": msg.job_id, "batches": batches}})
 
 
 # --- encode --------------------------------------------------------------------------

@@ -288,6 +288,11 @@ class Finisher:
     ) -> dict[str, LatencySummary]:
         """Every stage's figures, summed from the units its workers recorded."""
         stages: dict[str, LatencySummary] = {"produce": producer.latency}
+        for prepare in pipeline.job_stages(self.spec):
+            if prepare.phase in pipeline.PREPARE_PHASES:  # the fleet prepared the collection
+                stages[prepare.name] = LatencySummary.from_reports(
+                    self.ledger.reports(prepare.name)
+                )
         for stage in self.spec.stages:
             reports = self.ledger.reports(stage)
             # Throughput and latency: the collection's batches (queries are tiny).

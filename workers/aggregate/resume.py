@@ -22,11 +22,12 @@ or doubled result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from celery import Celery
 
-from shared import pipeline
+from shared import ids, pipeline
 from shared.celery_app import advance, send_unit
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
@@ -36,6 +37,7 @@ from shared.schemas import (
     BatchReport,
     EncodeBatch,
     JobSpec,
+    PrepareUnit,
     RerankGroup,
     UnitMessage,
 )
@@ -57,6 +59,18 @@ def phase_units(
     ledger: JobLedger, store: JobStore, spec: JobSpec, phase: PhaseName
 ) -> list[tuple[UnitMessage, str]]:
     """Every unit of an opened phase, with its variant (the route within its stage)."""
+    if phase in ("validate", "chunk"):
+        ranges = store.read_plan().ranges
+        return [
+            (PrepareUnit(job_id=spec.job_id, stage=phase, unit=ids.range_id(r.index)), "")
+            for r in ranges
+        ]
+    if phase == "dedupe":
+        partitions = store.read_plan().partitions
+        return [
+            (PrepareUnit(job_id=spec.job_id, stage=phase, unit=ids.partition_id(p)), "")
+            for p in range(partitions if partitions > 1 else 0)
+        ]
     if phase == "encode":
         batches: list[tuple[str, BatchKind]] = [(b, "documents") for b in ledger.staged_batches()]
         batches += [(b, "queries") for b in ledger.staged_query_batches()]
@@ -81,13 +95,16 @@ def phase_units(
 def output_key(store: JobStore, message: UnitMessage) -> str:
     """The object whose presence means the unit is done."""
     layout = store.layout
-    if message.stage == "retrieve":
-        return layout.top_k(message.unit)
-    if message.stage == "rerank":
-        return layout.reranked(message.unit)
-    if message.stage == "export":
-        return layout.exported_part(message.unit)
-    return layout.shard(message.stage, message.unit)
+    outputs: dict[str, Callable[[str], str]] = {
+        "validate": layout.validated,
+        "dedupe": layout.duplicates,
+        "chunk": layout.chunked,
+        "retrieve": layout.top_k,
+        "rerank": layout.reranked,
+        "export": layout.exported_part,
+    }
+    where = outputs.get(message.stage)
+    return where(message.unit) if where else layout.shard(message.stage, message.unit)
 
 
 def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:

@@ -26,6 +26,7 @@ from typing import Any
 
 import redis
 
+from shared.chunking import Chunker, chunker_for
 from shared.job_store import JobStore
 from shared.leases import GpuLease
 from shared.ledger import JobLedger, connect
@@ -87,6 +88,7 @@ class WorkerContext:
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
     _kept: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
+    _chunkers: OrderedDict[str, Chunker] = field(default_factory=OrderedDict)
 
     @classmethod
     def start(cls, boot: WorkerBoot) -> WorkerContext:
@@ -119,6 +121,15 @@ class WorkerContext:
             while len(self._specs) > KEPT_SPECS:
                 self._specs.popitem(last=False)
         return Job(spec, ledger, JobStore.of(spec, self.store(spec.output)))
+
+    def chunker(self, job: Job) -> Chunker:
+        """The job's chunker (its tokenizer loaded once per process and job)."""
+        chunker = self._chunkers.get(job.spec.job_id)
+        if chunker is None:
+            chunker = self._chunkers[job.spec.job_id] = chunker_for(job.spec)
+            while len(self._chunkers) > 2:
+                self._chunkers.popitem(last=False)
+        return chunker
 
     def record_model(self, job: Job, info: ModelInfo) -> None:
         """A model a unit used, in the ledger (every time: the ledger may have been

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from shared import ids
 from shared.errors import EmbedFleetError
-from shared.schemas import Chunk, Document
+from shared.models import resolve_model
+from shared.schemas import Chunk, Document, JobSpec
 
 SEGMENT_CHARS = 32_768
 # The last whitespace character (of any kind) of a span: where a segment may end.
@@ -30,6 +32,20 @@ class _Token(NamedTuple):
     start: int  # character offsets in the text being chunked
     end: int
     word: tuple[int, int]  # (segment, word id): equal for pieces of one word
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]  # chunking long texts is deliberate, not a mistake
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def chunker_for(spec: JobSpec) -> Chunker:
+    """The job's chunker: its first dense model's tokenizer and the spec's window."""
+    model = resolve_model(spec.dense_models[0])
+    return Chunker(load_tokenizer(str(model.path)), spec.chunk_tokens, spec.chunk_overlap)
 
 
 def model_max_tokens(model_dir: Path, tokenizer: Any) -> int:
@@ -130,6 +146,38 @@ class Chunker:
             buffer = buffer[nxt:]
         if buffer and buffer[-1].pos >= emitted_to:
             yield buffer
+
+
+@dataclass
+class ChunkTally:
+    """What :func:`chunk_batches` cut so far: chunks, tokens, documents without text."""
+
+    documents: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    empty: list[str] = field(default_factory=list)
+
+
+def chunk_batches(
+    chunker: Chunker, documents: Iterable[Document], batch_chunks: int, tally: ChunkTally
+) -> Iterator[list[Chunk]]:
+    """The documents' chunks in batches of ``batch_chunks`` (the last one smaller), in
+    reading order: how the producer and a chunk unit alike cut what they stage."""
+    pending: list[Chunk] = []
+    for doc in documents:
+        tally.documents += 1
+        doc_chunks = chunker.chunk(doc)
+        if not doc_chunks:
+            tally.empty.append(doc.id)
+        for chunk in doc_chunks:
+            pending.append(chunk)
+            tally.chunks += 1
+            tally.tokens += chunk.n_tokens
+            if len(pending) >= batch_chunks:
+                yield pending
+                pending = []
+    if pending:
+        yield pending
 
 
 def _segments(text: str) -> Iterator[tuple[int, int]]:

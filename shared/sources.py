@@ -1,0 +1,311 @@
+"""Collections on disk, read one record at a time.
+
+Three layouts: a BEIR folder (``corpus.jsonl`` with ``_id``, ``title``, ``text``), a
+JSONL file (``id``, ``text``, optional ``title`` and ``metadata``), or a folder of
+``.txt`` / ``.md`` files. Nothing holds the whole collection: readers yield records
+as they go, and a bad record comes out as a :class:`SkippedRecord` naming file, line
+and reason, so the caller decides between failing and skipping.
+
+The fleet reads a collection in ranges (:func:`cut_ranges`: byte ranges of a JSONL file
+cut at line boundaries, groups of a folder's files), each by one prepare unit
+(:func:`read_range`), so no one process reads it all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from shared.errors import BadRecordError, EmbedFleetError
+from shared.schemas import Document, ReadRange, SkippedRecord
+
+SourceKind = Literal["beir", "jsonl", "text-dir"]
+TEXT_SUFFIXES = (".txt", ".md")
+# The most files of a text folder one range holds (however small they are).
+RANGE_FILES = 1000
+
+
+class _JsonlRecord(msgspec.Struct):
+    id: str | int
+    text: str
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class _BeirRecord(msgspec.Struct, rename={"id": "_id"}):
+    id: str | int
+    text: str
+    title: str | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A collection on disk.
+
+    Attributes:
+        path: What the user passed.
+        kind: Its layout.
+        name: The collection's name in output keys (the folder or file stem).
+        files: The files to read, in reading order.
+    """
+
+    path: Path
+    kind: SourceKind
+    name: str
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+
+def open_source(path: str | Path) -> Source:
+    """Recognise a collection's layout.
+
+    Raises:
+        EmbedFleetError: if the path is missing or holds no collection.
+    """
+    p = Path(path).expanduser()
+    hint = "Pass a BEIR folder (with corpus.jsonl), a .jsonl file, or a folder of .txt/.md files"
+    if not p.exists():
+        raise EmbedFleetError(f"source {str(path)!r} does not exist", hint)
+    if p.is_file():
+        return Source(p, "beir" if _uses_beir_ids(p) else "jsonl", p.stem, [p])
+    if (p / "corpus.jsonl").is_file():
+        return Source(p, "beir", p.resolve().name, [p / "corpus.jsonl"])
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+    if not files:
+        raise EmbedFleetError(f"{str(path)!r} holds no corpus.jsonl and no .txt/.md files", hint)
+    return Source(p, "text-dir", p.resolve().name, files)
+
+
+def _uses_beir_ids(path: Path) -> bool:
+    """A JSONL file whose first record has ``_id`` (and no ``id``) is a BEIR corpus."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    first = msgspec.json.decode(raw)
+                except msgspec.DecodeError:
+                    return False
+                return isinstance(first, dict) and "_id" in first and "id" not in first
+    return False
+
+
+@dataclass
+class ReadProgress:
+    """Shared with the caller, so it can report bytes read while records stream."""
+
+    documents: int = 0
+    bytes_read: int = 0
+    lines: int = 0  # lines of a JSONL file read, blank ones included
+
+
+def read_records(
+    source: Source, progress: ReadProgress | None = None
+) -> Iterator[Document | SkippedRecord]:
+    """Yield every record of the source: a Document, or a SkippedRecord saying why not.
+
+    Duplicate ids are caught here (the first occurrence wins), so every reader and both
+    passes of the producer agree on which records are bad.
+    """
+    progress = progress or ReadProgress()
+    if source.kind == "text-dir":
+        reader = _read_text_files(source.path, source.files, progress)
+    else:
+        reader = _read_jsonl(source.files[0], source.kind, 0, None, progress)
+    return _first_of_each_id(reader, progress)
+
+
+def read_range(
+    kind: SourceKind, part: ReadRange, progress: ReadProgress | None = None
+) -> Iterator[Document | SkippedRecord]:
+    """Yield every record of one read range, as :func:`read_records` does for a whole
+    source, with lines counted from the range's first line (a range does not know how
+    many lines come before it). Duplicate ids are caught within the range; across
+    ranges the fleet's dedupe phase finds them."""
+    progress = progress or ReadProgress()
+    root = Path(part.path)
+    if kind == "text-dir":
+        reader = _read_text_files(root, [root / name for name in part.files], progress)
+    else:
+        reader = _read_jsonl(root, kind, part.start, part.end, progress)
+    return _first_of_each_id(reader, progress)
+
+
+def _first_of_each_id(
+    reader: Iterator[Document | SkippedRecord], progress: ReadProgress
+) -> Iterator[Document | SkippedRecord]:
+    seen: dict[str, int] = {}
+    for record in reader:
+        if isinstance(record, Document):
+            first = seen.get(record.id)
+            if first is not None:
+                yield SkippedRecord(
+                    path=record.path,
+                    line=record.line,
+                    reason=f"duplicate id {record.id!r} (first seen at line {first})",
+                    first_seen=first,
+                )
+                continue
+            seen[record.id] = record.line
+            progress.documents += 1
+        yield record
+
+
+def cut_ranges(source: Source, range_bytes: int) -> list[ReadRange]:
+    """Cut a collection into read ranges of about ``range_bytes``: a JSONL file at the
+    first line start at or after each multiple of it (a seek and one line read per
+    range, never a read of the whole file), a text folder into groups of whole files."""
+    if source.kind == "text-dir":
+        return _file_groups(source, range_bytes)
+    path = source.files[0]
+    size = path.stat().st_size
+    starts = [0]
+    with path.open("rb") as handle:
+        at = range_bytes
+        while at < size:
+            handle.seek(at - 1)
+            handle.readline()  # to the end of the line holding byte at-1
+            start = handle.tell()
+            if start >= size:
+                break
+            starts.append(start)
+            at = start + range_bytes
+    ends = [*starts[1:], size]
+    resolved = str(path.resolve())
+    return [
+        ReadRange(index=i, path=resolved, start=lo, end=hi, bytes=hi - lo)
+        for i, (lo, hi) in enumerate(zip(starts, ends, strict=True))
+    ]
+
+
+def _file_groups(source: Source, range_bytes: int) -> list[ReadRange]:
+    root = source.path.resolve()
+    ranges: list[ReadRange] = []
+    files: list[str] = []
+    size = 0
+
+    def close() -> None:
+        nonlocal files, size
+        ranges.append(ReadRange(index=len(ranges), path=str(root), files=files, bytes=size))
+        files, size = [], 0
+
+    for path in source.files:
+        files.append(path.relative_to(source.path).as_posix())
+        size += path.stat().st_size
+        if size >= range_bytes or len(files) >= RANGE_FILES:
+            close()
+    if files:
+        close()
+    return ranges
+
+
+def lines_before(path: str | Path, offset: int) -> int:
+    """How many lines of a file start before byte ``offset`` (counted only when a bad
+    record must be named by its line in the whole file)."""
+    count = 0
+    with Path(path).open("rb") as handle:
+        while offset > 0:
+            block = handle.read(min(offset, 1 << 22))
+            if not block:
+                break
+            count += block.count(b"\n")
+            offset -= len(block)
+    return count
+
+
+def documents(
+    source: Source, on_bad_record: Literal["fail", "skip"], progress: ReadProgress | None = None
+) -> Iterator[Document | SkippedRecord]:
+    """Like :func:`read_records`, but raise on the first bad record under ``fail``."""
+    for record in read_records(source, progress):
+        if isinstance(record, SkippedRecord) and on_bad_record == "fail":
+            raise BadRecordError(record.path, record.line, record.reason)
+        yield record
+
+
+def _read_jsonl(
+    path: Path, source_kind: SourceKind, start: int, end: int | None, progress: ReadProgress
+) -> Iterator[Document | SkippedRecord]:
+    """The records of ``path`` from byte ``start`` (a line start) up to ``end``."""
+    kind: type[_JsonlRecord] | type[_BeirRecord] = (
+        _BeirRecord if source_kind == "beir" else _JsonlRecord
+    )
+    decoder = msgspec.json.Decoder(kind)
+    shown = str(path)
+    with path.open("rb") as handle:
+        handle.seek(start)
+        at = start
+        for number, raw in enumerate(handle, start=1):
+            if end is not None and at >= end:
+                break
+            at += len(raw)
+            progress.bytes_read += len(raw)
+            progress.lines += 1
+            if not raw.strip():
+                continue
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield SkippedRecord(
+                    path=shown,
+                    line=number,
+                    reason=f"invalid UTF-8 at byte {exc.start} of the line",
+                )
+                continue
+            try:
+                rec = decoder.decode(raw)
+            except msgspec.ValidationError as exc:
+                yield SkippedRecord(path=shown, line=number, reason=_explain(str(exc), kind))
+                continue
+            except msgspec.DecodeError as exc:
+                yield SkippedRecord(path=shown, line=number, reason=f"malformed JSON ({exc})")
+                continue
+            doc_id = str(rec.id)
+            if not doc_id.strip():
+                yield SkippedRecord(path=shown, line=number, reason="empty id")
+                continue
+            yield Document(
+                id=doc_id,
+                text=rec.text,
+                title=rec.title or "",
+                metadata=rec.metadata or {},
+                path=shown,
+                line=number,
+            )
+
+
+def _explain(message: str, kind: type[msgspec.Struct]) -> str:
+    """Turn msgspec's validation message into the field names the user wrote."""
+    id_field = "_id" if kind is _BeirRecord else "id"
+    if message.startswith("Object missing required field"):
+        missing = message.split("`")[1]
+        return f"missing required field {missing!r}"
+    if message.startswith("Expected `object`"):
+        return "not a JSON object"
+    return message.replace("`$.id`", f"`$.{id_field}`")
+
+
+def _read_text_files(
+    root: Path, files: list[Path], progress: ReadProgress
+) -> Iterator[Document | SkippedRecord]:
+    """Each file one document, its id the path under ``root``."""
+    for path in files:
+        data = path.read_bytes()
+        progress.bytes_read += len(data)
+        rel = path.relative_to(root).as_posix()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data.count(b"\n", 0, exc.start) + 1
+            yield SkippedRecord(
+                path=str(path), line=line, reason=f"invalid UTF-8 at byte {exc.start}"
+            )
+            continue
+        yield Document(id=rel, text=text, path=str(path), line=1)

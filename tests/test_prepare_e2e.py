@@ -1,0 +1,162 @@
+"""The fleet prepares a collection (validate, dedupe, chunk on the prepare queue) and
+the job comes out as the producer alone would make it: the same chunks, skipped records
+at the same file lines, the same counts; a bad record or a duplicate across ranges fails
+the job with file and line and leaves nothing behind; a prepare worker killed mid-range
+costs a redelivery, nothing lost or doubled."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from artifacts import chunk_records
+from conftest import CRANFIELD, REPO, base_env, run_cli
+
+from shared.ledger import JOBS_INDEX, JobLedger
+from shared.schemas import ChunkBatch
+
+pytestmark = pytest.mark.e2e
+
+
+def events(stdout: str, kind: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == kind]
+
+
+def collection(tmp_path: Path, docs: int, extra: dict[int, bytes] | None = None) -> Path:
+    """The first ``docs`` Cranfield documents as a JSONL file, with ``extra`` lines put
+    in before the given positions."""
+    lines = [line.encode() for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()]
+    out: list[bytes] = []
+    for i, line in enumerate(lines[:docs]):
+        out += [(extra or {}).get(i, b"")] if i in (extra or {}) else []
+        out.append(line)
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b"\n".join(out) + b"\n")
+    return path
+
+
+def local_files(folder: Path) -> Any:
+    def get(key: str) -> bytes:
+        return (folder / key).read_bytes()
+
+    return get
+
+
+def run_json(source: Path, out: Path, *args: str) -> dict[str, Any]:
+    result = run_cli(
+        "run", str(source), "--output", str(out), "--format", "jsonl", "--json", *args,
+        env=base_env(), cwd=out.parent, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest: dict[str, Any] = events(result.stdout, "summary")[-1]["manifest"]
+    return manifest
+
+
+def test_the_fleet_prepares_a_collection_as_the_producer_does(tmp_path: Path) -> None:
+    """Many small read ranges, a bad record, an empty document and a duplicate id two
+    ranges after its first record, under --on-bad-record skip."""
+    first = json.loads((CRANFIELD / "corpus.jsonl").read_text().splitlines()[3])
+    duplicate = json.dumps({**first, "text": "a later copy"}).encode()
+    source = collection(
+        tmp_path, 160, {40: b"not json", 90: duplicate, 120: b'{"_id": "empty", "text": ""}'}
+    )
+    fleet = run_json(source, tmp_path / "fleet", "--on-bad-record", "skip", "--range-mb", "0.01")
+    alone = run_json(
+        source, tmp_path / "alone", "--on-bad-record", "skip", "--prepare-on", "producer"
+    )
+    assert fleet["spec"]["prepare_on"] == "fleet" and alone["spec"]["prepare_on"] == "producer"
+    assert {"validate", "dedupe", "chunk"} <= set(fleet["stages"])
+    assert fleet["stages"]["validate"]["batches"] > 10  # many ranges, a unit each
+    assert fleet["stages"]["dedupe"]["batches"] > 1
+    for key in ("documents", "chunks", "empty_documents", "skipped_records"):
+        assert fleet["counts"][key] == alone["counts"][key], key
+    assert fleet["empty_documents"] == alone["empty_documents"] == ["empty"]
+    lines = [(r["line"], r["reason"]) for r in fleet["skipped_records"]]
+    assert lines == [(r["line"], r["reason"]) for r in alone["skipped_records"]]
+    assert [line for line, _ in lines] == [41, 92]  # file lines, across ranges
+    assert lines[1][1] == f"duplicate id {first['_id']!r} (first seen at line 4)"
+    got = chunk_records(fleet, local_files(tmp_path / "fleet"))
+    want = chunk_records(alone, local_files(tmp_path / "alone"))
+    assert [(r["chunk_id"], r["text"]) for r in got] == [(r["chunk_id"], r["text"]) for r in want]
+    assert "a later copy" not in {r["text"] for r in got}
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "reason"),
+    [
+        ({70: b'{"_id": "x", "text": "caf\xe9"}'}, 71, "invalid UTF-8"),
+        ({100: b'{"_id": "5", "text": "again"}'}, 101, "duplicate id '5' (first seen at line 5)"),
+    ],
+    ids=["bad-record", "duplicate-across-ranges"],
+)
+def test_a_bad_record_found_on_the_fleet_fails_the_job_and_leaves_nothing(
+    tmp_path: Path, extra: dict[int, bytes], line: int, reason: str
+) -> None:
+    source = collection(tmp_path, 120, extra)
+    out = tmp_path / "out"
+    result = run_cli(
+        "run", str(source), "--output", str(out), "--range-mb", "0.01",
+        env=base_env(), cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert f"{source}:{line}: {reason}" in errors[0] and "--on-bad-record skip" in errors[0]
+    assert "Traceback" not in result.stderr
+    leftovers = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert leftovers == [], leftovers  # no chunk, no staged batch, no manifest
+
+
+def test_a_prepare_worker_killed_mid_range_costs_nothing(
+    fleet_env, bucket, s3, redis_server, start_worker, tmp_path
+) -> None:
+    source = collection(tmp_path, 500)
+    start_worker("dense", fleet_env)
+    start_worker("aggregate", fleet_env)
+    victim = start_worker("prepare", fleet_env)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", "run", str(source), "--output", f"s3://{bucket}",
+         "--range-mb", "0.005", "--format", "jsonl", "--keep-work", "--json"],
+        env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
+    client = redis_server.client()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        jobs = client.zrange(JOBS_INDEX, 0, -1)
+        if jobs:
+            ledger = JobLedger(client, jobs[-1].decode())
+            if ledger.phase_opened("chunk") and len(ledger.reports("chunk")) >= 3:
+                break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the prepare worker chunked nothing")
+    victim.kill9()
+    done_at_kill = len(ledger.reports("chunk"))
+    start_worker("prepare", fleet_env)
+    stdout, stderr = cli.communicate(timeout=600)
+    assert cli.returncode == 0, stderr
+    ranges = {s.stage: s.total for s in ledger.progress().stages}["chunk"]
+    assert ranges is not None and done_at_kill < ranges  # the kill was mid-phase
+    manifest = events(stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 500
+    s3c = s3.client()
+
+    def get(key: str) -> bytes:
+        return bytes(s3c.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    exported = [r["chunk_id"] for r in chunk_records(manifest, get)]
+    staged: list[str] = []
+    job = f"corpus/{manifest['job_id']}"
+    for batch_id in ledger.staged_batches():
+        raw = get(f"{job}/work/batches/{batch_id}.msgpack")
+        staged += [c.chunk_id for c in msgspec.msgpack.decode(raw, type=ChunkBatch).chunks]
+    assert len(exported) == len(set(exported)) == manifest["counts"]["chunks"]
+    assert exported == staged  # nothing lost or doubled, in reading order
+    assert manifest["stages"]["chunk"]["batches"] == ranges

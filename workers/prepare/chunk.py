@@ -1,0 +1,108 @@
+"""The chunk phase: each read range chunked with the job's tokenizer and staged in
+batches whose encode units go out at once; then ``seal`` counts the batches.
+
+A range is read again (validation wrote no chunks): its bad records and in-range
+duplicates come out of the reader as they did then, and the ids ``plan_chunk`` listed as
+duplicates of earlier ranges are left out. Chunking is deterministic, so a unit run
+twice stages the same batches under the same ids (``b<range>-<n>``), and the ledger
+counts each once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from celery import Celery
+
+from shared import ids, pipeline
+from shared.celery_app import advance, send_encode_units
+from shared.chunking import Chunker, ChunkTally, chunk_batches
+from shared.job_store import JobStore
+from shared.ledger import JobLedger
+from shared.schemas import (
+    ChunkBatch,
+    Document,
+    JobSpec,
+    LatencySummary,
+    ProducerReport,
+    RangeChunked,
+)
+from shared.sources import ReadProgress, read_range
+
+
+def chunk_range(
+    spec: JobSpec, ledger: JobLedger, store: JobStore, app: Celery, chunker: Chunker, range_id: str
+) -> RangeChunked:
+    """Chunk and stage one range, enqueueing each batch's encode units as it goes."""
+    started = time.time()
+    plan = store.read_plan()
+    index = ids.range_index(range_id)
+    excluded = set(store.exclusions(range_id).doc_ids)
+    progress = ReadProgress()
+    batches: dict[str, int] = {}
+    tally = ChunkTally()
+    records = read_range(plan.kind, plan.ranges[index], progress)
+    # Bad records and duplicates were listed by the validate and dedupe phases.
+    documents = (r for r in records if isinstance(r, Document) and r.id not in excluded)
+    for chunks in chunk_batches(chunker, documents, spec.batch_chunks, tally):
+        batch_id = ids.range_batch_id(index, len(batches))
+        store.put_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks))
+        ledger.record_staged(batch_id, len(chunks), -1, -1, [c.chunk_id for c in chunks])
+        send_encode_units(app, spec, batch_id, "documents")
+        batches[batch_id] = len(chunks)
+    chunked = RangeChunked(
+        documents=tally.documents,
+        chunks=tally.chunks,
+        tokens=tally.tokens,
+        batches=batches,
+        empty_documents=tally.empty,
+        started_at=started,
+        finished_at=time.time(),
+    )
+    store.put_chunked(range_id, chunked)
+    ledger.record_range_read(range_id, tally.documents, progress.bytes_read)
+    return chunked
+
+
+def seal(ledger: JobLedger, store: JobStore, app: Celery) -> int:
+    """Once every range is chunked: the job's report of what was read and staged (the
+    producer's report, as a producer that prepared the job writes it), and the encode
+    phase's total. Returns the document batches."""
+    from shared.schemas import JobStep
+
+    spec = ledger.spec()
+    plan = store.read_plan()
+    validation = store.validation()
+    ranges = [store.chunked(ids.range_id(part.index)) for part in plan.ranges]
+    done = [r for r in ranges if r is not None]
+    assert len(done) == len(ranges), "seal runs once every range is chunked"
+    started = min((r.started_at for r in done), default=time.time())
+    finished = max((r.finished_at for r in done), default=started)
+    chunks = sum(r.chunks for r in done)
+    latencies = [r.finished_at - r.started_at for r in done]
+    report = ProducerReport(
+        documents=sum(r.documents for r in done),
+        chunks=chunks,
+        batches=sum(len(r.batches) for r in done),
+        tokens=sum(r.tokens for r in done),
+        empty_documents=[doc for r in done for doc in r.empty_documents],
+        skipped_records=validation.skipped,
+        skipped_count=validation.skipped_count,
+        started_at=started,
+        finished_at=finished,
+        latency=LatencySummary.from_samples(latencies, chunks, finished - started),
+        queries=spec.retrieval.queries if spec.retrieval else 0,
+        query_batches=spec.retrieval.query_batches if spec.retrieval else 0,
+    )
+    store.put_producer_report(report)
+    if ledger.seal(report, claimant="step:seal"):
+        advance(app, spec, "encode")
+    elif ledger.was_rebuilt():
+        # The ledger was written again from the store while the job prepared: encode
+        # units done before that are not counted, and their messages are gone. The
+        # resume step counts what the store holds and enqueues the rest.
+        route = pipeline.step("resume").route
+        app.send_task(
+            route.task, args=[JobStep(job_id=spec.job_id, step="resume")], queue=route.queue
+        )
+    return report.batches
