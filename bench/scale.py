@@ -7,11 +7,18 @@ sentence-transformer with mean pooling, built by the bench itself. Each size run
 private Redis with one dense worker and ``--aggregate-workers`` aggregate workers, the
 producer as a user runs it (``embed-collections run``), output to a local folder.
 
-Per run: wall time; per-stage chunks/s (produce, dense, export, from the manifest);
+Per run: wall time; per-stage chunks/s (prepare: the fleet's chunk phase, dense,
+export, from the manifest);
 peak RSS of the producer, of each worker (main process + pool) and Redis's
 ``used_memory_peak``, each also per chunk; output bytes per chunk; the time from the
 last encoded batch to the manifest; and what one poll of the live view costs (ms, at
 the job's end, with every unit recorded).
+
+Prepare (``--prepare-workers``): the largest collection prepared (validated, checked for
+duplicate ids, chunked and staged) by 1, 2, ... prepare workers with no encoder running,
+so they have the cores: chunks/s from the job's start to its seal, against the same
+collection validated and chunked by one process (the producer's way, ``--prepare-on
+producer``'s code) in the same run.
 
 Formats (``--formats``): Cranfield with MiniLM + SPLADE + BM25 exported as Parquet and
 as JSONL (embedded fleet), the chunk parts' bytes of each and their ratio.
@@ -21,7 +28,7 @@ its start to its manifest, against bare sentence-transformers in bf16 encoding t
 chunk texts with every core (dense, then SPLADE), in the same run.
 
 Usage: python bench/scale.py [--sizes 1,10,100] [--aggregate-workers 1,2]
-       [--formats/--no-formats] [--demo/--no-demo]
+       [--prepare-workers 1,2] [--formats/--no-formats] [--demo/--no-demo]
 Writes bench/results/scale.json and bench/results/scale.png, and prints a table.
 """
 
@@ -111,8 +118,9 @@ class PeakRss(threading.Thread):
 
 
 def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[str, Any]:
-    """One job on a private fleet: one dense worker, ``aggregators`` aggregate workers."""
-    queues = ("dense", *(["aggregate"] * aggregators))
+    """One job on a private fleet: one dense worker, ``aggregators`` aggregate workers
+    (which also prepare the collection, as in the compose file)."""
+    queues = ("dense", *(["aggregate,prepare"] * aggregators))
     rss = PeakRss()
     with LocalFleet(queues) as fleet:
         for name, proc in fleet.workers:
@@ -157,7 +165,7 @@ def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[st
         "aggregate_workers": aggregators,
         "wall_s": round(wall, 1),
         "chunks_per_s": {
-            "produce": stages["produce"]["items_per_s"],
+            "prepare": stages["chunk"]["items_per_s"],
             "dense": stages["dense"]["items_per_s"],
             "export": stages["export"]["items_per_s"],
         },
@@ -167,6 +175,64 @@ def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[st
         "poll_ms": round(1000 * min(polls), 2),
         "peak_rss": {"producer": rss.peaks.get("producer", 0), **workers},
         "redis_used_memory_peak": redis_peak,
+    }
+
+
+def prepare_run(source: Path, model: Path, workers: int) -> dict[str, Any]:
+    """The collection prepared by ``workers`` prepare workers (and an aggregate worker
+    for the steps between the phases), no encoder: from the job's start to its seal."""
+    with LocalFleet(("aggregate", *(["prepare"] * workers))) as fleet:
+        env = {
+            **{k: v for k, v in os.environ.items() if k != "CELERY_BROKER_URL"},
+            "REDIS_URL": fleet.redis_url,
+            "HF_HUB_OFFLINE": "1",
+        }
+        with tempfile.TemporaryDirectory(prefix="embed-fleet-prepare-") as out:
+            submitted = subprocess.run(
+                [sys.executable, "-m", "producer.cli", "run", str(source), "--output", out,
+                 "--dense-models", str(model), "--detach"],
+                cwd=REPO, env=env, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            job_id = submitted.stdout.strip().splitlines()[-1]
+            ledger = JobLedger(connect(fleet.redis_url), job_id)
+            while not ledger.phase_opened("encode"):
+                fleet.check()
+                time.sleep(0.1)
+            sealed = time.time()
+            spec, report = ledger.spec(), ledger.producer_report()
+            assert report is not None
+            stages = {s: len(ledger.reports(s)) for s in ("validate", "dedupe", "chunk")}
+    wall = sealed - spec.created_at
+    return {
+        "workers": workers,
+        "chunks": report.chunks,
+        "units": stages,
+        "start_to_seal_s": round(wall, 1),
+        "chunks_per_s": round(report.chunks / wall),
+    }
+
+
+def one_process_prepare(source: Path, model: Path) -> dict[str, Any]:
+    """The same collection validated, then chunked, in one process (the producer's
+    way): its chunks/s."""
+    from producer.jobs import validate
+    from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer
+    from shared.schemas import Document
+    from shared.sources import documents, open_source
+
+    chunker = Chunker(load_tokenizer(str(model)), 256)
+    started = time.perf_counter()
+    found = open_source(source)
+    validate(found, "fail")
+    accepted = (r for r in documents(found, "fail") if isinstance(r, Document))
+    tally = ChunkTally()
+    for _ in chunk_batches(chunker, accepted, 128, tally):
+        pass
+    wall = time.perf_counter() - started
+    return {
+        "chunks": tally.chunks,
+        "wall_s": round(wall, 1),
+        "chunks_per_s": round(tally.chunks / wall),
     }
 
 
@@ -245,6 +311,9 @@ def main() -> None:
     parser.add_argument(
         "--aggregate-workers", default="1,2", help="aggregate workers, tried at the largest size"
     )
+    parser.add_argument(
+        "--prepare-workers", default="1,2", help="prepare workers, tried at the largest size"
+    )
     parser.add_argument("--formats", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--formats-docs", type=int, default=0, help="formats: first N docs")
     parser.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True)
@@ -274,6 +343,17 @@ def main() -> None:
                 run["size"] = size
                 runs.append(run)
                 console.print(run)
+        prepares: list[dict[str, Any]] = []
+        if sizes and args.prepare_workers:
+            largest = collection(max(sizes))
+            alone = one_process_prepare(largest, model)
+            console.print({"one process": alone})
+            for count in [int(w) for w in args.prepare_workers.split(",")]:
+                run = prepare_run(largest, model, count)
+                run["size"] = max(sizes)
+                run["over_one_process"] = round(run["chunks_per_s"] / alone["chunks_per_s"], 2)
+                prepares.append(run)
+                console.print(run)
     result = {
         "machine": {
             "cpu": platform.processor() or platform.machine(),
@@ -283,12 +363,13 @@ def main() -> None:
         },
         "model": "BERT-tiny (bundled SPLADE encoder) + mean pooling, 128-d",
         "runs": runs,
+        "prepare": {"one_process": alone, "fleet": prepares} if prepares else None,
         "formats": formats_run(args.formats_docs) if args.formats else None,
         "demo": demo_run(args.demo_dtype or native_dtype()) if args.demo else None,
     }
     if args.merge and Path(args.out).is_file():
         kept = json.loads(Path(args.out).read_text())
-        for part in ("runs", "formats", "demo"):
+        for part in ("runs", "prepare", "formats", "demo"):
             if not result[part]:
                 result[part] = kept.get(part)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -299,7 +380,7 @@ def main() -> None:
 
 def report(result: dict[str, Any], console: Console) -> None:
     table = Table(title="scale (wall, per-stage chunks/s, peak RSS MiB, Redis peak MiB)")
-    for column in ("size", "chunks", "agg", "wall s", "produce/s", "dense/s", "export/s",
+    for column in ("size", "chunks", "agg", "wall s", "prepare/s", "dense/s", "export/s",
                    "last encode→manifest s", "poll ms", "producer", "dense", "aggregate",
                    "redis", "B/chunk"):  # fmt: skip
         table.add_column(column, justify="right")
@@ -311,13 +392,22 @@ def report(result: dict[str, Any], console: Console) -> None:
         speeds = run["chunks_per_s"]
         table.add_row(
             f"{run['size']}x", str(run["chunks"]), str(run["aggregate_workers"]),
-            f"{run['wall_s']:.1f}", f"{speeds['produce']:.0f}", f"{speeds['dense']:.0f}",
+            f"{run['wall_s']:.1f}", f"{speeds['prepare']:.0f}", f"{speeds['dense']:.0f}",
             f"{speeds['export']:.0f}", f"{run['last_encode_to_manifest_s']:.1f}",
             f"{run['poll_ms']:.1f}", f"{rss.get('producer', 0) / mib:.0f}", f"{dense / mib:.0f}",
             f"{aggregate / mib:.0f}", f"{run['redis_used_memory_peak'] / mib:.1f}",
             f"{run['bytes_per_chunk']:.0f}",
         )  # fmt: skip
     console.print(table)
+    prepare = result.get("prepare")
+    if prepare:
+        alone = prepare["one_process"]
+        for run in prepare["fleet"]:
+            console.print(
+                f"prepare {run['size']}x with {run['workers']} prepare worker(s): "
+                f"{run['chunks_per_s']} chunks/s (start to seal {run['start_to_seal_s']} s), "
+                f"{run['over_one_process']}x one process ({alone['chunks_per_s']} chunks/s)"
+            )
     formats = result["formats"]
     if formats:
         parquet, jsonl = (formats[f]["bytes_per_chunk"] for f in ("parquet", "jsonl"))
@@ -344,11 +434,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     chunks = [r["chunks"] for r in single]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(chunks, [r["wall_s"] for r in single], "o-", label="wall")
-    left.plot(chunks, [r["chunks"] / r["chunks_per_s"]["produce"] for r in single], "s--",
-              label="producer (serial)")  # fmt: skip
+    left.plot(chunks, [r["chunks"] / r["chunks_per_s"]["prepare"] for r in single], "s--",
+              label="prepare (fleet)")  # fmt: skip
     left.set(xscale="log", yscale="log", xlabel="chunks", ylabel="seconds", title="Job wall time")
     left.legend()
-    for stage in ("produce", "dense", "export"):
+    for stage in ("prepare", "dense", "export"):
         right.plot(chunks, [r["chunks_per_s"][stage] for r in single], "o-", label=stage)
     right.set(
         xscale="log", yscale="log", xlabel="chunks", ylabel="chunks/s", title="Per-stage throughput"

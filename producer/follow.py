@@ -120,6 +120,9 @@ def _follow(
             snap = ledger.progress(detail=True)
             # The fleet counts the documents once every range is validated.
             bars.update(read, completed=snap.documents_read, total=snap.documents_total or None)
+            if snap.bytes_total:
+                read_bytes = f"{human_bytes(snap.bytes_read)} of {human_bytes(snap.bytes_total)}"
+                bars.update(read, figures=read_bytes)
             sealed = snap.total_batches is not None
             for stage in snap.stages:
                 phase = counts_tasks(stage.stage)

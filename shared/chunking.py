@@ -9,12 +9,15 @@ bounded memory instead of as one million-token encoding.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+from tokenizers import Tokenizer
 
 from shared import ids
 from shared.errors import EmbedFleetError
@@ -22,16 +25,11 @@ from shared.models import resolve_model
 from shared.schemas import Chunk, Document, JobSpec
 
 SEGMENT_CHARS = 32_768
+# Documents tokenised in one call by chunk_batches.
+CHUNK_GROUP = 64
 # The last whitespace character (of any kind) of a span: where a segment may end.
 _LAST_SPACE = re.compile(r"\s(?=\S*\Z)")
 TITLE_SEPARATOR = "\n\n"
-
-
-class _Token(NamedTuple):
-    pos: int  # position in the document's token stream
-    start: int  # character offsets in the text being chunked
-    end: int
-    word: tuple[int, int]  # (segment, word id): equal for pieces of one word
 
 
 def load_tokenizer(model_dir: str) -> Any:
@@ -90,62 +88,91 @@ class Chunker:
                 f"({self.window // 2})",
                 "Lower --chunk-overlap",
             )
+        # The Rust tokenizer itself, without the truncation or padding its tokenizer.json
+        # may set (the Hugging Face wrapper turns them off on every call): offsets and
+        # word ids of many texts in one call, with no Python object per token.
+        self._rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._rust.no_truncation()
+        self._rust.no_padding()
 
     def chunk(self, doc: Document) -> list[Chunk]:
         """All chunks of a document; an empty list for a document with no text."""
-        full = f"{doc.title}{TITLE_SEPARATOR}{doc.text}" if doc.title.strip() else doc.text
+        return self.chunk_many([doc])[0]
+
+    def chunk_many(self, docs: Sequence[Document]) -> list[list[Chunk]]:
+        """The chunks of each document. Texts of one segment are tokenised together in
+        one call, and one that fits the window is one chunk at once: most documents of
+        a retrieval corpus take no per-token work in Python at all."""
+        fulls = [f"{d.title}{TITLE_SEPARATOR}{d.text}" if d.title.strip() else d.text for d in docs]
+        whole = [i for i, full in enumerate(fulls) if full.strip() and len(full) <= SEGMENT_CHARS]
+        encoded = self._rust.encode_batch([fulls[i] for i in whole], add_special_tokens=False)
+        encodings = dict(zip(whole, encoded, strict=True))
+        out: list[list[Chunk]] = []
+        for i, (doc, full) in enumerate(zip(docs, fulls, strict=True)):
+            if not full.strip():
+                out.append([])
+                continue
+            first = encodings.get(i)
+            if first is not None and len(first.offsets) <= self.window:
+                offsets = first.offsets
+                spans = [(offsets[0][0], offsets[-1][1], len(offsets))] if offsets else []
+            else:
+                spans = self._windows(full, first)
+            out.append(self._chunks(doc, full, spans))
+        return out
+
+    def _chunks(self, doc: Document, full: str, spans: list[tuple[int, int, int]]) -> list[Chunk]:
+        """A document's chunks from their (start, end, tokens) in ``full``."""
         body_offset = len(full) - len(doc.text)
-        if not full.strip():
-            return []
         chunks: list[Chunk] = []
-        for tokens in self._windows(full):
-            start, end = tokens[0].start, tokens[-1].end
+        for start, end, n_tokens in spans:
             chunks.append(
                 Chunk(
                     chunk_id=ids.chunk_id(doc.id, len(chunks)),
                     doc_id=doc.id,
                     index=len(chunks),
                     text=full[start:end],
-                    n_tokens=len(tokens),
+                    n_tokens=n_tokens,
                     span=(max(0, start - body_offset), max(0, end - body_offset)),
                     metadata=doc.metadata,
                 )
             )
         return chunks
 
-    def _tokens(self, text: str) -> Iterator[_Token]:
-        index = 0
+    def _windows(self, text: str, first: Any = None) -> list[tuple[int, int, int]]:
+        """The (start, end, tokens) of each window of a text longer than one window:
+        ``window`` tokens, cut back to where a word starts (unless one word fills the
+        window), the next starting ``overlap`` tokens back, moved on to a word start.
+        ``first``: the encoding of a text of one segment, already made."""
+        starts: list[int] = []
+        ends: list[int] = []
+        words: list[tuple[int, int]] = []  # equal for the pieces of one word
         for segment, (lo, hi) in enumerate(_segments(text)):
-            encoding = self.tokenizer(
-                text[lo:hi], add_special_tokens=False, return_offsets_mapping=True
-            )
-            words = encoding.word_ids()
-            for (s, e), word in zip(encoding["offset_mapping"], words, strict=True):
-                yield _Token(index, lo + s, lo + e, (segment, word if word is not None else -index))
-                index += 1
-
-    def _windows(self, text: str) -> Iterator[list[_Token]]:
-        buffer: list[_Token] = []
-        emitted_to = 0  # stream index one past the last emitted token
-        for token in self._tokens(text):
-            buffer.append(token)
-            if len(buffer) <= self.window:
-                continue
-            # buffer holds window + 1 tokens: cut where a new word starts.
+            encoding = first or self._rust.encode(text[lo:hi], add_special_tokens=False)
+            base = len(starts)
+            starts += [lo + s for s, _ in encoding.offsets]
+            ends += [lo + e for _, e in encoding.offsets]
+            words += [
+                (segment, word if word is not None else -(base + k))
+                for k, word in enumerate(encoding.word_ids)
+            ]
+        spans: list[tuple[int, int, int]] = []
+        at, emitted_to, total = 0, 0, len(starts)
+        while at + self.window < total:  # window + 1 tokens from `at`: cut where a word starts
             cut = self.window
-            while cut > 0 and buffer[cut].word == buffer[cut - 1].word:
+            while cut > 0 and words[at + cut] == words[at + cut - 1]:
                 cut -= 1
             if cut == 0:  # one word longer than the window
                 cut = self.window
-            yield buffer[:cut]
-            emitted_to = buffer[cut - 1].pos + 1
-            # Next chunk starts `overlap` tokens back, moved forward to a word start.
+            spans.append((starts[at], ends[at + cut - 1], cut))
+            emitted_to = at + cut
             nxt = max(1, cut - self.overlap)
-            while nxt < cut and buffer[nxt].word == buffer[nxt - 1].word:
+            while nxt < cut and words[at + nxt] == words[at + nxt - 1]:
                 nxt += 1
-            buffer = buffer[nxt:]
-        if buffer and buffer[-1].pos >= emitted_to:
-            yield buffer
+            at += nxt
+        if at < total and total - 1 >= emitted_to:
+            spans.append((starts[at], ends[total - 1], total - at))
+        return spans
 
 
 @dataclass
@@ -164,18 +191,19 @@ def chunk_batches(
     """The documents' chunks in batches of ``batch_chunks`` (the last one smaller), in
     reading order: how the producer and a chunk unit alike cut what they stage."""
     pending: list[Chunk] = []
-    for doc in documents:
-        tally.documents += 1
-        doc_chunks = chunker.chunk(doc)
-        if not doc_chunks:
-            tally.empty.append(doc.id)
-        for chunk in doc_chunks:
-            pending.append(chunk)
-            tally.chunks += 1
-            tally.tokens += chunk.n_tokens
-            if len(pending) >= batch_chunks:
-                yield pending
-                pending = []
+    docs = iter(documents)
+    while group := list(itertools.islice(docs, CHUNK_GROUP)):
+        for doc, doc_chunks in zip(group, chunker.chunk_many(group), strict=True):
+            tally.documents += 1
+            if not doc_chunks:
+                tally.empty.append(doc.id)
+            for chunk in doc_chunks:
+                pending.append(chunk)
+                tally.chunks += 1
+                tally.tokens += chunk.n_tokens
+                if len(pending) >= batch_chunks:
+                    yield pending
+                    pending = []
     if pending:
         yield pending
 

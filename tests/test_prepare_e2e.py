@@ -160,3 +160,44 @@ def test_a_prepare_worker_killed_mid_range_costs_nothing(
     assert len(exported) == len(set(exported)) == manifest["counts"]["chunks"]
     assert exported == staged  # nothing lost or doubled, in reading order
     assert manifest["stages"]["chunk"]["batches"] == ranges
+
+
+def test_redis_lost_while_the_fleet_prepares_then_resume_completes_the_job(
+    fleet_env, bucket, s3, start_worker, tmp_path, redis_client
+) -> None:
+    """Redis loses everything while ranges are being chunked (and their first batches
+    encoded): `resume --output` rebuilds the ledger from the store (the read plan, each
+    chunked range's batches), re-drives the first phase not done, and the job completes
+    with every document's chunks exactly once."""
+    source = collection(tmp_path, 300)
+    start_worker("dense", fleet_env)
+    start_worker("aggregate,prepare", fleet_env)
+    submitted = run_cli(
+        "run", str(source), "--output", f"s3://{bucket}/lost", "--range-mb", "0.02",
+        "--batch-chunks", "8", "--detach", env=fleet_env,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    ledger = JobLedger(redis_client, job_id)
+    deadline = time.monotonic() + 240
+    while not (ledger.phase_opened("chunk") and len(ledger.reports("chunk")) >= 2):
+        assert time.monotonic() < deadline, ledger.status()
+        time.sleep(0.05)
+    assert not ledger.phase_opened("encode"), "too late for the fault: already sealed"
+    redis_client.flushall()  # Redis lost, as a restart without persistence leaves it
+    resumed = run_cli(
+        "resume", job_id, "--output", f"s3://{bucket}/lost", "--json", env=fleet_env, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert ledger.was_rebuilt()
+    manifest = events(resumed.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 300
+    s3c = s3.client()
+
+    def get(key: str) -> bytes:
+        return bytes(s3c.get_object(Bucket=bucket, Key=f"lost/{key}")["Body"].read())
+
+    chunk_ids = [r["chunk_id"] for r in chunk_records(manifest, get)]
+    assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
+    docs = {c.rsplit("#", 1)[0] for c in chunk_ids}
+    assert len(docs) == 300 - len(manifest["empty_documents"])
