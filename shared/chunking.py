@@ -117,7 +117,7 @@ class Chunker:
                 offsets = first.offsets
                 spans = [(offsets[0][0], offsets[-1][1], len(offsets))] if offsets else []
             else:
-                spans = self._windows(full, first)
+                spans = list(self._windows(full, first))
             out.append(self._chunks(doc, full, spans))
         return out
 
@@ -139,40 +139,43 @@ class Chunker:
             )
         return chunks
 
-    def _windows(self, text: str, first: Any = None) -> list[tuple[int, int, int]]:
+    def _windows(self, text: str, first: Any = None) -> Iterator[tuple[int, int, int]]:
         """The (start, end, tokens) of each window of a text longer than one window:
         ``window`` tokens, cut back to where a word starts (unless one word fills the
         window), the next starting ``overlap`` tokens back, moved on to a word start.
-        ``first``: the encoding of a text of one segment, already made."""
+        Segment by segment, keeping only the tokens a window still needs, so a long
+        document streams through. ``first``: a one-segment text's encoding, made."""
         starts: list[int] = []
         ends: list[int] = []
         words: list[tuple[int, int]] = []  # equal for the pieces of one word
+        base = 0  # stream position of starts[0]
+        at = 0  # where the next window starts, in the lists
+        emitted_to = 0  # stream position one past the last token emitted
         for segment, (lo, hi) in enumerate(_segments(text)):
             encoding = first or self._rust.encode(text[lo:hi], add_special_tokens=False)
-            base = len(starts)
+            position = base + len(starts)
             starts += [lo + s for s, _ in encoding.offsets]
             ends += [lo + e for _, e in encoding.offsets]
             words += [
-                (segment, word if word is not None else -(base + k))
+                (segment, word if word is not None else -(position + k))
                 for k, word in enumerate(encoding.word_ids)
             ]
-        spans: list[tuple[int, int, int]] = []
-        at, emitted_to, total = 0, 0, len(starts)
-        while at + self.window < total:  # window + 1 tokens from `at`: cut where a word starts
-            cut = self.window
-            while cut > 0 and words[at + cut] == words[at + cut - 1]:
-                cut -= 1
-            if cut == 0:  # one word longer than the window
+            while at + self.window < len(starts):  # window + 1 tokens: cut at a word start
                 cut = self.window
-            spans.append((starts[at], ends[at + cut - 1], cut))
-            emitted_to = at + cut
-            nxt = max(1, cut - self.overlap)
-            while nxt < cut and words[at + nxt] == words[at + nxt - 1]:
-                nxt += 1
-            at += nxt
-        if at < total and total - 1 >= emitted_to:
-            spans.append((starts[at], ends[total - 1], total - at))
-        return spans
+                while cut > 0 and words[at + cut] == words[at + cut - 1]:
+                    cut -= 1
+                if cut == 0:  # one word longer than the window
+                    cut = self.window
+                yield starts[at], ends[at + cut - 1], cut
+                emitted_to = base + at + cut
+                nxt = max(1, cut - self.overlap)
+                while nxt < cut and words[at + nxt] == words[at + nxt - 1]:
+                    nxt += 1
+                at += nxt
+            del starts[:at], ends[:at], words[:at]
+            base, at = base + at, 0
+        if starts and base + len(starts) - 1 >= emitted_to:
+            yield starts[0], ends[-1], len(starts)
 
 
 @dataclass
