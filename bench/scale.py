@@ -332,11 +332,11 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     model = tiny_dense_model()
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    aggregators = [int(a) for a in args.aggregate_workers.split(",")]
+    aggregators = [int(a) for a in args.aggregate_workers.split(",") if a]  # "": prepare only
     runs = []
     console = Console(width=200)
     with tempfile.TemporaryDirectory(prefix="embed-fleet-scale-") as tmp:
-        for size in sizes:
+        for size in sizes if aggregators else []:
             for count in aggregators if size == max(sizes) else aggregators[:1]:
                 console.print(f"[bold]{size}x Cranfield, {count} aggregate worker(s)[/]")
                 run = fleet_run(collection(size), model, count, Path(tmp) / f"x{size}-{count}")
