@@ -54,11 +54,15 @@ from shared.schemas import (
     RetrievalSpec,
     SkippedRecord,
 )
-from shared.sources import ReadProgress, Source, cut_ranges, documents, open_source
+from shared.sources import (
+    MAX_LISTED_SKIPS,
+    ReadProgress,
+    Source,
+    cut_ranges,
+    documents,
+    open_source,
+)
 from shared.storage import ObjectStore, open_store
-
-# How many skipped records the manifest lists one by one (all are counted).
-MAX_LISTED_SKIPS = 1000
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ import redis
 from celery import Celery
 
 from shared import pipeline
+from shared.celery_app import send_resume
 from shared.ledger import JobLedger
-from shared.schemas import JobStep
 
 # kombu's Redis transport: the hash of delivered, unacknowledged messages, and the
 # separator of a queue's per-priority lists.
@@ -52,10 +52,7 @@ def fleet_idle(client: redis.Redis) -> bool:
 def redrive(ledger: JobLedger, app: Celery) -> None:
     """Hand the job to the fleet's resume step (what ``embed-collections resume`` does)."""
     ledger.mark_resuming()
-    step = pipeline.step("resume")
-    app.send_task(
-        step.route.task, args=[JobStep(job_id=ledger.job_id, step="resume")], queue=step.route.queue
-    )
+    send_resume(app, ledger.job_id)
 
 
 class Watchdog:

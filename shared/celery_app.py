@@ -75,6 +75,15 @@ def send_encode_units(app: Celery, spec: JobSpec, batch_id: str, kind: BatchKind
         send_unit(app, EncodeBatch(job_id=spec.job_id, stage=stage.name, unit=batch_id, kind=kind))
 
 
+def send_resume(app: Celery, job_id: str) -> None:
+    """Enqueue the resume step, which re-drives the job from its first unfinished phase
+    (``embed-collections resume``, the watchdog, a seal on a rebuilt ledger)."""
+    step = pipeline.step("resume")
+    app.send_task(
+        step.route.task, args=[JobStep(job_id=job_id, step="resume")], queue=step.route.queue
+    )
+
+
 def advance(app: Celery, spec: JobSpec, phase: PhaseName) -> None:
     """Enqueue the aggregator step that follows ``phase``; called by whoever won the
     phase's guard."""

@@ -25,6 +25,8 @@ from shared.schemas import Document, ReadRange, SkippedRecord
 
 SourceKind = Literal["beir", "jsonl", "text-dir"]
 TEXT_SUFFIXES = (".txt", ".md")
+# How many skipped records a job lists one by one (all are counted).
+MAX_LISTED_SKIPS = 1000
 # The most files of a text folder one range holds (however small they are).
 RANGE_FILES = 1000
 

@@ -14,8 +14,8 @@ import time
 
 from celery import Celery
 
-from shared import ids, pipeline
-from shared.celery_app import advance, send_encode_units
+from shared import ids
+from shared.celery_app import advance, send_encode_units, send_resume
 from shared.chunking import Chunker, ChunkTally, chunk_batches
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
@@ -68,7 +68,6 @@ def seal(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """Once every range is chunked: the job's report of what was read and staged (the
     producer's report, as a producer that prepared the job writes it), and the encode
     phase's total. Returns the document batches."""
-    from shared.schemas import JobStep
 
     spec = ledger.spec()
     plan = store.read_plan()
@@ -101,8 +100,5 @@ def seal(ledger: JobLedger, store: JobStore, app: Celery) -> int:
         # The ledger was written again from the store while the job prepared: encode
         # units done before that are not counted, and their messages are gone. The
         # resume step counts what the store holds and enqueues the rest.
-        route = pipeline.step("resume").route
-        app.send_task(
-            route.task, args=[JobStep(job_id=spec.job_id, step="resume")], queue=route.queue
-        )
+        send_resume(app, spec.job_id)
     return report.batches

@@ -15,7 +15,15 @@ from shared import ids
 from shared.errors import BadRecordError
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
-from shared.schemas import DuplicateId, Duplicates, JobSpec, PrepareUnit, RangeExclusions
+from shared.schemas import (
+    DuplicateId,
+    Duplicates,
+    JobSpec,
+    PrepareUnit,
+    RangeExclusions,
+    SkippedRecord,
+)
+from shared.sources import MAX_LISTED_SKIPS
 
 
 def dedupe_partition(spec: JobSpec, store: JobStore, partition_id: str) -> int:
@@ -54,7 +62,6 @@ def plan_chunk(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     at their file lines, and the ids the range leaves out), then one chunk unit per
     range. Returns the units."""
     from shared.celery_app import advance, send_unit
-    from workers.prepare.validate import MAX_LISTED_SKIPS
 
     spec = ledger.spec()
     plan = store.read_plan()
@@ -65,8 +72,6 @@ def plan_chunk(ledger: JobLedger, store: JobStore, app: Celery) -> int:
             for dup in store.duplicates(ids.partition_id(index)).items:
                 by_range.setdefault(dup.range, []).append(dup)
     if by_range and not validation.duplicates_listed:  # (a redelivered step counts once)
-        from shared.schemas import SkippedRecord
-
         offsets = validation.line_offsets
         listed = []
         for index in sorted(by_range):

@@ -26,10 +26,7 @@ from shared.schemas import (
     SkippedRecord,
     Validation,
 )
-from shared.sources import ReadProgress, lines_before, read_range
-
-# How many skipped records the manifest lists one by one (all are counted).
-MAX_LISTED_SKIPS = 1000
+from shared.sources import MAX_LISTED_SKIPS, ReadProgress, lines_before, read_range
 
 
 def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: str) -> int:
