@@ -117,9 +117,12 @@ class PeakRss(threading.Thread):
                 self.peaks[name] = max(self.peaks.get(name, 0), rss)
 
 
-def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[str, Any]:
+def fleet_run(
+    source: Path, model: Path, aggregators: int, out: Path, prepare_on: str = "fleet"
+) -> dict[str, Any]:
     """One job on a private fleet: one dense worker, ``aggregators`` aggregate workers
-    (which also prepare the collection, as in the compose file)."""
+    (which also prepare the collection, as in the compose file, unless ``prepare_on``
+    is ``producer``: then the producer prepares it alone, the serial way)."""
     queues = ("dense", *(["aggregate,prepare"] * aggregators))
     rss = PeakRss()
     with LocalFleet(queues) as fleet:
@@ -134,7 +137,7 @@ def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[st
         started = time.perf_counter()
         cli = subprocess.Popen(
             [sys.executable, "-m", "producer.cli", "run", str(source), "--output", str(out),
-             "--dense-models", str(model), "--json"],
+             "--dense-models", str(model), "--prepare-on", prepare_on, "--json"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         rss.watch("producer", cli.pid)
@@ -163,9 +166,10 @@ def fleet_run(source: Path, model: Path, aggregators: int, out: Path) -> dict[st
         "chunks": chunks,
         "batches": manifest["counts"]["batches"],
         "aggregate_workers": aggregators,
+        "prepare_on": prepare_on,
         "wall_s": round(wall, 1),
         "chunks_per_s": {
-            "prepare": stages["chunk"]["items_per_s"],
+            "prepare": stages["chunk" if prepare_on == "fleet" else "produce"]["items_per_s"],
             "dense": stages["dense"]["items_per_s"],
             "export": stages["export"]["items_per_s"],
         },
@@ -301,6 +305,13 @@ def demo_run(dtype: str) -> dict[str, Any]:
     }
 
 
+def gpu_name() -> str | None:
+    """The CUDA device the dense worker runs on, if any."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
 def native_dtype() -> str:
     return "bf16" if {"amx_bf16", "avx512_bf16"} & cpu_flags() else "fp32"
 
@@ -313,6 +324,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--prepare-workers", default="1,2", help="prepare workers, tried at the largest size"
+    )
+    parser.add_argument(
+        "--prepare-on",
+        choices=["fleet", "producer"],
+        default="fleet",
+        help="who prepares the collections of the size runs (producer: the serial way)",
     )
     parser.add_argument("--formats", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--formats-docs", type=int, default=0, help="formats: first N docs")
@@ -339,7 +356,8 @@ def main() -> None:
         for size in sizes if aggregators else []:
             for count in aggregators if size == max(sizes) else aggregators[:1]:
                 console.print(f"[bold]{size}x Cranfield, {count} aggregate worker(s)[/]")
-                run = fleet_run(collection(size), model, count, Path(tmp) / f"x{size}-{count}")
+                out = Path(tmp) / f"x{size}-{count}"
+                run = fleet_run(collection(size), model, count, out, args.prepare_on)
                 run["size"] = size
                 runs.append(run)
                 console.print(run)
@@ -360,6 +378,7 @@ def main() -> None:
             "cores": os.cpu_count(),
             "bf16_flags": sorted({"amx_bf16", "avx512_bf16"} & cpu_flags()),
             "python": platform.python_version(),
+            "gpu": gpu_name(),
         },
         "model": "BERT-tiny (bundled SPLADE encoder) + mean pooling, 128-d",
         "runs": runs,
@@ -380,7 +399,7 @@ def main() -> None:
 
 def report(result: dict[str, Any], console: Console) -> None:
     table = Table(title="scale (wall, per-stage chunks/s, peak RSS MiB, Redis peak MiB)")
-    for column in ("size", "chunks", "agg", "wall s", "prepare/s", "dense/s", "export/s",
+    for column in ("size", "prep", "chunks", "agg", "wall s", "prepare/s", "dense/s", "export/s",
                    "last encode→manifest s", "poll ms", "producer", "dense", "aggregate",
                    "redis", "B/chunk"):  # fmt: skip
         table.add_column(column, justify="right")
@@ -391,7 +410,8 @@ def report(result: dict[str, Any], console: Console) -> None:
         dense = max((v for k, v in rss.items() if k.startswith("dense")), default=0)
         speeds = run["chunks_per_s"]
         table.add_row(
-            f"{run['size']}x", str(run["chunks"]), str(run["aggregate_workers"]),
+            f"{run['size']}x", run.get("prepare_on", "fleet"), str(run["chunks"]),
+            str(run["aggregate_workers"]),
             f"{run['wall_s']:.1f}", f"{speeds['prepare']:.0f}", f"{speeds['dense']:.0f}",
             f"{speeds['export']:.0f}", f"{run['last_encode_to_manifest_s']:.1f}",
             f"{run['poll_ms']:.1f}", f"{rss.get('producer', 0) / mib:.0f}", f"{dense / mib:.0f}",

@@ -274,6 +274,14 @@ def _settings() -> Settings:
     "size); more tasks spread retrieval over more workers.",
 )
 @click.option(
+    "--fuse-queries-per-task",
+    type=click.IntRange(1),
+    default=1024,
+    show_default=True,
+    help="Queries one fuse task merges, fuses and finds candidate texts for (rounded up "
+    "to whole rerank groups of 16); more tasks spread fusion over more aggregate workers.",
+)
+@click.option(
     "--format",
     "export_format",
     type=click.Choice(["parquet", "jsonl"]),
@@ -391,6 +399,7 @@ def run(
     rerank_top: int,
     dtype: str,
     retrieve_chunks_per_task: int,
+    fuse_queries_per_task: int,
     export_format: Literal["parquet", "jsonl"],
     part_rows: int,
     part_mb: int,
@@ -444,6 +453,7 @@ def run(
         rerank_model=rerank_model or (DEFAULT_RERANK_MODEL if enable_rerank else None),
         rerank_top=min(rerank_top, top_k),
         retrieve_chunks_per_task=retrieve_chunks_per_task,
+        fuse_queries_per_task=fuse_queries_per_task,
         dtype=dtype,
         transient_window_s=settings.transient_window,
         export=ExportSpec(

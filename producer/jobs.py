@@ -36,6 +36,7 @@ from shared.ledger import JobLedger
 from shared.models import BM25, resolve_model
 from shared.schemas import (
     DENSE_RANKING,
+    QUERIES_PER_RERANK_TASK,
     BatchKind,
     BM25Params,
     Chunk,
@@ -90,6 +91,7 @@ class JobOptions:
     rerank_model: str | None = None
     rerank_top: int = 50
     retrieve_chunks_per_task: int = 16384
+    fuse_queries_per_task: int = 1024
     dtype: str = "auto"
     # Seconds the producer's writes to the store ride out an outage
     # (EMBED_FLEET_TRANSIENT_WINDOW); the first check of the store never waits.
@@ -237,6 +239,7 @@ def _retrieval_spec(options: JobOptions, queries: QuerySet, sparse: list[str]) -
         rerank_model=rerank,
         rerank_top=options.rerank_top if rerank else 0,
         batches_per_retrieve_task=max(1, options.retrieve_chunks_per_task // options.batch_chunks),
+        rerank_groups_per_fuse_task=-(-options.fuse_queries_per_task // QUERIES_PER_RERANK_TASK),
     )
 
 

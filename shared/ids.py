@@ -66,5 +66,6 @@ def is_query_batch(batch_id: str) -> bool:
 
 def group_id(kind: str, number: int) -> str:
     """A group of work fanned out by an aggregator step: ``dense-g00000`` (retrieval over
-    one group of shards), ``q-g00000`` (one group of queries). Unique within its stage."""
+    one group of shards), ``q-g00000`` (one group of queries), ``f-g00000`` (a run of
+    query groups fused together). Unique within its stage."""
     return f"{kind}-g{number:05d}"

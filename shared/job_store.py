@@ -33,8 +33,10 @@ can be rebuilt and resumed (``producer.recovery``).
         work/sparse/<batch>.msgpack           SparseShard
         work/qrels.msgpack                    Qrels
         work/bm25-statistics.msgpack          BM25Collection
-        work/retrieve/<group>.msgpack         TopKShard
-        work/fused/<group>.msgpack            FusedGroup
+        work/retrieve/<group>/<fuse unit>.msgpack  TopKShard (a fuse unit's queries)
+        work/retrieved/<group>.msgpack        UnitDone (every TopKShard of it written)
+        work/fused/<group>.msgpack            FusedGroup (one group of queries)
+        work/fuse/<fuse unit>.msgpack         UnitDone (its groups fused)
         work/rerank/<group>.msgpack           RerankShard
         work/vocab/<sparse model>.msgpack     Vocabulary (what a sparse worker used)
         work/export-plan.msgpack              ExportPlan (the parts and their batches)
@@ -74,6 +76,7 @@ from shared.schemas import (
     SparseShard,
     Struct,
     TopKShard,
+    UnitDone,
     Validation,
     Vocabulary,
 )
@@ -150,8 +153,14 @@ class JobLayout:
     def bm25_statistics(self) -> str:
         return self.work("bm25-statistics.msgpack")
 
-    def top_k(self, group_id: str) -> str:
-        return self.work("retrieve", f"{group_id}.msgpack")
+    def top_k(self, group_id: str, fuse_unit: str) -> str:
+        return self.work("retrieve", group_id, f"{fuse_unit}.msgpack")
+
+    def retrieved(self, group_id: str) -> str:
+        return self.work("retrieved", f"{group_id}.msgpack")
+
+    def fuse_done(self, fuse_unit: str) -> str:
+        return self.work("fuse", f"{fuse_unit}.msgpack")
 
     def fused(self, group_id: str) -> str:
         return self.work("fused", f"{group_id}.msgpack")
@@ -297,10 +306,16 @@ class JobStore:
         return self._get_if_there(self.layout.bm25_statistics, BM25Collection)
 
     def put_top_k(self, shard: TopKShard) -> None:
-        self._put(self.layout.top_k(shard.group_id), shard)
+        self._put(self.layout.top_k(shard.group_id, shard.fuse_unit), shard)
 
-    def top_k(self, group_id: str) -> TopKShard:
-        return self._get(self.layout.top_k(group_id), TopKShard)
+    def top_k(self, group_id: str, fuse_unit: str) -> TopKShard:
+        return self._get(self.layout.top_k(group_id, fuse_unit), TopKShard)
+
+    def put_retrieved(self, group_id: str, done: UnitDone) -> None:
+        self._put(self.layout.retrieved(group_id), done)
+
+    def put_fuse_done(self, fuse_unit: str, done: UnitDone) -> None:
+        self._put(self.layout.fuse_done(fuse_unit), done)
 
     # --- fuse and rerank -----------------------------------------------------------------
 

@@ -9,8 +9,9 @@ tasks and queues that run them, and the aggregator steps between phases.
     chunk     chunk (a read range; queue prepare)             plan_chunk     seal
     encode    dense  (a staged batch; queue dense)            seal (or the   plan_retrieve or
               sparse (a staged batch; queue sparse)           producer)      plan_export
-    retrieve  retrieve (a group of shards; dense or sparse)   plan_retrieve  fuse
-    rerank    rerank (a group of queries; queue rerank)       fuse           plan_export
+    retrieve  retrieve (a group of shards; dense or sparse)   plan_retrieve  plan_fuse
+    fuse      fuse (a run of query groups; queue aggregate)   plan_fuse      plan_rerank
+    rerank    rerank (a group of queries; queue rerank)       plan_rerank    plan_export
     export    export (a group of batches -> one part file)    plan_export    finish
 
 The first three prepare the collection on the fleet (``--prepare-on fleet``, the
@@ -37,6 +38,7 @@ from typing import Literal, NamedTuple
 from shared.schemas import (
     EncodeBatch,
     ExportPart,
+    FuseGroup,
     JobSpec,
     JobStatus,
     JobStep,
@@ -46,9 +48,17 @@ from shared.schemas import (
     UnitMessage,
 )
 
-PhaseName = Literal["validate", "dedupe", "chunk", "encode", "retrieve", "rerank", "export"]
+PhaseName = Literal["validate", "dedupe", "chunk", "encode", "retrieve", "fuse", "rerank", "export"]
 StepName = Literal[
-    "plan_dedupe", "plan_chunk", "seal", "plan_retrieve", "fuse", "plan_export", "finish", "resume"
+    "plan_dedupe",
+    "plan_chunk",
+    "seal",
+    "plan_retrieve",
+    "plan_fuse",
+    "plan_rerank",
+    "plan_export",
+    "finish",
+    "resume",
 ]
 
 QUEUE_PREPARE = "prepare"
@@ -186,6 +196,15 @@ STAGES: tuple[Stage, ...] = (
         runs_models=False,
     ),
     Stage(
+        name="fuse",
+        phase="fuse",
+        routes={"": Route("embed_fleet.aggregate.fuse_group", QUEUE_AGGREGATE)},
+        message=FuseGroup,
+        counts="tasks",
+        applies=_has_queries,
+        runs_models=False,
+    ),
+    Stage(
         name="rerank",
         phase="rerank",
         routes={"": Route("embed_fleet.rerank.rerank_group", QUEUE_RERANK)},
@@ -211,7 +230,8 @@ STEPS: tuple[Step, ...] = (
     Step(
         "plan_retrieve", Route("embed_fleet.aggregate.plan_retrieve", QUEUE_AGGREGATE), "retrieving"
     ),
-    Step("fuse", Route("embed_fleet.aggregate.fuse", QUEUE_AGGREGATE), "fusing"),
+    Step("plan_fuse", Route("embed_fleet.aggregate.plan_fuse", QUEUE_AGGREGATE), "fusing"),
+    Step("plan_rerank", Route("embed_fleet.aggregate.plan_rerank", QUEUE_AGGREGATE), "reranking"),
     Step("plan_export", Route("embed_fleet.aggregate.plan_export", QUEUE_AGGREGATE), "exporting"),
     Step("finish", Route("embed_fleet.aggregate.finish_job", QUEUE_AGGREGATE), "exporting"),
     # Not between two phases: `embed-collections resume` sends it to re-drive a job from
@@ -226,9 +246,10 @@ PHASES: tuple[Phase, ...] = (
     # Sealed (its total set) by `seal`, or by the producer when it prepares the job.
     Phase("encode", "seal", "running", "total_batches", _always, fed_early=True),
     Phase("retrieve", "plan_retrieve", "retrieving", "total:retrieve", _has_queries),
-    # fuse opens the rerank phase whether or not the job reranks: with no reranker it
-    # opens it with no units, and the phase is complete at once.
-    Phase("rerank", "fuse", "reranking", "total:rerank", _has_queries),
+    Phase("fuse", "plan_fuse", "fusing", "total:fuse", _has_queries),
+    # plan_rerank opens the rerank phase whether or not the job reranks: with no
+    # reranker it opens it with no units, and the phase is complete at once.
+    Phase("rerank", "plan_rerank", "reranking", "total:rerank", _has_queries),
     # Every job ends with its chunks written as parts, in parallel, before `finish`.
     Phase("export", "plan_export", "exporting", "total:export", _always),
 )

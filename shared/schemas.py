@@ -305,6 +305,11 @@ class RetrieveGroup(UnitMessage, kw_only=True):
     batch_ids: list[str]
 
 
+class FuseGroup(UnitMessage, kw_only=True):
+    """Merge, fuse and write the candidates of a run of query groups (``unit``:
+    ``f-g00000``; its query groups follow from the job's queries)."""
+
+
 class RerankGroup(UnitMessage, kw_only=True):
     """Rerank the fused candidates of one group of queries (``unit`` is the group)."""
 
@@ -322,7 +327,7 @@ class ExportPart(UnitMessage, kw_only=True):
 
 
 class JobStep(Struct):
-    """Task message of an aggregator step (``plan_retrieve``, ``fuse``, ...)."""
+    """Task message of an aggregator step (``plan_retrieve``, ``plan_fuse``, ...)."""
 
     job_id: str
     step: str
@@ -383,6 +388,9 @@ class JobRecord(Struct):
     bytes_total: int
 
 
+QUERIES_PER_RERANK_TASK = 16
+
+
 class RetrievalSpec(Struct):
     """The query side of a job: retrieve, fuse, rerank, evaluate.
 
@@ -401,7 +409,9 @@ class RetrievalSpec(Struct):
     rerank_model: str | None = None
     rerank_top: int = 50
     batches_per_retrieve_task: int = 128
-    queries_per_rerank_task: int = 16
+    queries_per_rerank_task: int = QUERIES_PER_RERANK_TASK
+    # Whole rerank groups per fuse unit (the fuse phase's parallelism).
+    rerank_groups_per_fuse_task: int = 64
 
 
 class Qrels(Struct):
@@ -560,20 +570,32 @@ class JobProgress(Struct):
 
 
 class Hits(Struct, array_like=True):
-    """One query's ranked list: chunk ids and scores, best first."""
+    """One query's ranked list: chunk ids and scores, best first, and the staged batch
+    each chunk is in (so a fuse unit reads only the batches its candidates are in)."""
 
     chunk_ids: list[str]
     scores: list[float]
+    batch_ids: list[str] = []
 
 
 class TopKShard(Struct):
-    """A retrieve task's output: per ranking, every query's top-k within one group of
-    document shards (``hits[name][i]`` belongs to ``query_ids[i]``)."""
+    """A retrieve task's output for the queries of one fuse unit: per ranking, each
+    query's top-k within one group of document shards (``hits[name][i]`` belongs to
+    ``query_ids[i]``)."""
 
     job_id: str
     group_id: str
     query_ids: list[str]
     hits: dict[str, list[Hits]]
+    fuse_unit: str = ""
+
+
+class UnitDone(Struct):
+    """A unit whose output is several objects has written them all (``outputs``: what
+    it wrote, e.g. a retrieve unit's fuse units, a fuse unit's query groups)."""
+
+    outputs: list[str]
+    items: int = 0
 
 
 class Candidate(Struct):

@@ -73,13 +73,15 @@ class ManifestWatch(threading.Thread):
 
 def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
     """The whole product on Cranfield: dense + sparse vectors, its 225 queries retrieved,
-    fused and reranked, evaluated against its judgements, all on S3."""
+    fused (4 fuse units, on two aggregate workers) and reranked, evaluated against its
+    judgements, all on S3."""
     # Batches take ~10 s on a busy 2-core machine: with the fixture's 8 s visibility
     # timeout (there for the kill -9 tests) Redis would hand each one out again.
     fleet_env = {**fleet_env, "EMBED_FLEET_VISIBILITY_TIMEOUT": "300"}
     start_worker("dense,rerank", fleet_env)
     start_worker("sparse", fleet_env)
     start_worker("aggregate,prepare", fleet_env)
+    start_worker("aggregate", fleet_env)
     reranker = build_tiny_cross_encoder(tmp_path / "tiny-cross-encoder")
     client = s3.client()
     watch = ManifestWatch(client, bucket)
@@ -96,6 +98,8 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
         "100",
         "--rerank-top",
         "50",
+        "--fuse-queries-per-task",
+        "64",
         "--json",
         env=fleet_env,
         timeout=1800,  # ~6 min alone on 2 cores; slack for a loaded CI machine
@@ -256,7 +260,11 @@ def check_results(
     assert rankings["sparse:bm25"]["ndcg_at_10"] > 0.25
     assert rankings["dense"]["ndcg_at_10"] > 0.25
     assert manifest["metrics"] == rankings
-    assert {"retrieve", "rerank"} <= set(manifest["stages"])
+    assert {"retrieve", "fuse", "rerank"} <= set(manifest["stages"])
+    # 225 queries in groups of 16 (15 groups), 4 groups (64 queries) per fuse unit.
+    assert manifest["stages"]["fuse"]["batches"] == 4
+    assert manifest["stages"]["fuse"]["items"] == 225
+    assert manifest["stages"]["rerank"]["batches"] == 15
 
 
 @pytest.mark.parametrize("victim", ["dense", "sparse", "export"])

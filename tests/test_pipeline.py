@@ -29,9 +29,15 @@ def test_what_follows_each_phase() -> None:
     assert [s.name for s in pipeline.job_stages(embed_only)] == ["dense", "sparse", "export"]
     with_queries = spec(queries=True)
     assert pipeline.next_step(with_queries, "encode").name == "plan_retrieve"
-    assert pipeline.next_step(with_queries, "retrieve").name == "fuse"
+    assert pipeline.next_step(with_queries, "retrieve").name == "plan_fuse"
+    assert pipeline.next_step(with_queries, "fuse").name == "plan_rerank"
     assert pipeline.next_step(with_queries, "rerank").name == "plan_export"
-    assert [s.name for s in pipeline.job_stages(with_queries)] == ["dense", "retrieve", "export"]
+    assert [s.name for s in pipeline.job_stages(with_queries)] == [
+        "dense",
+        "retrieve",
+        "fuse",
+        "export",
+    ]
     reranked = spec(queries=True, rerank=True)
     assert [s.name for s in pipeline.job_stages(reranked, "rerank")] == ["rerank"]
     # the status a job takes when a phase completes is the next step's
@@ -39,6 +45,7 @@ def test_what_follows_each_phase() -> None:
     assert [pipeline.next_step(reranked, p.name).status for p in later] == [
         "retrieving",
         "fusing",
+        "reranking",
         "exporting",
         "exporting",
     ]

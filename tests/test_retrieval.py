@@ -98,20 +98,22 @@ def test_sparse_partial_lists_merge_to_brute_force() -> None:
     for b in range(8):
         ids = [f"d{b}-{r}#0" for r in range(25)]
         rows = {m: [vector() if r % 7 else {} for r in range(25)] for m in queries}
-        shards.append((ids, rows))
+        shards.append((f"b{b}", ids, rows))
     k = 15
     groups = [shards[i : i + 3] for i in range(0, len(shards), 3)]
     partial = [sparse_top_k(queries, group, k) for group in groups]
-    all_ids = [c for ids, _ in shards for c in ids]
+    all_ids = [c for _, ids, _ in shards for c in ids]
     for model, query_vectors in queries.items():
         for q, query in enumerate(query_vectors):
             merged = merge_hits([p[model][q] for p in partial], k)
             scores = [
                 sum(w * row.get(t, 0.0) for t, w in query.items())
-                for _, rows in shards
+                for _, _, rows in shards
                 for row in rows[model]
             ]
             assert merged.chunk_ids == brute_force(scores, all_ids, k), (model, q)
+            # Every hit names the batch its chunk came from (d<b>-<r>#0 is in b<b>).
+            assert merged.batch_ids == [f"b{c[1:].split('-')[0]}" for c in merged.chunk_ids]
 
 
 def candidates(n: int) -> list[Candidate]:

@@ -17,11 +17,12 @@ from shared.logs import get_logger
 from shared.schemas import (
     EncodeBatch,
     ExportPart,
+    FuseGroup,
     JobStep,
     PrepareUnit,
     RerankGroup,
     RetrieveGroup,
-    TopKShard,
+    UnitDone,
     Vocabulary,
 )
 from workers.app import app, settings
@@ -174,17 +175,23 @@ def _keep_vocabulary(ctx: WorkerContext, job: Job, vocabulary: Vocabulary) -> No
 
 def _retrieve(ctx: WorkerContext, job: Job, msg: RetrieveGroup) -> UnitOutcome:
     """Every query's top-k over one group of document shards, for one retriever."""
+    from workers.aggregate.fuse import lists_by_fuse_unit
     from workers.ranking.retrieval import retrieve
 
     assert job.spec.retrieval is not None, "retrieve units exist only for jobs with queries"
     failed = {f.batch_id for f in job.ledger.failures(msg.retriever)}
-    queries = [b for b in job.ledger.staged_query_batches() if b not in failed]
+    staged = job.ledger.staged_query_batches()
+    queries = [b for b in staged if b not in failed]
     query_ids, hits = retrieve(
         job.store, job.spec, msg.retriever, queries, msg.batch_ids, job.spec.retrieval.top_k
     )
-    job.store.put_top_k(
-        TopKShard(job_id=msg.job_id, group_id=msg.unit, query_ids=query_ids, hits=hits)
-    )
+    # Split by fuse unit, so that each fuse unit reads only its own queries' lists.
+    parts = lists_by_fuse_unit(job.spec, job.store.queries(staged), msg.unit, query_ids, hits)
+    for part in parts:
+        job.store.put_top_k(part)
+    # Last: every output of the unit is there (what resume looks for).
+    done = UnitDone(outputs=[part.fuse_unit for part in parts], items=len(query_ids))
+    job.store.put_retrieved(msg.unit, done)
     return UnitOutcome(items=len(query_ids), device="cpu", kind="queries")
 
 
@@ -245,13 +252,30 @@ def plan_retrieve(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
     log.info("retrieve planned", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
 
 
-@step_task("fuse")
-def fuse(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
-    """After retrieval: merge top-k lists, fuse rankings, fan reranking out."""
-    from workers.aggregate.fuse import fuse_job
+@step_task("plan_fuse")
+def plan_fuse(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """After retrieval: one fuse unit per run of query groups."""
+    from workers.aggregate.fuse import plan_fuse as plan
 
-    units = fuse_job(job.ledger, job.store, app)
-    log.info("rankings fused", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
+    units = plan(job.ledger, job.store, app)
+    log.info("fuse planned", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
+
+
+@unit_task("fuse")
+def fuse_group(ctx: WorkerContext, job: Job, msg: FuseGroup) -> UnitOutcome:
+    """Merge, fuse and write the candidates of one run of query groups."""
+    from workers.aggregate.fuse import fuse_unit
+
+    return UnitOutcome(items=fuse_unit(job.ledger, job.store, msg.unit), device="cpu")
+
+
+@step_task("plan_rerank")
+def plan_rerank(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
+    """After fusion: one rerank unit per fused query group (none without a reranker)."""
+    from workers.aggregate.fuse import plan_rerank as plan
+
+    units = plan(job.ledger, job.store, app)
+    log.info("rerank planned", extra={"fields": {"job_id": msg.job_id, "tasks": units}})
 
 
 @step_task("plan_export")

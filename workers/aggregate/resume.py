@@ -36,12 +36,12 @@ from shared.schemas import (
     BatchKind,
     BatchReport,
     EncodeBatch,
+    FuseGroup,
     JobSpec,
     PrepareUnit,
-    RerankGroup,
     UnitMessage,
 )
-from workers.aggregate.fuse import query_groups
+from workers.aggregate.fuse import fuse_units, rerank_units
 from workers.aggregate.plan import retrieve_units
 
 
@@ -81,15 +81,15 @@ def phase_units(
         ]
     if phase == "retrieve":
         return [(unit, unit.retriever) for unit in retrieve_units(ledger, spec)]
+    if phase == "fuse":
+        queries = store.queries(ledger.staged_query_batches())
+        return [
+            (FuseGroup(job_id=spec.job_id, stage="fuse", unit=unit), "")
+            for unit, _ in fuse_units(spec, queries)
+        ]
     if phase == "export":
         return [(part, "") for part in store.export_plan().parts]
-    if not pipeline.stage("rerank").applies(spec):
-        return []  # opened empty: nothing to rerank
-    queries = store.queries(ledger.staged_query_batches())
-    return [
-        (RerankGroup(job_id=spec.job_id, stage="rerank", unit=group_id), "")
-        for group_id, _ in query_groups(spec, queries)
-    ]
+    return [(unit, "") for unit in rerank_units(ledger, store, spec)]
 
 
 def output_key(store: JobStore, message: UnitMessage) -> str:
@@ -99,7 +99,8 @@ def output_key(store: JobStore, message: UnitMessage) -> str:
         "validate": layout.validated,
         "dedupe": layout.duplicates,
         "chunk": layout.chunked,
-        "retrieve": layout.top_k,
+        "retrieve": layout.retrieved,
+        "fuse": layout.fuse_done,
         "rerank": layout.reranked,
         "export": layout.exported_part,
     }

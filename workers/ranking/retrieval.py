@@ -51,38 +51,56 @@ def top_indices(
 
 
 class TopK:
-    """Running top-k per query over blocks of scored chunks."""
+    """Running top-k per query over blocks of scored chunks, with each hit's batch."""
 
     def __init__(self, queries: int, k: int) -> None:
         self.k = k
         self.ids: list[list[str]] = [[] for _ in range(queries)]
         self.scores: list[list[float]] = [[] for _ in range(queries)]
+        self.batches: list[list[str]] = [[] for _ in range(queries)]
 
-    def add(self, scores: np.ndarray[Any, Any], chunk_ids: Sequence[str], offset: int = 0) -> None:
-        """Fold a [queries, chunks] score block into the lists of queries
-        ``offset .. offset + len(scores)``."""
+    def add(
+        self,
+        scores: np.ndarray[Any, Any],
+        chunk_ids: Sequence[str],
+        batch_id: str,
+        offset: int = 0,
+    ) -> None:
+        """Fold a [queries, chunks] score block of one batch's chunks into the lists of
+        queries ``offset .. offset + len(scores)``."""
         for row, values in enumerate(scores):
             q = offset + row
             best = top_indices(values, chunk_ids, self.k)
             ids = self.ids[q] + [chunk_ids[i] for i in best]
             merged = self.scores[q] + [float(values[i]) for i in best]
+            batches = self.batches[q] + [batch_id] * len(best)
             keep = top_indices(merged, ids, self.k)
             self.ids[q] = [ids[i] for i in keep]
             self.scores[q] = [merged[i] for i in keep]
+            self.batches[q] = [batches[i] for i in keep]
 
     def hits(self) -> list[Hits]:
-        return [Hits(chunk_ids=i, scores=s) for i, s in zip(self.ids, self.scores, strict=True)]
+        return [
+            Hits(chunk_ids=i, scores=s, batch_ids=b)
+            for i, s, b in zip(self.ids, self.scores, self.batches, strict=True)
+        ]
 
 
 def merge_hits(lists: Iterable[Hits], k: int) -> Hits:
     """One query's partial top-k lists (one per group) into its global top-k."""
     ids: list[str] = []
     scores: list[float] = []
+    batches: list[str] = []
     for hits in lists:
         ids += hits.chunk_ids
         scores += hits.scores
+        batches += hits.batch_ids or [""] * len(hits.chunk_ids)
     keep = top_indices(scores, ids, k)
-    return Hits(chunk_ids=[ids[i] for i in keep], scores=[scores[i] for i in keep])
+    return Hits(
+        chunk_ids=[ids[i] for i in keep],
+        scores=[scores[i] for i in keep],
+        batch_ids=[batches[i] for i in keep],
+    )
 
 
 # --- dense ---------------------------------------------------------------------------
@@ -109,7 +127,8 @@ def dense_top_k(
     for shard in shards:
         for start in range(0, n, QUERY_BLOCK):
             stop = min(n, start + QUERY_BLOCK)
-            top.add(dense_scores(queries, shard, start, stop), shard.chunk_ids, start)
+            scores = dense_scores(queries, shard, start, stop)
+            top.add(scores, shard.chunk_ids, shard.batch_id, start)
     return top.hits()
 
 
@@ -151,17 +170,19 @@ class SparseQueries:
         return np.asarray(product.toarray())
 
 
+SparseChunks = tuple[str, list[str], dict[str, list[SparseVector]]]
+
+
 def sparse_top_k(
-    queries: dict[str, list[SparseVector]],
-    shards: Iterable[tuple[list[str], dict[str, list[SparseVector]]]],
-    k: int,
+    queries: dict[str, list[SparseVector]], shards: Iterable[SparseChunks], k: int
 ) -> dict[str, list[Hits]]:
-    """Per sparse model, every query's top-k over ``(chunk ids, {model: vectors})``."""
+    """Per sparse model, every query's top-k over ``(batch id, chunk ids, {model:
+    vectors})``."""
     matrices = {model: SparseQueries(vectors) for model, vectors in queries.items()}
     tops = {model: TopK(len(vectors), k) for model, vectors in queries.items()}
-    for chunk_ids, vectors in shards:
+    for batch_id, chunk_ids, vectors in shards:
         for model, matrix in matrices.items():
-            tops[model].add(matrix.scores(vectors[model]), chunk_ids)
+            tops[model].add(matrix.scores(vectors[model]), chunk_ids, batch_id)
     return {model: top.hits() for model, top in tops.items()}
 
 
@@ -214,15 +235,16 @@ def sparse_queries(
 
 def sparse_chunks(
     store: JobStore, batch_ids: list[str], bm25: BM25Statistics | None
-) -> Iterable[tuple[list[str], dict[str, list[SparseVector]]]]:
-    """Each document shard's chunk ids and exported sparse vectors, one shard at a time."""
+) -> Iterable[SparseChunks]:
+    """Each document shard's batch, chunk ids and exported sparse vectors, one shard at
+    a time."""
     for batch_id in batch_ids:
         shard = store.sparse(batch_id)
         vectors = {
             model: [chunk_vector(model, row, bm25) for row in rows]
             for model, rows in shard.rows.items()
         }
-        yield shard.chunk_ids, vectors
+        yield batch_id, shard.chunk_ids, vectors
 
 
 def retrieve(

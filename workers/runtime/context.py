@@ -34,6 +34,7 @@ from shared.schemas import JobSpec, ModelInfo
 from shared.settings import Settings
 from shared.storage import ObjectStore, open_store
 from workers.inference.engine import Inference
+from workers.runtime.heap import HeapKeeper
 
 # Queues whose work runs on a GPU when there is one.
 GPU_QUEUES = frozenset({"dense", "rerank"})
@@ -78,6 +79,7 @@ class WorkerContext:
         boot: What the main process settled.
         redis: This process's Redis client (broker and ledger).
         inference: Its models, learned budgets and device.
+        heap: Its RSS ceiling (``workers.runtime.heap``), checked after every unit.
         host: The host's name, for reports.
     """
 
@@ -85,6 +87,7 @@ class WorkerContext:
     redis: redis.Redis
     inference: Inference
     host: str = field(default_factory=socket.gethostname)
+    heap: HeapKeeper = field(default_factory=HeapKeeper)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
     _kept: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)

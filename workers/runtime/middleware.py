@@ -22,6 +22,9 @@ The hooks, in order:
 5. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
    its models) in the ledger and, when that completes its phase, enqueues what follows;
    records a unit that kept failing so the job can still finish (``partial``).
+6. :class:`HeapTrimming`: after every run, hands the memory the allocator kept back to
+   the system once the process's RSS passed its ceiling (``workers.runtime.heap``), so
+   a worker's memory does not grow with the work it has done.
 
 The GPU lease is a worker-level hook, taken at worker start (``workers.runtime.gpu_lease``).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +50,7 @@ from shared.logs import get_logger
 from shared.schemas import BatchFailure, BatchReport, JobStep, Struct
 from shared.telemetry import tracer
 from workers.runtime.context import Job, WorkerContext, context_of
+from workers.runtime.heap import MIB, rss
 from workers.runtime.measure import (
     ATTR_BATCH_SIZE,
     ATTR_DEVICE,
@@ -249,7 +254,30 @@ class LedgerReporting(Middleware):
             ledger.fail(f"{task.name} failed: {reason}", context.settings.ledger_ttl)
 
 
-MIDDLEWARE: list[Middleware] = [Tracing(), ModelActivity(), TorchThreads(), LedgerReporting()]
+class HeapTrimming(Middleware):
+    """After every run, done or failed, the process's RSS checked against its ceiling."""
+
+    name = "heap"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            heap = unit.context.heap
+            before = rss() if log.isEnabledFor(logging.DEBUG) else 0
+            if heap.after_unit() and before:
+                fields = {"before_mib": before // MIB, "after_mib": rss() // MIB}
+                log.debug("heap trimmed", extra={"fields": {**fields, "trims": heap.trims}})
+
+
+MIDDLEWARE: list[Middleware] = [
+    HeapTrimming(),
+    Tracing(),
+    ModelActivity(),
+    TorchThreads(),
+    LedgerReporting(),
+]
 """The hooks every fleet task runs, in order (see the module doc)."""
 
 Body = Callable[[WorkerContext, Job, Any], "UnitOutcome | None"]

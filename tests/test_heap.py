@@ -1,0 +1,40 @@
+"""The heap keeper hands freed memory back once RSS passes what one unit holds."""
+
+from __future__ import annotations
+
+from workers.runtime import heap
+from workers.runtime.heap import MIB, WARMUP_UNITS, HeapKeeper, rss
+
+
+def test_freed_heap_memory_goes_back_once_rss_passes_the_ceiling() -> None:
+    assert heap._malloc_trim() is not None, "these machines run glibc"
+    keeper = HeapKeeper()
+    for _ in range(WARMUP_UNITS + 2):  # warm-up sets the ceiling; nothing grew
+        assert not keeper.after_unit()
+    # 256 MiB in 64 KiB blocks (under glibc's mmap threshold: from the heap), then a
+    # small block above them, then the blocks freed: the heap cannot shrink from its top,
+    # so the memory stays resident, as the holes torch leaves do.
+    blocks = [bytearray(64 * 1024) for _ in range(4096)]
+    for block in blocks:
+        block[::4096] = b"x" * len(block[::4096])  # touch every page
+    pinned = bytearray(1024)
+    grown = rss()
+    del blocks
+    kept = rss()
+    assert kept > grown - 64 * MIB, "the freed blocks should have stayed resident"
+    assert keeper.after_unit()
+    assert rss() < kept - 128 * MIB
+    assert keeper.trims == 1
+    assert not keeper.after_unit()  # no trim without new growth
+    assert keeper.trims == 1
+    # Work that needs more than the ceiling right after a trim raises the ceiling
+    # instead of trimming after every unit.
+    needed = [bytearray(64 * 1024) for _ in range(4096)]
+    for block in needed:
+        block[::4096] = b"x" * len(block[::4096])
+    assert keeper.after_unit()  # the first time over: a trim (it may be growth)
+    assert not keeper.after_unit()  # still over right after it: the work needs it
+    assert keeper.ceiling > rss()
+    assert not keeper.after_unit()
+    assert keeper.trims == 2
+    del pinned, needed
