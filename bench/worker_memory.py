@@ -16,9 +16,11 @@ and records the process's RSS after every batch:
 
 Per mode, after a warm-up of 20 batches: the highest RSS in the first and in the second
 half of the remaining batches and their ratio (growth: over 1, memory grows with work
-done), chunks/s (encode time only) and the trims.
+done), chunks/s (encode time only) and the trims. ``--repeat N`` runs the modes N times,
+interleaved, and the table gives each mode's median chunks/s: one run's throughput on a
+shared 2-core machine moves by a tenth or more from one minute to the next.
 
-    python bench/worker_memory.py [--copies 10] [--device cpu] [--model PATH]
+    python bench/worker_memory.py [--copies 10] [--repeat 3] [--device cpu] [--model PATH]
 
 Writes bench/results/worker_memory.json and worker_memory.png, and prints a table.
 """
@@ -30,6 +32,7 @@ import ctypes
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -110,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of each mode")
     parser.add_argument("--model", default="", help="a sentence-transformer folder")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/worker_memory.json")
     parser.add_argument("--modes", default=",".join(MODES), help="which modes, comma-separated")
@@ -129,7 +133,8 @@ def main() -> None:
 
     console = Console()
     runs = []
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    for mode in [m for _ in range(args.repeat) for m in modes]:
         console.print(f"[dim]{mode} ...[/dim]")
         child = [sys.executable, __file__, "--mode", mode, "--copies", str(args.copies),
                  "--device", args.device, "--model", args.model]  # fmt: skip
@@ -149,21 +154,29 @@ def main() -> None:
         "copies": args.copies,
         "model": Path(args.model).name,
         "warmup_batches": WARMUP,
+        "repeat": args.repeat,
         "runs": runs,
+        "median_chunks_per_s": {
+            mode: statistics.median(r["chunks_per_s"] for r in runs if r["mode"] == mode)
+            for mode in modes
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     table = Table(title=f"RSS of one process encoding {runs[0]['batches']} batches ({args.device})")
-    for column in ("mode", "max MiB, 1st half", "max MiB, 2nd half", "growth", "chunks/s",
-                   "trims"):  # fmt: skip
+    for column in ("mode", "max MiB, 1st half", "max MiB, 2nd half", "growth",
+                   "chunks/s (median)", "trims"):  # fmt: skip
         table.add_column(column, justify="left" if column == "mode" else "right")
-    for run in runs:
-        figures = (run["early_max_mib"], run["late_max_mib"])
-        trims = "" if run["trims"] is None else str(run["trims"])
-        table.add_row(run["mode"], *map(str, figures), f"{run['growth']:.3f}",
-                      str(run["chunks_per_s"]), trims)  # fmt: skip
+    for mode in modes:
+        mine = [r for r in runs if r["mode"] == mode]
+        early = "/".join(str(r["early_max_mib"]) for r in mine)
+        late = "/".join(str(r["late_max_mib"]) for r in mine)
+        growth = "/".join(f"{r['growth']:.3f}" for r in mine)
+        trims = "/".join(str(r["trims"]) for r in mine if r["trims"] is not None)
+        speed = f"{result['median_chunks_per_s'][mode]:.1f}"
+        table.add_row(mode, early, late, growth, speed, trims)
     console.print(table)
-    plot(runs, args.out.with_suffix(".png"))
+    plot(runs[: len(modes)], args.out.with_suffix(".png"))
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
