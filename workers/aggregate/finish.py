@@ -45,7 +45,7 @@ from shared.schemas import (
     Vocabulary,
 )
 from workers.aggregate.export import vocabulary_json
-from workers.aggregate.fuse import fuse_units, query_groups
+from workers.aggregate.fuse import fused_groups, query_groups
 from workers.aggregate.parts import JsonlWriter, column_names
 from workers.aggregate.results import RankingCollector, query_result, rerank_run
 from workers.aggregate.sparse_run import SparseRunBuilder
@@ -238,25 +238,19 @@ class Finisher:
         queries = self.store.queries(self.ledger.staged_query_batches())
         reranked = retrieval.rerank_model is not None and retrieval.rerank_top > 0
         failed_reranks = {f.batch_id: f for f in self.ledger.failures("rerank")}
-        failed_fuses = self.ledger.failures("fuse")
         missing = [self._missing(f) for f in self.ledger.failures("retrieve")]
-        missing += [self._missing(f) for f in failed_fuses]
+        missing += [self._missing(f) for f in self.ledger.failures("fuse")]
         missing += [self._missing(f) for f in failed_reranks.values()]
         # A fuse unit that kept failing fused none of its query groups: they have no
         # results (its failure, under `missing`, says why).
-        unfused = {
-            group_id
-            for unit, groups in fuse_units(self.spec, queries)
-            if unit in {f.batch_id for f in failed_fuses}
-            for group_id, _ in groups
-        }
+        fused = set(fused_groups(self.ledger, self.spec, queries))
         stats: list[RerankStats] = []
         collector = RankingCollector()
         path = tmp / "results.jsonl"
         with path.open("wb") as handle:
             out = JsonlWriter(handle)
             for group_id, _ in query_groups(self.spec, queries):
-                if group_id in unfused:
+                if group_id not in fused:
                     continue
                 group = self.store.fused(group_id)
                 scores: dict[str, list[float | None]] = {}

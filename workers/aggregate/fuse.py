@@ -198,14 +198,20 @@ def _attach_texts(
                 group.texts[chunk.chunk_id] = chunk.text
 
 
-def plan_fuse(ledger: JobLedger, store: JobStore, app: Celery) -> int:
-    """After retrieval: one fuse unit per run of query groups; returns how many."""
-    spec = ledger.spec()
+def fuse_messages(ledger: JobLedger, store: JobStore, spec: JobSpec) -> list[FuseGroup]:
+    """One fuse unit's message per run of query groups (what ``plan_fuse`` sends and
+    ``resume`` checks)."""
     queries = store.queries(ledger.staged_query_batches())
-    units = [
+    return [
         FuseGroup(job_id=spec.job_id, stage="fuse", unit=unit)
         for unit, _ in fuse_units(spec, queries)
     ]
+
+
+def plan_fuse(ledger: JobLedger, store: JobStore, app: Celery) -> int:
+    """After retrieval: one fuse unit per run of query groups; returns how many."""
+    spec = ledger.spec()
+    units = fuse_messages(ledger, store, spec)
     if ledger.open_phase("fuse", len(units)):
         advance(app, spec, "fuse")
     for unit in units:
@@ -213,18 +219,27 @@ def plan_fuse(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     return len(units)
 
 
-def rerank_units(ledger: JobLedger, store: JobStore, spec: JobSpec) -> list[RerankGroup]:
-    """One rerank unit per query group that was fused (none when the job does not
-    rerank; a fuse unit that kept failing leaves its groups out, as missing)."""
-    if not reranks(spec):
-        return []
+def fused_groups(ledger: JobLedger, spec: JobSpec, queries: list[QueryText]) -> list[str]:
+    """The query groups that were fused, in order: a fuse unit that kept failing leaves
+    its groups out (its failure, under the manifest's ``missing``, says why)."""
     failed = {f.batch_id for f in ledger.failures("fuse")}
-    queries = store.queries(ledger.staged_query_batches())
     return [
-        RerankGroup(job_id=spec.job_id, stage="rerank", unit=group_id)
+        group_id
         for unit, groups in fuse_units(spec, queries)
         if unit not in failed
         for group_id, _ in groups
+    ]
+
+
+def rerank_units(ledger: JobLedger, store: JobStore, spec: JobSpec) -> list[RerankGroup]:
+    """One rerank unit per query group that was fused (none when the job does not
+    rerank)."""
+    if not reranks(spec):
+        return []
+    queries = store.queries(ledger.staged_query_batches())
+    return [
+        RerankGroup(job_id=spec.job_id, stage="rerank", unit=group_id)
+        for group_id in fused_groups(ledger, spec, queries)
     ]
 
 

@@ -36,12 +36,11 @@ from shared.schemas import (
     BatchKind,
     BatchReport,
     EncodeBatch,
-    FuseGroup,
     JobSpec,
     PrepareUnit,
     UnitMessage,
 )
-from workers.aggregate.fuse import fuse_units, rerank_units
+from workers.aggregate.fuse import fuse_messages, rerank_units
 from workers.aggregate.plan import retrieve_units
 
 
@@ -82,11 +81,7 @@ def phase_units(
     if phase == "retrieve":
         return [(unit, unit.retriever) for unit in retrieve_units(ledger, spec)]
     if phase == "fuse":
-        queries = store.queries(ledger.staged_query_batches())
-        return [
-            (FuseGroup(job_id=spec.job_id, stage="fuse", unit=unit), "")
-            for unit, _ in fuse_units(spec, queries)
-        ]
+        return [(unit, "") for unit in fuse_messages(ledger, store, spec)]
     if phase == "export":
         return [(part, "") for part in store.export_plan().parts]
     return [(unit, "") for unit in rerank_units(ledger, store, spec)]

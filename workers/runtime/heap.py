@@ -1,13 +1,14 @@
 """Freed memory handed back to the system, so a long-running worker's RSS stays flat.
 
 Why: measured by ``bench/worker_memory.py`` (one process, the dense worker's encode path
-on the 144 batches of 10x Cranfield), RSS grew by a fifth from batch 20 to the end, and
-bare sentence-transformers' ``encode`` on the same batches grew by an eighth. With
-glibc's ``malloc_trim(0)`` after every batch it stayed within 1%: the growth is memory
+on the 144 batches of 10x Cranfield), the highest RSS of the run's second half was 7-9%
+above the first half's, and bare sentence-transformers' ``encode`` on the same batches
+grew too. With glibc's ``malloc_trim(0)`` after every batch it stayed flat (1.003), 260
+to 300 MiB lower: the growth is memory
 the allocator keeps after torch frees it (batches of varying shapes leave holes in its
 heaps that it does not give back), not objects the worker holds on to.
 
-A trim after every unit would cost a fifth of a CPU worker's throughput (measured: the
+A trim after every unit cost 17-20% of a CPU worker's throughput (measured: the
 trim, then the next batch faulting its pages back in), and more on a GPU worker whose
 units take milliseconds. Growth is slow (a few percent over a hundred units), so
 :class:`HeapKeeper` trims only when RSS passes a ceiling: ``HEADROOM`` above the highest

@@ -12,19 +12,20 @@ The hooks, in order:
 
 1. **Retries** are Celery's own (``autoretry_for`` with exponential backoff, set on
    :class:`FleetTask`); a message that does not validate is not retried.
-2. :class:`Tracing`: the ``embed_fleet.stage.<stage>`` span around every run (a child of
+2. :class:`HeapTrimming` (outermost, so it runs after everything else, done or
+   failed): hands the memory the allocator kept back to the system once the process's
+   RSS passed its ceiling (``workers.runtime.heap``), so a worker's memory does not grow
+   with the work it has done.
+3. :class:`Tracing`: the ``embed_fleet.stage.<stage>`` span around every run (a child of
    Celery's ``run`` span), with the unit's figures as attributes.
-3. :class:`ModelActivity`: notes the model manager's counters, so a unit reports its
+4. :class:`ModelActivity`: notes the model manager's counters, so a unit reports its
    loads, hydrations and evictions; and records in the ledger the out-of-memory errors
    of a try that failed (a retried unit's report would otherwise lose them).
-4. :class:`TorchThreads`: a model stage's process takes its share of the host's cores
+5. :class:`TorchThreads`: a model stage's process takes its share of the host's cores
    among the workers that have work (``workers.runtime.threads``).
-5. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
+6. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
    its models) in the ledger and, when that completes its phase, enqueues what follows;
    records a unit that kept failing so the job can still finish (``partial``).
-6. :class:`HeapTrimming`: after every run, hands the memory the allocator kept back to
-   the system once the process's RSS passed its ceiling (``workers.runtime.heap``), so
-   a worker's memory does not grow with the work it has done.
 
 The GPU lease is a worker-level hook, taken at worker start (``workers.runtime.gpu_lease``).
 """
