@@ -14,4 +14,7 @@ COPY workers workers
 RUN pip install ".[flower]"
 RUN useradd --create-home --uid 1000 fleet && mkdir -p /models /data && chown fleet /models /data
 USER fleet
+# SIGTERM (the default) is the graceful stop: a worker finishes its unit within
+# EMBED_FLEET_STOP_TIMEOUT or hands it back to its queue. Give it a grace period above that.
+STOPSIGNAL SIGTERM
 CMD ["celery", "-A", "workers.app", "worker", "-Q", "dense,rerank", "-c", "1", "--loglevel", "INFO"]

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from producer.backlog import Exporter, FleetBacklog, read_backlog
 from producer.follow import (
     FINISHED,
     counts_tasks,
@@ -46,7 +47,7 @@ from shared.models import (
     DEFAULT_SPARSE_MODELS,
 )
 from shared.schemas import BM25Params, ExportSpec, JobSpec, Manifest
-from shared.settings import DEFAULT_OUTPUT, Settings, env_name
+from shared.settings import DEFAULT_OUTPUT, Settings, env_name, redact_url
 from shared.sources import ReadProgress
 from shared.storage import LocalStore, open_store, safe_name
 
@@ -933,10 +934,12 @@ def cancel(job_id: str) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 def leases(as_json: bool) -> None:
-    """List the GPU leases of the fleet: which worker holds which GPU of which host.
+    """List the GPU leases of the fleet: which worker holds which physical GPU.
 
-    GPU workers (queues dense, rerank) take a lease when they start and renew it while
-    they run; a crashed worker's lease expires within its TTL (30 s).
+    GPU workers (queues dense, rerank) take a lease on a device, by its UUID, when they
+    start and renew it while they run; a stopped worker gives it back, a crashed one's
+    lease expires within its TTL (30 s). Host and cuda index are where the holder sees
+    the device (a container's own hostname and numbering).
     """
     settings = _settings()
     try:
@@ -956,10 +959,11 @@ def leases(as_json: bool) -> None:
         console.print("no GPU leases: no GPU worker is running (CPU workers take none)")
         return
     table = Table(title="GPU leases", title_justify="left")
-    for column in ("host", "device", "worker", "pid", "held s", "expires in s"):
-        table.add_column(column, justify="right" if column.endswith("s") else "left")
+    for column in ("GPU", "host", "device", "worker", "pid", "held s", "expires in s"):
+        table.add_column(column, justify="right" if column.endswith(" s") else "left")
     for lease in held:
         table.add_row(
+            lease.uuid,
             lease.host,
             f"cuda:{lease.device}",
             lease.worker,
@@ -968,6 +972,93 @@ def leases(as_json: bool) -> None:
             f"{lease.expires_in_s:.0f}",
         )
     Console().print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option(
+    "--serve",
+    metavar="[HOST:]PORT",
+    default=None,
+    help="Serve the numbers over HTTP for autoscalers instead: /metrics (Prometheus), "
+    "/queues (this JSON, for KEDA's metrics-api trigger), /healthz. Runs until stopped.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 30),
+    default=1.0,
+    show_default=True,
+    help="Seconds to wait for workers to say which queues they consume.",
+)
+def queues(as_json: bool, serve: str | None, timeout: float) -> None:
+    """Show the work waiting for the fleet, per queue: what an autoscaler scales on.
+
+    waiting: messages in the queue's Redis list (what `LLEN` counts). unacked: messages
+    a worker has taken and not yet acknowledged, running or reserved; they are not in
+    the list, so `LLEN` reads 0 while workers are busy with the last units. backlog:
+    waiting + unacked. workers: who consumes the queue (those that answer within
+    --timeout). Exit code: 0, or 2 when no broker is configured or Redis cannot be
+    reached.
+    """
+    settings = _settings()
+    try:
+        if not settings.broker_url:
+            raise EmbedFleetError(
+                "no broker configured: the queues live in the fleet's Redis",
+                "Set REDIS_URL to the Redis your workers use",
+            )
+        client = connect(settings.broker_url)
+        app = make_app(settings)
+        if serve is not None:
+            _serve_backlog(serve, lambda: read_backlog(client, app, timeout))
+            return
+        backlog = read_backlog(client, app, timeout)
+    except (EmbedFleetError, redis.RedisError) as exc:
+        _fail(exc if isinstance(exc, EmbedFleetError) else _redis_unreachable(exc, settings))
+    if as_json:
+        click.echo(msgspec.json.encode(backlog).decode())
+        return
+    table = Table(title="Fleet queues", title_justify="left")
+    for column in ("queue", "waiting", "unacked", "backlog", "workers"):
+        table.add_column(column, justify="left" if column in ("queue", "workers") else "right")
+    for name, counts in backlog.queues.items():
+        table.add_row(
+            name,
+            str(counts.waiting),
+            str(counts.unacked),
+            str(counts.backlog),
+            ", ".join(counts.workers) or "-",
+        )
+    Console().print(table)
+    if backlog.workers_answered == 0:
+        console.print(f"no worker answered within {timeout:g} s: is any running on this Redis?")
+
+
+def _redis_unreachable(exc: redis.RedisError, settings: Settings) -> EmbedFleetError:
+    return EmbedFleetError(
+        f"the fleet's Redis at {redact_url(settings.broker_url or '')} did not answer "
+        f"({type(exc).__name__})",
+        "Check REDIS_URL and that Redis is running",
+    )
+
+
+def _serve_backlog(address: str, read: Callable[[], FleetBacklog]) -> None:
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise EmbedFleetError(
+            f"--serve {address!r} is not [HOST:]PORT", "Give a port, e.g. --serve 9808"
+        )
+    read()  # fail now, with the reason, if Redis cannot be read
+    # Every interface by default: in a container, the port is what the platform publishes.
+    server = Exporter(read).server(host or "0.0.0.0", int(port))  # noqa: S104
+    bound_host, bound_port = server.server_address[:2]
+    console.print(f"serving the fleet's backlog on http://{bound_host!s}:{bound_port}/metrics")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def _find_local_job(root: Path, job_id: str) -> JobStore:

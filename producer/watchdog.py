@@ -17,36 +17,14 @@ import time
 from collections.abc import Callable
 
 import msgspec
-import redis
 from celery import Celery
 
-from shared import pipeline
+from producer.backlog import fleet_idle
 from shared.celery_app import send_resume
 from shared.ledger import JobLedger
 
-# kombu's Redis transport: the hash of delivered, unacknowledged messages, and the
-# separator of a queue's per-priority lists.
-UNACKED_KEY = "unacked"
-PRIORITY_SEPARATOR = "\x06\x16"
-QUEUES = (
-    pipeline.QUEUE_DENSE,
-    pipeline.QUEUE_SPARSE,
-    pipeline.QUEUE_RERANK,
-    pipeline.QUEUE_AGGREGATE,
-)
 # How often the ledger is looked at (the follow loop ticks faster).
 CHECK_EVERY_S = 2.0
-
-
-def fleet_idle(client: redis.Redis) -> bool:
-    """Whether no queue of the fleet holds a message and no worker holds one."""
-    pipe = client.pipeline()
-    for queue in QUEUES:
-        pipe.llen(queue)
-        for priority in range(1, 10):
-            pipe.llen(f"{queue}{PRIORITY_SEPARATOR}{priority}")
-    pipe.hlen(UNACKED_KEY)
-    return not any(pipe.execute())
 
 
 def redrive(ledger: JobLedger, app: Celery) -> None:

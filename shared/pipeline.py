@@ -66,6 +66,8 @@ QUEUE_DENSE = "dense"
 QUEUE_SPARSE = "sparse"
 QUEUE_RERANK = "rerank"
 QUEUE_AGGREGATE = "aggregate"
+QUEUES = (QUEUE_DENSE, QUEUE_RERANK, QUEUE_SPARSE, QUEUE_PREPARE, QUEUE_AGGREGATE)
+"""Every queue of the fleet: GPU work, CPU work, then the aggregators' steps."""
 
 
 class Route(NamedTuple):

@@ -80,8 +80,17 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("device", "auto", "force a dense/rerank worker's device (`cpu`, `cuda`, `cuda:1`)"),
     Variable(
         "gpus",
-        "CUDA's device count",
-        "GPUs a dense/rerank worker may lease on its host (0: run on the CPU)",
+        "the GPUs CUDA shows",
+        "stand-in GPUs, CUDA not asked: `0` runs a dense/rerank worker on the CPU; `N` "
+        "fakes N devices of this host (UUIDs `fake-<host>-<i>`); `uuid,uuid` fakes those "
+        "devices, as containers given the same GPUs see them (tests, dry runs; to limit "
+        "real GPUs use `CUDA_VISIBLE_DEVICES`)",
+    ),
+    Variable(
+        "stop_timeout",
+        "30",
+        "seconds a worker told to stop (SIGTERM) may spend finishing the unit in hand "
+        "before it hands the unit back to its queue and exits (0: hand back at once)",
     ),
     Variable(
         "gpu_wait",
@@ -174,6 +183,21 @@ def parse_bytes(text: str, variable: str = ENV_PREFIX + "MODEL_MEMORY") -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _gpus(variable: str, raw: str) -> int | tuple[str, ...]:
+    """A count of stand-in GPUs, or their UUIDs (comma-separated)."""
+    value = raw.strip()
+    if re.fullmatch(r"\d+", value):
+        return int(value)
+    uuids = tuple(part.strip() for part in value.split(","))
+    if not all(re.fullmatch(r"[A-Za-z0-9._-]{1,128}", uuid) for uuid in uuids):
+        raise EmbedFleetError(
+            f"{variable}={raw!r} is neither a count nor a list of device UUIDs",
+            f"Set {variable} to a whole number (0: CPU) or to UUIDs such as GPU-a,GPU-b "
+            "(letters, digits, '.', '_', '-')",
+        )
+    return uuids
+
+
 def _device(variable: str, raw: str) -> str:
     value = raw.strip()
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", value):
@@ -205,8 +229,10 @@ class Settings:
         rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
             split, moved to the CPU, or left unreranked (``None``: no limit).
         device: A forced device for dense/rerank work (``None``: lease a GPU, else CPU).
-        gpus: GPUs this host offers (``None``: ask CUDA).
+        gpus: Stand-in GPUs: a count, or the UUIDs of the devices (``None``: ask CUDA).
         gpu_wait: Wait for a free GPU instead of exiting when all are leased.
+        stop_timeout: Seconds a stopping worker may finish its unit before handing it
+            back to the queue.
         torch_threads: Torch threads per worker process (``None``: a share of the cores).
         model_memory: Bytes the models of a worker may take on its device (``None``:
             half a GPU, no limit on a CPU).
@@ -228,7 +254,8 @@ class Settings:
     log_level: str = "WARNING"
     rerank_batch_timeout: float | None = 120.0
     device: str | None = None
-    gpus: int | None = None
+    gpus: int | tuple[str, ...] | None = None
+    stop_timeout: float = 30.0
     gpu_wait: bool = False
     torch_threads: int | None = None
     model_memory: int | None = None
@@ -277,7 +304,8 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "log_level": lambda name, raw: raw.strip().upper(),
     "rerank_batch_timeout": _optional_seconds,
     "device": _device,
-    "gpus": _whole,
+    "gpus": _gpus,
+    "stop_timeout": _number,
     "gpu_wait": _flag,
     "torch_threads": lambda name, raw: _whole(name, raw, minimum=1),
     "model_memory": lambda name, raw: parse_bytes(raw, name),

@@ -92,8 +92,8 @@ def fleet_env(redis_server: RedisServer, s3: SeaweedS3) -> dict[str, str]:
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
-    def start(queue: str, env: dict[str, str]) -> Worker:
-        worker = Worker(queue, env, tmp_path / f"worker-{queue}-{len(started)}.log")
+    def start(queue: str, env: dict[str, str], hostname: str | None = None) -> Worker:
+        worker = Worker(queue, env, tmp_path / f"worker-{queue}-{len(started)}.log", hostname)
         started.append(worker)
         return worker
 
@@ -113,4 +113,16 @@ def run_cli(
         text=True,
         timeout=timeout,
         cwd=cwd or REPO,
+    )
+
+
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``embed-collections ARGS`` in the background (``communicate()`` for its output)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "producer.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )

@@ -178,14 +178,20 @@ class Worker:
     """``celery -A workers.app worker -Q <queue>`` as a process group of its own, so a
     test can kill -9 it (parent and prefork child) like a crashed container."""
 
-    def __init__(self, queue: str, env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, queue: str, env: dict[str, str], log: Path, hostname: str | None = None
+    ) -> None:
         self.queue = queue
         self.log_path = log
         self.log = log.open("ab")
+        self.name = f"{queue.replace(',', '+')}-{random.randint(0, 1 << 30)}"
+        command = worker_command(queue, f"{self.name}@%h", "INFO")
+        if hostname:
+            # A hostname of its own, as a container has (a UTS namespace; root only).
+            launch = f'hostname {hostname} && exec "$@"'
+            command = ["unshare", "--uts", "sh", "-c", launch, "sh", *command]
         self.proc = subprocess.Popen(
-            worker_command(
-                queue, f"{queue.replace(',', '+')}-{random.randint(0, 1 << 30)}@%h", "INFO"
-            ),
+            command,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,

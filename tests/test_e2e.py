@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from artifacts import check_artifacts, chunk_records
-from conftest import CRANFIELD, REPO, base_env, run_cli
+from conftest import CRANFIELD, REPO, base_env, run_cli, start_cli
 from crossencoder import build_tiny_cross_encoder
 
 from shared.ledger import JOBS_INDEX, JobLedger
@@ -288,26 +288,10 @@ def test_kill9_worker_mid_job(
     # Export: a part per batch of 4 chunks, ~160 parts, so the kill lands mid-phase.
     sparse_args += ["--part-rows", "4", "--format", "jsonl"] if victim == "export" else []
     batch_chunks = "4" if victim == "export" else "16"
-    cli = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "producer.cli",
-            "run",
-            str(tmp_path / "corpus"),
-            "--output",
-            f"s3://{bucket}",
-            "--batch-chunks",
-            batch_chunks,
-            "--keep-work",
-            "--json",
-            *sparse_args,
-        ],
+    cli = start_cli(
+        *("run", str(tmp_path / "corpus"), "--output", f"s3://{bucket}"),
+        *("--batch-chunks", batch_chunks, "--keep-work", "--json", *sparse_args),
         env=fleet_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
     )
     client = redis_server.client()
     deadline = time.monotonic() + 300

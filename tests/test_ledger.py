@@ -224,7 +224,7 @@ def test_the_watchdog_redrives_a_stalled_job_only_when_the_fleet_is_idle(
 ) -> None:
     import dataclasses
 
-    from producer import watchdog
+    from producer import backlog, watchdog
     from shared.celery_app import make_app
     from shared.settings import Settings
 
@@ -239,10 +239,10 @@ def test_the_watchdog_redrives_a_stalled_job_only_when_the_fleet_is_idle(
     dog()
     assert said == [] and ledger.status() == "running"
     redis_client.delete("dense")
-    redis_client.hset(watchdog.UNACKED_KEY, "tag", b"held by a worker")  # work is held
+    redis_client.hset(backlog.UNACKED_KEY, "tag", b"held by a worker")  # work is held
     dog()
     assert said == []
-    redis_client.delete(watchdog.UNACKED_KEY)
+    redis_client.delete(backlog.UNACKED_KEY)
     dog()  # idle, no progress for > 0.3 s: re-driven
     assert len(said) == 1 and "re-driving" in said[0]
     assert ledger.status() == "resuming"

@@ -5,6 +5,10 @@
     celery -A workers.app worker -Q aggregate -c 1
     celery -A workers.app flower
 
+SIGTERM stops a worker gracefully: it finishes the unit in hand within
+``EMBED_FLEET_STOP_TIMEOUT`` seconds or hands it back to its queue, then gives its GPU
+lease back.
+
 Importing this module reads the settings once, registers the msgspec serializer and the
 tasks, and wires the worker's lifecycle to the worker context
 (:mod:`workers.runtime.context`); it does not import torch (models load on a worker's
@@ -58,9 +62,18 @@ def start_process(**_: Any) -> None:
     stage_models(worker)
 
 
+@signals.worker_shutting_down.connect
+def stopping(how: str = "", **_: Any) -> None:
+    """Told to stop (SIGTERM): finish the unit in hand within ``EMBED_FLEET_STOP_TIMEOUT``,
+    else hand it back to its queue (:mod:`workers.runtime.shutdown`)."""
+    from workers.runtime.shutdown import bound_the_stop
+
+    bound_the_stop(settings.stop_timeout, how)
+
+
 @signals.worker_shutdown.connect
 def stop_worker(**_: Any) -> None:
-    """Give the GPU lease back."""
+    """Give the GPU lease back (after a finished or a handed-back unit alike)."""
     from workers.runtime.gpu_lease import release_gpu_lease
 
     boot = context.boot_of(app)

@@ -3,7 +3,8 @@
 Celery's ``worker_init`` runs in the worker's main process before it forks its pool, so
 the lease is taken once per worker and its device goes to the pool processes in the
 :class:`~workers.runtime.context.WorkerBoot` they inherit; ``worker_shutdown`` gives it
-back. A worker that finds every GPU of its host leased exits with a message saying so
+back. A worker that finds every GPU it sees leased (by UUID: another container may hold
+it under another hostname and index) exits with a message naming the holders
 (or waits for one with ``EMBED_FLEET_GPU_WAIT=1``); on a host without CUDA it runs on
 the CPU and says that instead.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import sys
 
 from shared.errors import EmbedFleetError, ExitCode
-from shared.leases import GpuLease, gpu_count
+from shared.leases import GpuLease, host_gpus
 from shared.ledger import connect
 from shared.logs import get_logger
 from workers.runtime.context import GPU_QUEUES, WorkerBoot
@@ -34,22 +35,25 @@ def take_gpu_lease(boot: WorkerBoot) -> None:
         )
         boot.device = settings.device
         return
-    devices = gpu_count(settings.gpus)
-    if devices == 0:
+    gpus = host_gpus(settings.gpus)
+    if not gpus:
         log.warning("no CUDA device on this host: this worker runs on the CPU")
         boot.device = "cpu"
         return
     lease = GpuLease(connect(settings.worker_broker_url), worker=boot.node)
     try:
-        index = lease.acquire(
-            devices, wait=settings.gpu_wait, on_wait=lambda: log.warning("waiting for a free GPU")
+        gpu = lease.acquire(
+            gpus, wait=settings.gpu_wait, on_wait=lambda: log.warning("waiting for a free GPU")
         )
     except EmbedFleetError as exc:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(ExitCode.RUNNING) from None
     boot.lease = lease
-    boot.device = f"cuda:{index}"
-    log.warning("GPU leased", extra={"fields": {"device": boot.device, "host": lease.host}})
+    boot.device = f"cuda:{gpu.index}"
+    log.warning(
+        "GPU leased",
+        extra={"fields": {"device": boot.device, "uuid": gpu.uuid, "host": lease.host}},
+    )
 
 
 def release_gpu_lease(boot: WorkerBoot) -> None:

@@ -1,0 +1,202 @@
+"""How much work waits for the fleet, per queue: for ``embed-collections queues`` and
+for autoscalers (Prometheus metrics, or KEDA reading ``/queues``).
+
+Celery keeps a Redis queue as a list (``LLEN dense``), but a message a worker has taken
+leaves the list at once: it sits in kombu's ``unacked`` hash (field: delivery tag;
+value: ``[message, exchange, routing key]``) until the worker acknowledges it after the
+unit ran. So ``LLEN`` alone says "empty" while every GPU worker is busy with the last
+units, and an autoscaler reading only it (KEDA's Redis list scaler) would scale the
+busy workers away. The backlog of a queue is therefore waiting + unacknowledged.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import msgspec
+import redis
+from celery import Celery
+
+from shared import pipeline
+
+# kombu's Redis transport: the hash of delivered, unacknowledged messages, and the
+# separator of a queue's per-priority lists (``dense\x06\x163``).
+UNACKED_KEY = "unacked"
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITIES = range(1, 10)
+
+
+class QueueBacklog(msgspec.Struct):
+    """One queue's work.
+
+    Attributes:
+        waiting: Messages in the queue's lists, not yet taken by a worker.
+        unacked: Messages taken by a worker and not yet acknowledged: running, or
+            reserved by a worker that will run them next.
+        backlog: ``waiting + unacked``: the number to scale on.
+        workers: Workers consuming the queue (those that answered in time).
+    """
+
+    waiting: int
+    unacked: int
+    backlog: int
+    workers: list[str]
+
+
+class FleetBacklog(msgspec.Struct):
+    """Every queue of the fleet at one moment.
+
+    Attributes:
+        queues: By queue name (``dense``, ``sparse``, ``rerank``, ``aggregate``,
+            ``prepare``).
+        workers_answered: Workers that answered the roll call (``None``: not asked).
+        at: When it was read (Unix time).
+    """
+
+    queues: dict[str, QueueBacklog]
+    workers_answered: int | None
+    at: float
+
+
+def queue_counts(client: redis.Redis) -> tuple[dict[str, int], dict[str, int]]:
+    """Waiting and unacknowledged messages per fleet queue, from Redis alone."""
+    pipe = client.pipeline()
+    for queue in pipeline.QUEUES:
+        pipe.llen(queue)
+        for priority in PRIORITIES:
+            pipe.llen(f"{queue}{PRIORITY_SEPARATOR}{priority}")
+    lengths = iter(pipe.execute())
+    waiting = {
+        queue: sum(next(lengths) for _ in range(1 + len(PRIORITIES))) for queue in pipeline.QUEUES
+    }
+    unacked = dict.fromkeys(pipeline.QUEUES, 0)
+    for _, raw in client.hscan_iter(UNACKED_KEY, count=500):
+        queue = _routing_key(raw)
+        if queue in unacked:
+            unacked[queue] += 1
+    return waiting, unacked
+
+
+def _routing_key(raw: bytes) -> str:
+    """The queue of an ``unacked`` entry (its routing key; direct exchanges route by
+    queue name). The message itself is not decoded."""
+    try:
+        entry = json.loads(raw)
+        return str(entry[2])
+    except (ValueError, IndexError, TypeError):
+        return ""
+
+
+def consumers(app: Celery, timeout_s: float) -> dict[str, list[str]] | None:
+    """Worker names per queue, from the workers that answer within ``timeout_s``
+    (``None``: none answered)."""
+    answers = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    if not answers:
+        return None
+    out: dict[str, list[str]] = {}
+    for worker, queues in sorted(answers.items()):
+        for queue in queues or []:
+            out.setdefault(str(queue.get("name", "")), []).append(worker)
+    return out
+
+
+def read_backlog(
+    client: redis.Redis, app: Celery | None = None, timeout_s: float = 1.0
+) -> FleetBacklog:
+    """The fleet's backlog; with ``app``, also which workers consume each queue."""
+    waiting, unacked = queue_counts(client)
+    workers = consumers(app, timeout_s) if app is not None else None
+    queues = {
+        queue: QueueBacklog(
+            waiting=waiting[queue],
+            unacked=unacked[queue],
+            backlog=waiting[queue] + unacked[queue],
+            workers=(workers or {}).get(queue, []),
+        )
+        for queue in pipeline.QUEUES
+    }
+    answered = (
+        None if app is None else len({w for names in (workers or {}).values() for w in names})
+    )
+    return FleetBacklog(queues=queues, workers_answered=answered, at=round(time.time(), 3))
+
+
+def fleet_idle(client: redis.Redis) -> bool:
+    """Whether no queue of the fleet holds a message and no worker holds one."""
+    waiting, _ = queue_counts(client)
+    return not any(waiting.values()) and not client.hlen(UNACKED_KEY)
+
+
+_METRICS = (
+    ("waiting", "Messages waiting in the queue's Redis lists (what LLEN counts)."),
+    ("unacked", "Messages taken by a worker and not yet acknowledged (running or reserved)."),
+    ("backlog", "waiting + unacked: the work the queue's workers have before them."),
+    ("workers", "Workers consuming the queue that answered the last roll call."),
+)
+
+
+def prometheus_text(backlog: FleetBacklog) -> str:
+    """The backlog in Prometheus' text exposition format (a scrape while Redis is away
+    gets a 503, which Prometheus records as ``up == 0``)."""
+    lines: list[str] = []
+    for field, meaning in _METRICS:
+        name = f"embed_fleet_queue_{field}"
+        lines += [f"# HELP {name} {meaning}", f"# TYPE {name} gauge"]
+        for queue, counts in backlog.queues.items():
+            value = getattr(counts, field)
+            lines.append(f'{name}{{queue="{queue}"}} {len(value) if field == "workers" else value}')
+    return "\n".join(lines) + "\n"
+
+
+class Exporter:
+    """An HTTP endpoint for autoscalers: ``/metrics`` (Prometheus), ``/queues`` (the JSON
+    of ``queues --json``, for KEDA's metrics-api trigger), ``/healthz``. Each request
+    reads Redis, at most once per ``cache_s`` however many scrapers ask."""
+
+    def __init__(self, read: Callable[[], FleetBacklog], cache_s: float = 1.0) -> None:
+        self.read = read
+        self.cache_s = cache_s
+        self._lock = threading.Lock()
+        self._last: tuple[float, FleetBacklog] | None = None
+
+    def current(self) -> FleetBacklog:
+        with self._lock:
+            now = time.monotonic()
+            if self._last is None or now - self._last[0] >= self.cache_s:
+                self._last = (now, self.read())
+            return self._last[1]
+
+    def server(self, host: str, port: int) -> ThreadingHTTPServer:
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == "/metrics":
+                        body = prometheus_text(exporter.current()).encode()
+                        kind = "text/plain; version=0.0.4; charset=utf-8"
+                    elif path == "/queues":
+                        body, kind = msgspec.json.encode(exporter.current()), "application/json"
+                    elif path == "/healthz":
+                        body, kind = b"ok\n", "text/plain"
+                    else:
+                        self.send_error(404, "try /metrics, /queues or /healthz")
+                        return
+                except redis.RedisError as exc:
+                    self.send_error(503, f"the fleet's Redis did not answer: {type(exc).__name__}")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return  # quiet by default, like the fleet's other logs
+
+        return ThreadingHTTPServer((host, port), Handler)
