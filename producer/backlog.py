@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import msgspec
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from shared import pipeline
 
@@ -187,7 +188,7 @@ class Exporter:
                     else:
                         self.send_error(404, "try /metrics, /queues or /healthz")
                         return
-                except redis.RedisError as exc:
+                except (redis.RedisError, OperationalError) as exc:
                     self.send_error(503, f"the fleet's Redis did not answer: {type(exc).__name__}")
                     return
                 self.send_response(200)

@@ -15,6 +15,7 @@ from typing import Literal, NoReturn
 import click
 import msgspec
 import redis
+from kombu.exceptions import OperationalError
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -59,7 +60,21 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_ERROR, EXIT_RUNNING, EXIT_INTERRUPTED = (
     ExitCode.INTERRUPTED,
 )
 
-console = Console(stderr=True)
+# Wide enough for any table when there is no terminal to fit.
+LOG_WIDTH = 400
+
+
+def make_console(stderr: bool = True) -> Console:
+    """Rich on a terminal. With no terminal (a script, CI, a log file) rich would cut
+    every line to 80 columns ("batc…"), so output there takes the width it needs,
+    unless COLUMNS says otherwise."""
+    console = Console(stderr=stderr)
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(stderr=stderr, width=LOG_WIDTH)
+
+
+console = make_console()
 
 
 def _fail(exc: EmbedFleetError, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:
@@ -971,7 +986,7 @@ def leases(as_json: bool) -> None:
             f"{lease.held_s:.0f}",
             f"{lease.expires_in_s:.0f}",
         )
-    Console().print(table)
+    make_console(stderr=False).print(table)
 
 
 @main.command()
@@ -1013,7 +1028,7 @@ def queues(as_json: bool, serve: str | None, timeout: float) -> None:
             _serve_backlog(serve, lambda: read_backlog(client, app, timeout))
             return
         backlog = read_backlog(client, app, timeout)
-    except (EmbedFleetError, redis.RedisError) as exc:
+    except (EmbedFleetError, redis.RedisError, OperationalError) as exc:
         _fail(exc if isinstance(exc, EmbedFleetError) else _redis_unreachable(exc, settings))
     if as_json:
         click.echo(msgspec.json.encode(backlog).decode())
@@ -1029,12 +1044,12 @@ def queues(as_json: bool, serve: str | None, timeout: float) -> None:
             str(counts.backlog),
             ", ".join(counts.workers) or "-",
         )
-    Console().print(table)
+    make_console(stderr=False).print(table)
     if backlog.workers_answered == 0:
         console.print(f"no worker answered within {timeout:g} s: is any running on this Redis?")
 
 
-def _redis_unreachable(exc: redis.RedisError, settings: Settings) -> EmbedFleetError:
+def _redis_unreachable(exc: Exception, settings: Settings) -> EmbedFleetError:
     return EmbedFleetError(
         f"the fleet's Redis at {redact_url(settings.broker_url or '')} did not answer "
         f"({type(exc).__name__})",

@@ -12,6 +12,7 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import msgspec
@@ -104,6 +105,8 @@ def _follow(
                 return snap
             tick()
 
+    if not console.is_terminal:
+        return _follow_plain(ledger, console=console, tick=tick)
     columns = (
         TextColumn("[bold]{task.description:<8}"),
         BarColumn(),
@@ -114,43 +117,88 @@ def _follow(
         TextColumn("[dim]{task.fields[figures]}"),
     )
     with Progress(*columns, console=console, transient=False) as bars:
-        read = bars.add_task("read", total=None, unit="docs", figures="")
-        stage_bars: dict[str, TaskID] = {}
+        shown: dict[str, TaskID] = {}
         while True:
             snap = ledger.progress(detail=True)
-            # The fleet counts the documents once every range is validated.
-            bars.update(read, completed=snap.documents_read, total=snap.documents_total or None)
-            if snap.bytes_total:
-                read_bytes = f"{human_bytes(snap.bytes_read)} of {human_bytes(snap.bytes_total)}"
-                bars.update(read, figures=read_bytes)
-            sealed = snap.total_batches is not None
-            for stage in snap.stages:
-                phase = counts_tasks(stage.stage)
-                encodes = pipeline.stage(stage.stage).phase == "encode"
-                opened = stage.total is not None or (encodes and (snap.staged_batches or sealed))
-                if not opened:
-                    continue  # shown once its phase is planned (encode: its first batch)
-                if stage.stage not in stage_bars:
-                    unit = "tasks" if phase else "chunks"
-                    stage_bars[stage.stage] = bars.add_task(
-                        stage.stage, total=None, unit=unit, figures=""
-                    )
-                if stage.summary is not None and stage.summary.batches:
-                    figures = figures_text(stage.summary, rerank=stage.stage == "rerank")
-                    bars.update(stage_bars[stage.stage], figures=figures)
-                if phase:
-                    bars.update(
-                        stage_bars[stage.stage], completed=stage.batches_done, total=stage.total
-                    )
-                    continue
+            for row in progress_rows(snap):
+                if row.name not in shown:
+                    shown[row.name] = bars.add_task(row.name, total=None, unit=row.unit, figures="")
                 bars.update(
-                    stage_bars[stage.stage],
-                    completed=stage.chunks_done,
-                    total=snap.staged_chunks if sealed else None,
+                    shown[row.name], completed=row.done, total=row.total, figures=row.figures
                 )
             if snap.status in FINISHED:
                 return snap
             tick()
+
+
+# With no terminal (a script, CI, a log file): one plain line this often, and on every
+# change of the job's status.
+PLAIN_EVERY_S = 10.0
+
+
+def _follow_plain(ledger: JobLedger, *, console: Console, tick: Callable[[], None]) -> JobProgress:
+    """The live view as plain lines, for logs: a bar that redraws in place is noise
+    there, and rich shows nothing at all until the end when there is no terminal."""
+    started = time.monotonic()
+    last_at, last_status = -PLAIN_EVERY_S, ""
+    while True:
+        snap = ledger.progress(detail=True)
+        now = time.monotonic()
+        if snap.status != last_status or now - last_at >= PLAIN_EVERY_S or snap.status in FINISHED:
+            console.print(plain_line(snap, now - started), highlight=False, soft_wrap=True)
+            last_at, last_status = now, snap.status
+        if snap.status in FINISHED:
+            return snap
+        tick()
+
+
+class ProgressRow(msgspec.Struct):
+    """One line of the live view: a bar on a terminal, a part of a plain line in a log."""
+
+    name: str
+    done: int
+    total: int | None
+    unit: str
+    figures: str = ""
+
+
+def progress_rows(snap: JobProgress) -> list[ProgressRow]:
+    """What the live view shows of a snapshot: the read, then each stage whose phase has
+    opened (an encode stage: once its first batch is staged)."""
+    read = (
+        ""
+        if not snap.bytes_total
+        else (f"{human_bytes(snap.bytes_read)} of {human_bytes(snap.bytes_total)}")
+    )
+    # The fleet counts the documents once every range is validated.
+    rows = [ProgressRow("read", snap.documents_read, snap.documents_total or None, "docs", read)]
+    sealed = snap.total_batches is not None
+    for stage in snap.stages:
+        phase = counts_tasks(stage.stage)
+        encodes = pipeline.stage(stage.stage).phase == "encode"
+        opened = stage.total is not None or (encodes and (snap.staged_batches or sealed))
+        if not opened:
+            continue
+        figures = ""
+        if stage.summary is not None and stage.summary.batches:
+            figures = figures_text(stage.summary, rerank=stage.stage == "rerank")
+        if phase:
+            rows.append(ProgressRow(stage.stage, stage.batches_done, stage.total, "tasks", figures))
+        else:
+            total = snap.staged_chunks if sealed else None
+            rows.append(ProgressRow(stage.stage, stage.chunks_done, total, "chunks", figures))
+    return rows
+
+
+def plain_line(snap: JobProgress, elapsed_s: float) -> str:
+    """``[0:42] job J running · read 1400/1400 docs · dense 640/1837 chunks (45.8/s ...)``"""
+    minutes, seconds = divmod(int(elapsed_s), 60)
+    parts = [f"[{minutes}:{seconds:02d}] job {snap.job_id} {snap.status}"]
+    for row in progress_rows(snap):
+        total = "?" if row.total is None else str(row.total)
+        figures = f" ({row.figures})" if row.figures else ""
+        parts.append(f"{row.name} {row.done}/{total} {row.unit}{figures}")
+    return " · ".join(parts)
 
 
 def human_bytes(count: int) -> str:

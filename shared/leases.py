@@ -178,6 +178,10 @@ class GpuLease:
         host: The host (or container) the worker runs on, for display (default: this
             host's name).
         ttl_s: Seconds a lease outlives its holder's last heartbeat.
+        on_lost: Called (from the heartbeat thread) when the lease turns out to be gone:
+            it expired while the holder could not renew it (Redis away longer than the
+            TTL, a stalled process) and may belong to another worker now. The holder
+            must stop using the device.
     """
 
     def __init__(
@@ -186,6 +190,7 @@ class GpuLease:
         worker: str,
         host: str | None = None,
         ttl_s: float = DEFAULT_TTL_S,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.worker = worker
@@ -193,6 +198,7 @@ class GpuLease:
         self.ttl_ms = int(ttl_s * 1000)
         self.since = time.time()
         self.gpu: Gpu | None = None
+        self.on_lost = on_lost
         self._holder = b""
         self._extend = client.register_script(_EXTEND)
         self._release = client.register_script(_RELEASE)
@@ -272,9 +278,13 @@ class GpuLease:
         interval = self.ttl_ms / 3000
         while not self._stop.wait(interval):
             try:
-                self.extend()
+                held = self.extend()
             except redis.RedisError:
                 continue  # Redis away for a moment: the TTL leaves room for a retry
+            if not held and not self._stop.is_set():
+                if self.on_lost is not None:
+                    self.on_lost()
+                return
 
 
 def holders_of(client: redis.Redis, gpus: Sequence[Gpu]) -> str:

@@ -67,7 +67,8 @@ def base_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("REDIS_URL", "CELERY_", "EMBED_FLEET_", "S3_", "AWS_"))
+        # COLUMNS aside: with no terminal, output takes its natural width unless it is set.
+        if not k.startswith(("REDIS_URL", "CELERY_", "EMBED_FLEET_", "S3_", "AWS_", "COLUMNS"))
     }
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
     env.update(extra)

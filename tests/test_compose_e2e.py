@@ -147,6 +147,9 @@ def test_the_compose_services_run_a_job_as_local_processes(
         "flower",
         "producer",
     }
+    # The GPU compose reserves, stood in for (this machine has none): the worker leases
+    # it and runs on the CPU, and must give it back when stopped.
+    ours["dense-worker"].env.update(EMBED_FLEET_GPUS="GPU-compose", EMBED_FLEET_DEVICE="cpu")
     producer = ours.pop("producer")
     running = list(ours.values())
     try:
@@ -187,6 +190,10 @@ def test_the_compose_services_run_a_job_as_local_processes(
         assert queues["dense"]["workers"] and queues["aggregate"]["workers"]
         for service in running:
             assert service.proc.poll() is None, f"{service.name} exited\n{service.tail()}"
+        held = list_leases(redis_server.client())
+        assert [(lease.uuid, lease.worker.split("@")[0]) for lease in held] == [
+            ("GPU-compose", "dense")
+        ]
     finally:
         stopped: dict[str, float] = {}
         for service in running:

@@ -392,6 +392,12 @@ def test_embedded_default_runs_everything_locally(tmp_path) -> None:
     records = chunk_records(manifest, lambda key: (out / key).read_bytes())
     assert len(records) == manifest["counts"]["chunks"]
     assert "complete" in stderr  # the summary table
+    # No terminal here: plain progress lines, and the summary at its natural width.
+    assert re.search(r"^\[\d+:\d\d\] job \S+ \w+ · read \d+/", stderr, re.MULTILINE), stderr
+    assert "…" not in stderr
+    header = next(line for line in stderr.splitlines() if "stage" in line and "batches" in line)
+    for column in ("items/s", "model batch sizes", "peak memory", "learned budget"):
+        assert column in header
     assert len(watch.seen) >= 3  # redis-server and two workers ran ...
     assert watch.alive() == []  # ... and none outlived the command
     # `status` finds the finished job in the output folder without a broker.

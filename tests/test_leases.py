@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 
 import pytest
@@ -92,6 +94,19 @@ def test_a_lease_taken_over_is_neither_extended_nor_released(redis_client) -> No
     assert list_leases(redis_client) == []
 
 
+def test_a_holder_learns_when_its_lease_was_lost(redis_client) -> None:
+    """Redis lost the key (or it expired while the holder stalled): the heartbeat must
+    say so, since another worker may take the device now."""
+    lost = threading.Event()
+    lease = GpuLease(redis_client, "w@h", host="h", ttl_s=0.3, on_lost=lost.set)
+    lease.acquire(gpus("GPU-0"))
+    time.sleep(0.5)
+    assert not lost.is_set()  # renewed while held
+    redis_client.delete(lease_key("GPU-0"))
+    assert lost.wait(2)
+    lease.release()
+
+
 def test_leases_command_lists_holders(redis_server, redis_client) -> None:
     lease = GpuLease(redis_client, "dense-gpu0@host-a", host="host-a")
     lease.acquire(gpus("GPU-aa", "GPU-bb"))
@@ -147,6 +162,7 @@ def test_workers_in_two_containers_given_the_same_gpu_do_not_share_it(
     real GPU reports). The first leases it; a second that sees it beside another device
     takes the other one; a third that sees only the shared one exits 3 naming the holder.
     """
+    assert os.geteuid() == 0, "UTS namespaces need root (CI runs as root)"
     redis_server.client().flushdb()
     client = redis_server.client()
 

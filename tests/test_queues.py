@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 from conftest import CRANFIELD, REPO, run_cli, start_cli
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,6 +78,7 @@ def test_a_busy_workers_unit_is_backlog_while_llen_is_zero(
     job = start_cli(
         "run", str(tmp_path / "corpus.jsonl"), "--output", f"s3://{bucket}", "--json", env=fleet_env
     )
+    paused: list[psutil.Process] = []
     try:
         client = redis_server.client()
         deadline = time.monotonic() + 120
@@ -86,12 +89,19 @@ def test_a_busy_workers_unit_is_backlog_while_llen_is_zero(
             time.sleep(0.05)
         else:
             pytest.fail("the dense worker never took the unit")
+        # Hold the unit where it is (its pool process paused) while the CLI reads.
+        (pool,) = psutil.Process(dense.proc.pid).children()
+        pool.suspend()
+        paused.append(pool)
         shown = run_cli("queues", "--json", env=fleet_env)
         metrics = get(f"http://127.0.0.1:{port}/metrics")
         served = json.loads(get(f"http://127.0.0.1:{port}/queues"))
         llen = client.llen("dense")
         table = run_cli("queues", env={**fleet_env, "COLUMNS": "200"})
     finally:
+        for process in paused:
+            with contextlib.suppress(psutil.Error):
+                process.resume()
         exporter.terminate()
         exporter.wait(timeout=30)
     assert shown.returncode == 0, shown.stderr

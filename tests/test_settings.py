@@ -37,8 +37,9 @@ def test_the_readme_lists_every_variable_and_no_other() -> None:
 
 def test_nothing_else_reads_the_environment_for_them() -> None:
     """The one place: outside shared/settings.py the environment is read only for other
-    tools' variables (Hugging Face, S3, OpenTelemetry), each named by a literal."""
-    others = re.compile(r"^(HF_|XDG_|S3_|AWS_|OTEL_)[A-Z_]*$")
+    tools' variables (Hugging Face, S3, OpenTelemetry, CUDA, the terminal's COLUMNS), each
+    named by a literal."""
+    others = re.compile(r"^((HF_|XDG_|S3_|AWS_|OTEL_|CUDA_)[A-Z_]*|COLUMNS)$")
     offenders = []
     for package in ("shared", "producer", "workers"):
         for path in sorted((REPO / package).rglob("*.py")):

@@ -68,7 +68,9 @@ def stopping(how: str = "", **_: Any) -> None:
     else hand it back to its queue (:mod:`workers.runtime.shutdown`)."""
     from workers.runtime.shutdown import bound_the_stop
 
-    bound_the_stop(settings.stop_timeout, how)
+    boot = context.boot_of(app)
+    if boot is not None and boot.stop_timer is None:  # a second SIGTERM changes nothing
+        boot.stop_timer = bound_the_stop(settings.stop_timeout, how)
 
 
 @signals.worker_shutdown.connect
@@ -78,6 +80,8 @@ def stop_worker(**_: Any) -> None:
 
     boot = context.boot_of(app)
     if boot is not None:
+        if boot.stop_timer is not None:
+            boot.stop_timer.cancel()  # the unit is done: no cold shutdown mid-teardown
         release_gpu_lease(boot)
 
 

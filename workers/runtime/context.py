@@ -19,6 +19,7 @@ Task bodies receive the context as their first argument.
 from __future__ import annotations
 
 import socket
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,8 @@ class WorkerBoot:
         device: Where its dense and rerank models run (``None``: decide in the pool
             process, which may look at CUDA; the main process must not).
         lease: Its GPU lease, if it took one.
+        stop_timer: Armed when the worker is told to stop: hands the unit in hand back
+            when it fires (:mod:`workers.runtime.shutdown`).
     """
 
     settings: Settings
@@ -60,6 +63,7 @@ class WorkerBoot:
     node: str = ""
     device: str | None = None
     lease: GpuLease | None = None
+    stop_timer: threading.Timer | None = None
 
 
 @dataclass

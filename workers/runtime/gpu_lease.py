@@ -11,6 +11,9 @@ the CPU and says that instead.
 
 from __future__ import annotations
 
+import atexit
+import os
+import signal
 import sys
 
 from shared.errors import EmbedFleetError, ExitCode
@@ -24,11 +27,19 @@ log = get_logger("gpu")
 
 def take_gpu_lease(boot: WorkerBoot) -> None:
     """Lease a GPU for a worker that serves ``dense`` or ``rerank`` (sets the boot's
-    device and lease); exits with code 3 when every GPU is held and it may not wait."""
+    device and lease); exits with code 3 when every GPU is held and it may not wait.
+
+    A real device is then the only one the pool processes see: ``CUDA_VISIBLE_DEVICES``
+    is set to its UUID before the fork (CUDA reads it when first used there, and the
+    main process never uses CUDA). A container given every GPU (compose's ``count:
+    all``) would otherwise create a context on GPU 0 from any library call that uses
+    the default device. Stand-in devices (``EMBED_FLEET_GPUS``) run where
+    ``EMBED_FLEET_DEVICE`` says, else on ``cuda:<index>``.
+    """
     settings = boot.settings
     if not boot.queues & GPU_QUEUES:
         return
-    if settings.device:
+    if settings.device and settings.gpus is None:
         log.warning(
             "device set by EMBED_FLEET_DEVICE: no GPU lease taken",
             extra={"fields": {"device": settings.device}},
@@ -40,7 +51,7 @@ def take_gpu_lease(boot: WorkerBoot) -> None:
         log.warning("no CUDA device on this host: this worker runs on the CPU")
         boot.device = "cpu"
         return
-    lease = GpuLease(connect(settings.worker_broker_url), worker=boot.node)
+    lease = GpuLease(connect(settings.worker_broker_url), worker=boot.node, on_lost=_lease_lost)
     try:
         gpu = lease.acquire(
             gpus, wait=settings.gpu_wait, on_wait=lambda: log.warning("waiting for a free GPU")
@@ -49,11 +60,25 @@ def take_gpu_lease(boot: WorkerBoot) -> None:
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(ExitCode.RUNNING) from None
     boot.lease = lease
-    boot.device = f"cuda:{gpu.index}"
+    atexit.register(lease.release)  # also on a cold shutdown, which skips worker_shutdown
+    if settings.gpus is not None:
+        boot.device = settings.device or f"cuda:{gpu.index}"
+    elif gpu.uuid.startswith(("GPU-", "MIG-")):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu.uuid
+        boot.device = "cuda:0"
+    else:  # CUDA gave no UUID: the lease is by host and index, the device by index
+        boot.device = f"cuda:{gpu.index}"
     log.warning(
         "GPU leased",
         extra={"fields": {"device": boot.device, "uuid": gpu.uuid, "host": lease.host}},
     )
+
+
+def _lease_lost() -> None:
+    """The lease expired unrenewed and may be another worker's now: stop using the GPU.
+    A graceful stop finishes or hands back the unit in hand within the stop timeout."""
+    log.error("GPU lease lost (not renewed within its TTL): stopping this worker")
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def release_gpu_lease(boot: WorkerBoot) -> None:
