@@ -357,6 +357,12 @@ def _settings() -> Settings:
     "skip it; skipped records are counted and listed in the manifest.",
 )
 @click.option(
+    "--allow-empty",
+    is_flag=True,
+    help="Run a job even when SOURCE holds no documents (a pipeline that may have "
+    "nothing new); by default that is an error, exit code 2.",
+)
+@click.option(
     "--detach",
     is_flag=True,
     help="Stage and enqueue, print the job id and return (needs a shared broker). "
@@ -423,13 +429,15 @@ def run(
     prepare_on: Literal["fleet", "producer"],
     range_mb: float,
     on_bad_record: Literal["fail", "skip"],
+    allow_empty: bool,
     detach: bool,
     resume_job: str | None,
     model_cache: str | None,
     trace_console: bool,
     as_json: bool,
 ) -> None:
-    """Embed SOURCE: a BEIR folder, a JSONL file, or a folder of .txt/.md files.
+    """Embed SOURCE: a BEIR folder, a JSONL file (.jsonl or .ndjson, optionally .gz or
+    .zst compressed), or a folder of .txt/.md files.
 
     With queries (a BEIR folder's queries.jsonl, or --queries), each query is retrieved
     by the dense ensemble and every sparse model, the rankings are fused, and (with
@@ -456,6 +464,7 @@ def run(
         batch_chunks=batch_chunks,
         max_batch_tokens=max_batch_tokens,
         on_bad_record=on_bad_record,
+        allow_empty=allow_empty,
         sparse_models=_sparse_models(enable_sparse, sparse_models),
         sparse_device=sparse_device,
         bm25=BM25Params(k1=bm25_k1, b=bm25_b),

@@ -61,6 +61,7 @@ from shared.sources import (
     Source,
     cut_ranges,
     documents,
+    is_empty,
     open_source,
 )
 from shared.storage import ObjectStore, open_store
@@ -78,6 +79,7 @@ class JobOptions:
     batch_chunks: int = 128
     max_batch_tokens: int | None = None
     on_bad_record: Literal["fail", "skip"] = "fail"
+    allow_empty: bool = False
     sparse_models: list[str] = field(default_factory=list)
     sparse_device: str = "cpu"
     bm25: BM25Params = field(default_factory=BM25Params)
@@ -149,6 +151,13 @@ def prepare(
         EmbedFleetError: with the cause and the fix, before anything is enqueued.
     """
     source = open_source(options.source)
+    if not options.allow_empty and is_empty(source):
+        raise EmbedFleetError(
+            f"{source.path} holds no documents: "
+            + ("its file is empty or blank" if len(source.files) == 1 else "its files are empty"),
+            "Point SOURCE at the collection's data, or pass --allow-empty to run an empty "
+            "job anyway (a pipeline that may have nothing new)",
+        )
     if not options.dense_models:
         raise EmbedFleetError("no dense model given", "Pass --dense-models NAME[,NAME...]")
     resolved = [resolve_model(name) for name in options.dense_models]
@@ -176,6 +185,14 @@ def prepare(
         validation = Validation(bytes_total=source.bytes_total)
     else:
         validation = validate(source, options.on_bad_record, on_progress)
+        if validation.documents == 0 and not options.allow_empty:
+            first = validation.skipped[0] if validation.skipped else None
+            raise EmbedFleetError(
+                f"{source.path} holds no valid documents: all {validation.skipped_count} "
+                "records were skipped"
+                + (f" (the first, {first.path}:{first.line}: {first.reason})" if first else ""),
+                "Fix the records (see the reason), or pass --allow-empty to run anyway",
+            )
     spec = JobSpec(
         job_id=new_job_id(),
         collection=source.name,

@@ -2,17 +2,23 @@
 
 Three layouts: a BEIR folder (``corpus.jsonl`` with ``_id``, ``title``, ``text``), a
 JSONL file (``id``, ``text``, optional ``title`` and ``metadata``), or a folder of
-``.txt`` / ``.md`` files. Nothing holds the whole collection: readers yield records
-as they go, and a bad record comes out as a :class:`SkippedRecord` naming file, line
-and reason, so the caller decides between failing and skipping.
+``.txt`` / ``.md`` files. A JSONL file (and a BEIR corpus) may be gzip- or
+zstd-compressed (``.jsonl.gz``, ``.jsonl.zst``), as most dumps ship. Nothing holds the
+whole collection: readers yield records as they go, and a bad record comes out as a
+:class:`SkippedRecord` naming file, line and reason, so the caller decides between
+failing and skipping.
 
 The fleet reads a collection in ranges (:func:`cut_ranges`: byte ranges of a JSONL file
 cut at line boundaries, groups of a folder's files), each by one prepare unit
-(:func:`read_range`), so no one process reads it all.
+(:func:`read_range`), so no one process reads it all. A compressed file cannot be
+entered in the middle, so it is one range, read by one unit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +31,13 @@ from shared.schemas import Document, ReadRange, SkippedRecord
 
 SourceKind = Literal["beir", "jsonl", "text-dir"]
 TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+BEIR_CORPUS = tuple(f"corpus.jsonl{c}" for c in ("", *COMPRESSED_SUFFIXES))
+ACCEPTED = (
+    "Pass a BEIR folder (corpus.jsonl, .jsonl.gz or .jsonl.zst), a JSONL file (.jsonl or "
+    ".ndjson, optionally .gz or .zst compressed), or a folder of .txt/.md files"
+)
 # How many skipped records a job lists one by one (all are counted).
 MAX_LISTED_SKIPS = 1000
 # The most files of a text folder one range holds (however small they are).
@@ -70,25 +83,85 @@ def open_source(path: str | Path) -> Source:
     """Recognise a collection's layout.
 
     Raises:
-        EmbedFleetError: if the path is missing or holds no collection.
+        EmbedFleetError: if the path is missing, holds no collection, or is a file of a
+            format not read here (naming the accepted ones).
     """
     p = Path(path).expanduser()
-    hint = "Pass a BEIR folder (with corpus.jsonl), a .jsonl file, or a folder of .txt/.md files"
     if not p.exists():
-        raise EmbedFleetError(f"source {str(path)!r} does not exist", hint)
+        raise EmbedFleetError(f"source {str(path)!r} does not exist", ACCEPTED)
     if p.is_file():
-        return Source(p, "beir" if _uses_beir_ids(p) else "jsonl", p.stem, [p])
-    if (p / "corpus.jsonl").is_file():
-        return Source(p, "beir", p.resolve().name, [p / "corpus.jsonl"])
+        if not is_jsonl(p):
+            raise EmbedFleetError(
+                f"source {str(path)!r} is not a format embed-collections reads "
+                f"(its name ends in {''.join(p.suffixes[-2:]) or 'no suffix'!r})",
+                ACCEPTED,
+            )
+        return Source(p, "beir" if _uses_beir_ids(p) else "jsonl", collection_name(p), [p])
+    for corpus in BEIR_CORPUS:
+        if (p / corpus).is_file():
+            return Source(p, "beir", p.resolve().name, [p / corpus])
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
     if not files:
-        raise EmbedFleetError(f"{str(path)!r} holds no corpus.jsonl and no .txt/.md files", hint)
+        raise EmbedFleetError(
+            f"{str(path)!r} holds no corpus.jsonl (or .gz, .zst) and no .txt/.md files", ACCEPTED
+        )
     return Source(p, "text-dir", p.resolve().name, files)
+
+
+def compression(path: Path) -> str:
+    """``.gz``, ``.zst``, or ``""`` for a plain file (by the name's last suffix)."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in COMPRESSED_SUFFIXES else ""
+
+
+def is_jsonl(path: Path) -> bool:
+    """A JSON-lines file, plain or compressed, by its name."""
+    name = path.name.lower().removesuffix(compression(path))
+    return name.endswith(JSONL_SUFFIXES)
+
+
+def collection_name(path: Path) -> str:
+    """``corpus.jsonl.gz`` -> ``corpus``."""
+    name = path.name.removesuffix(path.suffix) if compression(path) else path.name
+    return Path(name).stem
+
+
+@contextlib.contextmanager
+def open_lines(path: Path) -> Iterator[tuple[io.BufferedIOBase, io.BufferedReader]]:
+    """A JSONL file's lines as bytes, decompressed on the fly, and the underlying file
+    (whose ``tell()`` is how far into the file on disk the reading is)."""
+    with path.open("rb") as raw:
+        kind = compression(path)
+        if kind == ".gz":
+            with gzip.GzipFile(fileobj=raw) as unzipped:
+                yield io.BufferedReader(unzipped), raw
+        elif kind == ".zst":
+            import zstandard
+
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            yield io.BufferedReader(reader), raw
+        else:
+            yield raw, raw
+
+
+def is_empty(source: Source) -> bool:
+    """Whether no file of the collection holds anything but whitespace (reads only up
+    to the first byte that is not)."""
+    for path in source.files:
+        if source.kind == "text-dir":
+            if path.stat().st_size and path.read_bytes().strip():
+                return False
+            continue
+        with open_lines(path) as (lines, _):
+            while block := lines.read(1 << 16):
+                if block.strip():
+                    return False
+    return True
 
 
 def _uses_beir_ids(path: Path) -> bool:
     """A JSONL file whose first record has ``_id`` (and no ``id``) is a BEIR corpus."""
-    with path.open("rb") as handle:
+    with open_lines(path) as (handle, _):
         for raw in handle:
             if raw.strip():
                 try:
@@ -168,6 +241,8 @@ def cut_ranges(source: Source, range_bytes: int) -> list[ReadRange]:
         return _file_groups(source, range_bytes)
     path = source.files[0]
     size = path.stat().st_size
+    if compression(path):
+        return [ReadRange(index=0, path=str(path.resolve()), start=0, end=size, bytes=size)]
     starts = [0]
     with path.open("rb") as handle:
         at = range_bytes
@@ -241,14 +316,22 @@ def _read_jsonl(
     )
     decoder = msgspec.json.Decoder(kind)
     shown = str(path)
-    with path.open("rb") as handle:
-        handle.seek(start)
-        at = start
+    compressed = bool(compression(path))
+    with open_lines(path) as (handle, on_disk):
+        if compressed:
+            end = None  # a compressed file is one range; its offsets are not the lines'
+        else:
+            handle.seek(start)
+        at, read_to = start, on_disk.tell()
         for number, raw in enumerate(handle, start=1):
             if end is not None and at >= end:
                 break
             at += len(raw)
-            progress.bytes_read += len(raw)
+            if compressed:  # bytes of the file on disk, as the source's size counts them
+                progress.bytes_read += on_disk.tell() - read_to
+                read_to = on_disk.tell()
+            else:
+                progress.bytes_read += len(raw)
             progress.lines += 1
             if not raw.strip():
                 continue

@@ -233,3 +233,34 @@ def test_resume_needs_a_known_job(tmp_path, redis_server) -> None:
         assert f"no job '{job}'" in result.stderr and "--output" in result.stderr
         assert "Traceback" not in result.stderr
     assert str(tmp_path) in " ".join(alone.stderr.split())
+
+
+@pytest.mark.parametrize("content", [b"", b"\n \n"], ids=["empty", "blank-lines"])
+def test_an_empty_collection_is_an_error_unless_allowed(tmp_path, redis_server, content) -> None:
+    source = tmp_path / "corpus.jsonl"
+    source.write_bytes(content)
+    redis_server.client().flushdb()
+    env = base_env(REDIS_URL=redis_server.url)
+    out = str(tmp_path / "out")
+    line = one_line_error(run_cli("run", str(source), "--output", out, env=env))
+    assert f"{source} holds no documents" in line and "--allow-empty" in line
+    assert redis_server.client().keys("*") == []  # nothing enqueued
+    allowed = run_cli("run", str(source), "--output", out, "--allow-empty", "--detach", env=env)
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.strip()  # the job id
+
+
+def test_a_collection_of_only_bad_records_is_an_error_under_skip(tmp_path) -> None:
+    source = write_jsonl(tmp_path / "docs.jsonl", [b"{broken", b'{"text": "no id"}'])
+    args = ("run", str(source), "--on-bad-record", "skip", "--prepare-on", "producer")
+    line = one_line_error(run_cli(*args, env=base_env(), cwd=tmp_path))
+    assert "holds no valid documents: all 2 records were skipped" in line
+    assert f"{source}:1: malformed JSON" in line
+
+
+def test_a_source_of_another_format_lists_the_accepted_ones(tmp_path) -> None:
+    source = tmp_path / "corpus.csv"
+    source.write_text("id,text\na,alpha\n")
+    line = one_line_error(run_cli("run", str(source), env=base_env(), cwd=tmp_path))
+    assert "is not a format embed-collections reads (its name ends in '.csv')" in line
+    assert "BEIR folder" in line and ".jsonl.gz" in line and ".txt/.md" in line

@@ -201,3 +201,28 @@ def test_redis_lost_while_the_fleet_prepares_then_resume_completes_the_job(
     assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
     docs = {c.rsplit("#", 1)[0] for c in chunk_ids}
     assert len(docs) == 300 - len(manifest["empty_documents"])
+
+
+def test_compressed_collections_prepare_as_the_plain_one(tmp_path: Path) -> None:
+    """A BEIR folder holding corpus.jsonl.gz, prepared by the fleet, and a .jsonl.zst
+    file, prepared by the producer: the same documents, chunks and skipped line."""
+    import gzip
+
+    import zstandard
+
+    plain = collection(tmp_path, 80, {30: b"not json"})
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    zst = tmp_path / "corpus.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    fleet = run_json(beir, tmp_path / "gz", "--on-bad-record", "skip")
+    alone = run_json(zst, tmp_path / "zst", "--on-bad-record", "skip", "--prepare-on", "producer")
+    assert fleet["spec"]["prepare_on"] == "fleet" and fleet["counts"]["documents"] == 80
+    for key in ("documents", "chunks", "skipped_records"):
+        assert fleet["counts"][key] == alone["counts"][key], key
+    skips = [(r["path"], r["line"]) for r in fleet["skipped_records"] + alone["skipped_records"]]
+    assert skips == [(str(beir / "corpus.jsonl.gz"), 31), (str(zst), 31)]
+    got = chunk_records(fleet, local_files(tmp_path / "gz"))
+    want = chunk_records(alone, local_files(tmp_path / "zst"))
+    assert [(r["chunk_id"], r["text"]) for r in got] == [(r["chunk_id"], r["text"]) for r in want]

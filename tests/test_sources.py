@@ -11,7 +11,15 @@ import pytest
 
 from shared.errors import BadRecordError, EmbedFleetError
 from shared.schemas import Document, SkippedRecord
-from shared.sources import ReadProgress, documents, open_source, read_records
+from shared.sources import (
+    ReadProgress,
+    cut_ranges,
+    documents,
+    is_empty,
+    open_source,
+    read_range,
+    read_records,
+)
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -399,3 +407,83 @@ def test_text_folder_ranges_group_whole_files(tmp_path: Path) -> None:
     assert sorted(f for r in ranges for f in r.files) == sorted(f"doc{i}.txt" for i in range(7))
     ids = [d.id for r in ranges for d in read_range(source.kind, r) if isinstance(d, Document)]
     assert ids == [d.id for d in docs(tmp_path)]
+
+
+# --- compressed collections, unknown formats, empty sources ------------------------------
+
+
+def compress(path: Path, kind: str) -> Path:
+    """``path`` gzip- or zstd-compressed beside it (``.gz`` / ``.zst`` appended)."""
+    data = path.read_bytes()
+    if kind == ".gz":
+        import gzip
+
+        packed = gzip.compress(data)
+    else:
+        import zstandard
+
+        packed = zstandard.ZstdCompressor().compress(data)
+    out = path.with_name(path.name + kind)
+    out.write_bytes(packed)
+    return out
+
+
+@pytest.mark.parametrize("kind", [".gz", ".zst"])
+def test_a_compressed_jsonl_reads_as_the_plain_one(tmp_path: Path, kind: str) -> None:
+    plain = write_jsonl(
+        tmp_path / "c.jsonl",
+        [{"id": "a", "text": "x"}, b"{broken", {"id": "b", "text": "y", "title": "t"}],
+    )
+    packed = compress(plain, kind)
+    plain.unlink()
+    source = open_source(packed)
+    assert (source.kind, source.name) == ("jsonl", "c")
+    assert [(d.id, d.title, d.line) for d in docs(packed)] == [("a", "", 1), ("b", "t", 3)]
+    (bad,) = skipped(packed)
+    assert (bad.path, bad.line) == (str(packed), 2) and "malformed JSON" in bad.reason
+    # One read range (a compressed file cannot be entered in the middle), read whole,
+    # its progress in bytes of the file on disk.
+    (whole,) = cut_ranges(source, range_bytes=8)
+    progress = ReadProgress()
+    assert len(list(read_range(source.kind, whole, progress))) == 3
+    assert progress.bytes_read == packed.stat().st_size == source.bytes_total
+
+
+@pytest.mark.parametrize("kind", [".gz", ".zst"])
+def test_a_beir_folder_with_a_compressed_corpus(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "nfcorpus"
+    folder.mkdir()
+    corpus = write_jsonl(folder / "corpus.jsonl", [{"_id": "d1", "title": "T", "text": "x"}])
+    compress(corpus, kind)
+    corpus.unlink()
+    source = open_source(folder)
+    assert (source.kind, source.name) == ("beir", "nfcorpus")
+    assert [(d.id, d.title) for d in docs(folder)] == [("d1", "T")]
+
+
+@pytest.mark.parametrize("name", ["corpus.csv", "corpus.parquet", "corpus.json.bz2", "README"])
+def test_a_file_of_another_format_names_the_accepted_ones(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text("id,text\na,x\n")
+    with pytest.raises(EmbedFleetError) as info:
+        open_source(path)
+    assert "is not a format embed-collections reads" in str(info.value)
+    assert ".jsonl" in info.value.fix and ".gz" in info.value.fix and ".txt" in info.value.fix
+
+
+def test_empty_sources_are_recognised_without_reading_a_full_one(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \n\t\n")
+    full = write_jsonl(tmp_path / "full.jsonl", [{"id": "a", "text": "x"}])
+    assert is_empty(open_source(empty)) and is_empty(open_source(blank))
+    assert is_empty(open_source(compress(blank, ".gz")))
+    assert not is_empty(open_source(full))
+    assert not is_empty(open_source(compress(full, ".zst")))
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("  \n")
+    assert is_empty(open_source(texts))
+    (texts / "b.md").write_text("words")
+    assert not is_empty(open_source(texts))
