@@ -47,7 +47,7 @@ from shared.models import (
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
 )
-from shared.schemas import BM25Params, ExportSpec, JobSpec, Manifest
+from shared.schemas import BM25Params, ExportSpec, FieldMap, JobSpec, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name, redact_url
 from shared.sources import ReadProgress
 from shared.storage import LocalStore, open_store, safe_name
@@ -357,6 +357,33 @@ def _settings() -> Settings:
     "skip it; skipped records are counted and listed in the manifest.",
 )
 @click.option(
+    "--id-field",
+    default=None,
+    metavar="COLUMN",
+    help="CSV/TSV or Parquet SOURCE: the column holding each document's id "
+    "(default: id, else _id).",
+)
+@click.option(
+    "--text-field",
+    default="text",
+    show_default=True,
+    metavar="COLUMN",
+    help="CSV/TSV or Parquet SOURCE: the column holding the text.",
+)
+@click.option(
+    "--title-field",
+    default=None,
+    metavar="COLUMN",
+    help="CSV/TSV or Parquet SOURCE: the column holding the title (default: title, "
+    "when there is one).",
+)
+@click.option(
+    "--metadata-fields",
+    default=None,
+    metavar="A,B",
+    help="CSV/TSV or Parquet SOURCE: columns copied into every chunk's metadata.",
+)
+@click.option(
     "--allow-empty",
     is_flag=True,
     help="Run a job even when SOURCE holds no documents (a pipeline that may have "
@@ -429,6 +456,10 @@ def run(
     prepare_on: Literal["fleet", "producer"],
     range_mb: float,
     on_bad_record: Literal["fail", "skip"],
+    id_field: str | None,
+    text_field: str,
+    title_field: str | None,
+    metadata_fields: str | None,
     allow_empty: bool,
     detach: bool,
     resume_job: str | None,
@@ -437,7 +468,8 @@ def run(
     as_json: bool,
 ) -> None:
     """Embed SOURCE: a BEIR folder, a JSONL file (.jsonl or .ndjson, optionally .gz or
-    .zst compressed), or a folder of .txt/.md files.
+    .zst compressed), a CSV/TSV file with a header, a Parquet file or a folder of them,
+    or a folder of .txt/.md files.
 
     With queries (a BEIR folder's queries.jsonl, or --queries), each query is retrieved
     by the dense ensemble and every sparse model, the rankings are fused, and (with
@@ -465,6 +497,12 @@ def run(
         max_batch_tokens=max_batch_tokens,
         on_bad_record=on_bad_record,
         allow_empty=allow_empty,
+        fields=FieldMap(
+            id=id_field,
+            text=text_field,
+            title=title_field,
+            metadata=[m.strip() for m in (metadata_fields or "").split(",") if m.strip()],
+        ),
         sparse_models=_sparse_models(enable_sparse, sparse_models),
         sparse_device=sparse_device,
         bm25=BM25Params(k1=bm25_k1, b=bm25_b),

@@ -43,6 +43,7 @@ from shared.schemas import (
     ChunkBatch,
     Document,
     ExportSpec,
+    FieldMap,
     Fusion,
     JobRecord,
     JobSpec,
@@ -80,6 +81,7 @@ class JobOptions:
     max_batch_tokens: int | None = None
     on_bad_record: Literal["fail", "skip"] = "fail"
     allow_empty: bool = False
+    fields: FieldMap = field(default_factory=FieldMap)
     sparse_models: list[str] = field(default_factory=list)
     sparse_device: str = "cpu"
     bm25: BM25Params = field(default_factory=BM25Params)
@@ -150,7 +152,7 @@ def prepare(
     Raises:
         EmbedFleetError: with the cause and the fix, before anything is enqueued.
     """
-    source = open_source(options.source)
+    source = open_source(options.source, options.fields)
     if not options.allow_empty and is_empty(source):
         raise EmbedFleetError(
             f"{source.path} holds no documents: "
@@ -213,6 +215,7 @@ def prepare(
         dtype=options.dtype,
         export=options.export,
         prepare_on=options.prepare_on,
+        fields=source.fields,
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set, read_plan)
 

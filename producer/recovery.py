@@ -144,7 +144,7 @@ def finish_staging(
     spec = record.spec
     where = "Run `embed-collections resume` on the machine that has the job's source"
     try:
-        source = open_source(spec.source)
+        source = open_source(spec.source, spec.fields)
     except EmbedFleetError:
         raise EmbedFleetError(
             f"job {spec.job_id} was not fully submitted, and its source {spec.source} "

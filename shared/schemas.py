@@ -100,17 +100,39 @@ class SkippedRecord(Struct):
         )
 
 
+SourceKind = Literal["beir", "jsonl", "text-dir", "csv", "parquet"]
+"""A collection's layout (see :mod:`shared.sources`)."""
+
+
+class FieldMap(Struct):
+    """Which columns of a tabular source (CSV/TSV, Parquet) hold what.
+
+    Attributes:
+        id: The id column (``None``: ``id``, else ``_id``).
+        text: The text column.
+        title: The title column (``None``: ``title`` when there is one).
+        metadata: Columns copied into every chunk's metadata.
+    """
+
+    id: str | None = None
+    text: str = "text"
+    title: str | None = None
+    metadata: list[str] = []
+
+
 class ReadRange(Struct):
     """A piece of a collection that one prepare unit reads: a byte range of a JSONL file
-    cut at line boundaries, or a group of whole files of a text folder.
+    cut at line boundaries, a run of row groups of a Parquet file, a whole compressed or
+    CSV file, or a group of whole files of a text folder.
 
     Attributes:
         index: Its place in the collection's reading order.
-        path: The JSONL file (or the text folder, the ids' root).
-        start: First byte (JSONL).
-        end: One past the last byte (JSONL); the range's last line ends there.
+        path: The file (or the text folder, the ids' root).
+        start: First byte (JSONL), or first row group (Parquet).
+        end: One past the last byte (JSONL; the range's last line ends there), or past
+            the last row group (Parquet).
         files: A text folder's files in this range (paths under ``path``).
-        bytes: How many bytes the range holds.
+        bytes: How many bytes the range holds (compressed, on disk).
     """
 
     index: int
@@ -126,7 +148,7 @@ class ReadPlan(Struct):
     producer): its ranges in reading order and how many id partitions the duplicate
     check uses."""
 
-    kind: Literal["beir", "jsonl", "text-dir"]
+    kind: SourceKind
     ranges: list[ReadRange]
     partitions: int
 
@@ -359,6 +381,8 @@ class JobSpec(Struct):
     export: ExportSpec = msgspec.field(default_factory=lambda: ExportSpec())
     # A spec without it is a job from before the fleet prepared collections.
     prepare_on: PrepareOn = "producer"
+    # Which columns of a CSV/TSV or Parquet source hold what.
+    fields: FieldMap = msgspec.field(default_factory=lambda: FieldMap())
 
 
 class ExportSpec(Struct):

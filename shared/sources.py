@@ -1,8 +1,9 @@
 """Collections on disk, read one record at a time.
 
-Three layouts: a BEIR folder (``corpus.jsonl`` with ``_id``, ``title``, ``text``), a
-JSONL file (``id``, ``text``, optional ``title`` and ``metadata``), or a folder of
-``.txt`` / ``.md`` files. A JSONL file (and a BEIR corpus) may be gzip- or
+The layouts: a BEIR folder (``corpus.jsonl`` with ``_id``, ``title``, ``text``), a
+JSONL file (``id``, ``text``, optional ``title`` and ``metadata``), a folder of
+``.txt`` / ``.md`` files, and the tabular ones of :mod:`shared.tabular` (a CSV/TSV file
+with a header, Parquet files or folders). A JSONL file (and a BEIR corpus) may be gzip- or
 zstd-compressed (``.jsonl.gz``, ``.jsonl.zst``), as most dumps ship. Nothing holds the
 whole collection: readers yield records as they go, and a bad record comes out as a
 :class:`SkippedRecord` naming file, line and reason, so the caller decides between
@@ -26,18 +27,22 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared import tabular
 from shared.errors import BadRecordError, EmbedFleetError
-from shared.schemas import Document, ReadRange, SkippedRecord
+from shared.schemas import Document, FieldMap, ReadRange, SkippedRecord, SourceKind
 
-SourceKind = Literal["beir", "jsonl", "text-dir"]
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 BEIR_CORPUS = tuple(f"corpus.jsonl{c}" for c in ("", *COMPRESSED_SUFFIXES))
 ACCEPTED = (
     "Pass a BEIR folder (corpus.jsonl, .jsonl.gz or .jsonl.zst), a JSONL file (.jsonl or "
-    ".ndjson, optionally .gz or .zst compressed), or a folder of .txt/.md files"
+    ".ndjson, optionally .gz or .zst compressed), a CSV/TSV file with a header, a Parquet "
+    "file or a folder of them, or a folder of .txt/.md files"
 )
+# Kinds whose records carry their line (or row) in their own file, so a range's records
+# need no shifting by the lines of the ranges before it.
+OWN_LINES: tuple[SourceKind, ...] = ("text-dir", "csv", "parquet")
 # How many skipped records a job lists one by one (all are counted).
 MAX_LISTED_SKIPS = 1000
 # The most files of a text folder one range holds (however small they are).
@@ -67,43 +72,74 @@ class Source:
         kind: Its layout.
         name: The collection's name in output keys (the folder or file stem).
         files: The files to read, in reading order.
+        fields: Which columns hold what (tabular kinds).
     """
 
     path: Path
     kind: SourceKind
     name: str
     files: list[Path] = field(default_factory=list)
+    fields: FieldMap = field(default_factory=FieldMap)
 
     @property
     def bytes_total(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
 
-def open_source(path: str | Path) -> Source:
-    """Recognise a collection's layout.
+def open_source(path: str | Path, fields: FieldMap | None = None) -> Source:
+    """Recognise a collection's layout (and check a tabular one's columns).
 
     Raises:
-        EmbedFleetError: if the path is missing, holds no collection, or is a file of a
-            format not read here (naming the accepted ones).
+        EmbedFleetError: if the path is missing, holds no collection, is a file of a
+            format not read here (naming the accepted ones), or lacks a mapped column.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise EmbedFleetError(f"source {str(path)!r} does not exist", ACCEPTED)
-    if p.is_file():
-        if not is_jsonl(p):
-            raise EmbedFleetError(
-                f"source {str(path)!r} is not a format embed-collections reads "
-                f"(its name ends in {''.join(p.suffixes[-2:]) or 'no suffix'!r})",
-                ACCEPTED,
+    source = _recognise(p, path)
+    mapped = fields or FieldMap()
+    if source.kind in ("csv", "parquet"):
+        for file in source.files:
+            columns = (
+                tabular.csv_columns(file) if source.kind == "csv" else tabular.parquet_columns(file)
             )
-        return Source(p, "beir" if _uses_beir_ids(p) else "jsonl", collection_name(p), [p])
+            tabular.check_columns(file, mapped, columns)
+        return Source(source.path, source.kind, source.name, source.files, mapped)
+    if mapped != FieldMap():
+        raise EmbedFleetError(
+            f"--id-field, --text-field, --title-field and --metadata-fields name columns of "
+            f"a CSV/TSV or Parquet source; {str(path)!r} is a {source.kind} collection",
+            "Drop them: its fields are fixed (id, text, title, metadata)",
+        )
+    return source
+
+
+def _recognise(p: Path, given: str | Path) -> Source:
+    if p.is_file():
+        if is_jsonl(p):
+            return Source(p, "beir" if _uses_beir_ids(p) else "jsonl", collection_name(p), [p])
+        plain = p.name.lower().removesuffix(compression(p))
+        if plain.endswith(tabular.CSV_SUFFIXES):
+            return Source(p, "csv", collection_name(p), [p])
+        if p.suffix.lower() == tabular.PARQUET_SUFFIX:
+            return Source(p, "parquet", p.stem, [p])
+        raise EmbedFleetError(
+            f"source {str(given)!r} is not a format embed-collections reads "
+            f"(its name ends in {''.join(p.suffixes[-2:]) or 'no suffix'!r})",
+            ACCEPTED,
+        )
     for corpus in BEIR_CORPUS:
         if (p / corpus).is_file():
             return Source(p, "beir", p.resolve().name, [p / corpus])
+    parquet = sorted(f for f in p.rglob(f"*{tabular.PARQUET_SUFFIX}") if f.is_file())
+    if parquet:  # before texts: a dataset folder keeps a README.md beside its data
+        return Source(p, "parquet", p.resolve().name, parquet)
     files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise EmbedFleetError(
-            f"{str(path)!r} holds no corpus.jsonl (or .gz, .zst) and no .txt/.md files", ACCEPTED
+            f"{str(given)!r} holds no corpus.jsonl (or .gz, .zst), no .parquet and no "
+            ".txt/.md files",
+            ACCEPTED,
         )
     return Source(p, "text-dir", p.resolve().name, files)
 
@@ -127,7 +163,7 @@ def collection_name(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_lines(path: Path) -> Iterator[tuple[io.BufferedIOBase, io.BufferedReader]]:
+def open_lines(path: Path) -> Iterator[tuple[io.BufferedReader, io.BufferedReader]]:
     """A JSONL file's lines as bytes, decompressed on the fly, and the underlying file
     (whose ``tell()`` is how far into the file on disk the reading is)."""
     with path.open("rb") as raw:
@@ -146,7 +182,12 @@ def open_lines(path: Path) -> Iterator[tuple[io.BufferedIOBase, io.BufferedReade
 
 def is_empty(source: Source) -> bool:
     """Whether no file of the collection holds anything but whitespace (reads only up
-    to the first byte that is not)."""
+    to the first byte that is not), or, tabular, no row."""
+    if source.kind == "parquet":
+        return all(tabular.parquet_rows(path) == 0 for path in source.files)
+    if source.kind == "csv":
+        progress = ReadProgress()
+        return next(tabular.read_csv(source.files[0], source.fields, progress), None) is None
     for path in source.files:
         if source.kind == "text-dir":
             if path.stat().st_size and path.read_bytes().strip():
@@ -190,15 +231,27 @@ def read_records(
     passes of the producer agree on which records are bad.
     """
     progress = progress or ReadProgress()
+    reader: Iterator[Document | SkippedRecord]
     if source.kind == "text-dir":
         reader = _read_text_files(source.path, source.files, progress)
+    elif source.kind == "csv":
+        reader = tabular.read_csv(source.files[0], source.fields, progress)
+    elif source.kind == "parquet":
+        reader = (
+            record
+            for path in source.files
+            for record in tabular.read_parquet(path, 0, None, source.fields, progress)
+        )
     else:
         reader = _read_jsonl(source.files[0], source.kind, 0, None, progress)
     return _first_of_each_id(reader, progress)
 
 
 def read_range(
-    kind: SourceKind, part: ReadRange, progress: ReadProgress | None = None
+    kind: SourceKind,
+    part: ReadRange,
+    progress: ReadProgress | None = None,
+    fields: FieldMap | None = None,
 ) -> Iterator[Document | SkippedRecord]:
     """Yield every record of one read range, as :func:`read_records` does for a whole
     source, with lines counted from the range's first line (a range does not know how
@@ -206,8 +259,13 @@ def read_range(
     ranges the fleet's dedupe phase finds them."""
     progress = progress or ReadProgress()
     root = Path(part.path)
+    reader: Iterator[Document | SkippedRecord]
     if kind == "text-dir":
         reader = _read_text_files(root, [root / name for name in part.files], progress)
+    elif kind == "csv":
+        reader = tabular.read_csv(root, fields or FieldMap(), progress)
+    elif kind == "parquet":
+        reader = tabular.read_parquet(root, part.start, part.end, fields or FieldMap(), progress)
     else:
         reader = _read_jsonl(root, kind, part.start, part.end, progress)
     return _first_of_each_id(reader, progress)
@@ -239,9 +297,11 @@ def cut_ranges(source: Source, range_bytes: int) -> list[ReadRange]:
     range, never a read of the whole file), a text folder into groups of whole files."""
     if source.kind == "text-dir":
         return _file_groups(source, range_bytes)
+    if source.kind == "parquet":
+        return tabular.parquet_ranges(source.files, range_bytes)
     path = source.files[0]
     size = path.stat().st_size
-    if compression(path):
+    if compression(path) or source.kind == "csv":
         return [ReadRange(index=0, path=str(path.resolve()), start=0, end=size, bytes=size)]
     starts = [0]
     with path.open("rb") as handle:

@@ -259,8 +259,18 @@ def test_a_collection_of_only_bad_records_is_an_error_under_skip(tmp_path) -> No
 
 
 def test_a_source_of_another_format_lists_the_accepted_ones(tmp_path) -> None:
-    source = tmp_path / "corpus.csv"
-    source.write_text("id,text\na,alpha\n")
+    source = tmp_path / "corpus.xlsx"
+    source.write_bytes(b"PK\x03\x04")
     line = one_line_error(run_cli("run", str(source), env=base_env(), cwd=tmp_path))
-    assert "is not a format embed-collections reads (its name ends in '.csv')" in line
-    assert "BEIR folder" in line and ".jsonl.gz" in line and ".txt/.md" in line
+    assert "is not a format embed-collections reads (its name ends in '.xlsx')" in line
+    for accepted in ("BEIR folder", ".jsonl.gz", "CSV/TSV", "Parquet", ".txt/.md"):
+        assert accepted in line
+
+
+def test_a_csv_without_the_mapped_column_names_its_columns(tmp_path) -> None:
+    source = tmp_path / "papers.csv"
+    source.write_text("doc_id,abstract\na,alpha\n")
+    args = ("run", str(source), "--id-field", "doc_id")
+    line = one_line_error(run_cli(*args, env=base_env(), cwd=tmp_path))
+    assert f"{source} has no column 'text' (its columns: doc_id, abstract)" in line
+    assert "--text-field NAME" in line

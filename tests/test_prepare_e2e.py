@@ -226,3 +226,42 @@ def test_compressed_collections_prepare_as_the_plain_one(tmp_path: Path) -> None
     got = chunk_records(fleet, local_files(tmp_path / "gz"))
     want = chunk_records(alone, local_files(tmp_path / "zst"))
     assert [(r["chunk_id"], r["text"]) for r in got] == [(r["chunk_id"], r["text"]) for r in want]
+
+
+def test_a_parquet_dataset_and_a_csv_prepare_alike(tmp_path: Path) -> None:
+    """The same 60 Cranfield documents (and one row with no id) as a Parquet dataset of
+    two files in row groups of 8, prepared by the fleet a few row groups per range, and
+    as a CSV file with other column names, prepared by the producer."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [json.loads(x) for x in (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:60]]
+    rows = [
+        {"doc": d["_id"], "body": d["text"], "head": d["title"], "n": i} for i, d in enumerate(docs)
+    ]
+    rows.insert(20, {"doc": "", "body": "no id", "head": "", "n": -1})
+    dataset = tmp_path / "dataset"
+    (dataset / "data").mkdir(parents=True)
+    for number, part in enumerate((rows[:31], rows[31:])):
+        table = pa.Table.from_pylist(part)
+        pq.write_table(table, dataset / "data" / f"train-{number}.parquet", row_group_size=8)
+    with (tmp_path / "same.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["doc", "body", "head", "n"])
+        writer.writeheader()
+        writer.writerows(rows)
+    mapping = ("--id-field", "doc", "--text-field", "body", "--title-field", "head")
+    mapping += ("--metadata-fields", "n", "--on-bad-record", "skip")
+    fleet = run_json(dataset, tmp_path / "pq", *mapping, "--range-mb", "0.001")
+    alone = run_json(tmp_path / "same.csv", tmp_path / "csv", *mapping, "--prepare-on", "producer")
+    assert fleet["stages"]["validate"]["batches"] >= 4  # several row-group ranges
+    assert fleet["counts"]["documents"] == alone["counts"]["documents"] == 60
+    assert [(Path(r["path"]).name, r["line"]) for r in fleet["skipped_records"]] == [
+        ("train-0.parquet", 21)
+    ]
+    assert [r["line"] for r in alone["skipped_records"]] == [22]  # the header is line 1
+    got = chunk_records(fleet, local_files(tmp_path / "pq"))
+    want = chunk_records(alone, local_files(tmp_path / "csv"))
+    assert [(r["chunk_id"], r["text"]) for r in got] == [(r["chunk_id"], r["text"]) for r in want]
+    assert got[0]["metadata"] == {"n": 0} and want[0]["metadata"] == {"n": "0"}

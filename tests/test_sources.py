@@ -461,14 +461,15 @@ def test_a_beir_folder_with_a_compressed_corpus(tmp_path: Path, kind: str) -> No
     assert [(d.id, d.title) for d in docs(folder)] == [("d1", "T")]
 
 
-@pytest.mark.parametrize("name", ["corpus.csv", "corpus.parquet", "corpus.json.bz2", "README"])
+@pytest.mark.parametrize("name", ["corpus.xlsx", "corpus.json", "corpus.json.bz2", "README"])
 def test_a_file_of_another_format_names_the_accepted_ones(tmp_path: Path, name: str) -> None:
     path = tmp_path / name
     path.write_text("id,text\na,x\n")
     with pytest.raises(EmbedFleetError) as info:
         open_source(path)
     assert "is not a format embed-collections reads" in str(info.value)
-    assert ".jsonl" in info.value.fix and ".gz" in info.value.fix and ".txt" in info.value.fix
+    for accepted in (".jsonl", ".gz", "CSV/TSV", "Parquet", ".txt"):
+        assert accepted in info.value.fix
 
 
 def test_empty_sources_are_recognised_without_reading_a_full_one(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def chunk_range(
     progress = ReadProgress()
     batches: dict[str, int] = {}
     tally = ChunkTally()
-    records = read_range(plan.kind, plan.ranges[index], progress)
+    records = read_range(plan.kind, plan.ranges[index], progress, spec.fields)
     # Bad records and duplicates were listed by the validate and dedupe phases.
     documents = (r for r in records if isinstance(r, Document) and r.id not in excluded)
     for chunks in chunk_batches(chunker, documents, spec.batch_chunks, tally):

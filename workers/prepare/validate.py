@@ -26,7 +26,7 @@ from shared.schemas import (
     SkippedRecord,
     Validation,
 )
-from shared.sources import MAX_LISTED_SKIPS, ReadProgress, lines_before, read_range
+from shared.sources import MAX_LISTED_SKIPS, OWN_LINES, ReadProgress, lines_before, read_range
 
 
 def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: str) -> int:
@@ -39,10 +39,9 @@ def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: 
     part = plan.ranges[ids.range_index(range_id)]
     progress = ReadProgress()
     skipped: list[SkippedRecord] = []
-    skipped_count = lines = 0
+    skipped_count = 0
     partitions: list[IdPartition] = [IdPartition(ids=[], lines=[]) for _ in range(plan.partitions)]
-    for record in read_range(plan.kind, part, progress):
-        lines = max(lines, record.line)
+    for record in read_range(plan.kind, part, progress, spec.fields):
         if isinstance(record, Document):
             bucket = partitions[ids.id_partition(record.id, plan.partitions)]
             bucket.ids.append(record.id)
@@ -53,8 +52,9 @@ def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: 
         skipped_count += 1
         if len(skipped) < MAX_LISTED_SKIPS:
             skipped.append(record)
-    if plan.kind != "text-dir":
-        lines = progress.lines  # blank lines too: the next range's lines start after them
+    # A JSONL range's lines, blank ones too: the next range's lines start after them. Other
+    # kinds' records carry their own file's lines, so the next range shifts by nothing.
+    lines = 0 if plan.kind in OWN_LINES else progress.lines
     if ledger.status() == "failed":
         return 0  # another range failed the job: write nothing more
     if plan.partitions > 1:
@@ -75,7 +75,7 @@ def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: 
 
 def _named(plan: ReadPlan, part: ReadRange, record: SkippedRecord) -> BadRecordError:
     """The bad record's error, with its line in the whole file."""
-    offset = lines_before(part.path, part.start) if plan.kind != "text-dir" else 0
+    offset = 0 if plan.kind in OWN_LINES else lines_before(part.path, part.start)
     moved = record.shifted(offset)
     return BadRecordError(moved.path, moved.line, moved.reason)
 

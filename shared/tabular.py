@@ -1,0 +1,201 @@
+"""Tabular collections: CSV/TSV files with a header, and Parquet files or folders.
+
+How HF datasets, Ray and data lakes store text. A :class:`~shared.schemas.FieldMap`
+says which columns hold the id, the text, the title and the metadata; the columns are
+checked when the source is opened (:func:`check_columns`), so a wrong name fails before
+anything is enqueued, naming the columns there are. Records come out as they do from a
+JSONL file: a :class:`Document`, or a :class:`SkippedRecord` naming the file and its
+line (CSV: the line the row ends on) or row (Parquet: the row in the file, from 1).
+
+A CSV file is read as one range: a quoted field may hold a newline, so a cut at a line
+start could fall inside a record. A Parquet file is cut between row groups.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from shared.errors import EmbedFleetError
+from shared.schemas import Document, FieldMap, ReadRange, SkippedRecord
+
+CSV_SUFFIXES = (".csv", ".tsv")
+PARQUET_SUFFIX = ".parquet"
+
+
+class Progress(Protocol):
+    """What a reader updates of the caller's progress (``shared.sources.ReadProgress``)."""
+
+    bytes_read: int
+    lines: int
+
+
+def id_column(fields: FieldMap, columns: list[str]) -> str:
+    """The id column: the one named, else ``id``, else ``_id`` (BEIR's)."""
+    if fields.id:
+        return fields.id
+    return "_id" if "_id" in columns and "id" not in columns else "id"
+
+
+def check_columns(path: Path, fields: FieldMap, columns: list[str]) -> None:
+    """Raise, naming the columns there are, if a mapped column is missing."""
+    wanted = [("--id-field", id_column(fields, columns)), ("--text-field", fields.text)]
+    wanted += [("--title-field", fields.title)] if fields.title else []
+    wanted += [("--metadata-fields", name) for name in fields.metadata]
+    for option, name in wanted:
+        if name not in columns:
+            raise EmbedFleetError(
+                f"{path} has no column {name!r} (its columns: {', '.join(columns) or 'none'})",
+                f"Name the column with {option} NAME",
+            )
+
+
+def csv_columns(path: Path) -> list[str]:
+    """The header of a CSV/TSV file."""
+    from shared.sources import open_lines
+
+    with open_lines(path) as (lines, _):
+        text = io.TextIOWrapper(lines, encoding="utf-8", errors="replace", newline="")
+        header = next(csv.reader(text, delimiter=_delimiter(path)), [])
+    return [name.strip().lstrip("\ufeff") for name in header]
+
+
+def _delimiter(path: Path) -> str:
+    name = path.name.lower()
+    return "\t" if ".tsv" in name else ","
+
+
+def read_csv(
+    path: Path, fields: FieldMap, progress: Progress
+) -> Iterator[Document | SkippedRecord]:
+    """Every row of a CSV/TSV file as a record; line numbers are the file's."""
+    from shared.sources import open_lines
+
+    csv.field_size_limit(sys.maxsize)  # a document's text is one field, however long
+    shown = str(path)
+    with open_lines(path) as (lines, on_disk):
+        text = io.TextIOWrapper(lines, encoding="utf-8", errors="surrogateescape", newline="")
+        rows = csv.reader(text, delimiter=_delimiter(path))
+        header = [name.strip().lstrip("\ufeff") for name in next(rows, [])]
+        at = {name: i for i, name in enumerate(header)}
+        id_at = at.get(id_column(fields, header), -1)
+        title = fields.title or ("title" if "title" in at else None)
+        for row in rows:
+            line = rows.line_num
+            progress.lines = line
+            progress.bytes_read = on_disk.tell()
+            if not any(cell.strip() for cell in row):
+                continue
+            values = {name: row[i] if i < len(row) else None for name, i in at.items()}
+            if any(isinstance(v, str) and _bad_utf8(v) for v in values.values()):
+                yield SkippedRecord(path=shown, line=line, reason="invalid UTF-8")
+                continue
+            yield _record(values, header[id_at] if id_at >= 0 else "", fields, title, shown, line)
+
+
+def _bad_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _record(
+    values: dict[str, Any], id_name: str, fields: FieldMap, title: str | None, path: str, line: int
+) -> Document | SkippedRecord:
+    doc_id, text = values.get(id_name), values.get(fields.text)
+    if doc_id is None or not str(doc_id).strip():
+        return SkippedRecord(path=path, line=line, reason=f"empty id (column {id_name!r})")
+    if text is None:
+        return SkippedRecord(path=path, line=line, reason=f"no value in column {fields.text!r}")
+    metadata = {name: _plain(values.get(name)) for name in fields.metadata}
+    return Document(
+        id=str(doc_id),
+        text=str(text),
+        title=str(values.get(title) or "") if title else "",
+        metadata=metadata,
+        path=path,
+        line=line,
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as JSON holds it (dates and the like as text)."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return list(pq.ParquetFile(path).schema_arrow.names)
+
+
+def parquet_ranges(files: list[Path], range_bytes: int) -> list[ReadRange]:
+    """Each file cut into runs of row groups of about ``range_bytes`` (compressed)."""
+    import pyarrow.parquet as pq
+
+    ranges: list[ReadRange] = []
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        sizes = [_group_bytes(meta, g) for g in range(meta.num_row_groups)]
+        start, size = 0, 0
+        for group, group_bytes in enumerate(sizes):
+            size += group_bytes
+            if size >= range_bytes or group == len(sizes) - 1:
+                ranges.append(
+                    ReadRange(
+                        index=len(ranges),
+                        path=str(path.resolve()),
+                        start=start,
+                        end=group + 1,
+                        bytes=size,
+                    )
+                )
+                start, size = group + 1, 0
+    return ranges
+
+
+def _group_bytes(meta: Any, group: int) -> int:
+    row_group = meta.row_group(group)
+    return sum(row_group.column(c).total_compressed_size for c in range(row_group.num_columns))
+
+
+def read_parquet(
+    path: Path, first: int, end: int | None, fields: FieldMap, progress: Progress
+) -> Iterator[Document | SkippedRecord]:
+    """The rows of row groups ``first`` up to ``end`` (None: to the last); each record's
+    line is its row in the file, counted from 1."""
+    import pyarrow.parquet as pq
+
+    handle = pq.ParquetFile(path)
+    meta = handle.metadata
+    columns = list(handle.schema_arrow.names)
+    id_name = id_column(fields, columns)
+    title = fields.title or ("title" if "title" in columns else None)
+    wanted = [id_name, fields.text, *([title] if title else []), *fields.metadata]
+    wanted = [name for name in dict.fromkeys(wanted) if name in columns]
+    row = sum(meta.row_group(g).num_rows for g in range(first))
+    shown = str(path)
+    for group in range(first, meta.num_row_groups if end is None else end):
+        for values in handle.read_row_group(group, columns=wanted).to_pylist():
+            row += 1
+            yield _record(values, id_name, fields, title, shown, row)
+        progress.bytes_read += _group_bytes(meta, group)
+        progress.lines = row
+
+
+def parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
