@@ -13,7 +13,7 @@ from pathlib import Path
 
 from shared.errors import EmbedFleetError
 from shared.schemas import Document, SkippedRecord
-from shared.sources import Source, documents, open_source
+from shared.sources import COMPRESSED_SUFFIXES, Source, documents, open_jsonl
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ def find_query_files(
     source: Source, queries: str | None, qrels: str | None, no_queries: bool
 ) -> tuple[Path | None, Path | None]:
     """The queries and qrels files of a job: given explicitly, else a BEIR folder's
-    ``queries.jsonl`` and ``qrels/test.tsv``; none with ``--no-queries``."""
+    ``queries.jsonl`` (or ``.gz``, ``.zst``) and ``qrels/test.tsv``; none with
+    ``--no-queries``."""
     if no_queries:
         if queries or qrels:
             raise EmbedFleetError(
@@ -52,8 +53,9 @@ def find_query_files(
         return None, None
     beir = source.kind == "beir" and source.path.is_dir()
     queries_path = Path(queries).expanduser() if queries else None
-    if queries_path is None and beir and (source.path / "queries.jsonl").is_file():
-        queries_path = source.path / "queries.jsonl"
+    if queries_path is None and beir:
+        found = [source.path / f"queries.jsonl{c}" for c in ("", *COMPRESSED_SUFFIXES)]
+        queries_path = next((path for path in found if path.is_file()), None)
     qrels_path = Path(qrels).expanduser() if qrels else None
     if qrels_path is None and beir and queries is None:
         default = source.path / "qrels" / "test.tsv"
@@ -75,7 +77,7 @@ def read_queries(path: Path) -> list[Query]:
         EmbedFleetError: naming the file and line of the first bad query.
     """
     out: list[Query] = []
-    source = open_source(path)
+    source = open_jsonl(path)
     for record in documents(source, "skip"):
         if isinstance(record, SkippedRecord):
             raise _bad_query(record.path, record.line, record.reason)

@@ -60,3 +60,17 @@ class BadRecordError(EmbedFleetError):
 
     def __reduce__(self) -> tuple[type, tuple[str, int, str]]:  # type: ignore[override]
         return type(self), (self.path, self.line, self.reason)
+
+
+class UnreadableFileError(BadRecordError):
+    """A collection file that cannot be read on from some line (or row): cut short, not
+    the compression or format its name says, corrupt. A bad input like a bad record (no
+    retry, exit 2), but no record can be skipped past it."""
+
+    def __init__(self, path: str, line: int, reason: str) -> None:
+        super().__init__(path, line, reason)
+        self.fix = (
+            "Check the file: it may be cut short (an interrupted download) or not the "
+            "format its name says; get a complete copy and run again"
+        )
+        Exception.__init__(self, f"{self.cause}. {self.fix}")

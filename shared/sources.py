@@ -28,7 +28,7 @@ from typing import Any, Literal
 import msgspec
 
 from shared import tabular
-from shared.errors import BadRecordError, EmbedFleetError
+from shared.errors import BadRecordError, EmbedFleetError, UnreadableFileError
 from shared.schemas import Document, FieldMap, ReadRange, SkippedRecord, SourceKind
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -144,6 +144,12 @@ def _recognise(p: Path, given: str | Path) -> Source:
     return Source(p, "text-dir", p.resolve().name, files)
 
 
+def open_jsonl(path: Path) -> Source:
+    """A file read as JSON lines whatever its name (a queries file: ``queries.json``,
+    ``.txt``), decompressed by its suffix."""
+    return Source(path, "beir" if _uses_beir_ids(path) else "jsonl", collection_name(path), [path])
+
+
 def compression(path: Path) -> str:
     """``.gz``, ``.zst``, or ``""`` for a plain file (by the name's last suffix)."""
     suffix = path.suffix.lower()
@@ -160,6 +166,17 @@ def collection_name(path: Path) -> str:
     """``corpus.jsonl.gz`` -> ``corpus``."""
     name = path.name.removesuffix(path.suffix) if compression(path) else path.name
     return Path(name).stem
+
+
+def read_errors(path: Path) -> tuple[type[Exception], ...]:
+    """What reading ``path`` raises when the file itself is bad (cut short, not the
+    compression its name says), as opposed to one bad record."""
+    errors: tuple[type[Exception], ...] = (OSError, EOFError)
+    if compression(path) == ".zst":
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    return errors
 
 
 @contextlib.contextmanager
@@ -193,15 +210,25 @@ def is_empty(source: Source) -> bool:
             if path.stat().st_size and path.read_bytes().strip():
                 return False
             continue
-        with open_lines(path) as (lines, _):
-            while block := lines.read(1 << 16):
-                if block.strip():
-                    return False
+        try:
+            with open_lines(path) as (lines, _):
+                while block := lines.read(1 << 16):
+                    if block.strip():
+                        return False
+        except read_errors(path) as exc:
+            raise UnreadableFileError(str(path), 1, f"cannot be read ({exc})") from None
     return True
 
 
 def _uses_beir_ids(path: Path) -> bool:
     """A JSONL file whose first record has ``_id`` (and no ``id``) is a BEIR corpus."""
+    try:
+        return _first_record_has_beir_id(path)
+    except read_errors(path) as exc:
+        raise UnreadableFileError(str(path), 1, f"cannot be read ({exc})") from None
+
+
+def _first_record_has_beir_id(path: Path) -> bool:
     with open_lines(path) as (handle, _):
         for raw in handle:
             if raw.strip():
@@ -374,6 +401,20 @@ def _read_jsonl(
     kind: type[_JsonlRecord] | type[_BeirRecord] = (
         _BeirRecord if source_kind == "beir" else _JsonlRecord
     )
+    try:
+        yield from _jsonl_records(path, kind, start, end, progress)
+    except read_errors(path) as exc:  # the file, not a record: nothing after it is readable
+        where = progress.lines + 1
+        raise UnreadableFileError(str(path), where, f"cannot be read on ({exc})") from None
+
+
+def _jsonl_records(
+    path: Path,
+    kind: type[_JsonlRecord] | type[_BeirRecord],
+    start: int,
+    end: int | None,
+    progress: ReadProgress,
+) -> Iterator[Document | SkippedRecord]:
     decoder = msgspec.json.Decoder(kind)
     shown = str(path)
     compressed = bool(compression(path))

@@ -20,11 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.errors import EmbedFleetError
+from shared.errors import EmbedFleetError, UnreadableFileError
 from shared.schemas import Document, FieldMap, ReadRange, SkippedRecord
 
 CSV_SUFFIXES = (".csv", ".tsv")
+csv.field_size_limit(sys.maxsize)  # a document's text is one field, however long
 PARQUET_SUFFIX = ".parquet"
+# Rows decoded from Parquet at a time.
+BATCH_ROWS = 1024
 
 
 class Progress(Protocol):
@@ -56,45 +59,76 @@ def check_columns(path: Path, fields: FieldMap, columns: list[str]) -> None:
 
 def csv_columns(path: Path) -> list[str]:
     """The header of a CSV/TSV file."""
-    from shared.sources import open_lines
+    from shared.sources import open_lines, read_errors
 
-    with open_lines(path) as (lines, _):
-        text = io.TextIOWrapper(lines, encoding="utf-8", errors="replace", newline="")
-        header = next(csv.reader(text, delimiter=_delimiter(path)), [])
-    return [name.strip().lstrip("\ufeff") for name in header]
+    broken: tuple[type[Exception], ...] = (*read_errors(path), csv.Error)
+    try:
+        with open_lines(path) as (lines, _):
+            text = io.TextIOWrapper(lines, encoding="utf-8-sig", errors="replace", newline="")
+            header: list[str] = next(_rows(text, path), [])
+    except broken as exc:
+        raise UnreadableFileError(str(path), 1, f"cannot be read ({exc})") from None
+    return [name.strip() for name in header]
 
 
-def _delimiter(path: Path) -> str:
-    name = path.name.lower()
-    return "\t" if ".tsv" in name else ","
+def _rows(text: io.TextIOWrapper, path: Path) -> Any:
+    """A CSV reader, or for TSV a tab splitter: a TSV field is never quoted (a ``"``
+    that opens a passage is text, not the start of a field that runs on)."""
+    if ".tsv" in path.name.lower():
+        return csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE)
+    return csv.reader(text)
 
 
 def read_csv(
     path: Path, fields: FieldMap, progress: Progress
 ) -> Iterator[Document | SkippedRecord]:
     """Every row of a CSV/TSV file as a record; line numbers are the file's."""
+    from shared.sources import read_errors
+
+    line = 1
+    broken: tuple[type[Exception], ...] = (*read_errors(path), csv.Error)
+    try:
+        for record in _csv_records(path, fields, progress):
+            line = record.line
+            yield record
+    except broken as exc:  # the file, not a row: nothing after it can be read
+        raise UnreadableFileError(str(path), line + 1, f"cannot be read on ({exc})") from None
+
+
+def _csv_records(
+    path: Path, fields: FieldMap, progress: Progress
+) -> Iterator[Document | SkippedRecord]:
     from shared.sources import open_lines
 
-    csv.field_size_limit(sys.maxsize)  # a document's text is one field, however long
     shown = str(path)
     with open_lines(path) as (lines, on_disk):
-        text = io.TextIOWrapper(lines, encoding="utf-8", errors="surrogateescape", newline="")
-        rows = csv.reader(text, delimiter=_delimiter(path))
-        header = [name.strip().lstrip("\ufeff") for name in next(rows, [])]
+        text = io.TextIOWrapper(lines, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        rows = _rows(text, path)
+        header = [name.strip() for name in next(rows, [])]
         at = {name: i for i, name in enumerate(header)}
-        id_at = at.get(id_column(fields, header), -1)
+        id_name = id_column(fields, header)
         title = fields.title or ("title" if "title" in at else None)
+        mapped = [name for name in (id_name, fields.text, title, *fields.metadata) if name]
         for row in rows:
             line = rows.line_num
             progress.lines = line
             progress.bytes_read = on_disk.tell()
             if not any(cell.strip() for cell in row):
                 continue
-            values = {name: row[i] if i < len(row) else None for name, i in at.items()}
-            if any(isinstance(v, str) and _bad_utf8(v) for v in values.values()):
-                yield SkippedRecord(path=shown, line=line, reason="invalid UTF-8")
+            if len(row) != len(header):
+                yield SkippedRecord(
+                    path=shown,
+                    line=line,
+                    reason=f"{len(row)} cells, the header has {len(header)} "
+                    "(a delimiter inside an unquoted field?)",
+                )
                 continue
-            yield _record(values, header[id_at] if id_at >= 0 else "", fields, title, shown, line)
+            values = {name: row[i] for name, i in at.items()}
+            bad = next((name for name in mapped if _bad_utf8(values.get(name) or "")), None)
+            if bad is not None:
+                yield SkippedRecord(path=shown, line=line, reason=f"invalid UTF-8 in {bad!r}")
+                continue
+            yield _record(values, id_name, fields, title, shown, line)
 
 
 def _bad_utf8(value: str) -> bool:
@@ -105,19 +139,33 @@ def _bad_utf8(value: str) -> bool:
     return False
 
 
+def _text(value: Any) -> str | None:
+    """A cell as text: bytes decoded, a whole float as an integer (pandas stores an int
+    column with gaps as float64), NaN and None as nothing."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return None
+        return str(int(value)) if value.is_integer() else str(value)
+    return str(value)
+
+
 def _record(
     values: dict[str, Any], id_name: str, fields: FieldMap, title: str | None, path: str, line: int
 ) -> Document | SkippedRecord:
-    doc_id, text = values.get(id_name), values.get(fields.text)
-    if doc_id is None or not str(doc_id).strip():
+    doc_id, text = _text(values.get(id_name)), _text(values.get(fields.text))
+    if doc_id is None or not doc_id.strip():
         return SkippedRecord(path=path, line=line, reason=f"empty id (column {id_name!r})")
     if text is None:
         return SkippedRecord(path=path, line=line, reason=f"no value in column {fields.text!r}")
     metadata = {name: _plain(values.get(name)) for name in fields.metadata}
     return Document(
-        id=str(doc_id),
-        text=str(text),
-        title=str(values.get(title) or "") if title else "",
+        id=doc_id,
+        text=text,
+        title=(_text(values.get(title)) or "") if title else "",
         metadata=metadata,
         path=path,
         line=line,
@@ -135,19 +183,27 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def parquet_columns(path: Path) -> list[str]:
+def parquet_file(path: Path) -> Any:
+    """A Parquet file opened, or an error naming it when it is not one (cut short,
+    corrupt)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return list(pq.ParquetFile(path).schema_arrow.names)
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise UnreadableFileError(str(path), 1, f"is not a readable Parquet file ({exc})") from None
+
+
+def parquet_columns(path: Path) -> list[str]:
+    return list(parquet_file(path).schema_arrow.names)
 
 
 def parquet_ranges(files: list[Path], range_bytes: int) -> list[ReadRange]:
     """Each file cut into runs of row groups of about ``range_bytes`` (compressed)."""
-    import pyarrow.parquet as pq
-
     ranges: list[ReadRange] = []
     for path in files:
-        meta = pq.ParquetFile(path).metadata
+        meta = parquet_file(path).metadata
         sizes = [_group_bytes(meta, g) for g in range(meta.num_row_groups)]
         start, size = 0, 0
         for group, group_bytes in enumerate(sizes):
@@ -176,9 +232,9 @@ def read_parquet(
 ) -> Iterator[Document | SkippedRecord]:
     """The rows of row groups ``first`` up to ``end`` (None: to the last); each record's
     line is its row in the file, counted from 1."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
-    handle = pq.ParquetFile(path)
+    handle = parquet_file(path)
     meta = handle.metadata
     columns = list(handle.schema_arrow.names)
     id_name = id_column(fields, columns)
@@ -187,15 +243,19 @@ def read_parquet(
     wanted = [name for name in dict.fromkeys(wanted) if name in columns]
     row = sum(meta.row_group(g).num_rows for g in range(first))
     shown = str(path)
-    for group in range(first, meta.num_row_groups if end is None else end):
-        for values in handle.read_row_group(group, columns=wanted).to_pylist():
-            row += 1
-            yield _record(values, id_name, fields, title, shown, row)
-        progress.bytes_read += _group_bytes(meta, group)
-        progress.lines = row
+    try:
+        for group in range(first, meta.num_row_groups if end is None else end):
+            # In batches: a row group of a large dataset can hold hundreds of MB of text.
+            batches = handle.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=wanted)
+            for batch in batches:
+                for values in batch.to_pylist():
+                    row += 1
+                    yield _record(values, id_name, fields, title, shown, row)
+            progress.bytes_read += _group_bytes(meta, group)
+            progress.lines = row
+    except (OSError, pa.ArrowException) as exc:  # the file, not a row: nothing after it
+        raise UnreadableFileError(shown, row + 1, f"cannot be read on ({exc})") from None
 
 
 def parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return int(pq.ParquetFile(path).metadata.num_rows)
+    return int(parquet_file(path).metadata.num_rows)

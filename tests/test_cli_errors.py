@@ -274,3 +274,15 @@ def test_a_csv_without_the_mapped_column_names_its_columns(tmp_path) -> None:
     line = one_line_error(run_cli(*args, env=base_env(), cwd=tmp_path))
     assert f"{source} has no column 'text' (its columns: doc_id, abstract)" in line
     assert "--text-field NAME" in line
+
+
+def test_a_compressed_file_cut_short_is_one_line_naming_where(tmp_path) -> None:
+    import gzip
+
+    lines = b"".join(b'{"id": "%d", "text": "%s"}\n' % (i, b"y" * 300) for i in range(3000))
+    packed = gzip.compress(lines)
+    source = tmp_path / "docs.jsonl.gz"
+    source.write_bytes(packed[: len(packed) // 2])  # an interrupted download
+    args = ("run", str(source), "--prepare-on", "producer")
+    line = one_line_error(run_cli(*args, env=base_env(), cwd=tmp_path))
+    assert f"{source}:" in line and "cannot be read on" in line and "complete copy" in line

@@ -488,3 +488,23 @@ def test_empty_sources_are_recognised_without_reading_a_full_one(tmp_path: Path)
     assert is_empty(open_source(texts))
     (texts / "b.md").write_text("words")
     assert not is_empty(open_source(texts))
+
+
+def test_queries_are_json_lines_whatever_the_name_and_found_compressed(tmp_path: Path) -> None:
+    """A queries file is read as JSON lines by any name (HF's to_json writes .json); a
+    BEIR folder's queries.jsonl.gz is found beside its corpus.jsonl.gz."""
+    import gzip
+
+    from producer.queries import find_query_files, read_queries
+
+    named = write_jsonl(tmp_path / "queries.json", [{"_id": "q1", "text": "what"}])
+    assert [(q.id, q.text) for q in read_queries(named)] == [("q1", "what")]
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    corpus = write_jsonl(folder / "corpus.jsonl", [{"_id": "d", "text": "x"}])
+    (folder / "corpus.jsonl.gz").write_bytes(gzip.compress(corpus.read_bytes()))
+    corpus.unlink()
+    (folder / "queries.jsonl.gz").write_bytes(gzip.compress(named.read_bytes()))
+    queries, qrels = find_query_files(open_source(folder), None, None, no_queries=False)
+    assert queries == folder / "queries.jsonl.gz" and qrels is None
+    assert [q.id for q in read_queries(queries)] == ["q1"]

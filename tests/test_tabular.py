@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared.errors import EmbedFleetError
+from shared.errors import EmbedFleetError, UnreadableFileError
 from shared.schemas import Document, FieldMap, SkippedRecord
 from shared.sources import (
     ReadProgress,
@@ -127,3 +127,89 @@ def test_empty_tabular_sources(tmp_path: Path) -> None:
     full = tmp_path / "f.csv"
     full.write_text("id,text\na,x\n")
     assert not is_empty(open_source(full))
+
+
+def test_a_tsv_field_is_never_quoted(tmp_path: Path) -> None:
+    """MS MARCO-style passages may open with a quote: it is text, and the rows after it
+    are rows."""
+    path = tmp_path / "collection.tsv"
+    path.write_text('id\ttext\np1\t"Quoted" start\np2\t"unbalanced start\np3\tthird\n')
+    got = [(r.id, r.text) for r in records(open_source(path))]
+    assert got == [("p1", '"Quoted" start'), ("p2", '"unbalanced start'), ("p3", "third")]
+
+
+def test_a_row_with_the_wrong_number_of_cells_is_a_bad_record(tmp_path: Path) -> None:
+    path = tmp_path / "c.csv"
+    path.write_text("id,text,year\na,hello, world,1999\nb,fine,2001\nc,short\n")
+    got = records(open_source(path, FieldMap(metadata=["year"])))
+    assert [(r.line, r.reason) for r in got if isinstance(r, SkippedRecord)] == [
+        (2, "4 cells, the header has 3 (a delimiter inside an unquoted field?)"),
+        (4, "2 cells, the header has 3 (a delimiter inside an unquoted field?)"),
+    ]
+    assert [(r.id, r.metadata) for r in got if isinstance(r, Document)] == [("b", {"year": "2001"})]
+
+
+def test_a_byte_order_mark_and_bad_bytes_where_they_matter(tmp_path: Path) -> None:
+    """Excel writes a BOM before a quoted header; invalid UTF-8 is a bad row only in a
+    column the job reads, and the reason names it."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b'\xef\xbb\xbf"id","text","junk"\na,alpha,\xff\nb,b\xffeta,x\n')
+    got = records(open_source(path))
+    assert [r.id for r in got if isinstance(r, Document)] == ["a"]
+    assert [r.reason for r in got if isinstance(r, SkippedRecord)] == ["invalid UTF-8 in 'text'"]
+
+
+def test_parquet_cells_that_are_not_strings(tmp_path: Path) -> None:
+    """pandas stores an int id column with gaps as float64; text may be binary."""
+    table = pa.table(
+        {
+            "id": pa.array([1.0, 2.0, float("nan"), 4.5]),
+            "text": pa.array([b"bytes text", b"two", b"three", b"four"], pa.binary()),
+        }
+    )
+    pq.write_table(table, tmp_path / "t.parquet")
+    got = records(open_source(tmp_path / "t.parquet"))
+    assert [(r.id, r.text) for r in got if isinstance(r, Document)] == [
+        ("1", "bytes text"),
+        ("2", "two"),
+        ("4.5", "four"),
+    ]
+    assert [(r.line, r.reason) for r in got if isinstance(r, SkippedRecord)] == [
+        (3, "empty id (column 'id')")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("c.jsonl.gz", b'{"id": "a", "text": "x"}\n'),  # not gzip at all
+        ("c.parquet", b"PAR1 not really"),
+        ("c.csv.gz", b"\x1f\x8b\x08\x00garbage"),
+    ],
+)
+def test_a_file_that_is_not_what_its_name_says_is_one_clear_error(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UnreadableFileError) as info:
+        source = open_source(path)
+        records(source)
+    message = str(info.value)
+    assert str(path) in message
+    assert "cannot be read" in message or "not a readable Parquet file" in message
+    assert "complete copy" in info.value.fix
+
+
+def test_a_gzip_file_cut_short_fails_at_the_line_it_ends_on(tmp_path: Path) -> None:
+    import gzip
+
+    lines = b"".join(b'{"id": "%d", "text": "%s"}\n' % (i, b"x" * 200) for i in range(2000))
+    packed = gzip.compress(lines)
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    source = open_source(path)
+    with pytest.raises(UnreadableFileError) as info:
+        records(source)
+    assert 1 < info.value.line < 2000
+    assert "cannot be read on" in info.value.reason
