@@ -65,21 +65,31 @@ class FleetBacklog(msgspec.Struct):
 
 def queue_counts(client: redis.Redis) -> tuple[dict[str, int], dict[str, int]]:
     """Waiting and unacknowledged messages per fleet queue, from Redis alone."""
+    return waiting_counts(client), unacked_counts(client)
+
+
+def waiting_counts(client: redis.Redis) -> dict[str, int]:
+    """Messages in each fleet queue's lists (priority lists included): one pipeline."""
     pipe = client.pipeline()
     for queue in pipeline.QUEUES:
         pipe.llen(queue)
         for priority in PRIORITIES:
             pipe.llen(f"{queue}{PRIORITY_SEPARATOR}{priority}")
     lengths = iter(pipe.execute())
-    waiting = {
+    return {
         queue: sum(next(lengths) for _ in range(1 + len(PRIORITIES))) for queue in pipeline.QUEUES
     }
+
+
+def unacked_counts(client: redis.Redis) -> dict[str, int]:
+    """Taken, unacknowledged messages per fleet queue (a scan of the ``unacked`` hash,
+    each entry's routing key read)."""
     unacked = dict.fromkeys(pipeline.QUEUES, 0)
     for _, raw in client.hscan_iter(UNACKED_KEY, count=500):
         queue = _routing_key(raw)
         if queue in unacked:
             unacked[queue] += 1
-    return waiting, unacked
+    return unacked
 
 
 def _routing_key(raw: bytes) -> str:
@@ -128,8 +138,8 @@ def read_backlog(
 
 def fleet_idle(client: redis.Redis) -> bool:
     """Whether no queue of the fleet holds a message and no worker holds one."""
-    waiting, _ = queue_counts(client)
-    return not any(waiting.values()) and not client.hlen(UNACKED_KEY)
+    # Whether any message is held is one HLEN: no need to scan and route each entry.
+    return not any(waiting_counts(client).values()) and not client.hlen(UNACKED_KEY)
 
 
 _METRICS = (
