@@ -42,6 +42,7 @@ from shared.errors import EmbedFleetError, ExitCode
 from shared.job_store import JobStore
 from shared.leases import list_leases
 from shared.ledger import JobLedger, connect, recent_jobs
+from shared.locations import canonical
 from shared.models import (
     BUNDLED_SPLADE,
     DEFAULT_DENSE_MODEL,
@@ -338,8 +339,8 @@ def _settings() -> Settings:
     show_default=True,
     help="Who reads, validates and chunks SOURCE. fleet: the workers of the `prepare` "
     "queue, one read range each, in parallel (SOURCE must be readable at the same absolute "
-    "path on them: a shared volume, or the same host); producer: this command, alone (for "
-    "a SOURCE only this machine can read).",
+    "path on them: a shared volume, the same host, or an s3:// SOURCE); producer: this "
+    "command, alone (for a SOURCE only this machine can read).",
 )
 @click.option(
     "--range-mb",
@@ -470,7 +471,9 @@ def run(
 ) -> None:
     """Embed SOURCE: a BEIR folder, a JSONL file (.jsonl or .ndjson, optionally .gz or
     .zst compressed), a CSV/TSV file with a header, a Parquet file or a folder of them,
-    or a folder of .txt/.md files.
+    or a folder of .txt/.md files; on disk, or in S3 as s3://BUCKET/PREFIX (read with
+    the output's endpoint and credentials: S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY).
 
     With queries (a BEIR folder's queries.jsonl, or --queries), each query is retrieved
     by the dense ensemble and every sparse model, the rankings are fused, and (with
@@ -934,7 +937,7 @@ def _resume(
         rebuild_ledger(ledger, store)
         spec = ledger.spec()
         say(f"job {job_id}: the ledger did not have it; rebuilt from {store.locate()}")
-    if source is not None and str(Path(source).expanduser().resolve()) != spec.source:
+    if source is not None and canonical(source) != spec.source:
         raise EmbedFleetError(
             f"job {job_id} is of {spec.source}, not of {source}",
             f"Run `embed-collections resume {job_id}`, or run {source} as a new job",
@@ -942,7 +945,9 @@ def _resume(
     if spec.prepare_on == "producer" and not ledger.phase_opened("encode"):
         say(f"job {job_id} was not fully submitted: staging the rest from {spec.source}")
         ledger.mark_resuming()
-        finish_staging(ledger, store, app, settings.ledger_ttl)
+        finish_staging(
+            ledger, store, app, settings.ledger_ttl, transient_window_s=settings.transient_window
+        )
     redrive(ledger, app)
     say(f"job {job_id} ({spec.collection}) handed back to the fleet")
     if detach:

@@ -152,7 +152,7 @@ def prepare(
     Raises:
         EmbedFleetError: with the cause and the fix, before anything is enqueued.
     """
-    source = open_source(options.source, options.fields)
+    source = open_source(options.source, options.fields, options.transient_window_s)
     if not options.allow_empty and is_empty(source):
         raise EmbedFleetError(
             f"{source.path} holds no documents: "
@@ -222,7 +222,7 @@ def prepare(
 
 def _query_set(source: Source, options: JobOptions) -> QuerySet | None:
     queries_path, qrels_path = find_query_files(
-        source, options.queries, options.qrels, options.no_queries
+        source, options.queries, options.qrels, options.no_queries, options.transient_window_s
     )
     if queries_path is None:
         if options.rerank_model:

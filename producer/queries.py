@@ -8,10 +8,11 @@ silently dropped query would skew every metric. Judgements (qrels) are read as B
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
-from pathlib import Path
 
 from shared.errors import EmbedFleetError
+from shared.locations import SourcePath, locate
 from shared.schemas import Document, SkippedRecord
 from shared.sources import COMPRESSED_SUFFIXES, Source, documents, open_jsonl
 
@@ -34,17 +35,21 @@ class QuerySet:
     """
 
     queries: list[Query]
-    path: Path
+    path: SourcePath
     qrels: dict[str, dict[str, int]] | None = None
-    qrels_path: Path | None = None
+    qrels_path: SourcePath | None = None
 
 
 def find_query_files(
-    source: Source, queries: str | None, qrels: str | None, no_queries: bool
-) -> tuple[Path | None, Path | None]:
-    """The queries and qrels files of a job: given explicitly, else a BEIR folder's
-    ``queries.jsonl`` (or ``.gz``, ``.zst``) and ``qrels/test.tsv``; none with
-    ``--no-queries``."""
+    source: Source,
+    queries: str | None,
+    qrels: str | None,
+    no_queries: bool,
+    transient_window_s: float = 0.0,
+) -> tuple[SourcePath | None, SourcePath | None]:
+    """The queries and qrels files of a job: given explicitly (a path or an ``s3://``
+    object), else a BEIR folder's ``queries.jsonl`` (or ``.gz``, ``.zst``) and
+    ``qrels/test.tsv``, on disk or in S3 beside the corpus; none with ``--no-queries``."""
     if no_queries:
         if queries or qrels:
             raise EmbedFleetError(
@@ -52,11 +57,11 @@ def find_query_files(
             )
         return None, None
     beir = source.kind == "beir" and source.path.is_dir()
-    queries_path = Path(queries).expanduser() if queries else None
+    queries_path = locate(queries, transient_window_s) if queries else None
     if queries_path is None and beir:
         found = [source.path / f"queries.jsonl{c}" for c in ("", *COMPRESSED_SUFFIXES)]
         queries_path = next((path for path in found if path.is_file()), None)
-    qrels_path = Path(qrels).expanduser() if qrels else None
+    qrels_path = locate(qrels, transient_window_s) if qrels else None
     if qrels_path is None and beir and queries is None:
         default = source.path / "qrels" / "test.tsv"
         qrels_path = default if default.is_file() else None
@@ -70,7 +75,7 @@ def find_query_files(
     return queries_path, qrels_path
 
 
-def read_queries(path: Path) -> list[Query]:
+def read_queries(path: SourcePath) -> list[Query]:
     """Every query of a JSONL file (``{"id"|"_id", "text"}``), checked.
 
     Raises:
@@ -98,7 +103,7 @@ def _bad_query(path: str, line: int, reason: str) -> EmbedFleetError:
     )
 
 
-def read_qrels(path: Path, query_ids: set[str]) -> dict[str, dict[str, int]]:
+def read_qrels(path: SourcePath, query_ids: set[str]) -> dict[str, dict[str, int]]:
     """Judgements from a BEIR TSV (``query-id corpus-id score``, header optional) or a
     TREC qrels file (``query-id iteration corpus-id grade``).
 
@@ -107,7 +112,7 @@ def read_qrels(path: Path, query_ids: set[str]) -> dict[str, dict[str, int]]:
             judged query is among the job's queries.
     """
     judgements: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", errors="strict") as handle:
+    with io.TextIOWrapper(path.open("rb"), encoding="utf-8", errors="strict") as handle:
         for number, line in enumerate(handle, start=1):
             fields = line.split()
             if not fields:
@@ -132,14 +137,14 @@ def read_qrels(path: Path, query_ids: set[str]) -> dict[str, dict[str, int]]:
     return judgements
 
 
-def _bad_qrels(path: Path, line: int, reason: str) -> EmbedFleetError:
+def _bad_qrels(path: SourcePath, line: int, reason: str) -> EmbedFleetError:
     return EmbedFleetError(
         f"{path}:{line}: {reason}",
         "Use BEIR's `query-id<TAB>corpus-id<TAB>score` or TREC's `qid 0 docid grade`",
     )
 
 
-def load_query_set(queries_path: Path, qrels_path: Path | None) -> QuerySet:
+def load_query_set(queries_path: SourcePath, qrels_path: SourcePath | None) -> QuerySet:
     queries = read_queries(queries_path)
     qrels = read_qrels(qrels_path, {q.id for q in queries}) if qrels_path else None
     return QuerySet(queries, queries_path, qrels, qrels_path)

@@ -20,7 +20,6 @@ enqueues the others (``workers.aggregate.resume``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from celery import Celery
 
@@ -31,6 +30,7 @@ from shared.chunking import chunker_for
 from shared.errors import EmbedFleetError
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
+from shared.locations import locate
 from shared.schemas import JobRecord, ProducerReport
 from shared.sources import ReadProgress, open_source
 from shared.storage import ObjectStore, safe_name
@@ -127,6 +127,7 @@ def finish_staging(
     app: Celery,
     ledger_ttl: float,
     on_progress: Callable[[ReadProgress, int], None] | None = None,
+    transient_window_s: float = 0.0,
 ) -> ProducerReport:
     """Stage what a stopped producer did not, from the job's source (which must be
     here, unchanged), and seal the job; nothing is enqueued (the resume step does it).
@@ -144,7 +145,7 @@ def finish_staging(
     spec = record.spec
     where = "Run `embed-collections resume` on the machine that has the job's source"
     try:
-        source = open_source(spec.source, spec.fields)
+        source = open_source(spec.source, spec.fields, transient_window_s)
     except EmbedFleetError:
         raise EmbedFleetError(
             f"job {spec.job_id} was not fully submitted, and its source {spec.source} "
@@ -166,8 +167,8 @@ def finish_staging(
     retrieval = spec.retrieval
     queries = (
         load_query_set(
-            Path(retrieval.queries_source),
-            Path(retrieval.qrels_source) if retrieval.qrels_source else None,
+            locate(retrieval.queries_source, transient_window_s),
+            locate(retrieval.qrels_source, transient_window_s) if retrieval.qrels_source else None,
         )
         if retrieval
         else None

@@ -29,6 +29,7 @@ import msgspec
 
 from shared import tabular
 from shared.errors import BadRecordError, EmbedFleetError, UnreadableFileError
+from shared.locations import SourcePath, check_reachable, locate, relative_name
 from shared.schemas import Document, FieldMap, ReadRange, SkippedRecord, SourceKind
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -75,10 +76,10 @@ class Source:
         fields: Which columns hold what (tabular kinds).
     """
 
-    path: Path
+    path: SourcePath
     kind: SourceKind
     name: str
-    files: list[Path] = field(default_factory=list)
+    files: list[SourcePath] = field(default_factory=list)
     fields: FieldMap = field(default_factory=FieldMap)
 
     @property
@@ -86,14 +87,20 @@ class Source:
         return sum(f.stat().st_size for f in self.files)
 
 
-def open_source(path: str | Path, fields: FieldMap | None = None) -> Source:
-    """Recognise a collection's layout (and check a tabular one's columns).
+def open_source(
+    path: str | Path, fields: FieldMap | None = None, transient_window_s: float = 0.0
+) -> Source:
+    """Recognise a collection's layout (and check a tabular one's columns): a path on
+    disk or ``s3://bucket/prefix`` (see :mod:`shared.locations`; an outage is retried
+    over ``transient_window_s``).
 
     Raises:
         EmbedFleetError: if the path is missing, holds no collection, is a file of a
-            format not read here (naming the accepted ones), or lacks a mapped column.
+            format not read here (naming the accepted ones), or lacks a mapped column;
+            for S3, if the bucket is missing or cannot be reached or read.
     """
-    p = Path(path).expanduser()
+    p = locate(path, transient_window_s)
+    check_reachable(p)
     if not p.exists():
         raise EmbedFleetError(f"source {str(path)!r} does not exist", ACCEPTED)
     source = _recognise(p, path)
@@ -114,7 +121,7 @@ def open_source(path: str | Path, fields: FieldMap | None = None) -> Source:
     return source
 
 
-def _recognise(p: Path, given: str | Path) -> Source:
+def _recognise(p: SourcePath, given: str | Path) -> Source:
     if p.is_file():
         if is_jsonl(p):
             return Source(p, "beir" if _uses_beir_ids(p) else "jsonl", collection_name(p), [p])
@@ -131,10 +138,10 @@ def _recognise(p: Path, given: str | Path) -> Source:
     for corpus in BEIR_CORPUS:
         if (p / corpus).is_file():
             return Source(p, "beir", p.resolve().name, [p / corpus])
-    parquet = sorted(f for f in p.rglob(f"*{tabular.PARQUET_SUFFIX}") if f.is_file())
+    parquet = _in_order(f for f in p.rglob(f"*{tabular.PARQUET_SUFFIX}") if f.is_file())
     if parquet:  # before texts: a dataset folder keeps a README.md beside its data
         return Source(p, "parquet", p.resolve().name, parquet)
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+    files = _in_order(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
     if not files:
         raise EmbedFleetError(
             f"{str(given)!r} holds no corpus.jsonl (or .gz, .zst), no .parquet and no "
@@ -144,31 +151,36 @@ def _recognise(p: Path, given: str | Path) -> Source:
     return Source(p, "text-dir", p.resolve().name, files)
 
 
-def open_jsonl(path: Path) -> Source:
+def _in_order(paths: Iterator[SourcePath]) -> list[SourcePath]:
+    """A folder's files in reading order: by path segments, on disk and in S3 alike."""
+    return sorted(paths, key=lambda f: f.parts)
+
+
+def open_jsonl(path: SourcePath) -> Source:
     """A file read as JSON lines whatever its name (a queries file: ``queries.json``,
     ``.txt``), decompressed by its suffix."""
     return Source(path, "beir" if _uses_beir_ids(path) else "jsonl", collection_name(path), [path])
 
 
-def compression(path: Path) -> str:
+def compression(path: SourcePath) -> str:
     """``.gz``, ``.zst``, or ``""`` for a plain file (by the name's last suffix)."""
     suffix = path.suffix.lower()
     return suffix if suffix in COMPRESSED_SUFFIXES else ""
 
 
-def is_jsonl(path: Path) -> bool:
+def is_jsonl(path: SourcePath) -> bool:
     """A JSON-lines file, plain or compressed, by its name."""
     name = path.name.lower().removesuffix(compression(path))
     return name.endswith(JSONL_SUFFIXES)
 
 
-def collection_name(path: Path) -> str:
+def collection_name(path: SourcePath) -> str:
     """``corpus.jsonl.gz`` -> ``corpus``."""
     name = path.name.removesuffix(path.suffix) if compression(path) else path.name
     return Path(name).stem
 
 
-def read_errors(path: Path) -> tuple[type[Exception], ...]:
+def read_errors(path: SourcePath) -> tuple[type[Exception], ...]:
     """What reading ``path`` raises when the file itself is bad (cut short, not the
     compression its name says), as opposed to one bad record."""
     errors: tuple[type[Exception], ...] = (OSError, EOFError)
@@ -180,7 +192,7 @@ def read_errors(path: Path) -> tuple[type[Exception], ...]:
 
 
 @contextlib.contextmanager
-def open_lines(path: Path) -> Iterator[tuple[io.BufferedReader, io.BufferedReader]]:
+def open_lines(path: SourcePath) -> Iterator[tuple[io.BufferedReader, io.BufferedReader]]:
     """A JSONL file's lines as bytes, decompressed on the fly, and the underlying file
     (whose ``tell()`` is how far into the file on disk the reading is)."""
     with path.open("rb") as raw:
@@ -220,7 +232,7 @@ def is_empty(source: Source) -> bool:
     return True
 
 
-def _uses_beir_ids(path: Path) -> bool:
+def _uses_beir_ids(path: SourcePath) -> bool:
     """A JSONL file whose first record has ``_id`` (and no ``id``) is a BEIR corpus."""
     try:
         return _first_record_has_beir_id(path)
@@ -228,7 +240,7 @@ def _uses_beir_ids(path: Path) -> bool:
         raise UnreadableFileError(str(path), 1, f"cannot be read ({exc})") from None
 
 
-def _first_record_has_beir_id(path: Path) -> bool:
+def _first_record_has_beir_id(path: SourcePath) -> bool:
     with open_lines(path) as (handle, _):
         for raw in handle:
             if raw.strip():
@@ -279,13 +291,15 @@ def read_range(
     part: ReadRange,
     progress: ReadProgress | None = None,
     fields: FieldMap | None = None,
+    transient_window_s: float = 0.0,
 ) -> Iterator[Document | SkippedRecord]:
     """Yield every record of one read range, as :func:`read_records` does for a whole
     source, with lines counted from the range's first line (a range does not know how
     many lines come before it). Duplicate ids are caught within the range; across
-    ranges the fleet's dedupe phase finds them."""
+    ranges the fleet's dedupe phase finds them. An S3 range's outage is retried over
+    ``transient_window_s``."""
     progress = progress or ReadProgress()
-    root = Path(part.path)
+    root = locate(part.path, transient_window_s)
     reader: Iterator[Document | SkippedRecord]
     if kind == "text-dir":
         reader = _read_text_files(root, [root / name for name in part.files], progress)
@@ -361,7 +375,7 @@ def _file_groups(source: Source, range_bytes: int) -> list[ReadRange]:
         files, size = [], 0
 
     for path in source.files:
-        files.append(path.relative_to(source.path).as_posix())
+        files.append(relative_name(path, source.path))
         size += path.stat().st_size
         if size >= range_bytes or len(files) >= RANGE_FILES:
             close()
@@ -370,11 +384,11 @@ def _file_groups(source: Source, range_bytes: int) -> list[ReadRange]:
     return ranges
 
 
-def lines_before(path: str | Path, offset: int) -> int:
+def lines_before(path: str | Path, offset: int, transient_window_s: float = 0.0) -> int:
     """How many lines of a file start before byte ``offset`` (counted only when a bad
     record must be named by its line in the whole file)."""
     count = 0
-    with Path(path).open("rb") as handle:
+    with locate(path, transient_window_s).open("rb") as handle:
         while offset > 0:
             block = handle.read(min(offset, 1 << 22))
             if not block:
@@ -395,7 +409,7 @@ def documents(
 
 
 def _read_jsonl(
-    path: Path, source_kind: SourceKind, start: int, end: int | None, progress: ReadProgress
+    path: SourcePath, source_kind: SourceKind, start: int, end: int | None, progress: ReadProgress
 ) -> Iterator[Document | SkippedRecord]:
     """The records of ``path`` from byte ``start`` (a line start) up to ``end``."""
     kind: type[_JsonlRecord] | type[_BeirRecord] = (
@@ -409,7 +423,7 @@ def _read_jsonl(
 
 
 def _jsonl_records(
-    path: Path,
+    path: SourcePath,
     kind: type[_JsonlRecord] | type[_BeirRecord],
     start: int,
     end: int | None,
@@ -479,13 +493,13 @@ def _explain(message: str, kind: type[msgspec.Struct]) -> str:
 
 
 def _read_text_files(
-    root: Path, files: list[Path], progress: ReadProgress
+    root: SourcePath, files: list[SourcePath], progress: ReadProgress
 ) -> Iterator[Document | SkippedRecord]:
     """Each file one document, its id the path under ``root``."""
     for path in files:
         data = path.read_bytes()
         progress.bytes_read += len(data)
-        rel = path.relative_to(root).as_posix()
+        rel = relative_name(path, root)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -238,7 +238,7 @@ class S3Store:
         return join_key(self.prefix, key) if self.prefix else join_key(key)
 
     def check(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         where = self.endpoint or "the default AWS endpoint"
         try:
@@ -257,6 +257,11 @@ class S3Store:
                 ) from None
             raise EmbedFleetError(
                 f"S3 error {code} on bucket {self.bucket!r} at {where}", "Check the endpoint"
+            ) from None
+        except NoCredentialsError:
+            raise EmbedFleetError(
+                f"no S3 credentials were found for bucket {self.bucket!r} at {where}",
+                "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)",
             ) from None
         except BotoCoreError as exc:
             raise EmbedFleetError(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.errors import EmbedFleetError, UnreadableFileError
+from shared.locations import SourcePath
 from shared.schemas import Document, FieldMap, ReadRange, SkippedRecord
 
 CSV_SUFFIXES = (".csv", ".tsv")
@@ -44,7 +45,7 @@ def id_column(fields: FieldMap, columns: list[str]) -> str:
     return "_id" if "_id" in columns and "id" not in columns else "id"
 
 
-def check_columns(path: Path, fields: FieldMap, columns: list[str]) -> None:
+def check_columns(path: SourcePath, fields: FieldMap, columns: list[str]) -> None:
     """Raise, naming the columns there are, if a mapped column is missing."""
     wanted = [("--id-field", id_column(fields, columns)), ("--text-field", fields.text)]
     wanted += [("--title-field", fields.title)] if fields.title else []
@@ -57,7 +58,7 @@ def check_columns(path: Path, fields: FieldMap, columns: list[str]) -> None:
             )
 
 
-def csv_columns(path: Path) -> list[str]:
+def csv_columns(path: SourcePath) -> list[str]:
     """The header of a CSV/TSV file."""
     from shared.sources import open_lines, read_errors
 
@@ -71,7 +72,7 @@ def csv_columns(path: Path) -> list[str]:
     return [name.strip() for name in header]
 
 
-def _rows(text: io.TextIOWrapper, path: Path) -> Any:
+def _rows(text: io.TextIOWrapper, path: SourcePath) -> Any:
     """A CSV reader, or for TSV a tab splitter: a TSV field is never quoted (a ``"``
     that opens a passage is text, not the start of a field that runs on)."""
     if ".tsv" in path.name.lower():
@@ -80,7 +81,7 @@ def _rows(text: io.TextIOWrapper, path: Path) -> Any:
 
 
 def read_csv(
-    path: Path, fields: FieldMap, progress: Progress
+    path: SourcePath, fields: FieldMap, progress: Progress
 ) -> Iterator[Document | SkippedRecord]:
     """Every row of a CSV/TSV file as a record; line numbers are the file's."""
     from shared.sources import read_errors
@@ -96,7 +97,7 @@ def read_csv(
 
 
 def _csv_records(
-    path: Path, fields: FieldMap, progress: Progress
+    path: SourcePath, fields: FieldMap, progress: Progress
 ) -> Iterator[Document | SkippedRecord]:
     from shared.sources import open_lines
 
@@ -183,23 +184,24 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def parquet_file(path: Path) -> Any:
+def parquet_file(path: SourcePath) -> Any:
     """A Parquet file opened, or an error naming it when it is not one (cut short,
     corrupt)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        # An S3 object unbuffered: the reader asks for exactly the column chunks it needs.
+        return pq.ParquetFile(path if isinstance(path, Path) else path.open_raw())
     except (OSError, pa.ArrowException) as exc:
         raise UnreadableFileError(str(path), 1, f"is not a readable Parquet file ({exc})") from None
 
 
-def parquet_columns(path: Path) -> list[str]:
+def parquet_columns(path: SourcePath) -> list[str]:
     return list(parquet_file(path).schema_arrow.names)
 
 
-def parquet_ranges(files: list[Path], range_bytes: int) -> list[ReadRange]:
+def parquet_ranges(files: list[SourcePath], range_bytes: int) -> list[ReadRange]:
     """Each file cut into runs of row groups of about ``range_bytes`` (compressed)."""
     ranges: list[ReadRange] = []
     for path in files:
@@ -228,7 +230,7 @@ def _group_bytes(meta: Any, group: int) -> int:
 
 
 def read_parquet(
-    path: Path, first: int, end: int | None, fields: FieldMap, progress: Progress
+    path: SourcePath, first: int, end: int | None, fields: FieldMap, progress: Progress
 ) -> Iterator[Document | SkippedRecord]:
     """The rows of row groups ``first`` up to ``end`` (None: to the last); each record's
     line is its row in the file, counted from 1."""
@@ -257,5 +259,5 @@ def read_parquet(
         raise UnreadableFileError(shown, row + 1, f"cannot be read on ({exc})") from None
 
 
-def parquet_rows(path: Path) -> int:
+def parquet_rows(path: SourcePath) -> int:
     return int(parquet_file(path).metadata.num_rows)

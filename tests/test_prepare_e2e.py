@@ -17,6 +17,7 @@ import msgspec
 import pytest
 from artifacts import chunk_records
 from conftest import CRANFIELD, REPO, base_env, run_cli
+from servers import SeaweedS3
 
 from shared.ledger import JOBS_INDEX, JobLedger
 from shared.schemas import ChunkBatch
@@ -49,10 +50,16 @@ def local_files(folder: Path) -> Any:
     return get
 
 
-def run_json(source: Path, out: Path, *args: str) -> dict[str, Any]:
+def run_json(
+    source: Path | str,
+    out: Path | str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> dict[str, Any]:
     result = run_cli(
         "run", str(source), "--output", str(out), "--format", "jsonl", "--json", *args,
-        env=base_env(), cwd=out.parent, timeout=900,
+        env=env or base_env(), cwd=cwd or Path(out).parent, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     manifest: dict[str, Any] = events(result.stdout, "summary")[-1]["manifest"]
@@ -265,3 +272,52 @@ def test_a_parquet_dataset_and_a_csv_prepare_alike(tmp_path: Path) -> None:
     want = chunk_records(alone, local_files(tmp_path / "csv"))
     assert [(r["chunk_id"], r["text"]) for r in got] == [(r["chunk_id"], r["text"]) for r in want]
     assert got[0]["metadata"] == {"n": 0} and want[0]["metadata"] == {"n": "0"}
+
+
+def test_a_collection_in_s3_is_prepared_by_the_fleet_as_the_same_files_on_disk(
+    tmp_path: Path, s3: SeaweedS3, bucket: str
+) -> None:
+    """A BEIR folder in S3 (corpus, queries and qrels), read by the embedded fleet's
+    prepare workers in many ranged reads and written back to S3 with the same endpoint
+    and credentials, against the folder on disk prepared by the producer: the same
+    chunks, the same skipped line (named by its s3:// URL) and the same retrieval
+    quality."""
+    client: Any = s3.client()
+    queries = (CRANFIELD / "queries.jsonl").read_text().splitlines()[:20]
+    kept = {json.loads(q)["_id"] for q in queries}
+    qrels = (CRANFIELD / "qrels" / "test.tsv").read_text().splitlines()
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    collection(folder, 120, {50: b"not json"})
+    (folder / "queries.jsonl").write_text("\n".join(queries) + "\n")
+    judged = [qrels[0], *(x for x in qrels[1:] if x.split("\t")[0] in kept)]
+    (folder / "qrels" / "test.tsv").write_text("\n".join(judged) + "\n")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = f"collections/beir/{path.relative_to(folder)}"
+        client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+    url = f"s3://{bucket}/collections/beir"
+    skip = ("--on-bad-record", "skip")
+    fleet = run_json(
+        url, f"s3://{bucket}/out", *skip, "--range-mb", "0.01", env=base_env(**s3.env), cwd=tmp_path
+    )
+    alone = run_json(folder, tmp_path / "alone", *skip, "--prepare-on", "producer")
+    assert fleet["spec"]["source"] == url and fleet["spec"]["prepare_on"] == "fleet"
+    assert fleet["stages"]["validate"]["batches"] > 5  # many ranges, each read from S3
+    for key in ("documents", "chunks", "skipped_records"):
+        assert fleet["counts"][key] == alone["counts"][key], key
+    assert [(r["path"], r["line"]) for r in fleet["skipped_records"]] == [
+        (f"{url}/corpus.jsonl", 51)
+    ]
+    assert fleet["spec"]["retrieval"]["queries_source"] == f"{url}/queries.jsonl"
+    # Batched differently (ranges against one stream), so equal up to float noise.
+    assert fleet["metrics"].keys() == alone["metrics"].keys()
+    for ranking, figures in fleet["metrics"].items():
+        assert figures == pytest.approx(alone["metrics"][ranking], abs=0.02), ranking
+    assert fleet["metrics"]["dense"]["queries"] > 0
+
+    def from_s3(key: str) -> bytes:  # a manifest key is under the output's prefix
+        return bytes(client.get_object(Bucket=bucket, Key=f"out/{key}")["Body"].read())
+
+    got = chunk_records(fleet, from_s3)
+    want = chunk_records(alone, local_files(tmp_path / "alone"))
+    assert [(r["chunk_id"], r["text"]) for r in got] == [(r["chunk_id"], r["text"]) for r in want]

@@ -79,7 +79,9 @@ def validate_range(ctx: WorkerContext, job: Job, msg: PrepareUnit) -> UnitOutcom
     """Parse and check every record of one read range; hand its ids to the dedupe phase."""
     from workers.prepare.validate import validate_range as validate
 
-    return UnitOutcome(items=validate(job.spec, job.ledger, job.store, msg.unit), device="cpu")
+    window = ctx.settings.transient_window
+    items = validate(job.spec, job.ledger, job.store, msg.unit, window)
+    return UnitOutcome(items=items, device="cpu")
 
 
 @step_task("plan_dedupe")
@@ -113,7 +115,8 @@ def chunk_range(ctx: WorkerContext, job: Job, msg: PrepareUnit) -> UnitOutcome:
     """Chunk one read range and stage its batches, enqueueing their encode units."""
     from workers.prepare.chunk import chunk_range as chunk
 
-    done = chunk(job.spec, job.ledger, job.store, app, ctx.chunker(job), msg.unit)
+    window = ctx.settings.transient_window
+    done = chunk(job.spec, job.ledger, job.store, app, ctx.chunker(job), msg.unit, window)
     return UnitOutcome(items=done.chunks, device="cpu", tokens=done.tokens)
 
 

@@ -31,9 +31,16 @@ from shared.sources import ReadProgress, read_range
 
 
 def chunk_range(
-    spec: JobSpec, ledger: JobLedger, store: JobStore, app: Celery, chunker: Chunker, range_id: str
+    spec: JobSpec,
+    ledger: JobLedger,
+    store: JobStore,
+    app: Celery,
+    chunker: Chunker,
+    range_id: str,
+    transient_window_s: float,
 ) -> RangeChunked:
-    """Chunk and stage one range, enqueueing each batch's encode units as it goes."""
+    """Chunk and stage one range, enqueueing each batch's encode units as it goes (an
+    S3 source's outage retried over ``transient_window_s``)."""
     started = time.time()
     plan = store.read_plan()
     index = ids.range_index(range_id)
@@ -41,7 +48,7 @@ def chunk_range(
     progress = ReadProgress()
     batches: dict[str, int] = {}
     tally = ChunkTally()
-    records = read_range(plan.kind, plan.ranges[index], progress, spec.fields)
+    records = read_range(plan.kind, plan.ranges[index], progress, spec.fields, transient_window_s)
     # Bad records and duplicates were listed by the validate and dedupe phases.
     documents = (r for r in records if isinstance(r, Document) and r.id not in excluded)
     for chunks in chunk_batches(chunker, documents, spec.batch_chunks, tally):

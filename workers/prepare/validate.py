@@ -29,8 +29,11 @@ from shared.schemas import (
 from shared.sources import MAX_LISTED_SKIPS, OWN_LINES, ReadProgress, lines_before, read_range
 
 
-def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: str) -> int:
-    """Validate one range and write what it found; returns its documents.
+def validate_range(
+    spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: str, transient_window_s: float
+) -> int:
+    """Validate one range and write what it found; returns its documents (an S3 source's
+    outage retried over ``transient_window_s``).
 
     Raises:
         BadRecordError: under ``fail``, for the range's first bad record (file line).
@@ -41,14 +44,14 @@ def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: 
     skipped: list[SkippedRecord] = []
     skipped_count = 0
     partitions: list[IdPartition] = [IdPartition(ids=[], lines=[]) for _ in range(plan.partitions)]
-    for record in read_range(plan.kind, part, progress, spec.fields):
+    for record in read_range(plan.kind, part, progress, spec.fields, transient_window_s):
         if isinstance(record, Document):
             bucket = partitions[ids.id_partition(record.id, plan.partitions)]
             bucket.ids.append(record.id)
             bucket.lines.append(record.line)
             continue
         if spec.on_bad_record == "fail":
-            raise _named(plan, part, record)
+            raise _named(plan, part, record, transient_window_s)
         skipped_count += 1
         if len(skipped) < MAX_LISTED_SKIPS:
             skipped.append(record)
@@ -73,9 +76,13 @@ def validate_range(spec: JobSpec, ledger: JobLedger, store: JobStore, range_id: 
     return progress.documents
 
 
-def _named(plan: ReadPlan, part: ReadRange, record: SkippedRecord) -> BadRecordError:
+def _named(
+    plan: ReadPlan, part: ReadRange, record: SkippedRecord, transient_window_s: float
+) -> BadRecordError:
     """The bad record's error, with its line in the whole file."""
-    offset = 0 if plan.kind in OWN_LINES else lines_before(part.path, part.start)
+    offset = (
+        0 if plan.kind in OWN_LINES else lines_before(part.path, part.start, transient_window_s)
+    )
     moved = record.shifted(offset)
     return BadRecordError(moved.path, moved.line, moved.reason)
 
