@@ -201,12 +201,57 @@ def open_lines(path: SourcePath) -> Iterator[tuple[io.BufferedReader, io.Buffere
             with gzip.GzipFile(fileobj=raw) as unzipped:
                 yield io.BufferedReader(unzipped), raw
         elif kind == ".zst":
-            import zstandard
-
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            yield io.BufferedReader(reader), raw
+            yield io.BufferedReader(ZstdFrames(raw)), raw
         else:
             yield raw, raw
+
+
+class ZstdFrames(io.RawIOBase):
+    """A ``.zst`` file's frames, decompressed one after another.
+
+    Not zstandard's ``stream_reader``: at a frame cut short (an interrupted download) it
+    ends as if the file ended there, and the records after the cut would be lost without
+    a word. This raises ``EOFError`` there, as gzip does, so the reader names the file
+    and the line it reached."""
+
+    def __init__(self, raw: io.BufferedReader) -> None:
+        import zstandard
+
+        super().__init__()
+        self.raw = raw
+        self.new_frame = zstandard.ZstdDecompressor().decompressobj
+        self.frame = self.new_frame()
+        self.in_frame = False  # bytes of the current frame were read, and it has not ended
+        self.out = b""
+        self.at = 0  # how much of ``out`` was handed on
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self.at >= len(self.out):
+            # 64 KiB at a time: what one block decompresses to stays small.
+            block = self.raw.read(1 << 16)
+            if not block:
+                if self.in_frame:
+                    raise EOFError("the file ends inside a zstd frame (cut short?)")
+                return 0
+            self.out, self.at = self._decompress(block), 0
+        view = memoryview(buffer).cast("B")
+        taken = self.out[self.at : self.at + len(view)]
+        view[: len(taken)] = taken
+        self.at += len(taken)
+        return len(taken)
+
+    def _decompress(self, block: bytes) -> bytes:
+        out: list[bytes] = []
+        while block:
+            if self.frame.eof:
+                self.frame = self.new_frame()
+            out.append(self.frame.decompress(block))
+            self.in_frame = not self.frame.eof
+            block = self.frame.unused_data if self.frame.eof else b""
+        return b"".join(out)
 
 
 def is_empty(source: Source) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.errors import BadRecordError, EmbedFleetError
+from shared.errors import BadRecordError, EmbedFleetError, UnreadableFileError
 from shared.schemas import Document, SkippedRecord
 from shared.sources import (
     ReadProgress,
@@ -447,6 +447,36 @@ def test_a_compressed_jsonl_reads_as_the_plain_one(tmp_path: Path, kind: str) ->
     progress = ReadProgress()
     assert len(list(read_range(source.kind, whole, progress))) == 3
     assert progress.bytes_read == packed.stat().st_size == source.bytes_total
+
+
+@pytest.mark.parametrize("kind", [".gz", ".zst"])
+def test_a_compressed_file_cut_short_is_named_not_read_as_ending_there(
+    tmp_path: Path, kind: str
+) -> None:
+    """An interrupted download: the records read up to the cut, then an error naming the
+    file and the line reached, never a quiet end (zstandard's stream reader ends quietly
+    at a cut frame)."""
+    rows = [{"id": str(i), "text": f"document number {i} " * 8} for i in range(20_000)]
+    packed = compress(write_jsonl(tmp_path / "c.jsonl", rows), kind)
+    data = packed.read_bytes()
+    packed.write_bytes(data[: len(data) // 2])
+    read: list[str] = []
+    with pytest.raises(UnreadableFileError) as info:
+        read += [r.id for r in read_records(open_source(packed)) if isinstance(r, Document)]
+    assert str(packed) in str(info.value) and "cannot be read on" in str(info.value)
+    assert f":{info.value.line}:" in str(info.value) and info.value.line > 1
+
+
+def test_a_zst_file_of_several_frames_reads_whole(tmp_path: Path) -> None:
+    """``zstd`` of concatenated files, and parallel compressors, write one frame each."""
+    import zstandard
+
+    first = b"".join(b'{"id": "a%d", "text": "x"}\n' % i for i in range(5000))
+    second = b'{"id": "b", "text": "y"}\n'
+    path = tmp_path / "frames.jsonl.zst"
+    packer = zstandard.ZstdCompressor()
+    path.write_bytes(packer.compress(first) + packer.compress(second))
+    assert len(docs(path)) == 5001 and docs(path)[-1].id == "b"
 
 
 @pytest.mark.parametrize("kind", [".gz", ".zst"])
