@@ -29,7 +29,7 @@ from producer.queries import QuerySet, find_query_files, load_query_set
 from shared import ids
 from shared.celery_app import advance, send_encode_units, send_unit
 from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer, model_max_tokens
-from shared.errors import EmbedFleetError
+from shared.errors import EmbedFleetError, NoDocumentsError
 from shared.fusion_weights import default_weights, parse_weights
 from shared.job_store import JobLayout, JobStore
 from shared.ledger import JobLedger
@@ -188,13 +188,8 @@ def prepare(
     else:
         validation = validate(source, options.on_bad_record, on_progress)
         if validation.documents == 0 and not options.allow_empty:
-            first = validation.skipped[0] if validation.skipped else None
-            raise EmbedFleetError(
-                f"{source.path} holds no valid documents: all {validation.skipped_count} "
-                "records were skipped"
-                + (f" (the first, {first.path}:{first.line}: {first.reason})" if first else ""),
-                "Fix the records (see the reason), or pass --allow-empty to run anyway",
-            )
+            first = validation.skipped[0].named if validation.skipped else ""
+            raise NoDocumentsError(str(source.path), validation.skipped_count, first)
     spec = JobSpec(
         job_id=new_job_id(),
         collection=source.name,
@@ -207,6 +202,7 @@ def prepare(
         batch_chunks=options.batch_chunks,
         max_batch_tokens=options.max_batch_tokens,
         on_bad_record=options.on_bad_record,
+        allow_empty=options.allow_empty,
         stages=["dense", "sparse"] if sparse else ["dense"],
         sparse_models=sparse,
         sparse_device=options.sparse_device,

@@ -45,7 +45,13 @@ class EmbedFleetError(Exception):
         return type(self), (self.cause, self.fix)
 
 
-class BadRecordError(EmbedFleetError):
+class BadInputError(EmbedFleetError):
+    """The collection itself is wrong (a bad record, a file that cannot be read, no
+    valid document): every try would fail alike, so the fleet does not retry it and
+    fails the job on bad input (exit 2)."""
+
+
+class BadRecordError(BadInputError):
     """A record of a collection that cannot be read; names the file and line."""
 
     def __init__(self, path: str, line: int, reason: str) -> None:
@@ -60,6 +66,30 @@ class BadRecordError(EmbedFleetError):
 
     def __reduce__(self) -> tuple[type, tuple[str, int, str]]:  # type: ignore[override]
         return type(self), (self.path, self.line, self.reason)
+
+
+class NoDocumentsError(BadInputError):
+    """Every record of a collection was skipped (``--on-bad-record skip``), so the job
+    would embed nothing; ``--allow-empty`` runs it anyway.
+
+    Args:
+        source: The collection.
+        skipped: How many records were skipped.
+        first: The first skipped record, as ``path:line: reason`` ("" if none listed).
+    """
+
+    def __init__(self, source: str, skipped: int, first: str = "") -> None:
+        self.source = source
+        self.skipped = skipped
+        self.first = first
+        super().__init__(
+            f"{source} holds no valid documents: all {skipped} records were skipped"
+            + (f" (the first, {first})" if first else ""),
+            "Fix the records (see the reason), or pass --allow-empty to run anyway",
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, str]]:  # type: ignore[override]
+        return type(self), (self.source, self.skipped, self.first)
 
 
 class UnreadableFileError(BadRecordError):

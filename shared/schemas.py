@@ -86,6 +86,11 @@ class SkippedRecord(Struct):
     reason: str
     first_seen: int = 0
 
+    @property
+    def named(self) -> str:
+        """``path:line: reason``, as an error names a bad record."""
+        return f"{self.path}:{self.line}: {self.reason}"
+
     def shifted(self, lines: int) -> SkippedRecord:
         """The same record with its lines counted from a range's first line moved on by
         ``lines`` (the lines of the file before the range)."""
@@ -372,6 +377,9 @@ class JobSpec(Struct):
     batch_chunks: int
     max_batch_tokens: int | None
     on_bad_record: Literal["fail", "skip"]
+    # Run the job even when the source holds no valid document (checked by whoever
+    # prepares it: the producer, or the fleet once every range is validated).
+    allow_empty: bool = False
     stages: list[Stage] = msgspec.field(default_factory=lambda: ["dense"])
     sparse_models: list[str] = []
     sparse_device: str = "cpu"

@@ -250,12 +250,19 @@ def test_an_empty_collection_is_an_error_unless_allowed(tmp_path, redis_server, 
     assert allowed.stdout.strip()  # the job id
 
 
-def test_a_collection_of_only_bad_records_is_an_error_under_skip(tmp_path) -> None:
+@pytest.mark.parametrize("prepare_on", ["producer", "fleet"])
+def test_a_collection_of_only_bad_records_is_an_error_under_skip(tmp_path, prepare_on) -> None:
+    """The producer finds it before enqueueing; the fleet once every range is validated
+    (the job fails on bad input, exit 2, and leaves nothing). --allow-empty runs it."""
     source = write_jsonl(tmp_path / "docs.jsonl", [b"{broken", b'{"text": "no id"}'])
-    args = ("run", str(source), "--on-bad-record", "skip", "--prepare-on", "producer")
-    line = one_line_error(run_cli(*args, env=base_env(), cwd=tmp_path))
+    out = tmp_path / "out"
+    args = ("run", str(source), "--on-bad-record", "skip", "--prepare-on", prepare_on)
+    line = one_line_error(run_cli(*args, "--output", str(out), env=base_env(), cwd=tmp_path))
     assert "holds no valid documents: all 2 records were skipped" in line
-    assert f"{source}:1: malformed JSON" in line
+    assert f"{source}:1: malformed JSON" in line and "--allow-empty" in line
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+    allowed = run_cli(*args, "--output", str(out), "--allow-empty", env=base_env(), cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
 
 
 def test_a_source_of_another_format_lists_the_accepted_ones(tmp_path) -> None:

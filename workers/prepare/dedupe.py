@@ -12,7 +12,7 @@ from __future__ import annotations
 from celery import Celery
 
 from shared import ids
-from shared.errors import BadRecordError
+from shared.errors import BadRecordError, NoDocumentsError
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
 from shared.schemas import (
@@ -60,7 +60,11 @@ def dedupe_partition(spec: JobSpec, store: JobStore, partition_id: str) -> int:
 def plan_chunk(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """Once every partition is checked: list each range's duplicates (skipped records
     at their file lines, and the ids the range leaves out), then one chunk unit per
-    range. Returns the units."""
+    range. Returns the units.
+
+    Raises:
+        NoDocumentsError: every record was skipped (unless the job allows it empty).
+    """
     from shared.celery_app import advance, send_unit
 
     spec = ledger.spec()
@@ -97,6 +101,9 @@ def plan_chunk(ledger: JobLedger, store: JobStore, app: Celery) -> int:
         validation.duplicates_listed = True
         store.put_validation(validation)
         ledger.set_documents_total(validation.documents)
+    if validation.documents == 0 and not spec.allow_empty:
+        example = validation.skipped[0].named if validation.skipped else ""
+        raise NoDocumentsError(spec.source, validation.skipped_count, example)
     units = len(plan.ranges)
     if ledger.open_phase("chunk", units):
         advance(app, spec, "chunk")

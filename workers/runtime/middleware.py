@@ -46,7 +46,7 @@ from opentelemetry import trace
 
 from shared import pipeline
 from shared.celery_app import advance
-from shared.errors import BadRecordError, EmbedFleetError
+from shared.errors import BadInputError, EmbedFleetError
 from shared.logs import get_logger
 from shared.schemas import BatchFailure, BatchReport, JobStep, Struct
 from shared.telemetry import tracer
@@ -235,13 +235,13 @@ class LedgerReporting(Middleware):
         reason = str(exc) if isinstance(exc, EmbedFleetError) else f"{type(exc).__name__}: {exc}"
         reason = reason[:2000]
         stage = payload.get("stage")
-        if isinstance(exc, BadRecordError) or (
+        if isinstance(exc, BadInputError) or (
             task.stage and stage and pipeline.stage(stage).failure_ends_job
         ):
             # Nothing of a job that fails while preparing is worth keeping: its
             # staged batches go with the rest of work/, the failure stays.
             ledger.fail(
-                reason, context.settings.ledger_ttl, bad_input=isinstance(exc, BadRecordError)
+                reason, context.settings.ledger_ttl, bad_input=isinstance(exc, BadInputError)
             )
             context.job(job_id).store.delete_work()
             return
@@ -298,8 +298,8 @@ class FleetTask(Task):  # type: ignore[misc]
     message_type: ClassVar[type[Struct]] = JobStep
     body: ClassVar[Body]
     autoretry_for = (Exception,)
-    # A bad record is bad on every try.
-    dont_autoretry_for = (msgspec.ValidationError, BadRecordError)
+    # Bad input is bad on every try.
+    dont_autoretry_for = (msgspec.ValidationError, BadInputError)
     retry_backoff = 2
     retry_backoff_max = 60
     retry_jitter = True
