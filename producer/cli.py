@@ -480,8 +480,9 @@ def run(
     --enable-rerank) the fused top candidates are reranked by a CrossEncoder.
 
     Artifacts land in OUTPUT/<collection>/<job_id>/: chunks/part-NNNNN.parquet (or
-    .jsonl), vocab/<sparse model>.json, results.jsonl, metrics.json, then
-    manifest.json, which lists every file and says which column holds which model.
+    .jsonl), vocab/<sparse model>.json, results.jsonl, metrics.json, report.html (the
+    job's charts, one page that opens offline), then manifest.json, which lists every
+    file and says which column holds which model.
     Exit code: 0 complete, 1 partial or failed, 2 bad input or configuration, 130
     interrupted.
     """

@@ -32,6 +32,10 @@ from shared import pipeline
 from shared.ledger import JobLedger
 from shared.schemas import JobProgress, LatencySummary, Manifest
 
+# human_bytes is the CLI's too (it imports it from here).
+from shared.text import human_bytes as human_bytes
+from shared.text import peak_text
+
 FINISHED = ("complete", "partial", "failed")
 
 
@@ -201,22 +205,6 @@ def plain_line(snap: JobProgress, elapsed_s: float) -> str:
     return " · ".join(parts)
 
 
-def human_bytes(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
-
-
-def peak_text(summary: LatencySummary) -> str:
-    if not summary.peak_memory_bytes:
-        return "-"
-    kind = "GPU" if summary.peak_memory_kind == "gpu" else "RSS"
-    return f"{human_bytes(summary.peak_memory_bytes)} {kind}"
-
-
 def figures_text(summary: LatencySummary, rerank: bool = False) -> str:
     """One line of a stage's live figures, beside its bar."""
     parts = [
@@ -275,6 +263,8 @@ def summary_table(manifest: Manifest, location: str) -> Table:
         f"batch sizes min/p50/max; learned budget: padded tokens per model batch"
         f"\nartifacts: {location}"
     )
+    if any(a.key.endswith("/report.html") for a in manifest.artifacts):
+        table.caption += f"\nreport: {location}/report.html (opens offline in a browser)"
     table.caption_justify = "left"
     return table
 

@@ -17,7 +17,7 @@ can be rebuilt and resumed (``producer.recovery``).
     <collection>/<job_id>/
         chunks/part-00000.parquet ...         the chunks, in parts (or .jsonl)
         vocab/<sparse model>.json             a sparse model's terms (Parquet parts)
-        results.jsonl  metrics.json  manifest.json (last)
+        results.jsonl  metrics.json  report.html  manifest.json (last)
         work/job.msgpack                      JobRecord (written first)
         work/producer.msgpack                 ProducerReport (every batch staged)
         work/read-plan.msgpack                ReadPlan (the ranges the fleet reads)

@@ -78,6 +78,8 @@ def check_artifacts(manifest: dict[str, Any], get: Get) -> None:
             assert body.count(b"\n") == artifact["records"]
         elif kind == "application/vnd.apache.parquet":
             assert pq.ParquetFile(io.BytesIO(body)).metadata.num_rows == artifact["records"]
+        elif kind == "text/html":  # report.html
+            assert body.startswith(b"<!DOCTYPE html>") and artifact["records"] == 1
         elif artifact["key"].split("/")[-2] == "vocab":
             assert len(json.loads(body)) == artifact["records"]
         else:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import browser
 import msgspec
 import numpy as np
 import psutil
@@ -126,6 +127,12 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
     assert layout["sparse_columns"] == {"sparse_splade_tiny": "splade-tiny", "sparse_bm25": "bm25"}
     records = chunk_records(manifest, get)
     check_parquet_types(get(layout["parts"][0]))
+    # report.html is listed (its bytes checked above), with every chart of a judged,
+    # reranked job.
+    (report,) = [a for a in manifest["artifacts"] if a["key"].endswith("/report.html")]
+    page = get(report["key"]).decode()
+    for chart in ("throughput", "latency", "batch-sizes", "memory", "rerank", "quality"):
+        assert f'<figure class="chart" id="chart-{chart}">' in page
 
     # Every document's chunks appear exactly once, numbered 0..n-1; empty ones are listed.
     ids = Counter(r["chunk_id"] for r in records)
@@ -392,6 +399,11 @@ def test_embedded_default_runs_everything_locally(tmp_path) -> None:
     records = chunk_records(manifest, lambda key: (out / key).read_bytes())
     assert len(records) == manifest["counts"]["chunks"]
     assert "complete" in stderr  # the summary table
+    # report.html is listed, and a real browser shows its charts (no queries: no rerank
+    # coverage, no quality bars) with no console message.
+    (report,) = [a for a in manifest["artifacts"] if a["key"].endswith("/report.html")]
+    charts = ["throughput", "latency", "batch-sizes", "memory"]
+    browser.check_report(out / report["key"], tmp_path / "chromium", charts)
     # No terminal here: plain progress lines, and the summary at its natural width.
     assert re.search(r"^\[\d+:\d\d\] job \S+ \w+ · read \d+/", stderr, re.MULTILINE), stderr
     assert "…" not in stderr

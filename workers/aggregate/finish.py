@@ -1,10 +1,11 @@
-"""The job's last step: ``results.jsonl``, ``metrics.json`` and, last, ``manifest.json``.
+"""The job's last step: ``results.jsonl``, ``metrics.json``, ``report.html`` and, last,
+``manifest.json``.
 
 The chunks are already written, as parts, by the export phase (``workers.aggregate.
 export``); this step reads what each part recorded (its artifact, its sparse tally),
-writes the query results and the figures, then the manifest, which goes up only after
-every artifact is in place: its presence means the job's data is complete. Then
-``work/`` is deleted, unless the job keeps it.
+writes the query results, the figures and the report, then the manifest, which goes up
+only after every artifact is in place: its presence means the job's data is complete.
+Then ``work/`` is deleted, unless the job keeps it.
 
 Each step takes what it needs and returns what it made; :meth:`Finisher.run` is the
 whole order of things, read top to bottom.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +25,13 @@ import msgspec
 from shared import pipeline
 from shared.job_store import JobLayout, JobStore
 from shared.ledger import JobLedger
+from shared.logs import get_logger
 from shared.models import BM25
 from shared.schemas import (
     FORMAT_VERSION,
     Artifact,
     BatchFailure,
+    BatchReport,
     ChunksLayout,
     Counts,
     CrossEncoderRerankRun,
@@ -47,10 +51,13 @@ from shared.schemas import (
 from workers.aggregate.export import vocabulary_json
 from workers.aggregate.fuse import fused_groups, query_groups
 from workers.aggregate.parts import JsonlWriter, column_names
+from workers.aggregate.report import render_report
 from workers.aggregate.results import RankingCollector, query_result, rerank_run
 from workers.aggregate.sparse_run import SparseRunBuilder
 from workers.ranking.evaluation import evaluate
 from workers.ranking.sparse_weights import BM25Statistics, collection_bm25
+
+log = get_logger("finish")
 
 
 @dataclass
@@ -71,8 +78,8 @@ class ResultsOutcome:
 
 
 class Finisher:
-    """Writes one job's ``results.jsonl`` and ``metrics.json``, then ``manifest.json``,
-    then deletes ``work/`` (unless the job keeps it).
+    """Writes one job's ``results.jsonl``, ``metrics.json`` and ``report.html``, then
+    ``manifest.json``, then deletes ``work/`` (unless the job keeps it).
 
     Running it twice writes the same bytes to the same keys, so a redelivered step is
     harmless.
@@ -143,6 +150,10 @@ class Finisher:
             metrics=results.quality.rankings if results and results.quality else None,
             chunks=layout,
         )
+        # The report shows the manifest, so it is drawn from it, then listed in it.
+        reports = {stage: self.ledger.reports(stage) for stage in stages if stage != "produce"}
+        report = write_report(self.store, manifest, metrics, reports)
+        manifest.artifacts += [report] if report else []
         # Last write of the job: readers take the manifest's presence as "complete".
         self.store.put_manifest(manifest)
         return manifest
@@ -322,10 +333,34 @@ class Finisher:
     def _write_metrics(self, metrics: Metrics) -> Artifact:
         """``metrics.json``: the stages' figures, and retrieval quality with judgements."""
         body = msgspec.json.format(msgspec.json.encode(metrics), indent=2) + b"\n"
-        return Artifact(
-            key=self.store.put_artifact("metrics.json", body),
-            bytes=len(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-            records=1,
-            content_type="application/json",
-        )
+        return put_document(self.store, "metrics.json", body, "application/json")
+
+
+def write_report(
+    store: JobStore,
+    manifest: Manifest,
+    metrics: Metrics,
+    reports: Mapping[str, Sequence[BatchReport]],
+) -> Artifact | None:
+    """``report.html`` (see :mod:`workers.aggregate.report`), or ``None`` when it could
+    not be drawn: the report is a view of the figures, not the job's data, so a chart
+    that fails costs the report (with a warning saying why), never the job. Writing it
+    fails as any artifact's write does."""
+    try:
+        body = render_report(manifest, metrics, reports).encode()
+    except Exception as error:
+        fields = {"job_id": manifest.job_id, "error": f"{type(error).__name__}: {error}"}
+        log.warning("report.html not written: drawing it failed", extra={"fields": fields})
+        return None
+    return put_document(store, "report.html", body, "text/html")
+
+
+def put_document(store: JobStore, name: str, body: bytes, content_type: str) -> Artifact:
+    """Write a one-record artifact (a JSON document, a page) and describe it."""
+    return Artifact(
+        key=store.put_artifact(name, body),
+        bytes=len(body),
+        sha256=hashlib.sha256(body).hexdigest(),
+        records=1,
+        content_type=content_type,
+    )
