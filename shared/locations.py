@@ -211,11 +211,13 @@ class S3Path:
     def read_bytes(self) -> bytes:
         return self.get_range(0, self.stat().st_size)
 
-    def open(self, mode: str = "rb") -> io.BufferedReader:
-        """The object as a seekable binary file, read ``READ_BYTES`` at a time."""
+    def open(self, mode: str = "rb", buffering: int = -1) -> io.BufferedReader:
+        """The object as a seekable binary file, read ``buffering`` bytes (a GET) at a
+        time (-1: ``READ_BYTES``)."""
         if mode != "rb":
             raise ValueError(f"S3 objects are read only as 'rb', not {mode!r}")
-        return io.BufferedReader(self.open_raw(), buffer_size=READ_BYTES)
+        size = READ_BYTES if buffering < 0 else max(buffering, 1)
+        return io.BufferedReader(self.open_raw(), buffer_size=size)
 
     def open_raw(self) -> RangeReader:
         """The object unbuffered: each read one GET of just what was asked (for Parquet,

@@ -23,7 +23,7 @@ import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import msgspec
 
@@ -48,6 +48,9 @@ OWN_LINES: tuple[SourceKind, ...] = ("text-dir", "csv", "parquet")
 MAX_LISTED_SKIPS = 1000
 # The most files of a text folder one range holds (however small they are).
 RANGE_FILES = 1000
+# The read buffer for a look at a few lines (the first record, a header, where a range
+# starts): in S3 one ranged GET, so a cut of a large object reads little of it.
+PEEK_BYTES = 1 << 16
 
 
 class _JsonlRecord(msgspec.Struct):
@@ -192,10 +195,12 @@ def read_errors(path: SourcePath) -> tuple[type[Exception], ...]:
 
 
 @contextlib.contextmanager
-def open_lines(path: SourcePath) -> Iterator[tuple[io.BufferedReader, io.BufferedReader]]:
+def open_lines(path: SourcePath, buffering: int = -1) -> Iterator[tuple[BinaryIO, BinaryIO]]:
     """A JSONL file's lines as bytes, decompressed on the fly, and the underlying file
-    (whose ``tell()`` is how far into the file on disk the reading is)."""
-    with path.open("rb") as raw:
+    (whose ``tell()`` is how far into the file on disk the reading is). ``buffering``:
+    :data:`PEEK_BYTES` for a look at the start of the file only (in S3 a read of the
+    buffer is one GET)."""
+    with path.open("rb", buffering=buffering) as raw:
         kind = compression(path)
         if kind == ".gz":
             with gzip.GzipFile(fileobj=raw) as unzipped:
@@ -214,7 +219,7 @@ class ZstdFrames(io.RawIOBase):
     a word. This raises ``EOFError`` there, as gzip does, so the reader names the file
     and the line it reached."""
 
-    def __init__(self, raw: io.BufferedReader) -> None:
+    def __init__(self, raw: BinaryIO) -> None:
         import zstandard
 
         super().__init__()
@@ -268,7 +273,7 @@ def is_empty(source: Source) -> bool:
                 return False
             continue
         try:
-            with open_lines(path) as (lines, _):
+            with open_lines(path, PEEK_BYTES) as (lines, _):
                 while block := lines.read(1 << 16):
                     if block.strip():
                         return False
@@ -286,7 +291,7 @@ def _uses_beir_ids(path: SourcePath) -> bool:
 
 
 def _first_record_has_beir_id(path: SourcePath) -> bool:
-    with open_lines(path) as (handle, _):
+    with open_lines(path, PEEK_BYTES) as (handle, _):
         for raw in handle:
             if raw.strip():
                 try:
@@ -390,7 +395,7 @@ def cut_ranges(source: Source, range_bytes: int) -> list[ReadRange]:
     if compression(path) or source.kind == "csv":
         return [ReadRange(index=0, path=str(path.resolve()), start=0, end=size, bytes=size)]
     starts = [0]
-    with path.open("rb") as handle:
+    with path.open("rb", buffering=PEEK_BYTES) as handle:
         at = range_bytes
         while at < size:
             handle.seek(at - 1)

@@ -60,11 +60,11 @@ def check_columns(path: SourcePath, fields: FieldMap, columns: list[str]) -> Non
 
 def csv_columns(path: SourcePath) -> list[str]:
     """The header of a CSV/TSV file."""
-    from shared.sources import open_lines, read_errors
+    from shared.sources import PEEK_BYTES, open_lines, read_errors
 
     broken: tuple[type[Exception], ...] = (*read_errors(path), csv.Error)
     try:
-        with open_lines(path) as (lines, _):
+        with open_lines(path, PEEK_BYTES) as (lines, _):
             text = io.TextIOWrapper(lines, encoding="utf-8-sig", errors="replace", newline="")
             header: list[str] = next(_rows(text, path), [])
     except broken as exc:

@@ -21,7 +21,7 @@ from shared import locations
 from shared.errors import EmbedFleetError, UnreadableFileError
 from shared.locations import S3Path, canonical, locate
 from shared.schemas import Document, FieldMap
-from shared.sources import cut_ranges, is_empty, open_source, read_range, read_records
+from shared.sources import PEEK_BYTES, cut_ranges, is_empty, open_source, read_range, read_records
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +225,27 @@ def test_an_object_replaced_mid_read_is_an_error(
     with fresh.open_raw() as handle:
         handle.seek(-5, 2)
         assert handle.read(100) == b"b" * 5 and handle.read(1) == b""
+
+
+def test_cutting_an_s3_object_into_ranges_reads_little_of_it(
+    s3_env: dict[str, str], s3: SeaweedS3, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The producer opens a JSONL object (its first record) and cuts it at line starts
+    with one small GET per range: it never downloads the collection."""
+    body = b"".join(b'{"id": "%d", "text": "%s"}\n' % (i, b"w " * 100) for i in range(30_000))
+    url = upload_bytes(s3, bucket, "big/corpus.jsonl", body)
+    fetched: list[int] = []
+    get_range = S3Path.get_range
+
+    def counting(self: S3Path, start: int, length: int) -> bytes:
+        data = get_range(self, start, length)
+        fetched.append(len(data))
+        return data
+
+    monkeypatch.setattr(S3Path, "get_range", counting)
+    source = open_source(url)
+    assert not is_empty(source)
+    ranges = cut_ranges(source, 1 << 20)
+    assert len(ranges) >= 5 and ranges[-1].end == len(body)
+    assert len(fetched) <= len(ranges) + 3  # a GET per range, and the first record's
+    assert sum(fetched) <= len(fetched) * PEEK_BYTES < len(body) // 4, (fetched, len(body))
