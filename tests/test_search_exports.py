@@ -18,11 +18,13 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Cranfield with its queries, dense + BM25, fused by the dense score alone (so the
-    results' order is the dense ranking), on the embedded fleet."""
+    results' order is the dense ranking), on the embedded fleet; in fp32, as the test
+    encodes the queries (on a CPU with bf16 the policy would pick bf16 for the fleet)."""
     out = tmp_path_factory.mktemp("exports") / "out"
     result = run_cli(
         "run", str(CRANFIELD), "--output", str(out), "--sparse-models", "bm25",
-        "--alpha", "1.0", "--top-k", "20", "--json", env=base_env(), timeout=900,
+        "--alpha", "1.0", "--top-k", "20", "--dtype", "fp32", "--json",
+        env=base_env(), timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = [json.loads(x) for x in result.stdout.splitlines() if x.startswith("{")][-1]

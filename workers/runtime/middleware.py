@@ -196,8 +196,15 @@ class LedgerReporting(Middleware):
 
     @contextlib.contextmanager
     def around(self, unit: UnitRun) -> Iterator[None]:
-        if unit.job.ledger.status() == "failed":
+        status = unit.job.ledger.status()
+        if status == "failed":
             raise SkipUnit("the job failed; nothing will read this unit's output")
+        # A late copy of a unit or step of a job that is done (its message redelivered
+        # after a visibility timeout, say) would hand on to a phase already run, whose
+        # inputs in work/ are deleted. A finish step still runs: it deletes work/ again
+        # in case its first run died doing it.
+        if status == "complete" and unit.unit != "finish":
+            raise SkipUnit("the job is complete; a late copy of its work changes nothing")
         yield
 
     def after(self, unit: UnitRun, outcome: UnitOutcome | None) -> None:
@@ -234,6 +241,12 @@ class LedgerReporting(Middleware):
         ledger = context.ledger(job_id)
         reason = str(exc) if isinstance(exc, EmbedFleetError) else f"{type(exc).__name__}: {exc}"
         reason = reason[:2000]
+        if ledger.status() in ("complete", "partial"):
+            # What is done stays done: a late copy that failed after the job ended (it
+            # ran while the job finished) is no failure of the job's.
+            fields = {"job_id": job_id, "task": task.name, "error": reason}
+            log.warning("a late copy failed after the job ended", extra={"fields": fields})
+            return
         stage = payload.get("stage")
         if isinstance(exc, BadInputError) or (
             task.stage and stage and pipeline.stage(stage).failure_ends_job
