@@ -29,7 +29,14 @@ import msgspec
 
 from shared import tabular
 from shared.errors import BadRecordError, EmbedFleetError, UnreadableFileError
-from shared.locations import SourcePath, check_reachable, locate, relative_name
+from shared.locations import (
+    READ_BYTES,
+    S3Path,
+    SourcePath,
+    check_reachable,
+    locate,
+    relative_name,
+)
 from shared.schemas import Document, FieldMap, ReadRange, SkippedRecord, SourceKind
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -482,7 +489,12 @@ def _jsonl_records(
     decoder = msgspec.json.Decoder(kind)
     shown = str(path)
     compressed = bool(compression(path))
-    with open_lines(path) as (handle, on_disk):
+    buffering = -1
+    if end is not None and not compressed and isinstance(path, S3Path):
+        # A range of an S3 object in one GET of about its size (and nothing ahead of
+        # it) when it fits a read block: a worker fetches its own range, not more.
+        buffering = min(READ_BYTES, end - start + PEEK_BYTES)
+    with open_lines(path, buffering) as (handle, on_disk):
         if compressed:
             end = None  # a compressed file is one range; its offsets are not the lines'
         else:

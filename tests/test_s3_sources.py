@@ -19,7 +19,7 @@ from servers import SeaweedS3
 
 from shared import locations
 from shared.errors import EmbedFleetError, UnreadableFileError
-from shared.locations import S3Path, canonical, locate
+from shared.locations import READ_BYTES, S3Path, canonical, locate
 from shared.schemas import Document, FieldMap
 from shared.sources import PEEK_BYTES, cut_ranges, is_empty, open_source, read_range, read_records
 
@@ -212,7 +212,11 @@ def test_an_object_replaced_mid_read_is_an_error(
         with pytest.raises(locations.ObjectReplacedError, match=r"was replaced while it was"):
             handle.read(10)
     # A reader names the object and the line it reached; the job stops, exit 2.
-    lines = b"".join(b'{"id": "%d", "text": "t"}\n' % i for i in range(400_000))  # 2 GETs
+    # Four read blocks: the second is fetched ahead before the swap (all of the old
+    # version, which is fine); the third, after it, is refused.
+    text = b"t " * 50
+    lines = b"".join(b'{"id": "%d", "text": "%s"}\n' % (i, text) for i in range(500_000))
+    assert len(lines) > 3 * READ_BYTES
     big = upload_bytes(s3, bucket, "big.jsonl", lines)
     reading = read_records(open_source(big))
     assert isinstance(next(reading), Document)
@@ -249,3 +253,8 @@ def test_cutting_an_s3_object_into_ranges_reads_little_of_it(
     assert len(ranges) >= 5 and ranges[-1].end == len(body)
     assert len(fetched) <= len(ranges) + 3  # a GET per range, and the first record's
     assert sum(fetched) <= len(fetched) * PEEK_BYTES < len(body) // 4, (fetched, len(body))
+    # A prepare worker's range: one GET of about its size, nothing ahead of it.
+    fetched.clear()
+    part = ranges[2]
+    assert sum(isinstance(r, Document) for r in read_range(source.kind, part)) > 100
+    assert len(fetched) == 1 and part.bytes <= fetched[0] <= part.bytes + PEEK_BYTES
