@@ -28,7 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeAlias
 
 from shared.errors import EmbedFleetError
-from shared.storage import S3Store
+from shared.storage import NO_OBJECT_CODES, S3Store, s3_error_code
 
 # One ranged GET per this many bytes of a sequential read, the next fetched while this
 # one is parsed (bench/s3_source.py: 8 MiB blocks read at 0.53x bare boto3's speed,
@@ -134,7 +134,7 @@ class S3Path:
                 "head", lambda: self.store.client.head_object(Bucket=self.bucket, Key=self.key)
             )
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            if s3_error_code(exc) in NO_OBJECT_CODES:
                 return None
             raise
         return head
@@ -206,7 +206,7 @@ class S3Path:
         try:
             return self.store._patient("get", get)
         except Exception as exc:
-            if _error_code(exc) in ("PreconditionFailed", "412"):
+            if s3_error_code(exc) in ("PreconditionFailed", "412"):
                 raise ObjectReplacedError(f"{self} was replaced while it was being read") from None
             raise
 
@@ -350,10 +350,3 @@ def _bucket(bucket: str, transient_window_s: float) -> S3Store:
     """One client per bucket and window in a process (a client costs ~50 ms to make and
     is thread-safe)."""
     return S3Store(f"s3://{bucket}", transient_window_s)
-
-
-def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if not isinstance(response, dict):
-        return ""
-    return str(response.get("Error", {}).get("Code", ""))

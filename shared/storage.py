@@ -39,6 +39,10 @@ _TRANSIENT_CODES = frozenset(
     {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling"}
 )
 
+# What S3-compatible servers answer for an object, and for a bucket, that is not there.
+NO_OBJECT_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
+_NO_BUCKET_CODES = frozenset({"404", "NoSuchBucket", "NotFound"})
+
 _SAFE_SEGMENT = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -244,8 +248,8 @@ class S3Store:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchBucket", "NotFound"):
+            code = s3_error_code(exc)
+            if code in _NO_BUCKET_CODES:
                 raise EmbedFleetError(
                     f"bucket {self.bucket!r} does not exist at {where}",
                     f"Create it first (e.g. `aws s3 mb s3://{self.bucket}`)",
@@ -296,7 +300,7 @@ class S3Store:
         try:
             self._patient("head", lambda: self.client.head_object(Bucket=self.bucket, Key=full))
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            if s3_error_code(exc) in NO_OBJECT_CODES:
                 return False
             raise
         return True
@@ -363,10 +367,18 @@ def transient_s3_error(exc: BaseException) -> bool:
     if isinstance(exc, BotoConnectionError | HTTPClientError):
         return True
     if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        return status >= 500 or str(error.get("Code", "")) in _TRANSIENT_CODES
+        return status >= 500 or s3_error_code(exc) in _TRANSIENT_CODES
     return False
+
+
+def s3_error_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``NoSuchKey``, ``404``, ...),
+    or "" for any other error."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    return str(response.get("Error", {}).get("Code", ""))
 
 
 def open_store(url: str, transient_window_s: float = 0.0) -> ObjectStore:
