@@ -116,7 +116,8 @@ class Finisher:
         rerank = results.rerank_run if results else None
         producer = self.ledger.producer_report()
         assert producer is not None, "finish runs only after the producer sealed the job"
-        stages = self._stages(producer, rerank)
+        reports = self._unit_reports(rerank)
+        stages = self._stages(producer, rerank, reports)
         metrics = (results.quality if results else None) or Metrics(
             job_id=self.spec.job_id, collection=self.spec.collection
         )
@@ -145,13 +146,12 @@ class Finisher:
             skipped_records=producer.skipped_records,
             created_at=self.spec.created_at,
             finished_at=time.time(),
-            sparse_run=self._sparse_run(parts, stages, bm25),
+            sparse_run=self._sparse_run(parts, stages, bm25, reports.get("sparse", [])),
             rerank_run=rerank,
             metrics=results.quality.rankings if results and results.quality else None,
             chunks=layout,
         )
         # The report shows the manifest, so it is drawn from it, then listed in it.
-        reports = {stage: self.ledger.reports(stage) for stage in stages if stage != "produce"}
         report = write_report(self.store, manifest, metrics, reports)
         manifest.artifacts += [report] if report else []
         # Last write of the job: readers take the manifest's presence as "complete".
@@ -204,6 +204,7 @@ class Finisher:
         parts: list[ExportedPart],
         stages: dict[str, LatencySummary],
         bm25: BM25Statistics | None,
+        reports: list[BatchReport],
     ) -> SparseInferenceRun | None:
         """The manifest's ``sparse_run``, summed from every part's tally."""
         if not self._sparse:
@@ -212,9 +213,7 @@ class Finisher:
         for part in parts:
             if part.sparse is not None:
                 run.merge(part.sparse)
-        return run.build(
-            self.ledger.models(), self.ledger.reports("sparse"), stages["sparse"], bm25
-        )
+        return run.build(self.ledger.models(), reports, stages["sparse"], bm25)
 
     @property
     def _sparse(self) -> bool:
@@ -301,18 +300,30 @@ class Finisher:
 
     # --- figures -------------------------------------------------------------------------
 
+    def _unit_reports(self, rerank: CrossEncoderRerankRun | None) -> dict[str, list[BatchReport]]:
+        """Every stage's units as its workers recorded them, in pipeline order, read from
+        the ledger once: the figures, the sparse run and the report all use them."""
+        names = [
+            s.name for s in pipeline.job_stages(self.spec) if s.phase in pipeline.PREPARE_PHASES
+        ]
+        names += self.spec.stages
+        names += ["retrieve", "fuse"] if self.spec.retrieval is not None else []
+        names += ["rerank"] if rerank is not None else []
+        return {name: self.ledger.reports(name) for name in [*names, "export"]}
+
     def _stages(
-        self, producer: ProducerReport, rerank: CrossEncoderRerankRun | None
+        self,
+        producer: ProducerReport,
+        rerank: CrossEncoderRerankRun | None,
+        units: dict[str, list[BatchReport]],
     ) -> dict[str, LatencySummary]:
         """Every stage's figures, summed from the units its workers recorded."""
         stages: dict[str, LatencySummary] = {"produce": producer.latency}
         for prepare in pipeline.job_stages(self.spec):
             if prepare.phase in pipeline.PREPARE_PHASES:  # the fleet prepared the collection
-                stages[prepare.name] = LatencySummary.from_reports(
-                    self.ledger.reports(prepare.name)
-                )
+                stages[prepare.name] = LatencySummary.from_reports(units[prepare.name])
         for stage in self.spec.stages:
-            reports = self.ledger.reports(stage)
+            reports = units[stage]
             # Throughput and latency: the collection's batches (queries are tiny).
             summary = LatencySummary.from_reports([r for r in reports if r.kind == "documents"])
             # Model activity: every unit's, since a query batch may be the one that
@@ -323,11 +334,11 @@ class Finisher:
             summary.oom_count += self.ledger.failed_try_ooms(stage)
             stages[stage] = summary
         if self.spec.retrieval is not None:
-            stages["retrieve"] = LatencySummary.from_reports(self.ledger.reports("retrieve"))
-            stages["fuse"] = LatencySummary.from_reports(self.ledger.reports("fuse"))
+            stages["retrieve"] = LatencySummary.from_reports(units["retrieve"])
+            stages["fuse"] = LatencySummary.from_reports(units["fuse"])
         if rerank is not None:
             stages["rerank"] = rerank.latency
-        stages["export"] = LatencySummary.from_reports(self.ledger.reports("export"))
+        stages["export"] = LatencySummary.from_reports(units["export"])
         return stages
 
     def _write_metrics(self, metrics: Metrics) -> Artifact:
