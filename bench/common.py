@@ -8,6 +8,8 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,26 @@ from shared.ledger import JobLedger, connect  # noqa: E402
 from shared.schemas import SkippedRecord  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 from shared.sources import documents  # noqa: E402
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queue to drain (a CUDA call returns before its kernels end)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def best_of(call: Callable[[], Any], device: str = "cpu", repeat: int = 3) -> float:
+    """The best wall time of ``repeat`` calls, the device's queue drained around each."""
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        started = time.perf_counter()
+        call()
+        sync(device)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def chunk_texts(options: JobOptions) -> list[str]:
@@ -94,11 +116,15 @@ def fleet_stage(
     return {
         "chunks": result["items"],
         "batches": result["units"],
+        "messages": result["messages"],
         "workers": result["workers"],
         "wall_s": time.perf_counter() - started,
         "load_s": result["load_s"],
         "encode_s": result["steady_s"],
         "chunks_per_s": result["items_per_s"],
+        "message_chunks_p50": result["message_items_p50"],
+        "message_latency_p50_ms": result["message_latency_p50_ms"],
+        "message_gap_p50_ms": result["message_gap_p50_ms"],
     }
 
 
@@ -128,24 +154,45 @@ def cli_job(source: Path, extra: list[str], env: dict[str, str] | None = None) -
 
 def steady_state(reports: list[Any]) -> dict[str, Any]:
     """Throughput of a stage from its ledger reports, leaving out each worker's first
-    unit (it pays for loading the model): items of the rest over the time from the end
-    of the first unit to the end of the last."""
-    reports = sorted(reports, key=lambda r: r.finished_at)
-    first_of_worker: dict[str, Any] = {}
+    message (it pays for loading the model): items of the rest over the time from the end
+    of the first message to the end of the last.
+
+    A message of a GPU stage holds several staged batches, each with its own report and
+    the message's times (``shared.pipeline.GPU_UNIT_TOKENS``), so reports are grouped
+    into messages by worker and start time first. Also: each message's median chunks,
+    latency, and the gap between a worker's messages (the broker's share of the fixed
+    cost of a message)."""
+    grouped: dict[tuple[str, float], list[Any]] = {}
     for report in reports:
-        first_of_worker.setdefault(report.worker, report)
-    firsts = set(id(r) for r in first_of_worker.values())
-    rest = [r for r in reports if id(r) not in firsts]
-    span = rest[-1].finished_at - reports[0].finished_at
-    median_latency = statistics.median(r.latency_s for r in rest)
-    first_latency = max(r.latency_s for r in first_of_worker.values())
+        grouped.setdefault((report.worker, report.started_at), []).append(report)
+    messages = sorted(
+        (
+            (worker, started, max(r.finished_at for r in group), sum(r.chunks for r in group))
+            for (worker, started), group in grouped.items()
+        ),
+        key=lambda m: m[2],
+    )
+    first_of_worker: dict[str, Any] = {}
+    for message in messages:
+        first_of_worker.setdefault(message[0], message)
+    firsts = set(first_of_worker.values())
+    rest = [m for m in messages if m not in firsts]
+    span = rest[-1][2] - messages[0][2]
+    latencies = [finished - started for _, started, finished, _ in rest]
+    gaps = [later[1] - earlier[2] for earlier, later in pairwise(rest) if earlier[0] == later[0]]
+    median_latency = statistics.median(latencies)
+    first_latency = max(m[2] - m[1] for m in first_of_worker.values())
     return {
-        "items": sum(r.chunks for r in reports),
+        "items": sum(m[3] for m in messages),
         "units": len(reports),
+        "messages": len(messages),
         "workers": len(first_of_worker),
         "load_s": round(max(0.0, first_latency - median_latency), 2),
         "steady_s": round(span, 2),
-        "items_per_s": round(sum(r.chunks for r in rest) / span, 2),
+        "items_per_s": round(sum(m[3] for m in rest) / span, 2),
+        "message_items_p50": statistics.median(m[3] for m in rest),
+        "message_latency_p50_ms": round(1000 * median_latency, 1),
+        "message_gap_p50_ms": round(1000 * statistics.median(gaps), 1) if gaps else None,
     }
 
 

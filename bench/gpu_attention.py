@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO
-from gpu_fleet import CRANFIELD, build_models, cast, sync
+from common import REPO, sync
+from gpu_fleet import CRANFIELD, build_models, cast
 from rerank_throughput import candidate_pairs
 
 CONFIGS = (("fp32", True), ("bf16", True), ("bf16", False))
@@ -39,14 +39,15 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
-    from workers.inference.rerank import CrossEncoderBatchExecutor
+    from workers.inference.engine import Inference
+    from workers.inference.rerank import CrossEncoderBatchExecutor, pairs_feed
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.backends.cuda.enable_cudnn_sdp(args.cudnn == "on")
     work = json.loads(Path(args.work).read_text())
     pairs = [tuple(p) for p in work["pairs"]]
-    lengths, texts = work["lengths"], work["texts"]
+    texts = work["texts"]
     result: dict[str, Any] = {"dtype": args.dtype, "cudnn_sdp": args.cudnn}
     model = cast(CrossEncoder(work["rerank"], device=device), args.dtype)
     tokenizer = model.tokenizer
@@ -63,11 +64,14 @@ def child(args: argparse.Namespace) -> None:
         )
     result["rerank_tokenize_pairs_per_s"] = round(len(pairs) / (time.perf_counter() - started), 1)
     executor = CrossEncoderBatchExecutor(model, device, 32768)
-    executor.score(pairs[:8], lengths[:8])  # CUDA context, cuBLAS handles: not shapes
+    # The executor's input as a rerank task lays it out (each query tokenized once).
+    feed = pairs_feed(Inference(), model, work["rerank"], pairs)
+    warm = pairs_feed(Inference(), model, work["rerank"], pairs[:8])
+    executor.score(warm)  # CUDA context, cuBLAS handles: not shapes
     for label in ("first", "second"):
         sync(device)
         started = time.perf_counter()
-        executor.score(pairs, lengths)
+        executor.score(feed)
         sync(device)
         result[f"rerank_{label}_pairs_per_s"] = round(
             len(pairs) / (time.perf_counter() - started), 1
@@ -100,18 +104,12 @@ def main() -> None:
         return
     if args.out is None:
         parser.error("--out is required")
-    from transformers import AutoTokenizer
-
-    from workers.inference.rerank import pair_lengths
-
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="embed-fleet-attn-") as name:
         tmp = Path(name)
         dense, rerank = build_models(tmp, args.minilm_files)
         data = candidate_pairs(args.queries, 50)
         pairs = [(text, doc) for _, text, docs in data for _, doc in docs]
-        tokenizer = AutoTokenizer.from_pretrained(rerank)
-        lengths = [pair_lengths(tokenizer, q, [p], 512)[0] for q, p in pairs]
         rows = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").open()]
         texts = [f"{r['title']}\n\n{r['text']}" for r in rows]
         texts = (texts * (args.texts // len(texts) + 1))[: args.texts]
@@ -120,7 +118,6 @@ def main() -> None:
             json.dumps(
                 {
                     "pairs": pairs,
-                    "lengths": lengths,
                     "texts": texts,
                     "dense": dense,
                     "rerank": rerank,

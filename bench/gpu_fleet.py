@@ -27,6 +27,10 @@ Sections, each recorded even when another fails:
 5. ``model_manager``: dense and rerank alternating in one process under a memory budget
    that holds one of them: hydrations, evictions, peak GPU memory.
 6. ``leases``: two dense workers on one GPU: the second must be refused (exit 3).
+7. ``feed`` (bench/feed.py's GPU section): the forward-only ceilings (ids already on the
+   device, best batch, bf16 and fp32) of MiniLM and of a null CrossEncoder, bare
+   ``encode`` / ``predict`` at their defaults and best batch, the fleet's dense and
+   rerank workers, and the GPU's busy fraction while the dense worker runs.
 
     python bench/gpu_fleet.py --out bench/results/gpu_fleet_h100.json [--copies 10]
 """
@@ -47,7 +51,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import REPO, bare_encode, chunk_texts, cli_job, fleet_stage, run_rerank_groups
+from common import (
+    REPO,
+    bare_encode,
+    best_of,
+    chunk_texts,
+    cli_job,
+    fleet_stage,
+    run_rerank_groups,
+    sync,
+)
+from feed import BATCHES
+from feed import gpu_section as feed_section
 from rerank_throughput import candidate_pairs, groups_of
 
 from producer.jobs import JobOptions
@@ -118,25 +133,6 @@ def copy_collection(
 
 
 # --- timing helpers ----------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
-def timed(call: Callable[[], Any], device: str, repeat: int = 1) -> float:
-    """Best wall time of ``repeat`` calls, the device's queue drained before and after."""
-    best = float("inf")
-    for _ in range(repeat):
-        sync(device)
-        started = time.perf_counter()
-        call()
-        sync(device)
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def cast(model: Any, dtype: str) -> Any:
@@ -257,7 +253,7 @@ def rerank_section(rerank: str, device: str, tmp: Path, queries: int) -> dict[st
     for dtype in ("fp32", "bf16"):
         model = cast(CrossEncoder(rerank, device=device), dtype)
         model.predict(pairs[:64], show_progress_bar=False)
-        seconds = timed(lambda m=model: m.predict(pairs, show_progress_bar=False), device)
+        seconds = best_of(lambda m=model: m.predict(pairs, show_progress_bar=False), device, 1)
         bare[dtype] = {"pairs": len(pairs), "score_s": round(seconds, 3)}
         bare[dtype]["pairs_per_s"] = round(len(pairs) / seconds, 1)
         log(f"rerank bare bs32 {dtype}: {bare[dtype]['pairs_per_s']:.0f} pairs/s")
@@ -287,12 +283,7 @@ def bf16_section(
     from workers.inference.batch_runner import first_batch
     from workers.inference.devices import default_batch_tokens
     from workers.inference.engine import Inference
-    from workers.inference.rerank import (
-        CrossEncoderBatchExecutor,
-        load_cross_encoder,
-        model_max_length,
-        pair_lengths,
-    )
+    from workers.inference.rerank import CrossEncoderBatchExecutor, load_cross_encoder, pairs_feed
 
     data = candidate_pairs(queries, 50)
     pairs = [(text, doc) for _, text, docs in data for _, doc in docs]
@@ -301,9 +292,14 @@ def bf16_section(
     # hydrate, cast), in case it differs from a plain cast.
     managed = load_cross_encoder(Inference(requested_device=device), rerank, device, "bf16")
     models["bf16_managed"] = managed.model
-    tokenizer = models["fp32"].tokenizer
-    limit = model_max_length(models["fp32"])
-    lengths = [pair_lengths(tokenizer, q, [p], limit)[0] for q, p in pairs]
+    inference = Inference(requested_device=device)
+
+    def feed(count: int, model: Any = models["fp32"]) -> Any:
+        # The executor's input: the pairs' ids laid out by the model's own tokenizer.
+        return pairs_feed(inference, model, rerank, pairs[:count])
+
+    every, first, some, profiled = feed(len(pairs)), feed(256), feed(2000), feed(2400)
+    lengths = every.lengths
     budget = default_batch_tokens("rerank", device)
     result: dict[str, Any] = {
         "pairs": len(pairs),
@@ -324,7 +320,7 @@ def bf16_section(
             model = models[dtype]
             predict(model, items)  # warm-up, as _timed_probe does
             row[f"{dtype}_ms"] = round(
-                timed(lambda m=model, b=items: predict(m, b), device, 2) * 1e3, 2
+                best_of(lambda m=model, b=items: predict(m, b), device, 2) * 1e3, 2
             )
         row["picks"] = "bf16" if row["bf16_ms"] <= row["fp32_ms"] else "fp32"
         probes[label] = row
@@ -337,10 +333,10 @@ def bf16_section(
     for _ in range(2):
         for dtype, model in models.items():
             executor = CrossEncoderBatchExecutor(model, device, budget)
-            executor.score(pairs[:256], lengths[:256])
-            seconds = timed(lambda e=executor: e.score(pairs, lengths), device)
+            executor.score(first)
+            seconds = best_of(lambda e=executor: e.score(every), device, 1)
             executor_runs[dtype].append(round(len(pairs) / seconds, 1))
-            batch_sizes[dtype] = executor.score(pairs[:2000], lengths[:2000])[1].batch_sizes
+            batch_sizes[dtype] = executor.score(some)[1].batch_sizes
     result["executor_pairs_per_s"] = executor_runs
     result["executor_batch_sizes_p50"] = {
         d: int(statistics.median(s)) for d, s in batch_sizes.items() if s
@@ -351,9 +347,10 @@ def bf16_section(
     bare: dict[str, Any] = {}
     for dtype, model in models.items():
         for size in (32, 128):
-            seconds = timed(
+            seconds = best_of(
                 lambda m=model, s=size: m.predict(pairs, batch_size=s, show_progress_bar=False),
                 device,
+                1,
             )
             bare[f"{dtype}_bs{size}"] = round(len(pairs) / seconds, 1)
     result["bare_predict_pairs_per_s"] = bare
@@ -363,9 +360,7 @@ def bf16_section(
     log("bf16: forward shapes done")
     for dtype, model in models.items():
         result[f"profile_{dtype}"] = profile(
-            lambda m=model: CrossEncoderBatchExecutor(m, device, budget).score(
-                pairs[:2400], lengths[:2400]
-            ),
+            lambda m=model: CrossEncoderBatchExecutor(m, device, budget).score(profiled),
             out / f"profile_rerank_{dtype}.txt",
             device,
         )
@@ -399,7 +394,7 @@ def forward_shapes(folder: str, device: str, shapes: list[tuple[int, int]]) -> d
 
                     for _ in range(3):
                         forward()
-                    times = [timed(forward, device) for _ in range(10)]
+                    times = [best_of(forward, device, 1) for _ in range(10)]
                     key = f"{attn}/{dtype}/{rows}x{length}/{padding}"
                     results[key] = round(statistics.median(times) * 1e3, 3)
             del net
@@ -535,7 +530,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--sections",
-        default="leases,model_manager,bf16_rerank,job,dense,rerank",
+        default="feed,leases,model_manager,bf16_rerank,job,dense,rerank",
         help="comma-separated sections to run",
     )
     args = parser.parse_args()
@@ -569,6 +564,9 @@ def main() -> None:
                 rerank, device, args.out.parent, min(queries, 96), shapes
             ),
             "model_manager": lambda: manager_section(dense, rerank, device),
+            "feed": lambda: feed_section(
+                1 if small else args.copies, tmp / "feed", device, (32,) if small else BATCHES
+            ),
         }
         for section in args.sections.split(","):
             log(f"section {section}")

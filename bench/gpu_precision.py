@@ -60,21 +60,18 @@ def main() -> None:
     result["auto"] = {"native_bf16": native, "why": why}
     pairs = [tuple(p) for p in json.loads(args.pairs.read_text())]
     folder = build_model(args.tokenizer, Path("/tmp/standin-cross-encoder"))
-    from transformers import AutoTokenizer
-
-    # The lengths the executor cuts batches by, as the rerank task computes them.
-    tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
-    lengths = [rerank.pair_lengths(tokenizer, q, [p], 512)[0] for q, p in pairs]
     timings = {}
     scores = {}
     inference = Inference(requested_device="cuda")
     for dtype in ("fp32", "auto"):
         loaded = rerank.load_cross_encoder(inference, str(folder), "cuda", dtype, pairs[:32])
         executor = rerank.CrossEncoderBatchExecutor(loaded.model, "cuda", 32768)
-        executor.score(pairs[:256], lengths[:256])
+        # The executor's input as the rerank task lays it out (each query tokenized once).
+        feed = rerank.pairs_feed(inference, loaded.model, str(folder), pairs)
+        executor.score(rerank.pairs_feed(inference, loaded.model, str(folder), pairs[:256]))
         torch.cuda.synchronize()
         started = time.perf_counter()
-        values, _ = executor.score(pairs, lengths)
+        values, _ = executor.score(feed)
         torch.cuda.synchronize()
         timings[dtype] = round(len(pairs) / (time.perf_counter() - started), 1)
         scores[dtype] = np.array(values, dtype=np.float64)

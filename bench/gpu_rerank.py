@@ -100,20 +100,17 @@ def main() -> None:
     import torch
     from sentence_transformers import CrossEncoder
 
-    from workers.inference.rerank import CrossEncoderBatchExecutor, model_max_length, pair_lengths
+    from workers.inference.engine import Inference
+    from workers.inference.rerank import CrossEncoderBatchExecutor, pairs_feed
 
     pairs = [tuple(p) for p in json.loads(args.pairs.read_text())]
     pairs = pairs[: args.limit] if args.limit else pairs
     folder = build_model(args.tokenizer, Path("/tmp/standin-cross-encoder"))
     model = CrossEncoder(folder, device=args.device)
-    limit = model_max_length(model)
-    lengths: list[int] = []
-    for start in range(0, len(pairs), 50):
-        group = pairs[start : start + 50]
-        for query in dict.fromkeys(q for q, _ in group):
-            lengths += pair_lengths(
-                model.tokenizer, query, [p for q, p in group if q == query], limit
-            )
+    # The executor's input, as a rerank task lays it out: each query tokenized once.
+    feed = pairs_feed(Inference(), model, folder, pairs)
+    warm = pairs_feed(Inference(), model, folder, pairs[:256])
+    lengths = feed.lengths
     model.predict(pairs[:256], batch_size=32, show_progress_bar=False)  # warm-up
     result: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
@@ -133,8 +130,8 @@ def main() -> None:
     executor = CrossEncoderBatchExecutor(
         model, args.device, 32768 if args.device != "cpu" else 4096
     )
-    executor.score(pairs[:256], lengths[:256])  # warm-up at its own shapes
-    (scores, stats), elapsed = timed(lambda: executor.score(pairs, lengths))
+    executor.score(warm)  # warm-up at its own shapes
+    (scores, stats), elapsed = timed(lambda: executor.score(feed))
     result["executor_pairs_per_s"] = round(len(pairs) / elapsed, 1)
     result["executor_batch_sizes_p50"] = int(np.median(stats.batch_sizes))
     result["ratio_vs_bare_bs32"] = round(
@@ -142,7 +139,7 @@ def main() -> None:
     )
     for budget in (65536, 131072, 262144):
         sweep = CrossEncoderBatchExecutor(model, args.device, budget)
-        _, elapsed = timed(functools.partial(sweep.score, pairs, lengths))
+        _, elapsed = timed(functools.partial(sweep.score, feed))
         result[f"executor_budget{budget}_pairs_per_s"] = round(len(pairs) / elapsed, 1)
     for batch in (256, 512):
         _, elapsed = timed(functools.partial(predict, batch))
@@ -159,7 +156,7 @@ def main() -> None:
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(3 * 2**30 / total)
     capped = CrossEncoderBatchExecutor(model, "cuda", 4_194_304, grow_after=4)
-    (oom_scores, oom_stats), elapsed = timed(lambda: capped.score(pairs, lengths))
+    (oom_scores, oom_stats), elapsed = timed(lambda: capped.score(feed))
     result["oom"] = {
         "oom_count": oom_stats.oom_count,
         "pairs_scored": oom_stats.pairs_scored,

@@ -82,9 +82,11 @@ def run_mode(mode: str, copies: int, device: str, model: str) -> dict[str, Any]:
     for number, group in enumerate(batches):
         started = time.perf_counter()
         if mode == "bare":
-            bare.encode([chunk.text for chunk in group], batch_size=32)
+            bare.encode([chunk.text for chunk in group.chunks], batch_size=32)
         else:
-            batch = ChunkBatch(job_id="bench", batch_id=f"b{number}", chunks=group)
+            batch = ChunkBatch(
+                job_id="bench", batch_id=f"b{number}", chunks=group.chunks, tokens=group.tokens
+            )
             encode_batch(inference, batch, [model], dtype="fp32")
         if mode == "worker: trim every batch":
             trim(0)
@@ -92,7 +94,7 @@ def run_mode(mode: str, copies: int, device: str, model: str) -> dict[str, Any]:
             keeper.after_unit()
         if number >= WARMUP:
             busy += time.perf_counter() - started
-            chunks += len(group)
+            chunks += len(group.chunks)
         samples.append(rss())
     after = samples[WARMUP:] or samples
     half = len(after) // 2

@@ -49,6 +49,7 @@ from shared.models import (
     DEFAULT_RERANK_MODEL,
     DEFAULT_SPARSE_MODELS,
 )
+from shared.pipeline import GPU_UNIT_TOKENS
 from shared.schemas import BM25Params, ExportSpec, FieldMap, JobSpec, Manifest
 from shared.settings import DEFAULT_OUTPUT, Settings, env_name, redact_url
 from shared.sources import ReadProgress
@@ -164,6 +165,16 @@ def _settings() -> Settings:
     default=128,
     show_default=True,
     help="Chunks per staged batch (one task message each).",
+)
+@click.option(
+    "--unit-tokens",
+    type=click.IntRange(0),
+    default=GPU_UNIT_TOKENS,
+    show_default=True,
+    help="Tokens of staged chunks in one message of the dense stage (and of sparse with "
+    "--sparse-device cuda/auto): several staged batches a message, so a message's fixed "
+    "cost stays small beside a GPU's time on it. 0: one batch a message (sparse on the "
+    "CPU always takes one).",
 )
 @click.option(
     "--max-batch-tokens",
@@ -432,6 +443,7 @@ def run(
     chunk_tokens: int | None,
     chunk_overlap: int,
     batch_chunks: int,
+    unit_tokens: int,
     max_batch_tokens: int | None,
     enable_sparse: bool,
     sparse_models: str | None,
@@ -499,6 +511,7 @@ def run(
         chunk_tokens=chunk_tokens,
         chunk_overlap=chunk_overlap,
         batch_chunks=batch_chunks,
+        unit_tokens=unit_tokens,
         max_batch_tokens=max_batch_tokens,
         on_bad_record=on_bad_record,
         allow_empty=allow_empty,

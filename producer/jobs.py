@@ -26,14 +26,15 @@ import redis
 from celery import Celery
 
 from producer.queries import QuerySet, find_query_files, load_query_set
-from shared import ids
-from shared.celery_app import advance, send_encode_units, send_unit
+from shared import ids, tokens
+from shared.celery_app import EncodeUnits, advance, send_unit
 from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer, model_max_tokens
 from shared.errors import EmbedFleetError, NoDocumentsError
 from shared.fusion_weights import default_weights, parse_weights
 from shared.job_store import JobLayout, JobStore
 from shared.ledger import JobLedger
 from shared.models import BM25, resolve_model
+from shared.pipeline import GPU_UNIT_TOKENS
 from shared.schemas import (
     DENSE_RANKING,
     QUERIES_PER_RERANK_TASK,
@@ -79,6 +80,7 @@ class JobOptions:
     chunk_overlap: int = 0
     batch_chunks: int = 128
     max_batch_tokens: int | None = None
+    unit_tokens: int = GPU_UNIT_TOKENS
     on_bad_record: Literal["fail", "skip"] = "fail"
     allow_empty: bool = False
     fields: FieldMap = field(default_factory=FieldMap)
@@ -201,6 +203,7 @@ def prepare(
         chunk_overlap=options.chunk_overlap,
         batch_chunks=options.batch_chunks,
         max_batch_tokens=options.max_batch_tokens,
+        unit_tokens=options.unit_tokens,
         on_bad_record=options.on_bad_record,
         allow_empty=options.allow_empty,
         stages=["dense", "sparse"] if sparse else ["dense"],
@@ -383,9 +386,14 @@ class Stager:
                 if isinstance(record, Document):  # the rest: listed by the validation pass
                     yield record
 
-        for chunks in chunk_batches(job.chunker, accepted(), spec.batch_chunks, tally):
+        units = self._units("documents")
+        for run in chunk_batches(job.chunker, accepted(), spec.batch_chunks, tally):
+            chunks = run.chunks
             batch_id = ids.document_batch_id(batches)
-            self._stage_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks))
+            batch = ChunkBatch(
+                job_id=spec.job_id, batch_id=batch_id, chunks=chunks, tokens=run.tokens
+            )
+            self._stage_batch(batch, units)
             self.ledger.record_staged(
                 batch_id,
                 len(chunks),
@@ -396,6 +404,8 @@ class Stager:
             latencies.append(time.time() - batch_started)
             batches += 1
             batch_started = time.time()
+        if units is not None:
+            units.flush()
         self.ledger.record_read(progress.documents, progress.bytes_read)
         finished = time.time()
         report = ProducerReport(
@@ -428,16 +438,20 @@ class Stager:
             unit = PrepareUnit(job_id=spec.job_id, stage="validate", unit=ids.range_id(part.index))
             send_unit(self.app, unit)
 
-    def _stage_batch(self, batch: ChunkBatch, kind: BatchKind = "documents") -> None:
-        """Write a batch to the store and enqueue one message per encode stage, all
-        naming the same batch."""
-        spec = self.job.spec
-        if self.already_staged is not None:
-            if batch.batch_id not in self.already_staged:
-                self.store.put_batch(batch)
+    def _units(self, kind: BatchKind) -> EncodeUnits | None:
+        """Where staged batches' encode units go (none for a resume's producer: the
+        resume step that follows enqueues every unit whose output is missing)."""
+        return EncodeUnits(self.app, self.job.spec, kind) if self.already_staged is None else None
+
+    def _stage_batch(self, batch: ChunkBatch, units: EncodeUnits | None) -> None:
+        """Write a batch to the store (unless a resume finds it there) and hand it to the
+        encode units."""
+        if self.already_staged is not None and batch.batch_id in self.already_staged:
             return
         self.store.put_batch(batch)
-        send_encode_units(self.app, spec, batch.batch_id, kind)
+        if units is not None:
+            staged = batch.tokens
+            units.add(batch.batch_id, sum(staged.lengths) if staged else 0)
 
     def _stage_queries(self) -> int:
         """Stage the queries (first, so their encoding never waits behind the
@@ -447,28 +461,35 @@ class Stager:
             return 0
         if job.queries.qrels is not None:
             self.store.put_qrels(Qrels(judgements=job.queries.qrels))
-        tokenizer = job.chunker.tokenizer
+        chunker = job.chunker
         limit = spec.chunk_tokens - 2
         batches = 0
         queries = job.queries.queries
+        units = self._units("queries")
         for start in range(0, len(queries), spec.batch_chunks):
             group = queries[start : start + spec.batch_chunks]
-            counts = tokenizer([q.text for q in group], add_special_tokens=False)["input_ids"]
+            # The ids the encoders will use, made once, as a chunk's are.
+            found = chunker.tokenizer([q.text for q in group], add_special_tokens=False)
+            query_ids: list[list[int]] = found["input_ids"]
             chunks = [
                 Chunk(
                     chunk_id=q.id,
                     doc_id=q.id,
                     index=0,
                     text=q.text,
-                    n_tokens=min(len(ids), limit),
+                    n_tokens=min(len(token_ids), limit),
                     span=(0, len(q.text)),
                 )
-                for q, ids in zip(group, counts, strict=True)
+                for q, token_ids in zip(group, query_ids, strict=True)
             ]
             batch_id = ids.query_batch_id(batches)
+            staged = tokens.pack(chunker.identity, chunker.id_dtype, query_ids)
             self._stage_batch(
-                ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks), "queries"
+                ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks, tokens=staged),
+                units,
             )
             self.ledger.record_staged_queries(batch_id, len(chunks))
             batches += 1
+        if units is not None:
+            units.flush()
         return batches

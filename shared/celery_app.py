@@ -7,6 +7,8 @@ from the pipeline table (:mod:`shared.pipeline`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 from celery import Celery
@@ -69,10 +71,72 @@ def send_unit(app: Celery, message: UnitMessage, variant: str = "") -> None:
     app.send_task(route.task, args=[message], queue=route.queue)
 
 
-def send_encode_units(app: Celery, spec: JobSpec, batch_id: str, kind: BatchKind) -> None:
-    """One message per encode stage of the job, all naming the same staged batch."""
-    for stage in pipeline.job_stages(spec, "encode"):
-        send_unit(app, EncodeBatch(job_id=spec.job_id, stage=stage.name, unit=batch_id, kind=kind))
+@dataclass
+class _Gathering:
+    """The batches one encode stage's next message will hold."""
+
+    stage: pipeline.Stage
+    unit_tokens: int
+    batch_ids: list[str] = field(default_factory=list)
+    tokens: int = 0
+
+
+class EncodeUnits:
+    """The encode units of batches as they are staged, one message per stage and unit.
+
+    A stage whose unit is one batch (a CPU stage) gets a message per batch at once; a
+    GPU stage's batches are gathered until they hold the stage's ``unit_tokens``
+    (:data:`shared.pipeline.GPU_UNIT_TOKENS`) or :data:`~shared.pipeline.UNIT_MAX_BATCHES`,
+    then sent as one message. Leaving the ``with`` block sends what is gathered; after
+    an error nothing more is sent (the unit that stages is retried, stages the same
+    batches under the same ids and sends the same messages). Staging is deterministic,
+    so a redelivered chunk unit gathers the same batches again.
+    """
+
+    def __init__(self, app: Celery, spec: JobSpec, kind: BatchKind) -> None:
+        self.app = app
+        self.spec = spec
+        self.kind = kind
+        self._stages = [
+            _Gathering(stage, stage.unit_tokens(spec))
+            for stage in pipeline.job_stages(spec, "encode")
+        ]
+
+    def __enter__(self) -> EncodeUnits:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.flush()
+
+    def add(self, batch_id: str, tokens: int) -> None:
+        """A batch was staged (``tokens``: its chunks' tokens)."""
+        for gathering in self._stages:
+            gathering.batch_ids.append(batch_id)
+            gathering.tokens += tokens
+            full = len(gathering.batch_ids) >= pipeline.UNIT_MAX_BATCHES
+            if full or gathering.tokens >= gathering.unit_tokens:
+                self._send(gathering)
+
+    def flush(self) -> None:
+        """Send every stage's gathered batches."""
+        for gathering in self._stages:
+            if gathering.batch_ids:
+                self._send(gathering)
+
+    def _send(self, gathering: _Gathering) -> None:
+        batch_ids = gathering.batch_ids
+        message = EncodeBatch(
+            job_id=self.spec.job_id,
+            stage=gathering.stage.name,
+            unit=batch_ids[0],
+            kind=self.kind,
+            batch_ids=batch_ids if len(batch_ids) > 1 else [],
+        )
+        send_unit(self.app, message)
+        gathering.batch_ids, gathering.tokens = [], 0
 
 
 def send_resume(app: Celery, job_id: str) -> None:

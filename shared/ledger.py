@@ -300,7 +300,7 @@ def _text(value: Any) -> str:
 class JobLedger:
     """One job's ledger. Cheap to build; every method is one or two round trips."""
 
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
+    def __init__(self, client: redis.Redis, job_id: str, spec: JobSpec | None = None) -> None:
         self.client = client
         self.job_id = job_id
         base = f"{PREFIX}:job:{job_id}"
@@ -316,6 +316,7 @@ class JobLedger:
         self._record_done = client.register_script(_RECORD_DONE)
         self._record_staged = client.register_script(_RECORD_STAGED)
         self._record_range_read = client.register_script(_RECORD_RANGE_READ)
+        self._spec = spec
 
     def k_done(self, stage: str) -> str:
         return f"{PREFIX}:job:{self.job_id}:done:{stage}"
@@ -464,8 +465,24 @@ class JobLedger:
 
     def record_done(self, report: BatchReport) -> bool:
         """Record a finished unit. True if the caller must start the next phase."""
-        self._run_record_done(report)
-        return self.check_phase(pipeline.stage(report.stage).phase, _claimant(report))
+        return self.record_done_many([report])
+
+    def record_done_many(
+        self, reports: list[BatchReport], models: list[ModelInfo] | None = None
+    ) -> bool:
+        """Record the finished units of one message (one, or each staged batch of an
+        encode unit), and the models it used, in one round trip with the phase check.
+        True if the caller must start the next phase (the first report is the
+        claimant)."""
+        first = reports[0]
+        pipe = self.client.pipeline(transaction=False)
+        for report in reports:
+            self._run_record_done(report, pipe)
+        for info in models or []:
+            # Every time: the ledger may have been rebuilt since this worker last said.
+            pipe.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
+        self._check_phase(pipeline.stage(first.stage).phase, _claimant(first), pipe)
+        return bool(pipe.execute()[-1])
 
     def _run_record_done(self, report: BatchReport, client: Any = None) -> None:
         """The record-done script for one unit (in ``client``, a pipeline, if given)."""
@@ -525,6 +542,10 @@ class JobLedger:
         same claimant only (a unit or step redelivered after its worker died before it
         published the next step; publishing it twice is harmless, never publishing it
         would stall the job). An empty claimant never gets it twice."""
+        return bool(self._check_phase(phase, claimant))
+
+    def _check_phase(self, phase: PhaseName, claimant: str, client: Any = None) -> Any:
+        """The phase check's script (in ``client``, a pipeline, if given)."""
         spec = self.spec()
         keys = [self.k_state, self.k_guard(phase)]
         for stage in pipeline.job_stages(spec, phase):
@@ -532,7 +553,14 @@ class JobLedger:
         after = pipeline.next_step(spec, phase)
         total = pipeline.phase(phase).total_field
         claimant = claimant or f"anonymous:{secrets.token_hex(8)}"
-        return bool(self._check(keys=keys, args=[total, after.status, claimant]))
+        return self._check(keys=keys, args=[total, after.status, claimant], client=client)
+
+    def spec(self) -> JobSpec:
+        """The job's spec: the one this ledger was made with (a worker's, which keeps the
+        specs of its recent jobs: a spec never changes once a job is open), else read
+        from Redis, which raises if the job is not there (how a producer following its
+        job learns that Redis lost it)."""
+        return self._spec or self._read_spec()
 
     # --- resuming --------------------------------------------------------------------
 
@@ -645,7 +673,7 @@ class JobLedger:
     def exists(self) -> bool:
         return bool(self.client.exists(self.k_spec))
 
-    def spec(self) -> JobSpec:
+    def _read_spec(self) -> JobSpec:
         spec = _decode(self.client.get(self.k_spec), JobSpec)
         if spec is None:
             raise EmbedFleetError(

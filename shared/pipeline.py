@@ -7,7 +7,7 @@ tasks and queues that run them, and the aggregator steps between phases.
     validate  validate (a read range; queue prepare)          the producer   plan_dedupe
     dedupe    dedupe (an id partition; queue prepare)         plan_dedupe    plan_chunk
     chunk     chunk (a read range; queue prepare)             plan_chunk     seal
-    encode    dense  (a staged batch; queue dense)            seal (or the   plan_retrieve or
+    encode    dense  (staged batches; queue dense)            seal (or the   plan_retrieve or
               sparse (a staged batch; queue sparse)           producer)      plan_export
     retrieve  retrieve (a group of shards; dense or sparse)   plan_retrieve  plan_fuse
     fuse      fuse (a run of query groups; queue aggregate)   plan_fuse      plan_rerank
@@ -95,6 +95,9 @@ class Stage:
         failure_ends_job: A unit that keeps failing fails the job at once (preparing:
             a collection with a range missing is not worth encoding); otherwise the job
             goes on without it and ends ``partial``.
+        unit_tokens: For a per-batch stage, how many tokens of staged chunks one of its
+            messages gathers (several staged batches; see :data:`GPU_UNIT_TOKENS`), or
+            0: one batch a message.
     """
 
     name: str
@@ -105,6 +108,7 @@ class Stage:
     applies: Callable[[JobSpec], bool]
     runs_models: bool = True
     failure_ends_job: bool = False
+    unit_tokens: Callable[[JobSpec], int] = lambda spec: 0
 
     def route(self, variant: str = "") -> Route:
         return self.routes[variant]
@@ -167,9 +171,51 @@ def _has_rerank(spec: JobSpec) -> bool:
     return spec.retrieval is not None and spec.retrieval.rerank_model is not None
 
 
-def _per_batch(name: str, task: str, queue: str, applies: Callable[[JobSpec], bool]) -> Stage:
+GPU_UNIT_TOKENS = 8 * 32_768
+"""What one message of a GPU stage holds by default: eight model batches at the GPU's
+padded-token budget (``workers.inference.devices``), about 1,024 chunks of 256 tokens.
+
+Measured with a model whose forward costs almost nothing, a message costs a worker about
+10 ms of its own (the broker's round trips and the task's events, the ledger, the reads
+and writes; ``bench/feed.py``), whatever it holds. A GPU encoding MiniLM at 20,000
+chunks/s spends 6.4 ms on a 128-chunk batch, so at one batch a message it would wait
+on that fixed cost more than it computes; at eight it computes about 85% of the time.
+A retry re-encodes the whole message, which on a GPU is a fraction of a second and on
+a CPU about 10-30 s: well inside the visibility timeout. CPU stages keep one batch a
+message, so a slow model spreads over many workers and a worker's share of the cores
+is looked at often (``workers.runtime.threads``)."""
+
+# At most this many staged batches in one message, however few tokens they hold (a
+# batch of 128 queries holds only a few thousand): a unit's reads stay bounded.
+UNIT_MAX_BATCHES = 64
+
+
+def _gpu_unit(spec: JobSpec) -> int:
+    return spec.unit_tokens
+
+
+def _sparse_unit(spec: JobSpec) -> int:
+    """SPLADE on a GPU gathers as dense does; on the CPU (the default) one batch."""
+    return spec.unit_tokens if spec.sparse_device != "cpu" else 0
+
+
+def _per_batch(
+    name: str,
+    task: str,
+    queue: str,
+    applies: Callable[[JobSpec], bool],
+    unit_tokens: Callable[[JobSpec], int],
+) -> Stage:
     """An encode stage: every staged batch (documents and queries) goes through it."""
-    return Stage(name, "encode", {"": Route(task, queue)}, EncodeBatch, "chunks", applies)
+    return Stage(
+        name,
+        "encode",
+        {"": Route(task, queue)},
+        EncodeBatch,
+        "chunks",
+        applies,
+        unit_tokens=unit_tokens,
+    )
 
 
 def _prepare(name: PhaseName, task: str) -> Stage:
@@ -183,8 +229,10 @@ STAGES: tuple[Stage, ...] = (
     _prepare("validate", "validate_range"),
     _prepare("dedupe", "dedupe_ids"),
     _prepare("chunk", "chunk_range"),
-    _per_batch("dense", "embed_fleet.dense.embed_batch", QUEUE_DENSE, _always),
-    _per_batch("sparse", "embed_fleet.sparse.encode_batch", QUEUE_SPARSE, _has_sparse),
+    _per_batch("dense", "embed_fleet.dense.embed_batch", QUEUE_DENSE, _always, _gpu_unit),
+    _per_batch(
+        "sparse", "embed_fleet.sparse.encode_batch", QUEUE_SPARSE, _has_sparse, _sparse_unit
+    ),
     Stage(
         name="retrieve",
         phase="retrieve",

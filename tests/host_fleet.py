@@ -166,7 +166,9 @@ class Fleet:
         progress = self.tmp / "producer.log"
         producer = self.producer.start(
             [sys.executable, "-m", "producer.cli", "run", str(corpus), "--output",
-             f"s3://{BUCKET}/{prefix}", "--batch-chunks", "4", "--json"],
+             # Dense messages of about 3 batches: mid-job is a while, not one message.
+             f"s3://{BUCKET}/{prefix}", "--batch-chunks", "4", "--unit-tokens", "1500",
+             "--json"],
             self.env, progress, cwd=REPO,
         )  # fmt: skip
         return RunningJob(self, prefix, producer, progress)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from shared import tokens
+from shared.chunking import Chunker, load_tokenizer
 from shared.models import DEFAULT_DENSE_MODEL, resolve_model
 from shared.schemas import Chunk, ChunkBatch
 from workers.inference import dense
@@ -19,19 +23,30 @@ TEXTS = [
 ]
 
 
-def batch() -> ChunkBatch:
+@functools.cache
+def chunker() -> Chunker:
+    return Chunker(load_tokenizer(str(resolve_model(DEFAULT_DENSE_MODEL).path)), 256)
+
+
+def batch(texts: list[str] | None = None, batch_id: str = "b000000") -> ChunkBatch:
+    """A batch as the chunk stage stages it: each text's real token count, and its ids
+    made by all-MiniLM-L6-v2's tokenizer."""
+    texts = texts or TEXTS
+    cut = chunker()
+    ids = cut.tokenizer(texts, add_special_tokens=False)["input_ids"]
     chunks = [
         Chunk(
             chunk_id=f"d{i}#0",
             doc_id=f"d{i}",
             index=0,
             text=t,
-            n_tokens=len(t.split()),
+            n_tokens=len(ids[i]),
             span=(0, len(t)),
         )
-        for i, t in enumerate(TEXTS)
+        for i, t in enumerate(texts)
     ]
-    return ChunkBatch(job_id="j", batch_id="b000000", chunks=chunks)
+    staged = tokens.pack(cut.identity, cut.id_dtype, ids)
+    return ChunkBatch(job_id="j", batch_id=batch_id, chunks=chunks, tokens=staged)
 
 
 def test_default_model_resolves_offline(monkeypatch) -> None:

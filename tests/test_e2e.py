@@ -295,9 +295,12 @@ def test_kill9_worker_mid_job(
     # Export: a part per batch of 4 chunks, ~160 parts, so the kill lands mid-phase.
     sparse_args += ["--part-rows", "4", "--format", "jsonl"] if victim == "export" else []
     batch_chunks = "4" if victim == "export" else "16"
+    # Dense messages of about 3 batches (~2,600 tokens each), so the kill lands mid-stage
+    # on a unit of several batches, all of which go again.
+    units = ("--unit-tokens", "6000")
     cli = start_cli(
         *("run", str(tmp_path / "corpus"), "--output", f"s3://{bucket}"),
-        *("--batch-chunks", batch_chunks, "--keep-work", "--json", *sparse_args),
+        *("--batch-chunks", batch_chunks, *units, "--keep-work", "--json", *sparse_args),
         env=fleet_env,
     )
     client = redis_server.client()
@@ -653,9 +656,16 @@ def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
     queries = (CRANFIELD / "queries.jsonl").read_text().splitlines()[:5]
     (tmp_path / "queries.jsonl").write_text("\n".join(queries) + "\n")
     options = ["--queries", str(tmp_path / "queries.jsonl"), "--batch-chunks", "4"]
-    options += ["--dtype", "fp32", "--prepare-on", "producer", "--detach"]
+    # Dense messages of about 3 batches: the fault comes with some done, most not.
+    options += ["--unit-tokens", "1500", "--dtype", "fp32", "--prepare-on", "producer"]
     submitted = run_cli(
-        "run", str(collection), "--output", f"s3://{bucket}/lost", *options, env=fleet_env
+        "run",
+        str(collection),
+        "--output",
+        f"s3://{bucket}/lost",
+        *options,
+        "--detach",
+        env=fleet_env,
     )
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
@@ -688,7 +698,7 @@ def test_redis_lost_mid_job_then_resume_rebuilds_it_from_the_store(
 
     # A clean run of the same collection gives the same chunks and vectors.
     clean = run_cli(
-        "run", str(collection), "--output", f"s3://{bucket}/clean", *options[:-1], "--json",
+        "run", str(collection), "--output", f"s3://{bucket}/clean", *options, "--json",
         env=fleet_env,
     )  # fmt: skip
     assert clean.returncode == 0, clean.stderr

@@ -19,7 +19,7 @@ import pytest
 from conftest import CRANFIELD, run_cli
 from servers import Worker
 
-from shared.celery_app import advance, make_app, send_encode_units
+from shared.celery_app import EncodeUnits, advance, make_app
 from shared.ledger import JobLedger
 from shared.settings import Settings
 
@@ -58,7 +58,8 @@ def test_late_copies_of_a_complete_jobs_units_and_steps_change_nothing(
     }
     # The last dense unit again, and the step that opens the export again.
     (batch,) = ledger.usable_batches()
-    send_encode_units(app, spec, batch, "documents")
+    with EncodeUnits(app, spec, "documents") as units:
+        units.add(batch, 0)
     advance(app, spec, "encode")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -1,13 +1,16 @@
-"""CrossEncoder reranking through the real loading and predict code (a tiny random BERT).
+"""CrossEncoder reranking through the real loading code and the model's own forward pass
+(a tiny random BERT), compared with the real ``predict``.
 
 Out-of-memory errors and slow batches are simulated around the real model: a wrapper
-whose ``predict`` raises ``torch.cuda.OutOfMemoryError`` above a batch size, and a
+whose forward pass raises ``torch.cuda.OutOfMemoryError`` above a batch size, and a
 ``before_batch`` hook that sleeps past the time limit. The device label is only a
-string to the executor, so the CPU-fallback paths run without CUDA.
+string to the executor (inputs go where the model is), so the CPU-fallback paths run
+without CUDA.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import threading
@@ -22,8 +25,9 @@ from crossencoder import build_tiny_cross_encoder
 
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
+from workers.inference.feed import Feed
 from workers.inference.model_manager import Loaded
-from workers.inference.rerank import CrossEncoderBatchExecutor, load_cross_encoder, pair_lengths
+from workers.inference.rerank import CrossEncoderBatchExecutor, load_cross_encoder, pairs_feed
 
 WORDS = ["flow", "wedge", "layer", "plate", "heat", "shock", "wave", "nozzle", "drag", "lift"]
 
@@ -51,11 +55,36 @@ def pairs() -> list[tuple[str, str]]:
     return [(QUERY, passage) for passage in passages]
 
 
+def feed_of(
+    inference: Inference,
+    reranker: Loaded,
+    pairs: list[tuple[str, str]],
+    lengths: list[int] | None = None,
+) -> Feed:
+    """The pairs' feed (tokenized with the model's tokenizer); ``lengths``: what batches
+    are cut by, set by the test."""
+    feed = pairs_feed(inference, reranker.model, reranker.info.name, pairs)
+    return dataclasses.replace(feed, lengths=lengths) if lengths is not None else feed
+
+
 @pytest.fixture(scope="module")
-def lengths(reranker: Loaded, pairs: list[tuple[str, str]]) -> list[int]:
-    return pair_lengths(
-        reranker.model.tokenizer, QUERY, [p for _, p in pairs], reranker.info.max_seq_length
-    )
+def feed(inference: Inference, reranker: Loaded, pairs: list[tuple[str, str]]) -> Feed:
+    return feed_of(inference, reranker, pairs)
+
+
+@pytest.fixture(scope="module")
+def lengths(feed: Feed) -> list[int]:
+    return feed.lengths
+
+
+@pytest.fixture()
+def part(inference: Inference, reranker: Loaded, pairs: list[tuple[str, str]]) -> Any:
+    """The feed of the first ``n`` pairs, their batches cut by ``lengths``."""
+
+    def make(n: int, lengths: list[int] | None = None) -> Feed:
+        return feed_of(inference, reranker, pairs[:n], lengths)
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -64,38 +93,53 @@ def bare(reranker: Loaded, pairs: list[tuple[str, str]]) -> np.ndarray[Any, Any]
     return np.asarray(reranker.model.predict(pairs, show_progress_bar=False))
 
 
-class OomAbove:
+class Wrapped:
+    """A CrossEncoder as the executor sees it: its forward pass, and the rest of it."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def __call__(self, features: dict[str, Any], **kwargs: Any) -> Any:
+        return self.model(features, **kwargs)
+
+
+class OomAbove(Wrapped):
     """A CrossEncoder that runs out of memory on batches of more than ``max_pairs``."""
 
     def __init__(self, model: Any, max_pairs: int | None) -> None:
-        self.model = model
+        super().__init__(model)
         self.max_pairs = max_pairs
         self.sizes: list[int] = []
 
-    def predict(self, sentences: list[list[str]], **kwargs: Any) -> Any:
-        if self.max_pairs is not None and len(sentences) > self.max_pairs:
+    def __call__(self, features: dict[str, Any], **kwargs: Any) -> Any:
+        pairs = int(features["input_ids"].shape[0])
+        if self.max_pairs is not None and pairs > self.max_pairs:
             raise torch.cuda.OutOfMemoryError("simulated")
-        self.sizes.append(len(sentences))
-        return self.model.predict(sentences, **kwargs)
+        self.sizes.append(pairs)
+        return self.model(features, **kwargs)
 
 
-class Raising:
+class Raising(Wrapped):
     """A CrossEncoder with a bug: every call raises a plain RuntimeError."""
 
-    def predict(self, sentences: list[list[str]], **kwargs: Any) -> Any:
+    def __call__(self, features: dict[str, Any], **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
 
-class Reshaped:
-    """A CrossEncoder whose predict returns [n, columns] instead of [n]."""
+class Reshaped(Wrapped):
+    """A CrossEncoder whose scores come out [n, columns] instead of [n, 1]."""
 
     def __init__(self, model: Any, columns: int) -> None:
-        self.model = model
+        super().__init__(model)
         self.columns = columns
 
-    def predict(self, sentences: list[list[str]], **kwargs: Any) -> Any:
-        scores = np.asarray(self.model.predict(sentences, **kwargs))
-        return np.repeat(scores.reshape(-1, 1), self.columns, axis=1)
+    def __call__(self, features: dict[str, Any], **kwargs: Any) -> Any:
+        out = self.model(features, **kwargs)
+        out["scores"] = out["scores"].reshape(-1, 1).repeat(1, self.columns)
+        return out
 
 
 def sleeper(seconds: float, when: Any = None) -> Any:
@@ -131,31 +175,22 @@ def test_default_budgets() -> None:
     assert default_batch_tokens("rerank", "mps") == 4096
 
 
-def test_pair_lengths_match_tokenizer_and_cap(reranker: Loaded) -> None:
-    tokenizer = reranker.model.tokenizer
-    passages = ["x", "supersonic flow over a wedge", " ".join(WORDS * 10), ""]
-    got = pair_lengths(tokenizer, QUERY, passages, max_length=32)
-    # Pairs passed as lists, as the CrossEncoder passes them (an empty passage then
-    # still gets its [SEP]; a lone ``tokenizer(q, "")`` would drop it).
-    expected = [
-        len(tokenizer([QUERY], [p], truncation=True, max_length=32)["input_ids"][0])
-        for p in passages
-    ]
-    assert got == expected
-    assert max(got) == 32  # the long passage is cut where the model cuts it
-    query_tokens = len(tokenizer.tokenize(QUERY))
-    for i in (0, 1, 3):  # short enough not to be truncated
-        assert got[i] == query_tokens + len(tokenizer.tokenize(passages[i])) + 3
-    assert pair_lengths(tokenizer, QUERY, [], max_length=32) == []
-
-
-def test_pair_lengths_are_what_the_model_sees(reranker: Loaded) -> None:
+def test_pair_lengths_are_what_the_model_sees(
+    inference: Inference, reranker: Loaded, feed: Feed
+) -> None:
+    """A pair's ids (and so its length) are laid out as the model's own tokenizer lays
+    them out: the query tokenized once, the passage truncated longest-first at the
+    model's limit, an empty passage still closed by its [SEP]."""
     passages = ["x", "supersonic flow over a wedge", " ".join(WORDS * 100), ""]
-    limit = reranker.info.max_seq_length
-    got = pair_lengths(reranker.model.tokenizer, QUERY, passages, max_length=limit)
-    features = reranker.model.preprocess([[QUERY, p] for p in passages])
-    assert got == features["attention_mask"].sum(dim=1).tolist()
-    assert max(got) == limit
+    pairs = [(QUERY, p) for p in passages] + [(" ".join(WORDS * 80), "a short passage")]
+    feed = feed_of(inference, reranker, pairs)
+    assert feed.source == "tokenized" and feed.tokenized == len(set(passages) | {"a short passage"})
+    features = reranker.model.preprocess([list(pair) for pair in pairs])
+    assert feed.lengths == features["attention_mask"].sum(dim=1).tolist()
+    assert max(feed.lengths) == reranker.info.max_seq_length
+    mine = feed.features(reranker.model, list(range(len(pairs))), "cpu")
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(mine[key], features[key]), key
 
 
 # --- scores and batching ---------------------------------------------------------------
@@ -166,12 +201,13 @@ def test_scores_equal_bare_predict_in_input_order(
     pairs: list[tuple[str, str]],
     lengths: list[int],
     bare: np.ndarray[Any, Any],
+    feed: Feed,
 ) -> None:
     assert lengths != sorted(lengths, reverse=True)  # batches are cut in another order
     budget = 512
     groups: list[list[int]] = []
     executor = CrossEncoderBatchExecutor(reranker.model, "cpu", budget, before_batch=groups.append)
-    scores, stats = executor.score(pairs, lengths)
+    scores, stats = executor.score(feed)
     assert all(isinstance(s, float) for s in scores)
     np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare, rtol=0, atol=1e-5)
     assert np.ptp(bare) > 0.05  # scores differ enough for the order check to mean something
@@ -192,20 +228,15 @@ def test_column_output(
     lengths: list[int],
     bare: np.ndarray[Any, Any],
     columns: int,
+    feed: Feed,
 ) -> None:
     executor = CrossEncoderBatchExecutor(Reshaped(reranker.model, columns), "cpu", 4096)
     if columns == 1:
-        scores, _ = executor.score(pairs, lengths)
+        scores, _ = executor.score(feed)
         np.testing.assert_allclose(np.array(scores, dtype=np.float64), bare, atol=1e-5)
     else:
         with pytest.raises(ValueError, match="one score per pair"):
-            executor.score(pairs, lengths)
-
-
-def test_mismatched_lengths_rejected(reranker: Loaded) -> None:
-    executor = CrossEncoderBatchExecutor(reranker.model, "cpu", 4096)
-    with pytest.raises(ValueError, match="lengths"):
-        executor.score([("q", "p")], [])
+            executor.score(feed)
 
 
 # --- out of memory -----------------------------------------------------------------------
@@ -216,11 +247,12 @@ def test_oom_shrinks_then_grows_back(
     pairs: list[tuple[str, str]],
     lengths: list[int],
     bare: np.ndarray[Any, Any],
+    feed: Feed,
 ) -> None:
     limit = 4
     model = OomAbove(reranker.model, max_pairs=limit)
     executor = CrossEncoderBatchExecutor(model, "cuda", 4096, grow_after=2)
-    scores, stats = executor.score(pairs, lengths)
+    scores, stats = executor.score(feed)
     assert stats.pairs_scored == stats.pairs_asked == len(pairs)  # coverage 1.0
     assert stats.oom_count > 0
     assert stats.batch_sizes == model.sizes
@@ -235,7 +267,7 @@ def test_oom_shrinks_then_grows_back(
     model.max_pairs = None
     budgets = [shrunk]
     for _ in range(6):
-        scores, stats = executor.score(pairs, lengths)
+        scores, stats = executor.score(feed)
         assert stats.oom_count == 0
         assert stats.pairs_scored == len(pairs)
         budgets.append(stats.max_batch_tokens)
@@ -252,6 +284,7 @@ def test_oom_on_a_single_pair_falls_back(
     lengths: list[int],
     bare: np.ndarray[Any, Any],
     device: str,
+    part: Any,
 ) -> None:
     """A device that cannot fit even one pair: the CPU model scores them (if any)."""
     calls: list[int] = []
@@ -260,11 +293,11 @@ def test_oom_on_a_single_pair_falls_back(
         calls.append(1)
         return reranker.model
 
-    subset, sublengths = pairs[:6], lengths[:6]
+    subset = pairs[:6]
     executor = CrossEncoderBatchExecutor(
         OomAbove(reranker.model, max_pairs=0), device, 4096, cpu_model=cpu_model
     )
-    scores, stats = executor.score(subset, sublengths)
+    scores, stats = executor.score(part(6))
     assert stats.oom_count > 0
     if device == "cuda":
         assert calls == [1]  # the CPU copy is built once, on first use
@@ -278,13 +311,13 @@ def test_oom_on_a_single_pair_falls_back(
         assert stats.fallbacks["unreranked"] > 0
 
 
-def test_other_runtime_errors_propagate(pairs: list[tuple[str, str]], lengths: list[int]) -> None:
+def test_other_runtime_errors_propagate(reranker: Loaded, feed: Feed) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
-        Raising(), "cuda", 4096, time_limit_s=5.0, cpu_model=lambda: None
+        Raising(reranker.model), "cuda", 4096, time_limit_s=5.0, cpu_model=lambda: None
     )
     with pytest.raises(RuntimeError, match="boom"):
-        executor.score(pairs, lengths)
+        executor.score(feed)
     assert_alarm_untouched(handler)
 
 
@@ -294,7 +327,7 @@ UNIFORM = [10] * 12  # with a budget of 40: batches of exactly 4 pairs
 
 
 def test_timeout_splits_the_batch(
-    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any], part: Any
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
@@ -305,7 +338,7 @@ def test_timeout_splits_the_batch(
         before_batch=sleeper(0.5, when=lambda indices: len(indices) > 2),
     )
     started = time.monotonic()
-    scores, stats = executor.score(pairs[:12], UNIFORM)
+    scores, stats = executor.score(part(12, UNIFORM))
     assert time.monotonic() - started < 3.0  # interrupted at 0.2 s, not slept out
     assert stats.pairs_scored == 12
     assert stats.timeout_count == 3
@@ -316,13 +349,13 @@ def test_timeout_splits_the_batch(
 
 
 def test_timeout_everywhere_leaves_pairs_unreranked(
-    reranker: Loaded, pairs: list[tuple[str, str]]
+    reranker: Loaded, pairs: list[tuple[str, str]], part: Any
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
         reranker.model, "cpu", 40, time_limit_s=0.2, before_batch=sleeper(0.5)
     )
-    scores, stats = executor.score(pairs[:4], UNIFORM[:4])
+    scores, stats = executor.score(part(4, UNIFORM[:4]))
     assert scores == [None] * 4
     assert stats.pairs_scored / stats.pairs_asked < 1
     assert stats.pairs_scored == 0
@@ -333,7 +366,7 @@ def test_timeout_everywhere_leaves_pairs_unreranked(
 
 
 def test_timeout_of_one_half_costs_only_that_half(
-    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any], part: Any
 ) -> None:
     executor = CrossEncoderBatchExecutor(
         reranker.model,
@@ -342,7 +375,7 @@ def test_timeout_of_one_half_costs_only_that_half(
         time_limit_s=0.2,
         before_batch=sleeper(0.5, when=lambda indices: 0 in indices),
     )
-    scores, stats = executor.score(pairs[:8], UNIFORM[:8])
+    scores, stats = executor.score(part(8, UNIFORM[:8]))
     assert stats.pairs_scored == 6
     missing = [i for i, s in enumerate(scores) if s is None]
     assert 0 in missing and len(missing) == 2
@@ -352,7 +385,7 @@ def test_timeout_of_one_half_costs_only_that_half(
 
 
 def test_timeout_falls_back_to_the_cpu_model(
-    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any], part: Any
 ) -> None:
     executor: CrossEncoderBatchExecutor | None = None
 
@@ -369,7 +402,7 @@ def test_timeout_falls_back_to_the_cpu_model(
         cpu_model=lambda: reranker.model,
         before_batch=slow_on_device,
     )
-    scores, stats = executor.score(pairs[:4], UNIFORM[:4])
+    scores, stats = executor.score(part(4, UNIFORM[:4]))
     assert stats.pairs_scored == 4
     assert stats.fallbacks == {"split": 1, "cpu": 2}
     assert stats.timeout_count == 3
@@ -378,7 +411,7 @@ def test_timeout_falls_back_to_the_cpu_model(
 
 
 def test_slow_cpu_fallback_leaves_pairs_unreranked(
-    reranker: Loaded, pairs: list[tuple[str, str]]
+    reranker: Loaded, pairs: list[tuple[str, str]], part: Any
 ) -> None:
     executor = CrossEncoderBatchExecutor(
         reranker.model,
@@ -388,21 +421,21 @@ def test_slow_cpu_fallback_leaves_pairs_unreranked(
         cpu_model=lambda: reranker.model,
         before_batch=sleeper(0.5),
     )
-    scores, stats = executor.score(pairs[:4], UNIFORM[:4])
+    scores, stats = executor.score(part(4, UNIFORM[:4]))
     assert scores == [None] * 4
     assert stats.fallbacks == {"split": 1, "unreranked": 2}
     assert stats.timeout_count == 5  # the batch, both halves, both CPU tries
 
 
 def test_off_the_main_thread_slow_batches_are_counted_and_kept(
-    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any]
+    reranker: Loaded, pairs: list[tuple[str, str]], bare: np.ndarray[Any, Any], part: Any
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
         reranker.model, "cpu", 40, time_limit_s=0.1, before_batch=sleeper(0.2)
     )
     result: list[Any] = []
-    thread = threading.Thread(target=lambda: result.append(executor.score(pairs[:8], UNIFORM[:8])))
+    thread = threading.Thread(target=lambda: result.append(executor.score(part(8, UNIFORM[:8]))))
     thread.start()
     thread.join(timeout=30)
     scores, stats = result[0]
@@ -413,7 +446,9 @@ def test_off_the_main_thread_slow_batches_are_counted_and_kept(
     assert_alarm_untouched(handler)
 
 
-def test_previous_alarm_is_restored(reranker: Loaded, pairs: list[tuple[str, str]]) -> None:
+def test_previous_alarm_is_restored(
+    reranker: Loaded, pairs: list[tuple[str, str]], part: Any
+) -> None:
     fired: list[int] = []
 
     def previous(signum: int, frame: Any) -> None:
@@ -423,7 +458,7 @@ def test_previous_alarm_is_restored(reranker: Loaded, pairs: list[tuple[str, str
     try:
         signal.setitimer(signal.ITIMER_REAL, 5.0)
         executor = CrossEncoderBatchExecutor(reranker.model, "cpu", 4096, time_limit_s=2.0)
-        executor.score(pairs[:4], UNIFORM[:4])
+        executor.score(part(4, UNIFORM[:4]))
         assert signal.getsignal(signal.SIGALRM) is previous
         remaining, _ = signal.getitimer(signal.ITIMER_REAL)
         assert 3.0 < remaining <= 5.0
@@ -433,7 +468,7 @@ def test_previous_alarm_is_restored(reranker: Loaded, pairs: list[tuple[str, str
             reranker.model, "cpu", 4096, time_limit_s=2.0, before_batch=sleeper(0.2)
         )
         signal.setitimer(signal.ITIMER_REAL, 0.05)
-        _, stats = slow.score(pairs[:4], UNIFORM[:4])
+        _, stats = slow.score(part(4, UNIFORM[:4]))
         time.sleep(0.05)
         assert stats.timeout_count == 0
         assert fired == [signal.SIGALRM]
@@ -462,7 +497,7 @@ def test_auto_probes_the_first_real_batch(tmp_path: Path, monkeypatch: Any) -> N
     that loses at full batch size."""
     from shared.schemas import Candidate, FusedGroup, QueryCandidates
     from workers.inference.batch_runner import first_batch
-    from workers.inference.rerank import RERANK, model_max_length, rerank_fused
+    from workers.inference.rerank import RERANK, rerank_fused
 
     folder = build_tiny_cross_encoder(tmp_path / "tiny-ce")
     rng = random.Random(3)
@@ -498,8 +533,7 @@ def test_auto_probes_the_first_real_batch(tmp_path: Path, monkeypatch: Any) -> N
     rerank_fused(inference, group, str(folder), 60, "fp32")
     staged = inference.models.stage(RERANK, str(folder), "cpu", "fp32").model
     pairs = [(q.text, texts[c.chunk_id]) for q in queries for c in q.candidates]
-    limit = model_max_length(staged)
-    lengths = [pair_lengths(staged.tokenizer, q, [p], limit)[0] for q, p in pairs]
+    lengths = pairs_feed(inference, staged, str(folder.resolve()), pairs).lengths
     expected = first_batch(pairs, lengths, default_batch_tokens("rerank", "cpu"))
     assert probes == [expected]
     assert 32 < len(expected) < len(pairs)

@@ -15,6 +15,7 @@ from typing import Any
 from shared import pipeline
 from shared.logs import get_logger
 from shared.schemas import (
+    ChunkBatch,
     EncodeBatch,
     ExportPart,
     FuseGroup,
@@ -26,8 +27,6 @@ from shared.schemas import (
     Vocabulary,
 )
 from workers.app import app, settings
-from workers.inference import dense
-from workers.inference.sparse import SparseVectorGenerator
 from workers.runtime.context import Job, WorkerContext
 from workers.runtime.measure import StageFigures, UnitOutcome, peak_kind
 from workers.runtime.middleware import Body, FleetTask
@@ -132,36 +131,54 @@ def seal(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
 # --- encode --------------------------------------------------------------------------
 
 
-def _encode(job: Job, msg: EncodeBatch, encode: Callable[[Any], UnitOutcome]) -> UnitOutcome:
-    """What every encode stage shares: read the staged batch, encode it, write the shard
-    to its deterministic key."""
-    outcome = encode(job.store.batch(msg.unit))
-    assert outcome.shard is not None, "an encode stage returns its shard"
-    job.store.put_shard(msg.stage, msg.unit, outcome.shard)
+def _encode(
+    ctx: WorkerContext,
+    job: Job,
+    msg: EncodeBatch,
+    encode: Callable[[list[ChunkBatch]], UnitOutcome],
+) -> UnitOutcome:
+    """What every encode stage shares: read the unit's staged batches (in parallel),
+    encode them together, and write each batch's shard to its deterministic key (in
+    parallel, all of them before the task returns and its message is acknowledged)."""
+    batches = ctx.io.map(job.store.batch, msg.batches)
+    outcome = encode(batches)
+    assert len(outcome.shards) == len(batches), "an encode stage returns a shard per batch"
+    ctx.io.map(
+        lambda pair: job.store.put_shard(msg.stage, *pair),
+        list(zip(msg.batches, outcome.shards, strict=True)),
+    )
     return outcome
 
 
 @unit_task("dense")
 def embed_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitOutcome:
-    """Encode one staged chunk batch with the job's dense ensemble."""
+    """Encode a unit's staged chunk batches with the job's dense ensemble."""
+    from workers.inference import dense  # torch at import: only model workers pay for it
+
     spec = job.spec
-    return _encode(
-        job,
-        msg,
-        lambda batch: dense.encode_batch(
-            ctx.inference, batch, spec.dense_models, spec.max_batch_tokens, msg.kind, spec.dtype
-        ),
-    )
+
+    def encode(batches: list[ChunkBatch]) -> UnitOutcome:
+        return dense.encode_batches(
+            ctx.inference, batches, spec.dense_models, spec.max_batch_tokens, msg.kind, spec.dtype
+        )
+
+    return _encode(ctx, job, msg, encode)
 
 
 @unit_task("sparse")
 def encode_sparse_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitOutcome:
-    """Sparse vectors (SPLADE, BM25 statistics) for one staged chunk batch; the first
-    unit of a job in a process also keeps each model's vocabulary beside the shards, for
-    the Parquet export's sparse columns."""
+    """Sparse vectors (SPLADE, BM25 statistics) for a unit's staged chunk batches; the
+    first unit of a job in a process also keeps each model's vocabulary beside the
+    shards, for the Parquet export's sparse columns."""
+    from workers.inference.sparse import SparseVectorGenerator
+
     spec = job.spec
     generator = SparseVectorGenerator(ctx.inference, spec.sparse_device, None, spec.dtype)
-    outcome = _encode(job, msg, lambda batch: generator.encode(batch, spec.sparse_models, msg.kind))
+
+    def encode(batches: list[ChunkBatch]) -> UnitOutcome:
+        return generator.encode_batches(batches, spec.sparse_models, msg.kind)
+
+    outcome = _encode(ctx, job, msg, encode)
     for model, terms in generator.vocabularies.items():
         _keep_vocabulary(ctx, job, Vocabulary(model=model, terms=terms))
     return outcome

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from celery import Celery
 
-from shared import ids
+from shared import ids, tokens
 from shared.celery_app import advance, send_unit
 from shared.job_store import JobStore, QueryText
 from shared.ledger import JobLedger
@@ -193,9 +193,19 @@ def _attach_texts(
         for batch_id in ledger.usable_batches():
             wanted.setdefault(batch_id, {}).update(unplaced)
     for batch_id, chunks in sorted(wanted.items()):
-        for chunk in store.batch(batch_id).chunks:
+        found = store.batch(batch_id)
+        staged = found.tokens
+        # The chunk stage's ids go with the texts, so the reranker lays its pairs out
+        # without tokenizing the passages again.
+        staged_ids = tokens.unpack(staged) if staged is not None else [None] * len(found.chunks)
+        for chunk, chunk_ids in zip(found.chunks, staged_ids, strict=True):
             for group in chunks.get(chunk.chunk_id, ()):
                 group.texts[chunk.chunk_id] = chunk.text
+                if staged is None or chunk_ids is None:
+                    continue
+                if group.tokenizer in ("", staged.tokenizer):
+                    group.tokenizer, group.id_dtype = staged.tokenizer, staged.dtype
+                    group.ids[chunk.chunk_id] = tokens.to_bytes(chunk_ids, staged.dtype)
 
 
 def fuse_messages(ledger: JobLedger, store: JobStore, spec: JobSpec) -> list[FuseGroup]:

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 
 from shared.errors import EmbedFleetError
 from shared.logs import get_logger
-from workers.runtime.measure import StageFigures, model_batch
+from workers.runtime.measure import StageFigures, model_batch, reset_peak
 
 log = get_logger("batches")
 
@@ -341,6 +341,7 @@ class BatchRunner:
         """
         work = _Pass(model, lengths, call, figures, fallback)
         work.pending.extend(token_budget_batches(lengths, self.budget.value))
+        reset_peak("cpu")  # a CPU's batches read the process's peak since here
         cut_at = self.budget.value
         while work.pending:
             if self.budget.value != cut_at:

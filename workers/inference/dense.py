@@ -1,17 +1,19 @@
-"""Dense ensemble encoding: every chunk of a batch through every sentence-transformers
+"""Dense ensemble encoding: every chunk of a unit through every sentence-transformers
 model of the job, in token-budget batches, as L2-normalised float32 vectors (one matrix
-per model, rows in chunk order)."""
+per model and staged batch, rows in chunk order)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 
 from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.inference.batch_runner import first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
+from workers.inference.feed import Feed, ModelInputs, forward, model_inputs, staged_ids, text_feed
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
 from workers.runtime.measure import StageFigures, UnitOutcome
@@ -56,6 +58,19 @@ def load_dense(
     return inference.models.get(DENSE, name, inference.device, dtype, probe)
 
 
+def dense_inputs(inference: Inference, loaded: Loaded, kind: BatchKind) -> ModelInputs:
+    """How a dense model takes documents (``encode``) or queries (``encode_query``: the
+    model's query prompt, if it has one, and ``task="query"``)."""
+    queries = kind == "queries"
+    return model_inputs(
+        inference,
+        ("dense", loaded.info.name, kind),
+        loaded.model,
+        prompt_name="query" if queries else None,
+        task="query" if queries else None,
+    )
+
+
 def encode_batch(
     inference: Inference,
     batch: ChunkBatch,
@@ -64,59 +79,106 @@ def encode_batch(
     kind: BatchKind = "documents",
     dtype: str = "auto",
 ) -> UnitOutcome:
-    """Encode every chunk of a staged batch with every model of the ensemble.
+    """:func:`encode_batches` of one staged batch."""
+    return encode_batches(inference, [batch], models, max_batch_tokens, kind, dtype)
 
-    Each model's chunks go through a :class:`~workers.inference.batch_runner.BatchRunner`
-    (longest first, batches within the padded-token budget); vectors are written back in
-    the batch's chunk order. A batch of queries goes through ``encode_query``, which
-    applies a model's query prompt where it has one (e5, bge). A chunk that runs out of
-    memory alone fails the unit (no vector is better than a wrong one).
+
+def encode_batches(
+    inference: Inference,
+    batches: list[ChunkBatch],
+    models: list[str],
+    max_batch_tokens: int | None = None,
+    kind: BatchKind = "documents",
+    dtype: str = "auto",
+) -> UnitOutcome:
+    """Encode every chunk of a unit's staged batches with every model of the ensemble.
+
+    The unit's chunks go through each model together (:class:`~workers.inference.feed.Feed`:
+    their staged ids where the model's tokenizer made them), in a
+    :class:`~workers.inference.batch_runner.BatchRunner`'s token-budget batches, longest
+    first across the whole unit, so a unit of several staged batches pads less than its
+    batches would one by one. Each batch's vectors stay on the device, L2-normalised
+    there, and come back in one copy per model; they are returned in chunk order, one
+    shard per staged batch. A batch of queries goes the way of ``encode_query`` (a
+    model's query prompt, its ``query`` task). A chunk that runs out of memory alone
+    fails the unit (no vector is better than a wrong one).
     """
-    texts = [chunk.text for chunk in batch.chunks]
-    # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
-    lengths = [chunk.n_tokens + 2 for chunk in batch.chunks]
+    chunks = [chunk for batch in batches for chunk in batch.chunks]
+    texts = [chunk.text for chunk in chunks]
+    # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out: the length of an
+    # item only the model's preprocess can lay out, and of the dtype probe's.
+    approximate = [chunk.n_tokens + 2 for chunk in chunks]
     device = inference.device
-    vectors: dict[str, Matrix] = {}
+    vectors: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
     infos: list[ModelInfo] = []
     sizes: list[int] = []
     figures = StageFigures()
+    tokens: list[int] = []
     # The ``auto`` probe runs the batch the model is about to run first, at its shape.
-    probe = first_batch(texts, lengths, max_batch_tokens or default_batch_tokens("dense", device))
+    budget = max_batch_tokens or default_batch_tokens("dense", device)
+    probe = first_batch(texts, approximate, budget)
     for name in models:
-        dense = load_dense(inference, name, dtype, probe)
-        out = np.zeros((len(texts), dense.info.dim), dtype=np.float32)
+        loaded = load_dense(inference, name, dtype, probe)
+        inputs = dense_inputs(inference, loaded, kind)
+        feed = text_feed(
+            inputs, texts, staged_ids(batches, inputs.identity), approximate.__getitem__
+        )
+        truncate_dim = getattr(loaded.model, "truncate_dim", None)
+        outputs: list[tuple[list[int], torch.Tensor]] = []
 
-        def run(model: Any, group: list[int], out: Any = out) -> None:
-            encode = model.encode_query if kind == "queries" else model.encode
-            out[group] = encode(
-                [texts[i] for i in group],
-                batch_size=len(group),
-                convert_to_numpy=True,
-                normalize_embeddings=False,
-                show_progress_bar=False,
-            )
+        def run(
+            model: Any,
+            group: list[int],
+            feed: Feed = feed,
+            outputs: Any = outputs,
+            truncate_dim: int | None = truncate_dim,
+        ) -> None:
+            out = forward(model, feed, group)["sentence_embedding"]
+            if truncate_dim:
+                out = out[:, :truncate_dim]
+            # Normalised on the device, in float32, as the shard keeps them.
+            outputs.append((group, torch.nn.functional.normalize(out.float(), p=2, dim=1)))
 
-        runner = inference.runner("dense", dense.info.name, device, max_batch_tokens)
-        done = runner.run(dense.model, lengths, run, figures=figures)
+        runner = inference.runner("dense", loaded.info.name, device, max_batch_tokens)
+        done = runner.run(loaded.model, feed.lengths, run, figures=figures)
         sizes += done.batch_sizes
-        vectors[dense.info.name] = Matrix.from_numpy(l2_normalise(out))
-        infos.append(dense.info)
-    shard = DenseShard(
-        job_id=batch.job_id,
-        batch_id=batch.batch_id,
-        chunk_ids=[chunk.chunk_id for chunk in batch.chunks],
-        vectors=vectors,
-    )
-    return UnitOutcome(
-        items=len(texts),
+        vectors[loaded.info.name] = gather_rows(outputs, len(texts))
+        infos.append(loaded.info)
+        tokens = tokens or feed.lengths
+
+    def shard(_: int, batch: ChunkBatch, rows: slice) -> DenseShard:
+        matrices = {name: Matrix.from_numpy(m[rows]) for name, m in vectors.items()}
+        chunk_ids = [chunk.chunk_id for chunk in batch.chunks]
+        return DenseShard(
+            job_id=batch.job_id, batch_id=batch.batch_id, chunk_ids=chunk_ids, vectors=matrices
+        )
+
+    return UnitOutcome.of_batches(
+        batches,
+        tokens,
+        shard,
         device=device,
-        shard=shard,
         batch_sizes=sizes,
         kind=kind,
-        tokens=sum(lengths),
         figures=figures,
         models=infos,
     )
+
+
+def gather_rows(
+    outputs: list[tuple[list[int], torch.Tensor]], rows: int
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Every batch's output rows ([items, width] each) back in item order, in one
+    device-to-host copy per device the batches ran on."""
+    width = int(outputs[0][1].shape[1]) if outputs else 0
+    out = np.zeros((rows, width), dtype=np.float32)
+    by_device: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+    for group, values in outputs:
+        by_device.setdefault(str(values.device), []).append((group, values))
+    for parts in by_device.values():
+        flat = torch.cat([values for _, values in parts]).to(torch.float32).cpu().numpy()
+        out[np.concatenate([np.asarray(group, dtype=np.int64) for group, _ in parts])] = flat
+    return out
 
 
 def l2_normalise(matrix: np.ndarray[Any, Any]) -> np.ndarray[Any, np.dtype[np.float32]]:

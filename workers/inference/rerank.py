@@ -26,10 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared import tokens
 from shared.schemas import FusedGroup, ModelInfo, RerankShard, RerankStats
 from workers.inference.batch_runner import BatchRunner, ItemFallback, TokenBudget, first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
+from workers.inference.feed import Feed, forward, model_inputs, pair_feed
+from workers.inference.layout import Ids
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import scores_agree
 from workers.runtime.measure import StageFigures
@@ -120,38 +123,6 @@ def model_max_length(model: Any) -> int:
     return min(value, cap) if cap else value
 
 
-def pair_lengths(tokenizer: Any, query: str, passages: list[str], max_length: int) -> list[int]:
-    """Token counts of each (query, passage) pair, as the CrossEncoder will see them.
-
-    The executor cuts batches by padded tokens, so it needs each pair's length with the
-    special tokens ([CLS] q [SEP] p [SEP]) and after the truncation the model applies.
-    One call of the (Rust) tokenizer over all pairs, without tensors, attention masks or
-    token type ids, keeps this cheap for thousands of pairs.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer (``CrossEncoder.tokenizer``).
-        query: The query, the first text of every pair.
-        passages: The second texts.
-        max_length: The model's limit (:func:`model_max_length`); longer pairs are
-            truncated to it, as the model truncates them.
-
-    Returns:
-        One count per passage, each at most ``max_length``.
-    """
-    if not passages:
-        return []
-    encoded = tokenizer(
-        [query] * len(passages),
-        passages,
-        add_special_tokens=True,
-        truncation=True,
-        max_length=max_length,
-        return_attention_mask=False,
-        return_token_type_ids=False,
-    )
-    return [min(len(ids), max_length) for ids in encoded["input_ids"]]
-
-
 # --- the executor --------------------------------------------------------------------
 
 
@@ -193,8 +164,8 @@ class CrossEncoderBatchExecutor:
         """Set up an executor for one model on one device.
 
         Args:
-            model: Anything with ``CrossEncoder.predict(sentences, batch_size=...,
-                show_progress_bar=False, convert_to_tensor=True)``.
+            model: A ``CrossEncoder``: its forward pass, ``activation_fn`` and (for
+                the inputs only its own ``preprocess`` lays out) ``preprocess``.
             device: The device ``model`` runs on; only ``cpu`` versus anything else
                 matters here (a CPU executor has no CPU fallback).
             max_batch_tokens: The initial and largest budget of padded tokens
@@ -243,40 +214,32 @@ class CrossEncoderBatchExecutor:
         """
         return self._runner.current_device
 
-    def score(
-        self, pairs: list[tuple[str, str]], lengths: list[int]
-    ) -> tuple[list[float | None], RerankStats]:
-        """Score every pair; ``None`` where neither the device nor the CPU could.
+    def score(self, feed: Feed) -> tuple[list[float | None], RerankStats]:
+        """Score every pair of a feed; ``None`` where neither the device nor the CPU could.
 
         Args:
-            pairs: (query, passage) pairs.
-            lengths: Token count of each pair with its special tokens
-                (:func:`pair_lengths`), to cut batches by padded size.
+            feed: The pairs' inputs (:func:`pairs_feed`): their ids (or texts) and each
+                pair's length with its special tokens, to cut batches by padded size.
 
         Returns:
-            The scores in the order of ``pairs`` and what it took to get them.
+            The scores in the order of the feed's pairs and what it took to get them.
 
         Raises:
-            ValueError: if ``pairs`` and ``lengths`` differ in length, or the model
-                returns more than one score per pair.
+            ValueError: if the model returns more than one score per pair.
             Exception: whatever the device model raises other than an out-of-memory
                 error (and the time-limit interruption): a broken model must fail the
                 task, not be papered over.
         """
-        if len(pairs) != len(lengths):
-            raise ValueError(f"{len(pairs)} pairs but {len(lengths)} lengths")
         # Scored batches whose values may still be on the device: read back at the end.
         results: list[tuple[list[int], torch.Tensor]] = []
 
         def predict(model: Any, group: list[int]) -> None:
-            batch = [list(pairs[i]) for i in group]
+            out = forward(model, feed, group)
             # A tensor, left where the model computed it: no device sync per batch.
-            output = model.predict(
-                batch, batch_size=len(batch), show_progress_bar=False, convert_to_tensor=True
-            )
-            results.append((group, _as_scores(output, len(group))))
+            results.append((group, _as_scores(model, out["scores"], len(group))))
 
         figures = StageFigures()
+        lengths = feed.lengths
         run = self._runner.run(
             self.model,
             lengths,
@@ -284,9 +247,9 @@ class CrossEncoderBatchExecutor:
             figures=figures,
             fallback=ItemFallback("unreranked", lambda group, reason: None),
         )
-        scores = _collect(results, len(pairs))
+        scores = _collect(results, len(lengths))
         stats = RerankStats(
-            pairs_asked=len(pairs),
+            pairs_asked=len(lengths),
             pairs_scored=sum(score is not None for score in scores),
             batch_sizes=run.batch_sizes,
             oom_count=run.oom_count,
@@ -315,24 +278,24 @@ def _collect(results: list[tuple[list[int], torch.Tensor]], n: int) -> list[floa
     return scores
 
 
-def _as_scores(output: Any, rows: int) -> torch.Tensor:
-    """``predict``'s output ([n] or [n, 1]; tensor, tensors or array) as one [n] tensor,
-    on the device it was computed on (shapes are checked without a device sync)."""
-    if isinstance(output, list) and output and isinstance(output[0], torch.Tensor):
-        output = torch.stack(output)
-    tensor = (
-        output.detach()
-        if isinstance(output, torch.Tensor)
-        else torch.as_tensor(np.asarray(output, dtype=np.float64))
-    )
-    if tensor.ndim == 2 and tensor.shape[1] == 1:
-        tensor = tensor[:, 0]
-    if tuple(tensor.shape) != (rows,):
+def _as_scores(model: Any, scores: torch.Tensor, rows: int) -> torch.Tensor:
+    """A batch's raw scores as ``predict`` makes them (in float32, through the model's
+    activation, one label squeezed) and as one [n] tensor on the device they were
+    computed on (shapes are checked without a device sync)."""
+    if torch.is_floating_point(scores) and torch.finfo(scores.dtype).bits < 32:
+        scores = scores.float()
+    activation = getattr(model, "activation_fn", None)
+    if activation is not None:
+        scores = activation(scores)
+    scores = scores.detach()
+    if scores.ndim == 2 and scores.shape[1] == 1:
+        scores = scores[:, 0]
+    if tuple(scores.shape) != (rows,):
         raise ValueError(
-            f"expected one score per pair ({rows}), got output of shape {tuple(tensor.shape)}: "
+            f"expected one score per pair ({rows}), got output of shape {tuple(scores.shape)}: "
             "a reranker needs a single-label CrossEncoder"
         )
-    return tensor
+    return scores
 
 
 # --- the rerank task's work ------------------------------------------------------------
@@ -370,29 +333,59 @@ def executor_for(
     return executor, loaded
 
 
+def pairs_feed(
+    inference: Inference,
+    model: Any,
+    name: str,
+    pairs: list[tuple[str, str]],
+    staged: list[Ids | None] | None = None,
+    identity: str = "",
+) -> Feed:
+    """The feed of (query, passage) pairs for a CrossEncoder: each distinct query
+    tokenized once with the model's tokenizer, each passage from its staged ids where
+    they were made by a tokenizer of the model's identity (``identity``), the rest
+    tokenized together in one call; truncated as the model truncates a pair."""
+    inputs = model_inputs(inference, ("rerank", name), model, pairs=True)
+    usable = staged if staged is not None and identity == inputs.identity else None
+    limit = model_max_length(model)
+
+    def approximate(i: int) -> int:
+        query, passage = pairs[i]
+        return min(limit, len(query.split()) + len(passage.split()) + 3)
+
+    return pair_feed(inputs, pairs, usable or [None] * len(pairs), approximate)
+
+
 def rerank_fused(
     inference: Inference, group: FusedGroup, model: str, rerank_top: int, dtype: str
 ) -> tuple[RerankShard, ModelInfo]:
     """Score the first ``rerank_top`` fused candidates of every query of a group.
 
     All pairs of the group go to the executor at once, so its token-budget batches mix
-    queries and stay full. The pairs are measured with the model's tokenizer first (the
-    model staged on the CPU is enough), so that the ``auto`` probe can run the first
-    real batch at its real shape.
+    queries and stay full. The pairs' ids are laid out first (with the model staged on
+    the CPU, which is enough: the passages' staged ids, each query tokenized once), so
+    that the ``auto`` probe can run the first real batch at its real shape.
     """
-    staged = inference.models.stage(RERANK, model, inference.device, dtype).model
-    max_length = model_max_length(staged)
+    staged = inference.models.stage(RERANK, model, inference.device, dtype)
     pairs: list[tuple[str, str]] = []
-    lengths: list[int] = []
+    passage_ids: list[Ids | None] = []
     owners: list[tuple[str, int]] = []
     for query in group.queries:
-        passages = [group.texts[c.chunk_id] for c in query.candidates[:rerank_top]]
-        pairs += [(query.text, passage) for passage in passages]
-        lengths += pair_lengths(staged.tokenizer, query.text, passages, max_length)
-        owners.append((query.query_id, len(passages)))
+        candidates = query.candidates[:rerank_top]
+        pairs += [(query.text, group.texts[c.chunk_id]) for c in candidates]
+        passage_ids += [
+            tokens.from_bytes(group.ids[c.chunk_id], group.id_dtype)
+            if c.chunk_id in group.ids
+            else None
+            for c in candidates
+        ]
+        owners.append((query.query_id, len(candidates)))
+    feed = pairs_feed(inference, staged.model, staged.name, pairs, passage_ids, group.tokenizer)
     budget = default_batch_tokens("rerank", inference.device)
-    executor, loaded = executor_for(inference, model, dtype, first_batch(pairs, lengths, budget))
-    scores, stats = executor.score(pairs, lengths)
+    executor, loaded = executor_for(
+        inference, model, dtype, first_batch(pairs, feed.lengths, budget)
+    )
+    scores, stats = executor.score(feed)
     by_query: dict[str, list[float | None]] = {}
     position = 0
     for query_id, count in owners:

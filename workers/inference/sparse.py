@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from shared.models import BM25
-from shared.schemas import BatchKind, ChunkBatch, ModelInfo, SparseRow, SparseShard
+from shared.schemas import BatchKind, Chunk, ChunkBatch, ModelInfo, SparseRow, SparseShard
 from workers.inference.batch_runner import ItemFallback, first_batch
 from workers.inference.devices import default_batch_tokens, sparse_device
 from workers.inference.engine import Inference
+from workers.inference.feed import Feed, forward, model_inputs, staged_ids, text_feed
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
 from workers.runtime.measure import StageFigures, UnitOutcome
@@ -119,50 +120,74 @@ class SparseVectorGenerator:
     def encode(
         self, batch: ChunkBatch, models: list[str], kind: BatchKind = "documents"
     ) -> UnitOutcome:
-        """Rows for every chunk and model. Queries go through ``encode_query`` (SPLADE's
-        query side) and give BM25 term counts without adding to document frequencies."""
+        """:meth:`encode_batches` of one staged batch."""
+        return self.encode_batches([batch], models, kind)
+
+    def encode_batches(
+        self, batches: list[ChunkBatch], models: list[str], kind: BatchKind = "documents"
+    ) -> UnitOutcome:
+        """Rows for every chunk of a unit's staged batches and every model, one shard per
+        batch. Queries go through ``encode_query`` (SPLADE's query side) and give BM25
+        term counts without adding to document frequencies."""
+        chunks = [chunk for batch in batches for chunk in batch.chunks]
         rows: dict[str, list[SparseRow]] = {}
         errors: list[str] = []
         sizes: list[int] = []
         infos: list[ModelInfo] = []
         figures = StageFigures()
-        doc_freqs: dict[str, int] = {}
-        texts = [chunk.text for chunk in batch.chunks]
+        doc_freqs: list[dict[str, int]] = [{} for _ in batches]
+        texts = [chunk.text for chunk in chunks]
         # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
-        lengths = [chunk.n_tokens + 2 for chunk in batch.chunks]
+        approximate = [chunk.n_tokens + 2 for chunk in chunks]
+        tokens: list[int] = []
         for name in models:
             if name == BM25:
-                rows[name], freqs = self._bm25(texts)
-                doc_freqs = freqs if kind == "documents" else {}
+                rows[name] = []
+                for i, batch in enumerate(batches):
+                    batch_rows, freqs = self._bm25([chunk.text for chunk in batch.chunks])
+                    rows[name] += batch_rows
+                    doc_freqs[i] = freqs if kind == "documents" else {}
                 continue
             try:
                 # The probe that decides whether ``auto`` may keep bf16: the first
                 # model batch, at its real shape.
                 budget = self.max_batch_tokens or default_batch_tokens("sparse", self.device)
-                probe = first_batch(texts, lengths, budget)
+                probe = first_batch(texts, approximate, budget)
                 sparse = self.inference.models.get(SPARSE, name, self.device, self.dtype, probe)
             except Exception as exc:  # unloadable model: fall back for the whole batch
                 errors.append(f"{name}: load failed: {type(exc).__name__}: {exc}"[:300])
-                rows[name] = [metadata_row(chunk.metadata) for chunk in batch.chunks]
+                rows[name] = [metadata_row(chunk.metadata) for chunk in chunks]
                 continue
             infos.append(sparse.info)
-            rows[name] = self._live(sparse, batch, lengths, errors, sizes, kind, figures)
-        shard = SparseShard(
-            job_id=batch.job_id,
-            batch_id=batch.batch_id,
-            chunk_ids=[chunk.chunk_id for chunk in batch.chunks],
-            rows=rows,
-            doc_freqs=doc_freqs,
-            errors=errors,
-            batch_sizes=sizes,
-        )
-        return UnitOutcome(
-            items=len(batch.chunks),
+            queries = kind == "queries"
+            inputs = model_inputs(
+                self.inference,
+                ("sparse", sparse.info.name, kind),
+                sparse.model,
+                prompt_name="query" if queries else None,
+                task="query" if queries else None,
+            )
+            feed = text_feed(
+                inputs, texts, staged_ids(batches, inputs.identity), approximate.__getitem__
+            )
+            rows[name] = self._live(sparse, chunks, feed, errors, sizes, figures)
+            tokens = tokens or feed.lengths
+        tokens = tokens or approximate
+        return UnitOutcome.of_batches(
+            batches,
+            tokens,
+            lambda index, batch, part: SparseShard(
+                job_id=batch.job_id,
+                batch_id=batch.batch_id,
+                chunk_ids=[chunk.chunk_id for chunk in batch.chunks],
+                rows={name: model_rows[part] for name, model_rows in rows.items()},
+                doc_freqs=doc_freqs[index],
+                errors=errors,
+                batch_sizes=sizes,
+            ),
             device=self.device,
-            shard=shard,
             batch_sizes=sizes,
             kind=kind,
-            tokens=sum(chunk.n_tokens for chunk in batch.chunks),
             figures=figures,
             models=infos,
         )
@@ -170,25 +195,27 @@ class SparseVectorGenerator:
     def _live(
         self,
         sparse: Loaded,
-        batch: ChunkBatch,
-        lengths: list[int],
+        chunks: list[Chunk],
+        feed: Feed,
         errors: list[str],
         sizes: list[int],
-        kind: BatchKind,
         figures: StageFigures,
     ) -> list[SparseRow]:
         """Rows from the model, in adaptive token-budget batches. A batch that fails
         (a single chunk out of memory, a time limit, a broken input) falls back to
-        metadata weights for its chunks, and the rest of the batch goes on."""
+        metadata weights for its chunks, and the rest of the batch goes on. Each batch's
+        vectors stay on the device until the unit's end, when their non-zeros come back
+        in one copy per device."""
         import torch
 
-        chunks = batch.chunks
         name = sparse.info.name
         vocab: list[str] = self.inference.once(
             ("vocabulary", name), lambda: vocabulary(sparse.model.tokenizer)
         )
         self.vocabularies[name] = vocab
         out: list[SparseRow | None] = [None] * len(chunks)
+        outputs: list[tuple[list[int], torch.Tensor]] = []
+        max_active_dims = getattr(sparse.model, "max_active_dims", None)
 
         def fall_back(group: list[int], reason: str) -> None:
             errors.append(f"{name}: {reason}"[:300])
@@ -196,31 +223,30 @@ class SparseVectorGenerator:
                 out[position] = metadata_row(chunks[position].metadata)
 
         def run(model: Any, group: list[int]) -> None:
-            encode = model.encode_query if kind == "queries" else model.encode
             try:
-                encoded = encode(
-                    [chunks[i].text for i in group],
-                    batch_size=len(group),
-                    convert_to_tensor=True,
-                    show_progress_bar=False,
-                )
+                vectors = forward(model, feed, group)["sentence_embedding"]
+                if max_active_dims is not None:
+                    from sentence_transformers.util import select_max_active_dims
+
+                    vectors = select_max_active_dims(vectors, max_active_dims=max_active_dims)
             except torch.cuda.OutOfMemoryError:
                 raise  # the runner halves the budget and re-cuts (or falls back)
             except Exception as exc:  # a time limit, a broken input: fall back, go on
                 fall_back(group, f"{type(exc).__name__}: {exc}")
                 return
-            for position, row in zip(group, _rows(encoded, vocab), strict=True):
-                out[position] = row
+            outputs.append((group, vectors.to_dense() if vectors.is_sparse else vectors))
 
         runner = self.inference.runner("sparse", name, self.device, self.max_batch_tokens)
         done = runner.run(
             sparse.model,
-            lengths,
+            feed.lengths,
             run,
             figures=figures,
             fallback=ItemFallback("metadata", fall_back),
         )
         sizes += done.batch_sizes
+        for position, row in _rows(outputs, vocab):
+            out[position] = row
         return [
             row if row is not None else SparseRow(tokens=[], weights=[], source="missing")
             for row in out
@@ -245,15 +271,33 @@ class SparseVectorGenerator:
         return rows, dict(doc_freqs)
 
 
-def _rows(encoded: Any, vocab: list[str]) -> list[SparseRow]:
-    """A sparse [n, vocab] tensor into rows of (token, weight), zeros dropped."""
+def _rows(outputs: list[tuple[list[int], Any]], vocab: list[str]) -> list[tuple[int, SparseRow]]:
+    """Each item's (token, weight) row, zeros dropped, from every batch's [n, vocab]
+    vectors: their non-zeros found on the device they ran on and copied back in one go
+    per device."""
     import torch
 
-    dense_rows = encoded.to_dense() if encoded.is_sparse else encoded
-    rows: list[SparseRow] = []
-    for vector in dense_rows.to(torch.float32).cpu():
-        ids = torch.nonzero(vector, as_tuple=True)[0]
-        rows.append(
-            SparseRow(tokens=[vocab[i] for i in ids.tolist()], weights=vector[ids].tolist())
-        )
-    return rows
+    by_device: dict[str, list[tuple[list[int], Any]]] = {}
+    for group, vectors in outputs:
+        by_device.setdefault(str(vectors.device), []).append((group, vectors))
+    found: list[tuple[int, SparseRow]] = []
+    for parts in by_device.values():
+        stacked = torch.cat([vectors for _, vectors in parts]).to(torch.float32)
+        order = [position for group, _ in parts for position in group]
+        where = torch.nonzero(stacked, as_tuple=True)
+        values = stacked[where].cpu().numpy()
+        rows, columns = (index.cpu().numpy() for index in where)
+        # Non-zeros come row by row, columns ascending within a row.
+        bounds = np.searchsorted(rows, np.arange(len(order) + 1))
+        for i, position in enumerate(order):
+            lo, hi = bounds[i], bounds[i + 1]
+            found.append(
+                (
+                    position,
+                    SparseRow(
+                        tokens=[vocab[c] for c in columns[lo:hi].tolist()],
+                        weights=values[lo:hi].tolist(),
+                    ),
+                )
+            )
+    return found

@@ -15,7 +15,7 @@ import time
 from celery import Celery
 
 from shared import ids
-from shared.celery_app import advance, send_encode_units, send_resume
+from shared.celery_app import EncodeUnits, advance, send_resume
 from shared.chunking import Chunker, ChunkTally, chunk_batches
 from shared.job_store import JobStore
 from shared.ledger import JobLedger
@@ -51,12 +51,17 @@ def chunk_range(
     records = read_range(plan.kind, plan.ranges[index], progress, spec.fields, transient_window_s)
     # Bad records and duplicates were listed by the validate and dedupe phases.
     documents = (r for r in records if isinstance(r, Document) and r.id not in excluded)
-    for chunks in chunk_batches(chunker, documents, spec.batch_chunks, tally):
-        batch_id = ids.range_batch_id(index, len(batches))
-        store.put_batch(ChunkBatch(job_id=spec.job_id, batch_id=batch_id, chunks=chunks))
-        ledger.record_staged(batch_id, len(chunks), -1, -1, [c.chunk_id for c in chunks])
-        send_encode_units(app, spec, batch_id, "documents")
-        batches[batch_id] = len(chunks)
+    with EncodeUnits(app, spec, "documents") as units:
+        for run in chunk_batches(chunker, documents, spec.batch_chunks, tally):
+            chunks = run.chunks
+            batch_id = ids.range_batch_id(index, len(batches))
+            batch = ChunkBatch(
+                job_id=spec.job_id, batch_id=batch_id, chunks=chunks, tokens=run.tokens
+            )
+            store.put_batch(batch)
+            ledger.record_staged(batch_id, len(chunks), -1, -1, [c.chunk_id for c in chunks])
+            units.add(batch_id, sum(run.tokens.lengths))
+            batches[batch_id] = len(chunks)
     chunked = RangeChunked(
         documents=tally.documents,
         chunks=tally.chunks,

@@ -36,6 +36,7 @@ from shared.settings import Settings
 from shared.storage import ObjectStore, open_store
 from workers.inference.engine import Inference
 from workers.runtime.heap import HeapKeeper
+from workers.runtime.parallel_io import ParallelIO
 
 # Queues whose work runs on a GPU when there is one.
 GPU_QUEUES = frozenset({"dense", "rerank"})
@@ -84,6 +85,7 @@ class WorkerContext:
         redis: This process's Redis client (broker and ledger).
         inference: Its models, learned budgets and device.
         heap: Its RSS ceiling (``workers.runtime.heap``), checked after every unit.
+        io: Reads and writes of a unit's several objects at once.
         host: The host's name, for reports.
     """
 
@@ -92,6 +94,7 @@ class WorkerContext:
     inference: Inference
     host: str = field(default_factory=socket.gethostname)
     heap: HeapKeeper = field(default_factory=HeapKeeper)
+    io: ParallelIO = field(default_factory=ParallelIO)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
     _kept: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
@@ -119,14 +122,15 @@ class WorkerContext:
         return self._stores[url]
 
     def job(self, job_id: str) -> Job:
-        """A job's spec (read from the ledger once per process), ledger and store."""
-        ledger = self.ledger(job_id)
+        """A job's spec (read from the ledger once per process), ledger (which keeps the
+        spec, so its phase checks read it from Redis no more) and store."""
         spec = self._specs.get(job_id)
         if spec is None:
-            spec = ledger.spec()
+            spec = self.ledger(job_id).spec()
             self._specs[job_id] = spec
             while len(self._specs) > KEPT_SPECS:
                 self._specs.popitem(last=False)
+        ledger = JobLedger(self.redis, job_id, spec)
         return Job(spec, ledger, JobStore.of(spec, self.store(spec.output)))
 
     def chunker(self, job: Job) -> Chunker:
@@ -138,11 +142,10 @@ class WorkerContext:
                 self._chunkers.popitem(last=False)
         return chunker
 
-    def record_model(self, job: Job, info: ModelInfo) -> None:
-        """A model a unit used, in the ledger (every time: the ledger may have been
-        rebuilt) and in the store (once per process and job: the store's copy is what a
-        rebuilt ledger's model table comes from)."""
-        job.ledger.record_model(info)
+    def keep_model(self, job: Job, info: ModelInfo) -> None:
+        """A model a unit used, in the store (once per process and job: the store's copy
+        is what a rebuilt ledger's model table comes from; the ledger's own copy goes
+        with the unit's record, :meth:`~shared.ledger.JobLedger.record_done_many`)."""
         self.once_per_job(job, f"model:{info.kind}:{info.name}", lambda: job.store.put_model(info))
 
     def once_per_job(self, job: Job, what: str, write: Callable[[], None]) -> None:

@@ -11,17 +11,19 @@ the process's peak resident set on a CPU (Linux's ``VmHWM``, reset per batch thr
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
-from shared.schemas import BatchKind, ModelInfo, Struct
+from shared.schemas import BatchKind, ChunkBatch, ModelInfo, Struct
 from shared.telemetry import tracer
 
 # Span attribute names, shared by every stage (and read back by the tests).
@@ -65,14 +67,31 @@ def read_peak(device: str) -> int:
         import torch
 
         return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return _RSS_PEAK.read()
+
+
+class _RssPeak:
+    """The process's peak resident set (Linux's ``VmHWM``), read through one open file
+    kept per process: a model batch on a CPU can take a millisecond, and opening
+    ``/proc/self/status`` for every one would cost a noticeable part of it."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._pid = 0
+
+    def read(self) -> int:
+        try:
+            if self._fd is None or self._pid != os.getpid():  # none yet, or forked since
+                self._fd, self._pid = os.open("/proc/self/status", os.O_RDONLY), os.getpid()
+            status = os.pread(self._fd, 8192, 0)
+            at = status.index(b"VmHWM:")
+            return int(status[at + 6 : status.index(b"kB", at)]) * 1024
+        except (OSError, ValueError):
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+_RSS_PEAK = _RssPeak()
 
 
 def peak_kind(device: str) -> str:
@@ -111,6 +130,9 @@ def model_batch(
 
     An out-of-memory error is recorded on the span (``embed_fleet.out_of_memory``) and
     re-raised for the caller's recovery; the span still ends with its latency and peak.
+    A GPU's peak is the batch's own (reset before it); a CPU's is the process's since
+    its run of batches began (:func:`reset_peak` once per run: resetting an RSS peak
+    costs as much as reading one).
     """
     record = BatchRecord()
     attributes: dict[str, str | int | float | bool] = {
@@ -125,7 +147,8 @@ def model_batch(
     with tracer().start_as_current_span(
         f"{stage}.batch", attributes=attributes, record_exception=False
     ) as span:
-        reset_peak(device)
+        if is_cuda(device):
+            reset_peak(device)
         started = time.perf_counter()
         try:
             yield record
@@ -141,12 +164,31 @@ def model_batch(
             span.set_attribute(ATTR_OUT_OF_MEMORY, record.out_of_memory)
 
 
+@dataclass(frozen=True)
+class UnitPart:
+    """One staged batch of a unit that encoded several: the ledger counts each (see
+    :class:`~shared.schemas.EncodeBatch`).
+
+    Attributes:
+        unit: The batch's id.
+        items: Its chunks (or queries).
+        tokens: Its tokens.
+    """
+
+    unit: str
+    items: int
+    tokens: int
+
+
 @dataclass
 class UnitOutcome:
     """What a unit did, as its task writes it and the ledger records it.
 
     Attributes:
-        shard: An encode stage's output, which its task writes to the job store.
+        shards: An encode stage's output, one shard per staged batch, which its task
+            writes to the job store.
+        parts: The staged batches of an encode unit, as the ledger records them (empty:
+            the unit is one thing).
         items: What it processed (chunks, queries served, pairs asked).
         device: Where it ran.
         batch_sizes: Sizes of its model batches.
@@ -159,10 +201,39 @@ class UnitOutcome:
 
     items: int
     device: str
-    shard: Struct | None = None
+    shards: list[Struct] = field(default_factory=list)
+    parts: list[UnitPart] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
     kind: BatchKind = "documents"
     tokens: int = 0
     figures: StageFigures = field(default_factory=StageFigures)
     models: list[ModelInfo] = field(default_factory=list)
     items_missed: int = 0
+
+    @classmethod
+    def of_batches(
+        cls,
+        batches: Sequence[ChunkBatch],
+        tokens: Sequence[int],
+        shard: Callable[[int, ChunkBatch, slice], Struct],
+        **figures: Any,
+    ) -> UnitOutcome:
+        """The outcome of an encode unit whose rows (``tokens``, one per chunk, in
+        batch order) cover ``batches``: ``shard(index, batch, rows)`` writes each staged
+        batch's shard from its slice of the rows, and the ledger counts each batch as a
+        part. ``figures`` are the other fields (device, batch sizes, models, ...)."""
+        shards: list[Struct] = []
+        parts: list[UnitPart] = []
+        start = 0
+        for index, batch in enumerate(batches):
+            end = start + len(batch.chunks)
+            shards.append(shard(index, batch, slice(start, end)))
+            parts.append(UnitPart(batch.batch_id, end - start, sum(tokens[start:end])))
+            start = end
+        return cls(items=start, shards=shards, parts=parts, tokens=sum(tokens), **figures)
+
+    @property
+    def shard(self) -> Struct:
+        """The one shard of a unit of one staged batch."""
+        assert len(self.shards) == 1, f"a unit of {len(self.shards)} shards"
+        return self.shards[0]

@@ -24,8 +24,10 @@ The hooks, in order:
 5. :class:`TorchThreads`: a model stage's process takes its share of the host's cores
    among the workers that have work (``workers.runtime.threads``).
 6. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
-   its models) in the ledger and, when that completes its phase, enqueues what follows;
-   records a unit that kept failing so the job can still finish (``partial``).
+   its models; each staged batch of a unit that encoded several) in the ledger, in one
+   round trip, and, when that completes its phase, enqueues what follows; records a
+   unit that kept failing so the job can still finish (``partial``), after sending each
+   batch of a unit of several again on its own, so that one bad batch fails alone.
 
 The GPU lease is a worker-level hook, taken at worker start (``workers.runtime.gpu_lease``).
 """
@@ -45,10 +47,10 @@ from celery import Task
 from opentelemetry import trace
 
 from shared import pipeline
-from shared.celery_app import advance
+from shared.celery_app import advance, send_unit
 from shared.errors import BadInputError, EmbedFleetError
 from shared.logs import get_logger
-from shared.schemas import BatchFailure, BatchReport, JobStep, Struct
+from shared.schemas import BatchFailure, BatchReport, EncodeBatch, JobStep, Struct
 from shared.telemetry import tracer
 from workers.runtime.context import Job, WorkerContext, context_of
 from workers.runtime.heap import MIB, rss
@@ -212,7 +214,7 @@ class LedgerReporting(Middleware):
             return
         ledger = unit.job.ledger
         for info in outcome.models:
-            unit.context.record_model(unit.job, info)
+            unit.context.keep_model(unit.job, info)
         activity = unit.context.inference.models.stats.since(unit.notes.get(ModelActivity.name))
         unit.report = BatchReport(
             batch_id=unit.unit,
@@ -230,7 +232,7 @@ class LedgerReporting(Middleware):
             # peak memory, OOM count, learned budgets: the report's fields of those names
             **dataclasses.asdict(outcome.figures),
         )
-        if ledger.record_done(unit.report):
+        if ledger.record_done_many(_part_reports(unit.report, outcome), outcome.models):
             advance(unit.task.app, unit.job.spec, pipeline.stage(unit.stage).phase)
 
     def gave_up(self, task: FleetTask, payload: dict[str, Any], exc: BaseException) -> None:
@@ -258,6 +260,21 @@ class LedgerReporting(Middleware):
             )
             context.job(job_id).store.delete_work()
             return
+        batch_ids = payload.get("batch_ids") or []
+        if task.stage and stage and len(batch_ids) > 1:
+            # A unit of several staged batches that keeps failing is likely one bad batch
+            # (a chunk out of memory alone, a lost object): each batch goes again on its
+            # own, so only a batch that fails alone is recorded as failed.
+            kind = payload.get("kind", "documents")
+            for batch_id in batch_ids:
+                alone = EncodeBatch(job_id=job_id, stage=stage, unit=str(batch_id), kind=kind)
+                send_unit(task.app, alone)
+            fields = {"job_id": job_id, "stage": stage, "batches": len(batch_ids)}
+            log.warning(
+                "a unit kept failing; its batches go again one by one",
+                extra={"fields": {**fields, "error": reason}},
+            )
+            return
         if task.stage and stage:
             failure = BatchFailure(
                 batch_id=str(payload.get("unit", "?")), stage=stage, reason=reason
@@ -266,6 +283,35 @@ class LedgerReporting(Middleware):
                 advance(task.app, ledger.spec(), pipeline.stage(stage).phase)
         else:
             ledger.fail(f"{task.name} failed: {reason}", context.settings.ledger_ttl)
+
+
+def _part_reports(report: BatchReport, outcome: UnitOutcome) -> list[BatchReport]:
+    """The ledger's records of a unit: itself, or one per staged batch of a unit that
+    encoded several. Each batch counts its own chunks and tokens and the unit's time
+    (it took that long to come back); what was the unit's as a whole (its model
+    batches, out-of-memory errors, model loads) goes with its first batch only, so a
+    stage's sums stay what its workers did."""
+    if not outcome.parts:
+        return [report]
+    first, *rest = outcome.parts
+    head = msgspec.structs.replace(
+        report, batch_id=first.unit, chunks=first.items, tokens=first.tokens
+    )
+    return [head] + [
+        msgspec.structs.replace(
+            report,
+            batch_id=part.unit,
+            chunks=part.items,
+            tokens=part.tokens,
+            batch_sizes=[],
+            oom_count=0,
+            items_missed=0,
+            model_loads=0,
+            hydrations=0,
+            evictions=0,
+        )
+        for part in rest
+    ]
 
 
 class HeapTrimming(Middleware):

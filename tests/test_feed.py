@@ -1,0 +1,317 @@
+"""Token ids computed once: staged with the chunks, laid out per model, and vectors equal
+to the models' own ``encode`` / ``predict`` (the real models, the real loading code).
+
+Every encoder here is compared in fp32 with sentence-transformers on the same texts, at
+most 1e-5 apart: all-MiniLM-L6-v2 from the staged ids, a model with a byte-level BPE
+tokenizer of its own (tokenized in the worker, truncated at its own limit), a model with
+a query prompt (its own ``preprocess``), SPLADE-tiny from the staged ids, and a
+CrossEncoder whose passages come from the staged ids.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from crossencoder import build_tiny_cross_encoder
+from test_dense import chunker
+from tiny_models import bpe_tokenizer, build_bpe_sentence_transformer, build_prompted_minilm
+
+from shared import tokens
+from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer
+from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
+from shared.schemas import Candidate, ChunkBatch, Document, FusedGroup, QueryCandidates
+from workers.inference import dense
+from workers.inference.engine import Inference
+from workers.inference.feed import staged_ids, text_feed
+from workers.inference.layout import _longest_first, learn_layout
+from workers.inference.rerank import load_cross_encoder, pairs_feed, rerank_fused
+from workers.inference.sparse import SparseVectorGenerator
+
+CRANFIELD = Path(__file__).resolve().parents[1] / "examples" / "cranfield" / "corpus.jsonl"
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def cranfield(count: int) -> list[Document]:
+    lines = CRANFIELD.read_text().splitlines()[:count]
+    records = [json.loads(line) for line in lines]
+    return [Document(id=r["_id"], text=r["text"], title=r.get("title", "")) for r in records]
+
+
+def staged(
+    docs: list[Document], batch_chunks: int = 64, cut: Chunker | None = None
+) -> list[ChunkBatch]:
+    """The batches the chunk stage stages for these documents (with their ids)."""
+    runs = chunk_batches(cut or chunker(), docs, batch_chunks, ChunkTally())
+    return [
+        ChunkBatch(job_id="j", batch_id=f"b{i:05d}", chunks=run.chunks, tokens=run.tokens)
+        for i, run in enumerate(runs)
+    ]
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[ChunkBatch]:
+    return staged(cranfield(120))
+
+
+@pytest.fixture(scope="module")
+def texts(batches: list[ChunkBatch]) -> list[str]:
+    return [chunk.text for batch in batches for chunk in batch.chunks]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("feed-models")
+    return {
+        "bpe": str(build_bpe_sentence_transformer(folder / "bpe")),
+        "prompted": str(build_prompted_minilm(folder / "prompted")),
+        "cross": str(build_tiny_cross_encoder(folder / "cross")),
+    }
+
+
+# --- staged ids --------------------------------------------------------------------------
+
+
+def test_staged_ids_are_what_the_tokenizer_gives(batches: list[ChunkBatch]) -> None:
+    tokenizer = chunker().tokenizer
+    for batch in batches:
+        assert batch.tokens is not None and batch.tokens.dtype == "uint16"
+        expected = tokenizer([c.text for c in batch.chunks], add_special_tokens=False)
+        got = [ids.tolist() for ids in tokens.unpack(batch.tokens)]
+        assert got == expected["input_ids"]
+        assert [len(ids) for ids in got] == [c.n_tokens for c in batch.chunks]
+    # Two bytes an id: a batch's ids are smaller than its texts.
+    size = sum(len(b.tokens.ids) for b in batches if b.tokens)
+    assert size < sum(len(t.encode()) for b in batches for t in (c.text for c in b.chunks))
+
+
+@pytest.mark.parametrize("overlap", [0, 24])
+def test_windows_of_a_long_document_keep_exact_ids(overlap: int) -> None:
+    """A long document's windows are slices of its ids for a word-separable tokenizer
+    (WordPiece), and tokenised again for one that is not (byte-level BPE); either way
+    each chunk's ids are exactly its own text's."""
+    text = " ".join(doc.text for doc in cranfield(40))
+    word_piece = Chunker(chunker().tokenizer, 96, overlap)
+    bpe = Chunker(bpe_tokenizer(), 96, overlap)  # type: ignore[arg-type]
+    assert word_piece.word_separable and not bpe.word_separable
+    for cut in (word_piece, bpe):
+        (chunks,) = cut.cut([Document(id="long", text=f"  {text}\n")])
+        assert len(chunks) > 5
+        expected = cut.tokenizer([c.text for c, _ in chunks], add_special_tokens=False)
+        assert [ids for _, ids in chunks] == expected["input_ids"]
+
+
+def test_identity_is_what_decides_the_ids() -> None:
+    minilm = load_tokenizer(str(resolve_model(DEFAULT_DENSE_MODEL).path))
+    splade = load_tokenizer(str(resolve_model(BUNDLED_SPLADE).path))
+    identity = tokens.tokenizer_identity(minilm.backend_tokenizer)
+    # The two tokenizer.json files differ only in truncation and padding.
+    assert tokens.tokenizer_identity(splade.backend_tokenizer) == identity
+    backend = minilm.backend_tokenizer
+    backend.enable_truncation(17)
+    backend.enable_padding(length=40)
+    assert tokens.tokenizer_identity(backend) == identity
+    other = load_tokenizer(str(resolve_model(DEFAULT_DENSE_MODEL).path))
+    other.add_tokens(["hypersonicity"])
+    assert tokens.tokenizer_identity(other.backend_tokenizer) != identity
+    assert tokens.tokenizer_identity(bpe_tokenizer().backend_tokenizer) != identity  # type: ignore[attr-defined]
+
+
+def test_ids_pack_in_two_or_four_bytes() -> None:
+    small = tokens.pack("t", tokens.id_dtype(30522), [[1, 2, 65535], [], [7]])
+    assert small.dtype == "uint16" and len(small.ids) == 8
+    assert [ids.tolist() for ids in tokens.unpack(small)] == [[1, 2, 65535], [], [7]]
+    large = tokens.pack("t", tokens.id_dtype(250_002), [[70_000, 3]])
+    assert large.dtype == "uint32" and tokens.unpack(large)[0].tolist() == [70_000, 3]
+    small.lengths[0] = 4
+    with pytest.raises(ValueError, match="lengths"):
+        tokens.unpack(small)
+
+
+# --- layouts --------------------------------------------------------------------------
+
+
+def test_pair_truncation_is_the_tokenizers_longest_first() -> None:
+    """Against the real tokenizer: every combination of side lengths around a limit."""
+    tokenizer = chunker().tokenizer
+    rng = random.Random(5)
+    words = ["flow", "wedge", "shock", "layer"]
+    for _ in range(120):
+        n1, n2, limit = rng.randint(0, 70), rng.randint(0, 70), rng.randint(4, 60)
+        a, b = (" ".join(rng.choices(words, k=n)) for n in (n1, n2))
+        # Lists: a lone empty second text would not be taken for a pair.
+        encoded = tokenizer([a], [b], truncation="longest_first", max_length=limit + 3)
+        types = encoded["token_type_ids"][0]
+        kept = (types.count(0) - 2, types.count(1) - 1)
+        assert _longest_first(n1, n2, limit) == kept, (n1, n2, limit)
+
+
+def test_a_layout_is_refused_when_it_cannot_reproduce_preprocess() -> None:
+    tokenizer = chunker().tokenizer
+
+    def shuffled(texts: list[Any]) -> dict[str, Any]:
+        out = dict(tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
+        out["input_ids"] = out["input_ids"].flip(1)  # what no layout lays out
+        return out
+
+    def plain(texts: list[Any]) -> dict[str, Any]:
+        return dict(tokenizer(texts, padding=True, truncation=True, return_tensors="pt"))
+
+    assert learn_layout(tokenizer, shuffled) is None
+    assert learn_layout(tokenizer, plain) is not None
+
+
+# --- encoders equal to the bare library ------------------------------------------------
+
+
+def test_dense_ensemble_equals_encode_whatever_each_tokenizer(
+    models: dict[str, str], batches: list[ChunkBatch], texts: list[str]
+) -> None:
+    """One ensemble: MiniLM from the staged ids, a model with a tokenizer of its own
+    (tokenized in the worker, truncated at its 128 ids), each equal to its own encode."""
+    from sentence_transformers import SentenceTransformer
+
+    inference = Inference(requested_device="cpu")
+    names = [DEFAULT_DENSE_MODEL, models["bpe"]]
+    outcome = dense.encode_batches(inference, batches, names, max_batch_tokens=2048, dtype="fp32")
+    assert [s.batch_id for s in outcome.shards] == [b.batch_id for b in batches]
+    assert sum(p.items for p in outcome.parts) == len(texts)
+    folders = {
+        DEFAULT_DENSE_MODEL: resolve_model(DEFAULT_DENSE_MODEL).path,
+        str(Path(models["bpe"]).resolve()): Path(models["bpe"]),
+    }
+    assert list(outcome.shards[0].vectors) == list(folders)
+    for name, folder in folders.items():
+        bare = SentenceTransformer(str(folder), device="cpu").encode(
+            texts, normalize_embeddings=True, batch_size=32
+        )
+        fleet = np.concatenate([s.vectors[name].to_numpy() for s in outcome.shards])
+        assert np.abs(fleet - bare).max() <= TOLERANCE, name
+    loaded = dense.load_dense(inference, models["bpe"], "fp32")
+    inputs = dense.dense_inputs(inference, loaded, "documents")
+    feed = text_feed(inputs, texts, staged_ids(batches, inputs.identity), lambda i: 0)
+    assert (feed.source, feed.tokenized) == ("tokenized", len(texts))
+    assert max(feed.lengths) == 128  # its own limit, not the chunk stage's
+    minilm = dense.load_dense(inference, DEFAULT_DENSE_MODEL, "fp32")
+    inputs = dense.dense_inputs(inference, minilm, "documents")
+    feed = text_feed(inputs, texts, staged_ids(batches, inputs.identity), lambda i: 0)
+    assert (feed.source, feed.tokenized) == ("staged", 0)  # nothing tokenized again
+
+
+def test_queries_with_a_prompt_equal_encode_query(models: dict[str, str]) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    queries = ["what is a shock wave", "boundary layer transition on a flat plate", "x"]
+    cut = chunker()
+    ids = cut.tokenizer(queries, add_special_tokens=False)["input_ids"]
+    batch = staged([Document(id=f"q{i}", text=q) for i, q in enumerate(queries)])[0]
+    batch.tokens = tokens.pack(cut.identity, cut.id_dtype, ids)
+    inference = Inference(requested_device="cpu")
+    for folder, source in ((models["prompted"], "preprocess"), (DEFAULT_DENSE_MODEL, "staged")):
+        outcome = dense.encode_batches(inference, [batch], [folder], kind="queries", dtype="fp32")
+        bare = SentenceTransformer(str(resolve_model(folder).path), device="cpu").encode_query(
+            queries, normalize_embeddings=True
+        )
+        (matrix,) = outcome.shard.vectors.values()
+        assert np.abs(matrix.to_numpy() - bare).max() <= TOLERANCE
+        loaded = dense.load_dense(inference, folder, "fp32")
+        inputs = dense.dense_inputs(inference, loaded, "queries")
+        assert (
+            text_feed(inputs, queries, staged_ids([batch], inputs.identity), lambda i: 9).source
+            == source
+        )
+    # The prompt changes the vectors: the comparison above could fail.
+    prompted = SentenceTransformer(models["prompted"], device="cpu")
+    assert np.abs(prompted.encode_query(queries) - prompted.encode(queries)).max() > 0.01
+
+
+def test_splade_equals_sparse_encoder_from_staged_ids(
+    batches: list[ChunkBatch], texts: list[str]
+) -> None:
+    from sentence_transformers import SparseEncoder
+
+    inference = Inference(requested_device="cpu")
+    generator = SparseVectorGenerator(inference, "cpu", 1024, dtype="fp32")
+    outcome = generator.encode_batches(batches[:2], [BUNDLED_SPLADE])
+    rows = [row for shard in outcome.shards for row in shard.rows[BUNDLED_SPLADE]]
+    n = len(rows)
+    model = SparseEncoder(str(resolve_model(BUNDLED_SPLADE).path), device="cpu")
+    bare = model.encode(texts[:n], convert_to_tensor=True).to_dense().numpy()
+    vocab = generator.vocabularies[BUNDLED_SPLADE]
+    index = {term: i for i, term in enumerate(vocab)}
+    for i, row in enumerate(rows):
+        assert row.source == "live"
+        mine = np.zeros(bare.shape[1], dtype=np.float64)
+        mine[[index[t] for t in row.tokens]] = row.weights
+        assert np.abs(mine - bare[i]).max() <= TOLERANCE
+        assert set(np.flatnonzero(bare[i])) == {index[t] for t in row.tokens}
+
+
+def test_rerank_from_staged_passages_equals_predict(
+    models: dict[str, str], batches: list[ChunkBatch]
+) -> None:
+    """The fuse step hands the reranker the passages' staged ids (the tiny CrossEncoder
+    has MiniLM's tokenizer): each query is tokenized once, no passage again, and the
+    scores are predict's."""
+    from sentence_transformers import CrossEncoder
+
+    chunks = [chunk for batch in batches for chunk in batch.chunks][:40]
+    ids = [ids for batch in batches for ids in tokens.unpack(batch.tokens)][:40]  # type: ignore[arg-type]
+    queries = [
+        QueryCandidates(
+            query_id=f"q{n}",
+            text=text,
+            candidates=[
+                Candidate(
+                    chunk_id=c.chunk_id,
+                    doc_id=c.doc_id,
+                    dense_score=None,
+                    sparse_score={},
+                    fused_score=1.0,
+                )
+                for c in chunks[n::2]
+            ],
+        )
+        for n, text in enumerate(["what is a shock wave", "heat transfer to a flat plate"])
+    ]
+    identity = chunker().identity
+    group = FusedGroup(
+        job_id="j",
+        group_id="q-g00000",
+        queries=queries,
+        texts={c.chunk_id: c.text for c in chunks},
+        tokenizer=identity,
+        ids={c.chunk_id: tokens.to_bytes(i, "uint16") for c, i in zip(chunks, ids, strict=True)},
+    )
+    inference = Inference(requested_device="cpu")
+    shard, _ = rerank_fused(inference, group, models["cross"], 50, "fp32")
+    bare = CrossEncoder(models["cross"], device="cpu")
+    for query in queries:
+        pairs = [(query.text, group.texts[c.chunk_id]) for c in query.candidates]
+        expected = bare.predict(pairs)
+        got = np.array(shard.scores[query.query_id], dtype=np.float64)
+        assert np.abs(got - expected).max() <= TOLERANCE
+    assert np.ptp(expected) > 0.01
+    loaded = load_cross_encoder(inference, models["cross"], "cpu", "fp32")
+    pairs = [(q.text, group.texts[c.chunk_id]) for q in queries for c in q.candidates]
+    passage_ids = [
+        tokens.from_bytes(group.ids[c.chunk_id], "uint16") for q in queries for c in q.candidates
+    ]
+    feed = pairs_feed(inference, loaded.model, loaded.info.name, pairs, passage_ids, identity)
+    assert (feed.source, feed.tokenized) == ("staged", 0)
+    other = pairs_feed(inference, loaded.model, loaded.info.name, pairs, passage_ids, "tok1:other")
+    assert other.tokenized == len({p for _, p in pairs}) and other.lengths == feed.lengths
+    mine = feed.features(loaded.model, list(range(len(pairs))), "cpu")
+    theirs = loaded.model.preprocess([list(p) for p in pairs])
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(mine[key], theirs[key])

@@ -1,0 +1,146 @@
+"""GPU stages take several staged batches a message: how they are gathered, how the
+ledger still counts each batch, and how a unit that keeps failing is split so that one
+bad batch fails alone (a real Redis; messages read back from its queues)."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from typing import Any
+
+import msgspec
+import pytest
+from test_ledger import report, spec
+
+from shared.celery_app import EncodeUnits, make_app
+from shared.ledger import JobLedger
+from shared.pipeline import UNIT_MAX_BATCHES
+from shared.schemas import EncodeBatch, LatencySummary, ProducerReport
+from shared.settings import Settings
+from workers.runtime.measure import UnitOutcome, UnitPart
+from workers.runtime.middleware import _part_reports
+
+
+def queued(client: Any, queue: str) -> list[EncodeBatch]:
+    """The encode messages waiting in a queue, oldest first, decoded as a worker would."""
+    out = []
+    for raw in reversed(client.lrange(queue, 0, -1)):
+        body = base64.b64decode(json.loads(raw)["body"])
+        args, _, _ = msgspec.msgpack.decode(body)
+        out.append(msgspec.convert(args[0], EncodeBatch))
+    return out
+
+
+@pytest.fixture
+def app(redis_server: Any) -> Any:
+    return make_app(dataclasses.replace(Settings.from_env({}), broker_url=redis_server.url))
+
+
+def test_gpu_messages_gather_batches_by_tokens_cpu_ones_take_one(
+    app: Any, redis_client: Any
+) -> None:
+    job = msgspec.structs.replace(
+        spec("units"), stages=["dense", "sparse"], sparse_models=["bm25"], unit_tokens=1000
+    )
+    with EncodeUnits(app, job, "documents") as units:
+        for i in range(10):
+            units.add(f"b{i:02d}", 300)
+    dense = queued(redis_client, "dense")
+    # 300 tokens a batch: a message holds 4 (1,200 >= 1,000), the last what is left.
+    assert [m.batches for m in dense] == [
+        ["b00", "b01", "b02", "b03"],
+        ["b04", "b05", "b06", "b07"],
+        ["b08", "b09"],
+    ]
+    assert [m.unit for m in dense] == ["b00", "b04", "b08"]
+    sparse = queued(redis_client, "sparse")  # SPLADE on the CPU: one batch a message
+    assert [m.batches for m in sparse] == [[f"b{i:02d}"] for i in range(10)]
+    assert all(m.batch_ids == [] for m in sparse)  # a one-batch message is as before
+
+
+def test_messages_hold_a_bounded_number_of_batches(app: Any, redis_client: Any) -> None:
+    job = msgspec.structs.replace(spec("queries"), unit_tokens=10**9)
+    with EncodeUnits(app, job, "queries") as units:
+        for i in range(UNIT_MAX_BATCHES + 3):
+            units.add(f"q{i:03d}", 12)
+    assert [len(m.batches) for m in queued(redis_client, "dense")] == [UNIT_MAX_BATCHES, 3]
+    assert {m.kind for m in queued(redis_client, "dense")} == {"queries"}
+
+
+def test_nothing_gathered_is_sent_after_an_error(app: Any, redis_client: Any) -> None:
+    """The unit that stages is retried and sends the same messages: a half-gathered one
+    must not go out now."""
+    job = msgspec.structs.replace(spec("error"), unit_tokens=1000)
+    with pytest.raises(RuntimeError), EncodeUnits(app, job, "documents") as units:
+        units.add("b00", 600)
+        units.add("b01", 600)  # sent: 1,200 tokens
+        units.add("b02", 600)
+        raise RuntimeError("the range could not be read")
+    assert [m.batches for m in queued(redis_client, "dense")] == [["b00", "b01"]]
+
+
+def test_each_batch_of_a_message_is_recorded_once_with_the_units_figures_once(
+    redis_client: Any,
+) -> None:
+    ledger = JobLedger(redis_client, "records")
+    ledger.open(spec("records"), documents_total=1, bytes_total=1)
+    ledger.seal(
+        ProducerReport(
+            documents=1, chunks=12, batches=3, tokens=0, empty_documents=[],
+            skipped_records=[], skipped_count=0, started_at=0.0, finished_at=0.0,
+            latency=LatencySummary.from_samples([], 0, 0.0),
+        )
+    )  # fmt: skip
+    unit = report("b0", 12)
+    unit.batch_sizes, unit.oom_count, unit.model_loads = [5, 7], 1, 1
+    outcome = UnitOutcome(
+        items=12,
+        device="cpu",
+        parts=[UnitPart("b0", 4, 40), UnitPart("b1", 4, 41), UnitPart("b2", 4, 42)],
+    )
+    reports = _part_reports(unit, outcome)
+    assert [(r.batch_id, r.chunks, r.tokens) for r in reports] == [
+        ("b0", 4, 40),
+        ("b1", 4, 41),
+        ("b2", 4, 42),
+    ]
+    assert [r.batch_sizes for r in reports] == [[5, 7], [], []]
+    assert [r.oom_count for r in reports] == [1, 0, 0]
+    assert ledger.record_done_many(reports)  # the three batches complete the phase
+    assert not ledger.record_done_many(reports[1:])  # a redelivered copy counts nothing
+    (dense,) = [s for s in ledger.progress(detail=True).stages if s.stage == "dense"]
+    assert (dense.batches_done, dense.chunks_done) == (3, 12)
+    assert dense.summary is not None
+    assert dense.summary.batch_size_min == 5 and dense.summary.oom_count == 1
+    assert dense.summary.tokens == 123 and dense.summary.model_loads == 1
+
+
+def test_a_unit_that_keeps_failing_sends_its_batches_again_one_by_one(
+    app: Any, redis_client: Any, redis_server: Any
+) -> None:
+    """What a worker does once a message's retries are spent: a unit of several batches
+    is split (each alone, its own retries) instead of failing every batch; a unit of one
+    is recorded failed."""
+    from workers.runtime.context import WorkerBoot, attach_boot
+    from workers.runtime.middleware import LedgerReporting
+
+    job = spec("split")
+    ledger = JobLedger(redis_client, job.job_id)
+    ledger.open(job, documents_total=1, bytes_total=1)
+
+    class Task:
+        stage = "dense"
+        name = "embed_fleet.dense.embed_batch"
+
+    task = Task()
+    task.app = app  # type: ignore[attr-defined]
+    settings = dataclasses.replace(Settings.from_env({}), broker_url=redis_server.url)
+    attach_boot(app, WorkerBoot(settings=settings))
+    payload = {"job_id": job.job_id, "stage": "dense", "unit": "b0", "batch_ids": ["b0", "b1"]}
+    LedgerReporting().gave_up(task, payload, RuntimeError("one chunk is broken"))  # type: ignore[arg-type]
+    assert [m.batches for m in queued(redis_client, "dense")] == [["b0"], ["b1"]]
+    assert ledger.failures("dense") == []  # nothing failed yet
+    LedgerReporting().gave_up(task, {**payload, "batch_ids": []}, RuntimeError("b0 is"))  # type: ignore[arg-type]
+    (failure,) = ledger.failures("dense")
+    assert failure.batch_id == "b0" and "b0 is" in failure.reason

@@ -1,0 +1,250 @@
+"""What a model runs on for one unit: each item's ids, batch by batch, made ready for it.
+
+A model gets its ids the first of three ways that applies:
+
+- **staged**: the ids the chunk stage kept with the chunks (:mod:`shared.tokens`), when
+  the model's tokenizer has the identity that made them, laid out by the model's
+  :class:`~workers.inference.layout.InputLayout`. Nothing tokenizes the text again.
+- **tokenized**: the model's own Rust tokenizer, over every text of the unit in one
+  call ahead of the model (another tokenizer than the chunk stage's; a query or a
+  passage the unit has no staged ids for), laid out the same way.
+- **preprocess**: the model's own ``preprocess``, batch by batch, as ``encode`` and
+  ``predict`` call it: for a model that adds a prompt, or whose inputs no layout
+  reproduces.
+
+Every way gives the model exactly the tensors its own ``encode`` / ``predict`` would
+(a layout is only used once it reproduced them at load, see ``learn_layout``). The
+feed builds a batch's tensors only when the batch runs (in pinned memory on a GPU,
+copied ``non_blocking``), so on a GPU the next batch is laid out while the current one
+still runs: nothing in the loop waits for the device until the unit's outputs are read
+back, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from shared import tokens
+from shared.schemas import ChunkBatch
+from shared.tokens import tokenizer_identity
+from workers.inference.engine import Inference
+from workers.inference.layout import (
+    Arranged,
+    Ids,
+    InputLayout,
+    Item,
+    learn_layout,
+    rust_tokenizer,
+    text_ids,
+)
+
+Source = Literal["staged", "tokenized", "preprocess"]
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """How one model takes its inputs, worked out once per process and model.
+
+    Attributes:
+        identity: Its tokenizer's identity (:func:`shared.tokens.tokenizer_identity`).
+        layout: How ids become its tensors (``None``: only its ``preprocess`` can say).
+        prompt: The prompt its encode call prepends (``None`` if none).
+        kwargs: What its encode call passes on to ``preprocess`` and the forward pass
+            (``task="query"`` for queries).
+        rust: Its Rust tokenizer, without truncation or padding.
+    """
+
+    identity: str
+    layout: InputLayout | None
+    prompt: str | None
+    kwargs: dict[str, Any]
+    rust: Any
+
+    def preprocess(self, model: Any, items: list[Any]) -> dict[str, Any]:
+        """The model's own input step, as its encode call makes it."""
+        return dict(model.preprocess(items, prompt=self.prompt, **self.kwargs))
+
+
+def model_inputs(
+    inference: Inference,
+    key: tuple[str, ...],
+    model: Any,
+    *,
+    prompt_name: str | None = None,
+    task: str | None = None,
+    pairs: bool = False,
+) -> ModelInputs:
+    """The :class:`ModelInputs` of a model (built once per process and ``key``).
+
+    Args:
+        inference: The process's models (where it is kept).
+        key: What it is kept under (the model's kind, name and the kind of input).
+        model: A ``SentenceTransformer``, ``SparseEncoder`` or ``CrossEncoder``.
+        prompt_name: The prompt the encode call asks for (``query`` for queries, where
+            the model has one); the model's default prompt otherwise.
+        task: The task its encode call passes (``query`` for queries).
+        pairs: Whether it takes (query, passage) pairs.
+    """
+
+    def build() -> ModelInputs:
+        prompt = _prompt(model, prompt_name)
+        kwargs = {"task": task} if task else {}
+
+        def preprocess(items: list[Any]) -> dict[str, Any]:
+            return dict(model.preprocess(items, prompt=prompt, **kwargs))
+
+        layout = None if prompt else learn_layout(model.tokenizer, preprocess, pairs)
+        backend = model.tokenizer.backend_tokenizer
+        return ModelInputs(
+            tokenizer_identity(backend), layout, prompt, kwargs, rust_tokenizer(model.tokenizer)
+        )
+
+    found: ModelInputs = inference.once(("inputs", *key), build)
+    return found
+
+
+def _prompt(model: Any, prompt_name: str | None) -> str | None:
+    """The prompt sentence-transformers' encode would prepend (the named one, else the
+    model's default); ``None`` for none."""
+    prompts: dict[str, str] = getattr(model, "prompts", None) or {}
+    if prompt_name is not None and prompt_name in prompts:
+        return prompts[prompt_name] or None
+    default = getattr(model, "default_prompt_name", None)
+    return (prompts.get(default) or None) if default else None
+
+
+@dataclass
+class Feed:
+    """One model's inputs for one unit (see module doc).
+
+    Attributes:
+        inputs: How the model takes its inputs.
+        lengths: Each item's length in ids, special tokens included (what batches are
+            cut by).
+        source: Where its ids came from (``staged``, ``tokenized``, or ``preprocess``).
+        items: Each item's ids, truncated as the model truncates (the layout's ways).
+        texts: Each item as ``preprocess`` takes it (the ``preprocess`` way).
+        tokenized: How many items the worker tokenized itself.
+    """
+
+    inputs: ModelInputs
+    lengths: list[int]
+    source: Source
+    items: list[Item] = field(default_factory=list)
+    texts: Sequence[Any] = ()
+    tokenized: int = 0
+    arranged: Arranged | None = None
+
+    def __post_init__(self) -> None:
+        layout = self.inputs.layout
+        if self.source != "preprocess" and layout is not None and self.arranged is None:
+            self.arranged = layout.arrange(self.items)
+
+    def features(self, model: Any, group: list[int], device: str) -> dict[str, Any]:
+        """The model's input tensors for the items of ``group``, on ``device``."""
+        if self.arranged is None:
+            batch = self.inputs.preprocess(model, [self.texts[i] for i in group])
+        else:
+            batch = self.arranged.tensors(group, pinned=_is_cuda(device))
+        return {
+            key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+        }
+
+
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda") and torch.cuda.is_available()
+
+
+def staged_ids(batches: Sequence[ChunkBatch], identity: str) -> list[Ids | None]:
+    """Each chunk's staged ids, where its batch's ids were made by a tokenizer of this
+    identity (else ``None``: the worker tokenizes that chunk itself)."""
+    out: list[Ids | None] = []
+    for batch in batches:
+        staged = batch.tokens
+        if staged is not None and staged.tokenizer == identity:
+            out += tokens.unpack(staged)
+        else:
+            out += [None] * len(batch.chunks)
+    return out
+
+
+def text_feed(
+    inputs: ModelInputs,
+    texts: Sequence[str],
+    staged: Sequence[Ids | None],
+    approximate: Callable[[int], int],
+) -> Feed:
+    """The feed of single texts (chunks, queries).
+
+    Args:
+        inputs: The model's way with inputs.
+        texts: Every item's text.
+        staged: Every item's staged ids, or ``None`` (see :func:`staged_ids`).
+        approximate: An item's length when only ``preprocess`` can lay it out (its
+            chunk's token count plus the special tokens).
+    """
+    layout = inputs.layout
+    if layout is None:
+        return Feed(inputs, [approximate(i) for i in range(len(texts))], "preprocess", texts=texts)
+    missing = [i for i, ids in enumerate(staged) if ids is None]
+    found = dict(zip(missing, text_ids(inputs.rust, [texts[i] for i in missing]), strict=True))
+    every = [ids if ids is not None else found[i] for i, ids in enumerate(staged)]
+    items, lengths = layout.fit_texts(every)
+    source: Source = "staged" if not missing else "tokenized"
+    return Feed(inputs, lengths, source, items, texts, len(missing))
+
+
+def pair_feed(
+    inputs: ModelInputs,
+    pairs: Sequence[tuple[str, str]],
+    staged: Sequence[Ids | None],
+    approximate: Callable[[int], int],
+) -> Feed:
+    """The feed of (query, passage) pairs: each distinct query tokenized once, each
+    passage from its staged ids where it has them (``staged``), else tokenized with the
+    rest of the unit's in one call."""
+    layout = inputs.layout
+    if layout is None or layout.pair is None:
+        return Feed(inputs, [approximate(i) for i in range(len(pairs))], "preprocess", texts=pairs)
+    queries = sorted({query for query, _ in pairs})
+    query_ids = dict(zip(queries, text_ids(inputs.rust, queries), strict=True))
+    missing = sorted(
+        {passage for (_, passage), ids in zip(pairs, staged, strict=True) if ids is None}
+    )
+    found = dict(zip(missing, text_ids(inputs.rust, missing), strict=True))
+    items = [
+        layout.fit((query_ids[query], ids if ids is not None else found[passage]))
+        for (query, passage), ids in zip(pairs, staged, strict=True)
+    ]
+    source: Source = "staged" if not missing else "tokenized"
+    return Feed(inputs, [layout.length(item) for item in items], source, items, pairs, len(missing))
+
+
+def forward(model: Any, feed: Feed, group: list[int]) -> dict[str, Any]:
+    """The model's forward pass over one batch of the feed, on the device the model is
+    on, as its own encode call runs it; outputs stay on the device."""
+    features = feed.features(model, group, device_of(model))
+    with torch.inference_mode():
+        out: dict[str, Any] = model(features, **feed.inputs.kwargs)
+    return out
+
+
+def device_of(model: Any) -> str:
+    """Where a model's parameters are (asked of the first one: sentence-transformers'
+    ``device`` walks the module tree, which costs noticeably per model batch)."""
+    for parameter in model.parameters():
+        return str(parameter.device)
+    return str(model.device)
+
+
+def as_array(values: np.ndarray[Any, Any] | torch.Tensor) -> np.ndarray[Any, Any]:
+    """A host array of a tensor (one device-to-host copy) or an array."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return values

@@ -1,0 +1,397 @@
+"""How token ids become one model's input tensors, without its tokenizer in the loop.
+
+A staged chunk carries its text's ids without special tokens (:mod:`shared.tokens`).
+What the model needs on top is what its tokenizer would add: the special tokens around
+one text or a (query, passage) pair, the type id of each part, truncation at the
+model's limit, and padding to the batch's longest item. An :class:`InputLayout` holds
+exactly that, learned from the model's own Rust tokenizer (which ids it puts where
+around two probe texts), and is trusted only once it reproduces, tensor for tensor, what
+the model's own ``preprocess`` gives for a set of probes: short and long texts, one past
+the model's limit, pairs whose either side is the longer. A model for which it does not
+(an unusual post-processor, a chat template, a processor that flattens batches) gets no
+layout, and its worker tokenizes through ``preprocess`` as ``encode`` would.
+
+Truncation follows the Rust tokenizer's rules: one text keeps its first ``limit``
+tokens (its last, for a tokenizer that truncates on the left); a pair is cut
+``longest_first`` exactly as ``tokenizers`` does it (the shorter side kept whole if it
+fits in half, both sides halved otherwise).
+
+Laying a batch out is a handful of numpy operations on the whole batch, not a Python
+loop per token, and on a GPU its tensors are written straight into pinned host memory,
+so their copy to the device can be ``non_blocking``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.logs import get_logger
+
+log = get_logger("layout")
+
+Ids = np.ndarray[Any, np.dtype[np.int64]]
+Item = tuple[Ids, ...]
+"""One input's text ids: one array (a text), or two (a pair)."""
+
+_TEXT_A, _TEXT_B = "hello world", "good morning"
+_TENSOR_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+# A probe longer than any model's limit (about 12,000 ids; a tokenizer's limit is capped
+# at its position embeddings): its preprocessed length is the limit the model truncates to.
+_LONG_WORDS = 8000
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a template: constant ids (special tokens) or one text's slot.
+
+    Attributes:
+        tokens: The constant ids (empty for a slot).
+        types: The type id of each constant id.
+        slot: Which text fills this part (0 or 1), or ``None`` for constant ids.
+        slot_type: The type id of the slot's ids.
+    """
+
+    tokens: tuple[int, ...] = ()
+    types: tuple[int, ...] = ()
+    slot: int | None = None
+    slot_type: int = 0
+
+
+@dataclass(frozen=True)
+class Template:
+    """The parts of one input in order: ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]``."""
+
+    parts: tuple[Part, ...]
+
+    @property
+    def specials(self) -> int:
+        """How many ids the template adds to its texts."""
+        return sum(len(part.tokens) for part in self.parts)
+
+
+def _template(full: Any, texts: Sequence[Sequence[int]]) -> Template | None:
+    """The template that turns ``texts`` (ids without special tokens) into ``full`` (an
+    encoding with them), or ``None`` if the texts are not found in it in order."""
+    ids, types = list(full.ids), list(full.type_ids)
+    parts: list[Part] = []
+    at = 0
+    for slot, text in enumerate(texts):
+        n = len(text)
+        found = next((i for i in range(at, len(ids) - n + 1) if ids[i : i + n] == list(text)), None)
+        if not n or found is None or len(set(types[found : found + n])) != 1:
+            return None
+        if found > at:
+            parts.append(Part(tokens=tuple(ids[at:found]), types=tuple(types[at:found])))
+        parts.append(Part(slot=slot, slot_type=types[found]))
+        at = found + n
+    if at < len(ids):
+        parts.append(Part(tokens=tuple(ids[at:]), types=tuple(types[at:])))
+    return Template(tuple(parts))
+
+
+def _longest_first(n1: int, n2: int, limit: int) -> tuple[int, int]:
+    """How many ids each side of a pair keeps, as ``tokenizers`` truncates a pair
+    ``longest_first`` to ``limit`` ids (its special tokens already taken off)."""
+    if n1 + n2 <= limit:
+        return n1, n2
+    swap = n1 > n2
+    if swap:
+        n1, n2 = n2, n1
+    n2 = n1 if n1 > limit else max(n1, limit - n1)
+    if n1 + n2 > limit:
+        n1 = limit // 2
+        n2 = n1 + limit % 2
+    return (n2, n1) if swap else (n1, n2)
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """How one model lays ids out (see module doc); built by :func:`learn_layout`.
+
+    Attributes:
+        single: The template of one text.
+        pair: The template of a pair (``None`` if the tokenizer has none).
+        max_length: The most ids an input may have, special tokens included (``None``:
+            the model does not truncate).
+        pad_id: The id padding positions get.
+        pad_type_id: The type id padding positions get.
+        left_padding: Pad on the left (decoder models) rather than the right.
+        truncate_left: Truncation keeps a text's last ids rather than its first.
+        keys: The tensors the model's ``preprocess`` gives, in its order.
+        extras: The non-tensor entries it gives (``modality``), copied into every batch.
+    """
+
+    single: Template
+    pair: Template | None
+    max_length: int | None
+    pad_id: int
+    pad_type_id: int
+    left_padding: bool
+    truncate_left: bool
+    keys: tuple[str, ...]
+    extras: tuple[tuple[str, Any], ...] = ()
+
+    def fit(self, item: Item) -> Item:
+        """The item truncated as the model's tokenizer truncates it."""
+        if self.max_length is None:
+            return item
+        template = self.single if len(item) == 1 else self.pair
+        assert template is not None, "a pair needs a layout with a pair template"
+        limit = max(0, self.max_length - template.specials)
+        keep: tuple[int, ...] = (
+            (min(len(item[0]), limit),)
+            if len(item) == 1
+            else _longest_first(len(item[0]), len(item[1]), limit)
+        )
+        return tuple(
+            ids if n == len(ids) else (ids[len(ids) - n :] if self.truncate_left else ids[:n])
+            for ids, n in zip(item, keep, strict=True)
+        )
+
+    def fit_texts(self, texts: Sequence[Ids]) -> tuple[list[Item], list[int]]:
+        """:meth:`fit` and :meth:`length` of many single texts at once (the common case
+        of a unit's chunks, most of which fit and need no new array)."""
+        specials = self.single.specials
+        limit = None if self.max_length is None else max(0, self.max_length - specials)
+        items: list[Item]
+        if limit is None:
+            items = [(ids,) for ids in texts]
+        elif self.truncate_left:
+            items = [(ids,) if len(ids) <= limit else (ids[len(ids) - limit :],) for ids in texts]
+        else:
+            items = [(ids,) if len(ids) <= limit else (ids[:limit],) for ids in texts]
+        return items, [len(item[0]) + specials for item in items]
+
+    def length(self, item: Item) -> int:
+        """An already :meth:`fit` item's length with its special tokens."""
+        template = self.single if len(item) == 1 else self.pair
+        assert template is not None, "a pair needs a layout with a pair template"
+        return template.specials + sum(len(ids) for ids in item)
+
+    def arrange(self, items: Sequence[Item]) -> Arranged:
+        """Every already :meth:`fit` item of a unit laid out once, special tokens and type
+        ids included, end to end in one array: each batch is then one gather from it
+        (:meth:`Arranged.tensors`)."""
+        pair = bool(items) and len(items[0]) == 2
+        template = self.pair if pair else self.single
+        assert template is not None, "a pair needs a layout with a pair template"
+        parts = template.parts
+        constants = [
+            np.asarray(part.tokens, dtype=np.int64) if part.slot is None else None for part in parts
+        ]
+        pieces = [
+            constant if constant is not None else item[part.slot or 0]
+            for item in items
+            for part, constant in zip(parts, constants, strict=True)
+        ]
+        flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        uniform = all(part.slot_type == self.pad_type_id for part in parts if part.slot is not None)
+        uniform = uniform and all(t == self.pad_type_id for part in parts for t in part.types)
+        types = None
+        if not uniform:
+            constant_types = [np.asarray(part.types, dtype=np.int64) for part in parts]
+            types = np.concatenate(
+                [
+                    constant_types[k]
+                    if part.slot is None
+                    else np.full(len(item[part.slot]), part.slot_type, dtype=np.int64)
+                    for item in items
+                    for k, part in enumerate(parts)
+                ]
+            )
+        lengths = np.fromiter(
+            (template.specials + sum(len(ids) for ids in item) for item in items),
+            dtype=np.int64,
+            count=len(items),
+        )
+        offsets = np.zeros(len(items), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        return Arranged(self, flat.astype(np.int64, copy=False), types, offsets, lengths)
+
+    def tensors(self, items: Sequence[Item], pinned: bool = False) -> dict[str, Any]:
+        """One padded batch of already :meth:`fit` items, as the model's ``preprocess``
+        would give it (``pinned``: in page-locked host memory, for a ``non_blocking``
+        copy to a GPU)."""
+        return self.arrange(items).tensors(list(range(len(items))), pinned)
+
+
+@dataclass(frozen=True)
+class Arranged:
+    """A unit's items laid out end to end (see :meth:`InputLayout.arrange`).
+
+    Attributes:
+        layout: The model's layout.
+        ids: Every item's ids with its special tokens, one item after another.
+        types: Their type ids (``None``: every one is the padding's, as for one text).
+        offsets: Where each item starts in ``ids``.
+        lengths: Each item's length.
+    """
+
+    layout: InputLayout
+    ids: Ids
+    types: Ids | None
+    offsets: Ids
+    lengths: Ids
+
+    def tensors(self, group: Sequence[int], pinned: bool = False) -> dict[str, Any]:
+        """The padded batch of the items of ``group``, as the model's ``preprocess``
+        would give it: each row gathered from the flat arrays at once (``pinned``: in
+        page-locked host memory, for a ``non_blocking`` copy to a GPU)."""
+        layout = self.layout
+        rows = np.asarray(group, dtype=np.int64)
+        lengths = self.lengths[rows]
+        width = int(lengths.max()) if len(rows) else 0
+        columns = np.arange(width, dtype=np.int64)
+        # Where each row's first id sits: column 0, or pushed right by its padding.
+        shift = (width - lengths) if layout.left_padding else np.zeros(len(rows), np.int64)
+        relative = columns[None, :] - shift[:, None]
+        valid = (relative >= 0) & (relative < lengths[:, None])
+        positions = self.offsets[rows][:, None] + np.clip(relative, 0, None)
+        positions = np.minimum(positions, max(len(self.ids) - 1, 0))
+        out: dict[str, Any] = {}
+        for key in layout.keys:
+            buffer, tensor = _host((len(rows), width), pinned)
+            if key == "input_ids":
+                np.copyto(buffer, np.where(valid, self.ids[positions], layout.pad_id))
+            elif key == "attention_mask":
+                np.copyto(buffer, valid)
+            elif self.types is None:
+                buffer[:] = layout.pad_type_id
+            else:
+                np.copyto(buffer, np.where(valid, self.types[positions], layout.pad_type_id))
+            out[key] = tensor
+        out.update(layout.extras)
+        return out
+
+
+def _host(shape: tuple[int, int], pinned: bool) -> tuple[Ids, torch.Tensor]:
+    """An int64 host buffer and the tensor over it; a pinned one comes from torch's
+    caching host allocator, which hands a block out again only once the copies that
+    read it have completed."""
+    tensor = torch.empty(shape, dtype=torch.int64, pin_memory=pinned)
+    return tensor.numpy(), tensor
+
+
+# --- learning and checking a model's layout -------------------------------------------
+
+
+def _probe_texts() -> list[str]:
+    long_text = " ".join(f"word{i % 97} and" for i in range(_LONG_WORDS // 2))
+    return [
+        "hello world",
+        "A somewhat longer sentence, with punctuation! And numbers: 1,234.5?",
+        long_text,
+        "naïve café — 東京 😀 tab\tand\nnewline",
+        "x",
+    ]
+
+
+def _probe_pairs() -> list[tuple[str, str]]:
+    texts = _probe_texts()
+    long_text = texts[2]
+    short_long = " ".join(texts[2].split()[:60])
+    return [
+        ("a query", texts[1]),
+        ("what is x?", long_text),
+        (long_text, "a short passage"),
+        (long_text, long_text),
+        (short_long, long_text),
+        (texts[3], texts[0]),
+    ]
+
+
+def learn_layout(
+    tokenizer: Any,
+    preprocess: Callable[[list[Any]], dict[str, Any]],
+    pairs: bool = False,
+) -> InputLayout | None:
+    """The layout of a model whose tokenizer is ``tokenizer`` (a Hugging Face fast
+    tokenizer) and whose own input step is ``preprocess`` (``model.preprocess`` with the
+    prompt and task its encode call uses), or ``None`` if none reproduces it.
+
+    Args:
+        tokenizer: The model's tokenizer (``model.tokenizer``).
+        preprocess: Returns the model's input tensors for a list of texts (or pairs).
+        pairs: Whether the model takes (query, passage) pairs (a CrossEncoder).
+    """
+    try:
+        layout = _learn(tokenizer, preprocess, pairs)
+    except Exception as exc:  # anything unusual means: tokenize as the model does
+        log.info("no input layout", extra={"fields": {"why": f"{type(exc).__name__}: {exc}"}})
+        return None
+    return layout
+
+
+def rust_tokenizer(tokenizer: Any) -> Any:
+    """A copy of a fast tokenizer's Rust tokenizer without truncation or padding: ids of
+    many texts in one call, as ``tokenizer(texts, add_special_tokens=False)`` gives them."""
+    from tokenizers import Tokenizer
+
+    backend = tokenizer.backend_tokenizer
+    rust = Tokenizer.from_str(backend.to_str())
+    rust.no_truncation()
+    rust.no_padding()
+    rust.encode_special_tokens = bool(getattr(backend, "encode_special_tokens", False))
+    return rust
+
+
+def text_ids(rust: Any, texts: Sequence[str]) -> list[Ids]:
+    """The ids of each text without special tokens, in one call of the Rust tokenizer."""
+    encoded = rust.encode_batch(list(texts), add_special_tokens=False)
+    return [np.asarray(encoding.ids, dtype=np.int64) for encoding in encoded]
+
+
+def _learn(
+    tokenizer: Any, preprocess: Callable[[list[Any]], dict[str, Any]], pairs: bool
+) -> InputLayout | None:
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    rust = rust_tokenizer(tokenizer)
+    a, b = (rust.encode(text, add_special_tokens=False).ids for text in (_TEXT_A, _TEXT_B))
+    single = _template(rust.encode(_TEXT_A, add_special_tokens=True), [a])
+    pair = _template(rust.encode(_TEXT_A, _TEXT_B, add_special_tokens=True), [a, b])
+    if single is None or (pairs and pair is None):
+        return None
+    probes: list[Any] = _probe_pairs() if pairs else _probe_texts()
+    expected = preprocess(probes)
+    keys = tuple(k for k, v in expected.items() if isinstance(v, torch.Tensor))
+    if "input_ids" not in keys or not set(keys) <= set(_TENSOR_KEYS):
+        return None
+    extras = tuple((k, v) for k, v in expected.items() if not isinstance(v, torch.Tensor))
+    if any(isinstance(v, list | dict | np.ndarray) for _, v in extras):
+        return None
+    longest = int(expected["input_ids"].shape[1])
+    items = [
+        tuple(text_ids(rust, [text] if isinstance(text, str) else list(text))) for text in probes
+    ]
+    untruncated = max(sum(len(ids) for ids in item) for item in items)
+    template = pair if pairs else single
+    assert template is not None
+    # The longest probe is past any model's limit: its length is the limit, unless the
+    # model keeps everything.
+    cut = longest < untruncated + template.specials
+    layout = InputLayout(
+        single=single,
+        pair=pair,
+        max_length=longest if cut else None,
+        pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+        pad_type_id=int(getattr(tokenizer, "pad_token_type_id", 0) or 0),
+        left_padding=getattr(tokenizer, "padding_side", "right") == "left",
+        truncate_left=getattr(tokenizer, "truncation_side", "right") == "left",
+        keys=keys,
+        extras=extras,
+    )
+    mine = layout.tensors([layout.fit(item) for item in items])
+    same = all(
+        torch.equal(mine[key], expected[key]) and mine[key].dtype == expected[key].dtype
+        for key in keys
+    )
+    if not same:
+        log.info("no input layout", extra={"fields": {"why": "probe tensors differ"}})
+        return None
+    return layout
