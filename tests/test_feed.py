@@ -28,7 +28,7 @@ from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
 from shared.schemas import Candidate, ChunkBatch, Document, FusedGroup, QueryCandidates
 from workers.inference import dense
 from workers.inference.engine import Inference
-from workers.inference.feed import staged_ids, text_feed
+from workers.inference.feed import encode_inputs, staged_ids, text_feed
 from workers.inference.layout import _longest_first, learn_layout
 from workers.inference.rerank import load_cross_encoder, pairs_feed, rerank_fused
 from workers.inference.sparse import SparseVectorGenerator
@@ -198,12 +198,12 @@ def test_dense_ensemble_equals_encode_whatever_each_tokenizer(
         fleet = np.concatenate([s.vectors[name].to_numpy() for s in outcome.shards])
         assert np.abs(fleet - bare).max() <= TOLERANCE, name
     loaded = dense.load_dense(inference, models["bpe"], "fp32")
-    inputs = dense.dense_inputs(inference, loaded, "documents")
+    inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, "documents")
     feed = text_feed(inputs, texts, staged_ids(batches, inputs.identity), lambda i: 0)
     assert (feed.source, feed.tokenized) == ("tokenized", len(texts))
     assert max(feed.lengths) == 128  # its own limit, not the chunk stage's
     minilm = dense.load_dense(inference, DEFAULT_DENSE_MODEL, "fp32")
-    inputs = dense.dense_inputs(inference, minilm, "documents")
+    inputs = encode_inputs(inference, "dense", minilm.info.name, minilm.model, "documents")
     feed = text_feed(inputs, texts, staged_ids(batches, inputs.identity), lambda i: 0)
     assert (feed.source, feed.tokenized) == ("staged", 0)  # nothing tokenized again
 
@@ -225,7 +225,7 @@ def test_queries_with_a_prompt_equal_encode_query(models: dict[str, str]) -> Non
         (matrix,) = outcome.shard.vectors.values()
         assert np.abs(matrix.to_numpy() - bare).max() <= TOLERANCE
         loaded = dense.load_dense(inference, folder, "fp32")
-        inputs = dense.dense_inputs(inference, loaded, "queries")
+        inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, "queries")
         assert (
             text_feed(inputs, queries, staged_ids([batch], inputs.identity), lambda i: 9).source
             == source

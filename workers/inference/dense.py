@@ -13,7 +13,7 @@ from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.inference.batch_runner import first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
-from workers.inference.feed import Feed, ModelInputs, forward, model_inputs, staged_ids, text_feed
+from workers.inference.feed import Feed, encode_inputs, forward, per_device, staged_ids, text_feed
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
 from workers.runtime.measure import StageFigures, UnitOutcome
@@ -56,19 +56,6 @@ def load_dense(
     """The dense model, hydrated on the worker's device; ``probe`` (the first model
     batch's texts) decides whether ``auto`` may keep bf16."""
     return inference.models.get(DENSE, name, inference.device, dtype, probe)
-
-
-def dense_inputs(inference: Inference, loaded: Loaded, kind: BatchKind) -> ModelInputs:
-    """How a dense model takes documents (``encode``) or queries (``encode_query``: the
-    model's query prompt, if it has one, and ``task="query"``)."""
-    queries = kind == "queries"
-    return model_inputs(
-        inference,
-        ("dense", loaded.info.name, kind),
-        loaded.model,
-        prompt_name="query" if queries else None,
-        task="query" if queries else None,
-    )
 
 
 def encode_batch(
@@ -119,7 +106,7 @@ def encode_batches(
     probe = first_batch(texts, approximate, budget)
     for name in models:
         loaded = load_dense(inference, name, dtype, probe)
-        inputs = dense_inputs(inference, loaded, kind)
+        inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, kind)
         feed = text_feed(
             inputs, texts, staged_ids(batches, inputs.identity), approximate.__getitem__
         )
@@ -172,12 +159,8 @@ def gather_rows(
     device-to-host copy per device the batches ran on."""
     width = int(outputs[0][1].shape[1]) if outputs else 0
     out = np.zeros((rows, width), dtype=np.float32)
-    by_device: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
-    for group, values in outputs:
-        by_device.setdefault(str(values.device), []).append((group, values))
-    for parts in by_device.values():
-        flat = torch.cat([values for _, values in parts]).to(torch.float32).cpu().numpy()
-        out[np.concatenate([np.asarray(group, dtype=np.int64) for group, _ in parts])] = flat
+    for positions, values in per_device(outputs):
+        out[positions] = values.to(torch.float32).cpu().numpy()
     return out
 
 

@@ -22,7 +22,7 @@ back, once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from shared import tokens
-from shared.schemas import ChunkBatch
+from shared.schemas import BatchKind, ChunkBatch
 from shared.tokens import tokenizer_identity
 from workers.inference.engine import Inference
 from workers.inference.layout import (
@@ -106,6 +106,21 @@ def model_inputs(
 
     found: ModelInputs = inference.once(("inputs", *key), build)
     return found
+
+
+def encode_inputs(
+    inference: Inference, family: str, name: str, model: Any, kind: BatchKind
+) -> ModelInputs:
+    """How an encoder (dense or sparse) takes documents (``encode``) or queries
+    (``encode_query``: the model's query prompt, if it has one, and ``task="query"``)."""
+    queries = kind == "queries"
+    return model_inputs(
+        inference,
+        (family, name, kind),
+        model,
+        prompt_name="query" if queries else None,
+        task="query" if queries else None,
+    )
 
 
 def _prompt(model: Any, prompt_name: str | None) -> str | None:
@@ -233,6 +248,19 @@ def forward(model: Any, feed: Feed, group: list[int]) -> dict[str, Any]:
     with torch.inference_mode():
         out: dict[str, Any] = model(features, **feed.inputs.kwargs)
     return out
+
+
+def per_device(
+    outputs: Sequence[tuple[list[int], torch.Tensor]],
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Batches' outputs (each batch's item positions and its rows) gathered per device
+    they were computed on: the positions in order and their rows concatenated there,
+    still on the device, so that each device's results come back in one copy."""
+    by_device: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
+    for group, values in outputs:
+        by_device.setdefault(str(values.device), []).append((group, values))
+    for parts in by_device.values():
+        yield [i for group, _ in parts for i in group], torch.cat([v for _, v in parts])
 
 
 def device_of(model: Any) -> str:

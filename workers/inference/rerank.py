@@ -31,7 +31,7 @@ from shared.schemas import FusedGroup, ModelInfo, RerankShard, RerankStats
 from workers.inference.batch_runner import BatchRunner, ItemFallback, TokenBudget, first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
-from workers.inference.feed import Feed, forward, model_inputs, pair_feed
+from workers.inference.feed import Feed, forward, model_inputs, pair_feed, per_device
 from workers.inference.layout import Ids
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import scores_agree
@@ -265,16 +265,9 @@ class CrossEncoderBatchExecutor:
 def _collect(results: list[tuple[list[int], torch.Tensor]], n: int) -> list[float | None]:
     """Every batch's scores back in pair order (one device-to-host copy per device)."""
     scores: list[float | None] = [None] * n
-    by_device: dict[str, list[tuple[list[int], torch.Tensor]]] = {}
-    for group, values in results:
-        by_device.setdefault(str(values.device), []).append((group, values))
-    for parts in by_device.values():
-        flat = torch.cat([values for _, values in parts]).double().cpu().tolist()
-        position = 0
-        for group, _ in parts:
-            for index in group:
-                scores[index] = float(flat[position])
-                position += 1
+    for positions, values in per_device(results):
+        for index, value in zip(positions, values.double().cpu().tolist(), strict=True):
+            scores[index] = float(value)
     return scores
 
 

@@ -27,7 +27,7 @@ from shared.schemas import BatchKind, Chunk, ChunkBatch, ModelInfo, SparseRow, S
 from workers.inference.batch_runner import ItemFallback, first_batch
 from workers.inference.devices import default_batch_tokens, sparse_device
 from workers.inference.engine import Inference
-from workers.inference.feed import Feed, forward, model_inputs, staged_ids, text_feed
+from workers.inference.feed import Feed, encode_inputs, forward, per_device, staged_ids, text_feed
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
 from workers.runtime.measure import StageFigures, UnitOutcome
@@ -159,14 +159,7 @@ class SparseVectorGenerator:
                 rows[name] = [metadata_row(chunk.metadata) for chunk in chunks]
                 continue
             infos.append(sparse.info)
-            queries = kind == "queries"
-            inputs = model_inputs(
-                self.inference,
-                ("sparse", sparse.info.name, kind),
-                sparse.model,
-                prompt_name="query" if queries else None,
-                task="query" if queries else None,
-            )
+            inputs = encode_inputs(self.inference, "sparse", sparse.info.name, sparse.model, kind)
             feed = text_feed(
                 inputs, texts, staged_ids(batches, inputs.identity), approximate.__getitem__
             )
@@ -277,13 +270,9 @@ def _rows(outputs: list[tuple[list[int], Any]], vocab: list[str]) -> list[tuple[
     per device."""
     import torch
 
-    by_device: dict[str, list[tuple[list[int], Any]]] = {}
-    for group, vectors in outputs:
-        by_device.setdefault(str(vectors.device), []).append((group, vectors))
     found: list[tuple[int, SparseRow]] = []
-    for parts in by_device.values():
-        stacked = torch.cat([vectors for _, vectors in parts]).to(torch.float32)
-        order = [position for group, _ in parts for position in group]
+    for order, gathered in per_device(outputs):
+        stacked = gathered.to(torch.float32)
         where = torch.nonzero(stacked, as_tuple=True)
         values = stacked[where].cpu().numpy()
         rows, columns = (index.cpu().numpy() for index in where)
