@@ -18,11 +18,11 @@ sys.path.insert(0, str(REPO))
 
 from producer.jobs import JobOptions, Stager, prepare  # noqa: E402
 from producer.local_fleet import LocalFleet  # noqa: E402
-from shared.celery_app import make_app  # noqa: E402
-from shared.ledger import JobLedger, connect  # noqa: E402
-from shared.schemas import SkippedRecord  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.sources import documents  # noqa: E402
+from shared.control.celery_app import make_app  # noqa: E402
+from shared.control.ledger import JobLedger, connect  # noqa: E402
+from shared.control.settings import Settings  # noqa: E402
+from shared.inputs.sources import documents  # noqa: E402
+from shared.records.schemas import SkippedRecord  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -158,7 +158,7 @@ def steady_state(reports: list[Any]) -> dict[str, Any]:
     of the first message to the end of the last.
 
     A message of a GPU stage holds several staged batches, each with its own report and
-    the message's times (``shared.pipeline.GPU_UNIT_TOKENS``), so reports are grouped
+    the message's times (``shared.control.pipeline.GPU_UNIT_TOKENS``), so reports are grouped
     into messages by worker and start time first. Also: each message's median chunks,
     latency, and the gap between a worker's messages (the broker's share of the fixed
     cost of a message)."""
@@ -201,10 +201,10 @@ def run_rerank_groups(
 ) -> dict[str, Any]:
     """Rerank fused candidate groups through one worker on queue ``rerank``, with the
     job's ``--dtype``."""
-    from shared.celery_app import send_unit
-    from shared.job_store import JobStore
-    from shared.schemas import JobSpec, RerankGroup, RetrievalSpec
-    from shared.storage import open_store
+    from shared.control.celery_app import send_unit
+    from shared.records.job_store import JobStore
+    from shared.records.schemas import JobSpec, RerankGroup, RetrievalSpec
+    from shared.records.storage import open_store
 
     store = open_store(str(tmp / "out"))
     spec = JobSpec(

@@ -41,7 +41,7 @@ from rich.table import Table
 from sentence_transformers import SentenceTransformer
 
 from producer.jobs import JobOptions
-from shared.models import DEFAULT_DENSE_MODEL, resolve_model
+from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
 from workers.inference.precision import cpu_flags
 
 TARGET_AUTO = 2.5

@@ -53,11 +53,11 @@ from typing import Any
 from common import REPO, best_of, cli_job, fleet_stage, run_rerank_groups
 
 from producer.jobs import JobOptions, prepare
-from shared import tokens
-from shared.chunking import ChunkTally, chunk_batches
-from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
-from shared.schemas import ChunkBatch, FusedGroup, SkippedRecord
-from shared.sources import documents
+from shared.inputs import tokens
+from shared.inputs.chunking import ChunkTally, chunk_batches
+from shared.inputs.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
+from shared.inputs.sources import documents
+from shared.records.schemas import ChunkBatch, FusedGroup, SkippedRecord
 
 sys.path.append(str(REPO / "tests"))  # the tiny CrossEncoder builder the tests use
 CRANFIELD = REPO / "examples" / "cranfield"
@@ -226,7 +226,7 @@ def rerank_inputs(
     tokenizer, which the CrossEncoder shares)."""
     from rerank_throughput import candidate_pairs, groups_of
 
-    from shared.chunking import Chunker, load_tokenizer
+    from shared.inputs.chunking import Chunker, load_tokenizer
 
     data = candidate_pairs(queries, top)
     groups = groups_of(data, 16)

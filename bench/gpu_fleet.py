@@ -67,7 +67,7 @@ from rerank_throughput import candidate_pairs, groups_of
 
 from producer.jobs import JobOptions
 from producer.local_fleet import LocalFleet
-from shared.models import DEFAULT_DENSE_MODEL, resolve_model
+from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
 
 CRANFIELD = REPO / "examples" / "cranfield"
 # (rows, tokens) of the forward-pass timings: the probe's 32 rows, the executor's ~110

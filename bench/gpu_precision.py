@@ -42,7 +42,7 @@ def main() -> None:
 
     result: dict[str, Any] = {}
     # 3 first: nothing may have initialised CUDA in this process before the fork.
-    from shared.leases import gpu_count
+    from shared.control.leases import gpu_count
 
     result["gpu_count_before_fork"] = gpu_count()  # what a GPU worker's main process does
     pid = os.fork()

@@ -26,9 +26,9 @@ from typing import Any
 
 from common import REPO, run_rerank_groups
 
-from shared.errors import EmbedFleetError
-from shared.models import DEFAULT_RERANK_MODEL, resolve_model
-from shared.schemas import Candidate, FusedGroup, QueryCandidates
+from shared.inputs.models import DEFAULT_RERANK_MODEL, resolve_model
+from shared.records.errors import EmbedFleetError
+from shared.records.schemas import Candidate, FusedGroup, QueryCandidates
 
 STAND_IN = "stand-in: all-MiniLM-L6-v2 encoder + random head (ms-marco-MiniLM-L6-v2 shape)"
 RESULTS = REPO / "bench" / "results" / "rerank_throughput.json"

@@ -4,7 +4,7 @@ against bare boto3, in the same run.
 Three readers of the same JSONL collection (Cranfield, repeated to ``--mb`` MiB):
 - disk: ``read_records`` of the file on disk (the reader every other source uses);
 - s3: ``read_records`` of its ``s3://`` URL: ranged GETs of 8 MiB through
-  ``shared.locations.S3Path``;
+  ``shared.inputs.locations.S3Path``;
 - bare boto3: one ``get_object`` streamed line by line and each line decoded with
   msgspec into the same record type: the least any S3 reader must do.
 
@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from servers import SeaweedS3
 
-from shared import locations
-from shared.schemas import Document
-from shared.sources import cut_ranges, open_source, read_records
+from shared.inputs import locations
+from shared.inputs.sources import cut_ranges, open_source, read_records
+from shared.records.schemas import Document
 from workers.inference.precision import cpu_flags
 
 BUCKET = "bench-sources"
@@ -139,7 +139,7 @@ def bare_boto3(client: Any) -> int:
     """One GET, streamed by lines, each decoded into the reader's record type."""
     import msgspec
 
-    from shared.sources import _BeirRecord
+    from shared.inputs.sources import _BeirRecord
 
     decoder = msgspec.json.Decoder(_BeirRecord)
     body = client.get_object(Bucket=BUCKET, Key="corpus.jsonl")["Body"]

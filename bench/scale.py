@@ -52,8 +52,8 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.local_fleet import LocalFleet
-from shared.ledger import JobLedger, connect, recent_jobs
-from shared.models import BUNDLED_SPLADE, resolve_model
+from shared.control.ledger import JobLedger, connect, recent_jobs
+from shared.inputs.models import BUNDLED_SPLADE, resolve_model
 from workers.inference.precision import cpu_flags
 
 CRANFIELD = REPO / "examples" / "cranfield" / "corpus.jsonl"
@@ -220,9 +220,9 @@ def one_process_prepare(source: Path, model: Path) -> dict[str, Any]:
     """The same collection validated, then chunked, in one process (the producer's
     way): its chunks/s."""
     from producer.jobs import validate
-    from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer
-    from shared.schemas import Document
-    from shared.sources import documents, open_source
+    from shared.inputs.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer
+    from shared.inputs.sources import documents, open_source
+    from shared.records.schemas import Document
 
     chunker = Chunker(load_tokenizer(str(model)), 256)
     started = time.perf_counter()
@@ -269,7 +269,7 @@ def demo_run(dtype: str) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer, SparseEncoder
 
     from producer.jobs import JobOptions
-    from shared.models import DEFAULT_DENSE_MODEL
+    from shared.inputs.models import DEFAULT_DENSE_MODEL
 
     texts = chunk_texts(
         JobOptions(

@@ -33,7 +33,7 @@ from rich.table import Table
 from sentence_transformers import SparseEncoder
 
 from producer.jobs import JobOptions
-from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
+from shared.inputs.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
 
 
 def main() -> None:

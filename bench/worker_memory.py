@@ -53,9 +53,9 @@ def run_mode(mode: str, copies: int, device: str, model: str) -> dict[str, Any]:
     from scale import collection
 
     from producer.jobs import JobOptions, prepare
-    from shared.chunking import ChunkTally, chunk_batches
-    from shared.schemas import ChunkBatch, SkippedRecord
-    from shared.sources import documents
+    from shared.inputs.chunking import ChunkTally, chunk_batches
+    from shared.inputs.sources import documents
+    from shared.records.schemas import ChunkBatch, SkippedRecord
     from workers.runtime.heap import HeapKeeper, rss
 
     options = JobOptions(

@@ -22,7 +22,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from shared import pipeline
+from shared.control import pipeline
 
 # kombu's Redis transport: the hash of delivered, unacknowledged messages, and the
 # separator of a queue's per-priority lists (``dense\x06\x163``).

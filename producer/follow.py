@@ -28,20 +28,20 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from shared import pipeline
-from shared.ledger import JobLedger
-from shared.schemas import JobProgress, LatencySummary, Manifest
+from shared.control import pipeline
+from shared.control.ledger import JobLedger
+from shared.records.schemas import JobProgress, LatencySummary, Manifest
 
 # human_bytes is the CLI's too (it imports it from here).
-from shared.text import human_bytes as human_bytes
-from shared.text import peak_text
+from shared.records.text import human_bytes as human_bytes
+from shared.records.text import peak_text
 
 FINISHED = ("complete", "partial", "failed")
 
 
 def counts_tasks(stage: str) -> bool:
     """Whether a stage's bar counts its tasks (known once its phase opened) rather than
-    the job's chunks (see :mod:`shared.pipeline`)."""
+    the job's chunks (see :mod:`shared.control.pipeline`)."""
     return pipeline.stage(stage).counts == "tasks"
 
 

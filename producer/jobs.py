@@ -26,16 +26,32 @@ import redis
 from celery import Celery
 
 from producer.queries import QuerySet, find_query_files, load_query_set
-from shared import ids, tokens
-from shared.celery_app import EncodeUnits, advance, send_unit
-from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer, model_max_tokens
-from shared.errors import EmbedFleetError, NoDocumentsError
-from shared.fusion_weights import default_weights, parse_weights
-from shared.job_store import JobLayout, JobStore
-from shared.ledger import JobLedger
-from shared.models import BM25, resolve_model
-from shared.pipeline import GPU_UNIT_TOKENS
-from shared.schemas import (
+from shared.control.celery_app import EncodeUnits, advance, send_unit
+from shared.control.fusion_weights import default_weights, parse_weights
+from shared.control.ledger import JobLedger
+from shared.control.pipeline import GPU_UNIT_TOKENS
+from shared.inputs import tokens
+from shared.inputs.chunking import (
+    Chunker,
+    ChunkTally,
+    chunk_batches,
+    load_tokenizer,
+    model_max_tokens,
+)
+from shared.inputs.models import BM25, resolve_model
+from shared.inputs.sources import (
+    MAX_LISTED_SKIPS,
+    ReadProgress,
+    Source,
+    cut_ranges,
+    documents,
+    is_empty,
+    open_source,
+)
+from shared.records import ids
+from shared.records.errors import EmbedFleetError, NoDocumentsError
+from shared.records.job_store import JobLayout, JobStore
+from shared.records.schemas import (
     DENSE_RANKING,
     QUERIES_PER_RERANK_TASK,
     BatchKind,
@@ -57,16 +73,7 @@ from shared.schemas import (
     RetrievalSpec,
     SkippedRecord,
 )
-from shared.sources import (
-    MAX_LISTED_SKIPS,
-    ReadProgress,
-    Source,
-    cut_ranges,
-    documents,
-    is_empty,
-    open_source,
-)
-from shared.storage import ObjectStore, open_store
+from shared.records.storage import ObjectStore, open_store
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from types import TracebackType
 
 import redis
 
-from shared.errors import EmbedFleetError
-from shared.models import BM25
-from shared.schemas import JobSpec
+from shared.inputs.models import BM25
+from shared.records.errors import EmbedFleetError
+from shared.records.schemas import JobSpec
 
 QUEUES = ("dense", "aggregate")
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from shared.errors import EmbedFleetError
-from shared.locations import SourcePath, locate
-from shared.schemas import Document, SkippedRecord
-from shared.sources import COMPRESSED_SUFFIXES, Source, documents, open_jsonl
+from shared.inputs.compressed import COMPRESSED_SUFFIXES
+from shared.inputs.locations import SourcePath, locate
+from shared.inputs.sources import Source, documents, open_jsonl
+from shared.records.errors import EmbedFleetError
+from shared.records.schemas import Document, SkippedRecord
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Taking a job up again from its object store: ``embed-collections resume``.
 
-The store is the job's durable record (see ``shared.job_store``): its copy of the job
+The store is the job's durable record (see ``shared.records.job_store``): its copy of the job
 (``work/job.msgpack``, written before the first batch), the staged batches, the
 workers' shards and models, and the producer's report (written once every batch was
 staged). The Redis ledger is progress that can be rebuilt from them. So a job can be
@@ -25,15 +25,16 @@ from celery import Celery
 
 from producer.jobs import PreparedJob, Stager, validate
 from producer.queries import load_query_set
-from shared import ids, pipeline
-from shared.chunking import chunker_for
-from shared.errors import EmbedFleetError
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.locations import locate
-from shared.schemas import JobRecord, ProducerReport
-from shared.sources import ReadProgress, open_source
-from shared.storage import ObjectStore, safe_name
+from shared.control import pipeline
+from shared.control.ledger import JobLedger
+from shared.inputs.chunking import chunker_for
+from shared.inputs.locations import locate
+from shared.inputs.sources import ReadProgress, open_source
+from shared.records import ids
+from shared.records.errors import EmbedFleetError
+from shared.records.job_store import JobStore
+from shared.records.schemas import JobRecord, ProducerReport
+from shared.records.storage import ObjectStore, safe_name
 
 
 def find_job(store: ObjectStore, job_id: str) -> JobStore:

@@ -24,10 +24,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from shared.errors import EmbedFleetError
-from shared.job_store import JobStore
-from shared.schemas import Manifest
-from shared.storage import ObjectStore, safe_name
+from shared.records.errors import EmbedFleetError
+from shared.records.job_store import JobStore
+from shared.records.schemas import Manifest
+from shared.records.storage import ObjectStore, safe_name
 
 ExportTarget = Literal["pyserini-sparse", "faiss"]
 TARGETS: tuple[ExportTarget, ...] = ("pyserini-sparse", "faiss")

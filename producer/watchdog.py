@@ -20,8 +20,8 @@ import msgspec
 from celery import Celery
 
 from producer.backlog import fleet_idle
-from shared.celery_app import send_resume
-from shared.ledger import JobLedger
+from shared.control.celery_app import send_resume
+from shared.control.ledger import JobLedger
 
 # How often the ledger is looked at (the follow loop ticks faster).
 CHECK_EVERY_S = 2.0

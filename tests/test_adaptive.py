@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_dense import TEXTS, batch
 
-from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL
-from shared.settings import Settings
+from shared.control.settings import Settings
+from shared.inputs.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL
 from workers.inference import batch_runner, dense
 from workers.inference.batch_runner import BatchTooLarge, TokenBudget, check_simulated_oom
 from workers.inference.devices import default_batch_tokens
@@ -126,9 +126,9 @@ def test_ooms_of_a_failed_try_reach_the_ledger(redis_client, tmp_path) -> None:
     hook adds them to the stage's figures, which the live view and the export show."""
     from test_ledger import spec as ledger_spec
 
-    from shared.job_store import JobStore
-    from shared.ledger import JobLedger
-    from shared.storage import LocalStore
+    from shared.control.ledger import JobLedger
+    from shared.records.job_store import JobStore
+    from shared.records.storage import LocalStore
     from workers.runtime.context import Job, WorkerBoot, WorkerContext
     from workers.runtime.middleware import ModelActivity, UnitRun
 

@@ -12,7 +12,7 @@ import pytest
 import Stemmer
 from conftest import CRANFIELD
 
-from shared.schemas import BM25Params, SparseRow
+from shared.records.schemas import BM25Params, SparseRow
 from workers.inference.engine import Inference
 from workers.inference.sparse import SparseVectorGenerator, bm25_tokenize
 from workers.ranking.sparse_weights import BM25Statistics

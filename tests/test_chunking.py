@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from shared.chunking import SEGMENT_CHARS, Chunker, load_tokenizer
-from shared.errors import EmbedFleetError
-from shared.models import resolve_model
-from shared.schemas import Chunk, Document
+from shared.inputs.chunking import SEGMENT_CHARS, Chunker, load_tokenizer
+from shared.inputs.models import resolve_model
+from shared.records.errors import EmbedFleetError
+from shared.records.schemas import Chunk, Document
 
 WORDS = [
     "alpha",

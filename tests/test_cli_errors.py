@@ -213,15 +213,6 @@ def test_fusion_weights_must_name_every_ranking(tmp_path) -> None:
     assert "--fusion-weights leaves out splade-tiny, bm25" in line
 
 
-def test_the_readme_lists_every_exit_code() -> None:
-    from shared.errors import ExitCode
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("| exit code | meaning |") :].split("\n\n", 1)[0]
-    codes = [int(line.split("|")[1]) for line in table.splitlines()[2:]]
-    assert codes == [code.value for code in ExitCode]
-
-
 def test_resume_needs_a_known_job(tmp_path, redis_server) -> None:
     """Neither the ledger nor the output store has the job: the error says where it
     looked and to pass the job's --output."""

@@ -27,7 +27,7 @@ from conftest import CRANFIELD, REPO
 from deployment import compose_file, host_env, interpolate, parse_duration_s
 from servers import free_port
 
-from shared.leases import list_leases
+from shared.control.leases import list_leases
 
 pytestmark = pytest.mark.e2e
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from shared import tokens
-from shared.chunking import Chunker, load_tokenizer
-from shared.models import DEFAULT_DENSE_MODEL, resolve_model
-from shared.schemas import Chunk, ChunkBatch
+from shared.inputs import tokens
+from shared.inputs.chunking import Chunker, load_tokenizer
+from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
+from shared.records.schemas import Chunk, ChunkBatch
 from workers.inference import dense
 from workers.inference.engine import Inference
 
@@ -88,7 +88,7 @@ def test_zero_vector_stays_zero() -> None:
 
 def test_unknown_model_says_how_to_stage_it(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from shared.errors import EmbedFleetError
+    from shared.records.errors import EmbedFleetError
 
     with pytest.raises(EmbedFleetError, match="hf download"):
         resolve_model("nobody/nothing")

@@ -21,8 +21,8 @@ from deployment import (
     validate_k8s,
 )
 
-from shared import pipeline
-from shared.settings import Settings
+from shared.control import pipeline
+from shared.control.settings import Settings
 
 
 def test_the_compose_file_is_valid_compose(tmp_path: Path) -> None:

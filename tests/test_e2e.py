@@ -27,8 +27,8 @@ from artifacts import check_artifacts, chunk_records
 from conftest import CRANFIELD, REPO, base_env, run_cli, start_cli
 from crossencoder import build_tiny_cross_encoder
 
-from shared.ledger import JOBS_INDEX, JobLedger
-from shared.schemas import ChunkBatch
+from shared.control.ledger import JOBS_INDEX, JobLedger
+from shared.records.schemas import ChunkBatch
 from workers.inference.sparse import bm25_tokenize
 
 pytestmark = pytest.mark.e2e
@@ -452,6 +452,28 @@ def test_embedded_ctrl_c_stops_everything_and_resume_takes_it_up(tmp_path) -> No
     assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
 
 
+def test_sigterm_stops_the_embedded_fleet_as_ctrl_c_does(tmp_path) -> None:
+    """`kill` or `timeout` of an embedded run: exit 130 with the resume line, and neither
+    its Redis nor a worker outlives the command (Python's default SIGTERM would end the
+    producer before it stops them)."""
+    cli, watch = run_watched(["run", str(_small_collection(tmp_path))], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+        "celery" in " ".join(p.cmdline()) for p in list(watch.seen.values()) if _alive(p)
+    ):
+        time.sleep(0.2)
+    assert cli.poll() is None, "the job ended before it could be stopped"
+    cli.send_signal(signal.SIGTERM)
+    _, stderr = cli.communicate(timeout=60)
+    survivors = watch.alive()
+    for proc in watch.seen.values():  # not left to outlive the test either
+        if _alive(proc):
+            proc.kill()
+    assert cli.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert watch.seen and survivors == []
+
+
 def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_it(
     fleet_env, bucket, s3, start_worker, tmp_path, redis_client
 ) -> None:
@@ -756,7 +778,7 @@ def test_sparse_model_failure_falls_back_to_metadata(tmp_path) -> None:
     metadata.sparse use those weights, the rest are marked missing, errors recorded."""
     import shutil
 
-    from shared.models import resolve_model
+    from shared.inputs.models import resolve_model
 
     broken = tmp_path / "broken-splade"
     shutil.copytree(resolve_model("splade-tiny").path, broken)
@@ -809,7 +831,7 @@ def test_parquet_parts_load_in_duckdb_and_match_the_jsonl_parts_and_the_shards(
     dense vectors are bit for bit the workers' shards, and DuckDB reads them as is."""
     import duckdb
 
-    from shared.schemas import DenseShard
+    from shared.records.schemas import DenseShard
 
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:40]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")

@@ -12,7 +12,7 @@ import pytest
 from artifacts import parquet_records
 from test_ledger import spec
 
-from shared.schemas import Chunk, ChunkBatch, ExportSpec
+from shared.records.schemas import Chunk, ChunkBatch, ExportSpec
 from workers.aggregate.export import part_rows, plan_parts
 from workers.aggregate.parts import PartWriter, column_names
 

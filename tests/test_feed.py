@@ -22,10 +22,10 @@ from crossencoder import build_tiny_cross_encoder
 from test_dense import chunker
 from tiny_models import bpe_tokenizer, build_bpe_sentence_transformer, build_prompted_minilm
 
-from shared import tokens
-from shared.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer
-from shared.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
-from shared.schemas import Candidate, ChunkBatch, Document, FusedGroup, QueryCandidates
+from shared.inputs import tokens
+from shared.inputs.chunking import Chunker, ChunkTally, chunk_batches, load_tokenizer
+from shared.inputs.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
+from shared.records.schemas import Candidate, ChunkBatch, Document, FusedGroup, QueryCandidates
 from workers.inference import dense
 from workers.inference.engine import Inference
 from workers.inference.feed import encode_inputs, staged_ids, text_feed

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from test_ledger import spec, unit
 
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.schemas import (
+from shared.control.ledger import JobLedger
+from shared.records.job_store import JobStore
+from shared.records.schemas import (
     Chunk,
     ChunkBatch,
     FusedGroup,
@@ -22,7 +22,7 @@ from shared.schemas import (
     JobSpec,
     RetrievalSpec,
 )
-from shared.storage import LocalStore
+from shared.records.storage import LocalStore
 from workers.aggregate.fuse import fuse_unit, fuse_units, lists_by_fuse_unit, rerank_units
 from workers.ranking.retrieval import TopK
 
@@ -147,7 +147,7 @@ def test_fuse_units_write_what_one_unit_writes_and_read_only_their_batches(
 
 @pytest.mark.parametrize("groups_per_unit", [1, 2, 64])
 def test_every_query_is_in_exactly_one_fuse_unit(groups_per_unit: int) -> None:
-    from shared.job_store import QueryText
+    from shared.records.job_store import QueryText
 
     job = _spec("j", groups_per_unit)
     queries = [QueryText(f"q{i}", "t") for i in range(QUERIES)]

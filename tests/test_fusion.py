@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared.errors import EmbedFleetError
-from shared.fusion_weights import default_weights, parse_weights
-from shared.schemas import DENSE_RANKING, Hits
+from shared.control.fusion_weights import default_weights, parse_weights
+from shared.records.errors import EmbedFleetError
+from shared.records.schemas import DENSE_RANKING, Hits
 from workers.ranking.fusion import FusedHit, fuse
 
 

@@ -21,9 +21,9 @@ from conftest import CRANFIELD, start_cli
 from test_e2e import events, s3_getter
 
 from producer.backlog import queue_counts
-from shared.leases import list_leases
-from shared.ledger import JOBS_INDEX, JobLedger
-from shared.schemas import ChunkBatch
+from shared.control.leases import list_leases
+from shared.control.ledger import JOBS_INDEX, JobLedger
+from shared.records.schemas import ChunkBatch
 
 pytestmark = pytest.mark.e2e
 

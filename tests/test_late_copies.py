@@ -19,9 +19,9 @@ import pytest
 from conftest import CRANFIELD, run_cli
 from servers import Worker
 
-from shared.celery_app import EncodeUnits, advance, make_app
-from shared.ledger import JobLedger
-from shared.settings import Settings
+from shared.control.celery_app import EncodeUnits, advance, make_app
+from shared.control.ledger import JobLedger
+from shared.control.settings import Settings
 
 pytestmark = pytest.mark.e2e
 

@@ -10,8 +10,8 @@ import time
 import pytest
 from conftest import base_env, run_cli
 
-from shared.errors import EmbedFleetError
-from shared.leases import Gpu, GpuLease, LeaseInfo, fake_gpus, lease_key, list_leases
+from shared.control.leases import Gpu, GpuLease, LeaseInfo, fake_gpus, lease_key, list_leases
+from shared.records.errors import EmbedFleetError
 
 
 def gpus(*uuids: str) -> list[Gpu]:

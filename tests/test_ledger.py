@@ -9,8 +9,8 @@ import time
 import msgspec
 import pytest
 
-from shared.ledger import JobLedger
-from shared.schemas import (
+from shared.control.ledger import JobLedger
+from shared.records.schemas import (
     BatchFailure,
     BatchReport,
     JobRecord,
@@ -142,14 +142,14 @@ def test_finish_sets_expiry_and_unknown_jobs_explain_themselves(ledger, redis_cl
     ledger.seal(producer_report(3))
     ledger.finish("complete", ttl=60)
     assert 0 < redis_client.ttl(ledger.k_spec) <= 60
-    from shared.errors import EmbedFleetError
+    from shared.records.errors import EmbedFleetError
 
     with pytest.raises(EmbedFleetError, match="no job 'nope'"):
         JobLedger(redis_client, "nope").spec()
 
 
 def query_spec() -> JobSpec:
-    from shared.schemas import RetrievalSpec
+    from shared.records.schemas import RetrievalSpec
 
     job = spec("job-q")
     job.retrieval = RetrievalSpec(
@@ -225,8 +225,8 @@ def test_the_watchdog_redrives_a_stalled_job_only_when_the_fleet_is_idle(
     import dataclasses
 
     from producer import backlog, watchdog
-    from shared.celery_app import make_app
-    from shared.settings import Settings
+    from shared.control.celery_app import make_app
+    from shared.control.settings import Settings
 
     monkeypatch.setattr(watchdog, "CHECK_EVERY_S", 0.0)
     app = make_app(dataclasses.replace(Settings.from_env({}), broker_url=redis_server.url))

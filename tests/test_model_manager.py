@@ -10,9 +10,9 @@ import pytest
 from crossencoder import build_tiny_cross_encoder
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
-from shared.errors import EmbedFleetError
-from shared.models import DEFAULT_DENSE_MODEL, resolve_model
-from shared.settings import Settings, parse_bytes
+from shared.control.settings import Settings, parse_bytes
+from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
+from shared.records.errors import EmbedFleetError
 from workers.inference.dense import DENSE
 from workers.inference.model_manager import ModelManager, model_bytes
 from workers.inference.rerank import RERANK

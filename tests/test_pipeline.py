@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from test_ledger import spec as ledger_spec
 
-from shared import pipeline
-from shared.schemas import JobSpec, RetrievalSpec
+from shared.control import pipeline
+from shared.records.schemas import JobSpec, RetrievalSpec
 
 
 def spec(queries: bool, rerank: bool = False, sparse: bool = False) -> JobSpec:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.models import DEFAULT_DENSE_MODEL
+from shared.inputs.models import DEFAULT_DENSE_MODEL
 from workers.inference import dense, precision
 from workers.inference.engine import Inference
 from workers.inference.precision import (

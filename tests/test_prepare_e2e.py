@@ -19,8 +19,8 @@ from artifacts import chunk_records
 from conftest import CRANFIELD, REPO, base_env, run_cli
 from servers import SeaweedS3
 
-from shared.ledger import JOBS_INDEX, JobLedger
-from shared.schemas import ChunkBatch
+from shared.control.ledger import JOBS_INDEX, JobLedger
+from shared.records.schemas import ChunkBatch
 
 pytestmark = pytest.mark.e2e
 

@@ -10,10 +10,10 @@ import pytest
 from test_ledger import spec
 
 from producer.recovery import find_job, rebuild_ledger
-from shared.errors import EmbedFleetError
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.schemas import (
+from shared.control.ledger import JobLedger
+from shared.records.errors import EmbedFleetError
+from shared.records.job_store import JobStore
+from shared.records.schemas import (
     Chunk,
     ChunkBatch,
     JobRecord,
@@ -23,7 +23,7 @@ from shared.schemas import (
     ProducerReport,
     RetrievalSpec,
 )
-from shared.storage import LocalStore
+from shared.records.storage import LocalStore
 
 
 def _spec(job_id: str) -> JobSpec:

@@ -13,8 +13,8 @@ import browser
 import pytest
 from browser import needs_chromium
 
-from shared.job_store import JobStore
-from shared.schemas import (
+from shared.records.job_store import JobStore
+from shared.records.schemas import (
     BatchReport,
     Counts,
     CrossEncoderRerankRun,
@@ -27,7 +27,7 @@ from shared.schemas import (
     RankingMetrics,
     RetrievalSpec,
 )
-from shared.storage import LocalStore
+from shared.records.storage import LocalStore
 from workers.aggregate import finish
 from workers.aggregate.report import render_report
 

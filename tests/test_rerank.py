@@ -495,7 +495,7 @@ def test_auto_probes_the_first_real_batch(tmp_path: Path, monkeypatch: Any) -> N
     """``auto`` times the batch the executor runs first (the longest pairs, as many as
     the budget holds), not a fixed handful of pairs: a small probe can favour a dtype
     that loses at full batch size."""
-    from shared.schemas import Candidate, FusedGroup, QueryCandidates
+    from shared.records.schemas import Candidate, FusedGroup, QueryCandidates
     from workers.inference.batch_runner import first_batch
     from workers.inference.rerank import RERANK, rerank_fused
 

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from shared.schemas import Candidate, DenseShard, Hits, Matrix
+from shared.records.schemas import Candidate, DenseShard, Hits, Matrix
 from workers.aggregate.results import final_order
 from workers.inference.dense import l2_normalise
 from workers.ranking.retrieval import dense_top_k, merge_hits, sparse_top_k, top_indices

@@ -17,11 +17,12 @@ import pytest
 from conftest import CRANFIELD
 from servers import SeaweedS3
 
-from shared import locations
-from shared.errors import EmbedFleetError, UnreadableFileError
-from shared.locations import READ_BYTES, S3Path, canonical, locate
-from shared.schemas import Document, FieldMap
-from shared.sources import PEEK_BYTES, cut_ranges, is_empty, open_source, read_range, read_records
+from shared.inputs import locations
+from shared.inputs.compressed import PEEK_BYTES
+from shared.inputs.locations import READ_BYTES, S3Path, canonical, locate
+from shared.inputs.sources import cut_ranges, is_empty, open_source, read_range, read_records
+from shared.records.errors import EmbedFleetError, UnreadableFileError
+from shared.records.schemas import Document, FieldMap
 
 
 @pytest.fixture(autouse=True)

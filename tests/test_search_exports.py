@@ -35,7 +35,7 @@ def test_faiss_returns_the_fleets_dense_top_10(job, tmp_path: Path) -> None:
     import faiss
     from sentence_transformers import SentenceTransformer
 
-    from shared.models import DEFAULT_DENSE_MODEL, resolve_model
+    from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
 
     out, manifest = job
     exported = run_cli(

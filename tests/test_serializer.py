@@ -9,10 +9,11 @@ import pytest
 from kombu.exceptions import ContentDisallowed
 from kombu.serialization import dumps, loads
 
-from shared import pipeline, serializer
-from shared.celery_app import make_app
-from shared.schemas import EncodeBatch, RetrieveGroup
-from shared.settings import Settings
+from shared.control import pipeline
+from shared.control.celery_app import make_app
+from shared.control.settings import Settings
+from shared.records import serializer
+from shared.records.schemas import EncodeBatch, RetrieveGroup
 
 MESSAGE = EncodeBatch(job_id="j", stage="dense", unit="b000001", kind="queries")
 

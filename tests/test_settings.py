@@ -1,5 +1,5 @@
 """Typed settings: every EMBED_FLEET_* variable declared once, read in one place,
-checked with an error that names it, and listed in the README."""
+checked with an error that names it (the docs' table of them: tests/test_docs.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import EmbedFleetError
-from shared.settings import _PARSERS, VARIABLES, Settings, parse_bytes
+from shared.control.settings import _PARSERS, VARIABLES, Settings, parse_bytes
+from shared.records.errors import EmbedFleetError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,23 +20,8 @@ def test_every_variable_has_a_field_and_a_parser() -> None:
     assert {v.field for v in VARIABLES} == set(_PARSERS) == fields
 
 
-def test_the_readme_lists_every_variable_and_no_other() -> None:
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("| variable | default | meaning |") :].split("\n\n", 1)[0]
-    rows = {
-        match.group(1): line
-        for line in table.splitlines()
-        if (match := re.match(r"\| `(EMBED_FLEET_[A-Z_]+)` \|", line))
-    }
-    assert set(rows) == {v.name for v in VARIABLES}
-    for variable in VARIABLES:
-        assert variable.meaning in rows[variable.name]
-    mentioned = set(re.findall(r"EMBED_FLEET_[A-Z_]+[A-Z]", readme))
-    assert mentioned <= {v.name for v in VARIABLES}
-
-
 def test_nothing_else_reads_the_environment_for_them() -> None:
-    """The one place: outside shared/settings.py the environment is read only for other
+    """The one place: outside shared/control/settings.py the environment is read only for other
     tools' variables (Hugging Face, S3, OpenTelemetry, CUDA, the terminal's COLUMNS), each
     named by a literal."""
     others = re.compile(r"^((HF_|XDG_|S3_|AWS_|OTEL_|CUDA_)[A-Z_]*|COLUMNS)$")

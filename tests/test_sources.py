@@ -9,9 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.errors import BadRecordError, EmbedFleetError, UnreadableFileError
-from shared.schemas import Document, SkippedRecord
-from shared.sources import (
+from shared.inputs.sources import (
     ReadProgress,
     cut_ranges,
     documents,
@@ -20,6 +18,8 @@ from shared.sources import (
     read_range,
     read_records,
 )
+from shared.records.errors import BadRecordError, EmbedFleetError, UnreadableFileError
+from shared.records.schemas import Document, SkippedRecord
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -337,7 +337,7 @@ def test_progress_counts_text_dir_bytes(tmp_path: Path) -> None:
 
 def _ranges_read(source_path: Path, range_bytes: int) -> list[Document | SkippedRecord]:
     """Every range read on its own, lines moved to file lines as the fleet does."""
-    from shared.sources import cut_ranges, read_range
+    from shared.inputs.sources import cut_ranges, read_range
 
     source = open_source(source_path)
     out: list[Document | SkippedRecord] = []
@@ -364,7 +364,7 @@ def test_ranges_cover_a_jsonl_file_exactly_once_at_line_starts(
     """Ranges start at line starts, cover every byte once, and read together give the
     records (and bad records, at their file lines) one reader gives, except duplicates
     across ranges, which the fleet's dedupe phase finds."""
-    from shared.sources import cut_ranges
+    from shared.inputs.sources import cut_ranges
 
     lines: list[Any] = []
     for i in range(120):
@@ -397,7 +397,7 @@ def test_a_duplicate_within_a_range_names_file_lines(tmp_path: Path) -> None:
 
 
 def test_text_folder_ranges_group_whole_files(tmp_path: Path) -> None:
-    from shared.sources import cut_ranges, read_range
+    from shared.inputs.sources import cut_ranges, read_range
 
     for i in range(7):
         (tmp_path / f"doc{i}.txt").write_text("text " * (i + 1) * 10)

@@ -15,9 +15,9 @@ import boto3
 import pytest
 from servers import SeaweedS3
 
-from shared.errors import EmbedFleetError
-from shared.job_store import JobLayout
-from shared.storage import (
+from shared.records.errors import EmbedFleetError
+from shared.records.job_store import JobLayout
+from shared.records.storage import (
     LocalStore,
     S3Store,
     join_key,

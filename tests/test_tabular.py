@@ -9,9 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared.errors import EmbedFleetError, UnreadableFileError
-from shared.schemas import Document, FieldMap, SkippedRecord
-from shared.sources import (
+from shared.inputs.sources import (
     ReadProgress,
     cut_ranges,
     is_empty,
@@ -19,6 +17,8 @@ from shared.sources import (
     read_range,
     read_records,
 )
+from shared.records.errors import EmbedFleetError, UnreadableFileError
+from shared.records.schemas import Document, FieldMap, SkippedRecord
 
 
 def records(source) -> list[Document | SkippedRecord]:

@@ -18,7 +18,7 @@ from conftest import CRANFIELD, run_cli
 from crossencoder import build_tiny_cross_encoder
 from test_e2e import events
 
-from shared.models import DEFAULT_DENSE_MODEL
+from shared.inputs.models import DEFAULT_DENSE_MODEL
 from workers.runtime.measure import (
     ATTR_BATCH_SIZE,
     ATTR_DEVICE,

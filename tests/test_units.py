@@ -13,11 +13,11 @@ import msgspec
 import pytest
 from test_ledger import report, spec
 
-from shared.celery_app import EncodeUnits, make_app
-from shared.ledger import JobLedger
-from shared.pipeline import UNIT_MAX_BATCHES
-from shared.schemas import EncodeBatch, LatencySummary, ProducerReport
-from shared.settings import Settings
+from shared.control.celery_app import EncodeUnits, make_app
+from shared.control.ledger import JobLedger
+from shared.control.pipeline import UNIT_MAX_BATCHES
+from shared.control.settings import Settings
+from shared.records.schemas import EncodeBatch, LatencySummary, ProducerReport
 from workers.runtime.measure import UnitOutcome, UnitPart
 from workers.runtime.middleware import _part_reports
 
@@ -144,3 +144,4 @@ def test_a_unit_that_keeps_failing_sends_its_batches_again_one_by_one(
     LedgerReporting().gave_up(task, {**payload, "batch_ids": []}, RuntimeError("b0 is"))  # type: ignore[arg-type]
     (failure,) = ledger.failures("dense")
     assert failure.batch_id == "b0" and "b0 is" in failure.reason
+

@@ -21,9 +21,10 @@ from typing import Any
 
 from celery import signals
 
-from shared import logs, telemetry
-from shared.celery_app import make_app
-from shared.settings import Settings
+from shared.control import telemetry
+from shared.control.celery_app import make_app
+from shared.control.settings import Settings
+from shared.records import logs
 from workers.runtime import context
 
 settings = Settings.from_env()

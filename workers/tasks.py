@@ -3,7 +3,7 @@
 Each body takes the worker context, the job and its validated message, does its stage's
 work through the job's store, and returns what it did; validation, retries, spans, the
 ledger and the phase hand-off are the hooks' (:mod:`workers.runtime.middleware`). Task
-names and queues come from the pipeline table (:mod:`shared.pipeline`): a new stage is
+names and queues come from the pipeline table (:mod:`shared.control.pipeline`): a new stage is
 an entry there plus a body here.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from shared import pipeline
-from shared.logs import get_logger
-from shared.schemas import (
+from shared.control import pipeline
+from shared.records.logs import get_logger
+from shared.records.schemas import (
     ChunkBatch,
     EncodeBatch,
     ExportPart,

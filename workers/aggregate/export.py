@@ -19,11 +19,11 @@ from pathlib import Path
 import msgspec
 from celery import Celery
 
-from shared.celery_app import advance, send_unit
-from shared.job_store import JobLayout, JobStore
-from shared.ledger import JobLedger
-from shared.models import BM25
-from shared.schemas import (
+from shared.control.celery_app import fan_out
+from shared.control.ledger import JobLedger
+from shared.inputs.models import BM25
+from shared.records.job_store import JobLayout, JobStore
+from shared.records.schemas import (
     ChunkBatch,
     ExportedPart,
     ExportPart,
@@ -96,11 +96,7 @@ def plan_export(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     dims = [m.dim for m in ledger.models() if m.kind == "dense"]
     parts = plan_parts(spec, batch_ids, ledger.staged_items(), part_rows(spec, dims))
     store.put_export_plan(ExportPlan(parts=parts))
-    if ledger.open_phase("export", len(parts)):
-        advance(app, spec, "export")
-    for part in parts:
-        send_unit(app, part)
-    return len(parts)
+    return fan_out(app, ledger, spec, "export", parts)
 
 
 def bm25_for_export(store: JobStore, spec: JobSpec, batch_ids: list[str]) -> BM25Statistics | None:

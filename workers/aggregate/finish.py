@@ -22,12 +22,12 @@ from pathlib import Path
 
 import msgspec
 
-from shared import pipeline
-from shared.job_store import JobLayout, JobStore
-from shared.ledger import JobLedger
-from shared.logs import get_logger
-from shared.models import BM25
-from shared.schemas import (
+from shared.control import pipeline
+from shared.control.ledger import JobLedger
+from shared.inputs.models import BM25
+from shared.records.job_store import JobLayout, JobStore
+from shared.records.logs import get_logger
+from shared.records.schemas import (
     FORMAT_VERSION,
     Artifact,
     BatchFailure,

@@ -20,11 +20,12 @@ from collections.abc import Iterator
 
 from celery import Celery
 
-from shared import ids, tokens
-from shared.celery_app import advance, send_unit
-from shared.job_store import JobStore, QueryText
-from shared.ledger import JobLedger
-from shared.schemas import (
+from shared.control.celery_app import fan_out
+from shared.control.ledger import JobLedger
+from shared.inputs import tokens
+from shared.records import ids
+from shared.records.job_store import JobStore, QueryText
+from shared.records.schemas import (
     DENSE_RANKING,
     Candidate,
     FusedGroup,
@@ -221,12 +222,7 @@ def fuse_messages(ledger: JobLedger, store: JobStore, spec: JobSpec) -> list[Fus
 def plan_fuse(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """After retrieval: one fuse unit per run of query groups; returns how many."""
     spec = ledger.spec()
-    units = fuse_messages(ledger, store, spec)
-    if ledger.open_phase("fuse", len(units)):
-        advance(app, spec, "fuse")
-    for unit in units:
-        send_unit(app, unit)
-    return len(units)
+    return fan_out(app, ledger, spec, "fuse", fuse_messages(ledger, store, spec))
 
 
 def fused_groups(ledger: JobLedger, spec: JobSpec, queries: list[QueryText]) -> list[str]:
@@ -256,9 +252,4 @@ def rerank_units(ledger: JobLedger, store: JobStore, spec: JobSpec) -> list[Rera
 def plan_rerank(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """After fusion: one rerank unit per fused query group; returns how many."""
     spec = ledger.spec()
-    units = rerank_units(ledger, store, spec)
-    if ledger.open_phase("rerank", len(units)):
-        advance(app, spec, "rerank")
-    for unit in units:
-        send_unit(app, unit)
-    return len(units)
+    return fan_out(app, ledger, spec, "rerank", rerank_units(ledger, store, spec))

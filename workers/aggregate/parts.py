@@ -12,7 +12,7 @@ A Parquet part has one row per chunk::
 which is the shape LanceDB, Hugging Face datasets, DuckDB, Milvus/Pinecone bulk import
 and Anserini's Parquet collections read without conversion. A JSONL part has one
 ``ChunkRecord`` per line (vectors as JSON lists, sparse vectors as ``{term: weight}``).
-The manifest's ``chunks`` (:class:`shared.schemas.ChunksLayout`) maps each column to
+The manifest's ``chunks`` (:class:`shared.records.schemas.ChunksLayout`) maps each column to
 its model.
 """
 
@@ -26,7 +26,7 @@ from typing import IO, TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
-from shared.schemas import Artifact, ChunkBatch, ChunkRecord, ExportFormat
+from shared.records.schemas import Artifact, ChunkBatch, ChunkRecord, ExportFormat
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared import ids
-from shared.celery_app import advance, send_unit
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.schemas import JobSpec, RetrieveGroup
+from shared.control.celery_app import fan_out
+from shared.control.ledger import JobLedger
+from shared.records import ids
+from shared.records.job_store import JobStore
+from shared.records.schemas import JobSpec, RetrieveGroup
 from workers.ranking.sparse_weights import keep_merged_bm25
 
 
@@ -45,8 +45,4 @@ def plan_retrieve(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     spec = ledger.spec()
     keep_merged_bm25(store, spec, ledger.usable_batches())
     units = retrieve_units(ledger, spec)
-    if ledger.open_phase("retrieve", len(units)):
-        advance(app, spec, "retrieve")
-    for unit in units:
-        send_unit(app, unit, variant=unit.retriever)
-    return len(units)
+    return fan_out(app, ledger, spec, "retrieve", units, variant=lambda unit: unit.retriever)

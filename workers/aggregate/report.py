@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from shared.schemas import BatchReport, Manifest, Metrics
-from shared.text import human_bytes, peak_text
+from shared.records.schemas import BatchReport, Manifest, Metrics
+from shared.records.text import human_bytes, peak_text
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

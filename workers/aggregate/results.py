@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from shared.ids import doc_id_of
-from shared.schemas import (
+from shared.records.ids import doc_id_of
+from shared.records.schemas import (
     DENSE_RANKING,
     Candidate,
     CrossEncoderRerankRun,

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 
 from celery import Celery
 
-from shared import ids, pipeline
-from shared.celery_app import advance, send_unit
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.pipeline import PhaseName
-from shared.schemas import (
+from shared.control import pipeline
+from shared.control.celery_app import advance, send_unit
+from shared.control.ledger import JobLedger
+from shared.control.pipeline import PhaseName
+from shared.records import ids
+from shared.records.job_store import JobStore
+from shared.records.schemas import (
     BatchKind,
     BatchReport,
     EncodeBatch,

@@ -9,8 +9,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from shared.models import BM25
-from shared.schemas import (
+from shared.inputs.models import BM25
+from shared.records.schemas import (
     BatchReport,
     LatencySummary,
     ModelInfo,

@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
-from shared.errors import EmbedFleetError
-from shared.logs import get_logger
+from shared.records.errors import EmbedFleetError
+from shared.records.logs import get_logger
 from workers.runtime.measure import StageFigures, model_batch, reset_peak
 
 log = get_logger("batches")

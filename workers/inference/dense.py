@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
+from shared.records.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.inference.batch_runner import first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.settings import Settings
+from shared.control.settings import Settings
 from workers.inference.batch_runner import BatchRunner, BudgetBook
 from workers.inference.devices import default_batch_tokens, worker_device
 from workers.inference.model_manager import ModelManager

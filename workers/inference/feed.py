@@ -2,7 +2,7 @@
 
 A model gets its ids the first of three ways that applies:
 
-- **staged**: the ids the chunk stage kept with the chunks (:mod:`shared.tokens`), when
+- **staged**: the ids the chunk stage kept with the chunks (:mod:`shared.inputs.tokens`), when
   the model's tokenizer has the identity that made them, laid out by the model's
   :class:`~workers.inference.layout.InputLayout`. Nothing tokenizes the text again.
 - **tokenized**: the model's own Rust tokenizer, over every text of the unit in one
@@ -29,9 +29,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from shared import tokens
-from shared.schemas import BatchKind, ChunkBatch
-from shared.tokens import tokenizer_identity
+from shared.inputs import tokens
+from shared.inputs.tokens import tokenizer_identity
+from shared.records.schemas import BatchKind, ChunkBatch
 from workers.inference.engine import Inference
 from workers.inference.layout import (
     Arranged,
@@ -51,7 +51,7 @@ class ModelInputs:
     """How one model takes its inputs, worked out once per process and model.
 
     Attributes:
-        identity: Its tokenizer's identity (:func:`shared.tokens.tokenizer_identity`).
+        identity: Its tokenizer's identity (:func:`shared.inputs.tokens.tokenizer_identity`).
         layout: How ids become its tensors (``None``: only its ``preprocess`` can say).
         prompt: The prompt its encode call prepends (``None`` if none).
         kwargs: What its encode call passes on to ``preprocess`` and the forward pass

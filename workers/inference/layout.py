@@ -1,6 +1,6 @@
 """How token ids become one model's input tensors, without its tokenizer in the loop.
 
-A staged chunk carries its text's ids without special tokens (:mod:`shared.tokens`).
+A staged chunk carries its text's ids without special tokens (:mod:`shared.inputs.tokens`).
 What the model needs on top is what its tokenizer would add: the special tokens around
 one text or a (query, passage) pair, the type id of each part, truncation at the
 model's limit, and padding to the batch's longest item. An :class:`InputLayout` holds
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.logs import get_logger
+from shared.records.logs import get_logger
 
 log = get_logger("layout")
 

@@ -3,7 +3,7 @@
 One manager per worker process holds the dense, sparse and rerank models alike:
 
 - **Staged**: loaded from the one shared model cache (``HF_HOME``, or the folder given
-  to ``--model-cache``; see :func:`shared.models.resolve_model`) into CPU memory, at
+  to ``--model-cache``; see :func:`shared.inputs.models.resolve_model`) into CPU memory, at
   worker start for the models named in ``EMBED_FLEET_PRELOAD`` (:mod:`workers.runtime.preload`)
   and otherwise on first use. Loading from disk is the slow part (seconds); it happens once.
 - **Hydrated**: moved to the worker's device (the leased GPU) when a task of its stage
@@ -29,9 +29,9 @@ from typing import Any, Literal, TypedDict
 
 import numpy as np
 
-from shared.logs import get_logger
-from shared.models import ResolvedModel, canonical_name, resolve_model
-from shared.schemas import ModelInfo
+from shared.inputs.models import ResolvedModel, canonical_name, resolve_model
+from shared.records.logs import get_logger
+from shared.records.schemas import ModelInfo
 from workers.inference.devices import prepare_cuda
 from workers.inference.precision import (
     MAX_PROBE_ITEMS,

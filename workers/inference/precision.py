@@ -140,7 +140,7 @@ class SpeedVerdicts:
     @classmethod
     def default(cls) -> SpeedVerdicts:
         """``<HF_HOME>/embed-fleet/speed-verdicts.json``: beside the models it is about."""
-        from shared.models import hf_cache_dir
+        from shared.inputs.models import hf_cache_dir
 
         return cls(hf_cache_dir().parent / "embed-fleet" / "speed-verdicts.json")
 

@@ -12,7 +12,7 @@ runner re-cuts an out-of-memory batch smaller, splits a batch over the time limi
 two, sends a half that is still too slow (or a pair out of memory alone) to a CPU copy
 of the model, and pairs that no path could score come back as ``None`` (the caller
 keeps them in fused order). Every such event is counted in
-:class:`~shared.schemas.RerankStats`, so the manifest says how much of the ranking the
+:class:`~shared.records.schemas.RerankStats`, so the manifest says how much of the ranking the
 reranker really saw. Any other error of the model (a plain ``RuntimeError``, a bad
 input) propagates: it is a bug or a broken model, and the task's retry and failure
 handling should see it.
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared import tokens
-from shared.schemas import FusedGroup, ModelInfo, RerankShard, RerankStats
+from shared.inputs import tokens
+from shared.records.schemas import FusedGroup, ModelInfo, RerankShard, RerankStats
 from workers.inference.batch_runner import BatchRunner, ItemFallback, TokenBudget, first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
@@ -87,7 +87,8 @@ def load_cross_encoder(
 
     Args:
         inference: The worker's models.
-        name: A hub id, an alias, or a local folder (see :func:`shared.models.resolve_model`).
+        name: A hub id, an alias, or a local folder (see
+            :func:`shared.inputs.models.resolve_model`).
         device: A torch device string (``cpu``, ``cuda``, ``cuda:1``).
         dtype: The dtype policy (``auto``, ``fp32``, ``bf16``, ``fp16``).
         probe: (query, passage) pairs that decide whether ``auto`` may keep bf16.

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.models import BM25
-from shared.schemas import BatchKind, Chunk, ChunkBatch, ModelInfo, SparseRow, SparseShard
+from shared.inputs.models import BM25
+from shared.records.schemas import BatchKind, Chunk, ChunkBatch, ModelInfo, SparseRow, SparseShard
 from workers.inference.batch_runner import ItemFallback, first_batch
 from workers.inference.devices import default_batch_tokens, sparse_device
 from workers.inference.engine import Inference

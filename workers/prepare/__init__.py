@@ -1,3 +1,3 @@
 """Preparing a collection on the fleet: validate each read range, find duplicate ids
 across ranges, then chunk and stage each range (the ``validate``, ``dedupe`` and
-``chunk`` phases of :mod:`shared.pipeline`), so the producer only cuts the ranges."""
+``chunk`` phases of :mod:`shared.control.pipeline`), so the producer only cuts the ranges."""

@@ -14,12 +14,13 @@ import time
 
 from celery import Celery
 
-from shared import ids
-from shared.celery_app import EncodeUnits, advance, send_resume
-from shared.chunking import Chunker, ChunkTally, chunk_batches
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.schemas import (
+from shared.control.celery_app import EncodeUnits, advance, send_resume
+from shared.control.ledger import JobLedger
+from shared.inputs.chunking import Chunker, ChunkTally, chunk_batches
+from shared.inputs.sources import ReadProgress, read_range
+from shared.records import ids
+from shared.records.job_store import JobStore
+from shared.records.schemas import (
     ChunkBatch,
     Document,
     JobSpec,
@@ -27,7 +28,6 @@ from shared.schemas import (
     ProducerReport,
     RangeChunked,
 )
-from shared.sources import ReadProgress, read_range
 
 
 def chunk_range(

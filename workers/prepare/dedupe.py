@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared import ids
-from shared.errors import BadRecordError, NoDocumentsError
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.schemas import (
+from shared.control.ledger import JobLedger
+from shared.inputs.sources import MAX_LISTED_SKIPS
+from shared.records import ids
+from shared.records.errors import BadRecordError, NoDocumentsError
+from shared.records.job_store import JobStore
+from shared.records.schemas import (
     DuplicateId,
     Duplicates,
     JobSpec,
@@ -23,7 +24,6 @@ from shared.schemas import (
     RangeExclusions,
     SkippedRecord,
 )
-from shared.sources import MAX_LISTED_SKIPS
 
 
 def dedupe_partition(spec: JobSpec, store: JobStore, partition_id: str) -> int:
@@ -65,7 +65,7 @@ def plan_chunk(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     Raises:
         NoDocumentsError: every record was skipped (unless the job allows it empty).
     """
-    from shared.celery_app import advance, send_unit
+    from shared.control.celery_app import fan_out
 
     spec = ledger.spec()
     plan = store.read_plan()
@@ -104,11 +104,8 @@ def plan_chunk(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     if validation.documents == 0 and not spec.allow_empty:
         example = validation.skipped[0].named if validation.skipped else ""
         raise NoDocumentsError(spec.source, validation.skipped_count, example)
-    units = len(plan.ranges)
-    if ledger.open_phase("chunk", units):
-        advance(app, spec, "chunk")
-    for part in plan.ranges:
-        send_unit(
-            app, PrepareUnit(job_id=spec.job_id, stage="chunk", unit=ids.range_id(part.index))
-        )
-    return units
+    units = [
+        PrepareUnit(job_id=spec.job_id, stage="chunk", unit=ids.range_id(part.index))
+        for part in plan.ranges
+    ]
+    return fan_out(app, ledger, spec, "chunk", units)

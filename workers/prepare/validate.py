@@ -12,11 +12,18 @@ from __future__ import annotations
 
 from celery import Celery
 
-from shared import ids
-from shared.errors import BadRecordError
-from shared.job_store import JobStore
-from shared.ledger import JobLedger
-from shared.schemas import (
+from shared.control.ledger import JobLedger
+from shared.inputs.sources import (
+    MAX_LISTED_SKIPS,
+    OWN_LINES,
+    ReadProgress,
+    lines_before,
+    read_range,
+)
+from shared.records import ids
+from shared.records.errors import BadRecordError
+from shared.records.job_store import JobStore
+from shared.records.schemas import (
     Document,
     IdPartition,
     JobSpec,
@@ -26,7 +33,6 @@ from shared.schemas import (
     SkippedRecord,
     Validation,
 )
-from shared.sources import MAX_LISTED_SKIPS, OWN_LINES, ReadProgress, lines_before, read_range
 
 
 def validate_range(
@@ -91,8 +97,8 @@ def plan_dedupe(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """Once every range is validated: where each range's lines start, every skipped
     record at its file line, the documents in all; then one dedupe unit per id
     partition (none for a collection read as one range). Returns the units."""
-    from shared.celery_app import advance, send_unit
-    from shared.schemas import PrepareUnit
+    from shared.control.celery_app import fan_out
+    from shared.records.schemas import PrepareUnit
 
     spec = ledger.spec()
     plan = store.read_plan()
@@ -116,11 +122,9 @@ def plan_dedupe(ledger: JobLedger, store: JobStore, app: Celery) -> int:
         )
     )
     ledger.set_documents_total(documents)
-    units = plan.partitions if plan.partitions > 1 else 0
-    if ledger.open_phase("dedupe", units):
-        advance(app, spec, "dedupe")
-    for index in range(units):
-        send_unit(
-            app, PrepareUnit(job_id=spec.job_id, stage="dedupe", unit=ids.partition_id(index))
-        )
-    return units
+    partitions = range(plan.partitions if plan.partitions > 1 else 0)
+    units = [
+        PrepareUnit(job_id=spec.job_id, stage="dedupe", unit=ids.partition_id(index))
+        for index in partitions
+    ]
+    return fan_out(app, ledger, spec, "dedupe", units)

@@ -33,7 +33,7 @@ from importlib import metadata
 
 import pytrec_eval
 
-from shared.schemas import RankingMetrics
+from shared.records.schemas import RankingMetrics
 
 __all__ = ["EVALUATOR_MEASURES", "document_ranking", "evaluate", "evaluator_description"]
 

@@ -1,6 +1,6 @@
 """Fusion of per-retriever rankings into one ranking, for one query.
 
-Each retriever (the dense ensemble, ranked as :data:`~shared.schemas.DENSE_RANKING`,
+Each retriever (the dense ensemble, ranked as :data:`~shared.records.schemas.DENSE_RANKING`,
 and every sparse model, ranked under its own name) returns its own top-k for a query.
 Their scores live on unrelated scales (cosine similarities, SPLADE dot products, BM25
 sums), so they cannot be added as they are. :func:`fuse` merges the lists into one
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.schemas import Fusion, Hits
+from shared.records.schemas import Fusion, Hits
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from scipy import sparse as sp
 
-from shared.job_store import JobStore
-from shared.models import BM25
-from shared.schemas import DENSE_RANKING, DenseShard, Hits, JobSpec, SparseRow
+from shared.inputs.models import BM25
+from shared.records.job_store import JobStore
+from shared.records.schemas import DENSE_RANKING, DenseShard, Hits, JobSpec, SparseRow
 from workers.ranking.sparse_weights import BM25Statistics, collection_bm25, rounded
 
 # Queries scored at once: bounds the score matrix to QUERY_BLOCK x shard rows.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from shared.job_store import JobStore
-from shared.models import BM25
-from shared.schemas import BM25Collection, BM25Params, JobSpec, SparseRow
+from shared.inputs.models import BM25
+from shared.records.job_store import JobStore
+from shared.records.schemas import BM25Collection, BM25Params, JobSpec, SparseRow
 
 # Exported sparse weights are rounded to this many decimals; zeros are dropped.
 WEIGHT_DECIMALS = 6

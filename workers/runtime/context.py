@@ -27,13 +27,13 @@ from typing import Any
 
 import redis
 
-from shared.chunking import Chunker, chunker_for
-from shared.job_store import JobStore
-from shared.leases import GpuLease
-from shared.ledger import JobLedger, connect
-from shared.schemas import JobSpec, ModelInfo
-from shared.settings import Settings
-from shared.storage import ObjectStore, open_store
+from shared.control.leases import GpuLease
+from shared.control.ledger import JobLedger, connect
+from shared.control.settings import Settings
+from shared.inputs.chunking import Chunker, chunker_for
+from shared.records.job_store import JobStore
+from shared.records.schemas import JobSpec, ModelInfo
+from shared.records.storage import ObjectStore, open_store
 from workers.inference.engine import Inference
 from workers.runtime.heap import HeapKeeper
 from workers.runtime.parallel_io import ParallelIO
@@ -145,7 +145,7 @@ class WorkerContext:
     def keep_model(self, job: Job, info: ModelInfo) -> None:
         """A model a unit used, in the store (once per process and job: the store's copy
         is what a rebuilt ledger's model table comes from; the ledger's own copy goes
-        with the unit's record, :meth:`~shared.ledger.JobLedger.record_done_many`)."""
+        with the unit's record, :meth:`~shared.control.ledger.JobLedger.record_done_many`)."""
         self.once_per_job(job, f"model:{info.kind}:{info.name}", lambda: job.store.put_model(info))
 
     def once_per_job(self, job: Job, what: str, write: Callable[[], None]) -> None:

@@ -16,10 +16,10 @@ import os
 import signal
 import sys
 
-from shared.errors import EmbedFleetError, ExitCode
-from shared.leases import GpuLease, host_gpus
-from shared.ledger import connect
-from shared.logs import get_logger
+from shared.control.leases import GpuLease, host_gpus
+from shared.control.ledger import connect
+from shared.records.errors import EmbedFleetError, ExitCode
+from shared.records.logs import get_logger
 from workers.runtime.context import GPU_QUEUES, WorkerBoot
 
 log = get_logger("gpu")

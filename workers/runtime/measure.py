@@ -23,8 +23,8 @@ from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
-from shared.schemas import BatchKind, ChunkBatch, ModelInfo, Struct
-from shared.telemetry import tracer
+from shared.control.telemetry import tracer
+from shared.records.schemas import BatchKind, ChunkBatch, ModelInfo, Struct
 
 # Span attribute names, shared by every stage (and read back by the tests).
 ATTR_STAGE = "embed_fleet.stage"
@@ -167,7 +167,7 @@ def model_batch(
 @dataclass(frozen=True)
 class UnitPart:
     """One staged batch of a unit that encoded several: the ledger counts each (see
-    :class:`~shared.schemas.EncodeBatch`).
+    :class:`~shared.records.schemas.EncodeBatch`).
 
     Attributes:
         unit: The batch's id.

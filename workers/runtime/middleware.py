@@ -46,12 +46,12 @@ import msgspec
 from celery import Task
 from opentelemetry import trace
 
-from shared import pipeline
-from shared.celery_app import advance, send_unit
-from shared.errors import BadInputError, EmbedFleetError
-from shared.logs import get_logger
-from shared.schemas import BatchFailure, BatchReport, EncodeBatch, JobStep, Struct
-from shared.telemetry import tracer
+from shared.control import pipeline
+from shared.control.celery_app import advance, send_unit
+from shared.control.telemetry import tracer
+from shared.records.errors import BadInputError, EmbedFleetError
+from shared.records.logs import get_logger
+from shared.records.schemas import BatchFailure, BatchReport, EncodeBatch, JobStep, Struct
 from workers.runtime.context import Job, WorkerContext, context_of
 from workers.runtime.heap import MIB, rss
 from workers.runtime.measure import (

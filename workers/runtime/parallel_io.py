@@ -1,6 +1,6 @@
 """A worker process's reads and writes of several objects at once.
 
-A GPU unit holds several staged batches (:data:`shared.pipeline.GPU_UNIT_TOKENS`): it
+A GPU unit holds several staged batches (:data:`shared.control.pipeline.GPU_UNIT_TOKENS`): it
 reads them all before its model runs and writes a shard for each after, and from an S3
 store each of those is a round trip of its own. Done one after another they would add
 their latencies to the unit's fixed cost; done at once they cost about one. The task

@@ -12,7 +12,7 @@ first task, whose error then says what is wrong.
 
 from __future__ import annotations
 
-from shared.logs import get_logger
+from shared.records.logs import get_logger
 from workers.inference.devices import sparse_device
 from workers.inference.engine import Inference
 from workers.inference.model_manager import ModelFamily

@@ -26,7 +26,7 @@ import os
 import signal
 import threading
 
-from shared.logs import get_logger
+from shared.records.logs import get_logger
 
 log = get_logger("shutdown")
 

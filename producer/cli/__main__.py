@@ -1,0 +1,5 @@
+"""``python -m producer.cli``: the ``embed-collections`` command."""
+
+from producer.cli import main
+
+main()

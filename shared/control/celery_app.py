@@ -1,0 +1,182 @@
+"""The Celery app as both sides see it, and the two ways work is published.
+
+The producer publishes by task *name* (``send_task``), so it never imports worker code;
+workers register their tasks on the app this module builds. Task names and queues come
+from the pipeline table (:mod:`shared.control.pipeline`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+from celery import Celery
+
+from shared.control import pipeline
+from shared.control.ledger import RETRY_CAP_S, RETRY_FIRST_S, JobLedger, retries_for
+from shared.control.pipeline import PhaseName
+from shared.control.settings import Settings
+from shared.records import serializer
+from shared.records.schemas import BatchKind, EncodeBatch, JobSpec, JobStep, UnitMessage
+
+Unit = TypeVar("Unit", bound=UnitMessage)
+
+
+def make_app(settings: Settings) -> Celery:
+    """Build the fleet's Celery app.
+
+    Reliability: a task is acknowledged only after it ran (``acks_late``), a worker
+    killed mid-task hands it back (``reject_on_worker_lost``), each worker process
+    reserves one task at a time (prefetch 1), and no result backend is used because the
+    job ledger is the source of truth.
+    """
+    serializer.register_serializer()
+    app = Celery("embed_fleet", broker=settings.worker_broker_url, set_as_current=False)
+    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    if settings.unacked_restore_interval is not None:
+        transport["unacked_restore_interval"] = settings.unacked_restore_interval
+        transport["unacked_restore_throttle"] = 1
+    app.conf.update(
+        task_serializer=serializer.NAME,
+        accept_content=[serializer.NAME],
+        result_accept_content=[serializer.NAME],
+        result_serializer=serializer.NAME,
+        event_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        # A publish (a retry, the next phase's step) rides out a broker restart instead of
+        # failing, which would make Celery reject the message without requeueing it.
+        task_publish_retry_policy={
+            "max_retries": retries_for(settings.transient_window),
+            "interval_start": RETRY_FIRST_S,
+            "interval_step": RETRY_FIRST_S,
+            "interval_max": RETRY_CAP_S,
+        },
+        task_routes={task: {"queue": queue} for task, queue in pipeline.routes().items()},
+        task_default_queue=pipeline.QUEUE_AGGREGATE,
+        # Flower shows task events only with these on.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def fan_out(
+    app: Celery,
+    ledger: JobLedger,
+    spec: JobSpec,
+    phase: PhaseName,
+    units: Sequence[Unit],
+    variant: Callable[[Unit], str] | None = None,
+) -> int:
+    """Start ``phase`` with ``units``, the one rule of every planning step: the phase's
+    total is set before any unit is sent (so no unit can finish a phase that does not
+    yet know its size), a phase without units hands on to the next step at once, and
+    then each unit goes to its stage's queue. ``variant``: which of the stage's tasks a
+    unit goes to (a retrieve group's retriever). Returns how many units were sent."""
+    if ledger.open_phase(phase, len(units)):
+        advance(app, spec, phase)
+    for unit in units:
+        send_unit(app, unit, variant(unit) if variant else "")
+    return len(units)
+
+
+def send_unit(app: Celery, message: UnitMessage, variant: str = "") -> None:
+    """Publish one unit of a stage to the queue of its task (``variant``: which of a
+    stage's tasks, e.g. the retriever of a retrieve group)."""
+    route = pipeline.stage(message.stage).route(variant)
+    app.send_task(route.task, args=[message], queue=route.queue)
+
+
+@dataclass
+class _Gathering:
+    """The batches one encode stage's next message will hold."""
+
+    stage: pipeline.Stage
+    unit_tokens: int
+    batch_ids: list[str] = field(default_factory=list)
+    tokens: int = 0
+
+
+class EncodeUnits:
+    """The encode units of batches as they are staged, one message per stage and unit.
+
+    A stage whose unit is one batch (a CPU stage) gets a message per batch at once; a
+    GPU stage's batches are gathered until they hold the stage's ``unit_tokens``
+    (:data:`~shared.control.pipeline.GPU_UNIT_TOKENS`) or
+    :data:`~shared.control.pipeline.UNIT_MAX_BATCHES`,
+    then sent as one message. Leaving the ``with`` block sends what is gathered; after
+    an error nothing more is sent (the unit that stages is retried, stages the same
+    batches under the same ids and sends the same messages). Staging is deterministic,
+    so a redelivered chunk unit gathers the same batches again.
+    """
+
+    def __init__(self, app: Celery, spec: JobSpec, kind: BatchKind) -> None:
+        self.app = app
+        self.spec = spec
+        self.kind = kind
+        self._stages = [
+            _Gathering(stage, stage.unit_tokens(spec))
+            for stage in pipeline.job_stages(spec, "encode")
+        ]
+
+    def __enter__(self) -> EncodeUnits:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.flush()
+
+    def add(self, batch_id: str, tokens: int) -> None:
+        """A batch was staged (``tokens``: its chunks' tokens)."""
+        for gathering in self._stages:
+            gathering.batch_ids.append(batch_id)
+            gathering.tokens += tokens
+            full = len(gathering.batch_ids) >= pipeline.UNIT_MAX_BATCHES
+            if full or gathering.tokens >= gathering.unit_tokens:
+                self._send(gathering)
+
+    def flush(self) -> None:
+        """Send every stage's gathered batches."""
+        for gathering in self._stages:
+            if gathering.batch_ids:
+                self._send(gathering)
+
+    def _send(self, gathering: _Gathering) -> None:
+        batch_ids = gathering.batch_ids
+        message = EncodeBatch(
+            job_id=self.spec.job_id,
+            stage=gathering.stage.name,
+            unit=batch_ids[0],
+            kind=self.kind,
+            batch_ids=batch_ids if len(batch_ids) > 1 else [],
+        )
+        send_unit(self.app, message)
+        gathering.batch_ids, gathering.tokens = [], 0
+
+
+def send_resume(app: Celery, job_id: str) -> None:
+    """Enqueue the resume step, which re-drives the job from its first unfinished phase
+    (``embed-collections resume``, the watchdog, a seal on a rebuilt ledger)."""
+    step = pipeline.step("resume")
+    app.send_task(
+        step.route.task, args=[JobStep(job_id=job_id, step="resume")], queue=step.route.queue
+    )
+
+
+def advance(app: Celery, spec: JobSpec, phase: PhaseName) -> None:
+    """Enqueue the aggregator step that follows ``phase``; called by whoever won the
+    phase's guard."""
+    step = pipeline.next_step(spec, phase)
+    app.send_task(
+        step.route.task, args=[JobStep(job_id=spec.job_id, step=step.name)], queue=step.route.queue
+    )
