@@ -145,3 +145,22 @@ def test_a_unit_that_keeps_failing_sends_its_batches_again_one_by_one(
     (failure,) = ledger.failures("dense")
     assert failure.batch_id == "b0" and "b0 is" in failure.reason
 
+
+def test_a_worker_takes_what_it_encodes_in_about_ten_seconds() -> None:
+    """Before it has a pace a worker takes one batch of a unit; then as many as its own
+    seconds per batch fit in UNIT_TARGET_S (at least one, at most the unit); a unit in
+    which nothing was timed changes nothing."""
+    from workers.runtime.pace import UNIT_TARGET_S, UnitPace
+
+    pace = UnitPace()
+    assert pace.take("dense", 13) == 1 and pace.take("dense", 0) == 0
+    pace.record("dense", 1, 8.0)  # a CPU: 8 s a batch
+    assert pace.take("dense", 13) == 1
+    pace.record("sparse", 4, 0.02)  # a GPU: 5 ms a batch
+    assert pace.take("sparse", 64) == 64
+    assert pace.take("dense", 13) == 1  # stages keep their own pace
+    pace.record("dense", 1, 0.5)  # faster now: the pace follows (half weight each)
+    assert pace.seconds_per_batch["dense"] == pytest.approx(4.25)
+    assert pace.take("dense", 13) == int(UNIT_TARGET_S / 4.25)
+    pace.record("dense", 0, 99.0)
+    assert pace.seconds_per_batch["dense"] == pytest.approx(4.25)

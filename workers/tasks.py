@@ -9,10 +9,12 @@ an entry there plus a body here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from shared.control import pipeline
+from shared.control.celery_app import send_unit
 from shared.records.logs import get_logger
 from shared.records.schemas import (
     ChunkBatch,
@@ -137,16 +139,35 @@ def _encode(
     msg: EncodeBatch,
     encode: Callable[[list[ChunkBatch]], UnitOutcome],
 ) -> UnitOutcome:
-    """What every encode stage shares: read the unit's staged batches (in parallel),
-    encode them together, and write each batch's shard to its deterministic key (in
-    parallel, all of them before the task returns and its message is acknowledged)."""
-    batches = ctx.io.map(job.store.batch, msg.batches)
+    """What every encode stage shares: take as many of the unit's staged batches as this
+    worker encodes in about ten seconds (:mod:`workers.runtime.pace`), read them (in
+    parallel), encode them together, and write each batch's shard to its deterministic
+    key (in parallel). Only then does the rest of the unit go back to the queue, as one
+    message: a unit that fails and is retried never sends it, and the message is
+    acknowledged only once the shards of what this worker took are durable (a copy
+    redelivered after a crash sends the rest again: work done twice, never counted
+    twice)."""
+    taken = msg.batches[: ctx.pace.take(msg.stage, len(msg.batches))]
+    loads = ctx.inference.models.stats.snapshot()
+    started = time.monotonic()
+    batches = ctx.io.map(job.store.batch, taken)
     outcome = encode(batches)
     assert len(outcome.shards) == len(batches), "an encode stage returns a shard per batch"
     ctx.io.map(
         lambda pair: job.store.put_shard(msg.stage, *pair),
-        list(zip(msg.batches, outcome.shards, strict=True)),
+        list(zip(taken, outcome.shards, strict=True)),
     )
+    if ctx.inference.models.stats.snapshot() == loads:  # a model's load is not its pace
+        ctx.pace.record(msg.stage, len(batches), time.monotonic() - started)
+    if rest := msg.batches[len(taken) :]:
+        back = EncodeBatch(
+            job_id=msg.job_id,
+            stage=msg.stage,
+            unit=rest[0],
+            kind=msg.kind,
+            batch_ids=rest if len(rest) > 1 else [],
+        )
+        send_unit(app, back)
     return outcome
 
 

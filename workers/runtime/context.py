@@ -36,6 +36,7 @@ from shared.records.schemas import JobSpec, ModelInfo
 from shared.records.storage import ObjectStore, open_store
 from workers.inference.engine import Inference
 from workers.runtime.heap import HeapKeeper
+from workers.runtime.pace import UnitPace
 from workers.runtime.parallel_io import ParallelIO
 
 # Queues whose work runs on a GPU when there is one.
@@ -86,6 +87,7 @@ class WorkerContext:
         inference: Its models, learned budgets and device.
         heap: Its RSS ceiling (``workers.runtime.heap``), checked after every unit.
         io: Reads and writes of a unit's several objects at once.
+        pace: How much of an encode unit it takes, by its own seconds per batch.
         host: The host's name, for reports.
     """
 
@@ -95,6 +97,7 @@ class WorkerContext:
     host: str = field(default_factory=socket.gethostname)
     heap: HeapKeeper = field(default_factory=HeapKeeper)
     io: ParallelIO = field(default_factory=ParallelIO)
+    pace: UnitPace = field(default_factory=UnitPace)
     _stores: dict[str, ObjectStore] = field(default_factory=dict)
     _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
     _kept: OrderedDict[tuple[str, str], None] = field(default_factory=OrderedDict)
