@@ -60,6 +60,7 @@ def parquet_records(
                 "text": row["text"],
                 "span": [row["span_start"], row["span_end"]],
                 "metadata": json.loads(row["metadata"]),
+                "text_key": row["text_key"],
                 "dense": {model: row[column] for column, model in layout["dense_columns"].items()},
                 "sparse": sparse,
             }

@@ -3,6 +3,7 @@ the real all-MiniLM-L6-v2 model."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -125,6 +126,10 @@ def test_cranfield_to_s3(fleet_env, bucket, s3, start_worker, tmp_path) -> None:
         "dense_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2"
     }
     assert layout["sparse_columns"] == {"sparse_splade_tiny": "splade-tiny", "sparse_bm25": "bm25"}
+    # A key per model whose vectors are its own; none for BM25 (the collection's weights).
+    keys = {m["name"]: m["key"] for m in manifest["models"] if m["kind"] != "rerank"}
+    assert set(layout["model_keys"]) == {"sentence-transformers/all-MiniLM-L6-v2", "splade-tiny"}
+    assert all(layout["model_keys"][name] == keys[name] for name in layout["model_keys"])
     records = chunk_records(manifest, get)
     check_parquet_types(get(layout["parts"][0]))
     # report.html is listed (its bytes checked above), with every chart of a judged,
@@ -206,6 +211,7 @@ def check_parquet_types(body: bytes) -> None:
     sparse = pa.struct([("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32()))])
     assert schema.field("sparse_splade_tiny").type == sparse
     assert schema.field("chunk_id").type == pa.string()
+    assert schema.field("text_key").type == pa.string()
 
 
 def check_results(
@@ -401,6 +407,13 @@ def test_embedded_default_runs_everything_locally(tmp_path) -> None:
     assert not (manifest_path.parent / "work").exists()  # deleted once complete
     records = chunk_records(manifest, lambda key: (out / key).read_bytes())
     assert len(records) == manifest["counts"]["chunks"]
+    # Every row carries its text's key, every dense column its model's (the one the
+    # worker that loaded it recorded): what a later job may reuse a vector by.
+    for record in records:
+        assert record["text_key"] == hashlib.sha256(record["text"].encode()).hexdigest()[:32]
+    (model,) = [m for m in manifest["models"] if m["kind"] == "dense"]
+    assert model["key"].startswith("ck1:") and model["tokenizer"].startswith("tok1:")
+    assert manifest["chunks"]["model_keys"] == {model["name"]: model["key"]}
     assert "complete" in stderr  # the summary table
     # report.html is listed, and a real browser shows its charts (no queries: no rerank
     # coverage, no quality bars) with no console message.

@@ -73,11 +73,25 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+# Beside the weights, the files that decide a model's outputs: its architecture, the
+# sentence-transformers modules and their settings (pooling, normalisation, prompts).
+DECISIVE_FILES = (
+    "config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+
+
 def weights_hash(folder: Path) -> str:
-    """sha256 over the weight files (name + bytes), a stable id for uncommitted models."""
+    """sha256 over the weight files and the configuration that decides the outputs
+    (:data:`DECISIVE_FILES`, at any depth: ``1_Pooling/config.json``), name and bytes:
+    a stable id for models without a hub revision."""
     digest = hashlib.sha256()
     files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in DECISIVE_FILES)
     )
     for path in files:
         digest.update(path.relative_to(folder).as_posix().encode())

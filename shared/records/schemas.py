@@ -530,6 +530,10 @@ class ModelInfo(Struct):
     kind: Literal["dense", "sparse", "rerank"] = "dense"
     dtype_reason: str = ""
     parameters: int = 0
+    # Its tokenizer's identity, and the key of the vectors it makes
+    # (shared.records.content_keys.model_key; "" where none applies, as for BM25).
+    tokenizer: str = ""
+    key: str = ""
 
 
 class BatchReport(Struct):
@@ -780,6 +784,8 @@ class ChunkRecord(Struct):
     metadata: dict[str, Any]
     dense: dict[str, list[float]]
     sparse: dict[str, dict[str, float]] | None = None
+    # The chunk's text key (shared.records.content_keys.text_key).
+    text_key: str = ""
 
 
 class Artifact(Struct):
@@ -937,6 +943,9 @@ class ChunksLayout(Struct):
             values: list<float32>>``).
         vocabularies: Sparse model -> the key of its vocabulary (a JSON list of terms:
             a sparse column's ``indices`` point into it).
+        model_keys: Model -> the key of its vectors (see
+            :mod:`shared.records.content_keys`): with a row's ``text_key``, what a vector
+            may be reused by. BM25 has none (its weights are the collection's).
     """
 
     format: ExportFormat
@@ -944,6 +953,7 @@ class ChunksLayout(Struct):
     dense_columns: dict[str, str] = {}
     sparse_columns: dict[str, str] = {}
     vocabularies: dict[str, str] = {}
+    model_keys: dict[str, str] = {}
 
 
 class Counts(Struct):

@@ -180,6 +180,11 @@ class Finisher:
                 if parquet
                 else {}
             ),
+            model_keys={
+                m.name: m.key
+                for m in self.ledger.models()
+                if m.key and (m.kind == "dense" or m.name in sparse)
+            },
         )
 
     def _vocabulary_artifacts(self, layout: ChunksLayout) -> list[Artifact]:

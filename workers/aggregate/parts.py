@@ -4,6 +4,8 @@ temporary file and then uploaded, so a part task's memory and disk are one part'
 A Parquet part has one row per chunk::
 
     chunk_id  doc_id  chunk_index  text  span_start  span_end  metadata (JSON text)
+    text_key        32 hex digits: what a vector of the chunk is keyed by, with its
+                    column's model key (shared.records.content_keys)
     dense_<model>   fixed_size_list<float32>[dim]             one per dense model, unit-norm
     sparse_<model>  struct<indices: list<int32>, values: list<float32>>
                                                               one per sparse model; indices
@@ -13,7 +15,7 @@ which is the shape LanceDB, Hugging Face datasets, DuckDB, Milvus/Pinecone bulk 
 and Anserini's Parquet collections read without conversion. A JSONL part has one
 ``ChunkRecord`` per line (vectors as JSON lists, sparse vectors as ``{term: weight}``).
 The manifest's ``chunks`` (:class:`shared.records.schemas.ChunksLayout`) maps each column to
-its model.
+its model, and each model to its key.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 import msgspec
 import numpy as np
 
+from shared.records.content_keys import text_key
 from shared.records.schemas import Artifact, ChunkBatch, ChunkRecord, ExportFormat
 
 if TYPE_CHECKING:
@@ -157,6 +160,7 @@ class PartWriter:
             pa.field("span_start", pa.int32(), nullable=False),
             pa.field("span_end", pa.int32(), nullable=False),
             pa.field("metadata", pa.string(), nullable=False),
+            pa.field("text_key", pa.string(), nullable=False),
         ]
         for model, dim in self.dense.items():
             column = self._dense_columns[model]
@@ -205,6 +209,7 @@ class PartWriter:
                     metadata=chunk.metadata,
                     dense={name: rows[row] for name, rows in lists.items()},
                     sparse=vectors,
+                    text_key=text_key(chunk.text),
                 )
             )
 
@@ -226,6 +231,7 @@ class PartWriter:
             pa.array([c.span[0] for c in chunks], pa.int32()),
             pa.array([c.span[1] for c in chunks], pa.int32()),
             pa.array([encode(c.metadata).decode() for c in chunks], pa.string()),
+            pa.array([text_key(c.text) for c in chunks], pa.string()),
         ]
         for model, dim in self.dense.items():
             flat = pa.array(np.ascontiguousarray(matrices[model], np.float32).ravel())

@@ -30,6 +30,8 @@ from typing import Any, Literal, TypedDict
 import numpy as np
 
 from shared.inputs.models import ResolvedModel, canonical_name, resolve_model
+from shared.inputs.tokens import tokenizer_identity
+from shared.records.content_keys import model_key
 from shared.records.logs import get_logger
 from shared.records.schemas import ModelInfo
 from workers.inference.devices import prepare_cuda
@@ -282,6 +284,7 @@ class ModelManager:
         )
         entry.model = model
         entry.precision = precision
+        tokenizer = tokenizer_of(model)
         entry.info = ModelInfo(
             name=entry.resolved.name,
             source=entry.resolved.source,
@@ -293,6 +296,8 @@ class ModelManager:
             kind=family.kind,
             dtype_reason=precision.reason,
             parameters=parameter_count(model),
+            tokenizer=tokenizer,
+            key=model_key(resolved.name, resolved.revision, tokenizer, precision.dtype),
         )
 
     def _make_room(self, device: str, incoming: int, keep: ManagedModel) -> None:
@@ -341,3 +346,10 @@ def model_bytes(model: Any) -> int:
     """Bytes of a model's parameters and buffers in their current dtype."""
     tensors = [*model.parameters(), *model.buffers()]
     return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def tokenizer_of(model: Any) -> str:
+    """The identity of a loaded model's tokenizer (``""`` for one without a Rust
+    tokenizer, whose ids the fleet cannot vouch for)."""
+    backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+    return tokenizer_identity(backend) if backend is not None else ""
