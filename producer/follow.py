@@ -80,18 +80,26 @@ def follow(
         return _follow(ledger, as_json=as_json, console=console, tick=tick)
 
 
+# What interrupts a follower: Ctrl-C, and SIGTERM, which every command takes as Ctrl-C.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _interrupt_between_polls() -> Iterator[threading.Event]:
-    """SIGINT sets an event instead of raising wherever the main thread happens to be."""
+    """SIGINT (and SIGTERM) sets an event instead of raising wherever the main thread
+    happens to be."""
     interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield interrupted
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: interrupted.set()) for sig in INTERRUPTS
+    }
     try:
         yield interrupted
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _follow(

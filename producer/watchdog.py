@@ -14,12 +14,13 @@ repeated work, never a wrong result (see ``workers.aggregate.resume``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 from celery import Celery
 
 from producer.backlog import fleet_idle
+from producer.consumers import QueueWatch
 from shared.control.celery_app import send_resume
 from shared.control.ledger import JobLedger
 
@@ -35,20 +36,31 @@ def redrive(ledger: JobLedger, app: Celery) -> None:
 
 class Watchdog:
     """A follow loop's ``on_tick``: re-drives the job after ``stall_s`` without progress
-    while the fleet is idle (see the module doc). ``say`` tells the user."""
+    while the fleet is idle (see the module doc). ``say`` tells the user. With
+    ``queues`` (a shared fleet), it also names those of the job's queues that no worker
+    consumes once the job has waited ``queue_wait_s`` on them
+    (:class:`producer.consumers.QueueWatch`): a job waiting there is stuck, not busy."""
 
     def __init__(
-        self, ledger: JobLedger, app: Celery, stall_s: float, say: Callable[[str], None]
+        self,
+        ledger: JobLedger,
+        app: Celery,
+        stall_s: float,
+        say: Callable[[str], None],
+        queues: Sequence[str] = (),
+        queue_wait_s: float = 30.0,
     ) -> None:
         self.ledger = ledger
         self.app = app
         self.stall_s = stall_s
         self.say = say
+        self.queue_watch = QueueWatch(ledger.client, app, ledger.job_id, queues, queue_wait_s, say)
         self._seen = b""
         self._moved_at = time.monotonic()
         self._checked_at = 0.0
 
     def __call__(self) -> None:
+        self.queue_watch()
         now = time.monotonic()
         if self.stall_s <= 0 or now - self._checked_at < CHECK_EVERY_S:
             return

@@ -1,6 +1,6 @@
 """The sample outputs the documentation shows, made by real runs (``scripts/docs-samples``).
 
-Two runs of the demo collection (Cranfield, dense + SPLADE + BM25, its queries fused
+Three runs of the demo collection (Cranfield, dense + SPLADE + BM25, its queries fused
 and evaluated):
 
 1. ``embed-collections run`` with nothing configured: the embedded fleet, as the
@@ -9,7 +9,8 @@ and evaluated):
    says, submitted with ``--detach``. While it runs: ``queues`` and ``leases`` (two
    dense workers leasing stand-in GPUs, ``EMBED_FLEET_GPUS``, and running on the CPU,
    ``EMBED_FLEET_DEVICE=cpu``), and a third that finds both leased; then ``status --follow``
-   with and without ``--json``, and ``status`` once it is done.
+   with and without ``--json``, and ``status`` once it is done;
+3. the demo on a fleet without a ``prepare`` worker: what ``run`` and its follower say.
 
 Each output is written under ``docs/samples/`` with what belongs to this machine made
 neutral: the output folder becomes ``embed-out``, the checkout ``.``, the host name
@@ -18,6 +19,7 @@ neutral: the output folder becomes ``embed-out``, the checkout ``.``, the host n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,71 +118,127 @@ def embedded_demo(tmp: Path) -> None:
     write("demo.txt", "$ ./scripts/demo\n" + neutral(shown))
 
 
-def shared_fleet(tmp: Path) -> None:
-    out = tmp / "shared"
-    neutral = Neutral(out)
+# Leases on two stand-in GPUs; the models run on the CPU (there is no CUDA here).
+STAND_INS = {"EMBED_FLEET_GPUS": "GPU-stand-in-0,GPU-stand-in-1", "EMBED_FLEET_DEVICE": "cpu"}
+# (queues, worker name, host name, environment) of each worker of the shared fleet.
+FOUR_WORKERS = (
+    ("dense,rerank", "dense-gpu0", "gpu-host", STAND_INS),
+    ("dense,rerank", "dense-gpu1", "gpu-host", STAND_INS),
+    ("sparse,prepare", "sparse-1", "cpu-host", {}),
+    ("aggregate,prepare", "aggregate", "cpu-host", {}),
+)
+# The earlier README's fleet: no worker on `prepare`.
+NO_PREPARE = (
+    ("dense,rerank", "dense-gpu0", "gpu-host", {"EMBED_FLEET_DEVICE": "cpu"}),
+    ("aggregate", "aggregate", "cpu-host", {}),
+)
+
+
+@contextlib.contextmanager
+def fleet(workers: tuple[tuple[str, str, str, dict[str, str]], ...]) -> Iterator[dict[str, str]]:
+    """A private Redis and these workers, as the shared-fleet page starts them: the
+    environment that reaches them. Stopped on the way out (workers first)."""
     port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
     redis_server = subprocess.Popen(
         ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
-    workers: list[subprocess.Popen[bytes]] = []
+    started: list[subprocess.Popen[bytes]] = []
     try:
-        fleet = env(REDIS_URL=url)
-        # Leases on two stand-in GPUs; the models run on the CPU (there is no CUDA here).
-        stand_ins = {
-            "EMBED_FLEET_GPUS": "GPU-stand-in-0,GPU-stand-in-1",
-            "EMBED_FLEET_DEVICE": "cpu",
-        }
-        for queues, name, host, extra in (
-            ("dense,rerank", "dense-gpu0", "gpu-host", stand_ins),
-            ("dense,rerank", "dense-gpu1", "gpu-host", stand_ins),
-            ("sparse,prepare", "sparse-1", "cpu-host", {}),
-            ("aggregate,prepare", "aggregate", "cpu-host", {}),
-        ):
-            workers.append(
+        shared = env(REDIS_URL=f"redis://127.0.0.1:{port}/0")
+        for queues, name, host, extra in workers:
+            command = worker_command(queues, name, host)
+            started.append(
                 subprocess.Popen(
-                    worker_command(queues, name, host),
+                    command,
                     cwd=REPO,
-                    env=fleet | extra,
+                    env=shared | extra,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
             )
-        submitted = run(
-            [*CLI, "run", str(DEMO), "--enable-sparse", "--output", str(out), "--detach"], fleet
-        )
-        if submitted.returncode != 0:
-            raise SystemExit(f"submitting failed:\n{submitted.stderr[-3000:]}")
-        job = submitted.stdout.strip().splitlines()[-1]
-        busy = wait_for_dense_backlog(fleet)
-        write("queues.txt", "$ embed-collections queues\n" + neutral(busy))
-        leases = run([*CLI, "leases"], fleet)
-        write("leases.txt", "$ embed-collections leases\n" + neutral(leases.stdout + leases.stderr))
-        write("third-worker.txt", neutral(third_gpu_worker(fleet | stand_ins)))
-        followed = run([*CLI, "status", job, "--follow"], fleet)
-        write(
-            "follow.txt", f"$ embed-collections status {job} --follow\n" + neutral(followed.stderr)
-        )
-        as_json = run([*CLI, "status", job, "--follow", "--json"], fleet)
-        progress = [line for line in as_json.stdout.splitlines() if '"event":"progress"' in line]
-        write("progress.json", neutral(dense_only(progress[-1])))
-        status = run([*CLI, "status", job], fleet)
-        write(
-            "status.txt",
-            f"$ embed-collections status {job}\n" + neutral(status.stderr + status.stdout),
-        )
+        yield shared
     finally:
-        for worker in workers:
+        for worker in started:
             worker.send_signal(signal.SIGTERM)
-        for worker in workers:
+        for worker in started:
             try:
                 worker.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 worker.kill()
         redis_server.terminate()
         redis_server.wait(timeout=30)
+
+
+def shared_fleet(tmp: Path) -> None:
+    out = tmp / "shared"
+    neutral = Neutral(out)
+    with fleet(FOUR_WORKERS) as shared:
+        submitted = run(
+            [*CLI, "run", str(DEMO), "--enable-sparse", "--output", str(out), "--detach"], shared
+        )
+        if submitted.returncode != 0:
+            raise SystemExit(f"submitting failed:\n{submitted.stderr[-3000:]}")
+        job = submitted.stdout.strip().splitlines()[-1]
+        busy = wait_for_dense_backlog(shared)
+        write("queues.txt", "$ embed-collections queues\n" + neutral(busy))
+        leases = run([*CLI, "leases"], shared)
+        write("leases.txt", "$ embed-collections leases\n" + neutral(leases.stdout + leases.stderr))
+        write("third-worker.txt", neutral(third_gpu_worker(shared | STAND_INS)))
+        followed = run([*CLI, "status", job, "--follow"], shared)
+        write(
+            "follow.txt", f"$ embed-collections status {job} --follow\n" + neutral(followed.stderr)
+        )
+        as_json = run([*CLI, "status", job, "--follow", "--json"], shared)
+        progress = [line for line in as_json.stdout.splitlines() if '"event":"progress"' in line]
+        write("progress.json", neutral(dense_only(progress[-1])))
+        status = run([*CLI, "status", job], shared)
+        write(
+            "status.txt",
+            f"$ embed-collections status {job}\n" + neutral(status.stderr + status.stdout),
+        )
+
+
+def missing_consumer(tmp: Path) -> None:
+    """The demo on a fleet with no `prepare` worker: what `run` and its follower say."""
+    out = tmp / "no-prepare"
+    neutral = Neutral(out)
+    with fleet(NO_PREPARE) as shared:
+        wait_for_workers(shared, answering=len(NO_PREPARE))
+        command = [*CLI, "run", str(DEMO), "--output", str(out)]
+        cli = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=shared | {"EMBED_FLEET_QUEUE_WAIT": "30"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        said: list[str] = []
+        assert cli.stderr is not None
+        for line in cli.stderr:
+            said.append(line)
+            if "waits on queue" in line or len(said) > 200:
+                break
+        cli.send_signal(signal.SIGINT)  # staged by now: the job is left to the fleet
+        cli.communicate(timeout=60)
+        shown = "".join(line for line in said if "warning:" in line)
+        shown_run = f"$ embed-collections run {DEMO.relative_to(REPO)}\n"
+        write("missing-consumer.txt", shown_run + neutral(shown))
+
+
+def wait_for_workers(shared: dict[str, str], answering: int) -> None:
+    """Until that many workers answer the roll call (they take a few seconds to start)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        answered = run([*CLI, "queues", "--json"], shared)
+        if (
+            answered.returncode == 0
+            and json.loads(answered.stdout)["workers_answered"] >= answering
+        ):
+            return
+        time.sleep(0.5)
+    raise SystemExit(f"{answering} workers did not answer within 120 s")
 
 
 def worker_command(queues: str, name: str, host: str) -> list[str]:
@@ -229,13 +288,18 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the fleet this script started stops too
 
 
+RUNS = {"embedded": embedded_demo, "shared": shared_fleet, "missing-consumer": missing_consumer}
+
+
 def main() -> None:
+    """Every run, or those named (``scripts/docs-samples missing-consumer``)."""
     signal.signal(signal.SIGTERM, _interrupted)
+    asked = sys.argv[1:] or list(RUNS)
+    if unknown := [name for name in asked if name not in RUNS]:
+        raise SystemExit(f"no run named {', '.join(unknown)}; the runs: {', '.join(RUNS)}")
     with tempfile.TemporaryDirectory(prefix="docs-samples-") as folder:
-        tmp = Path(folder)
-        embedded_demo(tmp)
-        shared_fleet(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name in asked:
+            RUNS[name](Path(folder))
 
 
 if __name__ == "__main__":

@@ -487,6 +487,49 @@ def test_sigterm_stops_the_embedded_fleet_as_ctrl_c_does(tmp_path) -> None:
     assert watch.seen and survivors == []
 
 
+def test_a_queue_no_worker_consumes_is_named(
+    fleet_env, bucket, start_worker, tmp_path, redis_client
+) -> None:
+    """A fleet with no `prepare` worker (the earlier README's `-Q aggregate`): `run` says
+    so before it enqueues, its follower names the queue once the job has waited
+    EMBED_FLEET_QUEUE_WAIT there, `status` says so too, and the job completes once such
+    a worker starts. Nothing else is named: the other queues have consumers."""
+    from producer.backlog import consumers
+    from shared.control.celery_app import make_app
+    from shared.control.settings import Settings
+
+    env = {**fleet_env, "EMBED_FLEET_QUEUE_WAIT": "2"}
+    start_worker("dense", env)
+    start_worker("aggregate", env)
+    app = make_app(Settings.from_env(env))
+    deadline = time.monotonic() + 60
+    while {"dense", "aggregate"} - set(consumers(app, 0.5) or {}):
+        assert time.monotonic() < deadline, "the workers never answered"
+    command = ["run", str(_small_collection(tmp_path)), "--output", f"s3://{bucket}"]
+    cli = start_cli(*command, env=env)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(cli.stderr), daemon=True)
+    reader.start()
+    start = time.monotonic()
+    named = "waits on queue `prepare`, which no worker consumes"
+    while not any(named in line for line in said):
+        assert cli.poll() is None and time.monotonic() - start < 60, "".join(said)
+        time.sleep(0.2)
+    named_after = time.monotonic() - start
+    before = next(line for line in said if "will wait on" in line)
+    assert "queue `prepare`, which no worker consumes" in before
+    assert "celery -A workers.app worker -Q prepare -c 1" in before
+    assert "`dense`" not in "".join(said) and "`aggregate`" not in "".join(said)
+    (job_id,) = [j.decode() for j in redis_client.zrange(JOBS_INDEX, 0, -1)]
+    status = run_cli("status", job_id, env=env)
+    assert status.returncode == 3 and named in status.stderr, status.stderr
+    start_worker("prepare", env)
+    cli.wait(timeout=300)
+    reader.join(timeout=10)
+    assert cli.returncode == 0, "".join(said)
+    assert named_after < 35
+
+
 def test_a_batch_that_keeps_failing_makes_the_job_partial_then_resume_completes_it(
     fleet_env, bucket, s3, start_worker, tmp_path, redis_client
 ) -> None:

@@ -78,3 +78,16 @@ def test_every_entry_has_its_task_and_every_task_an_entry() -> None:
             assert app.tasks[route.task].message_type is stage.message
     for step in pipeline.STEPS:
         assert app.tasks[step.route.task].stage == ""
+
+
+def test_the_queues_a_job_waits_on() -> None:
+    """What a follower asks the workers about: the queues of the job's stages and steps,
+    a retriever's only where the job has the encode stage it searches."""
+    import msgspec
+
+    dense = msgspec.structs.replace(spec(queries=True), prepare_on="fleet")
+    assert pipeline.job_queues(dense) == ["dense", "prepare", "aggregate"]
+    everything = msgspec.structs.replace(
+        spec(queries=True, rerank=True, sparse=True), prepare_on="producer"
+    )
+    assert pipeline.job_queues(everything) == ["dense", "rerank", "sparse", "aggregate"]

@@ -12,9 +12,11 @@ import msgspec
 import redis
 
 from producer.cli import app as cli
+from producer.consumers import stuck, unconsumed_line
 from producer.follow import FINISHED, counts_tasks, emit_json, follow
 from producer.recovery import find_job, finish_staging, rebuild_ledger
 from producer.watchdog import Watchdog, redrive
+from shared.control import pipeline
 from shared.control.celery_app import make_app
 from shared.control.ledger import JobLedger, connect, recent_jobs
 from shared.control.settings import DEFAULT_OUTPUT, Settings
@@ -77,11 +79,16 @@ def status(job_id: str | None, output: str | None, follow_job: bool, as_json: bo
             sys.exit(cli.EXIT_OK)
         ledger = JobLedger(client, job_id)
         ledger.spec()  # an unknown job id fails here, saying what to do
+        app = make_app(settings)
+        queues = pipeline.job_queues(ledger.spec())
         if follow_job:
-            watchdog = Watchdog(ledger, make_app(settings), settings.stall_timeout, cli.warn)
+            wait_s = settings.queue_wait
+            watchdog = Watchdog(ledger, app, settings.stall_timeout, cli.warn, queues, wait_s)
             snap = follow(ledger, as_json=as_json, console=cli.console, on_tick=watchdog)
         else:
             snap = ledger.progress(detail=True)
+            if snap.status not in FINISHED and (nobody := stuck(client, app, queues)):
+                cli.warn(unconsumed_line(nobody, f"job {job_id} waits on"))
         if as_json and not follow_job:
             emit_json("progress", snap)
         elif not as_json:
@@ -217,7 +224,8 @@ def _resume(
     if detach:
         click.echo(job_id)
         return cli.EXIT_RUNNING
-    watchdog = Watchdog(ledger, app, settings.stall_timeout, cli.warn)
+    queues = pipeline.job_queues(spec)
+    watchdog = Watchdog(ledger, app, settings.stall_timeout, cli.warn, queues, settings.queue_wait)
 
     def tick() -> None:
         if on_tick is not None:

@@ -31,10 +31,11 @@ from producer.cli.app import (
     warn,
 )
 from producer.cli.job import resume_main
+from producer.consumers import unconsumed, unconsumed_line
 from producer.follow import emit_json, follow, human_bytes
 from producer.jobs import JobOptions, PreparedJob, Stager, prepare
 from producer.watchdog import Watchdog
-from shared.control import telemetry
+from shared.control import pipeline, telemetry
 from shared.control.celery_app import make_app
 from shared.control.ledger import JobLedger, connect
 from shared.control.pipeline import GPU_UNIT_TOKENS
@@ -583,6 +584,9 @@ def _submit_traced(
     staging detaches instead of stopping the job)."""
     app = make_app(settings)
     ledger = JobLedger(client, job.spec.job_id)
+    queues = pipeline.job_queues(job.spec) if shared else []
+    if nobody := unconsumed(app, queues) if queues else []:
+        warn(unconsumed_line(nobody, f"job {job.spec.job_id} will wait on"))
     plan = job.read_plan
     ranges = len(plan.ranges) if plan else 0
     ledger.open(job.spec, job.validation.documents, job.validation.bytes_total, ranges)
@@ -611,7 +615,7 @@ def _submit_traced(
             click.echo(job.spec.job_id)
         return EXIT_OK
 
-    watchdog = Watchdog(ledger, app, settings.stall_timeout, warn)
+    watchdog = Watchdog(ledger, app, settings.stall_timeout, warn, queues, settings.queue_wait)
 
     def tick() -> None:
         if on_tick is not None:

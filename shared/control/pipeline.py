@@ -335,6 +335,22 @@ def job_stages(spec: JobSpec, phase_name: PhaseName | None = None) -> list[Stage
     return [s for s in STAGES if s.applies(spec) and (phase_name is None or s.phase == phase_name)]
 
 
+def job_queues(spec: JobSpec) -> list[str]:
+    """The queues a job's units and steps go to, in the fleet's queue order (a stage's
+    variant counts where the job has the stage it is named for: the sparse retriever
+    only with sparse models)."""
+    stages = job_stages(spec)
+    names = {s.name for s in stages}
+    used = {
+        route.queue
+        for s in stages
+        for variant, route in s.routes.items()
+        if not variant or variant in names
+    }
+    used |= {s.route.queue for s in STEPS}
+    return [queue for queue in QUEUES if queue in used]
+
+
 def next_step(spec: JobSpec, after: PhaseName) -> Step:
     """The step to enqueue once phase ``after`` is complete: the opener of the next
     phase the job has, else ``finish``."""

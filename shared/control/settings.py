@@ -99,6 +99,12 @@ VARIABLES: tuple[Variable, ...] = (
         "`resume` does (0: never)",
     ),
     Variable(
+        "queue_wait",
+        FIELD_DEFAULT,
+        "seconds a followed job may wait on a queue no worker consumes before the follower "
+        "names it, with the command that starts such a worker",
+    ),
+    Variable(
         "log_level", FIELD_DEFAULT, "the fleet's own logs: one JSON object per line on stderr"
     ),
     Variable(
@@ -293,6 +299,8 @@ class Settings:
             connect is retried before its error counts.
         stall_timeout: Seconds a followed job may make no progress, with nothing queued
             or running, before the follower re-drives it (0: never).
+        queue_wait: Seconds a followed job may wait on a queue that no worker consumes
+            before the follower says so.
         log_level: Level of the fleet's own structured logs.
         rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
             split, moved to the CPU, or left unreranked (``None``: no limit).
@@ -319,6 +327,7 @@ class Settings:
     ledger_ttl: float = 7 * 24 * 3600.0
     transient_window: float = 300.0
     stall_timeout: float = 30.0
+    queue_wait: float = 30.0
     log_level: str = "WARNING"
     rerank_batch_timeout: float | None = 120.0
     device: str | None = None
@@ -369,6 +378,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "ledger_ttl": _number,
     "transient_window": _number,
     "stall_timeout": _number,
+    "queue_wait": _number,
     "log_level": lambda name, raw: raw.strip().upper(),
     "rerank_batch_timeout": _optional_seconds,
     "device": _device,
