@@ -4,7 +4,9 @@ Three runs of the demo collection (Cranfield, dense + SPLADE + BM25, its queries
 and evaluated):
 
 1. ``embed-collections run`` with nothing configured: the embedded fleet, as the
-   quickstart's ``./scripts/demo`` runs it (``docs/samples/demo.txt``);
+   quickstart's ``./scripts/demo`` runs it (``docs/samples/demo.txt``), and the top of
+   its ``report.html`` drawn by headless Chromium (``docs/report.png``, the README's
+   picture);
 2. the same job on a shared Redis with three workers started as the shared-fleet page
    says, submitted with ``--detach``. While it runs: ``queues`` and ``leases`` (two
    dense workers leasing stand-in GPUs, ``EMBED_FLEET_GPUS``, and running on the CPU,
@@ -116,6 +118,34 @@ def embedded_demo(tmp: Path) -> None:
         raise SystemExit(f"the demo failed ({done.returncode}):\n{done.stderr[-3000:]}")
     shown = done.stderr.replace(str(DEMO), "examples/cranfield")
     write("demo.txt", "$ ./scripts/demo\n" + neutral(shown))
+    (report,) = out.glob("*/*/report.html")
+    picture(report, neutral, REPO / "docs" / "report.png")
+
+
+# The README's picture: the top of the demo's report.html, as headless Chromium draws it.
+CHROMIUM = Path("/usr/bin/chromium")
+PICTURE_SIZE = "1100,1400"
+
+
+def picture(report: Path, neutral: Neutral, png: Path) -> None:
+    """The report with this machine's paths made neutral, drawn to ``png`` (skipped,
+    with a line, where there is no Chromium)."""
+    if not CHROMIUM.exists():
+        print(f"no {CHROMIUM}: {png.name} left as it is")
+        return
+    page = report.with_name("report-shown.html")
+    page.write_text(neutral(report.read_text().replace(str(DEMO), "examples/cranfield")))
+    drawn = subprocess.run(
+        [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={report.parent / 'chromium'}", f"--window-size={PICTURE_SIZE}",
+            "--virtual-time-budget=2000", f"--screenshot={png}", page.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    if drawn.returncode != 0:
+        raise SystemExit(f"chromium could not draw the report:\n{drawn.stderr[-2000:]}")
+    print(f"wrote docs/{png.name}")
 
 
 # Leases on two stand-in GPUs; the models run on the CPU (there is no CUDA here).
