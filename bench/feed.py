@@ -14,6 +14,9 @@ Every figure of a run is taken in that run, on the same machine and the same chu
     - the fleet: one dense worker of the embedded fleet, every batch staged first,
       steady state from the ledger (each worker's first unit, which loads the model,
       left out); and its fixed cost per message, from the same run;
+    - the forward ceiling and the fleet again at the GPU's token budget (32,768), where
+      a model batch holds as many chunks as a GPU worker's: the null model stands in for
+      a model a GPU runs in milliseconds, so what is left is the fleet's own cost;
     - the rerank worker on every Cranfield query's 50 first BM25 candidates (the shape
       of a fused list), with the null CrossEncoder; bare ``predict`` at 32 and at best;
       the CrossEncoder's forward ceiling.
@@ -300,11 +303,18 @@ def rerank_ceiling_and_bare(
 # --- the fleet --------------------------------------------------------------------------
 
 
-def fleet_dense(source: Path, model: str, dtype: str, tmp: Path) -> dict[str, Any]:
+def fleet_dense(
+    source: Path, model: str, dtype: str, tmp: Path, budget: int | None = None
+) -> dict[str, Any]:
     """One dense worker of the embedded fleet, every batch staged first: steady state,
-    and the fixed cost of a message (its latency beyond its model batches' spans)."""
+    and the fixed cost of a message (its latency beyond its model batches' spans);
+    ``budget``: the job's ``--max-batch-tokens`` (default: the device's)."""
     options = JobOptions(
-        source=str(source), output=str(tmp / "out"), dense_models=[model], dtype=dtype
+        source=str(source),
+        output=str(tmp / "out"),
+        dense_models=[model],
+        dtype=dtype,
+        max_batch_tokens=budget,
     )
     result = fleet_stage(options, "dense", ("dense",), stage_first=True)
     return {
@@ -413,6 +423,17 @@ def null_section(copies: int, tmp: Path, device: str = "cpu") -> dict[str, Any]:
     out["fleet"]["gpu_busy"] = busy.fraction()
     out["fixed_cost"] = fixed_cost(dense, batches, out["fleet"], device)
     log(f"null: fleet {out['fleet']['per_s']}/s, fixed cost {out['fixed_cost']}")
+    # The null model stands in for a model a GPU runs in milliseconds: at the GPU's
+    # budget, model batches are the size a GPU worker's are, and what is left of a
+    # message's time is the fleet's own (at the CPU's 4096 tokens, about 24 chunks a
+    # batch, transformers' per-call work, its attention mask above all, is most of it).
+    gpu_budget = default_batch_tokens("dense", "cuda")
+    out["at_gpu_budget"] = {
+        "budget": gpu_budget,
+        "ceiling": dense_ceiling(dense, batches, device, "fp32", [gpu_budget])["per_s"],
+        "fleet": fleet_dense(source, dense, "fp32", tmp / "gpu-budget", gpu_budget),
+    }
+    log(f"null: at the GPU's budget {out['at_gpu_budget']}")
     groups, pairs = rerank_inputs(10_000, 50, dense)
     out["rerank"] = {"pairs": len(pairs), **rerank_ceiling_and_bare(cross, pairs, device, "fp32")}
     fleet = run_rerank_groups(groups, cross, 50, tmp / "rerank", dtype="fp32")
@@ -424,6 +445,9 @@ def null_section(copies: int, tmp: Path, device: str = "cpu") -> dict[str, Any]:
         "fleet_over_bare_best": round(out["fleet"]["per_s"] / out["bare"]["best"], 2),
         "rerank_fleet_over_ceiling": round(fleet["pairs_per_s"] / out["rerank"]["ceiling"], 3),
         "rerank_fleet_over_bare_32": round(fleet["pairs_per_s"] / out["rerank"]["bare_32"], 2),
+        "gpu_budget_fleet_over_ceiling": round(
+            out["at_gpu_budget"]["fleet"]["per_s"] / out["at_gpu_budget"]["ceiling"], 3
+        ),
     }
     return out
 
@@ -566,6 +590,19 @@ def table(result: dict[str, Any]) -> str:
                 f"{null['fleet']['per_s']:,.0f}",
                 f"chunks/s ({null['ratios']['fleet_over_ceiling']:.2f} of ceiling)",
             ),
+        ]
+        if "at_gpu_budget" in null:
+            at_gpu = null["at_gpu_budget"]
+            budget = f"{at_gpu['budget']:,}-token batches"
+            rows += [
+                (f"null dense: forward ceiling, {budget}", f"{at_gpu['ceiling']:,}", "chunks/s"),
+                (
+                    f"null dense: one fleet worker, {budget}",
+                    f"{at_gpu['fleet']['per_s']:,.0f}",
+                    f"chunks/s ({null['ratios']['gpu_budget_fleet_over_ceiling']:.2f} of ceiling)",
+                ),
+            ]
+        rows += [
             ("null rerank: forward ceiling", f"{null['rerank']['ceiling']:,}", "pairs/s"),
             ("null rerank: bare predict, batch 32", f"{null['rerank']['bare_32']:,.0f}", "pairs/s"),
             (

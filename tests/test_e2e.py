@@ -434,8 +434,10 @@ def test_embedded_default_runs_everything_locally(tmp_path) -> None:
 
 
 def test_embedded_ctrl_c_stops_everything_and_resume_takes_it_up(tmp_path) -> None:
-    # fp32: the slowest dtype, so the job (~30 s of encoding) is surely still running.
-    cli, watch = run_watched(["run", str(CRANFIELD), "--dtype", "fp32"], cwd=tmp_path)
+    # 500 documents in fp32, the slowest dtype: about 650 chunks, some 20 s of encoding
+    # on 2 cores, so the job is surely still running two seconds after staging begins.
+    collection = _small_collection(tmp_path, documents=500)
+    cli, watch = run_watched(["run", str(collection), "--dtype", "fp32"], cwd=tmp_path)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (
         any("celery" in " ".join(p.cmdline()) for p in list(watch.seen.values()) if _alive(p))
@@ -459,7 +461,7 @@ def test_embedded_ctrl_c_stops_everything_and_resume_takes_it_up(tmp_path) -> No
     )
     assert resumed.returncode == 0, resumed.stderr
     manifest = events(resumed.stdout, "summary")[-1]["manifest"]
-    assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 1400
+    assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 500
     out = tmp_path / "embed-out"
     chunk_ids = [r["chunk_id"] for r in chunk_records(manifest, lambda k: (out / k).read_bytes())]
     assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]

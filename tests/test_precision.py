@@ -13,6 +13,7 @@ from shared.inputs.models import DEFAULT_DENSE_MODEL
 from workers.inference import dense, precision
 from workers.inference.engine import Inference
 from workers.inference.precision import (
+    SpeedVerdict,
     SpeedVerdicts,
     apply_precision,
     choose,
@@ -51,15 +52,18 @@ class Linear(torch.nn.Module):
     """A model whose bf16 output can be made to disagree with fp32, and whose probe
     takes longer in one dtype (as a device would)."""
 
-    def __init__(self, breaks_in_bf16: bool, slow: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, breaks_in_bf16: bool, slow: torch.dtype = torch.float32, slow_s: float = 0.06
+    ) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(4, 4)
         self.breaks = breaks_in_bf16
         self.slow = slow
+        self.slow_s = slow_s
 
     def probe(self, _: Any = None) -> np.ndarray[Any, Any]:
         if self.layer.weight.dtype == self.slow:
-            time.sleep(0.03)
+            time.sleep(self.slow_s)
         out = self.layer(torch.eye(4, dtype=self.layer.weight.dtype)).float().detach().numpy()
         if self.breaks and self.layer.weight.dtype == torch.bfloat16:
             out = -out
@@ -136,3 +140,32 @@ def test_the_speed_verdict_is_kept_per_host_so_auto_decides_the_same_every_time(
     (tmp_path / "cache" / "speed-verdicts.json").write_text("not json")
     assert verdicts.get(key) is None  # a broken file is measured over
     assert decide(slow=torch.bfloat16).startswith("float32: auto")
+
+
+def test_a_cpu_probe_too_short_to_time_decides_its_own_load_but_is_not_kept(
+    monkeypatch, tmp_path
+) -> None:
+    """A small job's first batch (a few short texts) times noise: its verdict decides
+    that load only, and a short verdict already in the file is timed over, so one tiny
+    job cannot pin a host's models to fp32 for good."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    verdicts = SpeedVerdicts(tmp_path / "speed-verdicts.json")
+    key = verdict_key("m", "rev", "cpu", "auto")
+
+    def decide(slow_s: float) -> str:
+        _, result = apply_precision(
+            Linear(False, torch.float32, slow_s), "auto", "cpu", lambda m: m.probe(),
+            vectors_agree, lambda: Linear(False, torch.float32, slow_s),
+            verdicts=verdicts, key=key,
+        )  # fmt: skip
+        return f"{result.dtype}: {result.reason}"
+
+    short = decide(slow_s=0.01)  # fp32 slower by 10 ms: bf16, for this load
+    assert short.startswith("bfloat16") and "too short to keep" in short
+    assert verdicts.get(key) is None
+    # A short verdict from an earlier run (as a test's tiny job once left) says fp32 ...
+    verdicts.put(key, SpeedVerdict(fp32_ms=14.8, reduced_ms=15.5, measured_at=0.0))
+    # ... and is timed over instead of obeyed; a long enough probe's verdict is kept.
+    assert decide(slow_s=0.06).startswith("bfloat16")
+    kept = verdicts.get(key)
+    assert kept is not None and kept.fp32_ms >= precision.MIN_KEPT_CPU_PROBE_MS

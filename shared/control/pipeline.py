@@ -176,19 +176,23 @@ def _has_rerank(spec: JobSpec) -> bool:
     return spec.retrieval is not None and spec.retrieval.rerank_model is not None
 
 
-GPU_UNIT_TOKENS = 8 * 32_768
-"""What one message of a GPU stage holds by default: eight model batches at the GPU's
-padded-token budget (``workers.inference.devices``), about 1,024 chunks of 256 tokens.
+GPU_UNIT_TOKENS = 32 * 32_768
+"""What one message of a GPU stage holds by default: 32 model batches at the GPU's
+padded-token budget (``workers.inference.devices``), about 6,400 Cranfield chunks (at
+most :data:`UNIT_MAX_BATCHES` staged batches).
 
-Measured with a model whose forward costs almost nothing, a message costs a worker about
-10 ms of its own (the broker's round trips and the task's events, the ledger, the reads
-and writes; ``bench/feed.py``), whatever it holds. A GPU encoding MiniLM at 20,000
-chunks/s spends 6.4 ms on a 128-chunk batch, so at one batch a message it would wait
-on that fixed cost more than it computes; at eight it computes about 85% of the time.
-A retry re-encodes the whole message, which on a GPU is a fraction of a second and on
-a CPU about 10-30 s: well inside the visibility timeout. CPU stages keep one batch a
-message, so a slow model spreads over many workers and a worker's share of the cores
-is looked at often (``workers.runtime.threads``)."""
+Measured with a model whose forward costs almost nothing, at the GPU's budget, on a
+2-core CPU (``bench/feed.py``): a message of 13 staged batches (1,664 chunks) took the
+worker 66 ms, of which the model 25 ms; the rest (the broker's round trips and the
+task's events, the ledger, reading the batches and writing their shards) is paid per
+message and per batch. At eight model batches a message the fleet ran at 21,900
+chunks/s, at 32 at 26,900. A GPU encoding MiniLM at 20,000 chunks/s spends about 0.3 s
+on such a message, so a retry re-encodes a fraction of a second, well inside the
+visibility timeout; a slower worker takes only what it encodes in about ten seconds and
+hands the rest back (``workers.runtime.pace``), so a message never holds a CPU for
+minutes. CPU stages keep one batch a message, so a slow model spreads over many
+workers and a worker's share of the cores is looked at often
+(``workers.runtime.threads``)."""
 
 # At most this many staged batches in one message, however few tokens they hold (a
 # batch of 128 queries holds only a few thousand): a unit's reads stay bounded.
