@@ -47,13 +47,15 @@ def test_gpu_messages_gather_batches_by_tokens_cpu_ones_take_one(
         for i in range(10):
             units.add(f"b{i:02d}", 300)
     dense = queued(redis_client, "dense")
-    # 300 tokens a batch: a message holds 4 (1,200 >= 1,000), the last what is left.
+    # The first batch alone, then twice as many (2); then 300 tokens a batch fill the
+    # unit at 4 (1,200 >= 1,000), though 4 would be allowed twice over; the last: the rest.
     assert [m.batches for m in dense] == [
-        ["b00", "b01", "b02", "b03"],
-        ["b04", "b05", "b06", "b07"],
-        ["b08", "b09"],
+        ["b00"],
+        ["b01", "b02"],
+        ["b03", "b04", "b05", "b06"],
+        ["b07", "b08", "b09"],
     ]
-    assert [m.unit for m in dense] == ["b00", "b04", "b08"]
+    assert [m.unit for m in dense] == ["b00", "b01", "b03", "b07"]
     sparse = queued(redis_client, "sparse")  # SPLADE on the CPU: one batch a message
     assert [m.batches for m in sparse] == [[f"b{i:02d}"] for i in range(10)]
     assert all(m.batch_ids == [] for m in sparse)  # a one-batch message is as before
@@ -61,10 +63,13 @@ def test_gpu_messages_gather_batches_by_tokens_cpu_ones_take_one(
 
 def test_messages_hold_a_bounded_number_of_batches(app: Any, redis_client: Any) -> None:
     job = msgspec.structs.replace(spec("queries"), unit_tokens=10**9)
+    sizes = [2**k for k in range(7)]  # 1, 2, ..., 64: the first messages double
+    assert sizes[-1] == UNIT_MAX_BATCHES
     with EncodeUnits(app, job, "queries") as units:
-        for i in range(UNIT_MAX_BATCHES + 3):
+        for i in range(sum(sizes) + UNIT_MAX_BATCHES + 3):
             units.add(f"q{i:03d}", 12)
-    assert [len(m.batches) for m in queued(redis_client, "dense")] == [UNIT_MAX_BATCHES, 3]
+    held = [len(m.batches) for m in queued(redis_client, "dense")]
+    assert held == [*sizes, UNIT_MAX_BATCHES, 3]  # never more than UNIT_MAX_BATCHES
     assert {m.kind for m in queued(redis_client, "dense")} == {"queries"}
 
 
@@ -73,11 +78,12 @@ def test_nothing_gathered_is_sent_after_an_error(app: Any, redis_client: Any) ->
     must not go out now."""
     job = msgspec.structs.replace(spec("error"), unit_tokens=1000)
     with pytest.raises(RuntimeError), EncodeUnits(app, job, "documents") as units:
-        units.add("b00", 600)
-        units.add("b01", 600)  # sent: 1,200 tokens
-        units.add("b02", 600)
+        units.add("b00", 600)  # sent: the range's first batch goes alone
+        units.add("b01", 300)
+        units.add("b02", 800)  # sent: 1,100 tokens
+        units.add("b03", 300)
         raise RuntimeError("the range could not be read")
-    assert [m.batches for m in queued(redis_client, "dense")] == [["b00", "b01"]]
+    assert [m.batches for m in queued(redis_client, "dense")] == [["b00"], ["b01", "b02"]]
 
 
 def test_each_batch_of_a_message_is_recorded_once_with_the_units_figures_once(

@@ -326,7 +326,12 @@ class HeapTrimming(Middleware):
         finally:
             heap = unit.context.heap
             before = rss() if log.isEnabledFor(logging.DEBUG) else 0
-            if heap.after_unit() and before:
+            # A message's batches, though a worker may take fewer and hand the rest
+            # back: the warm-up then ends sooner, and a ceiling set too low is raised
+            # by the first trim that does not bring RSS under it.
+            message = unit.message
+            batches = len(message.batches) if isinstance(message, EncodeBatch) else 1
+            if heap.after_unit(batches) and before:
                 fields = {"before_mib": before // MIB, "after_mib": rss() // MIB}
                 log.debug("heap trimmed", extra={"fields": {**fields, "trims": heap.trims}})
 
