@@ -315,3 +315,47 @@ def test_rerank_from_staged_passages_equals_predict(
     theirs = loaded.model.preprocess([list(p) for p in pairs])
     for key in ("input_ids", "token_type_ids", "attention_mask"):
         assert torch.equal(mine[key], theirs[key])
+
+
+def test_a_text_a_unit_holds_twice_is_encoded_once_and_both_rows_get_its_vector() -> None:
+    """Repeated passages (the same documents again under other ids): MiniLM and SPLADE
+    run on each distinct text once; every repeat's row is its first row's, bit for bit,
+    and all rows still equal the models' own encode of every text."""
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+
+    originals = cranfield(30)
+    copies = [Document(id=f"{d.id}-copy", text=d.text, title=d.title) for d in originals[:12]]
+    batches = staged([*originals, *copies], batch_chunks=16)
+    chunks = [chunk for batch in batches for chunk in batch.chunks]
+    texts = [chunk.text for chunk in chunks]
+    distinct = len(set(texts))
+    assert distinct < len(texts)
+    first = {text: texts.index(text) for text in texts}
+    repeats = [(i, first[t]) for i, t in enumerate(texts) if first[t] != i]
+    inference = Inference(requested_device="cpu")
+
+    outcome = dense.encode_batches(inference, batches, [DEFAULT_DENSE_MODEL], dtype="fp32")
+    assert sum(outcome.batch_sizes) == distinct  # model rows: each distinct text once
+    assert [p.items for p in outcome.parts] == [len(b.chunks) for b in batches]
+    fleet = np.concatenate([s.vectors[DEFAULT_DENSE_MODEL].to_numpy() for s in outcome.shards])
+    for row, earlier in repeats:
+        assert fleet[row].tobytes() == fleet[earlier].tobytes()
+    bare = SentenceTransformer(str(resolve_model(DEFAULT_DENSE_MODEL).path), device="cpu")
+    assert np.abs(fleet - bare.encode(texts, normalize_embeddings=True)).max() <= TOLERANCE
+
+    generator = SparseVectorGenerator(inference, "cpu", 1024, dtype="fp32")
+    outcome = generator.encode_batches(batches, [BUNDLED_SPLADE])
+    assert sum(outcome.batch_sizes) == distinct
+    rows = [row for shard in outcome.shards for row in shard.rows[BUNDLED_SPLADE]]
+    for row, earlier in repeats:
+        assert (rows[row].tokens, rows[row].weights) == (
+            rows[earlier].tokens,
+            rows[earlier].weights,
+        )
+    model = SparseEncoder(str(resolve_model(BUNDLED_SPLADE).path), device="cpu")
+    bare_sparse = model.encode(texts, convert_to_tensor=True).to_dense().numpy()
+    index = {term: i for i, term in enumerate(generator.vocabularies[BUNDLED_SPLADE])}
+    for i, row in enumerate(rows):
+        mine = np.zeros(bare_sparse.shape[1], dtype=np.float64)
+        mine[[index[t] for t in row.tokens]] = row.weights
+        assert row.source == "live" and np.abs(mine - bare_sparse[i]).max() <= TOLERANCE

@@ -13,7 +13,15 @@ from shared.records.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, Mo
 from workers.inference.batch_runner import first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
-from workers.inference.feed import Feed, encode_inputs, forward, per_device, staged_ids, text_feed
+from workers.inference.feed import (
+    Distinct,
+    Feed,
+    encode_inputs,
+    forward,
+    per_device,
+    staged_ids,
+    text_feed,
+)
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
 from workers.runtime.measure import StageFigures, UnitOutcome
@@ -86,15 +94,19 @@ def encode_batches(
     first across the whole unit, so a unit of several staged batches pads less than its
     batches would one by one. Each batch's vectors stay on the device, L2-normalised
     there, and come back in one copy per model; they are returned in chunk order, one
-    shard per staged batch. A batch of queries goes the way of ``encode_query`` (a
+    shard per staged batch. A text the unit holds more than once is encoded once, its
+    vector copied to each of its rows (:class:`~workers.inference.feed.Distinct`). A
+    batch of queries goes the way of ``encode_query`` (a
     model's query prompt, its ``query`` task). A chunk that runs out of memory alone
     fails the unit (no vector is better than a wrong one).
     """
     chunks = [chunk for batch in batches for chunk in batch.chunks]
-    texts = [chunk.text for chunk in chunks]
+    # A text the unit holds twice is encoded once (see Distinct).
+    distinct = Distinct.of([chunk.text for chunk in chunks])
+    texts = distinct.pick([chunk.text for chunk in chunks])
     # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out: the length of an
     # item only the model's preprocess can lay out, and of the dtype probe's.
-    approximate = [chunk.n_tokens + 2 for chunk in chunks]
+    approximate = distinct.pick([chunk.n_tokens + 2 for chunk in chunks])
     device = inference.device
     vectors: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
     infos: list[ModelInfo] = []
@@ -107,9 +119,8 @@ def encode_batches(
     for name in models:
         loaded = load_dense(inference, name, dtype, probe)
         inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, kind)
-        feed = text_feed(
-            inputs, texts, staged_ids(batches, inputs.identity), approximate.__getitem__
-        )
+        staged = distinct.pick(staged_ids(batches, inputs.identity))
+        feed = text_feed(inputs, texts, staged, approximate.__getitem__)
         truncate_dim = getattr(loaded.model, "truncate_dim", None)
         outputs: list[tuple[list[int], torch.Tensor]] = []
 
@@ -129,9 +140,10 @@ def encode_batches(
         runner = inference.runner("dense", loaded.info.name, device, max_batch_tokens)
         done = runner.run(loaded.model, feed.lengths, run, figures=figures)
         sizes += done.batch_sizes
-        vectors[loaded.info.name] = gather_rows(outputs, len(texts))
+        # Every row of a repeated text gets its first row's vector (a copy, not a view).
+        vectors[loaded.info.name] = gather_rows(outputs, len(texts))[distinct.rows]
         infos.append(loaded.info)
-        tokens = tokens or feed.lengths
+        tokens = tokens or [feed.lengths[row] for row in distinct.rows]
 
     def shard(_: int, batch: ChunkBatch, rows: slice) -> DenseShard:
         matrices = {name: Matrix.from_numpy(m[rows]) for name, m in vectors.items()}

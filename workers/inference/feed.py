@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from workers.inference.layout import (
 )
 
 Source = Literal["staged", "tokenized", "preprocess"]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,51 @@ class Feed:
 
 def _is_cuda(device: str) -> bool:
     return device.startswith("cuda") and torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """A unit's texts with each repeat left out: what its models encode.
+
+    Corpora repeat passages (boilerplate, templated text, mirrored pages), and the same
+    text gives the same vector, so a unit's encoders run on each distinct text once and
+    every row that has it gets that output, copied bit for bit.
+
+    Attributes:
+        firsts: Each distinct text's first position in the unit.
+        rows: Each position's distinct text (an index into ``firsts``).
+    """
+
+    firsts: list[int]
+    rows: list[int]
+
+    @classmethod
+    def of(cls, texts: Sequence[str]) -> Distinct:
+        index: dict[str, int] = {}
+        firsts: list[int] = []
+        rows: list[int] = []
+        for position, text in enumerate(texts):
+            found = index.setdefault(text, len(firsts))
+            if found == len(firsts):
+                firsts.append(position)
+            rows.append(found)
+        return cls(firsts, rows)
+
+    @property
+    def repeats(self) -> int:
+        """Rows served a copy of an earlier row's output."""
+        return len(self.rows) - len(self.firsts)
+
+    def pick(self, items: Sequence[T]) -> list[T]:
+        """The items of the distinct texts, in first-seen order."""
+        return [items[i] for i in self.firsts]
+
+    def members(self) -> list[list[int]]:
+        """Each distinct text's positions."""
+        out: list[list[int]] = [[] for _ in self.firsts]
+        for position, row in enumerate(self.rows):
+            out[row].append(position)
+        return out
 
 
 def staged_ids(batches: Sequence[ChunkBatch], identity: str) -> list[Ids | None]:

@@ -27,7 +27,15 @@ from shared.records.schemas import BatchKind, Chunk, ChunkBatch, ModelInfo, Spar
 from workers.inference.batch_runner import ItemFallback, first_batch
 from workers.inference.devices import default_batch_tokens, sparse_device
 from workers.inference.engine import Inference
-from workers.inference.feed import Feed, encode_inputs, forward, per_device, staged_ids, text_feed
+from workers.inference.feed import (
+    Distinct,
+    Feed,
+    encode_inputs,
+    forward,
+    per_device,
+    staged_ids,
+    text_feed,
+)
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import vectors_agree
 from workers.runtime.measure import StageFigures, UnitOutcome
@@ -136,9 +144,12 @@ class SparseVectorGenerator:
         infos: list[ModelInfo] = []
         figures = StageFigures()
         doc_freqs: list[dict[str, int]] = [{} for _ in batches]
-        texts = [chunk.text for chunk in chunks]
+        # A text the unit holds twice goes through a model once (see Distinct); BM25's
+        # statistics count every chunk.
+        distinct = Distinct.of([chunk.text for chunk in chunks])
+        texts = distinct.pick([chunk.text for chunk in chunks])
         # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
-        approximate = [chunk.n_tokens + 2 for chunk in chunks]
+        approximate = distinct.pick([chunk.n_tokens + 2 for chunk in chunks])
         tokens: list[int] = []
         for name in models:
             if name == BM25:
@@ -160,12 +171,11 @@ class SparseVectorGenerator:
                 continue
             infos.append(sparse.info)
             inputs = encode_inputs(self.inference, "sparse", sparse.info.name, sparse.model, kind)
-            feed = text_feed(
-                inputs, texts, staged_ids(batches, inputs.identity), approximate.__getitem__
-            )
-            rows[name] = self._live(sparse, chunks, feed, errors, sizes, figures)
-            tokens = tokens or feed.lengths
-        tokens = tokens or approximate
+            staged = distinct.pick(staged_ids(batches, inputs.identity))
+            feed = text_feed(inputs, texts, staged, approximate.__getitem__)
+            rows[name] = self._live(sparse, chunks, distinct, feed, errors, sizes, figures)
+            tokens = tokens or [feed.lengths[row] for row in distinct.rows]
+        tokens = tokens or [chunk.n_tokens + 2 for chunk in chunks]
         return UnitOutcome.of_batches(
             batches,
             tokens,
@@ -189,16 +199,18 @@ class SparseVectorGenerator:
         self,
         sparse: Loaded,
         chunks: list[Chunk],
+        distinct: Distinct,
         feed: Feed,
         errors: list[str],
         sizes: list[int],
         figures: StageFigures,
     ) -> list[SparseRow]:
-        """Rows from the model, in adaptive token-budget batches. A batch that fails
-        (a single chunk out of memory, a time limit, a broken input) falls back to
-        metadata weights for its chunks, and the rest of the batch goes on. Each batch's
-        vectors stay on the device until the unit's end, when their non-zeros come back
-        in one copy per device."""
+        """Rows from the model, in adaptive token-budget batches over the distinct texts
+        (``feed``), each chunk given its text's row. A batch that fails (a single chunk
+        out of memory, a time limit, a broken input) falls back to metadata weights for
+        its chunks (each chunk its own metadata's), and the rest of the batch goes on.
+        Each batch's vectors stay on the device until the unit's end, when their
+        non-zeros come back in one copy per device."""
         import torch
 
         name = sparse.info.name
@@ -207,13 +219,15 @@ class SparseVectorGenerator:
         )
         self.vocabularies[name] = vocab
         out: list[SparseRow | None] = [None] * len(chunks)
+        members = distinct.members()
         outputs: list[tuple[list[int], torch.Tensor]] = []
         max_active_dims = getattr(sparse.model, "max_active_dims", None)
 
         def fall_back(group: list[int], reason: str) -> None:
             errors.append(f"{name}: {reason}"[:300])
-            for position in group:
-                out[position] = metadata_row(chunks[position].metadata)
+            for item in group:
+                for position in members[item]:
+                    out[position] = metadata_row(chunks[position].metadata)
 
         def run(model: Any, group: list[int]) -> None:
             try:
@@ -238,8 +252,9 @@ class SparseVectorGenerator:
             fallback=ItemFallback("metadata", fall_back),
         )
         sizes += done.batch_sizes
-        for position, row in _rows(outputs, vocab):
-            out[position] = row
+        for item, row in _rows(outputs, vocab):
+            for position in members[item]:
+                out[position] = row
         return [
             row if row is not None else SparseRow(tokens=[], weights=[], source="missing")
             for row in out
