@@ -7,8 +7,10 @@ stopped at the end, so tests can kill and restart them without touching anything
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,23 @@ from servers import RedisServer, SeaweedS3, Worker
 
 REPO = Path(__file__).resolve().parents[1]
 CRANFIELD = REPO / "examples" / "cranfield"
+# `--dtype auto`'s speed verdicts of this test session, in a file of its own: a test's
+# small job must not decide the dtype of a later real job on this machine.
+SPEED_VERDICTS = Path(tempfile.gettempdir()) / f"embed-fleet-tests-{os.getpid()}" / "verdicts.json"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def speed_verdicts() -> Iterator[Path]:
+    """Workers get ``EMBED_FLEET_SPEED_VERDICTS`` (``base_env``); models loaded in this
+    process get the same file."""
+    from workers.inference import precision
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            precision.SpeedVerdicts, "default", classmethod(lambda cls: cls(SPEED_VERDICTS))
+        )
+        yield SPEED_VERDICTS
+    shutil.rmtree(SPEED_VERDICTS.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +90,7 @@ def base_env(**extra: str) -> dict[str, str]:
         if not k.startswith(("REDIS_URL", "CELERY_", "EMBED_FLEET_", "S3_", "AWS_", "COLUMNS"))
     }
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"})
+    env["EMBED_FLEET_SPEED_VERDICTS"] = str(SPEED_VERDICTS)
     env.update(extra)
     return env
 

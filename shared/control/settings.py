@@ -151,6 +151,12 @@ VARIABLES: tuple[Variable, ...] = (
         "(kind `dense`, `sparse`, `rerank`)",
     ),
     Variable(
+        "speed_verdicts",
+        "`<HF_HOME>/embed-fleet/speed-verdicts.json`",
+        "the file where `--dtype auto` keeps its probe timings per host, model and "
+        "device, so that every worker on a host decides alike",
+    ),
+    Variable(
         "simulate_oom_tokens",
         "unset",
         "a test hook: model calls above this many padded tokens raise "
@@ -313,6 +319,8 @@ class Settings:
         model_memory: Bytes the models of a worker may take on its device (``None``:
             half a GPU, no limit on a CPU).
         preload: Models to stage at worker start (``kind:name[@dtype],...``).
+        speed_verdicts: The file of ``auto``'s probe timings (``None``: beside the
+            model cache).
         simulate_oom_tokens: Test hook: model calls above this padded size raise CUDA's
             out-of-memory error.
         trace_file: Append every span as a JSON line here.
@@ -337,6 +345,7 @@ class Settings:
     torch_threads: int | None = None
     model_memory: int | None = None
     preload: str = ""
+    speed_verdicts: str | None = None
     simulate_oom_tokens: int | None = None
     trace_file: str | None = None
     trace_console: bool = False
@@ -388,6 +397,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "torch_threads": lambda name, raw: _whole(name, raw, minimum=1),
     "model_memory": lambda name, raw: parse_bytes(raw, name),
     "preload": lambda name, raw: raw.strip(),
+    "speed_verdicts": lambda name, raw: raw.strip(),
     "simulate_oom_tokens": _whole,
     "trace_file": lambda name, raw: raw,
     "trace_console": _flag,

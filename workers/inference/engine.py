@@ -53,7 +53,9 @@ class Inference:
     def from_settings(cls, settings: Settings, device: str | None) -> Inference:
         return cls(
             requested_device=device,
-            models=ModelManager(memory=settings.model_memory),
+            models=ModelManager(
+                memory=settings.model_memory, speed_verdicts=settings.speed_verdicts
+            ),
             rerank_timeout_s=settings.rerank_batch_timeout,
             simulate_oom_tokens=settings.simulate_oom_tokens,
         )

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -152,12 +153,17 @@ class ModelManager:
     """
 
     def __init__(
-        self, budgets: dict[str, int | None] | None = None, memory: int | None = None
+        self,
+        budgets: dict[str, int | None] | None = None,
+        memory: int | None = None,
+        speed_verdicts: str | None = None,
     ) -> None:
         """Args:
         budgets: Memory budget per device kind (``cuda``, ``cpu``), for tests.
         memory: The budget on any device (``EMBED_FLEET_MODEL_MEMORY``); ``None``:
             half a GPU, no limit on the CPU.
+        speed_verdicts: The file of ``auto``'s speed verdicts
+            (``EMBED_FLEET_SPEED_VERDICTS``); ``None``: beside the model cache.
         """
         self._budgets = budgets or {}
         self._memory = memory
@@ -165,7 +171,9 @@ class ModelManager:
         self._lock = threading.RLock()
         self.stats = ManagerStats()
         # ``auto``'s speed verdicts, kept per host (see workers.inference.precision).
-        self.speed_verdicts = SpeedVerdicts.default()
+        self.speed_verdicts = (
+            SpeedVerdicts(Path(speed_verdicts)) if speed_verdicts else SpeedVerdicts.default()
+        )
 
     # -- the one call tasks make ---------------------------------------------------------
 

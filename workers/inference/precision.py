@@ -18,8 +18,9 @@ budget's ~110 pairs a batch, scored 0.35x as many pairs/s as fp32 (see
 recorded in the manifest.
 
 The speed half of that decision is kept per host (:class:`SpeedVerdicts`, a small file
-in the model cache): a probe timed while other stages share the cores is noise, and on
-this project's 2-core machine it made SPLADE bf16 in one run of the same demo and fp32
+in the model cache, or where ``EMBED_FLEET_SPEED_VERDICTS`` says; the tests keep their
+own): a probe timed while other stages share the cores is noise, and on this project's
+2-core machine it made SPLADE bf16 in one run of the same demo and fp32
 in the next. The first probe of a model, dtype and device on a host decides; later
 workers and runs on that host reuse its verdict (the quality half is probed every time,
 it is cheap and exact). Delete the file to measure again.
