@@ -205,11 +205,6 @@ class Distinct:
             rows.append(found)
         return cls(firsts, rows)
 
-    @property
-    def repeats(self) -> int:
-        """Rows served a copy of an earlier row's output."""
-        return len(self.rows) - len(self.firsts)
-
     def pick(self, items: Sequence[T]) -> list[T]:
         """The items of the distinct texts, in first-seen order."""
         return [items[i] for i in self.firsts]
