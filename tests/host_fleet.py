@@ -206,11 +206,13 @@ manifest = json.loads(s3.get_object(Bucket="BUCKET", Key=manifest_key)["Body"].r
 def read(key):  # artifact keys are relative to the output URL (s3://BUCKET/PREFIX)
     return s3.get_object(Bucket="BUCKET", Key="PREFIX/" + key)["Body"].read()
 artifacts = [a["key"] for a in manifest["artifacts"]]
-checksums_match = all(
-    hashlib.sha256(read(a["key"])).hexdigest() == a["sha256"] for a in manifest["artifacts"]
-)
+sha = lambda key: hashlib.sha256(read(key)).hexdigest()
+changed = [a["key"] for a in manifest["artifacts"] if sha(a["key"]) != a["sha256"]]
 written = objects[manifest_key]["LastModified"]
-manifest_last = all(objects["PREFIX/" + k]["LastModified"] <= written for k in artifacts)
+after = [
+    [k, str(objects["PREFIX/" + k]["LastModified"])]
+    for k in artifacts if objects["PREFIX/" + k]["LastModified"] > written
+]
 ids, norms = [], []
 layout = manifest["chunks"]
 for key in layout["parts"]:
@@ -230,7 +232,9 @@ results = [k for k in artifacts if k.endswith("results.jsonl")]
 print(json.dumps({
     "status": manifest["status"], "chunks": manifest["counts"]["chunks"], "ids": len(ids),
     "distinct": len(set(ids)), "norm_min": min(norms), "norm_max": max(norms),
-    "checksums_match": checksums_match, "manifest_last": manifest_last,
+    "checksums_match": not changed, "manifest_last": not after,
+    "changed_after_manifest": changed, "written_after_manifest": after,
+    "manifest_written": str(written),
     "queries": len(read(results[0]).splitlines()) if results else 0,
     "chunk_ids": sorted(set(ids)),
     "missing_ids": sorted({c for m in manifest["missing"] for c in m["chunk_ids"]}),
@@ -288,4 +292,9 @@ def assert_complete(result: dict[str, object]) -> None:
     assert result["status"] == "complete", result
     assert result["ids"] == result["distinct"] == result["chunks"], result  # each chunk once
     assert abs(float(result["norm_min"]) - 1) < 1e-5 > abs(float(result["norm_max"]) - 1)
-    assert result["checksums_match"] is True and result["manifest_last"] is True
+    # Named, so that a failure says which artifact and when (the manifest's time beside).
+    assert result["checksums_match"] is True, result["changed_after_manifest"]
+    assert result["manifest_last"] is True, (
+        result["written_after_manifest"],
+        result["manifest_written"],
+    )

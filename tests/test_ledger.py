@@ -294,6 +294,23 @@ def test_the_guard_winner_redelivered_starts_the_next_phase_again(ledger) -> Non
     assert not ledger.check_phase("encode")  # nor does a claimant with no name
 
 
+def test_another_copy_of_the_winning_unit_does_not_start_the_next_phase_again(ledger) -> None:
+    """Two copies of one unit can both run: a resume's and the rest of an encode unit
+    that a worker sent again after Redis lost its data. The guard goes to the message's
+    delivery (its task id), so only a redelivery of the winning message publishes the
+    next step again; the other copy, finishing later (even after the job has moved
+    on), does not run the next step a second time."""
+    ledger.seal(producer_report(3))
+    assert not ledger.record_done(report("b0"), claimant="task:t0")
+    assert not ledger.record_done(report("b1"), claimant="task:t1")
+    assert ledger.record_done(report("b2"), claimant="task:resumed-b2")  # the winner
+    assert ledger.record_done(report("b2"), claimant="task:resumed-b2")  # redelivered
+    assert not ledger.record_done(report("b2"), claimant="task:rest-b2")  # another copy
+    assert not ledger.record_failed(
+        BatchFailure(batch_id="b2", stage="dense", reason="x"), claimant="task:rest-b2"
+    )
+
+
 def test_live_figures_are_kept_as_units_finish_and_equal_the_reports(ledger) -> None:
     """The live view reads running sums and samples, not every report: the same figures
     as summing the reports (while they fit the sample), whatever order units arrive in,

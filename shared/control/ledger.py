@@ -463,17 +463,25 @@ class JobLedger:
 
     # --- worker side -----------------------------------------------------------------
 
-    def record_done(self, report: BatchReport) -> bool:
+    def record_done(self, report: BatchReport, claimant: str = "") -> bool:
         """Record a finished unit. True if the caller must start the next phase."""
-        return self.record_done_many([report])
+        return self.record_done_many([report], claimant=claimant)
 
     def record_done_many(
-        self, reports: list[BatchReport], models: list[ModelInfo] | None = None
+        self,
+        reports: list[BatchReport],
+        models: list[ModelInfo] | None = None,
+        claimant: str = "",
     ) -> bool:
         """Record the finished units of one message (one, or each staged batch of an
         encode unit), and the models it used, in one round trip with the phase check.
-        True if the caller must start the next phase (the first report is the
-        claimant)."""
+        True if the caller must start the next phase.
+
+        ``claimant`` is who takes the phase guard: the message's delivery (a worker
+        passes its Celery task id, which a redelivery of the same message keeps), so
+        that another copy of the same unit (a resume's, the rest of an encode unit
+        sent again by a worker that outlived a lost Redis) never starts the next phase
+        a second time. Default: the first report's unit."""
         first = reports[0]
         pipe = self.client.pipeline(transaction=False)
         for report in reports:
@@ -481,7 +489,8 @@ class JobLedger:
         for info in models or []:
             # Every time: the ledger may have been rebuilt since this worker last said.
             pipe.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
-        self._check_phase(pipeline.stage(first.stage).phase, _claimant(first), pipe)
+        phase = pipeline.stage(first.stage).phase
+        self._check_phase(phase, claimant or _claimant(first), pipe)
         return bool(pipe.execute()[-1])
 
     def _run_record_done(self, report: BatchReport, client: Any = None) -> None:
@@ -514,13 +523,15 @@ class JobLedger:
     def done_units(self, stage: str) -> set[str]:
         return {_text(unit) for unit in self.client.hkeys(self.k_done(stage))}
 
-    def record_failed(self, failure: BatchFailure) -> bool:
-        """Record a unit that kept failing. True if the caller must start the next phase."""
+    def record_failed(self, failure: BatchFailure, claimant: str = "") -> bool:
+        """Record a unit that kept failing. True if the caller must start the next phase
+        (``claimant``: as for :meth:`record_done_many`)."""
         if not self.client.hexists(self.k_done(failure.stage), failure.batch_id):
             self.client.hset(
                 self.k_failed(failure.stage), failure.batch_id, msgspec.msgpack.encode(failure)
             )
-        return self.check_phase(pipeline.stage(failure.stage).phase, _claimant(failure))
+        phase = pipeline.stage(failure.stage).phase
+        return self.check_phase(phase, claimant or _claimant(failure))
 
     def record_failed_try_ooms(self, stage: str, count: int) -> None:
         """Out-of-memory errors of a try of a unit that then raised (and is retried, or

@@ -232,7 +232,8 @@ class LedgerReporting(Middleware):
             # peak memory, OOM count, learned budgets: the report's fields of those names
             **dataclasses.asdict(outcome.figures),
         )
-        if ledger.record_done_many(_part_reports(unit.report, outcome), outcome.models):
+        reports = _part_reports(unit.report, outcome)
+        if ledger.record_done_many(reports, outcome.models, delivery(unit.task)):
             advance(unit.task.app, unit.job.spec, pipeline.stage(unit.stage).phase)
 
     def gave_up(self, task: FleetTask, payload: dict[str, Any], exc: BaseException) -> None:
@@ -279,10 +280,19 @@ class LedgerReporting(Middleware):
             failure = BatchFailure(
                 batch_id=str(payload.get("unit", "?")), stage=stage, reason=reason
             )
-            if ledger.record_failed(failure):
+            if ledger.record_failed(failure, delivery(task)):
                 advance(task.app, ledger.spec(), pipeline.stage(stage).phase)
         else:
             ledger.fail(f"{task.name} failed: {reason}", context.settings.ledger_ttl)
+
+
+def delivery(task: FleetTask) -> str:
+    """Who claims a phase guard for the message a task runs: its Celery task id, which
+    a redelivery (or a retry) of the same message keeps and another copy of the unit
+    does not (see ``JobLedger.record_done_many``); the unit's own name where the task
+    runs without one."""
+    task_id = getattr(getattr(task, "request", None), "id", None)
+    return f"task:{task_id}" if task_id else ""
 
 
 def _part_reports(report: BatchReport, outcome: UnitOutcome) -> list[BatchReport]:
