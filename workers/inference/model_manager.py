@@ -35,6 +35,7 @@ from shared.inputs.tokens import tokenizer_identity
 from shared.records.content_keys import model_key
 from shared.records.logs import get_logger
 from shared.records.schemas import ModelInfo
+from workers.inference.attention_mask import use_broadcast_mask
 from workers.inference.devices import prepare_cuda
 from workers.inference.precision import (
     MAX_PROBE_ITEMS,
@@ -245,7 +246,7 @@ class ModelManager:
 
     def _load(self, entry: ManagedModel) -> Any:
         started = time.perf_counter()
-        model = entry.family.load(str(entry.resolved.path), "cpu")
+        model = load_model(entry.family, entry.resolved, "cpu")
         if entry.precision is not None:  # staged again after a release: dtype known
             self._set_dtype(model, entry.precision.dtype)
         self.stats.loads += 1
@@ -277,7 +278,7 @@ class ModelManager:
             return family.probe(model, items)
 
         def reload() -> Any:
-            return family.load(str(entry.resolved.path), entry.device)
+            return load_model(family, entry.resolved, entry.device)
 
         resolved = entry.resolved
         model, precision = apply_precision(
@@ -348,6 +349,15 @@ class ModelManager:
 
         if dtype != "float32":
             model.to(getattr(torch, dtype))
+
+
+def load_model(family: ModelFamily, resolved: ResolvedModel, device: str) -> Any:
+    """A model from its folder, as its family loads it, with its attention mask made by
+    broadcasting (:mod:`workers.inference.attention_mask`): the same outputs, without a
+    batch x length x length gather per padded batch."""
+    model = family.load(str(resolved.path), device)
+    use_broadcast_mask(model)
+    return model
 
 
 def model_bytes(model: Any) -> int:
