@@ -29,7 +29,7 @@ from shared.records.schemas import Candidate, ChunkBatch, Document, FusedGroup, 
 from workers.inference import dense
 from workers.inference.engine import Inference
 from workers.inference.feed import encode_inputs, staged_ids, text_feed
-from workers.inference.layout import _longest_first, learn_layout
+from workers.inference.layout import _longest_first, _longest_first_many, learn_layout
 from workers.inference.rerank import load_cross_encoder, pairs_feed, rerank_fused
 from workers.inference.sparse import SparseVectorGenerator
 
@@ -154,6 +154,12 @@ def test_pair_truncation_is_the_tokenizers_longest_first() -> None:
         types = encoded["token_type_ids"][0]
         kept = (types.count(0) - 2, types.count(1) - 1)
         assert _longest_first(n1, n2, limit) == kept, (n1, n2, limit)
+        # ... and its array form, which a unit's pairs go through at once.
+        many = _longest_first_many(np.array([n1, n2]), np.array([n2, n1]), limit)
+        assert [tuple(int(k) for k in keep) for keep in zip(*many, strict=True)] == [
+            kept,
+            _longest_first(n2, n1, limit),
+        ], (n1, n2, limit)
 
 
 def test_a_layout_is_refused_when_it_cannot_reproduce_preprocess() -> None:

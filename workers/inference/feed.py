@@ -274,12 +274,14 @@ def pair_feed(
         {passage for (_, passage), ids in zip(pairs, staged, strict=True) if ids is None}
     )
     found = dict(zip(missing, text_ids(inputs.rust, missing), strict=True))
-    items = [
-        layout.fit((query_ids[query], ids if ids is not None else found[passage]))
-        for (query, passage), ids in zip(pairs, staged, strict=True)
-    ]
+    items, lengths = layout.fit_pairs(
+        [
+            (query_ids[query], ids if ids is not None else found[passage])
+            for (query, passage), ids in zip(pairs, staged, strict=True)
+        ]
+    )
     source: Source = "staged" if not missing else "tokenized"
-    return Feed(inputs, [layout.length(item) for item in items], source, items, pairs, len(missing))
+    return Feed(inputs, lengths, source, items, pairs, len(missing))
 
 
 def forward(model: Any, feed: Feed, group: list[int]) -> dict[str, Any]:

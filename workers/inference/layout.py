@@ -109,6 +109,20 @@ def _longest_first(n1: int, n2: int, limit: int) -> tuple[int, int]:
     return (n2, n1) if swap else (n1, n2)
 
 
+def _longest_first_many(first: Ids, second: Ids, limit: int) -> tuple[Ids, Ids]:
+    """:func:`_longest_first` of many pairs at once, on arrays."""
+    short = np.minimum(first, second)
+    long_keep = np.where(short > limit, short, np.maximum(short, limit - short))
+    over = short + long_keep > limit
+    short_keep = np.where(over, limit // 2, short)
+    long_keep = np.where(over, limit // 2 + limit % 2, long_keep)
+    swap = first > second
+    fits = first + second <= limit
+    keep1 = np.where(fits, first, np.where(swap, long_keep, short_keep))
+    keep2 = np.where(fits, second, np.where(swap, short_keep, long_keep))
+    return keep1, keep2
+
+
 @dataclass(frozen=True)
 class InputLayout:
     """How one model lays ids out (see module doc); built by :func:`learn_layout`.
@@ -167,6 +181,29 @@ class InputLayout:
             items = [(ids,) if len(ids) <= limit else (ids[:limit],) for ids in texts]
         return items, [len(item[0]) + specials for item in items]
 
+    def fit_pairs(self, pairs: Sequence[tuple[Ids, Ids]]) -> tuple[list[Item], list[int]]:
+        """:meth:`fit` and :meth:`length` of many pairs at once: the truncation worked
+        out on arrays, and a new array only for a side that is cut."""
+        template = self.pair
+        assert template is not None, "a pair needs a layout with a pair template"
+        count = len(pairs)
+        first = np.fromiter((len(a) for a, _ in pairs), np.int64, count)
+        second = np.fromiter((len(b) for _, b in pairs), np.int64, count)
+        if self.max_length is None:
+            keep1, keep2 = first, second
+        else:
+            limit = max(0, self.max_length - template.specials)
+            keep1, keep2 = _longest_first_many(first, second, limit)
+        items: list[Item] = []
+        for (a, b), n1, n2 in zip(pairs, keep1.tolist(), keep2.tolist(), strict=True):
+            items.append((self._cut(a, n1), self._cut(b, n2)))
+        return items, (keep1 + keep2 + template.specials).tolist()
+
+    def _cut(self, ids: Ids, n: int) -> Ids:
+        if n == len(ids):
+            return ids
+        return ids[len(ids) - n :] if self.truncate_left else ids[:n]
+
     def length(self, item: Item) -> int:
         """An already :meth:`fit` item's length with its special tokens."""
         template = self.single if len(item) == 1 else self.pair
@@ -190,25 +227,21 @@ class InputLayout:
             for part, constant in zip(parts, constants, strict=True)
         ]
         flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        # Each (item, part)'s length: a part's ids are one run of one type id (checked at
+        # learning: a slot's ids share a type), so the type ids are one repeat.
+        spans = np.empty((len(items), len(parts)), dtype=np.int64)
+        for k, part in enumerate(parts):
+            if part.slot is None:
+                spans[:, k] = len(part.tokens)
+            else:
+                slot = part.slot
+                spans[:, k] = np.fromiter((len(item[slot]) for item in items), np.int64, len(items))
         uniform = all(part.slot_type == self.pad_type_id for part in parts if part.slot is not None)
         uniform = uniform and all(t == self.pad_type_id for part in parts for t in part.types)
         types = None
         if not uniform:
-            constant_types = [np.asarray(part.types, dtype=np.int64) for part in parts]
-            types = np.concatenate(
-                [
-                    constant_types[k]
-                    if part.slot is None
-                    else np.full(len(item[part.slot]), part.slot_type, dtype=np.int64)
-                    for item in items
-                    for k, part in enumerate(parts)
-                ]
-            )
-        lengths = np.fromiter(
-            (template.specials + sum(len(ids) for ids in item) for item in items),
-            dtype=np.int64,
-            count=len(items),
-        )
+            types = _type_ids(parts, spans)
+        lengths = spans.sum(axis=1)
         offsets = np.zeros(len(items), dtype=np.int64)
         np.cumsum(lengths[:-1], out=offsets[1:])
         return Arranged(self, flat.astype(np.int64, copy=False), types, offsets, lengths)
@@ -218,6 +251,28 @@ class InputLayout:
         would give it (``pinned``: in page-locked host memory, for a ``non_blocking``
         copy to a GPU)."""
         return self.arrange(items).tensors(list(range(len(items))), pinned)
+
+
+def _type_ids(parts: tuple[Part, ...], spans: Ids) -> Ids:
+    """Every id's type id, item after item (``spans``: each item's part lengths)."""
+    if all(len(set(part.types)) <= 1 for part in parts):
+        per_part = np.asarray(
+            [
+                part.slot_type if part.slot is not None else (part.types or (0,))[0]
+                for part in parts
+            ],
+            dtype=np.int64,
+        )
+        return np.repeat(np.tile(per_part, len(spans)), spans.ravel())
+    # A template whose constant ids mix type ids (no tokenizer seen so far): part by part.
+    constant = [np.asarray(part.types, dtype=np.int64) for part in parts]
+    return np.concatenate(
+        [
+            constant[k] if part.slot is None else np.full(int(n), part.slot_type, dtype=np.int64)
+            for row in spans
+            for k, (part, n) in enumerate(zip(parts, row, strict=True))
+        ]
+    )
 
 
 @dataclass(frozen=True)
