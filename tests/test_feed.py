@@ -162,6 +162,40 @@ def test_pair_truncation_is_the_tokenizers_longest_first() -> None:
         ], (n1, n2, limit)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_a_layout_pads_on_the_tokenizers_side(side: str, pairs: bool) -> None:
+    """A tokenizer that pads on the left (a decoder's) or the right, for texts and pairs:
+    the layout is learned only if its batches equal the tokenizer's own (learn_layout
+    checks every probe), and a batch of a few items of other lengths equals it too."""
+    tokenizer = load_tokenizer(str(resolve_model(DEFAULT_DENSE_MODEL).path))  # its own copy
+    tokenizer.padding_side = side
+
+    def own(items: list[Any]) -> dict[str, Any]:
+        if pairs:
+            queries, passages = [list(side) for side in zip(*items, strict=True)]
+            return dict(
+                tokenizer(queries, passages, padding=True, truncation=True, return_tensors="pt")
+            )
+        return dict(tokenizer(items, padding=True, truncation=True, return_tensors="pt"))
+
+    layout = learn_layout(tokenizer, own, pairs)
+    assert layout is not None and layout.left_padding == (side == "left")
+    texts = ["flow", "a shock wave ahead of a blunt body", "heat transfer " * 300, "x y"]
+    items: list[Any] = [(t, texts[-1 - i]) for i, t in enumerate(texts)] if pairs else texts
+    rust = tokenizer.backend_tokenizer
+    ids = [
+        tuple(
+            np.asarray(rust.encode(t, add_special_tokens=False).ids, dtype=np.int64)
+            for t in (item if pairs else [item])
+        )
+        for item in items
+    ]
+    mine = layout.tensors([layout.fit(item) for item in ids])
+    for key, value in own(items).items():
+        assert torch.equal(mine[key], value), key
+
+
 def test_a_layout_is_refused_when_it_cannot_reproduce_preprocess() -> None:
     tokenizer = chunker().tokenizer
 

@@ -44,9 +44,18 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
 
+import numpy as np
+
 from shared.records.errors import EmbedFleetError
 from shared.records.logs import get_logger
-from workers.runtime.measure import StageFigures, model_batch, reset_peak
+from workers.runtime.measure import (
+    StageFigures,
+    is_cuda,
+    model_batch,
+    peak_kind,
+    read_peak,
+    reset_peak,
+)
 
 log = get_logger("batches")
 
@@ -78,7 +87,8 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[i
     Returns:
         Lists of indices into ``lengths``, longest items first.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    # Longest first, ties in item order (a stable sort of the negated lengths).
+    order: list[int] = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     batches: list[list[int]] = []
     current: list[int] = []
     longest = 0
@@ -349,6 +359,9 @@ class BatchRunner:
                 cut_at = self.budget.value
             self._on_device(work, work.pending.popleft())
         figures.budgets[self.model_name] = self.budget.value
+        if not is_cuda(self.device):  # the process's peak since reset_peak, read once
+            figures.peak_memory_bytes = max(figures.peak_memory_bytes, read_peak("cpu"))
+            figures.peak_memory_kind = peak_kind("cpu")
         return work.done
 
     # -- the paths a batch can take ----------------------------------------------------
