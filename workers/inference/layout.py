@@ -227,8 +227,9 @@ class InputLayout:
             for part, constant in zip(parts, constants, strict=True)
         ]
         flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-        # Each (item, part)'s length: a part's ids are one run of one type id (checked at
-        # learning: a slot's ids share a type), so the type ids are one repeat.
+        # Each (item, part)'s length: a slot's ids share one type id (checked at
+        # learning), and so does each template's constant part in every tokenizer seen
+        # so far, so the type ids are one repeat of a type per part (see _type_ids).
         spans = np.empty((len(items), len(parts)), dtype=np.int64)
         for k, part in enumerate(parts):
             if part.slot is None:
