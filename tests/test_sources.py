@@ -197,6 +197,15 @@ GOOD = {"id": "ok", "text": "good"}
         (b"[1, 2, 3]", "not a JSON object"),
         (b'"just a string"', "not a JSON object"),
         (json.dumps({"id": "   ", "text": "blank id"}).encode(), "empty id"),
+        # 100,000 levels deep: a bad record, not the parser's RecursionError.
+        (
+            b'{"id": "x", "text": "t", "metadata": '
+            + b'{"a":' * 10**5
+            + b"1"
+            + b"}" * 10**5
+            + b"}",
+            "nested",
+        ),
     ],
 )
 def test_bad_jsonl_record_names_file_line_and_reason(
@@ -212,6 +221,19 @@ def test_bad_jsonl_record_names_file_line_and_reason(
     assert expected in bad[0].reason
     # The records around the bad one are still read.
     assert [d.id for d in docs(path)] == ["ok", "ok2", "ok3"]
+
+
+def test_a_deeply_nested_first_record_is_a_bad_record(tmp_path: Path) -> None:
+    """The first record is peeked at to tell a BEIR corpus from plain JSONL: nested
+    100,000 deep, it is named like any bad record, not a traceback, and the next one
+    tells the layout."""
+    nested = b'{"a":' * 10**5 + b"1" + b"}" * 10**5
+    deep = b'{"_id": "d", "text": "t", "metadata": ' + nested + b"}"
+    path = write_jsonl(tmp_path / "c.jsonl", [deep, {"_id": "ok", "text": "fine"}])
+    (bad,) = skipped(path)
+    assert bad.line == 1 and "nested deeper" in bad.reason
+    with pytest.raises(BadRecordError, match="nested deeper"):
+        list(documents(open_source(path), "fail"))
 
 
 def test_beir_missing_id_names_the_beir_field(tmp_path: Path) -> None:

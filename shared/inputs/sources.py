@@ -215,15 +215,27 @@ def _uses_beir_ids(path: SourcePath) -> bool:
         raise UnreadableFileError(str(path), 1, f"cannot be read ({exc})") from None
 
 
+# Lines looked at for the first record that decodes, when telling BEIR from JSONL.
+_PEEK_RECORDS = 16
+
+
 def _first_record_has_beir_id(path: SourcePath) -> bool:
+    """Whether the first record that decodes (of the first few) has BEIR's ``_id``: a
+    malformed or too deeply nested line is the reader's to name as a bad record, and
+    says nothing of the file's layout."""
     with open_lines(path, PEEK_BYTES) as (handle, _):
+        looked = 0
         for raw in handle:
-            if raw.strip():
-                try:
-                    first = msgspec.json.decode(raw)
-                except msgspec.DecodeError:
-                    return False
-                return isinstance(first, dict) and "_id" in first and "id" not in first
+            if not raw.strip():
+                continue
+            looked += 1
+            try:
+                first = msgspec.json.decode(raw)
+            except (msgspec.DecodeError, RecursionError):
+                if looked < _PEEK_RECORDS:
+                    continue
+                return False
+            return isinstance(first, dict) and "_id" in first and "id" not in first
     return False
 
 
@@ -446,6 +458,10 @@ def _jsonl_records(
                 continue
             except msgspec.DecodeError as exc:
                 yield SkippedRecord(path=shown, line=number, reason=f"malformed JSON ({exc})")
+                continue
+            except RecursionError:  # msgspec's own bound on nesting: a bad record
+                reason = "JSON nested deeper than the parser allows (arrays or objects)"
+                yield SkippedRecord(path=shown, line=number, reason=reason)
                 continue
             doc_id = str(rec.id)
             if not doc_id.strip():
