@@ -29,7 +29,7 @@ from shared.records.schemas import Candidate, ChunkBatch, Document, FusedGroup, 
 from workers.inference import dense
 from workers.inference.engine import Inference
 from workers.inference.feed import encode_inputs, staged_ids, text_feed
-from workers.inference.layout import _longest_first, _longest_first_many, learn_layout
+from workers.inference.layout import _longest_first_many, learn_layout
 from workers.inference.rerank import load_cross_encoder, pairs_feed, rerank_fused
 from workers.inference.sparse import SparseVectorGenerator
 
@@ -150,16 +150,18 @@ def test_pair_truncation_is_the_tokenizers_longest_first() -> None:
         n1, n2, limit = rng.randint(0, 70), rng.randint(0, 70), rng.randint(4, 60)
         a, b = (" ".join(rng.choices(words, k=n)) for n in (n1, n2))
         # Lists: a lone empty second text would not be taken for a pair.
-        encoded = tokenizer([a], [b], truncation="longest_first", max_length=limit + 3)
-        types = encoded["token_type_ids"][0]
-        kept = (types.count(0) - 2, types.count(1) - 1)
-        assert _longest_first(n1, n2, limit) == kept, (n1, n2, limit)
-        # ... and its array form, which a unit's pairs go through at once.
+        kept = []
+        for first, second in ((a, b), (b, a)):  # either side the longer
+            encoded = tokenizer([first], [second], truncation="longest_first", max_length=limit + 3)
+            types = encoded["token_type_ids"][0]
+            kept.append((types.count(0) - 2, types.count(1) - 1))
+        # The rule for a unit's pairs at once, both orders in one call.
         many = _longest_first_many(np.array([n1, n2]), np.array([n2, n1]), limit)
-        assert [tuple(int(k) for k in keep) for keep in zip(*many, strict=True)] == [
-            kept,
-            _longest_first(n2, n1, limit),
-        ], (n1, n2, limit)
+        assert [tuple(int(k) for k in keep) for keep in zip(*many, strict=True)] == kept, (
+            n1,
+            n2,
+            limit,
+        )
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -359,7 +359,9 @@ class BatchRunner:
                 cut_at = self.budget.value
             self._on_device(work, work.pending.popleft())
         figures.budgets[self.model_name] = self.budget.value
-        if not is_cuda(self.device):  # the process's peak since reset_peak, read once
+        # A CPU's peak (the run's own device, or the CPU copy a batch fell back to) is
+        # the process's since reset_peak: read once here, not per batch.
+        if not is_cuda(self.device) or work.done.fallbacks["cpu"]:
             figures.peak_memory_bytes = max(figures.peak_memory_bytes, read_peak("cpu"))
             figures.peak_memory_kind = peak_kind("cpu")
         return work.done

@@ -94,23 +94,11 @@ def _template(full: Any, texts: Sequence[Sequence[int]]) -> Template | None:
     return Template(tuple(parts))
 
 
-def _longest_first(n1: int, n2: int, limit: int) -> tuple[int, int]:
-    """How many ids each side of a pair keeps, as ``tokenizers`` truncates a pair
-    ``longest_first`` to ``limit`` ids (its special tokens already taken off)."""
-    if n1 + n2 <= limit:
-        return n1, n2
-    swap = n1 > n2
-    if swap:
-        n1, n2 = n2, n1
-    n2 = n1 if n1 > limit else max(n1, limit - n1)
-    if n1 + n2 > limit:
-        n1 = limit // 2
-        n2 = n1 + limit % 2
-    return (n2, n1) if swap else (n1, n2)
-
-
 def _longest_first_many(first: Ids, second: Ids, limit: int) -> tuple[Ids, Ids]:
-    """:func:`_longest_first` of many pairs at once, on arrays."""
+    """How many ids each side of each pair keeps, as ``tokenizers`` truncates a pair
+    ``longest_first`` to ``limit`` ids (its special tokens already taken off): the
+    shorter side whole if it fits in half, the longer cut to the rest; both halved
+    otherwise (the longer side gets the odd id). On arrays: a unit's pairs at once."""
     short = np.minimum(first, second)
     long_keep = np.where(short > limit, short, np.maximum(short, limit - short))
     over = short + long_keep > limit
@@ -152,24 +140,14 @@ class InputLayout:
 
     def fit(self, item: Item) -> Item:
         """The item truncated as the model's tokenizer truncates it."""
-        if self.max_length is None:
-            return item
-        template = self.single if len(item) == 1 else self.pair
-        assert template is not None, "a pair needs a layout with a pair template"
-        limit = max(0, self.max_length - template.specials)
-        keep: tuple[int, ...] = (
-            (min(len(item[0]), limit),)
-            if len(item) == 1
-            else _longest_first(len(item[0]), len(item[1]), limit)
-        )
-        return tuple(
-            ids if n == len(ids) else (ids[len(ids) - n :] if self.truncate_left else ids[:n])
-            for ids, n in zip(item, keep, strict=True)
-        )
+        if len(item) == 1:
+            return self.fit_texts([item[0]])[0][0]
+        return self.fit_pairs([(item[0], item[1])])[0][0]
 
     def fit_texts(self, texts: Sequence[Ids]) -> tuple[list[Item], list[int]]:
-        """:meth:`fit` and :meth:`length` of many single texts at once (the common case
-        of a unit's chunks, most of which fit and need no new array)."""
+        """Many single texts truncated as the model's tokenizer truncates them, and
+        their lengths with the special tokens (a unit's chunks, most of which fit and
+        need no new array)."""
         specials = self.single.specials
         limit = None if self.max_length is None else max(0, self.max_length - specials)
         items: list[Item]
@@ -182,8 +160,9 @@ class InputLayout:
         return items, [len(item[0]) + specials for item in items]
 
     def fit_pairs(self, pairs: Sequence[tuple[Ids, Ids]]) -> tuple[list[Item], list[int]]:
-        """:meth:`fit` and :meth:`length` of many pairs at once: the truncation worked
-        out on arrays, and a new array only for a side that is cut."""
+        """Many pairs truncated as the model's tokenizer truncates them, and their
+        lengths with the special tokens: the truncation worked out on arrays, and a new
+        array only for a side that is cut."""
         template = self.pair
         assert template is not None, "a pair needs a layout with a pair template"
         count = len(pairs)
@@ -203,12 +182,6 @@ class InputLayout:
         if n == len(ids):
             return ids
         return ids[len(ids) - n :] if self.truncate_left else ids[:n]
-
-    def length(self, item: Item) -> int:
-        """An already :meth:`fit` item's length with its special tokens."""
-        template = self.single if len(item) == 1 else self.pair
-        assert template is not None, "a pair needs a layout with a pair template"
-        return template.specials + sum(len(ids) for ids in item)
 
     def arrange(self, items: Sequence[Item]) -> Arranged:
         """Every already :meth:`fit` item of a unit laid out once, special tokens and type
@@ -230,13 +203,7 @@ class InputLayout:
         # Each (item, part)'s length: a slot's ids share one type id (checked at
         # learning), and so does each template's constant part in every tokenizer seen
         # so far, so the type ids are one repeat of a type per part (see _type_ids).
-        spans = np.empty((len(items), len(parts)), dtype=np.int64)
-        for k, part in enumerate(parts):
-            if part.slot is None:
-                spans[:, k] = len(part.tokens)
-            else:
-                slot = part.slot
-                spans[:, k] = np.fromiter((len(item[slot]) for item in items), np.int64, len(items))
+        spans = np.fromiter(map(len, pieces), np.int64, len(pieces)).reshape(len(items), len(parts))
         uniform = all(part.slot_type == self.pad_type_id for part in parts if part.slot is not None)
         uniform = uniform and all(t == self.pad_type_id for part in parts for t in part.types)
         types = None
