@@ -162,20 +162,46 @@ def tokenizer_ceiling(model: str, texts: list[str]) -> dict[str, Any]:
     return {"items": len(texts), "s": round(seconds, 3), "per_s": round(len(texts) / seconds)}
 
 
-def dense_ceiling(
-    folder: str, batches: list[ChunkBatch], device: str, dtype: str, budgets: Sequence[int]
-) -> dict[str, Any]:
-    """The model's forward pass alone over the fleet's own batches (its layout, its
-    sorting, cut at each budget), every batch's ids laid out and on the device ahead.
-
-    Twice: the model as sentence-transformers loads it (``bare_mask``), and as a worker
-    runs it, its attention mask made by broadcasting (``workers.inference.attention_mask``);
-    the ceiling is the faster, so the fleet is held to the best forward there is."""
+def forward_rates(
+    model: Any, feed: Any, budgets: Sequence[int], device: str, output: str
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Items/s of the model's forward pass alone over the fleet's own batches of a feed
+    (sorted, cut at each budget), every batch's tensors laid out and on the device ahead:
+    first as the library loads the model (transformers' own attention mask), then as a
+    worker runs it (the broadcast mask, ``workers.inference.attention_mask``)."""
     import torch
-    from sentence_transformers import SentenceTransformer
 
     from workers.inference.attention_mask import use_broadcast_mask
     from workers.inference.batch_runner import token_budget_batches
+
+    bare_mask: dict[int, int] = {}
+    broadcast: dict[int, int] = {}
+    for rates in (bare_mask, broadcast):
+        if rates is broadcast:
+            use_broadcast_mask(model)
+        for budget in budgets:
+            groups = token_budget_batches(feed.lengths, budget)
+            ready = [feed.features(model, group, device) for group in groups]
+
+            def run(ready: list[dict[str, Any]] = ready) -> None:
+                with torch.inference_mode():
+                    for features in ready:
+                        model(dict(features))[output]
+
+            run()  # warm up
+            rates[budget] = round(len(feed.lengths) / best_of(run, device))
+    return bare_mask, broadcast
+
+
+def dense_ceiling(
+    folder: str, batches: list[ChunkBatch], device: str, dtype: str, budgets: Sequence[int]
+) -> dict[str, Any]:
+    """The dense model's :func:`forward_rates` over the fleet's own batches of these
+    chunks; the ceiling is the faster of the two masks, so the fleet is held to the best
+    forward there is."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
     from workers.inference.engine import Inference
     from workers.inference.feed import model_inputs, staged_ids, text_feed
 
@@ -186,22 +212,8 @@ def dense_ceiling(
     inputs = model_inputs(Inference(), ("dense", folder, "documents"), model)
     texts = [c.text for b in batches for c in b.chunks]
     feed = text_feed(inputs, texts, staged_ids(batches, inputs.identity), lambda i: 0)
-    out: dict[str, Any] = {"source": feed.source, "by_budget": {}, "bare_mask": {}}
-    for mask in ("bare_mask", "by_budget"):
-        if mask == "by_budget":
-            use_broadcast_mask(model)
-        for budget in budgets:
-            groups = token_budget_batches(feed.lengths, budget)
-            ready = [feed.features(model, group, device) for group in groups]
-
-            def run(ready: list[dict[str, Any]] = ready) -> None:
-                with torch.inference_mode():
-                    for features in ready:
-                        model(dict(features))["sentence_embedding"]
-
-            run()  # warm up
-            seconds = best_of(run, device)
-            out[mask][budget] = round(len(texts) / seconds)
+    bare_mask, broadcast = forward_rates(model, feed, budgets, device, "sentence_embedding")
+    out: dict[str, Any] = {"source": feed.source, "by_budget": broadcast, "bare_mask": bare_mask}
     best = max([*out["by_budget"].items(), *out["bare_mask"].items()], key=lambda kv: kv[1])
     out["budget"], out["per_s"] = best
     out["bare_mask_per_s"] = max(out["bare_mask"].values())
@@ -267,8 +279,6 @@ def rerank_ceiling_and_bare(
     import torch
     from sentence_transformers import CrossEncoder
 
-    from workers.inference.attention_mask import use_broadcast_mask
-    from workers.inference.batch_runner import token_budget_batches
     from workers.inference.devices import default_batch_tokens
     from workers.inference.engine import Inference
     from workers.inference.rerank import pairs_feed
@@ -279,24 +289,7 @@ def rerank_ceiling_and_bare(
         model.to(torch.bfloat16)
     feed = pairs_feed(Inference(), model, folder, pairs)
     budgets = sorted({default_batch_tokens("rerank", device), 4096, 16384, 65536})
-    # As dense_ceiling: the model as loaded, then with the worker's attention mask.
-    ceilings: dict[int, int] = {}
-    bare_mask: dict[int, int] = {}
-    for found in (bare_mask, ceilings):
-        if found is ceilings:
-            use_broadcast_mask(model)
-        for budget in budgets:
-            ready = [
-                feed.features(model, g, device) for g in token_budget_batches(feed.lengths, budget)
-            ]
-
-            def run(ready: list[dict[str, Any]] = ready) -> None:
-                with torch.inference_mode():
-                    for features in ready:
-                        model(dict(features))["scores"]
-
-            run()
-            found[budget] = round(len(pairs) / best_of(run, device))
+    bare_mask, ceilings = forward_rates(model, feed, budgets, device, "scores")
     rates = {}
     model.predict(pairs[:64], show_progress_bar=False)
     for batch in batch_sizes:
