@@ -46,10 +46,11 @@ from shared.inputs.sources import (
     cut_ranges,
     documents,
     is_empty,
+    listed_together,
     open_source,
 )
 from shared.records import ids
-from shared.records.errors import EmbedFleetError, NoDocumentsError
+from shared.records.errors import BadRecordError, EmbedFleetError, NoDocumentsError
 from shared.records.job_store import JobLayout, JobStore
 from shared.records.schemas import (
     DENSE_RANKING,
@@ -62,6 +63,7 @@ from shared.records.schemas import (
     ExportSpec,
     FieldMap,
     Fusion,
+    InputLimits,
     JobRecord,
     JobSpec,
     LatencySummary,
@@ -112,6 +114,7 @@ class JobOptions:
     export: ExportSpec = field(default_factory=ExportSpec)
     prepare_on: PrepareOn = "fleet"
     range_bytes: int = 8 * 2**20
+    limits: InputLimits = field(default_factory=InputLimits)
 
 
 # Id partitions of the fleet's duplicate check: at most one per range, and few enough
@@ -175,7 +178,9 @@ def prepare(
     sparse = [check_sparse_model(name) for name in options.sparse_models]
     tokenizer = load_tokenizer(str(resolved[0].path))
     chunk_tokens = options.chunk_tokens or model_max_tokens(resolved[0].path, tokenizer)
-    chunker = Chunker(tokenizer, chunk_tokens, options.chunk_overlap)
+    chunker = Chunker(
+        tokenizer, chunk_tokens, options.chunk_overlap, options.limits.max_document_chunks
+    )
     if options.batch_chunks < 1 or (options.max_batch_tokens or chunk_tokens) < chunk_tokens:
         raise EmbedFleetError(
             f"--batch-chunks {options.batch_chunks} / "
@@ -195,7 +200,7 @@ def prepare(
         )
         validation = Validation(bytes_total=source.bytes_total)
     else:
-        validation = validate(source, options.on_bad_record, on_progress)
+        validation = validate(source, options.on_bad_record, on_progress, options.limits)
         if validation.documents == 0 and not options.allow_empty:
             first = validation.skipped[0].named if validation.skipped else ""
             raise NoDocumentsError(str(source.path), validation.skipped_count, first)
@@ -222,6 +227,7 @@ def prepare(
         export=options.export,
         prepare_on=options.prepare_on,
         fields=source.fields,
+        limits=options.limits,
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set, read_plan)
 
@@ -307,12 +313,13 @@ def validate(
     source: Source,
     on_bad_record: Literal["fail", "skip"],
     on_progress: Callable[[ReadProgress, int], None] | None = None,
+    limits: InputLimits | None = None,
 ) -> Validation:
     """First pass: every record parsed and checked; raises on the first bad one under
     ``fail``; under ``skip`` collects them."""
     result = Validation(bytes_total=source.bytes_total)
     progress = ReadProgress()
-    for record in documents(source, on_bad_record, progress):
+    for record in documents(source, on_bad_record, progress, limits):
         if isinstance(record, SkippedRecord):
             result.skipped_count += 1
             if len(result.skipped) < MAX_LISTED_SKIPS:
@@ -387,14 +394,18 @@ class Stager:
         query_batches = self._stage_queries()
 
         def accepted() -> Iterator[Document]:
-            for record in documents(job.source, spec.on_bad_record, progress):
+            for record in documents(job.source, spec.on_bad_record, progress, spec.limits):
                 if self.cancel.is_set():
                     raise EmbedFleetError("interrupted", "Run the job again")
                 if isinstance(record, Document):  # the rest: listed by the validation pass
                     yield record
 
+        def too_long(record: SkippedRecord) -> None:
+            if spec.on_bad_record == "fail":
+                raise BadRecordError(record.path, record.line, record.reason)
+
         units = self._units("documents")
-        for run in chunk_batches(job.chunker, accepted(), spec.batch_chunks, tally):
+        for run in chunk_batches(job.chunker, accepted(), spec.batch_chunks, tally, too_long):
             chunks = run.chunks
             batch_id = ids.document_batch_id(batches)
             batch = ChunkBatch(
@@ -416,13 +427,13 @@ class Stager:
         self.ledger.record_read(progress.documents, progress.bytes_read)
         finished = time.time()
         report = ProducerReport(
-            documents=progress.documents,
+            documents=tally.documents,
             chunks=tally.chunks,
             batches=batches,
             tokens=tally.tokens,
             empty_documents=tally.empty,
-            skipped_records=job.validation.skipped,
-            skipped_count=job.validation.skipped_count,
+            skipped_records=listed_together(job.validation.skipped, tally.too_long),
+            skipped_count=job.validation.skipped_count + len(tally.too_long),
             started_at=started,
             finished_at=finished,
             latency=LatencySummary.from_samples(latencies, tally.chunks, finished - started),

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 import click
 import redis
@@ -45,6 +45,39 @@ def make_console(stderr: bool = True) -> Console:
 
 
 console = make_console()
+
+
+class ByteSize(click.ParamType[int, object]):
+    """A size as bytes (``1048576``) or with a binary or decimal unit (``512KiB``,
+    ``64MiB``, ``1GiB``, ``10MB``; case and a space before the unit do not matter)."""
+
+    name = "size"
+    _UNITS: ClassVar[dict[str, int]] = {
+        "": 1,
+        "b": 1,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+    }
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        number = text.rstrip("kmgib ")
+        unit = text[len(number) :].strip()
+        try:
+            size = int(float(number) * self._UNITS[unit])
+        except (KeyError, ValueError):
+            self.fail(f"{value!r} is not a size (try 1048576, 512KiB, 64MiB or 1GiB)", param, ctx)
+        if size < 1:
+            self.fail(f"{value!r} must be at least 1 byte", param, ctx)
+        return size
 
 
 def fail(exc: EmbedFleetError, code: ExitCode = ExitCode.BAD_INPUT) -> NoReturn:

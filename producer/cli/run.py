@@ -20,6 +20,7 @@ from producer.cli.app import (
     EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    ByteSize,
     Detached,
     JobEnded,
     console,
@@ -49,7 +50,14 @@ from shared.inputs.models import (
 from shared.inputs.sources import ReadProgress
 from shared.records.errors import EmbedFleetError
 from shared.records.job_store import JobStore
-from shared.records.schemas import BM25Params, ExportSpec, FieldMap
+from shared.records.schemas import (
+    DEFAULT_MAX_DOCUMENT_CHUNKS,
+    DEFAULT_MAX_RECORD_BYTES,
+    BM25Params,
+    ExportSpec,
+    FieldMap,
+    InputLimits,
+)
 
 
 @click.command()
@@ -296,6 +304,25 @@ from shared.records.schemas import BM25Params, ExportSpec, FieldMap
     "skip it; skipped records are counted and listed in the manifest.",
 )
 @click.option(
+    "--max-record-bytes",
+    type=ByteSize(),
+    default=f"{DEFAULT_MAX_RECORD_BYTES // 2**20}MiB",
+    show_default=True,
+    metavar="SIZE",
+    help="The most one record may hold (a JSONL line after decompression, a CSV/TSV row, "
+    "a text file, a Parquet row's text and title), as bytes or with a unit (512KiB, 64MiB, "
+    "1GiB). A larger record is a bad record (see --on-bad-record): it is read past, never "
+    "held in memory.",
+)
+@click.option(
+    "--max-document-chunks",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_DOCUMENT_CHUNKS,
+    show_default=True,
+    help="The most chunks one document may be cut into. A longer document is a bad record "
+    "(see --on-bad-record), found when it is chunked: cutting stops at one chunk more.",
+)
+@click.option(
     "--id-field",
     default=None,
     metavar="COLUMN",
@@ -396,6 +423,8 @@ def run(
     prepare_on: Literal["fleet", "producer"],
     range_mb: float,
     on_bad_record: Literal["fail", "skip"],
+    max_record_bytes: int,
+    max_document_chunks: int,
     id_field: str | None,
     text_field: str,
     title_field: str | None,
@@ -471,6 +500,9 @@ def run(
         ),
         prepare_on=prepare_on,
         range_bytes=max(1, int(range_mb * 2**20)),
+        limits=InputLimits(
+            max_record_bytes=max_record_bytes, max_document_chunks=max_document_chunks
+        ),
     )
     if resume_job:
         resume_main(resume_job, output, detach, as_json, source=source)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,14 @@ from shared.inputs import tokens
 from shared.inputs.models import resolve_model
 from shared.records import ids
 from shared.records.errors import EmbedFleetError
-from shared.records.schemas import Chunk, Document, JobSpec, StagedTokens
+from shared.records.schemas import (
+    Chunk,
+    Document,
+    InputLimits,
+    JobSpec,
+    SkippedRecord,
+    StagedTokens,
+)
 
 SEGMENT_CHARS = 32_768
 # Documents tokenised in one call by chunk_batches.
@@ -51,7 +58,12 @@ def load_tokenizer(model_dir: str) -> Any:
 def chunker_for(spec: JobSpec) -> Chunker:
     """The job's chunker: its first dense model's tokenizer and the spec's window."""
     model = resolve_model(spec.dense_models[0])
-    return Chunker(load_tokenizer(str(model.path)), spec.chunk_tokens, spec.chunk_overlap)
+    return Chunker(
+        load_tokenizer(str(model.path)),
+        spec.chunk_tokens,
+        spec.chunk_overlap,
+        spec.limits.max_document_chunks,
+    )
 
 
 def model_max_tokens(model_dir: Path, tokenizer: Any) -> int:
@@ -74,9 +86,18 @@ class Chunker:
         chunk_tokens: Tokens per chunk *including* the model's special tokens, so the
             default (the model's max sequence length) fills the model exactly.
         overlap: Tokens shared by consecutive chunks of one document.
+        max_document_chunks: The most chunks of one document: the cut of a longer one
+            stops at one more, so a book-sized record costs the tokenizing of that many
+            chunks, not of all of it.
     """
 
-    def __init__(self, tokenizer: Any, chunk_tokens: int, overlap: int = 0) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        chunk_tokens: int,
+        overlap: int = 0,
+        max_document_chunks: int = InputLimits().max_document_chunks,
+    ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise EmbedFleetError(
                 "the first dense model has no fast tokenizer", "Use a model with tokenizer.json"
@@ -85,6 +106,7 @@ class Chunker:
         self.chunk_tokens = chunk_tokens
         self.window = chunk_tokens - tokenizer.num_special_tokens_to_add(pair=False)
         self.overlap = overlap
+        self.max_document_chunks = max_document_chunks
         if self.window < 8:
             raise EmbedFleetError(
                 f"--chunk-tokens {chunk_tokens} leaves {self.window} tokens of text per chunk",
@@ -111,15 +133,16 @@ class Chunker:
         ids. Not so for byte-level BPE or SentencePiece, which mark a word's leading
         space in its first token: their chunks are tokenised again."""
 
-    def chunk(self, doc: Document) -> list[Chunk]:
-        """All chunks of a document; an empty list for a document with no text."""
+    def chunk(self, doc: Document) -> list[Chunk] | None:
+        """All chunks of a document; an empty list for a document with no text, ``None``
+        for one of more than ``max_document_chunks``."""
         return self.chunk_many([doc])[0]
 
-    def chunk_many(self, docs: Sequence[Document]) -> list[list[Chunk]]:
+    def chunk_many(self, docs: Sequence[Document]) -> list[list[Chunk] | None]:
         """The chunks of each document (see :meth:`cut`)."""
-        return [[chunk for chunk, _ in cut] for cut in self.cut(docs)]
+        return [None if cut is None else [c for c, _ in cut] for cut in self.cut(docs)]
 
-    def cut(self, docs: Sequence[Document]) -> list[list[tuple[Chunk, list[int]]]]:
+    def cut(self, docs: Sequence[Document]) -> list[list[tuple[Chunk, list[int]]] | None]:
         """The chunks of each document, each with its text's token ids (no special
         tokens). Texts of one segment are tokenised together in one call, and one that
         fits the window is one chunk at once: most documents of a retrieval corpus take
@@ -128,12 +151,14 @@ class Chunker:
         A chunk's ids are the slice of its document's that it covers when the tokenizer
         is :attr:`word_separable`; otherwise a chunk that is not its whole document's
         text is tokenised once more, all such chunks of the group in one call.
+
+        A document of more than ``max_document_chunks`` chunks gets ``None``.
         """
         fulls = [f"{d.title}{TITLE_SEPARATOR}{d.text}" if d.title.strip() else d.text for d in docs]
         whole = [i for i, full in enumerate(fulls) if full.strip() and len(full) <= SEGMENT_CHARS]
         encoded = self._rust.encode_batch([fulls[i] for i in whole], add_special_tokens=False)
         encodings = dict(zip(whole, encoded, strict=True))
-        out: list[list[tuple[Chunk, list[int]]]] = []
+        out: list[list[tuple[Chunk, list[int]]] | None] = []
         again: list[tuple[list[int], Chunk]] = []  # chunks whose ids need their own call
         for i, (doc, full) in enumerate(zip(docs, fulls, strict=True)):
             if not full.strip():
@@ -145,7 +170,12 @@ class Chunker:
                 offsets = first.offsets
                 windows = [(offsets[0][0], offsets[-1][1], first.ids)] if offsets else []
             else:
-                windows = list(self._windows(full, first))
+                windows = list(
+                    itertools.islice(self._windows(full, first), self.max_document_chunks + 1)
+                )
+                if len(windows) > self.max_document_chunks:
+                    out.append(None)
+                    continue
             cut: list[tuple[Chunk, list[int]]] = []
             for chunk, (_, _, window_ids) in zip(
                 self._chunks(doc, full, windows), windows, strict=True
@@ -234,6 +264,9 @@ class ChunkTally:
     chunks: int = 0
     tokens: int = 0
     empty: list[str] = field(default_factory=list)
+    too_long: list[SkippedRecord] = field(default_factory=list)
+    """Documents of more chunks than the chunker's ``max_document_chunks``, as bad
+    records (not counted in ``documents``), in reading order."""
 
 
 @dataclass
@@ -245,11 +278,17 @@ class ChunkRun:
 
 
 def chunk_batches(
-    chunker: Chunker, documents: Iterable[Document], batch_chunks: int, tally: ChunkTally
+    chunker: Chunker,
+    documents: Iterable[Document],
+    batch_chunks: int,
+    tally: ChunkTally,
+    on_too_long: Callable[[SkippedRecord], None] | None = None,
 ) -> Iterator[ChunkRun]:
     """The documents' chunks in batches of ``batch_chunks`` (the last one smaller), in
     reading order, with their ids: how the producer and a chunk unit alike cut what
-    they stage."""
+    they stage. A document of too many chunks stages none: it goes to
+    ``tally.too_long``, and ``on_too_long`` (if given) is called with it first, so a
+    caller under ``--on-bad-record fail`` can stop there."""
     pending: list[Chunk] = []
     pending_ids: list[list[int]] = []
 
@@ -260,6 +299,14 @@ def chunk_batches(
     docs = iter(documents)
     while group := list(itertools.islice(docs, CHUNK_GROUP)):
         for doc, cut in zip(group, chunker.cut(group), strict=True):
+            if cut is None:
+                record = SkippedRecord(
+                    path=doc.path, line=doc.line, reason=too_many_chunks(chunker)
+                )
+                if on_too_long is not None:
+                    on_too_long(record)
+                tally.too_long.append(record)
+                continue
             tally.documents += 1
             if not cut:
                 tally.empty.append(doc.id)
@@ -273,6 +320,14 @@ def chunk_batches(
                     pending, pending_ids = [], []
     if pending:
         yield run()
+
+
+def too_many_chunks(chunker: Chunker) -> str:
+    """The reason a document cut into too many chunks is bad, with the options."""
+    return (
+        f"more than {chunker.max_document_chunks:,} chunks of {chunker.chunk_tokens} tokens "
+        "(--max-document-chunks; or split the document)"
+    )
 
 
 # Texts whose pieces (cut between words, as windows are) show whether a tokenizer is

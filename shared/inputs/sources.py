@@ -32,6 +32,7 @@ from shared.inputs.compressed import (
     open_lines,
     read_errors,
 )
+from shared.inputs.limits import LongLine, bounded_lines, too_large
 from shared.inputs.locations import (
     READ_BYTES,
     S3Path,
@@ -41,7 +42,14 @@ from shared.inputs.locations import (
     relative_name,
 )
 from shared.records.errors import BadRecordError, EmbedFleetError, UnreadableFileError
-from shared.records.schemas import Document, FieldMap, ReadRange, SkippedRecord, SourceKind
+from shared.records.schemas import (
+    Document,
+    FieldMap,
+    InputLimits,
+    ReadRange,
+    SkippedRecord,
+    SourceKind,
+)
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -225,7 +233,10 @@ def _first_record_has_beir_id(path: SourcePath) -> bool:
     says nothing of the file's layout."""
     with open_lines(path, PEEK_BYTES) as (handle, _):
         looked = 0
-        for raw in handle:
+        for raw in bounded_lines(handle, InputLimits().max_record_bytes):
+            if isinstance(raw, LongLine):
+                looked += 1
+                continue
             if not raw.strip():
                 continue
             looked += 1
@@ -249,27 +260,29 @@ class ReadProgress:
 
 
 def read_records(
-    source: Source, progress: ReadProgress | None = None
+    source: Source, progress: ReadProgress | None = None, limits: InputLimits | None = None
 ) -> Iterator[Document | SkippedRecord]:
     """Yield every record of the source: a Document, or a SkippedRecord saying why not.
 
     Duplicate ids are caught here (the first occurrence wins), so every reader and both
-    passes of the producer agree on which records are bad.
+    passes of the producer agree on which records are bad. A record over
+    ``limits.max_record_bytes`` is a bad record, read past without being held.
     """
     progress = progress or ReadProgress()
+    most = (limits or InputLimits()).max_record_bytes
     reader: Iterator[Document | SkippedRecord]
     if source.kind == "text-dir":
-        reader = _read_text_files(source.path, source.files, progress)
+        reader = _read_text_files(source.path, source.files, progress, most)
     elif source.kind == "csv":
-        reader = tabular.read_csv(source.files[0], source.fields, progress)
+        reader = tabular.read_csv(source.files[0], source.fields, progress, most)
     elif source.kind == "parquet":
         reader = (
             record
             for path in source.files
-            for record in tabular.read_parquet(path, 0, None, source.fields, progress)
+            for record in tabular.read_parquet(path, 0, None, source.fields, progress, most)
         )
     else:
-        reader = _read_jsonl(source.files[0], source.kind, 0, None, progress)
+        reader = _read_jsonl(source.files[0], source.kind, 0, None, progress, most)
     return _first_of_each_id(reader, progress)
 
 
@@ -279,6 +292,7 @@ def read_range(
     progress: ReadProgress | None = None,
     fields: FieldMap | None = None,
     transient_window_s: float = 0.0,
+    limits: InputLimits | None = None,
 ) -> Iterator[Document | SkippedRecord]:
     """Yield every record of one read range, as :func:`read_records` does for a whole
     source, with lines counted from the range's first line (a range does not know how
@@ -286,16 +300,18 @@ def read_range(
     ranges the fleet's dedupe phase finds them. An S3 range's outage is retried over
     ``transient_window_s``."""
     progress = progress or ReadProgress()
+    most = (limits or InputLimits()).max_record_bytes
     root = locate(part.path, transient_window_s)
     reader: Iterator[Document | SkippedRecord]
     if kind == "text-dir":
-        reader = _read_text_files(root, [root / name for name in part.files], progress)
+        reader = _read_text_files(root, [root / name for name in part.files], progress, most)
     elif kind == "csv":
-        reader = tabular.read_csv(root, fields or FieldMap(), progress)
+        reader = tabular.read_csv(root, fields or FieldMap(), progress, most)
     elif kind == "parquet":
-        reader = tabular.read_parquet(root, part.start, part.end, fields or FieldMap(), progress)
+        mapped = fields or FieldMap()
+        reader = tabular.read_parquet(root, part.start, part.end, mapped, progress, most)
     else:
-        reader = _read_jsonl(root, kind, part.start, part.end, progress)
+        reader = _read_jsonl(root, kind, part.start, part.end, progress, most)
     return _first_of_each_id(reader, progress)
 
 
@@ -317,6 +333,18 @@ def _first_of_each_id(
             seen[record.id] = record.line
             progress.documents += 1
         yield record
+
+
+def listed_together(
+    validated: list[SkippedRecord], cut: list[SkippedRecord]
+) -> list[SkippedRecord]:
+    """The skipped records of validation and those the chunker found (documents of too
+    many chunks) in one list, by file and line as one reader would have met them;
+    validation's own list as it was where the chunker found none."""
+    if not cut:
+        return validated
+    merged = sorted([*validated, *cut], key=lambda record: (record.path, record.line))
+    return merged[:MAX_LISTED_SKIPS]
 
 
 def cut_ranges(source: Source, range_bytes: int) -> list[ReadRange]:
@@ -386,24 +414,32 @@ def lines_before(path: str | Path, offset: int, transient_window_s: float = 0.0)
 
 
 def documents(
-    source: Source, on_bad_record: Literal["fail", "skip"], progress: ReadProgress | None = None
+    source: Source,
+    on_bad_record: Literal["fail", "skip"],
+    progress: ReadProgress | None = None,
+    limits: InputLimits | None = None,
 ) -> Iterator[Document | SkippedRecord]:
     """Like :func:`read_records`, but raise on the first bad record under ``fail``."""
-    for record in read_records(source, progress):
+    for record in read_records(source, progress, limits):
         if isinstance(record, SkippedRecord) and on_bad_record == "fail":
             raise BadRecordError(record.path, record.line, record.reason)
         yield record
 
 
 def _read_jsonl(
-    path: SourcePath, source_kind: SourceKind, start: int, end: int | None, progress: ReadProgress
+    path: SourcePath,
+    source_kind: SourceKind,
+    start: int,
+    end: int | None,
+    progress: ReadProgress,
+    most: int,
 ) -> Iterator[Document | SkippedRecord]:
     """The records of ``path`` from byte ``start`` (a line start) up to ``end``."""
     kind: type[_JsonlRecord] | type[_BeirRecord] = (
         _BeirRecord if source_kind == "beir" else _JsonlRecord
     )
     try:
-        yield from _jsonl_records(path, kind, start, end, progress)
+        yield from _jsonl_records(path, kind, start, end, progress, most)
     except read_errors(path) as exc:  # the file, not a record: nothing after it is readable
         where = progress.lines + 1
         raise UnreadableFileError(str(path), where, f"cannot be read on ({exc})") from None
@@ -415,6 +451,7 @@ def _jsonl_records(
     start: int,
     end: int | None,
     progress: ReadProgress,
+    most: int,
 ) -> Iterator[Document | SkippedRecord]:
     decoder = msgspec.json.Decoder(kind)
     shown = str(path)
@@ -430,16 +467,20 @@ def _jsonl_records(
         else:
             handle.seek(start)
         at, read_to = start, on_disk.tell()
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(bounded_lines(handle, most), start=1):
             if end is not None and at >= end:
                 break
-            at += len(raw)
+            size = raw.size if isinstance(raw, LongLine) else len(raw)
+            at += size
             if compressed:  # bytes of the file on disk, as the source's size counts them
                 progress.bytes_read += on_disk.tell() - read_to
                 read_to = on_disk.tell()
             else:
-                progress.bytes_read += len(raw)
+                progress.bytes_read += size
             progress.lines += 1
+            if isinstance(raw, LongLine):
+                yield SkippedRecord(path=shown, line=number, reason=too_large(raw.size, most))
+                continue
             if not raw.strip():
                 continue
             try:
@@ -489,10 +530,16 @@ def _explain(message: str, kind: type[msgspec.Struct]) -> str:
 
 
 def _read_text_files(
-    root: SourcePath, files: list[SourcePath], progress: ReadProgress
+    root: SourcePath, files: list[SourcePath], progress: ReadProgress, most: int
 ) -> Iterator[Document | SkippedRecord]:
-    """Each file one document, its id the path under ``root``."""
+    """Each file one document, its id the path under ``root``; one over ``most`` bytes
+    is a bad record, never opened."""
     for path in files:
+        size = path.stat().st_size
+        if size > most:
+            progress.bytes_read += size
+            yield SkippedRecord(path=str(path), line=1, reason=too_large(size, most))
+            continue
         data = path.read_bytes()
         progress.bytes_read += len(data)
         rel = relative_name(path, root)

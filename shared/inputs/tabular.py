@@ -16,17 +16,27 @@ from __future__ import annotations
 import csv
 import io
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from shared.inputs.compressed import PEEK_BYTES, open_lines, read_errors
+from shared.inputs.limits import BoundedRows, too_large
 from shared.inputs.locations import SourcePath
 from shared.records.errors import EmbedFleetError, UnreadableFileError
-from shared.records.schemas import Document, FieldMap, ReadRange, SkippedRecord
+from shared.records.schemas import (
+    DEFAULT_MAX_RECORD_BYTES,
+    Document,
+    FieldMap,
+    ReadRange,
+    SkippedRecord,
+)
 
 CSV_SUFFIXES = (".csv", ".tsv")
-csv.field_size_limit(sys.maxsize)  # a document's text is one field, however long
+# The reader's own bound on a field is not the limit: BoundedRows bounds every row.
+csv.field_size_limit(sys.maxsize)
 PARQUET_SUFFIX = ".parquet"
 # Rows decoded from Parquet at a time.
 BATCH_ROWS = 1024
@@ -65,28 +75,35 @@ def csv_columns(path: SourcePath) -> list[str]:
     try:
         with open_lines(path, PEEK_BYTES) as (lines, _):
             text = io.TextIOWrapper(lines, encoding="utf-8-sig", errors="replace", newline="")
-            header: list[str] = next(_rows(text, path), [])
+            lines_read = BoundedRows(text, DEFAULT_MAX_RECORD_BYTES, _quoted(path))
+            header: list[str] = next(_rows(lines_read, path), [])
     except broken as exc:
         raise UnreadableFileError(str(path), 1, f"cannot be read ({exc})") from None
     return [name.strip() for name in header]
 
 
-def _rows(text: io.TextIOWrapper, path: SourcePath) -> Any:
+def _quoted(path: SourcePath) -> bool:
+    """Whether a field of the file may be quoted (CSV), or never is (TSV)."""
+    return ".tsv" not in path.name.lower()
+
+
+def _rows(text: Iterable[str], path: SourcePath) -> Any:
     """A CSV reader, or for TSV a tab splitter: a TSV field is never quoted (a ``"``
     that opens a passage is text, not the start of a field that runs on)."""
-    if ".tsv" in path.name.lower():
+    if not _quoted(path):
         return csv.reader(text, delimiter="\t", quoting=csv.QUOTE_NONE)
     return csv.reader(text)
 
 
 def read_csv(
-    path: SourcePath, fields: FieldMap, progress: Progress
+    path: SourcePath, fields: FieldMap, progress: Progress, most: int = DEFAULT_MAX_RECORD_BYTES
 ) -> Iterator[Document | SkippedRecord]:
-    """Every row of a CSV/TSV file as a record; line numbers are the file's."""
+    """Every row of a CSV/TSV file as a record; line numbers are the file's. A row over
+    ``most`` characters (a line of it, or a field) is a bad record, read past."""
     line = 1
     broken: tuple[type[Exception], ...] = (*read_errors(path), csv.Error)
     try:
-        for record in _csv_records(path, fields, progress):
+        for record in _csv_records(path, fields, progress, most):
             line = record.line
             yield record
     except broken as exc:  # the file, not a row: nothing after it can be read
@@ -94,21 +111,28 @@ def read_csv(
 
 
 def _csv_records(
-    path: SourcePath, fields: FieldMap, progress: Progress
+    path: SourcePath, fields: FieldMap, progress: Progress, most: int
 ) -> Iterator[Document | SkippedRecord]:
     shown = str(path)
     with open_lines(path) as (lines, on_disk):
         text = io.TextIOWrapper(lines, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        rows = _rows(text, path)
+        bounded = BoundedRows(text, most, _quoted(path))
+        rows = _rows(bounded, path)
         header = [name.strip() for name in next(rows, [])]
+        bounded.row_ended()
         at = {name: i for i, name in enumerate(header)}
         id_name = id_column(fields, header)
         title = fields.title or ("title" if "title" in at else None)
         mapped = [name for name in (id_name, fields.text, title, *fields.metadata) if name]
         for row in rows:
-            line = rows.line_num
+            line, over = bounded.line, bounded.over
+            bounded.row_ended()
             progress.lines = line
             progress.bytes_read = on_disk.tell()
+            if over:  # read past, not kept: what the reader made of it is not the row
+                reason = too_large(over, most, "characters")
+                yield SkippedRecord(path=shown, line=line, reason=reason)
+                continue
             if not any(cell.strip() for cell in row):
                 continue
             if len(row) != len(header):
@@ -225,10 +249,18 @@ def _group_bytes(meta: Any, group: int) -> int:
 
 
 def read_parquet(
-    path: SourcePath, first: int, end: int | None, fields: FieldMap, progress: Progress
+    path: SourcePath,
+    first: int,
+    end: int | None,
+    fields: FieldMap,
+    progress: Progress,
+    most: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> Iterator[Document | SkippedRecord]:
     """The rows of row groups ``first`` up to ``end`` (None: to the last); each record's
-    line is its row in the file, counted from 1."""
+    line is its row in the file, counted from 1. A row whose text and title hold more
+    than ``most`` bytes is a bad record: its cells are measured in Arrow and dropped
+    before the row becomes Python objects (Arrow itself holds a page of the column at a
+    time, as the file's writer cut it)."""
     import pyarrow as pa
 
     handle = parquet_file(path)
@@ -238,6 +270,7 @@ def read_parquet(
     title = fields.title or ("title" if "title" in columns else None)
     wanted = [id_name, fields.text, *([title] if title else []), *fields.metadata]
     wanted = [name for name in dict.fromkeys(wanted) if name in columns]
+    sized = [name for name in (fields.text, title) if name and name in columns]
     row = sum(meta.row_group(g).num_rows for g in range(first))
     shown = str(path)
     try:
@@ -245,13 +278,56 @@ def read_parquet(
             # In batches: a row group of a large dataset can hold hundreds of MB of text.
             batches = handle.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=wanted)
             for batch in batches:
-                for values in batch.to_pylist():
+                sizes = _cell_bytes(batch, sized)
+                over = sizes > most
+                if over.any():
+                    batch = _blanked(batch, sized, over)
+                for k, values in enumerate(batch.to_pylist()):
                     row += 1
+                    if over[k]:
+                        reason = too_large(int(sizes[k]), most)
+                        yield SkippedRecord(path=shown, line=row, reason=reason)
+                        continue
                     yield _record(values, id_name, fields, title, shown, row)
             progress.bytes_read += _group_bytes(meta, group)
             progress.lines = row
     except (OSError, pa.ArrowException) as exc:  # the file, not a row: nothing after it
         raise UnreadableFileError(shown, row + 1, f"cannot be read on ({exc})") from None
+
+
+def _cell_bytes(batch: Any, names: list[str]) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Each row's bytes in the named string (or binary) columns, from Arrow's offsets."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    total = np.zeros(batch.num_rows, dtype=np.int64)
+    for name in names:
+        column = batch.column(name)
+        kind = column.type
+        if (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)
+        ):
+            lengths = pc.fill_null(pc.binary_length(column), 0)
+            total += lengths.to_numpy(zero_copy_only=False).astype(np.int64)
+    return total
+
+
+def _blanked(batch: Any, names: list[str], rows: np.ndarray[Any, Any]) -> Any:
+    """The batch with the named columns' cells of ``rows`` set to null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mask = pa.array(rows)
+    arrays = [
+        pc.if_else(mask, pa.nulls(batch.num_rows, batch.column(i).type), batch.column(i))
+        if batch.schema.field(i).name in names
+        else batch.column(i)
+        for i in range(batch.num_columns)
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
 def parquet_rows(path: SourcePath) -> int:

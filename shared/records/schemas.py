@@ -56,6 +56,12 @@ JobStatus = Literal[
 ]
 
 
+# A record's bytes (64 MiB: a whole book is a few MB) and a document's chunks (10,000
+# chunks of 256 tokens are some 2.5 million tokens, a long book) before it is a bad record.
+DEFAULT_MAX_RECORD_BYTES = 64 * 2**20
+DEFAULT_MAX_DOCUMENT_CHUNKS = 10_000
+
+
 class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     """Base: keyword-only fields so records read well and evolve safely."""
 
@@ -223,6 +229,10 @@ class RangeChunked(Struct):
     empty_documents: list[str]
     started_at: float
     finished_at: float
+    # Documents cut into more chunks than the job allows (bad records found by the cut;
+    # listed up to MAX_LISTED_SKIPS, at file lines), and how many there were.
+    skipped: list[SkippedRecord] = []
+    skipped_count: int = 0
 
 
 class Chunk(Struct):
@@ -438,6 +448,28 @@ class JobSpec(Struct):
     # batches; see shared.control.pipeline.GPU_UNIT_TOKENS); 0: one batch a message. A spec
     # from before units gathered batches decodes as 0, which is how its units were sent.
     unit_tokens: int = 0
+    # What one record may hold before it is a bad record (a spec from before the limits
+    # decodes with the defaults).
+    limits: InputLimits = msgspec.field(default_factory=lambda: InputLimits())
+
+
+class InputLimits(Struct):
+    """How large one record of a collection may be, so that no input exhausts a worker.
+
+    A record over a limit is a bad record like a malformed one: named by file and line,
+    the job failed under ``--on-bad-record fail``, counted and listed under ``skip``.
+
+    Attributes:
+        max_record_bytes: The most bytes of one record as read (a JSONL line after
+            decompression, a CSV/TSV row, a text file, a Parquet row's text and title).
+            Readers stop reading a record at this many bytes: an oversized record is
+            read past, never held.
+        max_document_chunks: The most chunks one document may be cut into; the chunker
+            stops cutting a document at one more.
+    """
+
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    max_document_chunks: int = DEFAULT_MAX_DOCUMENT_CHUNKS
 
 
 class ExportSpec(Struct):

@@ -17,8 +17,15 @@ from celery import Celery
 from shared.control.celery_app import EncodeUnits, advance, send_resume
 from shared.control.ledger import JobLedger
 from shared.inputs.chunking import Chunker, ChunkTally, chunk_batches
-from shared.inputs.sources import ReadProgress, read_range
+from shared.inputs.sources import (
+    MAX_LISTED_SKIPS,
+    OWN_LINES,
+    ReadProgress,
+    listed_together,
+    read_range,
+)
 from shared.records import ids
+from shared.records.errors import BadRecordError
 from shared.records.job_store import JobStore
 from shared.records.schemas import (
     ChunkBatch,
@@ -27,6 +34,7 @@ from shared.records.schemas import (
     LatencySummary,
     ProducerReport,
     RangeChunked,
+    SkippedRecord,
 )
 
 
@@ -48,11 +56,20 @@ def chunk_range(
     progress = ReadProgress()
     batches: dict[str, int] = {}
     tally = ChunkTally()
-    records = read_range(plan.kind, plan.ranges[index], progress, spec.fields, transient_window_s)
-    # Bad records and duplicates were listed by the validate and dedupe phases.
+    part = plan.ranges[index]
+    records = read_range(plan.kind, part, progress, spec.fields, transient_window_s, spec.limits)
+    # Bad records and duplicates were listed by the validate and dedupe phases; a
+    # document of too many chunks is found here, the first time it is cut.
     documents = (r for r in records if isinstance(r, Document) and r.id not in excluded)
+    line_offset = 0 if plan.kind in OWN_LINES else store.validation().line_offsets[index]
+
+    def too_long(record: SkippedRecord) -> None:
+        if spec.on_bad_record == "fail":
+            moved = record.shifted(line_offset)
+            raise BadRecordError(moved.path, moved.line, moved.reason)
+
     with EncodeUnits(app, spec, "documents") as units:
-        for run in chunk_batches(chunker, documents, spec.batch_chunks, tally):
+        for run in chunk_batches(chunker, documents, spec.batch_chunks, tally, too_long):
             chunks = run.chunks
             batch_id = ids.range_batch_id(index, len(batches))
             batch = ChunkBatch(
@@ -68,6 +85,8 @@ def chunk_range(
         tokens=tally.tokens,
         batches=batches,
         empty_documents=tally.empty,
+        skipped=[record.shifted(line_offset) for record in tally.too_long[:MAX_LISTED_SKIPS]],
+        skipped_count=len(tally.too_long),
         started_at=started,
         finished_at=time.time(),
     )
@@ -97,8 +116,8 @@ def seal(ledger: JobLedger, store: JobStore, app: Celery) -> int:
         batches=sum(len(r.batches) for r in done),
         tokens=sum(r.tokens for r in done),
         empty_documents=[doc for r in done for doc in r.empty_documents],
-        skipped_records=validation.skipped,
-        skipped_count=validation.skipped_count,
+        skipped_records=listed_together(validation.skipped, [s for r in done for s in r.skipped]),
+        skipped_count=validation.skipped_count + sum(r.skipped_count for r in done),
         started_at=started,
         finished_at=finished,
         latency=LatencySummary.from_samples(latencies, chunks, finished - started),

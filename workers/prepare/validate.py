@@ -50,7 +50,8 @@ def validate_range(
     skipped: list[SkippedRecord] = []
     skipped_count = 0
     partitions: list[IdPartition] = [IdPartition(ids=[], lines=[]) for _ in range(plan.partitions)]
-    for record in read_range(plan.kind, part, progress, spec.fields, transient_window_s):
+    records = read_range(plan.kind, part, progress, spec.fields, transient_window_s, spec.limits)
+    for record in records:
         if isinstance(record, Document):
             bucket = partitions[ids.id_partition(record.id, plan.partitions)]
             bucket.ids.append(record.id)
