@@ -51,7 +51,7 @@ def chunk_texts(options: JobOptions) -> list[str]:
     texts: list[str] = []
     for record in documents(job.source, "fail"):
         if not isinstance(record, SkippedRecord):
-            texts += [c.text for c in job.chunker.chunk(record)]
+            texts += [c.text for c in job.chunker.chunk(record) or []]
     return texts
 
 

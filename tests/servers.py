@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
@@ -21,6 +22,47 @@ from botocore.config import Config
 from producer.local_fleet import redis_server_binary, worker_command
 
 S3_KEY, S3_SECRET = "fleet-test-key", "fleet-test-secret"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A private CA, a certificate for 127.0.0.1 and localhost signed by it (the
+    servers'), and a client certificate (for mutual TLS), made by ``openssl``."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> TlsFiles:
+        folder.mkdir(parents=True, exist_ok=True)
+        files = cls(
+            *(
+                folder / n
+                for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")
+            )
+        )
+        ca_key = folder / "ca.key"
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+                "-out", str(files.ca), "-days", "2", "-subj", "/CN=test CA")  # fmt: skip
+        (folder / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        for name, cert, key, ext in (
+            ("localhost", files.server_cert, files.server_key, ["-extfile", "server.ext"]),
+            ("embed-fleet worker", files.client_cert, files.client_key, []),
+        ):
+            request = folder / f"{key.stem}.csr"
+            openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(request), "-subj", f"/CN={name}")  # fmt: skip
+            openssl("x509", "-req", "-in", str(request), "-CA", str(files.ca),
+                    "-CAkey", str(ca_key), "-CAcreateserial", "-out", str(cert),
+                    "-days", "2", *ext)  # fmt: skip
+        return files
 
 
 def _port_free(port: int) -> bool:
@@ -54,20 +96,44 @@ def wait_for(check: object, timeout: float, what: str) -> None:
 class RedisServer:
     """A private redis-server that a test may kill and restart (same port)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, tls: TlsFiles | None = None, password: str | None = None
+    ) -> None:
+        """With ``tls``: TLS only (the plain port closed), clients must show a certificate
+        of the CA, and :attr:`url` is a ``rediss://`` URL that carries the CA and the
+        client's certificate; with ``password``, Redis wants it (in the URL)."""
         self.workdir = workdir
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        if tls:
+            self.url = (
+                f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_cert_reqs=required"
+                f"&ssl_ca_certs={tls.ca}&ssl_certfile={tls.client_cert}"
+                f"&ssl_keyfile={tls.client_key}"
+            )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            listen = [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.server_cert),
+                "--tls-key-file", str(self.tls.server_key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "yes",
+            ]  # fmt: skip
+        if self.password:
+            listen += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
             [
                 redis_server_binary(),
                 "--bind",
                 "127.0.0.1",
-                "--port",
-                str(self.port),
+                *listen,
                 "--save",
                 "",
                 "--appendonly",
@@ -78,7 +144,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
         wait_for(client.ping, 10, "redis-server")
 
     def client(self) -> redis.Redis:
@@ -95,10 +161,16 @@ class SeaweedS3:
     """``weed mini``: master, volume, filer and S3 gateway in one process, loopback only,
     with credentials enforced (they are in its environment)."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: TlsFiles | None = None) -> None:
+        """With ``tls``: the S3 gateway also serves HTTPS with the CA's certificate, and
+        :attr:`endpoint` is that one (:attr:`env` names the CA bundle)."""
         self.workdir = workdir
         self.port = free_port(with_grpc_twin=True)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.https_port = free_port(with_grpc_twin=True) if tls else 0
+        self.endpoint = (
+            f"https://127.0.0.1:{self.https_port}" if tls else f"http://127.0.0.1:{self.port}"
+        )
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -122,6 +194,12 @@ class SeaweedS3:
             f"-s3.port.iceberg={free_port()}",
             f"-s3.port.lance={free_port()}",
         ]
+        if self.tls:
+            args += [
+                f"-s3.port.https={self.https_port}",
+                f"-s3.cert.file={self.tls.server_cert}",
+                f"-s3.key.file={self.tls.server_key}",
+            ]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
         self.log = (self.workdir / "weed.log").open("wb")
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -135,6 +213,7 @@ class SeaweedS3:
             aws_access_key_id=S3_KEY,
             aws_secret_access_key=S3_SECRET,
             region_name="us-east-1",
+            verify=str(self.tls.ca) if self.tls else None,
             config=Config(
                 s3={"addressing_style": "path"}, connect_timeout=2, retries={"max_attempts": 1}
             ),
@@ -147,6 +226,7 @@ class SeaweedS3:
             "AWS_ACCESS_KEY_ID": S3_KEY,
             "AWS_SECRET_ACCESS_KEY": S3_SECRET,
             "AWS_DEFAULT_REGION": "us-east-1",
+            **({"AWS_CA_BUNDLE": str(self.tls.ca)} if self.tls else {}),
         }
 
     def stop(self) -> None:
@@ -202,6 +282,28 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until Celery logs the worker ready (its pool's children started)."""
+        wait_for(lambda: b" ready." in self.log_path.read_bytes(), timeout, f"worker {self.name}")
+
+    def memory(self) -> dict[int, tuple[int, int]]:
+        """Each process of the worker (the parent and its pool's children): its resident
+        memory now and its peak (``VmRSS``, ``VmHWM``), in bytes."""
+        found: dict[int, tuple[int, int]] = {}
+        for status in Path("/proc").glob("[0-9]*/status"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(status.parent.name)
+                if os.getpgid(pid) != self.proc.pid:
+                    continue
+                fields = dict(
+                    line.split(":", 1) for line in status.read_text().splitlines() if ":" in line
+                )
+                found[pid] = (
+                    int(fields["VmRSS"].split()[0]) * 1024,
+                    int(fields["VmHWM"].split()[0]) * 1024,
+                )
+        return found
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -6,6 +6,7 @@ costs a redelivery, nothing lost or doubled."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -321,3 +322,53 @@ def test_a_collection_in_s3_is_prepared_by_the_fleet_as_the_same_files_on_disk(
     got = chunk_records(fleet, from_s3)
     want = chunk_records(alone, local_files(tmp_path / "alone"))
     assert [(r["chunk_id"], r["text"]) for r in got] == [(r["chunk_id"], r["text"]) for r in want]
+
+
+def test_a_compressed_bomb_and_a_document_of_too_many_chunks_are_bad_records_on_the_fleet(
+    fleet_env, bucket, redis_server, start_worker, tmp_path
+) -> None:
+    """Issue 29's bomb at a scale CI affords: one 256 MB record in a .jsonl.gz of about
+    a megabyte, among Cranfield documents, and a document of more chunks than the job
+    allows. Under skip the job completes without either, both listed by file line, and
+    the prepare worker's resident memory never grows by 200 MB (the record is read past
+    in blocks, twice: validated, then chunked)."""
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines(keepends=True)
+    path = tmp_path / "corpus.jsonl.gz"
+    book = " ".join(f"word{i}" for i in range(3_000))  # some 40 chunks of 128 tokens
+    with gzip.open(path, "wb", compresslevel=1) as out:
+        out.writelines(line.encode() for line in lines[:20])
+        out.write(b'{"_id": "bomb", "text": "')
+        block = b"lorem ipsum " * 87_381  # 1 MiB
+        for _ in range(256):
+            out.write(block)
+        out.write(b'"}\n')
+        out.writelines(line.encode() for line in lines[20:40])
+        out.write(json.dumps({"_id": "book", "text": book}).encode() + b"\n")
+    assert path.stat().st_size < 2 * 2**20
+    prepare = start_worker("prepare", fleet_env)
+    start_worker("aggregate", fleet_env)
+    start_worker("dense", fleet_env)
+    prepare.wait_ready()
+    baseline = max(rss for rss, _ in prepare.memory().values())
+    started = time.monotonic()
+    result = run_cli(
+        "run", str(path), "--output", f"s3://{bucket}", "--format", "jsonl", "--json",
+        "--on-bad-record", "skip", "--chunk-tokens", "128", "--max-document-chunks", "20",
+        env=fleet_env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    manifest = events(result.stdout, "summary")[-1]["manifest"]
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["documents"] == 40
+    assert manifest["counts"]["skipped_records"] == 2
+    skipped = [(r["line"], r["reason"]) for r in manifest["skipped_records"]]
+    assert [line for line, _ in skipped] == [21, 42]
+    size = len(b'{"_id": "bomb", "text": "') + 256 * len(block) + len(b'"}\n')
+    assert skipped[0][1].startswith(f"record of {size:,} bytes, over the limit of 67,108,864")
+    assert skipped[1][1].startswith("more than 20 chunks of 128 tokens (--max-document-chunks")
+    peak = max(hwm for _, hwm in prepare.memory().values())
+    print(
+        f"bomb: job {took:.1f} s, prepare worker {baseline / 2**20:.0f} -> {peak / 2**20:.0f} MiB"
+    )
+    assert peak - baseline < 200 * 2**20, (baseline, peak)

@@ -26,6 +26,7 @@ Keys, all under ``embed-fleet:job:<id>:``::
 from __future__ import annotations
 
 import secrets
+import ssl
 import time
 import zlib
 from typing import Any, TypeVar
@@ -216,6 +217,14 @@ def connect(url: str, transient_window_s: float = 0.0) -> redis.Redis:
             "Check the user and password in REDIS_URL (redis://USER:PASSWORD@HOST:PORT/DB)",
         ) from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        if _tls_refused(exc):
+            raise EmbedFleetError(
+                f"Redis at {redact_url(url)} refused the TLS handshake: {exc}",
+                "Give REDIS_URL the CA that signed Redis's certificate, and a client "
+                "certificate if Redis asks for one: rediss://HOST:PORT/DB?ssl_cert_reqs="
+                "required&ssl_ca_certs=/path/ca.pem[&ssl_certfile=/path/client.pem"
+                "&ssl_keyfile=/path/client.key]",
+            ) from None
         raise EmbedFleetError(
             f"cannot reach Redis at {redact_url(url)}: {exc}",
             "Start Redis there, fix REDIS_URL, or unset REDIS_URL and CELERY_BROKER_URL "
@@ -232,6 +241,17 @@ def connect(url: str, transient_window_s: float = 0.0) -> redis.Redis:
         ),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    """Whether a connection failed in its TLS handshake (an unknown CA, a certificate
+    Redis wanted and did not get), not because nothing answered."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError) or "SSL" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _failed_try_ooms_field(stage: str) -> str:
