@@ -97,7 +97,11 @@ class RedisServer:
     """A private redis-server that a test may kill and restart (same port)."""
 
     def __init__(
-        self, workdir: Path, tls: TlsFiles | None = None, password: str | None = None
+        self,
+        workdir: Path,
+        tls: TlsFiles | None = None,
+        password: str | None = None,
+        extra: tuple[str, ...] = (),
     ) -> None:
         """With ``tls``: TLS only (the plain port closed), clients must show a certificate
         of the CA, and :attr:`url` is a ``rediss://`` URL that carries the CA and the
@@ -106,6 +110,7 @@ class RedisServer:
         self.port = free_port()
         self.tls = tls
         self.password = password
+        self.extra = extra
         auth = f":{password}@" if password else ""
         self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         if tls:
@@ -128,6 +133,7 @@ class RedisServer:
             ]  # fmt: skip
         if self.password:
             listen += ["--requirepass", self.password]
+        listen += self.extra
         self.proc = subprocess.Popen(
             [
                 redis_server_binary(),
@@ -155,6 +161,113 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+class SentinelRedis:
+    """A Redis primary, a replica and three Sentinels that watch them (quorum 2), each
+    a process on a loopback port of its own, as a team runs Redis for a fleet; quick to
+    fail over (a primary is down after 1 s without an answer). :attr:`url` is the
+    fleet's ``sentinel://`` URL."""
+
+    MASTER = "fleet"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.primary = RedisServer(workdir / "a", extra=("--appendonly", "no"))
+        self.replica = RedisServer(
+            workdir / "b", extra=("--replicaof", "127.0.0.1", str(self.primary.port))
+        )
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        parts = [f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports]
+        self.url = ";".join(parts) + f"/0?master={self.MASTER}"
+
+    def start(self) -> None:
+        for server in (self.primary, self.replica):
+            server.workdir.mkdir(exist_ok=True)
+            server.start()
+        for i, port in enumerate(self.sentinel_ports):
+            conf = self.workdir / f"sentinel-{i}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
+                f"sentinel failover-timeout {self.MASTER} 4000\n"
+            )
+            self.sentinels.append(
+                subprocess.Popen(
+                    [redis_server_binary(), str(conf), "--sentinel"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        wait_for(lambda: self.master_port() == self.primary.port, 20, "Sentinels")
+        wait_for(self._replicas_known, 20, "the Sentinels' view of the replica")
+
+    def _replicas_known(self) -> bool:
+        return all(
+            redis.Redis(port=port).sentinel_slaves(self.MASTER) for port in self.sentinel_ports
+        )
+
+    def _replica_known(self, replica_port: int) -> bool:
+        """Whether every Sentinel sees a replica on that port, up."""
+        for port in self.sentinel_ports:
+            replicas = redis.Redis(port=port, socket_timeout=1).sentinel_slaves(self.MASTER)
+            if not any(
+                int(r["port"]) == replica_port and "s_down" not in str(r["flags"]) for r in replicas
+            ):
+                return False
+        return True
+
+    def master_port(self) -> int | None:
+        """The primary's port as a Sentinel that answers says it is."""
+        for port in self.sentinel_ports:
+            with contextlib.suppress(redis.RedisError):
+                found = redis.Redis(port=port, socket_timeout=1).sentinel_get_master_addr_by_name(
+                    self.MASTER
+                )
+                if found:
+                    return int(found[1])
+        return None
+
+    def server(self, port: int) -> RedisServer:
+        return self.primary if port == self.primary.port else self.replica
+
+    def fail_over(self, timeout: float = 30) -> RedisServer:
+        """Kill -9 the current primary, wait until the Sentinels promote the other,
+        then start the dead one again (empty: it has no persistence), which the
+        Sentinels make the new primary's replica. Returns the new primary."""
+        old = self.server(self.master_port() or self.primary.port)
+        new = self.replica if old is self.primary else self.primary
+        assert old.proc is not None
+        old.proc.kill()
+        old.proc.wait()
+        old.proc = None
+        wait_for(lambda: self.master_port() == new.port, timeout, "a failover")
+        # Back as the new primary's replica, as a deployment starts a Redis after asking
+        # the Sentinels who the primary is; the Sentinels find it through the primary.
+        old.extra = ("--replicaof", "127.0.0.1", str(new.port))
+        old.start()
+        wait_for(lambda: _follows(old, new), timeout, "the old primary as a replica")
+        wait_for(lambda: self._replica_known(old.port), timeout, "the replica, by the Sentinels")
+        return new
+
+    def stop(self) -> None:
+        for proc in self.sentinels:
+            proc.kill()
+            proc.wait()
+        for server in (self.primary, self.replica):
+            server.stop()
+
+
+def _follows(replica: RedisServer, primary: RedisServer) -> bool:
+    info = redis.Redis(port=replica.port, socket_timeout=1).info("replication")
+    return bool(
+        info.get("role") == "slave"
+        and info.get("master_port") == primary.port
+        and info.get("master_link_status") == "up"
+    )
 
 
 class SeaweedS3:

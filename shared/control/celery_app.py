@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from celery import Celery
 
 from shared.control import pipeline
 from shared.control.ledger import RETRY_CAP_S, RETRY_FIRST_S, JobLedger, retries_for
 from shared.control.pipeline import PhaseName
+from shared.control.redis_urls import celery_broker
 from shared.control.settings import Settings
 from shared.records import serializer
 from shared.records.schemas import BatchKind, EncodeBatch, JobSpec, JobStep, UnitMessage
@@ -33,8 +34,9 @@ def make_app(settings: Settings) -> Celery:
     job ledger is the source of truth.
     """
     serializer.register_serializer()
-    app = Celery("embed_fleet", broker=settings.worker_broker_url, set_as_current=False)
-    transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    broker, transport = celery_broker(settings.worker_broker_url)
+    app = Celery("embed_fleet", broker=broker, set_as_current=False)
+    transport["visibility_timeout"] = settings.visibility_timeout
     if settings.unacked_restore_interval is not None:
         transport["unacked_restore_interval"] = settings.unacked_restore_interval
         transport["unacked_restore_throttle"] = 1

@@ -37,6 +37,7 @@ import redis
 
 from shared.control import pipeline
 from shared.control.pipeline import PhaseName
+from shared.control.redis_urls import redis_client
 from shared.control.settings import redact_url
 from shared.records.errors import EmbedFleetError
 from shared.records.schemas import (
@@ -205,7 +206,7 @@ def connect(url: str, transient_window_s: float = 0.0) -> redis.Redis:
     from redis.retry import Retry
 
     try:
-        check = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        check = redis_client(url, socket_connect_timeout=3, socket_timeout=10)
         check.ping()
         check.close()
     except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:
@@ -230,7 +231,7 @@ def connect(url: str, transient_window_s: float = 0.0) -> redis.Redis:
             "Start Redis there, fix REDIS_URL, or unset REDIS_URL and CELERY_BROKER_URL "
             "to run the embedded local fleet",
         ) from None
-    return redis.Redis.from_url(
+    return redis_client(
         url,
         socket_connect_timeout=3,
         socket_timeout=10,

@@ -1,0 +1,142 @@
+"""How the fleet reaches Redis from one URL: a plain ``redis://``, a TLS ``rediss://``, or
+Sentinel's, for the broker and every other client alike.
+
+Teams run Redis with replicas and Sentinel so that a lost primary is replaced in seconds.
+``REDIS_URL`` may then name the Sentinels instead of a Redis::
+
+    sentinel://[:PASSWORD@]HOST:PORT[;sentinel://HOST:PORT...][/DB]?master=NAME
+
+(Celery's own form, ``sentinel://h1:26379;sentinel://h2:26379``, with ``master=NAME`` on
+the last part). ``PASSWORD`` is the primary's (``requirepass``); Sentinels that want one
+of their own take ``sentinel_password=...``. Every client asks the Sentinels where the
+primary is, and asks again when a connection to it fails, so the broker (kombu's
+``sentinel://`` transport), the ledger, GPU leases and the backlog exporter all follow a
+failover. Replication is asynchronous: the last writes before one can be lost, which
+the fleet treats as it treats a Redis restart (the store is the record; the watchdog and
+``resume`` redo what is missing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis
+from redis.sentinel import Sentinel
+
+from shared.records.errors import EmbedFleetError
+
+SENTINEL_SCHEME = "sentinel"
+DEFAULT_SENTINEL_PORT = 26379
+FORM = "sentinel://[:PASSWORD@]HOST:26379[;sentinel://HOST2:26379...][/DB]?master=NAME"
+# Seconds a Sentinel may take to answer where the primary is.
+_SENTINEL_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """A Redis primary known by the Sentinels that watch it.
+
+    Attributes:
+        sentinels: Their (host, port) pairs.
+        master: The name they know the primary by (``sentinel monitor NAME ...``).
+        db: The database number.
+        username: The primary's user, if any.
+        password: The primary's password, if any.
+        sentinel_password: The Sentinels' own password, if they have one.
+    """
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
+def is_sentinel(url: str) -> bool:
+    return url.split(":", 1)[0].lower() == SENTINEL_SCHEME
+
+
+def parse_sentinel(url: str) -> SentinelTarget:
+    """The target of a Sentinel URL (see the module doc).
+
+    Raises:
+        EmbedFleetError: without a Sentinel address or a master name, or with a part
+            that is not a ``sentinel://`` URL.
+    """
+    sentinels: list[tuple[str, int]] = []
+    db, master, username, password, sentinel_password = 0, "", None, None, None
+    for part in url.split(";"):
+        found = urlsplit(part.strip())
+        if found.scheme.lower() != SENTINEL_SCHEME or not found.hostname:
+            raise EmbedFleetError(
+                f"{part.split('@')[-1]!r} is not a Sentinel address in REDIS_URL", f"Use {FORM}"
+            )
+        sentinels.append((found.hostname, found.port or DEFAULT_SENTINEL_PORT))
+        username = unquote(found.username) if found.username else username
+        password = unquote(found.password) if found.password else password
+        if found.path.strip("/"):
+            try:
+                db = int(found.path.strip("/"))
+            except ValueError:
+                raise EmbedFleetError(
+                    f"the database {found.path.strip('/')!r} of REDIS_URL is not a number",
+                    f"Use {FORM}",
+                ) from None
+        query = parse_qs(found.query)
+        master = query.get("master", query.get("master_name", [master]))[0]
+        sentinel_password = query.get("sentinel_password", [sentinel_password])[0]
+    if not master:
+        raise EmbedFleetError(
+            "REDIS_URL names Sentinels but not the primary they watch",
+            f"Add ?master=NAME, the name of `sentinel monitor NAME ...`: {FORM}",
+        )
+    return SentinelTarget(
+        tuple(sentinels), master, db, username or None, password or None, sentinel_password
+    )
+
+
+def redis_client(url: str, **options: Any) -> redis.Redis:
+    """A client of the Redis a URL names: ``redis.Redis.from_url`` for a plain or TLS
+    URL (its query may carry ``ssl_ca_certs`` and the like), the Sentinels' current
+    primary for a Sentinel URL. ``options`` are the connections' (timeouts, retry)."""
+    if not is_sentinel(url):
+        return redis.Redis.from_url(url, **options)
+    target = parse_sentinel(url)
+    watchers = Sentinel(
+        list(target.sentinels),
+        sentinel_kwargs={
+            "socket_timeout": _SENTINEL_TIMEOUT_S,
+            "socket_connect_timeout": _SENTINEL_TIMEOUT_S,
+            **({"password": target.sentinel_password} if target.sentinel_password else {}),
+        },
+    )
+    client: redis.Redis = watchers.master_for(
+        target.master,
+        redis_class=redis.Redis,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        **options,
+    )
+    return client
+
+
+def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
+    """The broker URL kombu reads and the transport options it needs for it: a Sentinel
+    URL becomes kombu's (``sentinel://...;sentinel://.../DB``) with ``master_name`` and
+    a socket timeout, so that a consumer on a primary that vanished without closing its
+    connection notices, asks the Sentinels again and reconnects to the new primary."""
+    if not is_sentinel(url):
+        return url, {}
+    target = parse_sentinel(url)
+    auth = ""
+    if target.password:
+        auth = f"{target.username or ''}:{target.password}@"
+    parts = [f"sentinel://{auth}{host}:{port}/{target.db}" for host, port in target.sentinels]
+    options: dict[str, Any] = {"master_name": target.master, "socket_timeout": 10.0}
+    if target.sentinel_password:
+        options["sentinel_kwargs"] = {"password": target.sentinel_password}
+    return ";".join(parts), options
