@@ -100,6 +100,11 @@ def test_sigterm_mid_unit_finishes_or_hands_back_and_the_job_completes(
     assert first["reports_at_exit"] + first["queued_at_exit"] == units, first  # ...but back
     assert first["exit_s"] < 15, first
     assert list_leases(client) == []  # its stand-in GPU given back on the way out
+    # The unit handed back is no death of its worker's: the main process that terminated
+    # its pool process said so (workers.runtime.deaths), before any worker took it again.
+    deliveries = [ledger.deliveries("dense", batch) for batch in ledger.staged_batches()]
+    assert sum(tries for tries, _ in deliveries) == first["reports_at_exit"] + 1
+    assert [deaths for _, deaths in deliveries if deaths] == []
 
     # 2. The default (30 s): the unit in hand is finished, acknowledged, and nothing is
     #    handed back.

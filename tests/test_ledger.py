@@ -9,7 +9,7 @@ import time
 import msgspec
 import pytest
 
-from shared.control.ledger import JobLedger
+from shared.control.ledger import JobLedger, TryStart
 from shared.records.schemas import (
     BatchFailure,
     BatchReport,
@@ -217,6 +217,82 @@ def test_reopen_uncounts_lost_units_and_forgets_later_phases(ledger) -> None:
     assert not ledger.record_done(report("b1"))
     assert ledger.record_done(report("b2"))  # the phase completes again, once
     assert ledger.status() == "exporting"
+
+
+def deliver(ledger: JobLedger, unit_id: str, ends: bool, cause: str = "") -> bool:
+    """One delivery of a dense unit as a worker makes it (limit 3): counted as it
+    starts; then it ends by itself, or its worker dies (and its main process, given a
+    ``cause``, says how). False if the ledger refused it (the unit is to be failed)."""
+    start = ledger.start_try("dense", unit_id, 3)
+    if start.counted and ends:
+        ledger.end_try("dense", unit_id)
+    elif start.counted and cause:
+        ledger.record_death("dense", unit_id, cause)
+    return start.counted
+
+
+def test_a_unit_whose_worker_dies_three_times_in_a_row_is_refused_naming_the_last_cause(
+    ledger,
+) -> None:
+    for cause in ("exit code 1", "signal 11 (SIGSEGV)", "signal 9 (SIGKILL)"):
+        assert deliver(ledger, "b0", ends=False, cause=cause)
+    assert ledger.deliveries("dense", "b0") == (3, 3)
+    refused = ledger.start_try("dense", "b0", 3)
+    assert refused == TryStart(deaths=3, last_death="signal 9 (SIGKILL)", counted=False)
+    assert ledger.deliveries("dense", "b0") == (3, 3)  # a refused delivery is not counted
+    assert ledger.start_try("dense", "b0", 4).counted  # a higher limit lets it run once more
+    # Other units, stages and jobs count their own.
+    assert ledger.start_try("dense", "b1", 3) == TryStart(0, "", True)
+    assert ledger.start_try("sparse", "b0", 3) == TryStart(0, "", True)
+    assert JobLedger(ledger.client, "job-2").start_try("dense", "b0", 3).deaths == 0
+
+
+def test_deliveries_that_end_by_themselves_are_no_deaths(ledger) -> None:
+    """Celery's retries (a new message each, the same task id), a redelivery of a
+    finished try after a Redis restart, a unit handed back by a stopping worker: each
+    delivery ends by itself, so none is a death, however many there are; and a delivery
+    that ends by itself forgives the deaths before it (they were not in a row)."""
+    for _ in range(10):
+        assert deliver(ledger, "b0", ends=True)
+    assert ledger.deliveries("dense", "b0") == (10, 0)
+    assert deliver(ledger, "b0", ends=False, cause="signal 9 (SIGKILL)")
+    assert deliver(ledger, "b0", ends=False, cause="signal 9 (SIGKILL)")
+    assert deliver(ledger, "b0", ends=True)  # the third try ran to its end
+    assert deliver(ledger, "b0", ends=False)
+    assert deliver(ledger, "b0", ends=False)
+    assert ledger.deliveries("dense", "b0") == (15, 2)
+    # Two in a row, not four. This delivery dies too, and no main process saw it (the
+    # whole worker was killed): the cause of an earlier death is not passed off as its.
+    assert ledger.start_try("dense", "b0", 3).deaths == 2
+    assert ledger.start_try("dense", "b0", 3) == TryStart(3, "", False)
+
+
+def test_a_resume_and_a_split_count_deliveries_afresh_and_they_expire_with_the_job(
+    ledger,
+) -> None:
+    """A unit failed because its worker kept dying runs again when `resume` sends it
+    (``reopen``) or when its batches go again one by one (``forget_tries``); the
+    aggregator steps' deliveries start again on any resume."""
+    ledger.seal(producer_report(3))
+    for unit_id in ("b1", "b2"):
+        for _ in range(3):
+            assert deliver(ledger, unit_id, ends=False, cause="signal 9 (SIGKILL)")
+    assert ledger.start_try("", "plan_export", 3).counted  # a step that died once
+    ledger.record_done(report("b0"))
+    ledger.record_failed(BatchFailure(batch_id="b1", stage="dense", reason="died"))
+    ledger.record_failed(BatchFailure(batch_id="b2", stage="dense", reason="died"))
+    ledger.finish("partial", ttl=60)
+    keys = [ledger.k_deliveries("dense"), ledger.k_deliveries("")]
+    assert all(0 < ledger.client.ttl(key) <= 60 for key in keys)  # gone with the job
+    ledger.mark_resuming()
+    assert all(ledger.client.ttl(key) == -1 for key in keys)
+    ledger.reopen("encode", {"dense": ["b1"]}, later=[])
+    assert ledger.start_try("dense", "b1", 3) == TryStart(0, "", True)
+    assert ledger.start_try("", "plan_export", 3) == TryStart(0, "", True)
+    assert not ledger.start_try("dense", "b2", 3).counted  # not sent again: as it was
+    ledger.forget_tries("dense", ["b2", "b3"])
+    assert ledger.deliveries("dense", "b2") == (0, 0)
+    assert ledger.start_try("dense", "b2", 3).counted
 
 
 def test_the_watchdog_redrives_a_stalled_job_only_when_the_fleet_is_idle(

@@ -70,6 +70,7 @@ def test_values_are_typed() -> None:
         ("EMBED_FLEET_DEVICE", "gpu0", "is not a device"),
         ("EMBED_FLEET_MODEL_MEMORY", "big", "is not a size"),
         ("EMBED_FLEET_TORCH_THREADS", "0", "is not a whole number >= 1"),
+        ("EMBED_FLEET_MAX_DELIVERIES", "0", "is not a whole number >= 1"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_fix(variable: str, value: str, says: str) -> None:

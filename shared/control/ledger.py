@@ -21,6 +21,10 @@ Keys, all under ``embed-fleet:job:<id>:``::
     models            hash model name -> ModelInfo
     producer          ProducerReport
     guard:<phase>     the phase guards
+    deliveries:<stage> hash: <unit> -> deliveries started, <unit>:ended -> the
+                      deliveries up to the last that ended by itself (done or
+                      raised), <unit>:death -> how the last one's worker died
+                      (aggregator steps under deliveries:step)
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import secrets
 import ssl
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -177,6 +182,55 @@ return 0
 """
 
 
+# Counts a delivery of a unit (KEYS: deliveries; ARGV[1]: the unit, ARGV[2]: the deaths
+# in a row that fail it) unless its worker already died that many times in a row on it.
+# Deaths are the deliveries started since the last that ended by itself; the cause the
+# main process recorded of the last one goes, as this delivery supersedes it. Returns
+# {deaths, last cause, counted}.
+_START_TRY = """
+local unit = ARGV[1]
+local tries = tonumber(redis.call('HGET', KEYS[1], unit) or 0)
+local ended = tonumber(redis.call('HGET', KEYS[1], unit .. ':ended') or 0)
+local deaths = math.max(tries - ended, 0)
+local last = redis.call('HGET', KEYS[1], unit .. ':death') or ''
+if deaths >= tonumber(ARGV[2]) then return {deaths, last, 0} end
+redis.call('HINCRBY', KEYS[1], unit, 1)
+redis.call('HDEL', KEYS[1], unit .. ':death')
+return {deaths, last, 1}
+"""
+
+# A delivery of a unit ended by itself (KEYS: deliveries; ARGV[1]: the unit): every
+# delivery started so far is accounted for, so the deaths in a row start again from 0.
+_END_TRY = """
+local tries = redis.call('HGET', KEYS[1], ARGV[1])
+if tries then redis.call('HSET', KEYS[1], ARGV[1] .. ':ended', tries) end
+return 0
+"""
+
+# The deliveries of an aggregator step are counted under this name in place of a stage.
+STEP_DELIVERIES = "step"
+
+
+@dataclass(frozen=True)
+class TryStart:
+    """What the ledger said when a delivery of a unit started.
+
+    Attributes:
+        deaths: The deliveries before this one that never ended by themselves (their
+            worker process died: killed by the kernel, out of memory, a crash in native
+            code), in a row.
+        last_death: How the last of those died, as the worker's main process saw it
+            (``signal 9 (SIGKILL)``, ``exit code 1``); ``""`` when no main process said
+            (the whole worker died, or Redis could not be reached).
+        counted: Whether this delivery was counted; ``False`` when ``deaths`` reached
+            the limit the caller gave, and the caller fails the unit instead of running it.
+    """
+
+    deaths: int
+    last_death: str
+    counted: bool
+
+
 # Backoff between retries of a Redis call that could not connect: doubling from
 # RETRY_FIRST_S up to RETRY_CAP_S.
 RETRY_FIRST_S, RETRY_CAP_S = 0.25, 5.0
@@ -260,6 +314,11 @@ def _failed_try_ooms_field(stage: str) -> str:
     return f"ooms_of_failed_tries:{stage}"
 
 
+def _delivery_fields(units: list[str]) -> list[str]:
+    """The fields of the units' deliveries (see ``_START_TRY``)."""
+    return [f"{unit}{part}" for unit in units for part in ("", ":ended", ":death")]
+
+
 def _counter(report: BatchReport) -> str:
     """The state field a finished unit's items are counted in."""
     return f"{'queries' if report.kind == 'queries' else 'chunks'}_done:{report.stage}"
@@ -337,6 +396,8 @@ class JobLedger:
         self._record_done = client.register_script(_RECORD_DONE)
         self._record_staged = client.register_script(_RECORD_STAGED)
         self._record_range_read = client.register_script(_RECORD_RANGE_READ)
+        self._start_try = client.register_script(_START_TRY)
+        self._end_try = client.register_script(_END_TRY)
         self._spec = spec
 
     def k_done(self, stage: str) -> str:
@@ -352,6 +413,10 @@ class JobLedger:
 
     def k_guard(self, phase: PhaseName) -> str:
         return f"{PREFIX}:job:{self.job_id}:guard:{phase}"
+
+    def k_deliveries(self, stage: str) -> str:
+        """A stage's deliveries (``""``: the aggregator steps')."""
+        return f"{PREFIX}:job:{self.job_id}:deliveries:{stage or STEP_DELIVERIES}"
 
     # --- producer side ---------------------------------------------------------------
 
@@ -563,6 +628,41 @@ class JobLedger:
         raw = self.client.hget(self.k_state, _failed_try_ooms_field(stage))
         return int(raw) if raw else 0
 
+    def start_try(self, stage: str, unit: str, max_deaths: int) -> TryStart:
+        """Count a delivery of a unit (``stage`` ``""``: an aggregator step) as it
+        starts, unless its worker died on it ``max_deaths`` times in a row: then nothing
+        is counted and the caller records the unit as failed, so that no worker dies on
+        it again. A delivery that ends by itself, done or raising (Celery's retries send
+        a new one), says so with :meth:`end_try`; one that never does is a death."""
+        deaths, last, counted = self._start_try(
+            keys=[self.k_deliveries(stage)], args=[unit, max_deaths]
+        )
+        return TryStart(int(deaths), _text(last), bool(counted))
+
+    def end_try(self, stage: str, unit: str) -> None:
+        """The delivery of a unit in hand ended by itself (done, raised, or handed back
+        by a stopping worker): its worker did not die on it."""
+        self._end_try(keys=[self.k_deliveries(stage)], args=[unit])
+
+    def record_death(self, stage: str, unit: str, cause: str) -> None:
+        """How the worker process running a delivery of a unit died (``signal 9
+        (SIGKILL)``), recorded by the worker's main process, so that the next delivery
+        can name it."""
+        self.client.hset(self.k_deliveries(stage), f"{unit}:death", cause)
+
+    def forget_tries(self, stage: str, units: list[str]) -> None:
+        """The units are sent afresh (a resume, a unit of several batches sent again
+        one batch at a time): their deliveries count from 0 again."""
+        if units:
+            self.client.hdel(self.k_deliveries(stage), *_delivery_fields(units))
+
+    def deliveries(self, stage: str, unit: str) -> tuple[int, int]:
+        """A unit's deliveries started, and the deaths in a row among them (the
+        deliveries since the last that ended by itself, one in hand included)."""
+        tries, ended = self.client.hmget(self.k_deliveries(stage), [unit, f"{unit}:ended"])
+        started = int(tries or 0)
+        return started, max(started - int(ended or 0), 0)
+
     def record_model(self, info: ModelInfo) -> None:
         self.client.hset(self.k_models, info.name, msgspec.msgpack.encode(info))
 
@@ -639,18 +739,23 @@ class JobLedger:
             if units:
                 pipe.hdel(self.k_done(stage), *units)
                 pipe.hdel(self.k_failed(stage), *units)
+                # Sent afresh: a unit failed because its worker kept dying runs again.
+                pipe.hdel(self.k_deliveries(stage), *_delivery_fields(units))
         for name in later:
             # A phase fed early (encode) keeps what its units recorded: they were sent by
             # the phase re-driven now, not by a step that plans them again.
             stages = [] if pipeline.phase(name).fed_early else pipeline.job_stages(spec, name)
             for gone in stages:
                 pipe.delete(
-                    self.k_done(gone.name), self.k_failed(gone.name), *self.k_figures(gone.name)
+                    self.k_done(gone.name),
+                    self.k_failed(gone.name),
+                    self.k_deliveries(gone.name),
+                    *self.k_figures(gone.name),
                 )
                 pipe.hdel(self.k_state, f"chunks_done:{gone.name}", f"queries_done:{gone.name}")
             pipe.delete(self.k_guard(name))
             pipe.hdel(self.k_state, pipeline.phase(name).total_field)
-        pipe.delete(self.k_guard(phase))
+        pipe.delete(self.k_guard(phase), self.k_deliveries(""))
         pipe.hset(self.k_state, "status", pipeline.phase(phase).status)
         pipe.execute()
 
@@ -695,8 +800,10 @@ class JobLedger:
             self.k_ranges_read,
         ]
         keys += [self.k_guard(phase.name) for phase in pipeline.PHASES]
+        keys.append(self.k_deliveries(""))
         for stage in pipeline.job_stages(spec):
             keys += [self.k_done(stage.name), self.k_failed(stage.name)]
+            keys.append(self.k_deliveries(stage.name))
             keys += self.k_figures(stage.name)
         return keys
 

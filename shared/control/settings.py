@@ -83,6 +83,14 @@ VARIABLES: tuple[Variable, ...] = (
         FIELD_DEFAULT,
         "retries of a failing batch (exponential backoff) before it is recorded as failed",
     ),
+    Variable(
+        "max_deliveries",
+        FIELD_DEFAULT,
+        "deliveries of a unit in a row on which its worker process dies (killed by the "
+        "kernel, out of memory, a crash in native code) before the unit is recorded as "
+        "failed and its message acknowledged, so that it takes down no more workers; "
+        "`resume` runs it again",
+    ),
     Variable("ledger_ttl", FIELD_DEFAULT, "seconds a finished job's ledger stays in Redis"),
     Variable(
         "transient_window",
@@ -161,6 +169,13 @@ VARIABLES: tuple[Variable, ...] = (
         "unset",
         "a test hook: model calls above this many padded tokens raise "
         "`torch.cuda.OutOfMemoryError`",
+    ),
+    Variable(
+        "simulate_worker_death",
+        "unset",
+        "a test hook: a unit whose `<collection>/<job id>/<stage>/<unit>` matches this "
+        "pattern (`fnmatch`; an aggregator step's stage is `step`) makes its worker "
+        "process SIGKILL itself as it starts, on every delivery",
     ),
     Variable(
         "trace_file",
@@ -300,6 +315,8 @@ class Settings:
         unacked_restore_interval: Seconds between kombu's scans for expired
             unacknowledged tasks (``None``: kombu's default). Tests set it low.
         max_retries: Retries of a failing unit before it is recorded as failed.
+        max_deliveries: Deliveries of a unit in a row on which its worker process dies
+            before the unit is recorded as failed (``workers.runtime.deaths``).
         ledger_ttl: Seconds a finished job's ledger stays in Redis.
         transient_window: Seconds a Redis or S3 call or a broker publish that cannot
             connect is retried before its error counts.
@@ -323,6 +340,8 @@ class Settings:
             model cache).
         simulate_oom_tokens: Test hook: model calls above this padded size raise CUDA's
             out-of-memory error.
+        simulate_worker_death: Test hook: the worker process running a unit that
+            matches this pattern SIGKILLs itself as the unit starts.
         trace_file: Append every span as a JSON line here.
         trace_console: Print spans as JSON.
     """
@@ -332,6 +351,7 @@ class Settings:
     visibility_timeout: float = 3600.0
     unacked_restore_interval: float | None = None
     max_retries: int = 3
+    max_deliveries: int = 3
     ledger_ttl: float = 7 * 24 * 3600.0
     transient_window: float = 300.0
     stall_timeout: float = 30.0
@@ -347,6 +367,7 @@ class Settings:
     preload: str = ""
     speed_verdicts: str | None = None
     simulate_oom_tokens: int | None = None
+    simulate_worker_death: str | None = None
     trace_file: str | None = None
     trace_console: bool = False
 
@@ -384,6 +405,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "visibility_timeout": _number,
     "unacked_restore_interval": _number,
     "max_retries": _whole,
+    "max_deliveries": lambda name, raw: _whole(name, raw, minimum=1),
     "ledger_ttl": _number,
     "transient_window": _number,
     "stall_timeout": _number,
@@ -399,6 +421,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "preload": lambda name, raw: raw.strip(),
     "speed_verdicts": lambda name, raw: raw.strip(),
     "simulate_oom_tokens": _whole,
+    "simulate_worker_death": lambda name, raw: raw.strip(),
     "trace_file": lambda name, raw: raw,
     "trace_console": _flag,
 }

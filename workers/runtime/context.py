@@ -43,6 +43,9 @@ from workers.runtime.parallel_io import ParallelIO
 GPU_QUEUES = frozenset({"dense", "rerank"})
 # Specs of recent jobs kept per process (a spec never changes once a job is open).
 KEPT_SPECS = 64
+# How long the main process's Redis calls retry when Redis cannot be reached: it runs the
+# worker's event loop, which must get back to its pool and its broker.
+MAIN_PROCESS_WINDOW_S = 5.0
 
 
 @dataclass
@@ -58,6 +61,8 @@ class WorkerBoot:
         lease: Its GPU lease, if it took one.
         stop_timer: Armed when the worker is told to stop: hands the unit in hand back
             when it fires (:mod:`workers.runtime.shutdown`).
+        redis: The main process's own Redis client, made when it first records in a
+            job's ledger how a pool process died (:mod:`workers.runtime.deaths`).
     """
 
     settings: Settings
@@ -66,6 +71,15 @@ class WorkerBoot:
     device: str | None = None
     lease: GpuLease | None = None
     stop_timer: threading.Timer | None = None
+    redis: redis.Redis | None = None
+
+    def ledger(self, job_id: str) -> JobLedger:
+        """A job's ledger as the main process sees it. Its client is made on first use,
+        after the fork (pool processes make their own), and its calls give up after
+        :data:`MAIN_PROCESS_WINDOW_S` when Redis cannot be reached."""
+        if self.redis is None:
+            self.redis = connect(self.settings.worker_broker_url, MAIN_PROCESS_WINDOW_S)
+        return JobLedger(self.redis, job_id)
 
 
 @dataclass

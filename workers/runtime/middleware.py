@@ -28,6 +28,12 @@ The hooks, in order:
    round trip, and, when that completes its phase, enqueues what follows; records a
    unit that kept failing so the job can still finish (``partial``), after sending each
    batch of a unit of several again on its own, so that one bad batch fails alone.
+7. :class:`Deliveries` (innermost, around the body alone): counts each delivery of a
+   unit in the ledger and notes when it ends by itself, so that a delivery that never
+   did is known as its worker's death; fails a unit on which the worker died
+   ``EMBED_FLEET_MAX_DELIVERIES`` times in a row instead of running it again
+   (``workers.runtime.deaths``, whose request class tells the ledger how the worker
+   died). Innermost, so that a unit a hook skips (its job failed) is never counted.
 
 The GPU lease is a worker-level hook, taken at worker start (``workers.runtime.gpu_lease``).
 """
@@ -53,6 +59,13 @@ from shared.records.errors import BadInputError, EmbedFleetError
 from shared.records.logs import get_logger
 from shared.records.schemas import BatchFailure, BatchReport, EncodeBatch, JobStep, Struct
 from workers.runtime.context import Job, WorkerContext, context_of
+from workers.runtime.deaths import (
+    FleetRequest,
+    WorkerDied,
+    simulate_worker_death,
+    unit_path,
+    worker_died,
+)
 from workers.runtime.heap import MIB, rss
 from workers.runtime.measure import (
     ATTR_BATCH_SIZE,
@@ -265,7 +278,10 @@ class LedgerReporting(Middleware):
         if task.stage and stage and len(batch_ids) > 1:
             # A unit of several staged batches that keeps failing is likely one bad batch
             # (a chunk out of memory alone, a lost object): each batch goes again on its
-            # own, so only a batch that fails alone is recorded as failed.
+            # own, so only a batch that fails alone is recorded as failed. Each counts
+            # its deliveries afresh (the first has the unit's id): a batch that kills
+            # its worker alone is the one that fails for it.
+            ledger.forget_tries(stage, [str(batch_id) for batch_id in batch_ids])
             kind = payload.get("kind", "documents")
             for batch_id in batch_ids:
                 alone = EncodeBatch(job_id=job_id, stage=stage, unit=str(batch_id), kind=kind)
@@ -346,12 +362,36 @@ class HeapTrimming(Middleware):
                 log.debug("heap trimmed", extra={"fields": {**fields, "trims": heap.trims}})
 
 
+class Deliveries(Middleware):
+    """Each delivery of a unit counted as it starts, and noted when it ends by itself;
+    a unit whose worker died on it too often in a row is failed, not run."""
+
+    name = "deliveries"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        ledger, settings = unit.job.ledger, unit.context.settings
+        start = ledger.start_try(unit.stage, unit.unit, settings.max_deliveries)
+        if not start.counted:
+            raise worker_died(unit.job.spec.job_id, start.deaths, start.last_death)
+        path = unit_path(unit.job.spec.collection, unit.job.spec.job_id, unit.stage, unit.unit)
+        simulate_worker_death(settings.simulate_worker_death, path)
+        try:
+            yield
+        finally:
+            # Unmarked, this delivery would pass for one death too many, never more: a
+            # unit that ran is not failed for it.
+            with contextlib.suppress(Exception):
+                ledger.end_try(unit.stage, unit.unit)
+
+
 MIDDLEWARE: list[Middleware] = [
     HeapTrimming(),
     Tracing(),
     ModelActivity(),
     TorchThreads(),
     LedgerReporting(),
+    Deliveries(),
 ]
 """The hooks every fleet task runs, in order (see the module doc)."""
 
@@ -368,12 +408,15 @@ class FleetTask(Task):  # type: ignore[misc]
     """
 
     abstract = True
+    # In the worker's main process: records how a pool process that died running the
+    # task ended (workers.runtime.deaths).
+    Request = FleetRequest
     stage: ClassVar[str] = ""
     message_type: ClassVar[type[Struct]] = JobStep
     body: ClassVar[Body]
     autoretry_for = (Exception,)
-    # Bad input is bad on every try.
-    dont_autoretry_for = (msgspec.ValidationError, BadInputError)
+    # Bad input is bad on every try; a unit that killed its worker each time would again.
+    dont_autoretry_for = (msgspec.ValidationError, BadInputError, WorkerDied)
     retry_backoff = 2
     retry_backoff_max = 60
     retry_jitter = True
