@@ -61,8 +61,8 @@ PHASE_STATUS = {
 
 WATCHER = """
 import json, sys, time
-import redis
-r = redis.Redis.from_url(sys.argv[1], socket_timeout=1, socket_connect_timeout=1)
+from shared.control.redis_urls import redis_client
+r = redis_client(sys.argv[1], socket_timeout=1, socket_connect_timeout=1)
 out = open(sys.argv[2], "a", buffering=1)
 end, last = time.monotonic() + float(sys.argv[3]), ""
 while time.monotonic() < end:
@@ -118,6 +118,7 @@ class Fault:
     expect: str = "complete"
     resume: bool = False  # the operator runs `resume` afterwards
     what: str = ""
+    sentinel: bool = False  # on a fleet whose Redis is a primary, a replica and Sentinels
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Bench:
         self.fleet.producer.start(
             [sys.executable, "-c", WATCHER, self.fleet.env["REDIS_URL"], str(self.watch_log),
              "14400"],
-            self.fleet.env, self.tmp / "watcher.err",
+            self.fleet.env, self.tmp / "watcher.err", cwd=REPO,
         )  # fmt: skip
 
     def wait_workers_ready(self, timeout: float = 180) -> None:
@@ -376,6 +377,10 @@ def kill_producer(bench: Bench) -> None:
             proc.kill()
 
 
+def fail_over(bench: Bench) -> None:
+    bench.fleet.fail_over()
+
+
 def faults() -> list[Fault]:
     listed = [Fault("none", "none", lambda bench: None, what="no fault: the baseline")]
     phases = {
@@ -407,6 +412,14 @@ def faults() -> list[Fault]:
         Fault("s3-down-60s@encode", "encode", s3_outage, slow=True,
               what="every SeaweedFS process stopped for 60 s"),
     ]  # fmt: skip
+    what = (
+        "Redis behind Sentinel: kill -9 of the primary, the replica promoted, the dead one "
+        "back as its replica"
+    )
+    listed += [
+        Fault(f"sentinel-failover@{phase}", phase, fail_over, sentinel=True, what=what)
+        for phase in ("encode", "export")
+    ]
     return listed
 
 
@@ -445,12 +458,31 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     runs: list[Run] = []
     started = time.time()
+    # A fleet of each kind the chosen faults need (one after the other: their hosts
+    # share names), the baseline on the plain one.
+    for sentinel in (False, True):
+        group = [f for f in chosen if f.sentinel == sentinel and (f.name != "none" or not sentinel)]
+        if sentinel and not group:
+            continue
+        runs += run_faults(group, args, sentinel)
+    if args.merge and Path(args.out).exists():
+        now = {r.fault for r in runs}
+        kept = json.loads(Path(args.out).read_text())["runs"]
+        runs += [Run(**r) for r in kept if r["fault"] not in now]
+        ran = {r.fault for r in runs}
+        chosen = [f for f in faults() if f.name in ran]
+    report(runs, chosen, args, time.time() - started)
+
+
+def run_faults(chosen: list[Fault], args: argparse.Namespace, sentinel: bool) -> list[Run]:
+    """Every run of these faults on one fleet (with Sentinel, or plain Redis)."""
+    runs: list[Run] = []
     with tempfile.TemporaryDirectory() as tmp:
         net = Network()
         try:
-            bench = Bench(Fleet(net, Path(tmp)), Path(tmp), args.docs)
+            bench = Bench(Fleet(net, Path(tmp), sentinel=sentinel), Path(tmp), args.docs)
             bench.start()
-            bench.run(chosen[0], -1)  # warm-up: every worker loads its models, not counted
+            bench.run(faults()[0], -1)  # warm-up: every worker loads its models, not counted
             for fault in chosen:
                 count = args.slow_runs if fault.slow else args.runs
                 if fault.fastest and args.fast_runs:
@@ -463,13 +495,7 @@ def main() -> None:
             net.close()
             for sock in Path("/tmp").glob(f"seaweedfs-*-{S3_PORT}.sock"):
                 sock.unlink(missing_ok=True)
-    if args.merge and Path(args.out).exists():
-        now = {r.fault for r in runs}
-        kept = json.loads(Path(args.out).read_text())["runs"]
-        runs += [Run(**r) for r in kept if r["fault"] not in now]
-        ran = {r.fault for r in runs}
-        chosen = [f for f in faults() if f.name in ran]
-    report(runs, chosen, args, time.time() - started)
+    return runs
 
 
 def report(runs: list[Run], chosen: list[Fault], args: argparse.Namespace, spent: float) -> None:

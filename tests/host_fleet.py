@@ -28,22 +28,32 @@ from servers import S3_KEY, S3_SECRET
 from producer.local_fleet import redis_server_binary, worker_command
 
 REDIS_PORT, S3_PORT = 6379, 8333
+REPLICA_PORT, SENTINEL_PORTS = 6380, (26379, 26380, 26381)
+SENTINEL_MASTER = "fleet"
 BUCKET = "fleet"
 
 
 class Fleet:
     """The hosts of one test and how to reach the services from them."""
 
-    def __init__(self, net: Network, tmp: Path) -> None:
+    def __init__(self, net: Network, tmp: Path, sentinel: bool = False) -> None:
+        """With ``sentinel``: Redis is a primary, a replica and three Sentinels on the
+        services host, and the fleet's ``REDIS_URL`` names the Sentinels."""
         self.tmp = tmp
+        self.sentinel = sentinel
+        self.redis_ports = {REDIS_PORT: "primary", REPLICA_PORT: "replica"}
         self.worker_procs: dict[tuple[str, str], tuple[subprocess.Popen[bytes], str]] = {}
         self.worker_starts: list[tuple[str, str]] = []
         self.services = net.add_host("services")
         self.producer = net.add_host("producer")
         self.workers = [net.add_host("worker-a"), net.add_host("worker-b")]
         address = self.services.address
+        url = f"redis://{address}:{REDIS_PORT}/0"
+        if sentinel:
+            parts = [f"sentinel://{address}:{port}" for port in SENTINEL_PORTS]
+            url = ";".join(parts) + f"/0?master={SENTINEL_MASTER}"
         self.env = base_env(
-            REDIS_URL=f"redis://{address}:{REDIS_PORT}/0",
+            REDIS_URL=url,
             S3_ENDPOINT_URL=f"http://{address}:{S3_PORT}",
             AWS_ACCESS_KEY_ID=S3_KEY,
             AWS_SECRET_ACCESS_KEY=S3_SECRET,
@@ -54,14 +64,53 @@ class Fleet:
 
     def start_redis(self) -> None:
         """Redis with AOF (as a fleet runs it), off loopback on purpose: only the test's
-        own namespaces can reach it."""
+        own namespaces can reach it. With Sentinel: the primary, its replica (without
+        persistence: the replica is what survives) and the three Sentinels."""
         host = self.services
-        self.redis = host.start(
-            [redis_server_binary(), "--bind", host.address, "--port", str(REDIS_PORT),
-             "--save", "", "--appendonly", "yes", "--dir", str(self.tmp),
-             "--protected-mode", "no"],
-            self.env, self.tmp / "redis.log",
+        self.redis = self._redis(REDIS_PORT, "--appendonly", "yes")
+        if not self.sentinel or hasattr(self, "replica"):
+            return  # the Sentinels and the replica start once
+        self.replica = self._redis(REPLICA_PORT, "--replicaof", host.address, str(REDIS_PORT))
+        for port in SENTINEL_PORTS:
+            conf = self.tmp / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind {host.address}\nprotected-mode no\ndir {self.tmp}\n"
+                f"sentinel monitor {SENTINEL_MASTER} {host.address} {REDIS_PORT} 2\n"
+                f"sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n"
+                f"sentinel failover-timeout {SENTINEL_MASTER} 4000\n"
+            )
+            host.start([redis_server_binary(), str(conf), "--sentinel"], self.env,
+                       self.tmp / f"sentinel-{port}.log")  # fmt: skip
+
+    def _redis(self, port: int, *args: str) -> subprocess.Popen[bytes]:
+        host = self.services
+        folder = self.tmp / f"redis-{port}"
+        folder.mkdir(exist_ok=True)
+        return host.start(
+            [redis_server_binary(), "--bind", host.address, "--port", str(port),
+             "--save", "", "--dir", str(folder), "--protected-mode", "no", *args],
+            self.env, self.tmp / f"redis-{port}.log",
         )  # fmt: skip
+
+    def fail_over(self) -> None:
+        """kill -9 of the Redis primary; once the Sentinels promoted its replica, the
+        dead one starts again as the new primary's replica (as a deployment's Redis asks
+        the Sentinels whom to follow), and is known to them (bounded: 60 s)."""
+        ask = SENTINEL_ASK.replace("ADDRESS", self.services.address)
+        primary = int(self.python(ask + "print(primary())").stdout.strip())
+        dead = self.redis if primary == REDIS_PORT else self.replica
+        os.killpg(dead.pid, signal.SIGKILL)
+        dead.wait(timeout=30)
+        other = REPLICA_PORT if primary == REDIS_PORT else REDIS_PORT
+        promoted = self.python(ask + f"wait(lambda: primary() == {other})")
+        assert promoted.returncode == 0, promoted.stderr
+        back = self._redis(primary, "--replicaof", self.services.address, str(other))
+        if primary == REDIS_PORT:
+            self.redis = back
+        else:
+            self.replica = back
+        known = self.python(ask + f"wait(lambda: known({primary}))")
+        assert known.returncode == 0, known.stderr
 
     def shutdown_redis(self) -> None:
         """``SHUTDOWN`` (the AOF is written), as an operator's restart does."""
@@ -105,8 +154,7 @@ class Fleet:
         back empty."""
         os.killpg(self.redis.pid, signal.SIGKILL)
         self.redis.wait(timeout=30)
-        shutil.rmtree(self.tmp / "appendonlydir", ignore_errors=True)
-        (self.tmp / "dump.rdb").unlink(missing_ok=True)
+        shutil.rmtree(self.tmp / f"redis-{REDIS_PORT}", ignore_errors=True)
         self.start_redis()
 
     def start_worker(
@@ -180,13 +228,37 @@ class Fleet:
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+SENTINEL_ASK = f"""
+import time
+import redis
+SENTINELS = [redis.Redis(host="ADDRESS", port=p, socket_timeout=1) for p in {SENTINEL_PORTS}]
+def primary():
+    for sentinel in SENTINELS:
+        try:
+            return int(sentinel.sentinel_get_master_addr_by_name("{SENTINEL_MASTER}")[1])
+        except Exception:
+            pass
+def known(port):
+    return all(
+        any(int(r["port"]) == port and "s_down" not in str(r["flags"])
+            for r in s.sentinel_slaves("{SENTINEL_MASTER}"))
+        for s in SENTINELS
+    )
+def wait(check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "Sentinels: no failover"
+        time.sleep(0.1)
+"""
+
 READY = """
 import os, time
 import boto3, redis
 deadline = time.monotonic() + 60
 while True:
     try:
-        redis.Redis.from_url(os.environ["REDIS_URL"]).ping()
+        from shared.control.redis_urls import redis_client
+        redis_client(os.environ["REDIS_URL"]).ping()
         s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
         s3.create_bucket(Bucket="BUCKET")
         break

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from deployment import (
 )
 
 from shared.control import pipeline
+from shared.control.redis_urls import parse_sentinel
 from shared.control.settings import Settings
 
 
@@ -188,3 +190,52 @@ def test_the_dockerfile_builds_from_what_the_repository_holds() -> None:
         if doc["kind"] == "Deployment":
             first = doc["spec"]["template"]["spec"]["containers"][0]["command"][0]
             assert first in programs, doc["metadata"]["name"]
+
+
+def sentinel_overlay() -> list[dict]:
+    """``deploy/k8s-sentinel`` as Kubernetes gets it: rendered by kubectl's kustomize."""
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / "deploy" / "k8s-sentinel")],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def test_the_sentinel_overlay_is_valid_and_runs_redis_with_sentinels() -> None:
+    docs = sentinel_overlay()
+    for doc in docs:
+        validate_k8s(doc)
+        assert doc["kind"] != "Secret"
+        assert doc["metadata"].get("namespace") in ("embed-fleet", None), doc["metadata"]
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "embed-fleet", doc["metadata"]["name"]
+    by_name = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    redis = by_name[("StatefulSet", "redis")]
+    assert redis["spec"]["replicas"] == 3
+    pod = redis["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"redis", "sentinel"}
+    assert containers["redis"]["command"] == ["sh", "/scripts/redis.sh"]
+    assert not containers["redis"].get("args")  # the base's one-Redis args are gone
+    for container in containers.values():
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "secretKeyRef" in env["REDIS_PASSWORD"]["valueFrom"]
+    service = by_name[("Service", "redis")]["spec"]
+    assert service["clusterIP"] == "None"  # redis-0.redis, ... resolve
+    assert {p["port"] for p in service["ports"]} == {6379, 26379}
+    scripts = by_name[("ConfigMap", "redis-sentinel-scripts")]["data"]
+    for name, script in scripts.items():  # each parses as the shell that runs it
+        checked = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True)
+        assert checked.returncode == 0, (name, checked.stderr)
+    # The fleet's REDIS_URL the overlay documents names the master its Sentinels watch.
+    documented = (REPO / "deploy" / "k8s-sentinel" / "kustomization.yaml").read_text()
+    url = next(
+        line.split("#", 1)[1].strip() for line in documented.splitlines() if "sentinel://" in line
+    )
+    target = parse_sentinel(url)
+    assert "sentinel monitor fleet " in scripts["sentinel.sh"]
+    assert target.master == "fleet" and len(target.sentinels) == 3
+    assert {h for h, _ in target.sentinels} == {f"redis-{i}.redis" for i in range(3)}
+    # The rest of the fleet is the base's, unchanged.
+    base = {(d["kind"], d["metadata"]["name"]) for _, d in k8s_documents()}
+    assert base | {("ConfigMap", "redis-sentinel-scripts")} == set(by_name)
