@@ -26,7 +26,8 @@ import redis
 from celery import Celery
 
 from producer.queries import QuerySet, find_query_files, load_query_set
-from shared.control.celery_app import EncodeUnits, advance, send_unit
+from shared.control.celery_app import EncodeUnits, advance, send_units
+from shared.control.fairness import Priority
 from shared.control.fusion_weights import default_weights, parse_weights
 from shared.control.ledger import JobLedger
 from shared.control.pipeline import GPU_UNIT_TOKENS
@@ -115,6 +116,7 @@ class JobOptions:
     prepare_on: PrepareOn = "fleet"
     range_bytes: int = 8 * 2**20
     limits: InputLimits = field(default_factory=InputLimits)
+    priority: Priority = "normal"
 
 
 # Id partitions of the fleet's duplicate check: at most one per range, and few enough
@@ -228,6 +230,7 @@ def prepare(
         prepare_on=options.prepare_on,
         fields=source.fields,
         limits=options.limits,
+        priority=options.priority,
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set, read_plan)
 
@@ -452,14 +455,18 @@ class Stager:
         self.store.put_job_record(JobRecord(spec, 0, self.job.validation.bytes_total))
         self.store.put_read_plan(plan)
         self._stage_queries()
-        for part in plan.ranges:
-            unit = PrepareUnit(job_id=spec.job_id, stage="validate", unit=ids.range_id(part.index))
-            send_unit(self.app, unit)
+        units = [
+            PrepareUnit(job_id=spec.job_id, stage="validate", unit=ids.range_id(part.index))
+            for part in plan.ranges
+        ]
+        send_units(self.app, self.ledger, spec, units)
 
     def _units(self, kind: BatchKind) -> EncodeUnits | None:
         """Where staged batches' encode units go (none for a resume's producer: the
         resume step that follows enqueues every unit whose output is missing)."""
-        return EncodeUnits(self.app, self.job.spec, kind) if self.already_staged is None else None
+        if self.already_staged is not None:
+            return None
+        return EncodeUnits(self.app, self.ledger, self.job.spec, kind)
 
     def _stage_batch(self, batch: ChunkBatch, units: EncodeUnits | None) -> None:
         """Write a batch to the store (unless a resume finds it there) and hand it to the

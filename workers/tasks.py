@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.control import pipeline
-from shared.control.celery_app import send_unit
+from shared.control.celery_app import send_units
 from shared.records.logs import get_logger
 from shared.records.schemas import (
     ChunkBatch,
@@ -167,7 +167,7 @@ def _encode(
             kind=msg.kind,
             batch_ids=rest if len(rest) > 1 else [],
         )
-        send_unit(app, back)
+        send_units(app, job.ledger, job.spec, [back])
     return outcome
 
 

@@ -38,6 +38,7 @@ from producer.jobs import JobOptions, PreparedJob, Stager, prepare
 from producer.watchdog import Watchdog
 from shared.control import pipeline, telemetry
 from shared.control.celery_app import make_app
+from shared.control.fairness import PRIORITIES, Priority
 from shared.control.ledger import JobLedger, connect
 from shared.control.pipeline import GPU_UNIT_TOKENS
 from shared.control.settings import DEFAULT_OUTPUT, Settings
@@ -304,6 +305,16 @@ from shared.records.schemas import (
     "skip it; skipped records are counted and listed in the manifest.",
 )
 @click.option(
+    "--priority",
+    type=click.Choice(PRIORITIES),
+    default="normal",
+    show_default=True,
+    help="How this job takes turns with others on a shared fleet. Jobs of one priority "
+    "share the workers: a new job's first units go ahead of a long job's later ones, so a "
+    "small job is not stuck behind a backfill. urgent: ahead of every normal job's bulk; "
+    "batch: after a normal job's first units, in turn with its bulk (never starved).",
+)
+@click.option(
     "--max-record-bytes",
     type=ByteSize(),
     default=f"{DEFAULT_MAX_RECORD_BYTES // 2**20}MiB",
@@ -423,6 +434,7 @@ def run(
     prepare_on: Literal["fleet", "producer"],
     range_mb: float,
     on_bad_record: Literal["fail", "skip"],
+    priority: Priority,
     max_record_bytes: int,
     max_document_chunks: int,
     id_field: str | None,
@@ -500,6 +512,7 @@ def run(
         ),
         prepare_on=prepare_on,
         range_bytes=max(1, int(range_mb * 2**20)),
+        priority=priority,
         limits=InputLimits(
             max_record_bytes=max_record_bytes, max_document_chunks=max_document_chunks
         ),

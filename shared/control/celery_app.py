@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from celery import Celery
 
-from shared.control import pipeline
+from shared.control import fairness, pipeline
 from shared.control.ledger import RETRY_CAP_S, RETRY_FIRST_S, JobLedger, retries_for
 from shared.control.pipeline import PhaseName
 from shared.control.redis_urls import celery_broker
@@ -37,6 +37,9 @@ def make_app(settings: Settings) -> Celery:
     broker, transport = celery_broker(settings.worker_broker_url)
     app = Celery("embed_fleet", broker=broker, set_as_current=False)
     transport["visibility_timeout"] = settings.visibility_timeout
+    # Ten priority lists per queue, the highest taken first: how jobs take turns
+    # (shared.control.fairness).
+    transport["priority_steps"] = list(range(fairness.LEVELS))
     if settings.unacked_restore_interval is not None:
         transport["unacked_restore_interval"] = settings.unacked_restore_interval
         transport["unacked_restore_throttle"] = 1
@@ -85,16 +88,36 @@ def fan_out(
     unit goes to (a retrieve group's retriever). Returns how many units were sent."""
     if ledger.open_phase(phase, len(units)):
         advance(app, spec, phase)
-    for unit in units:
-        send_unit(app, unit, variant(unit) if variant else "")
+    send_units(app, ledger, spec, units, variant)
     return len(units)
 
 
-def send_unit(app: Celery, message: UnitMessage, variant: str = "") -> None:
-    """Publish one unit of a stage to the queue of its task (``variant``: which of a
-    stage's tasks, e.g. the retriever of a retrieve group)."""
+def send_units(
+    app: Celery,
+    ledger: JobLedger,
+    spec: JobSpec,
+    units: Sequence[Unit],
+    variant: Callable[[Unit], str] | None = None,
+) -> None:
+    """Publish units of a job, each to its stage's queue at the priority level of its
+    place in the job (``shared.control.fairness``); ``variant``: which of a stage's
+    tasks a unit goes to. One ledger round trip per stage for their places."""
+    counts: dict[str, int] = {}
+    for unit in units:
+        counts[unit.stage] = counts.get(unit.stage, 0) + 1
+    places = {stage: ledger.claim_ordinals(stage, count) for stage, count in counts.items()}
+    for unit in units:
+        ordinal = places[unit.stage]
+        places[unit.stage] += 1
+        level = fairness.level(spec.priority, ordinal)
+        send_unit(app, unit, variant(unit) if variant else "", level)
+
+
+def send_unit(app: Celery, message: UnitMessage, variant: str = "", level: int = 0) -> None:
+    """Publish one unit of a stage to the queue of its task at a priority ``level``
+    (``variant``: which of a stage's tasks, e.g. the retriever of a retrieve group)."""
     route = pipeline.stage(message.stage).route(variant)
-    app.send_task(route.task, args=[message], queue=route.queue)
+    app.send_task(route.task, args=[message], queue=route.queue, priority=level)
 
 
 @dataclass
@@ -135,8 +158,9 @@ class EncodeUnits:
     takes one batch of its first message anyway (``workers.runtime.pace``).
     """
 
-    def __init__(self, app: Celery, spec: JobSpec, kind: BatchKind) -> None:
+    def __init__(self, app: Celery, ledger: JobLedger, spec: JobSpec, kind: BatchKind) -> None:
         self.app = app
+        self.ledger = ledger
         self.spec = spec
         self.kind = kind
         self._stages = [
@@ -176,7 +200,7 @@ class EncodeUnits:
             kind=self.kind,
             batch_ids=batch_ids if len(batch_ids) > 1 else [],
         )
-        send_unit(self.app, message)
+        send_units(self.app, self.ledger, self.spec, [message])
         gathering.next_batches = 2 * len(batch_ids)
         gathering.batch_ids, gathering.tokens = [], 0
 
@@ -195,5 +219,8 @@ def advance(app: Celery, spec: JobSpec, phase: PhaseName) -> None:
     phase's guard."""
     step = pipeline.next_step(spec, phase)
     app.send_task(
-        step.route.task, args=[JobStep(job_id=spec.job_id, step=step.name)], queue=step.route.queue
+        step.route.task,
+        args=[JobStep(job_id=spec.job_id, step=step.name)],
+        queue=step.route.queue,
+        priority=fairness.step_level(spec.priority),
     )

@@ -536,6 +536,12 @@ class JobLedger:
         """Whether this ledger was written again from the object store (Redis lost it)."""
         return bool(self.client.hexists(self.k_state, "rebuilt_at"))
 
+    def claim_ordinals(self, stage: str, count: int = 1) -> int:
+        """The place in its job of the first of ``count`` units of ``stage`` about to be
+        sent (from 0; the next call's first is this one's plus ``count``): what their
+        priority level follows (``shared.control.fairness``)."""
+        return int(self.client.hincrby(self.k_state, f"sent:{stage}", count)) - count
+
     def open_phase(self, phase: PhaseName, units: int) -> bool:
         """Set how many units ``phase`` has (before they are enqueued) and the status
         while they run. True if the caller (the step that plans ``phase``) must start

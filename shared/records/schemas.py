@@ -12,6 +12,8 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
+from shared.control.fairness import Priority
+
 FORMAT_VERSION = 2
 """2: chunks in parts (``chunks/part-NNNNN.parquet`` or ``.jsonl``) and sparse
 vocabularies, described by the manifest's ``chunks``; 1 was one ``chunks.jsonl``."""
@@ -451,6 +453,8 @@ class JobSpec(Struct):
     # What one record may hold before it is a bad record (a spec from before the limits
     # decodes with the defaults).
     limits: InputLimits = msgspec.field(default_factory=lambda: InputLimits())
+    # How its units take turns with other jobs' on a shared fleet (shared.control.fairness).
+    priority: Priority = "normal"
 
 
 class InputLimits(Struct):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 
 from shared.control import pipeline
-from shared.control.celery_app import advance, send_unit
+from shared.control.celery_app import advance, send_units
 from shared.control.ledger import JobLedger
 from shared.control.pipeline import PhaseName
 from shared.records import ids
@@ -130,11 +130,16 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
         for message, _ in missing:
             by_stage.setdefault(message.stage, []).append(message.unit)
         ledger.reopen(phase, by_stage, later=phases[position + 1 :])
-        for message, variant in missing:
-            send_unit(app, message, variant=variant)
+        send_units(app, ledger, spec, [m for m, _ in missing], _variants(missing))
         units_sent = {s: len(u) for s, u in by_stage.items()}
         return Resumed(phase=phase, units=units_sent, recovered=recovered)
     return _redo_step(ledger, app, spec, phases[-1], [], recovered)
+
+
+def _variants(sent: list[tuple[UnitMessage, str]]) -> Callable[[UnitMessage], str]:
+    """Which of its stage's tasks each of these units goes to."""
+    variants = {(message.stage, message.unit): variant for message, variant in sent}
+    return lambda message: variants[(message.stage, message.unit)]
 
 
 def _record_recovered(ledger: JobLedger, done: list[UnitMessage]) -> int:

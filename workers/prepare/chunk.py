@@ -68,7 +68,7 @@ def chunk_range(
             moved = record.shifted(line_offset)
             raise BadRecordError(moved.path, moved.line, moved.reason)
 
-    with EncodeUnits(app, spec, "documents") as units:
+    with EncodeUnits(app, ledger, spec, "documents") as units:
         for run in chunk_batches(chunker, documents, spec.batch_chunks, tally, too_long):
             chunks = run.chunks
             batch_id = ids.range_batch_id(index, len(batches))

@@ -53,7 +53,7 @@ from celery import Task
 from opentelemetry import trace
 
 from shared.control import pipeline
-from shared.control.celery_app import advance, send_unit
+from shared.control.celery_app import advance, send_units
 from shared.control.telemetry import tracer
 from shared.records.errors import BadInputError, EmbedFleetError
 from shared.records.logs import get_logger
@@ -283,9 +283,11 @@ class LedgerReporting(Middleware):
             # its worker alone is the one that fails for it.
             ledger.forget_tries(stage, [str(batch_id) for batch_id in batch_ids])
             kind = payload.get("kind", "documents")
-            for batch_id in batch_ids:
-                alone = EncodeBatch(job_id=job_id, stage=stage, unit=str(batch_id), kind=kind)
-                send_unit(task.app, alone)
+            alone = [
+                EncodeBatch(job_id=job_id, stage=stage, unit=str(batch_id), kind=kind)
+                for batch_id in batch_ids
+            ]
+            send_units(task.app, ledger, ledger.spec(), alone)
             fields = {"job_id": job_id, "stage": stage, "batches": len(batch_ids)}
             log.warning(
                 "a unit kept failing; its batches go again one by one",
