@@ -20,7 +20,7 @@ from artifacts import chunk_records
 from conftest import CRANFIELD, start_cli
 from test_e2e import events, s3_getter
 
-from producer.backlog import queue_counts
+from producer.backlog import queue_counts, waiting_counts
 from shared.control.leases import list_leases
 from shared.control.ledger import JOBS_INDEX, JobLedger
 from shared.records.schemas import ChunkBatch
@@ -54,7 +54,7 @@ def stop_mid_unit(worker, ledger: JobLedger, client, reports_before: int) -> dic
         "reports_at_exit": len(ledger.reports("dense")),
         "in_hand_at_term": in_hand,
         "in_hand_at_exit": dense_in_hand(client),
-        "queued_at_exit": client.llen("dense"),
+        "queued_at_exit": waiting_counts(client)["dense"],
     }
 
 

@@ -19,6 +19,7 @@ import pytest
 from conftest import CRANFIELD, run_cli
 from servers import Worker
 
+from producer.backlog import waiting_counts
 from shared.control.celery_app import EncodeUnits, advance, make_app
 from shared.control.ledger import JobLedger
 from shared.control.settings import Settings
@@ -58,7 +59,7 @@ def test_late_copies_of_a_complete_jobs_units_and_steps_change_nothing(
     }
     # The last dense unit again, and the step that opens the export again.
     (batch,) = ledger.usable_batches()
-    with EncodeUnits(app, spec, "documents") as units:
+    with EncodeUnits(app, ledger, spec, "documents") as units:
         units.add(batch, 0)
     advance(app, spec, "encode")
     deadline = time.monotonic() + 60
@@ -66,7 +67,8 @@ def test_late_copies_of_a_complete_jobs_units_and_steps_change_nothing(
         taken = runs(dense, "dense.embed_batch", "received") > before["encode"] and (
             runs(aggregate, "aggregate.plan_export", "received") > before["plan_export"]
         )
-        busy = client.hlen("unacked") or any(client.llen(q) for q in ("dense", "aggregate"))
+        waiting = waiting_counts(client)
+        busy = client.hlen("unacked") or waiting["dense"] or waiting["aggregate"]
         if taken and not busy:
             break
         time.sleep(0.2)

@@ -97,3 +97,20 @@ def test_the_primary_lost_mid_encode_and_mid_export_fails_over_and_the_job_compl
     result = json.loads(checked.stdout.strip().splitlines()[-1])
     assert_complete(result)
     assert result["chunks"] == summary[-1]["manifest"]["counts"]["chunks"]
+
+
+def test_a_client_that_reaches_a_replica_asks_again(sentinel_redis: SentinelRedis) -> None:
+    """What a Sentinel that has not yet heard of a failover would hand out: a connection
+    to the replica is refused as a connection error (which the client's retry answers by
+    asking the Sentinels again); to the primary it is set up as usual."""
+    import redis
+
+    from shared.control.redis_urls import primary_only
+
+    primary = redis.Redis(port=sentinel_redis.primary.port, redis_connect_func=primary_only)
+    assert primary.ping()
+    replica = redis.Redis(port=sentinel_redis.replica.port, redis_connect_func=primary_only)
+    with pytest.raises(redis.ConnectionError, match="is a slave, not the primary"):
+        replica.ping()
+    client = connect(sentinel_redis.url, 5)
+    assert client.set("k", "v") and client.get("k") == b"v"

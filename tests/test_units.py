@@ -13,6 +13,8 @@ import msgspec
 import pytest
 from test_ledger import report, spec
 
+from producer.backlog import PRIORITY_SEPARATOR
+from shared.control import fairness
 from shared.control.celery_app import EncodeUnits, make_app
 from shared.control.ledger import JobLedger
 from shared.control.pipeline import UNIT_MAX_BATCHES
@@ -23,12 +25,15 @@ from workers.runtime.middleware import _part_reports
 
 
 def queued(client: Any, queue: str) -> list[EncodeBatch]:
-    """The encode messages waiting in a queue, oldest first, decoded as a worker would."""
+    """The encode messages waiting in a queue, in the order a worker takes them (its
+    priority lists, highest first; each oldest first), decoded as a worker would."""
     out = []
-    for raw in reversed(client.lrange(queue, 0, -1)):
-        body = base64.b64decode(json.loads(raw)["body"])
-        args, _, _ = msgspec.msgpack.decode(body)
-        out.append(msgspec.convert(args[0], EncodeBatch))
+    for level in range(fairness.LEVELS):
+        key = f"{queue}{PRIORITY_SEPARATOR}{level}" if level else queue
+        for raw in reversed(client.lrange(key, 0, -1)):
+            body = base64.b64decode(json.loads(raw)["body"])
+            args, _, _ = msgspec.msgpack.decode(body)
+            out.append(msgspec.convert(args[0], EncodeBatch))
     return out
 
 
@@ -43,7 +48,7 @@ def test_gpu_messages_gather_batches_by_tokens_cpu_ones_take_one(
     job = msgspec.structs.replace(
         spec("units"), stages=["dense", "sparse"], sparse_models=["bm25"], unit_tokens=1000
     )
-    with EncodeUnits(app, job, "documents") as units:
+    with EncodeUnits(app, JobLedger(redis_client, job.job_id), job, "documents") as units:
         for i in range(10):
             units.add(f"b{i:02d}", 300)
     dense = queued(redis_client, "dense")
@@ -65,7 +70,7 @@ def test_messages_hold_a_bounded_number_of_batches(app: Any, redis_client: Any) 
     job = msgspec.structs.replace(spec("queries"), unit_tokens=10**9)
     sizes = [2**k for k in range(7)]  # 1, 2, ..., 64: the first messages double
     assert sizes[-1] == UNIT_MAX_BATCHES
-    with EncodeUnits(app, job, "queries") as units:
+    with EncodeUnits(app, JobLedger(redis_client, job.job_id), job, "queries") as units:
         for i in range(sum(sizes) + UNIT_MAX_BATCHES + 3):
             units.add(f"q{i:03d}", 12)
     held = [len(m.batches) for m in queued(redis_client, "dense")]
@@ -77,7 +82,8 @@ def test_nothing_gathered_is_sent_after_an_error(app: Any, redis_client: Any) ->
     """The unit that stages is retried and sends the same messages: a half-gathered one
     must not go out now."""
     job = msgspec.structs.replace(spec("error"), unit_tokens=1000)
-    with pytest.raises(RuntimeError), EncodeUnits(app, job, "documents") as units:
+    ledger = JobLedger(redis_client, job.job_id)
+    with pytest.raises(RuntimeError), EncodeUnits(app, ledger, job, "documents") as units:
         units.add("b00", 600)  # sent: the range's first batch goes alone
         units.add("b01", 300)
         units.add("b02", 800)  # sent: 1,100 tokens

@@ -119,9 +119,33 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
         db=target.db,
         username=target.username,
         password=target.password,
+        redis_connect_func=primary_only,
         **options,
     )
     return client
+
+
+def primary_only(connection: Any) -> None:
+    """Set a new connection up as usual, then make sure it reached a primary.
+
+    Right after a failover a Sentinel that has not yet heard of it may still name the
+    old primary, which may be back already as the new one's replica, empty until it has
+    synced: a reader there would find no job at all. So a connection to anything but a
+    primary is a connection error, which the client's retry answers by asking the
+    Sentinels again (a second later they agree).
+
+    Raises:
+        redis.ConnectionError: if the server is a replica.
+    """
+    connection.on_connect()
+    connection.send_command("ROLE")
+    role = connection.read_response()
+    kind = role[0].decode() if role and isinstance(role[0], bytes) else str(role[0] if role else "")
+    if kind != "master":
+        raise redis.ConnectionError(
+            f"{connection.host}:{connection.port} is a {kind or 'server of no role'}, not the "
+            "primary: a failover is under way"
+        )
 
 
 def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
