@@ -11,9 +11,11 @@ busy workers away. The backlog of a queue is therefore waiting + unacknowledged.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,6 +25,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from shared.control import pipeline
+from shared.records import serializer
 
 # kombu's Redis transport: the hash of delivered, unacknowledged messages, and the
 # separator of a queue's per-priority lists (``dense\x06\x163``).
@@ -92,6 +95,27 @@ def unacked_counts(client: redis.Redis) -> dict[str, int]:
     return unacked
 
 
+def held_by_job(client: redis.Redis) -> Counter[str]:
+    """How many units of each job the fleet's workers hold (taken, not acknowledged)."""
+    held: Counter[str] = Counter()
+    for _, raw in client.hscan_iter(UNACKED_KEY, count=500):
+        job_id = _job_of(raw)
+        if job_id:
+            held[job_id] += 1
+    return held
+
+
+def _job_of(raw: bytes) -> str:
+    """The job an ``unacked`` entry's message is for (``""`` if it cannot be read)."""
+    try:
+        message = json.loads(raw)[0]
+        body = base64.b64decode(message["body"])
+        args = serializer.loads(body)[0]
+        return str(args[0].get("job_id", ""))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, msgspec.DecodeError):
+        return ""
+
+
 def _routing_key(raw: bytes) -> str:
     """The queue of an ``unacked`` entry (its routing key; direct exchanges route by
     queue name). The message itself is not decoded."""
@@ -134,6 +158,13 @@ def read_backlog(
         None if app is None else len({w for names in (workers or {}).values() for w in names})
     )
     return FleetBacklog(queues=queues, workers_answered=answered, at=round(time.time(), 3))
+
+
+def share_of(client: redis.Redis, job_id: str) -> float | None:
+    """A job's part of the units the fleet's workers hold (``None``: they hold none)."""
+    held = held_by_job(client)
+    every = sum(held.values())
+    return round(held[job_id] / every, 3) if every else None
 
 
 def fleet_idle(client: redis.Redis) -> bool:

@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from producer.backlog import share_of
 from shared.control import pipeline
 from shared.control.ledger import JobLedger
 from shared.records.schemas import JobProgress, LatencySummary, Manifest
@@ -108,7 +109,7 @@ def _follow(
     if as_json:
         last = b""
         while True:
-            snap = ledger.progress(detail=True)
+            snap = _snapshot(ledger)
             encoded = msgspec.json.encode(snap)
             if encoded != last:
                 emit_json("progress", snap)
@@ -131,7 +132,7 @@ def _follow(
     with Progress(*columns, console=console, transient=False) as bars:
         shown: dict[str, TaskID] = {}
         while True:
-            snap = ledger.progress(detail=True)
+            snap = _snapshot(ledger)
             for row in progress_rows(snap):
                 if row.name not in shown:
                     shown[row.name] = bars.add_task(row.name, total=None, unit=row.unit, figures="")
@@ -141,6 +142,14 @@ def _follow(
             if snap.status in FINISHED:
                 return snap
             tick()
+
+
+def _snapshot(ledger: JobLedger) -> JobProgress:
+    """The ledger's snapshot with the job's share of the fleet's units in hand."""
+    snap = ledger.progress(detail=True)
+    if snap.status not in FINISHED:
+        snap.fleet_share = share_of(ledger.client, ledger.job_id)
+    return snap
 
 
 # With no terminal (a script, CI, a log file): one plain line this often, and on every
@@ -154,7 +163,7 @@ def _follow_plain(ledger: JobLedger, *, console: Console, tick: Callable[[], Non
     started = time.monotonic()
     last_at, last_status = -PLAIN_EVERY_S, ""
     while True:
-        snap = ledger.progress(detail=True)
+        snap = _snapshot(ledger)
         now = time.monotonic()
         if snap.status != last_status or now - last_at >= PLAIN_EVERY_S or snap.status in FINISHED:
             console.print(plain_line(snap, now - started), highlight=False, soft_wrap=True)
@@ -183,6 +192,8 @@ def progress_rows(snap: JobProgress) -> list[ProgressRow]:
         else (f"{human_bytes(snap.bytes_read)} of {human_bytes(snap.bytes_total)}")
     )
     # The fleet counts the documents once every range is validated.
+    if snap.fleet_share is not None:  # a shared fleet's workers hold units: this job's part
+        read = f"{read} · {snap.fleet_share:.0%} of the fleet's units in hand".lstrip(" ·")
     rows = [ProgressRow("read", snap.documents_read, snap.documents_total or None, "docs", read)]
     sealed = snap.total_batches is not None
     for stage in snap.stages:

@@ -1,5 +1,5 @@
-"""The fleet itself: ``leases`` (which worker holds which GPU) and ``queues`` (the work
-waiting, as an autoscaler reads it)."""
+"""The fleet itself: ``leases`` (which worker holds which GPU), ``queues`` (the work
+waiting, as an autoscaler reads it) and ``jobs`` (the jobs sharing it)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.table import Table
 
 from producer.backlog import Exporter, FleetBacklog, read_backlog
 from producer.cli.app import console, current_settings, fail, make_console
+from producer.fleet_jobs import running_jobs
 from shared.control.celery_app import make_app
 from shared.control.leases import list_leases
 from shared.control.ledger import connect
@@ -148,3 +149,49 @@ def _serve_backlog(address: str, read: Callable[[], FleetBacklog]) -> None:
         pass
     finally:
         server.server_close()
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def jobs(as_json: bool) -> None:
+    """List the jobs the fleet is running: priority, share, progress and ETA.
+
+    A job's share is its part of the units the workers hold right now (taken and not
+    yet acknowledged), so it says what the job gets of the fleet, not what it asked for;
+    see `run --priority` for how jobs take turns. Progress and ETA are those of the job's
+    current stage, at its rate so far. Finished jobs are not listed (`status` lists the
+    recent ones).
+    """
+    settings = current_settings()
+    try:
+        if not settings.broker_url:
+            raise EmbedFleetError(
+                "no broker configured: a fleet's jobs live in its Redis",
+                "Set REDIS_URL to the Redis your workers use",
+            )
+        running = running_jobs(connect(settings.broker_url, settings.transient_window))
+    except EmbedFleetError as exc:
+        fail(exc)
+    if as_json:
+        for job in running:
+            click.echo(msgspec.json.encode(job).decode())
+        return
+    if not running:
+        console.print("no job is running on this fleet")
+        return
+    table = Table(title="jobs on the fleet", title_justify="left")
+    for column in ("job", "collection", "priority", "status", "stage", "progress", "share", "ETA"):
+        table.add_column(column, justify="right" if column in ("share", "ETA") else "left")
+    for job in running:
+        total = f"{job.total:,}" if job.total is not None else "?"
+        table.add_row(
+            job.job_id,
+            job.collection,
+            job.priority,
+            job.status,
+            job.phase,
+            f"{job.done:,}/{total}",
+            f"{job.share:.0%} ({job.in_flight})",
+            f"{job.eta_s:,.0f} s" if job.eta_s is not None else "-",
+        )
+    console.print(table)

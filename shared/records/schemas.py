@@ -683,6 +683,9 @@ class JobProgress(Struct):
     error: str = ""
     # The job failed on its input (a bad record the fleet found): exit code 2.
     bad_input: bool = False
+    # Its part of the units the fleet's workers hold (a follower fills it in; None: the
+    # workers hold none, or nobody asked).
+    fleet_share: float | None = None
 
 
 # --- retrieval, fusion, reranking ---------------------------------------------------
