@@ -91,11 +91,11 @@ def test_the_broker_hands_out_a_small_jobs_units_before_a_long_jobs_queued_ones(
 def test_a_small_job_is_not_stuck_behind_a_long_one_on_real_workers(
     fleet_env, bucket, redis_server, start_worker, tmp_path: Path
 ) -> None:
-    """One dense worker; a long job of about a hundred dense units, then a 12-document
+    """One dense worker; a long job of about eighty dense units, then a 12-document
     job submitted while it encodes. Without turns the small job's units would run after
     every queued unit of the long one; with them, most of the long job runs after it."""
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines(keepends=True)
-    (tmp_path / "long.jsonl").write_text("".join(lines[:320]))
+    (tmp_path / "long.jsonl").write_text("".join(lines[:240]))
     (tmp_path / "small.jsonl").write_text("".join(lines[400:412]))
     start_worker("dense", fleet_env)
     start_worker("prepare,aggregate", fleet_env)
@@ -124,5 +124,5 @@ def test_a_small_job_is_not_stuck_behind_a_long_one_on_real_workers(
     small_done = max(r.finished_at for r in JobLedger(client, small_id).reports("dense"))
     long_reports = long_ledger.reports("dense")
     after = sum(r.started_at > small_done for r in long_reports)
-    assert len(long_reports) > 60
+    assert len(long_reports) > 50
     assert after >= len(long_reports) // 3, (after, len(long_reports))

@@ -327,7 +327,7 @@ def test_a_collection_in_s3_is_prepared_by_the_fleet_as_the_same_files_on_disk(
 def test_a_compressed_bomb_and_a_document_of_too_many_chunks_are_bad_records_on_the_fleet(
     fleet_env, bucket, redis_server, start_worker, tmp_path
 ) -> None:
-    """Issue 29's bomb at a scale CI affords: one 256 MB record in a .jsonl.gz of about
+    """Issue 29's bomb at a scale CI affords: one 160 MB record in a .jsonl.gz of about
     a megabyte, among Cranfield documents, and a document of more chunks than the job
     allows. Under skip the job completes without either, both listed by file line, and
     the prepare worker's resident memory never grows by 200 MB (the record is read past
@@ -339,7 +339,7 @@ def test_a_compressed_bomb_and_a_document_of_too_many_chunks_are_bad_records_on_
         out.writelines(line.encode() for line in lines[:20])
         out.write(b'{"_id": "bomb", "text": "')
         block = b"lorem ipsum " * 87_381  # 1 MiB
-        for _ in range(256):
+        for _ in range(160):
             out.write(block)
         out.write(b'"}\n')
         out.writelines(line.encode() for line in lines[20:40])
@@ -364,7 +364,7 @@ def test_a_compressed_bomb_and_a_document_of_too_many_chunks_are_bad_records_on_
     assert manifest["counts"]["skipped_records"] == 2
     skipped = [(r["line"], r["reason"]) for r in manifest["skipped_records"]]
     assert [line for line, _ in skipped] == [21, 42]
-    size = len(b'{"_id": "bomb", "text": "') + 256 * len(block) + len(b'"}\n')
+    size = len(b'{"_id": "bomb", "text": "') + 160 * len(block) + len(b'"}\n')
     assert skipped[0][1].startswith(f"record of {size:,} bytes, over the limit of 67,108,864")
     assert skipped[1][1].startswith("more than 20 chunks of 128 tokens (--max-document-chunks")
     peak = max(hwm for _, hwm in prepare.memory().values())
