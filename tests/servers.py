@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,6 +211,19 @@ class SentinelRedis:
             redis.Redis(port=port).sentinel_slaves(self.MASTER) for port in self.sentinel_ports
         )
 
+    def _agreed(self, new: RedisServer) -> Callable[[], bool]:
+        def check() -> bool:
+            for port in self.sentinel_ports:
+                found = redis.Redis(port=port, socket_timeout=1).sentinel_get_master_addr_by_name(
+                    self.MASTER
+                )
+                if not found or int(found[1]) != new.port:
+                    return False
+            role = redis.Redis(port=new.port, socket_timeout=1).info("replication")["role"]
+            return bool(role == "master")
+
+        return check
+
     def _replica_known(self, replica_port: int) -> bool:
         """Whether every Sentinel sees a replica on that port, up."""
         for port in self.sentinel_ports:
@@ -234,10 +248,10 @@ class SentinelRedis:
     def server(self, port: int) -> RedisServer:
         return self.primary if port == self.primary.port else self.replica
 
-    def fail_over(self, timeout: float = 30) -> RedisServer:
-        """Kill -9 the current primary, wait until the Sentinels promote the other,
-        then start the dead one again (empty: it has no persistence), which the
-        Sentinels make the new primary's replica. Returns the new primary."""
+    def fail_over(self, timeout: float = 60, rejoin: bool = True) -> RedisServer:
+        """Kill -9 the current primary, wait until every Sentinel names the other,
+        then (``rejoin``) start the dead one again as the new primary's replica and wait
+        until it follows and the Sentinels know it. Returns the new primary."""
         old = self.server(self.master_port() or self.primary.port)
         new = self.replica if old is self.primary else self.primary
         assert old.proc is not None
@@ -245,6 +259,11 @@ class SentinelRedis:
         old.proc.wait()
         old.proc = None
         wait_for(lambda: self.master_port() == new.port, timeout, "a failover")
+        # Every Sentinel agrees and the new primary says so itself before the dead one
+        # comes back (on a loaded machine they can lag each other by seconds).
+        wait_for(self._agreed(new), timeout, "the Sentinels to agree on the new primary")
+        if not rejoin:  # the last failover of a test: nothing needs a replica after it
+            return new
         # Back as the new primary's replica, as a deployment starts a Redis after asking
         # the Sentinels who the primary is; the Sentinels find it through the primary.
         old.extra = ("--replicaof", "127.0.0.1", str(new.port))
