@@ -33,12 +33,7 @@ def leases(as_json: bool) -> None:
     """
     settings = current_settings()
     try:
-        if not settings.broker_url:
-            raise EmbedFleetError(
-                "no broker configured: leases live in the fleet's Redis",
-                "Set REDIS_URL to the Redis your workers use",
-            )
-        held = list_leases(connect(settings.broker_url))
+        held = list_leases(_fleet_redis(settings, "leases"))
     except EmbedFleetError as exc:
         fail(exc)
     if as_json:
@@ -164,12 +159,8 @@ def jobs(as_json: bool) -> None:
     """
     settings = current_settings()
     try:
-        if not settings.broker_url:
-            raise EmbedFleetError(
-                "no broker configured: a fleet's jobs live in its Redis",
-                "Set REDIS_URL to the Redis your workers use",
-            )
-        running = running_jobs(connect(settings.broker_url, settings.transient_window))
+        client = _fleet_redis(settings, "a fleet's jobs", settings.transient_window)
+        running = running_jobs(client)
     except EmbedFleetError as exc:
         fail(exc)
     if as_json:
@@ -195,3 +186,14 @@ def jobs(as_json: bool) -> None:
             f"{job.eta_s:,.0f} s" if job.eta_s is not None else "-",
         )
     console.print(table)
+
+
+def _fleet_redis(settings: Settings, what: str, window_s: float = 0.0) -> redis.Redis:
+    """The fleet's Redis, where ``what`` lives (calls ride out ``window_s`` of outage);
+    an error saying so without a broker."""
+    if not settings.broker_url:
+        raise EmbedFleetError(
+            f"no broker configured: {what} live in the fleet's Redis",
+            "Set REDIS_URL to the Redis your workers use",
+        )
+    return connect(settings.broker_url, window_s)
