@@ -311,7 +311,11 @@ print(json.dumps({
     "chunk_ids": sorted(set(ids)),
     "missing_ids": sorted({c for m in manifest["missing"] for c in m["chunk_ids"]}),
     "job_id": manifest["job_id"],
-}))
+}), flush=True)
+# pyarrow's thread pools can abort the interpreter's teardown ("terminate called without
+# an active exception", apache/arrow#34314) after everything above has run: the answer is
+# printed, so leave without the teardown.
+os._exit(0)
 """
 
 

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import boto3
@@ -165,33 +166,42 @@ class RedisServer:
 
 
 class SentinelRedis:
-    """A Redis primary, a replica and three Sentinels that watch them (quorum 2), each
-    a process on a loopback port of its own, as a team runs Redis for a fleet; quick to
-    fail over (a primary is down after 1 s without an answer). :attr:`url` is the
-    fleet's ``sentinel://`` URL."""
+    """A Redis primary, ``replicas`` replicas and three Sentinels that watch them (quorum
+    2), each a process on a loopback port of its own, as a team runs Redis for a fleet;
+    quick to fail over (a primary is down after 1 s without an answer). :attr:`url` is
+    the fleet's ``sentinel://`` URL. Each Sentinel logs to ``sentinel-N.log`` in
+    ``workdir`` (what a failed wait is read against)."""
 
     MASTER = "fleet"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+        """With two or more replicas a test can fail over again without waiting for the
+        killed primary to come back: the Sentinels point the other replicas at the one
+        they promote, as part of the failover itself."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.primary = RedisServer(workdir / "a", extra=("--appendonly", "no"))
-        self.replica = RedisServer(
-            workdir / "b", extra=("--replicaof", "127.0.0.1", str(self.primary.port))
-        )
+        self.primary = RedisServer(workdir / "a")
+        follow = ("--replicaof", "127.0.0.1", str(self.primary.port))
+        self.replicas = [RedisServer(workdir / f"r{i}", extra=follow) for i in range(replicas)]
+        self.replica = self.replicas[0]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
         parts = [f"sentinel://127.0.0.1:{port}" for port in self.sentinel_ports]
         self.url = ";".join(parts) + f"/0?master={self.MASTER}"
 
+    @property
+    def servers(self) -> list[RedisServer]:
+        return [self.primary, *self.replicas]
+
     def start(self) -> None:
-        for server in (self.primary, self.replica):
+        for server in self.servers:
             server.workdir.mkdir(exist_ok=True)
             server.start()
         for i, port in enumerate(self.sentinel_ports):
             conf = self.workdir / f"sentinel-{i}.conf"
             conf.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                f"logfile {self.workdir / f'sentinel-{i}.log'}\n"
                 f"sentinel monitor {self.MASTER} 127.0.0.1 {self.primary.port} 2\n"
                 f"sentinel down-after-milliseconds {self.MASTER} 1000\n"
                 f"sentinel failover-timeout {self.MASTER} 4000\n"
@@ -204,12 +214,9 @@ class SentinelRedis:
                 )
             )
         wait_for(lambda: self.master_port() == self.primary.port, 20, "Sentinels")
-        wait_for(self._replicas_known, 20, "the Sentinels' view of the replica")
-
-    def _replicas_known(self) -> bool:
-        return all(
-            redis.Redis(port=port).sentinel_slaves(self.MASTER) for port in self.sentinel_ports
-        )
+        for replica in self.replicas:
+            wait_for(partial(_follows, replica, self.primary), 20, "a replica")
+            wait_for(partial(self._replica_known, replica.port), 20, "the Sentinels' replicas")
 
     def _agreed(self, new: RedisServer) -> Callable[[], bool]:
         def check() -> bool:
@@ -246,37 +253,42 @@ class SentinelRedis:
         return None
 
     def server(self, port: int) -> RedisServer:
-        return self.primary if port == self.primary.port else self.replica
+        (found,) = [server for server in self.servers if server.port == port]
+        return found
 
     def fail_over(self, timeout: float = 60, rejoin: bool = True) -> RedisServer:
-        """Kill -9 the current primary, wait until every Sentinel names the other,
-        then (``rejoin``) start the dead one again as the new primary's replica and wait
-        until it follows and the Sentinels know it. Returns the new primary."""
+        """Kill -9 the current primary and wait until every Sentinel names another one
+        and it says so itself. The replicas still alive follow it before this returns,
+        known to every Sentinel, so a further failover has a replica to promote. With
+        ``rejoin`` (and no such replica left) the dead one is started again as the new
+        primary's replica first. Returns the new primary."""
         old = self.server(self.master_port() or self.primary.port)
-        new = self.replica if old is self.primary else self.primary
         assert old.proc is not None
         old.proc.kill()
         old.proc.wait()
         old.proc = None
-        wait_for(lambda: self.master_port() == new.port, timeout, "a failover")
-        # Every Sentinel agrees and the new primary says so itself before the dead one
-        # comes back (on a loaded machine they can lag each other by seconds).
+        wait_for(lambda: self.master_port() not in (None, old.port), timeout, "a failover")
+        new = self.server(self.master_port() or 0)
+        # Every Sentinel agrees and the new primary says so itself (on a loaded machine
+        # they can lag each other by seconds).
         wait_for(self._agreed(new), timeout, "the Sentinels to agree on the new primary")
-        if not rejoin:  # the last failover of a test: nothing needs a replica after it
-            return new
-        # Back as the new primary's replica, as a deployment starts a Redis after asking
-        # the Sentinels who the primary is; the Sentinels find it through the primary.
-        old.extra = ("--replicaof", "127.0.0.1", str(new.port))
-        old.start()
-        wait_for(lambda: _follows(old, new), timeout, "the old primary as a replica")
-        wait_for(lambda: self._replica_known(old.port), timeout, "the replica, by the Sentinels")
+        alive = [s for s in self.servers if s.proc is not None and s is not new]
+        if not alive and rejoin:
+            # Back as the new primary's replica, as a deployment starts a Redis after
+            # asking the Sentinels who the primary is; they find it through the primary.
+            old.extra = ("--replicaof", "127.0.0.1", str(new.port))
+            old.start()
+            alive = [old]
+        for replica in alive:
+            wait_for(partial(_follows, replica, new), timeout, "a replica of the new primary")
+            wait_for(partial(self._replica_known, replica.port), timeout, "known replicas")
         return new
 
     def stop(self) -> None:
         for proc in self.sentinels:
             proc.kill()
             proc.wait()
-        for server in (self.primary, self.replica):
+        for server in self.servers:
             server.stop()
 
 
