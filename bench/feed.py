@@ -168,11 +168,13 @@ def forward_rates(
     """Items/s of the model's forward pass alone over the fleet's own batches of a feed
     (sorted, cut at each budget), every batch's tensors laid out and on the device ahead:
     first as the library loads the model (transformers' own attention mask), then as a
-    worker runs it (the broadcast mask, ``workers.inference.attention_mask``)."""
+    worker runs it (the broadcast mask, ``workers.inference.attention_mask``). Each is
+    the faster of the batches at exact widths and at the widths the worker pads to
+    (``pad_multiple``): the ceiling holds the fleet to the best forward there is."""
     import torch
 
     from workers.inference.attention_mask import use_broadcast_mask
-    from workers.inference.batch_runner import token_budget_batches
+    from workers.inference.batch_runner import pad_multiple, token_budget_batches
 
     bare_mask: dict[int, int] = {}
     broadcast: dict[int, int] = {}
@@ -180,16 +182,25 @@ def forward_rates(
         if rates is broadcast:
             use_broadcast_mask(model)
         for budget in budgets:
-            groups = token_budget_batches(feed.lengths, budget)
-            ready = [feed.features(model, group, device) for group in groups]
+            for multiple in sorted({1, pad_multiple(device)}):
+                groups = token_budget_batches(feed.lengths, budget, multiple)
+                assert feed.arranged is not None
+                ready = [
+                    {
+                        key: value.to(device) if isinstance(value, torch.Tensor) else value
+                        for key, value in feed.arranged.tensors(group, False, multiple).items()
+                    }
+                    for group in groups
+                ]
 
-            def run(ready: list[dict[str, Any]] = ready) -> None:
-                with torch.inference_mode():
-                    for features in ready:
-                        model(dict(features))[output]
+                def run(ready: list[dict[str, Any]] = ready) -> None:
+                    with torch.inference_mode():
+                        for features in ready:
+                            model(dict(features))[output]
 
-            run()  # warm up
-            rates[budget] = round(len(feed.lengths) / best_of(run, device))
+                run()  # warm up
+                rate = round(len(feed.lengths) / best_of(run, device))
+                rates[budget] = max(rates.get(budget, 0), rate)
     return bare_mask, broadcast
 
 

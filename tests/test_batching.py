@@ -6,25 +6,36 @@ import itertools
 import random
 
 import pytest
+import torch
 
-from workers.inference.batch_runner import first_batch, token_budget_batches
+from workers.inference.batch_runner import (
+    first_batch,
+    pad_multiple,
+    padded_width,
+    token_budget_batches,
+)
 
 
-def check_batches(lengths: list[int], budget: int, batches: list[list[int]]) -> None:
+def check_batches(
+    lengths: list[int], budget: int, batches: list[list[int]], multiple: int = 1
+) -> None:
     flat = [i for batch in batches for i in batch]
     # Every index exactly once.
     assert sorted(flat) == list(range(len(lengths)))
     assert all(batches), "no empty batches"
+
+    def width(batch: list[int]) -> int:
+        return -(-max(max(lengths[i] for i in batch), 1) // multiple) * multiple
+
     for batch in batches:
-        padded = len(batch) * max(lengths[i] for i in batch)
+        padded = len(batch) * width(batch)
         assert padded <= budget or len(batch) == 1, (batch, [lengths[i] for i in batch])
     # Longest first, across and within batches (ties in index order).
     keys = [(-lengths[i], i) for i in flat]
     assert keys == sorted(keys)
     # Greedy: a batch was only closed because the next item would not have fit.
     for batch, following in itertools.pairwise(batches):
-        widest = max(max(lengths[i] for i in batch), 1)
-        assert (len(batch) + 1) * widest > budget, (batch, following)
+        assert (len(batch) + 1) * width(batch) > budget, (batch, following)
 
 
 def test_empty_input() -> None:
@@ -69,12 +80,43 @@ def test_random_inputs(seed: int) -> None:
     top = rng.choice([1, 8, 64, 512, 4096])
     lengths = [rng.randint(0, top) for _ in range(n)]
     budget = rng.choice([1, 16, 100, 512, 4096, 16384, 10**6])
-    batches = token_budget_batches(lengths, budget)
-    check_batches(lengths, budget, batches)
+    multiple = rng.choice([1, 8, 16])
+    batches = token_budget_batches(lengths, budget, multiple)
+    check_batches(lengths, budget, batches, multiple)
     # Deterministic: the same input batches the same way.
-    assert token_budget_batches(lengths, budget) == batches
+    assert token_budget_batches(lengths, budget, multiple) == batches
     # Accepts any sequence, not only lists.
-    assert token_budget_batches(tuple(lengths), budget) == batches
+    assert token_budget_batches(tuple(lengths), budget, multiple) == batches
+
+
+def test_a_long_run_meets_few_shapes_when_widths_are_rounded() -> None:
+    """What bounds a CPU worker's memory: oneDNN keeps a kernel per input shape. With
+    widths rounded to the CPU's multiple, every batch of a unit but its last has the
+    rows the budget gives its width: one shape per width (16 up to 256 tokens), and
+    otherwise only each unit's last batch. At exact widths a long run meets several
+    times as many shapes."""
+    rng = random.Random(0)
+    units = [[rng.randint(5, 256) for _ in range(1536)] for _ in range(300)]
+    multiple = pad_multiple("cpu", torch.bfloat16)
+    assert pad_multiple("cpu", torch.float32) == 1  # BLAS keeps nothing per shape
+
+    def shape(lengths: list[int], batch: list[int], multiple: int) -> tuple[int, int]:
+        return len(batch), padded_width(max(lengths[i] for i in batch), multiple)
+
+    full: set[tuple[int, int]] = set()
+    for lengths in units:
+        batches = token_budget_batches(lengths, 4096, multiple)
+        for batch in batches[:-1]:
+            rows, width = shape(lengths, batch, multiple)
+            assert rows == 4096 // width
+            full.add((rows, width))
+    assert len(full) <= 256 // multiple
+    rounded = {
+        shape(L, b, multiple) for L in units for b in token_budget_batches(L, 4096, multiple)
+    }
+    exact = {shape(L, b, 1) for L in units for b in token_budget_batches(L, 4096)}
+    assert len(exact) > 3 * len(rounded)
+    assert pad_multiple("cuda:0") == 8
 
 
 def test_first_batch_is_the_longest_items_the_budget_holds() -> None:

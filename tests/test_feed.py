@@ -27,6 +27,12 @@ from shared.inputs.chunking import Chunker, ChunkTally, chunk_batches, load_toke
 from shared.inputs.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
 from shared.records.schemas import Candidate, ChunkBatch, Document, FusedGroup, QueryCandidates
 from workers.inference import dense
+from workers.inference.batch_runner import (
+    model_dtype,
+    pad_multiple,
+    padded_width,
+    token_budget_batches,
+)
 from workers.inference.engine import Inference
 from workers.inference.feed import encode_inputs, staged_ids, text_feed
 from workers.inference.layout import _longest_first_many, learn_layout
@@ -248,6 +254,45 @@ def test_dense_ensemble_equals_encode_whatever_each_tokenizer(
     inputs = encode_inputs(inference, "dense", minilm.info.name, minilm.model, "documents")
     feed = text_feed(inputs, texts, staged_ids(batches, inputs.identity), lambda i: 0)
     assert (feed.source, feed.tokenized) == ("staged", 0)  # nothing tokenized again
+
+
+def test_a_bf16_model_on_a_cpu_gets_widths_of_16_and_the_same_vectors(
+    batches: list[ChunkBatch], texts: list[str]
+) -> None:
+    """What bounds a bf16 worker's memory (batch_runner.pad_multiple): its batches are
+    laid out 16 wide, the extra columns padding the mask hides, so each row's vector is
+    the one the exact width gives; in fp32 the widths stay exact."""
+    import torch
+
+    inference = Inference(requested_device="cpu")
+    loaded = dense.load_dense(inference, DEFAULT_DENSE_MODEL, "bf16")
+    model = loaded.model
+    assert model_dtype(model) == torch.bfloat16
+    inputs = encode_inputs(inference, "dense", loaded.info.name, model, "documents")
+    feed = text_feed(inputs, texts, staged_ids(batches, inputs.identity), lambda i: 0)
+    assert feed.arranged is not None
+    groups = token_budget_batches(feed.lengths, 2048, pad_multiple("cpu", torch.bfloat16))
+    odd = [g for g in groups if max(feed.lengths[i] for i in g) % 16]
+    assert odd, "no batch whose longest item is off a multiple of 16"
+    for group in odd[:4]:
+        rounded = feed.features(model, group, "cpu")
+        exact = feed.arranged.tensors(group)
+        width = exact["input_ids"].shape[1]
+        assert rounded["input_ids"].shape[1] == padded_width(width, 16) > width
+        for key, value in exact.items():
+            if isinstance(value, torch.Tensor):  # (not the layout's extras: modality)
+                assert torch.equal(rounded[key][:, :width], value)
+        assert not rounded["attention_mask"][:, width:].any()
+        with torch.inference_mode():
+            got = model(rounded)["sentence_embedding"].float()
+            want = model(exact)["sentence_embedding"].float()
+        cosine = torch.nn.functional.cosine_similarity(got, want)
+        assert cosine.min() > 0.999, cosine.min()
+    fp32 = dense.load_dense(inference, DEFAULT_DENSE_MODEL, "fp32").model
+    group = odd[0]
+    assert feed.features(fp32, group, "cpu")["input_ids"].shape[1] == max(
+        feed.lengths[i] for i in group
+    )
 
 
 def test_queries_with_a_prompt_equal_encode_query(models: dict[str, str]) -> None:

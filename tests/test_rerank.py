@@ -323,7 +323,9 @@ def test_other_runtime_errors_propagate(reranker: Loaded, feed: Feed) -> None:
 
 # --- time limits ---------------------------------------------------------------------------
 
-UNIFORM = [10] * 12  # with a budget of 40: batches of exactly 4 pairs
+# With a budget of 64: batches of exactly 4 pairs (16 wide: a multiple of the padding's
+# multiple on a CPU and a GPU, so the batches are cut by these lengths as they are).
+UNIFORM = [16] * 12
 
 
 def test_timeout_splits_the_batch(
@@ -333,7 +335,7 @@ def test_timeout_splits_the_batch(
     executor = CrossEncoderBatchExecutor(
         reranker.model,
         "cpu",
-        40,
+        64,
         time_limit_s=0.2,
         before_batch=sleeper(0.5, when=lambda indices: len(indices) > 2),
     )
@@ -353,7 +355,7 @@ def test_timeout_everywhere_leaves_pairs_unreranked(
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
-        reranker.model, "cpu", 40, time_limit_s=0.2, before_batch=sleeper(0.5)
+        reranker.model, "cpu", 64, time_limit_s=0.2, before_batch=sleeper(0.5)
     )
     scores, stats = executor.score(part(4, UNIFORM[:4]))
     assert scores == [None] * 4
@@ -371,7 +373,7 @@ def test_timeout_of_one_half_costs_only_that_half(
     executor = CrossEncoderBatchExecutor(
         reranker.model,
         "cpu",
-        40,
+        64,
         time_limit_s=0.2,
         before_batch=sleeper(0.5, when=lambda indices: 0 in indices),
     )
@@ -397,7 +399,7 @@ def test_timeout_falls_back_to_the_cpu_model(
     executor = CrossEncoderBatchExecutor(
         reranker.model,
         "cuda",
-        40,
+        64,
         time_limit_s=0.2,
         cpu_model=lambda: reranker.model,
         before_batch=slow_on_device,
@@ -416,7 +418,7 @@ def test_slow_cpu_fallback_leaves_pairs_unreranked(
     executor = CrossEncoderBatchExecutor(
         reranker.model,
         "cuda",
-        40,
+        64,
         time_limit_s=0.2,
         cpu_model=lambda: reranker.model,
         before_batch=sleeper(0.5),
@@ -432,7 +434,7 @@ def test_off_the_main_thread_slow_batches_are_counted_and_kept(
 ) -> None:
     handler = signal.getsignal(signal.SIGALRM)
     executor = CrossEncoderBatchExecutor(
-        reranker.model, "cpu", 40, time_limit_s=0.1, before_batch=sleeper(0.2)
+        reranker.model, "cpu", 64, time_limit_s=0.1, before_batch=sleeper(0.2)
     )
     result: list[Any] = []
     thread = threading.Thread(target=lambda: result.append(executor.score(part(8, UNIFORM[:8]))))

@@ -17,12 +17,18 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Cranfield with its queries, dense + BM25, fused by the dense score alone (so the
-    results' order is the dense ranking), on the embedded fleet; in fp32, as the test
-    encodes the queries (on a CPU with bf16 the policy would pick bf16 for the fleet)."""
+    """A third of Cranfield with its 225 queries, dense + BM25, fused by the dense score
+    alone (so the results' order is the dense ranking), on the embedded fleet; in fp32,
+    as the test encodes the queries (on a CPU with bf16 the policy would pick bf16 for
+    the fleet)."""
+    folder = tmp_path_factory.mktemp("cranfield") / "cranfield"
+    folder.mkdir()
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines(keepends=True)
+    (folder / "corpus.jsonl").write_text("".join(lines[:450]))
+    (folder / "queries.jsonl").write_text((CRANFIELD / "queries.jsonl").read_text())
     out = tmp_path_factory.mktemp("exports") / "out"
     result = run_cli(
-        "run", str(CRANFIELD), "--output", str(out), "--sparse-models", "bm25",
+        "run", str(folder), "--output", str(out), "--sparse-models", "bm25",
         "--alpha", "1.0", "--top-k", "20", "--dtype", "fp32", "--json",
         env=base_env(), timeout=900,
     )  # fmt: skip

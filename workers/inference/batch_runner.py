@@ -5,7 +5,9 @@ Dense encoding, SPLADE and the CrossEncoder executor all hand their items to a
 indices. The runner owns everything around that call, the same way for every stage:
 
 - **Batching** (:func:`token_budget_batches`, TEI's rule): items sorted longest first
-  and cut so that ``len(batch) * longest item`` stays within a padded-token budget.
+  and cut so that ``len(batch) * longest item`` stays within a padded-token budget, the
+  longest item rounded up to :func:`pad_multiple` for the model's device and dtype (a
+  batch's tensors are that wide).
 - **Out of memory** (``torch.cuda.OutOfMemoryError``): the budget halves, the CUDA cache
   is emptied, and the batches not yet run are cut again. A single item that runs out of
   memory alone goes down the fallback chain and leaves the budget as it is: no batch size
@@ -71,7 +73,48 @@ FORGET_AFTER = 4
 # --- the batching rule ---------------------------------------------------------------
 
 
-def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+# How wide a batch's tensors are, rounded up (see pad_multiple).
+CPU_PAD_MULTIPLE = 16
+GPU_PAD_MULTIPLE = 8
+
+
+def pad_multiple(device: str, dtype: Any = None) -> int:
+    """What a batch's width (its longest item) is rounded up to, for a model of
+    ``dtype`` (a ``torch.dtype``; ``None``: not known) on ``device``.
+
+    On a CPU in bf16 or fp16, oneDNN builds and caches a kernel, with its scratch
+    memory, for every input shape a matmul meets, up to 1,024 of them: exact widths gave
+    a long run hundreds of shapes (rows x width), and a dense worker's memory grew with
+    them for as long as it ran, each new shape also paying for its kernel. Widths in
+    steps of 16 leave a few dozen shapes (every full batch of a width has the same
+    rows), at a few padded positions a row. A CPU in fp32 multiplies through BLAS,
+    which keeps nothing per shape: there the padding would only cost, so widths stay
+    exact. A GPU's tensor cores want multiples of 8.
+    """
+    if device.split(":")[0] != "cpu":
+        return GPU_PAD_MULTIPLE
+    half = str(dtype) in ("torch.bfloat16", "torch.float16")
+    return CPU_PAD_MULTIPLE if half else 1
+
+
+def model_dtype(model: Any) -> Any:
+    """The dtype of a model's first parameter (``None`` for none, or no model)."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return None
+    for parameter in parameters():
+        return parameter.dtype
+    return None
+
+
+def padded_width(longest: int, multiple: int = 1) -> int:
+    """A batch's width: its longest item rounded up to ``multiple`` (at least 1)."""
+    return -(-max(longest, 1) // multiple) * multiple
+
+
+def token_budget_batches(
+    lengths: Sequence[int], max_tokens: int, multiple: int = 1
+) -> list[list[int]]:
     """Group item indices into batches whose padded size stays within ``max_tokens``.
 
     A batch of short chunks can hold many more items than a batch of 256-token chunks for
@@ -83,6 +126,8 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[i
         lengths: Token count of each item (special tokens included or not, but alike).
         max_tokens: Budget of ``batch size * longest item`` per batch. An item longer
             than the budget gets a batch of its own.
+        multiple: What the longest item is rounded up to (:func:`pad_multiple`): the
+            tensors' width, which the budget counts.
 
     Returns:
         Lists of indices into ``lengths``, longest items first.
@@ -91,14 +136,14 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[i
     order: list[int] = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist()
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    width = 0
     for i in order:
-        longest_if_added = max(longest, lengths[i], 1)
-        if current and longest_if_added * (len(current) + 1) > max_tokens:
+        width_if_added = max(width, padded_width(lengths[i], multiple))
+        if current and width_if_added * (len(current) + 1) > max_tokens:
             batches.append(current)
-            current, longest_if_added = [], max(lengths[i], 1)
+            current, width_if_added = [], padded_width(lengths[i], multiple)
         current.append(i)
-        longest = longest_if_added
+        width = width_if_added
     if current:
         batches.append(current)
     return batches
@@ -113,16 +158,20 @@ def first_batch(items: Sequence[T], lengths: Sequence[int], max_tokens: int) -> 
     return [items[i] for i in batches[0]] if batches else []
 
 
-def padded_tokens(group: Sequence[int], lengths: Sequence[int]) -> int:
-    """The size of the padded tensor a model batch makes: items x longest item."""
-    return len(group) * max((lengths[i] for i in group), default=0)
+def padded_tokens(group: Sequence[int], lengths: Sequence[int], multiple: int = 1) -> int:
+    """The size of the padded tensor a model batch makes: items x its width."""
+    if not group:
+        return 0
+    return len(group) * padded_width(max(lengths[i] for i in group), multiple)
 
 
-def recut(pending: deque[list[int]], lengths: Sequence[int], budget: int) -> deque[list[int]]:
+def recut(
+    pending: deque[list[int]], lengths: Sequence[int], budget: int, multiple: int = 1
+) -> deque[list[int]]:
     """Cut the groups not yet run again at a new budget, still longest first: after an
     OOM the old groups would fail again; after a grow-back bigger groups are cheaper."""
     flat = [i for group in pending for i in group]
-    groups = token_budget_batches([lengths[i] for i in flat], budget)
+    groups = token_budget_batches([lengths[i] for i in flat], budget, multiple)
     return deque([flat[j] for j in group] for group in groups)
 
 
@@ -310,6 +359,9 @@ class BatchRunner:
         self.stage = stage
         self.model_name = model_name
         self.device = device
+        self.multiple = pad_multiple(device)
+        """What this run's batch widths are rounded up to (set per run, from the model's
+        dtype: :func:`pad_multiple`)."""
         self.budget = budget
         self.time_limit_s = time_limit_s
         self.before_batch = before_batch
@@ -350,12 +402,13 @@ class BatchRunner:
                 broken model must fail the task, not be papered over.
         """
         work = _Pass(model, lengths, call, figures, fallback)
-        work.pending.extend(token_budget_batches(lengths, self.budget.value))
+        self.multiple = pad_multiple(self.device, model_dtype(model))
+        work.pending.extend(token_budget_batches(lengths, self.budget.value, self.multiple))
         reset_peak("cpu")  # a CPU's batches read the process's peak since here
         cut_at = self.budget.value
         while work.pending:
             if self.budget.value != cut_at:
-                work.pending = recut(work.pending, lengths, self.budget.value)
+                work.pending = recut(work.pending, lengths, self.budget.value, self.multiple)
                 cut_at = self.budget.value
             self._on_device(work, work.pending.popleft())
         figures.budgets[self.model_name] = self.budget.value
@@ -415,7 +468,7 @@ class BatchRunner:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(group) > 1:
-            new_budget = self.budget.shrink(padded_tokens(group, work.lengths))
+            new_budget = self.budget.shrink(padded_tokens(group, work.lengths, self.multiple))
             log.warning("batch out of memory; budget halved", extra=self._fields(group, new_budget))
             work.pending.appendleft(group)
             return
@@ -479,7 +532,7 @@ class BatchRunner:
                 self._cpu = self._cpu_factory()
             model = self._cpu
         interruptible = _signals_usable()
-        tokens = padded_tokens(group, work.lengths)
+        tokens = padded_tokens(group, work.lengths, pad_multiple(device, model_dtype(model)))
         started = time.monotonic()
         self.current_device = device
         record = None

@@ -32,6 +32,7 @@ import torch
 from shared.inputs import tokens
 from shared.inputs.tokens import tokenizer_identity
 from shared.records.schemas import BatchKind, ChunkBatch
+from workers.inference.batch_runner import model_dtype, pad_multiple
 from workers.inference.engine import Inference
 from workers.inference.layout import (
     Arranged,
@@ -166,7 +167,8 @@ class Feed:
         if self.arranged is None:
             batch = self.inputs.preprocess(model, [self.texts[i] for i in group])
         else:
-            batch = self.arranged.tensors(group, pinned=_is_cuda(device))
+            multiple = pad_multiple(device, model_dtype(model))
+            batch = self.arranged.tensors(group, _is_cuda(device), multiple)
         return {
             key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()

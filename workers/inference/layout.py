@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from shared.records.logs import get_logger
+from workers.inference.batch_runner import padded_width
 
 log = get_logger("layout")
 
@@ -261,14 +262,24 @@ class Arranged:
     offsets: Ids
     lengths: Ids
 
-    def tensors(self, group: Sequence[int], pinned: bool = False) -> dict[str, Any]:
+    def tensors(
+        self, group: Sequence[int], pinned: bool = False, multiple: int = 1
+    ) -> dict[str, Any]:
         """The padded batch of the items of ``group``, as the model's ``preprocess``
         would give it: each row gathered from the flat arrays at once (``pinned``: in
-        page-locked host memory, for a ``non_blocking`` copy to a GPU)."""
+        page-locked host memory, for a ``non_blocking`` copy to a GPU).
+
+        ``multiple``: the width is the longest item rounded up to it (the batching
+        rule's :func:`~workers.inference.batch_runner.pad_multiple`), never past the
+        model's ``max_length``; the extra positions are padding, which the attention
+        mask hides, so every item's output is its own as at the exact width. A model
+        padded on the left or without a ``max_length`` gets the exact width."""
         layout = self.layout
         rows = np.asarray(group, dtype=np.int64)
         lengths = self.lengths[rows]
         width = int(lengths.max()) if len(rows) else 0
+        if multiple > 1 and width and layout.max_length and not layout.left_padding:
+            width = max(width, min(padded_width(width, multiple), layout.max_length))
         columns = np.arange(width, dtype=np.int64)
         # Each position's place in the item: its column, or (left padding) the column
         # less the row's padding; positions outside the item are padding. A handful of
