@@ -624,9 +624,11 @@ def test_a_lost_step_message_stalls_the_job_until_it_is_redriven(
     ledger = JobLedger(redis_client, job_id)
     start_worker("dense", fleet_env)
     deadline = time.monotonic() + 240
-    while ledger.status() != "retrieving":  # encoded; the plan step is queued
-        assert time.monotonic() < deadline, ledger.status()
-        time.sleep(0.5)
+    # Encoded, and the plan step queued: the phase's winner records the status first
+    # and publishes the step right after, so both are waited for.
+    while ledger.status() != "retrieving" or not waiting_counts(redis_client)["aggregate"]:
+        assert time.monotonic() < deadline, (ledger.status(), waiting_counts(redis_client))
+        time.sleep(0.2)
     assert waiting_counts(redis_client)["aggregate"] == 1
     # The step message is lost (whichever of the queue's priority lists holds it).
     redis_client.delete("aggregate", *(f"aggregate{PRIORITY_SEPARATOR}{p}" for p in PRIORITIES))
