@@ -9,7 +9,8 @@ worker cuts them, each variant in a fresh process, and records the shapes it met
 resident memory and its speed:
 
 - ``exact``: widths as the longest item (the code before ``pad_multiple``);
-- ``rounded``: widths rounded up to the CPU's multiple (what a worker does);
+- ``rounded``: widths rounded up to the CPU's multiple (what a worker does for a bf16
+  model, ``pad_multiple``);
 - ``full-rows``: also a unit's last batch padded to the rows of a full one (one shape
   per width; not built, as it costs a real model more than it saves).
 
@@ -45,10 +46,14 @@ def one_run(model: str, variant: str, units: int, dtype: str) -> dict[str, Any]:
     from sentence_transformers import SentenceTransformer
 
     from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
-    from workers.inference.batch_runner import pad_multiple, padded_width, token_budget_batches
+    from workers.inference.batch_runner import (
+        CPU_PAD_MULTIPLE,
+        padded_width,
+        token_budget_batches,
+    )
 
     multiple, full_rows = VARIANTS[variant]
-    multiple = multiple or pad_multiple("cpu")
+    multiple = multiple or CPU_PAD_MULTIPLE
     path = tiny_dense_model() if model == "tiny" else resolve_model(DEFAULT_DENSE_MODEL).path
     st = SentenceTransformer(str(path), device="cpu").eval()
     if dtype == "bf16":
