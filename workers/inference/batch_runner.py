@@ -321,6 +321,9 @@ class _Pass:
     call: ModelCall
     figures: StageFigures
     fallback: ItemFallback | None
+    multiple: int = 1
+    """What its batch widths are rounded up to (:func:`pad_multiple` of the runner's
+    device and the model's dtype)."""
     pending: deque[list[int]] = field(default_factory=deque)
     done: BatchRun = field(default_factory=BatchRun)
 
@@ -359,9 +362,6 @@ class BatchRunner:
         self.stage = stage
         self.model_name = model_name
         self.device = device
-        self.multiple = pad_multiple(device)
-        """What this run's batch widths are rounded up to (set per run, from the model's
-        dtype: :func:`pad_multiple`)."""
         self.budget = budget
         self.time_limit_s = time_limit_s
         self.before_batch = before_batch
@@ -401,14 +401,14 @@ class BatchRunner:
             Exception: anything ``call`` raises other than an out-of-memory error: a
                 broken model must fail the task, not be papered over.
         """
-        work = _Pass(model, lengths, call, figures, fallback)
-        self.multiple = pad_multiple(self.device, model_dtype(model))
-        work.pending.extend(token_budget_batches(lengths, self.budget.value, self.multiple))
+        multiple = pad_multiple(self.device, model_dtype(model))
+        work = _Pass(model, lengths, call, figures, fallback, multiple)
+        work.pending.extend(token_budget_batches(lengths, self.budget.value, multiple))
         reset_peak("cpu")  # a CPU's batches read the process's peak since here
         cut_at = self.budget.value
         while work.pending:
             if self.budget.value != cut_at:
-                work.pending = recut(work.pending, lengths, self.budget.value, self.multiple)
+                work.pending = recut(work.pending, lengths, self.budget.value, multiple)
                 cut_at = self.budget.value
             self._on_device(work, work.pending.popleft())
         figures.budgets[self.model_name] = self.budget.value
@@ -468,7 +468,7 @@ class BatchRunner:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if len(group) > 1:
-            new_budget = self.budget.shrink(padded_tokens(group, work.lengths, self.multiple))
+            new_budget = self.budget.shrink(padded_tokens(group, work.lengths, work.multiple))
             log.warning("batch out of memory; budget halved", extra=self._fields(group, new_budget))
             work.pending.appendleft(group)
             return
@@ -532,7 +532,9 @@ class BatchRunner:
                 self._cpu = self._cpu_factory()
             model = self._cpu
         interruptible = _signals_usable()
-        tokens = padded_tokens(group, work.lengths, pad_multiple(device, model_dtype(model)))
+        # The CPU copy of a fallback is padded as a CPU pads its dtype, not as the device.
+        multiple = work.multiple if on_device else pad_multiple(device, model_dtype(model))
+        tokens = padded_tokens(group, work.lengths, multiple)
         started = time.monotonic()
         self.current_device = device
         record = None
