@@ -177,12 +177,24 @@ class SentinelRedis:
     def __init__(self, workdir: Path, replicas: int = 1) -> None:
         """With two or more replicas a test can fail over again without waiting for the
         killed primary to come back: the Sentinels point the other replicas at the one
-        they promote, as part of the failover itself."""
+        they promote, as part of the failover itself.
+
+        Only the first replica may be promoted at first; the others are standbys
+        (``replica-priority 0``), each made a candidate once the failover before it is
+        done (:meth:`fail_over`). One candidate per failover: a Sentinel that lost the
+        vote for a failover, and has not yet heard who won, starts its own once its
+        failover timeout has passed; with two candidates it could promote the other one
+        and drop the winner's writes since."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.primary = RedisServer(workdir / "a")
         follow = ("--replicaof", "127.0.0.1", str(self.primary.port))
-        self.replicas = [RedisServer(workdir / f"r{i}", extra=follow) for i in range(replicas)]
+        self.replicas = [
+            RedisServer(
+                workdir / f"r{i}", extra=follow if i == 0 else (*follow, "--replica-priority", "0")
+            )
+            for i in range(replicas)
+        ]
         self.replica = self.replicas[0]
         self.sentinel_ports = [free_port() for _ in range(3)]
         self.sentinels: list[subprocess.Popen[bytes]] = []
@@ -231,12 +243,16 @@ class SentinelRedis:
 
         return check
 
-    def _replica_known(self, replica_port: int) -> bool:
-        """Whether every Sentinel sees a replica on that port, up."""
+    def _replica_known(self, replica_port: int, priority: int | None = None) -> bool:
+        """Whether every Sentinel sees a replica on that port, up (and with that
+        ``priority``, where one is given)."""
         for port in self.sentinel_ports:
             replicas = redis.Redis(port=port, socket_timeout=1).sentinel_slaves(self.MASTER)
             if not any(
-                int(r["port"]) == replica_port and "s_down" not in str(r["flags"]) for r in replicas
+                int(r["port"]) == replica_port
+                and "s_down" not in str(r["flags"])
+                and (priority is None or int(r["slave-priority"]) == priority)
+                for r in replicas
             ):
                 return False
         return True
@@ -282,7 +298,17 @@ class SentinelRedis:
         for replica in alive:
             wait_for(partial(_follows, replica, new), timeout, "a replica of the new primary")
             wait_for(partial(self._replica_known, replica.port), timeout, "known replicas")
+        if alive and not any(self._priority(s) for s in alive):
+            standby = alive[0]
+            redis.Redis(port=standby.port).config_set("replica-priority", 100)
+            # The Sentinels read a replica's priority from its INFO, every 10 s.
+            wait_for(partial(self._replica_known, standby.port, 100), timeout, "a candidate")
         return new
+
+    @staticmethod
+    def _priority(server: RedisServer) -> int:
+        found = redis.Redis(port=server.port).config_get("replica-priority")
+        return int(found["replica-priority"])
 
     def stop(self) -> None:
         for proc in self.sentinels:

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelManagedConnection
 
 from shared.records.errors import EmbedFleetError
 
@@ -120,9 +120,28 @@ def redis_client(url: str, **options: Any) -> redis.Redis:
         username=target.username,
         password=target.password,
         redis_connect_func=primary_only,
+        connection_class=FollowingConnection,
         **options,
     )
     return client
+
+
+class FollowingConnection(SentinelManagedConnection):
+    """A connection to the Sentinels' primary that asks them where it is on every
+    (re)connect.
+
+    redis-py's own (8.2) asks them only in ``connect()``; a command whose connection
+    broke mid-flight (its primary killed) is retried through ``send_packed_command``,
+    which reconnects by ``connect_check_health`` to the address the connection had: the
+    dead primary, again and again until the client's retries (the transient window) run
+    out. A worker was seen stuck so for minutes after a failover the rest of the fleet
+    had followed in seconds.
+    """
+
+    def _connect(self) -> Any:
+        if self.connection_pool.is_master:
+            self.host, self.port = self.connection_pool.get_master_address()
+        return super()._connect()  # type: ignore[no-untyped-call]
 
 
 def primary_only(connection: Any) -> None:
