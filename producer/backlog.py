@@ -6,7 +6,9 @@ leaves the list at once: it sits in kombu's ``unacked`` hash (field: delivery ta
 value: ``[message, exchange, routing key]``) until the worker acknowledges it after the
 unit ran. So ``LLEN`` alone says "empty" while every GPU worker is busy with the last
 units, and an autoscaler reading only it (KEDA's Redis list scaler) would scale the
-busy workers away. The backlog of a queue is therefore waiting + unacknowledged.
+busy workers away. The backlog of a queue is therefore waiting + unacknowledged, plus
+the units that jobs' quotas set aside (``run --max-in-flight``): they wait too, in
+lists of their own (``shared.control.quotas``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from shared.control import pipeline
+from shared.control.ledger import PARKED_INDEX
+from shared.control.quotas import parked_counts
 from shared.records import serializer
 
 # kombu's Redis transport: the hash of delivered, unacknowledged messages, and the
@@ -41,12 +45,15 @@ class QueueBacklog(msgspec.Struct):
         waiting: Messages in the queue's lists, not yet taken by a worker.
         unacked: Messages taken by a worker and not yet acknowledged: running, or
             reserved by a worker that will run them next.
-        backlog: ``waiting + unacked``: the number to scale on.
+        parked: Units set aside by their job's quota (``run --max-in-flight``), each
+            published again as one of its job's units ends (``shared.control.quotas``).
+        backlog: ``waiting + unacked + parked``: the number to scale on.
         workers: Workers consuming the queue (those that answered in time).
     """
 
     waiting: int
     unacked: int
+    parked: int
     backlog: int
     workers: list[str]
 
@@ -144,12 +151,14 @@ def read_backlog(
 ) -> FleetBacklog:
     """The fleet's backlog; with ``app``, also which workers consume each queue."""
     waiting, unacked = queue_counts(client)
+    parked = parked_counts(client, PARKED_INDEX)
     workers = consumers(app, timeout_s) if app is not None else None
     queues = {
         queue: QueueBacklog(
             waiting=waiting[queue],
             unacked=unacked[queue],
-            backlog=waiting[queue] + unacked[queue],
+            parked=parked.get(queue, 0),
+            backlog=waiting[queue] + unacked[queue] + parked.get(queue, 0),
             workers=(workers or {}).get(queue, []),
         )
         for queue in pipeline.QUEUES
@@ -176,7 +185,8 @@ def fleet_idle(client: redis.Redis) -> bool:
 _METRICS = (
     ("waiting", "Messages waiting in the queue's Redis lists (what LLEN counts)."),
     ("unacked", "Messages taken by a worker and not yet acknowledged (running or reserved)."),
-    ("backlog", "waiting + unacked: the work the queue's workers have before them."),
+    ("parked", "Units set aside by their job's quota (run --max-in-flight), to run later."),
+    ("backlog", "waiting + unacked + parked: the work the queue's workers have before them."),
     ("workers", "Workers consuming the queue that answered the last roll call."),
 )
 

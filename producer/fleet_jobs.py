@@ -38,6 +38,8 @@ class FleetJob(msgspec.Struct):
         total: Of how many (``None``: not known yet).
         in_flight: Its units the fleet's workers hold now.
         share: ``in_flight`` over every unit they hold (0 when they hold none).
+        max_in_flight: ``run --max-in-flight``: the most of its units of a stage that
+            run at once (0: no cap).
         eta_s: Seconds the rest of its phase needs at its rate so far (``None``: not
             known yet).
         age_s: Seconds since it was submitted.
@@ -52,6 +54,7 @@ class FleetJob(msgspec.Struct):
     total: int | None
     in_flight: int
     share: float
+    max_in_flight: int
     eta_s: float | None
     age_s: float
 
@@ -83,6 +86,7 @@ def running_jobs(client: redis.Redis, now: float | None = None) -> list[FleetJob
                 total=total,
                 in_flight=held[job_id],
                 share=round(held[job_id] / every, 3) if every else 0.0,
+                max_in_flight=spec.max_in_flight,
                 eta_s=_eta(snap, phase, done, total),
                 age_s=round(age, 1),
             )

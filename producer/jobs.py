@@ -117,6 +117,7 @@ class JobOptions:
     range_bytes: int = 8 * 2**20
     limits: InputLimits = field(default_factory=InputLimits)
     priority: Priority = "normal"
+    max_in_flight: int = 0
 
 
 # Id partitions of the fleet's duplicate check: at most one per range, and few enough
@@ -231,6 +232,7 @@ def prepare(
         fields=source.fields,
         limits=options.limits,
         priority=options.priority,
+        max_in_flight=options.max_in_flight,
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set, read_plan)
 

@@ -104,13 +104,14 @@ def queues(as_json: bool, serve: str | None, timeout: float) -> None:
         click.echo(msgspec.json.encode(backlog).decode())
         return
     table = Table(title="Fleet queues", title_justify="left")
-    for column in ("queue", "waiting", "unacked", "backlog", "workers"):
+    for column in ("queue", "waiting", "unacked", "parked", "backlog", "workers"):
         table.add_column(column, justify="left" if column in ("queue", "workers") else "right")
     for name, counts in backlog.queues.items():
         table.add_row(
             name,
             str(counts.waiting),
             str(counts.unacked),
+            str(counts.parked),
             str(counts.backlog),
             ", ".join(counts.workers) or "-",
         )
@@ -153,7 +154,8 @@ def jobs(as_json: bool) -> None:
 
     A job's share is its part of the units the workers hold right now (taken and not
     yet acknowledged), so it says what the job gets of the fleet, not what it asked for;
-    see `run --priority` for how jobs take turns. Progress and ETA are those of the job's
+    see `run --priority` for how jobs take turns and `run --max-in-flight` for a job's
+    cap on the units it runs at once. Progress and ETA are those of the job's
     current stage, at its rate so far. Finished jobs are not listed (`status` lists the
     recent ones).
     """
@@ -182,7 +184,8 @@ def jobs(as_json: bool) -> None:
             job.status,
             job.phase,
             f"{job.done:,}/{total}",
-            f"{job.share:.0%} ({job.in_flight})",
+            f"{job.share:.0%} ({job.in_flight}"
+            + (f", at most {job.max_in_flight} a stage)" if job.max_in_flight else ")"),
             f"{job.eta_s:,.0f} s" if job.eta_s is not None else "-",
         )
     console.print(table)

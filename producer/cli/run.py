@@ -315,6 +315,16 @@ from shared.records.schemas import (
     "batch: after a normal job's first units, in turn with its bulk (never starved).",
 )
 @click.option(
+    "--max-in-flight",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="The most units of this job that the fleet runs at once on each stage (N dense "
+    "units, N sparse units, ...), so that one job cannot take every GPU of a shared fleet; "
+    "the workers it leaves free take other jobs' units. 0: no cap.",
+)
+@click.option(
     "--max-record-bytes",
     type=ByteSize(),
     default=f"{DEFAULT_MAX_RECORD_BYTES // 2**20}MiB",
@@ -435,6 +445,7 @@ def run(
     range_mb: float,
     on_bad_record: Literal["fail", "skip"],
     priority: Priority,
+    max_in_flight: int,
     max_record_bytes: int,
     max_document_chunks: int,
     id_field: str | None,
@@ -513,6 +524,7 @@ def run(
         prepare_on=prepare_on,
         range_bytes=max(1, int(range_mb * 2**20)),
         priority=priority,
+        max_in_flight=max_in_flight,
         limits=InputLimits(
             max_record_bytes=max_record_bytes, max_document_chunks=max_document_chunks
         ),

@@ -25,6 +25,8 @@ Keys, all under ``embed-fleet:job:<id>:``::
                       deliveries up to the last that ended by itself (done or
                       raised), <unit>:death -> how the last one's worker died
                       (aggregator steps under deliveries:step)
+    running:<stage>, parked:<stage>
+                      the job's quota of units in flight (shared.control.quotas)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import redis
 
 from shared.control import pipeline
 from shared.control.pipeline import PhaseName
+from shared.control.quotas import JobQuota
 from shared.control.redis_urls import redis_client
 from shared.control.settings import redact_url
 from shared.records.errors import EmbedFleetError
@@ -60,6 +63,8 @@ from shared.records.schemas import (
 
 PREFIX = "embed-fleet"
 JOBS_INDEX = f"{PREFIX}:jobs"
+PARKED_INDEX = f"{PREFIX}:parked"
+"""Every job's parked lists (``shared.control.quotas``) that may hold units -> queue."""
 T = TypeVar("T")
 
 # Counts units accounted for per stage of a phase (done, or failed and not later done)
@@ -792,6 +797,15 @@ class JobLedger:
         for key in self._all_keys():
             pipe.expire(key, int(ttl))
         pipe.execute()
+        spec = self.spec()
+        if spec.max_in_flight:
+            # Nothing will run a parked unit of a job that ended.
+            self.quota().clear([stage.name for stage in pipeline.job_stages(spec)])
+
+    def quota(self) -> JobQuota:
+        """The job's quota of units in flight (``run --max-in-flight``)."""
+        base = f"{PREFIX}:job:{self.job_id}"
+        return JobQuota(self.client, base, PARKED_INDEX, self.spec().max_in_flight)
 
     def _all_keys(self) -> list[str]:
         spec = self.spec()

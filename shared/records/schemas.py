@@ -455,6 +455,9 @@ class JobSpec(Struct):
     limits: InputLimits = msgspec.field(default_factory=lambda: InputLimits())
     # How its units take turns with other jobs' on a shared fleet (shared.control.fairness).
     priority: Priority = "normal"
+    # The most units of the job that run at once on each stage; 0: no cap
+    # (shared.control.quotas).
+    max_in_flight: int = 0
 
 
 class InputLimits(Struct):

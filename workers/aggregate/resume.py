@@ -130,6 +130,9 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
         for message, _ in missing:
             by_stage.setdefault(message.stage, []).append(message.unit)
         ledger.reopen(phase, by_stage, later=phases[position + 1 :])
+        if spec.max_in_flight:
+            # Every unit not done goes again: a parked copy would be a second one.
+            ledger.quota().clear(list(by_stage))
         send_units(app, ledger, spec, [m for m, _ in missing], _variants(missing))
         units_sent = {s: len(u) for s, u in by_stage.items()}
         return Resumed(phase=phase, units=units_sent, recovered=recovered)

@@ -28,7 +28,11 @@ The hooks, in order:
    round trip, and, when that completes its phase, enqueues what follows; records a
    unit that kept failing so the job can still finish (``partial``), after sending each
    batch of a unit of several again on its own, so that one bad batch fails alone.
-7. :class:`Deliveries` (innermost, around the body alone): counts each delivery of a
+7. :class:`InFlightQuota`: a job run with ``--max-in-flight N`` runs at most ``N``
+   units of a stage at once; a unit over it is parked, not run, and each try that ends
+   publishes the job's next parked unit (``shared.control.quotas``). After the ledger's
+   hook, so a unit of a failed job is skipped, not parked.
+8. :class:`Deliveries` (innermost, around the body alone): counts each delivery of a
    unit in the ledger and notes when it ends by itself, so that a delivery that never
    did is known as its worker's death; fails a unit on which the worker died
    ``EMBED_FLEET_MAX_DELIVERIES`` times in a row instead of running it again
@@ -54,7 +58,9 @@ from opentelemetry import trace
 
 from shared.control import pipeline
 from shared.control.celery_app import advance, send_units
+from shared.control.quotas import JobQuota, ParkedUnit
 from shared.control.telemetry import tracer
+from shared.records import serializer
 from shared.records.errors import BadInputError, EmbedFleetError
 from shared.records.logs import get_logger
 from shared.records.schemas import BatchFailure, BatchReport, EncodeBatch, JobStep, Struct
@@ -364,6 +370,56 @@ class HeapTrimming(Middleware):
                 log.debug("heap trimmed", extra={"fields": {**fields, "trims": heap.trims}})
 
 
+class InFlightQuota(Middleware):
+    """A job's cap on the units of a stage that run at once (``run --max-in-flight``):
+    a unit over it is parked instead of run; a try that ends, done or failed, publishes
+    the job's next parked unit of its stage again, at its own priority level."""
+
+    name = "quota"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        limit = unit.job.spec.max_in_flight
+        if not (unit.stage and limit):
+            yield
+            return
+        quota = unit.job.ledger.quota()
+        info = getattr(unit.task.request, "delivery_info", None) or {}
+        parked = ParkedUnit(
+            task=unit.task.name,
+            level=int(info.get("priority") or 0),
+            message=serializer.dumps(unit.message),
+        )
+        stale_after = unit.context.settings.visibility_timeout
+        if not quota.admit(unit.stage, unit.unit, parked, stale_after):
+            raise SkipUnit(
+                f"its job runs at most {limit} units of {unit.stage} at once "
+                "(run --max-in-flight): parked until one of them ends"
+            )
+        try:
+            yield
+        finally:
+            _release_next(unit, quota)
+
+
+def _release_next(unit: UnitRun, quota: JobQuota) -> None:
+    """Publish the job's next parked unit of the stage, as its place frees up. A
+    failure here leaves that unit parked with nothing to release it: the job stalls,
+    which the watchdog and ``resume`` redo; the unit that ran keeps its outcome."""
+    try:
+        following = quota.release(unit.stage, unit.unit)
+        if following is not None:
+            unit.task.app.send_task(
+                following.task,
+                args=[serializer.loads(following.message)],
+                queue=pipeline.routes()[following.task],
+                priority=following.level,
+            )
+    except Exception as exc:
+        fields = {"job_id": unit.job.spec.job_id, "stage": unit.stage, "error": repr(exc)}
+        log.warning("a parked unit was not released", extra={"fields": fields})
+
+
 class Deliveries(Middleware):
     """Each delivery of a unit counted as it starts, and noted when it ends by itself;
     a unit whose worker died on it too often in a row is failed, not run."""
@@ -393,6 +449,7 @@ MIDDLEWARE: list[Middleware] = [
     ModelActivity(),
     TorchThreads(),
     LedgerReporting(),
+    InFlightQuota(),
     Deliveries(),
 ]
 """The hooks every fleet task runs, in order (see the module doc)."""
