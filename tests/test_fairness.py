@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -126,3 +127,49 @@ def test_a_small_job_is_not_stuck_behind_a_long_one_on_real_workers(
     after = sum(r.started_at > small_done for r in long_reports)
     assert len(long_reports) > 50
     assert after >= len(long_reports) // 3, (after, len(long_reports))
+
+
+@pytest.mark.e2e
+def test_an_urgent_job_queued_after_a_normal_one_runs_first_on_a_real_worker(
+    fleet_env, bucket, redis_server, start_worker, tmp_path: Path
+) -> None:
+    """Two jobs of one size, every dense unit of both queued before the dense worker
+    starts: a normal one first, then an urgent one. Each urgent unit sits a level above
+    the normal unit of the same place in its job, so the urgent job is done before the
+    normal one's later units start. (At one priority the normal job's units, sent
+    first, would go first at every level.)"""
+    lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "first.jsonl").write_text("".join(lines[:20]))
+    (tmp_path / "rush.jsonl").write_text("".join(lines[20:40]))
+    start_worker("prepare,aggregate", fleet_env)
+    common = ["--format", "jsonl", "--batch-chunks", "4", "--unit-tokens", "1", "--json"]
+    client = redis_server.client()
+
+    def queued(source: str, *extra: str) -> tuple[subprocess.Popen[str], JobLedger]:
+        """A job started, once its dense units are all queued (its chunk phase done)."""
+        before = set(client.zrange(JOBS_INDEX, 0, -1))
+        cli = start_cli(
+            "run", str(tmp_path / source), "--output", f"s3://{bucket}/{source}", *common,
+            *extra, env=fleet_env,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while True:
+            assert time.monotonic() < deadline and cli.poll() is None, f"{source} never queued"
+            new = set(client.zrange(JOBS_INDEX, 0, -1)) - before
+            if new:
+                ledger = JobLedger(client, new.pop().decode())
+                if ledger.status() == "running":
+                    return cli, ledger
+            time.sleep(0.1)
+
+    first, first_ledger = queued("first.jsonl")
+    rush, rush_ledger = queued("rush.jsonl", "--priority", "urgent")
+    start_worker("dense", fleet_env)
+    for cli in (first, rush):
+        _, stderr = cli.communicate(timeout=600)
+        assert cli.returncode == 0, stderr
+    rush_done = max(r.finished_at for r in rush_ledger.reports("dense"))
+    first_reports = first_ledger.reports("dense")
+    after = sum(r.started_at > rush_done for r in first_reports)
+    assert len(first_reports) >= 6
+    assert after >= 3, (after, len(first_reports))
