@@ -62,8 +62,9 @@ def unconsumed_line(queues: Sequence[str], subject: str) -> str:
 class QueueWatch:
     """A follower's check for queues nobody consumes (see the module doc).
 
-    Called on every tick of the follow loop; at most every :data:`CHECK_EVERY_S` it looks
-    in a thread of its own (the workers' answer takes up to a second, which the live view
+    Called on every tick of the follow loop; every :data:`CHECK_EVERY_S` it looks
+    (and again as soon as a queue found unconsumed has waited ``wait_s``) in a thread
+    of its own (the workers' answer takes up to a second, which the live view
     should not wait for). A queue is named once, after ``wait_s`` seconds of messages
     waiting there with no consumer; a consumer that comes resets it.
     """
@@ -90,12 +91,23 @@ class QueueWatch:
 
     def __call__(self) -> None:
         now = time.monotonic()
-        if not self.queues or now - self._checked_at < CHECK_EVERY_S:
+        if not self.queues or (now - self._checked_at < CHECK_EVERY_S and not self._due(now)):
             return
         if not self._checking.acquire(blocking=False):
             return  # the last look has not ended yet
         self._checked_at = now
         threading.Thread(target=self._look, name="queue-watch", daemon=True).start()
+
+    def _due(self, now: float) -> bool:
+        """Whether a queue found unconsumed has now waited ``wait_s`` and is not yet
+        named: it is looked at then, not at the next regular look (up to
+        :data:`CHECK_EVERY_S` later)."""
+        if now - self._checked_at < 1.0:  # a look that failed is not retried at once
+            return False
+        return any(
+            now - since >= self.wait_s and queue not in self._named
+            for queue, since in list(self._unconsumed_since.items())
+        )
 
     def _look(self) -> None:
         try:

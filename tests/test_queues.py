@@ -125,3 +125,31 @@ def test_a_busy_workers_unit_is_backlog_while_llen_is_zero(
             break
         time.sleep(0.1)
     assert not left, f"backlog left once the job was done: {left}"
+
+
+def test_a_follower_names_an_unconsumed_queue_once_it_has_waited_not_at_its_next_look(
+    redis_server, redis_client
+) -> None:
+    """A real Redis with a message waiting on `prepare` and no worker at all: the
+    follow loop's watch names the queue about ``wait_s`` after it first found it
+    unconsumed, not at its next regular look (every 5 s)."""
+    import dataclasses
+
+    from producer.consumers import CHECK_EVERY_S, QueueWatch
+    from shared.control.celery_app import make_app
+    from shared.control.settings import Settings
+
+    app = make_app(dataclasses.replace(Settings.from_env({}), broker_url=redis_server.url))
+    redis_client.rpush("prepare", b"a unit nobody takes")
+    said: list[float] = []
+    wait_s = 2.0
+    say = lambda _: said.append(time.monotonic())  # noqa: E731
+    watch = QueueWatch(redis_client, app, "job-1", ["prepare"], wait_s, say)
+    started = time.monotonic()
+    while not said and time.monotonic() - started < 3 * CHECK_EVERY_S:
+        watch()
+        time.sleep(0.05)
+    assert said, "never named"
+    # The first look finds it (its answer from the workers takes up to 1 s), the look
+    # due wait_s later names it.
+    assert said[0] - started < wait_s + 2.5 < CHECK_EVERY_S
