@@ -16,7 +16,7 @@ from test_ledger import spec
 
 from producer.backlog import read_backlog
 from shared.control.ledger import PARKED_INDEX, JobLedger
-from shared.control.quotas import JobQuota, ParkedUnit, parked_counts
+from shared.control.quotas import PARKED_FIELD, JobQuota, ParkedUnit, parked_counts
 from shared.records import serializer
 from shared.records.schemas import EncodeBatch
 
@@ -45,7 +45,7 @@ def test_a_quota_runs_n_units_of_a_stage_and_hands_back_the_rest_in_order(redis_
     assert q.admit("dense", "a", parked("a"), 3600)
     # Another stage has a quota of its own.
     assert q.admit("sparse", "a", parked("a"), 3600)
-    assert redis_client.hget("embed-fleet:job:q:state", "parked") == b"2"
+    assert redis_client.hget("embed-fleet:job:q:state", PARKED_FIELD) == b"2"
 
     backlog = read_backlog(redis_client).queues["dense"]
     assert (backlog.waiting, backlog.parked, backlog.backlog) == (0, 2, 2)
@@ -125,7 +125,7 @@ def test_a_job_capped_at_one_unit_runs_one_at_a_time_on_two_workers(
         if b.started_at < a.finished_at
     ]
     assert not overlaps
-    assert int(client.hget(ledger.k_state, "parked") or 0) > 0, "the cap never held a unit"
+    assert int(client.hget(ledger.k_state, PARKED_FIELD) or 0) > 0, "the cap never held a unit"
     assert len({r.worker for r in reports}) == 2  # both workers ran the job's units
     assert ledger.quota().parked("dense") == 0
     assert read_backlog(client).queues["dense"].backlog == 0

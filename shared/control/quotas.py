@@ -38,7 +38,7 @@ Keys, under the job's ledger keys (``embed-fleet:job:<id>:``, see
 
     running:<stage>   sorted set: unit -> when its try started (Unix time)
     parked:<stage>    list of ParkedUnit (msgpack), first parked first
-    state             hash field ``parked``: units parked so far (a figure)
+    state             hash field ``parked`` (PARKED_FIELD): units parked so far
 
 and ``embed-fleet:parked``, a hash of every parked list that may hold units -> its
 queue (what the backlog counts).
@@ -58,7 +58,8 @@ PARKED_FIELD = "parked"
 """The job state's count of units parked so far."""
 
 # KEYS: running, parked, the parked index, the job's state; ARGV: unit, now, the oldest
-# start still counted, the quota, the parked message, its queue. 1: admitted, 0: parked.
+# start still counted, the quota, the parked message, its queue, the state's count of
+# units parked. 1: admitted, 0: parked.
 _ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
 if redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -68,7 +69,7 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1])
 end
 redis.call('RPUSH', KEYS[2], ARGV[5])
 redis.call('HSET', KEYS[3], KEYS[2], ARGV[6])
-redis.call('HINCRBY', KEYS[4], 'parked', 1)
+redis.call('HINCRBY', KEYS[4], ARGV[7], 1)
 return 0
 """
 
@@ -141,6 +142,7 @@ class JobQuota:
                 self.limit,
                 _encoder.encode(parked),
                 pipeline.routes()[parked.task],
+                PARKED_FIELD,
             ],
         )
         return bool(admitted)
