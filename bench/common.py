@@ -128,9 +128,12 @@ def fleet_stage(
     }
 
 
-def cli_job(source: Path, extra: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+def cli_job(
+    source: Path, extra: list[str], env: dict[str, str] | None = None, output: Path | None = None
+) -> dict[str, Any]:
     """``embed-collections run SOURCE --json EXTRA`` as a user runs it (embedded fleet,
-    with ``env`` added to the environment); the job's manifest, with its ``wall_s``."""
+    with ``env`` added to the environment); the job's manifest, with its ``wall_s``. The
+    output goes to a folder deleted afterwards, unless ``output`` is given."""
     import json
     import os
     import subprocess
@@ -140,7 +143,8 @@ def cli_job(source: Path, extra: list[str], env: dict[str, str] | None = None) -
     env = {"HF_HUB_OFFLINE": "1", **inherited, **(env or {})}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="embed-fleet-bench-") as tmp:
-        command = [sys.executable, "-m", "producer.cli", "run", str(source), "--output", tmp]
+        command = [sys.executable, "-m", "producer.cli", "run", str(source)]
+        command += ["--output", str(output or tmp)]
         done = subprocess.run(
             [*command, "--json", *extra], cwd=REPO, env=env, capture_output=True, text=True
         )

@@ -230,6 +230,8 @@ def figures_text(summary: LatencySummary, rerank: bool = False) -> str:
         f"{summary.items_per_s:.1f}/s",
         f"p50 {summary.p50_s:.2f}s p95 {summary.p95_s:.2f}s",
     ]
+    if summary.items_reused:  # run --reuse: taken from the earlier job, not encoded
+        parts.insert(0, f"{summary.items_reused:,} reused")
     if summary.batch_size_max:
         sizes = f"{summary.batch_size_min}/{summary.batch_size_p50}/{summary.batch_size_max}"
         parts.append(f"batch {sizes}")
@@ -299,6 +301,38 @@ def metrics_table(manifest: Manifest) -> Table | None:
     for name, m in manifest.metrics.items():
         table.add_row(name, f"{m.ndcg_at_10:.4f}", f"{m.recall_at_100:.4f}", f"{m.mrr_at_10:.4f}")
     return table
+
+
+def reuse_lines(manifest: Manifest) -> list[str]:
+    """What a ``--reuse`` job took from its earlier job, and why a model took nothing."""
+    changes = manifest.changes
+    if changes is None:
+        return []
+    job = changes.against_job or changes.against
+    if changes.refused:
+        return [f"reuse: none from {job} ({changes.refused}); every chunk was encoded"]
+    documents = changes.documents
+    lines = [
+        f"reuse: job {job}: documents {documents.added:,} added, {documents.changed:,} "
+        f"changed, {documents.removed:,} removed, {documents.unchanged:,} unchanged; "
+        f"{changes.chunks_found:,} of {changes.chunks:,} chunks found there"
+    ]
+    if changes.lost:
+        lines.append(
+            f"  {changes.chunks_lost:,} of them encoded after all: the earlier job's output "
+            f"went or changed during this job ({changes.lost})"
+        )
+    for model, reused in changes.reused.items():
+        line = f"  {model}: {reused:,} reused, {changes.encoded.get(model, 0):,} encoded"
+        if repeats := changes.repeats.get(model, 0):
+            line += f", {repeats:,} repeats of a text served its vector"
+        if reused == 0 and changes.chunks_found:
+            line += (
+                f" (its model key differs from job {job}'s: another dtype, weights or "
+                "tokenizer; see the manifests' chunks.model_keys)"
+            )
+        lines.append(line)
+    return lines
 
 
 def rerank_line(manifest: Manifest) -> str | None:

@@ -51,6 +51,7 @@ from shared.inputs.sources import (
     open_source,
 )
 from shared.records import ids
+from shared.records.earlier_jobs import earlier_job, folder_of, refusal
 from shared.records.errors import BadRecordError, EmbedFleetError, NoDocumentsError
 from shared.records.job_store import JobLayout, JobStore
 from shared.records.schemas import (
@@ -118,6 +119,8 @@ class JobOptions:
     limits: InputLimits = field(default_factory=InputLimits)
     priority: Priority = "normal"
     max_in_flight: int = 0
+    # An earlier job to take vectors from (``--reuse``): its id or its folder.
+    reuse: str | None = None
 
 
 # Id partitions of the fleet's duplicate check: at most one per range, and few enough
@@ -195,6 +198,7 @@ def prepare(
     retrieval = _retrieval_spec(options, query_set, sparse) if query_set else None
     store = open_store(options.output, options.transient_window_s)
     store.check()
+    reuse = _reuse_folder(options, store)
     read_plan = None
     if options.prepare_on == "fleet":
         ranges = cut_ranges(source, options.range_bytes)
@@ -233,8 +237,49 @@ def prepare(
         limits=options.limits,
         priority=options.priority,
         max_in_flight=options.max_in_flight,
+        reuse=reuse,
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set, read_plan)
+
+
+def _reuse_folder(options: JobOptions, store: ObjectStore) -> str:
+    """The folder of the job ``--reuse`` names ("" without it).
+
+    Raises:
+        EmbedFleetError: no such finished job, or a job prepared by its producer (the
+            match runs on the fleet's prepare phases).
+    """
+    if not options.reuse:
+        return ""
+    if options.prepare_on != "fleet":
+        raise EmbedFleetError(
+            "--reuse needs --prepare-on fleet",
+            "Drop --prepare-on producer: the fleet's prepare phases match the documents",
+        )
+    return folder_of(earlier_job(options.reuse, store, options.transient_window_s))
+
+
+def reuse_verdict(spec: JobSpec) -> str:
+    """One line on what ``--reuse`` can take, before the job starts: the earlier job,
+    and which of this job's models it has vectors of (the workers take them only where
+    their model's key, dtype included, is the same)."""
+    job = earlier_job(spec.reuse, open_store(spec.output))
+    manifest = job.manifest()
+    refused = refusal(manifest)
+    if refused:
+        return f"reuse: none ({refused}); every chunk is encoded"
+    assert manifest.chunks is not None
+    keys = manifest.chunks.model_keys
+    models = [*spec.dense_models, *(m for m in spec.sparse_models if m != BM25)]
+    have = [m for m in models if m in keys]
+    lacking = [m for m in models if m not in keys]
+    line = (
+        f"reuse: job {manifest.job_id} ({manifest.counts.chunks_exported:,} chunks) has "
+        f"vectors of {', '.join(have) if have else 'none of these models'}"
+    )
+    if lacking:
+        line += f"; {', '.join(lacking)} encoded afresh (not in that job)"
+    return line + "; a worker takes them where its model and dtype match"
 
 
 def _query_set(source: Source, options: JobOptions) -> QuerySet | None:

@@ -24,13 +24,14 @@ from typing import Any, Literal
 
 import msgspec
 
+from shared.records.earlier_jobs import finished_job as finished_job  # (re-exported)
 from shared.records.errors import EmbedFleetError
 from shared.records.job_store import JobStore
 from shared.records.schemas import Manifest
-from shared.records.storage import ObjectStore, safe_name
+from shared.records.storage import safe_name
 
-ExportTarget = Literal["pyserini-sparse", "faiss"]
-TARGETS: tuple[ExportTarget, ...] = ("pyserini-sparse", "faiss")
+ExportTarget = Literal["pyserini-sparse", "faiss", "delta"]
+TARGETS: tuple[ExportTarget, ...] = ("pyserini-sparse", "faiss", "delta")
 
 
 class ExportedFile(msgspec.Struct):
@@ -58,20 +59,6 @@ class PartChunks(msgspec.Struct):
     texts: list[str]
     dense: dict[str, Any]  # model -> float32 array (chunks x dim)
     sparse: dict[str, list[dict[str, float] | None]]  # model -> a term weighting per chunk
-
-
-def finished_job(store: ObjectStore, job_id: str) -> JobStore:
-    """The finished job of that id under an output, whatever its collection (its
-    ``work/`` is gone by then: the manifest is what says it finished)."""
-    for collection in store.folders():
-        job = JobStore(store, collection, job_id)
-        if store.exists(job.layout.manifest):
-            return job
-    raise EmbedFleetError(
-        f"no finished job {job_id!r} under {store.url} (no manifest.json)",
-        "Pass the --output the job was run with (or set EMBED_FLEET_OUTPUT); a job that "
-        "is still running has nothing to export yet",
-    )
 
 
 def finished_manifest(job: JobStore) -> Manifest:

@@ -50,6 +50,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def reuse_jobs(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The jobs of a corpus that changed a little (``tests/reuse_jobs.py``), shared by
+    the reuse and the delta tests."""
+    from reuse_jobs import build
+
+    return build(tmp_path_factory.mktemp("reuse"))
+
+
 @pytest.fixture
 def redis_client(redis_server: RedisServer) -> Iterator[object]:
     client = redis_server.client()

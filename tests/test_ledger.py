@@ -412,6 +412,7 @@ def test_live_figures_are_kept_as_units_finish_and_equal_the_reports(ledger) -> 
                 oom_count=rng.randint(0, 1),
                 budgets={"m": rng.randint(512, 8192)},
                 items_missed=rng.randint(0, 1),
+                items_reused=rng.randint(0, 64),
                 model_loads=rng.randint(0, 1),
             )
         )

@@ -2,7 +2,8 @@
 the job comes out as the producer alone would make it: the same chunks, skipped records
 at the same file lines, the same counts; a bad record or a duplicate across ranges fails
 the job with file and line and leaves nothing behind; a prepare worker killed mid-range
-costs a redelivery, nothing lost or doubled."""
+costs a redelivery, nothing lost or doubled, also while it copies an earlier job's
+vectors (``run --reuse``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 from artifacts import chunk_records
 from conftest import CRANFIELD, REPO, base_env, run_cli
@@ -125,20 +127,35 @@ def test_a_bad_record_found_on_the_fleet_fails_the_job_and_leaves_nothing(
 def test_a_prepare_worker_killed_mid_range_costs_nothing(
     fleet_env, bucket, s3, redis_server, start_worker, tmp_path
 ) -> None:
+    """Killed while it chunks a job that reuses an earlier job's vectors (on S3), so
+    mid-copy too: the range is redelivered, nothing is lost or doubled, and every chunk
+    the earlier job had still gets its vector bit for bit."""
     source = collection(tmp_path, 500)
+    earlier_source = tmp_path / "earlier" / "corpus.jsonl"
+    earlier_source.parent.mkdir()
+    earlier_source.write_text("".join(source.read_text().splitlines(keepends=True)[:300]))
     start_worker("dense", fleet_env)
     start_worker("aggregate", fleet_env)
     victim = start_worker("prepare", fleet_env)
+    # Small ranges, as below: a unit outlasting the fleet's 8 s visibility timeout would
+    # be redelivered while it runs.
+    earlier = run_cli(
+        "run", str(earlier_source), "--output", f"s3://{bucket}", "--range-mb", "0.005",
+        "--json", env=fleet_env,
+    )  # fmt: skip
+    assert earlier.returncode == 0, earlier.stderr
+    earlier_manifest = events(earlier.stdout, "summary")[-1]["manifest"]
     cli = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "run", str(source), "--output", f"s3://{bucket}",
-         "--range-mb", "0.005", "--format", "jsonl", "--keep-work", "--json"],
+         "--range-mb", "0.005", "--format", "jsonl", "--keep-work", "--json",
+         "--reuse", earlier_manifest["job_id"]],
         env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     client = redis_server.client()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         jobs = client.zrange(JOBS_INDEX, 0, -1)
-        if jobs:
+        if jobs and jobs[-1].decode() != earlier_manifest["job_id"]:
             ledger = JobLedger(client, jobs[-1].decode())
             if ledger.phase_opened("chunk") and len(ledger.reports("chunk")) >= 3:
                 break
@@ -159,7 +176,8 @@ def test_a_prepare_worker_killed_mid_range_costs_nothing(
     def get(key: str) -> bytes:
         return bytes(s3c.get_object(Bucket=bucket, Key=key)["Body"].read())
 
-    exported = [r["chunk_id"] for r in chunk_records(manifest, get)]
+    records = chunk_records(manifest, get)
+    exported = [r["chunk_id"] for r in records]
     staged: list[str] = []
     job = f"corpus/{manifest['job_id']}"
     for batch_id in ledger.staged_batches():
@@ -168,6 +186,19 @@ def test_a_prepare_worker_killed_mid_range_costs_nothing(
     assert len(exported) == len(set(exported)) == manifest["counts"]["chunks"]
     assert exported == staged  # nothing lost or doubled, in reading order
     assert manifest["stages"]["chunk"]["batches"] == ranges
+    # The earlier job's 300 documents are the same: their chunks' vectors are its own.
+    before = {r["chunk_id"]: r for r in chunk_records(earlier_manifest, get)}
+    changes = manifest["changes"]
+    assert changes["chunks_found"] == len(before) == next(iter(changes["reused"].values()))
+    kept = {r["doc_id"] for r in before.values()}
+    assert changes["documents"]["unchanged"] == len(kept) > 250
+    assert changes["documents"]["added"] == len({r["doc_id"] for r in records} - kept) > 150
+    (model,) = manifest["spec"]["dense_models"]
+    for record in records:
+        if record["chunk_id"] in before:
+            mine = np.asarray(record["dense"][model], np.float32)
+            theirs = np.asarray(before[record["chunk_id"]]["dense"][model], np.float32)
+            assert mine.tobytes() == theirs.tobytes(), record["chunk_id"]
 
 
 def test_redis_lost_while_the_fleet_prepares_then_resume_completes_the_job(

@@ -29,6 +29,7 @@ from shared.records.schemas import (
     Vocabulary,
 )
 from workers.app import app, settings
+from workers.inference.earlier import Earlier
 from workers.runtime.context import Job, WorkerContext
 from workers.runtime.measure import StageFigures, UnitOutcome, peak_kind
 from workers.runtime.middleware import Body, FleetTask
@@ -99,7 +100,8 @@ def dedupe_ids(ctx: WorkerContext, job: Job, msg: PrepareUnit) -> UnitOutcome:
     """Duplicate ids across ranges, in one id partition."""
     from workers.prepare.dedupe import dedupe_partition
 
-    return UnitOutcome(items=dedupe_partition(job.spec, job.store, msg.unit), device="cpu")
+    window = ctx.settings.transient_window
+    return UnitOutcome(items=dedupe_partition(job.spec, job.store, msg.unit, window), device="cpu")
 
 
 @step_task("plan_chunk")
@@ -179,8 +181,15 @@ def embed_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitOutcome:
     spec = job.spec
 
     def encode(batches: list[ChunkBatch]) -> UnitOutcome:
+        earlier = Earlier.read(job.store, batches)
         return dense.encode_batches(
-            ctx.inference, batches, spec.dense_models, spec.max_batch_tokens, msg.kind, spec.dtype
+            ctx.inference,
+            batches,
+            spec.dense_models,
+            spec.max_batch_tokens,
+            msg.kind,
+            spec.dtype,
+            earlier,
         )
 
     return _encode(ctx, job, msg, encode)
@@ -197,7 +206,8 @@ def encode_sparse_batch(ctx: WorkerContext, job: Job, msg: EncodeBatch) -> UnitO
     generator = SparseVectorGenerator(ctx.inference, spec.sparse_device, None, spec.dtype)
 
     def encode(batches: list[ChunkBatch]) -> UnitOutcome:
-        return generator.encode_batches(batches, spec.sparse_models, msg.kind)
+        earlier = Earlier.read(job.store, batches)
+        return generator.encode_batches(batches, spec.sparse_models, msg.kind, earlier)
 
     outcome = _encode(ctx, job, msg, encode)
     for model, terms in generator.vocabularies.items():

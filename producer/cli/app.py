@@ -16,7 +16,7 @@ import click
 import redis
 from rich.console import Console
 
-from producer.follow import emit_json, metrics_table, rerank_line, summary_table
+from producer.follow import emit_json, metrics_table, rerank_line, reuse_lines, summary_table
 from producer.local_fleet import LocalFleet, local_queues, preload_list
 from shared.control.ledger import connect
 from shared.control.settings import Settings, env_name
@@ -171,6 +171,8 @@ def show_summary(manifest: Manifest, location: str, as_json: bool) -> None:
     rerank = rerank_line(manifest)
     if rerank:
         console.print(rerank, highlight=False)
+    for line in reuse_lines(manifest):
+        console.print(line, highlight=False, soft_wrap=True)
     quality = metrics_table(manifest)
     if quality is not None:
         console.print(quality)

@@ -34,7 +34,7 @@ from producer.cli.app import (
 from producer.cli.job import resume_main
 from producer.consumers import unconsumed, unconsumed_line
 from producer.follow import emit_json, follow, human_bytes
-from producer.jobs import JobOptions, PreparedJob, Stager, prepare
+from producer.jobs import JobOptions, PreparedJob, Stager, prepare, reuse_verdict
 from producer.watchdog import Watchdog
 from shared.control import pipeline, telemetry
 from shared.control.celery_app import make_app
@@ -325,6 +325,17 @@ from shared.records.schemas import (
     "the workers it leaves free take other jobs' units. 0: no cap.",
 )
 @click.option(
+    "--reuse",
+    default=None,
+    metavar="JOB",
+    help="Take vectors from an earlier job instead of encoding them again: its id (under "
+    "the same --output) or its folder (OUTPUT/COLLECTION/JOB_ID, local or s3://). A chunk "
+    "takes the earlier vector where its document id and text are the same and the "
+    "worker's model is the same (name, weights, tokenizer, dtype); the rest is encoded. "
+    "The new job's output is complete on its own, and its manifest's `changes` says what "
+    "was added, changed, removed and reused (`export --to delta` writes the upserts).",
+)
+@click.option(
     "--max-record-bytes",
     type=ByteSize(),
     default=f"{DEFAULT_MAX_RECORD_BYTES // 2**20}MiB",
@@ -446,6 +457,7 @@ def run(
     on_bad_record: Literal["fail", "skip"],
     priority: Priority,
     max_in_flight: int,
+    reuse: str | None,
     max_record_bytes: int,
     max_document_chunks: int,
     id_field: str | None,
@@ -525,6 +537,7 @@ def run(
         range_bytes=max(1, int(range_mb * 2**20)),
         priority=priority,
         max_in_flight=max_in_flight,
+        reuse=reuse,
         limits=InputLimits(
             max_record_bytes=max_record_bytes, max_document_chunks=max_document_chunks
         ),
@@ -594,6 +607,14 @@ def _sparse_models(enabled: bool, names: str | None) -> list[str]:
 def _prepare(options: JobOptions, as_json: bool) -> PreparedJob:
     if as_json:
         return prepare(options)
+    job = _prepare_shown(options)
+    if job.spec.reuse:
+        console.print(reuse_verdict(job.spec), highlight=False, soft_wrap=True)
+    return job
+
+
+def _prepare_shown(options: JobOptions) -> PreparedJob:
+    """Prepare with a bar over the source's validation (when the producer reads it)."""
     with Progress(
         TextColumn("[bold]validate"),
         BarColumn(),

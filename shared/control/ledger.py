@@ -114,6 +114,7 @@ if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 1 then
     add('tokens', r.tokens)
     add('oom_count', r.oom_count)
     add('items_missed', r.items_missed)
+    add('items_reused', r.items_reused)
     add('model_loads', r.model_loads)
     add('hydrations', r.hydrations)
     add('evictions', r.evictions)
@@ -358,6 +359,7 @@ def _running_figures(
     summary.peak_memory_bytes = int(f.get("peak_memory_bytes", 0))
     summary.peak_memory_kind = f.get("peak_memory_kind", "")
     summary.oom_count = int(f["oom_count"])
+    summary.items_reused = int(f.get("items_reused", 0))
     budgets: dict[str, int] = {}
     for key, value in f.items():
         if key.startswith("budget:") and not key.endswith(":at"):

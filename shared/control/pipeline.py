@@ -18,7 +18,11 @@ The first three prepare the collection on the fleet (``--prepare-on fleet``, the
 default): every record validated, duplicate ids found across ranges, then chunked and
 staged; a chunk unit enqueues its batches' encode units as it stages them, so encoding
 starts before chunking ends, and ``seal`` counts the batches once every range is chunked.
-A job prepared by its producer (``--prepare-on producer``) starts at ``encode``.
+A job prepared by its producer (``--prepare-on producer``) starts at ``encode``. A job
+that reuses an earlier job's vectors (``--reuse``) does its matching on the same three
+phases, with no stage of its own: validate units also index the earlier job's parts,
+dedupe units (at least one) join them with the new ids, and chunk units copy the
+earlier vectors beside each batch they stage (``workers.prepare.reuse``).
 
 A phase is complete when every unit of each of its stages is accounted for (done, or
 failed after retries); the caller that finds it so first wins its guard and enqueues

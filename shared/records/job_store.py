@@ -27,6 +27,10 @@ can be rebuilt and resumed (``producer.recovery``).
         work/duplicates/<partition>.msgpack   Duplicates (a partition is checked)
         work/exclusions/<range>.msgpack       RangeExclusions (duplicates a range leaves out)
         work/chunked/<range>.msgpack          RangeChunked (a range is chunked and staged)
+        work/reuse/index/<partition>/<part>.msgpack  EarlierIndex (an earlier part's chunks)
+        work/reuse/found/<range>/<partition>.msgpack EarlierDocuments (what a range had)
+        work/reuse/match/<partition>.msgpack  ReuseMatch (a partition is matched)
+        work/reuse/vectors/<batch>.msgpack    EarlierVectors (a batch's earlier vectors)
         work/models/<kind>-<model>.msgpack    ModelInfo (what the workers loaded)
         work/batches/<batch>.msgpack          ChunkBatch (documents and queries)
         work/dense/<batch>.msgpack            DenseShard
@@ -58,6 +62,9 @@ from shared.records.schemas import (
     ChunkBatch,
     DenseShard,
     Duplicates,
+    EarlierDocuments,
+    EarlierIndex,
+    EarlierVectors,
     ExportedPart,
     ExportPlan,
     FusedGroup,
@@ -73,6 +80,7 @@ from shared.records.schemas import (
     RangeValidated,
     ReadPlan,
     RerankShard,
+    ReuseMatch,
     SparseShard,
     Struct,
     TopKShard,
@@ -138,6 +146,18 @@ class JobLayout:
 
     def duplicates(self, partition_id: str) -> str:
         return self.work("duplicates", f"{partition_id}.msgpack")
+
+    def earlier_index(self, partition_id: str, part: int) -> str:
+        return self.work("reuse", "index", partition_id, f"e{part:05d}.msgpack")
+
+    def earlier_documents(self, range_id: str, partition_id: str) -> str:
+        return self.work("reuse", "found", range_id, f"{partition_id}.msgpack")
+
+    def reuse_match(self, partition_id: str) -> str:
+        return self.work("reuse", "match", f"{partition_id}.msgpack")
+
+    def earlier_vectors(self, batch_id: str) -> str:
+        return self.work("reuse", "vectors", f"{batch_id}.msgpack")
 
     def exclusions(self, range_id: str) -> str:
         return self.work("exclusions", f"{range_id}.msgpack")
@@ -362,6 +382,32 @@ class JobStore:
 
     def duplicates(self, partition_id: str) -> Duplicates:
         return self._get(self.layout.duplicates(partition_id), Duplicates)
+
+    def put_earlier_index(self, partition_id: str, part: int, index: EarlierIndex) -> None:
+        self._put(self.layout.earlier_index(partition_id, part), index)
+
+    def earlier_index(self, partition_id: str, part: int) -> EarlierIndex | None:
+        return self._get_if_there(self.layout.earlier_index(partition_id, part), EarlierIndex)
+
+    def put_earlier_documents(
+        self, range_id: str, partition_id: str, found: EarlierDocuments
+    ) -> None:
+        self._put(self.layout.earlier_documents(range_id, partition_id), found)
+
+    def earlier_documents(self, range_id: str, partition_id: str) -> EarlierDocuments:
+        return self._get(self.layout.earlier_documents(range_id, partition_id), EarlierDocuments)
+
+    def put_reuse_match(self, partition_id: str, match: ReuseMatch) -> None:
+        self._put(self.layout.reuse_match(partition_id), match)
+
+    def reuse_match(self, partition_id: str) -> ReuseMatch | None:
+        return self._get_if_there(self.layout.reuse_match(partition_id), ReuseMatch)
+
+    def put_earlier_vectors(self, batch_id: str, vectors: EarlierVectors) -> None:
+        self._put(self.layout.earlier_vectors(batch_id), vectors)
+
+    def earlier_vectors(self, batch_id: str) -> EarlierVectors:
+        return self._get(self.layout.earlier_vectors(batch_id), EarlierVectors)
 
     def put_exclusions(self, range_id: str, exclusions: RangeExclusions) -> None:
         self._put(self.layout.exclusions(range_id), exclusions)

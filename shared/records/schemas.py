@@ -235,6 +235,22 @@ class RangeChunked(Struct):
     # listed up to MAX_LISTED_SKIPS, at file lines), and how many there were.
     skipped: list[SkippedRecord] = []
     skipped_count: int = 0
+    # What a job that reuses an earlier job's vectors (``--reuse``) found of it.
+    earlier: EarlierTally | None = None
+
+
+class EarlierTally(Struct, array_like=True):
+    """A range's documents against the earlier job (``run --reuse``): unchanged (the
+    same chunks in the same order), changed, added; its chunks the earlier job had, and
+    of those, the ones encoded after all (the earlier job went or changed while this
+    one ran: ``lost`` says why)."""
+
+    unchanged: int
+    changed: int
+    added: int
+    found: int
+    lost_chunks: int
+    lost: str
 
 
 class Chunk(Struct):
@@ -289,6 +305,69 @@ class ChunkBatch(Struct):
     batch_id: str
     chunks: list[Chunk]
     tokens: StagedTokens | None = None
+    # Chunks of the batch an earlier job has vectors for (``--reuse``), staged beside
+    # it as EarlierVectors; 0: none, nothing to read.
+    earlier: int = 0
+
+
+# --- reuse of an earlier job's vectors (run --reuse; workers.prepare.reuse) ----------
+
+
+class EarlierChunk(Struct, array_like=True):
+    """Where an earlier job holds one chunk of a document: its text key, and the part
+    and row its vectors are in."""
+
+    text_key: str
+    part: int
+    row: int
+
+
+class EarlierIndex(Struct):
+    """The chunks of one earlier part whose document ids fall in one id partition
+    (``work/reuse/index/<partition>/<part>.msgpack``), so the duplicate check of that
+    partition also finds which documents the earlier job had. ``refused``: the part did
+    not verify against its manifest (why), and nothing of the earlier job is reused."""
+
+    doc_ids: list[str]
+    chunks: list[EarlierChunk]
+    refused: str = ""
+
+
+class EarlierDocuments(Struct):
+    """The documents of one range (and id partition) the earlier job also had, with
+    their chunks there (``work/reuse/found/<range>/<partition>.msgpack``)."""
+
+    doc_ids: list[str]
+    chunks: list[list[EarlierChunk]]
+
+
+class ReuseMatch(Struct):
+    """What one id partition's match found (``work/reuse/match/<partition>.msgpack``):
+    the earlier job's documents there, those this job no longer has, and why nothing is
+    reused (``refused``, empty when reuse goes on)."""
+
+    earlier_documents: int
+    removed_documents: int
+    refused: str = ""
+
+
+class EarlierVectors(Struct):
+    """The earlier job's vectors for some chunks of one staged batch
+    (``work/reuse/vectors/<batch>.msgpack``), copied from its parts bit for bit.
+
+    Attributes:
+        rows: The chunks' positions in the batch.
+        model_keys: Model -> the key of its earlier vectors: a worker takes them only
+            where its own model has the same key.
+        dense: Dense model -> one row per position.
+        sparse: Sparse model -> one row per position (the earlier job's exported
+            weights, by term).
+    """
+
+    rows: list[int]
+    model_keys: dict[str, str]
+    dense: dict[str, Matrix] = {}
+    sparse: dict[str, list[SparseRow]] = {}
 
 
 class Matrix(Struct):
@@ -333,6 +412,11 @@ class SparseShard(Struct):
     doc_freqs: dict[str, int] = {}
     errors: list[str] = []
     batch_sizes: list[int] = []
+    # Model -> rows whose vectors were an earlier job's (``--reuse``), not encoded.
+    reused: dict[str, int] = {}
+    # Model -> distinct texts of the batch the model ran (a repeat within the unit, or
+    # an earlier job's row, is not run again).
+    encoded: dict[str, int] = {}
 
 
 class DenseShard(Struct):
@@ -342,6 +426,11 @@ class DenseShard(Struct):
     batch_id: str
     chunk_ids: list[str]
     vectors: dict[str, Matrix]
+    # Model -> rows whose vectors were an earlier job's (``--reuse``), not encoded.
+    reused: dict[str, int] = {}
+    # Model -> distinct texts of the batch the model ran (a repeat within the unit, or
+    # an earlier job's row, is not run again).
+    encoded: dict[str, int] = {}
 
 
 # --- messages ------------------------------------------------------------------------
@@ -458,6 +547,9 @@ class JobSpec(Struct):
     # The most units of the job that run at once on each stage; 0: no cap
     # (shared.control.quotas).
     max_in_flight: int = 0
+    # The earlier job whose vectors this one reuses (``run --reuse``): the folder that
+    # holds its manifest.json, local or ``s3://``, as the producer resolved it; "" none.
+    reuse: str = ""
 
 
 class InputLimits(Struct):
@@ -598,6 +690,8 @@ class BatchReport(Struct):
     budgets: dict[str, int] = {}
     # Items the unit's model could not process (rerank: pairs left unscored).
     items_missed: int = 0
+    # Chunks whose vectors an earlier job made (``run --reuse``), not encoded.
+    items_reused: int = 0
     # The worker's ModelManager while the unit ran: loads from the cache, moves to the
     # device, and models sent back to the CPU to make room (see workers.inference.model_manager).
     model_loads: int = 0
@@ -863,6 +957,8 @@ class LatencySummary(Struct):
     devices: list[str] = []
     # Share of the items the model processed (1.0 unless a unit reported misses).
     coverage: float = 1.0
+    # Items whose vectors an earlier job made (``run --reuse``), not encoded.
+    items_reused: int = 0
     # Model manager activity summed over the units (swaps show as evictions).
     model_loads: int = 0
     hydrations: int = 0
@@ -921,6 +1017,7 @@ class LatencySummary(Struct):
         summary.budgets = budgets
         summary.devices = sorted({r.device for r in reports if r.device})
         summary.coverage = round(1 - missed / summary.items, 4) if summary.items else 1.0
+        summary.items_reused = sum(r.items_reused for r in reports)
         summary.model_loads = sum(r.model_loads for r in reports)
         summary.hydrations = sum(r.hydrations for r in reports)
         summary.evictions = sum(r.evictions for r in reports)
@@ -971,6 +1068,10 @@ class ExportedPart(Struct):
     artifact: Artifact
     batch_ids: list[str]
     sparse: SparseTally | None = None
+    # Model -> the part's rows whose vectors were an earlier job's (``--reuse``), and
+    # the texts the model ran for them.
+    reused: dict[str, int] = {}
+    encoded: dict[str, int] = {}
 
 
 class ChunksLayout(Struct):
@@ -1006,6 +1107,9 @@ class Counts(Struct):
     empty_documents: int
     skipped_records: int
     failed_batches: int
+    # Model -> the chunk texts its workers ran: fewer than the chunks where a unit held
+    # a text twice (encoded once) or an earlier job's vector was taken (``--reuse``).
+    encoded: dict[str, int] = {}
 
 
 class Missing(Struct):
@@ -1080,6 +1184,51 @@ class Metrics(Struct):
     evaluator: str = ""
 
 
+class DocumentChanges(Struct):
+    """A job's documents against an earlier job's: ``added`` (this job's only),
+    ``changed`` (both, other chunks now), ``unchanged`` (both, chunk for chunk the same)
+    and ``removed`` (the earlier job's only)."""
+
+    added: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+
+
+class Changes(Struct):
+    """The manifest's ``changes``: this job against the earlier job it reused
+    (``run --reuse``), for updating a vector store (``export --to delta``).
+
+    Attributes:
+        against: The earlier job's folder (what ``--reuse`` named, resolved).
+        against_job: The earlier job's id.
+        refused: Why nothing was reused ("" when reuse went on).
+        documents: Added, changed, unchanged and removed.
+        chunks: This job's document chunks.
+        chunks_found: Chunks the earlier job had a vector for (same document, same text).
+        reused: Model -> chunks whose vectors were copied from the earlier job.
+        encoded: Model -> chunk texts this job encoded.
+        repeats: Model -> chunks given the vector of the same text elsewhere in their
+            unit (encoded once, served again).
+        lost: Why some chunks found there were encoded after all: the earlier job's
+            output went or changed while this job ran (its parts are checked against
+            its manifest as they are read, so nothing else is ever copied).
+        chunks_lost: How many.
+    """
+
+    against: str
+    against_job: str
+    refused: str = ""
+    documents: DocumentChanges = msgspec.field(default_factory=lambda: DocumentChanges())
+    chunks: int = 0
+    chunks_found: int = 0
+    reused: dict[str, int] = {}
+    encoded: dict[str, int] = {}
+    repeats: dict[str, int] = {}
+    lost: str = ""
+    chunks_lost: int = 0
+
+
 class Manifest(Struct):
     """``manifest.json``: written last; its presence means the artifacts are complete."""
 
@@ -1101,3 +1250,4 @@ class Manifest(Struct):
     rerank_run: CrossEncoderRerankRun | None = None
     metrics: dict[str, RankingMetrics] | None = None
     chunks: ChunksLayout | None = None
+    changes: Changes | None = None

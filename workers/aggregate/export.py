@@ -14,6 +14,7 @@ the same bytes to the same key.
 from __future__ import annotations
 
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import msgspec
@@ -139,17 +140,21 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
             terms = vocabulary.terms if vocabulary is not None else []
             indices[model] = {term: i for i, term in enumerate(terms)}
     name = JobLayout.part_name(message.unit, spec.export.format)
+    reused: Counter[str] = Counter()
+    encoded: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="embed-fleet-part-") as tmp:
         writer: PartWriter | None = None
         try:
             for batch_id in message.batch_ids:
                 batch = store.batch(batch_id)
-                matrices = _dense(store, batch)
+                matrices = _dense(store, batch, reused, encoded)
                 if writer is None:
                     dense = {model: matrix.shape[1] for model, matrix in matrices.items()}
                     path = Path(tmp) / f"part.{spec.export.format}"
                     writer = PartWriter(path, spec.export.format, dense, indices)
-                sparse = _sparse(store, batch, bm25, run) if run is not None else None
+                sparse = (
+                    _sparse(store, batch, bm25, run, reused, encoded) if run is not None else None
+                )
                 writer.add(batch, matrices, sparse)
             assert writer is not None, "a part has at least one batch"
             artifact = writer.close(store.layout.artifact(name))
@@ -166,20 +171,33 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
         artifact=artifact,
         batch_ids=message.batch_ids,
         sparse=run.tally if run is not None else None,
+        reused=dict(reused),
+        encoded=dict(encoded),
     )
     store.put_exported_part(exported)
     return exported
 
 
-def _dense(store: JobStore, batch: ChunkBatch) -> dict[str, Matrix32]:
+def _dense(
+    store: JobStore, batch: ChunkBatch, reused: Counter[str], encoded: Counter[str]
+) -> dict[str, Matrix32]:
+    """The batch's dense vectors by model (counting the rows taken from an earlier job,
+    and the texts encoded)."""
     shard = store.dense(batch.batch_id)
     if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
         raise RuntimeError(f"dense shard {batch.batch_id} does not match its chunk batch")
+    reused.update(shard.reused)
+    encoded.update(shard.encoded)
     return {name: matrix.to_numpy() for name, matrix in shard.vectors.items()}
 
 
 def _sparse(
-    store: JobStore, batch: ChunkBatch, bm25: BM25Statistics | None, run: SparseRunBuilder
+    store: JobStore,
+    batch: ChunkBatch,
+    bm25: BM25Statistics | None,
+    run: SparseRunBuilder,
+    reused: Counter[str],
+    encoded: Counter[str],
 ) -> SparseVectors:
     """Each sparse model's exported vector per chunk: SPLADE weights rounded, BM25
     weights from the collection's statistics (what the retrieve phase searched)."""
@@ -187,6 +205,8 @@ def _sparse(
     if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
         raise RuntimeError(f"sparse shard {batch.batch_id} does not match its chunk batch")
     run.add_shard(shard)
+    reused.update(shard.reused)
+    encoded.update(shard.encoded)
     vectors: SparseVectors = {}
     for model, rows in shard.rows.items():
         column: list[dict[str, float] | None] = []

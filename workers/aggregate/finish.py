@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from shared.records.schemas import (
     SparseInferenceRun,
     Vocabulary,
 )
+from workers.aggregate.changes import changes
 from workers.aggregate.export import vocabulary_json
 from workers.aggregate.fuse import fused_groups, query_groups
 from workers.aggregate.parts import JsonlWriter, column_names
@@ -138,6 +140,7 @@ class Finisher:
                 empty_documents=len(producer.empty_documents),
                 skipped_records=producer.skipped_count,
                 failed_batches=len(missing),
+                encoded=dict(sum((Counter(part.encoded) for part in parts), Counter())),
             ),
             stages=stages,
             artifacts=artifacts,
@@ -150,6 +153,7 @@ class Finisher:
             rerank_run=rerank,
             metrics=results.quality.rankings if results and results.quality else None,
             chunks=layout,
+            changes=changes(self.spec, self.store, parts),
         )
         # The report shows the manifest, so it is drawn from it, then listed in it.
         report = write_report(self.store, manifest, metrics, reports)

@@ -102,6 +102,7 @@ def render_report(
             _batch_sizes(job),
             _memory(job),
             _rerank(job),
+            _reuse(job),
             _quality(job, metrics),
             _models(job),
             _missing(job),
@@ -389,6 +390,43 @@ def _rerank(job: _Job) -> str:
     caption = "Queries whose candidates were reranked, and query-candidate pairs scored."
     chart = _chart("rerank", fig, caption)
     return _section("rerank", "Rerank coverage", chart, _facts(facts, long=("model",)))
+
+
+def _reuse(job: _Job) -> str:
+    """What a ``--reuse`` job took from its earlier job (nothing for other jobs)."""
+    changes = job.manifest.changes
+    if changes is None:
+        return ""
+    against = changes.against_job or changes.against
+    if changes.refused:
+        note = f"Nothing was reused from job {against}: {changes.refused}. Every chunk was encoded."
+        return _section("reuse", "Reuse", _note(note))
+    earlier = escape(against)
+    documents = changes.documents
+    facts = [
+        ("earlier job", earlier),
+        ("documents", escape(
+            f"{documents.added:,} added · {documents.changed:,} changed · "
+            f"{documents.removed:,} removed · {documents.unchanged:,} unchanged"
+        )),
+        ("chunks found there", f"{changes.chunks_found:,} of {changes.chunks:,}"),
+    ]  # fmt: skip
+    rows = [
+        [
+            escape(model),
+            f"{reused:,}",
+            f"{changes.encoded.get(model, 0):,}",
+            f"{changes.repeats.get(model, 0):,}",
+        ]
+        for model, reused in changes.reused.items()
+    ]
+    table = _table(["model", "reused", "encoded", "repeats served"], rows)
+    lost = (
+        _note(f"{changes.chunks_lost:,} found chunks were encoded after all: {changes.lost}")
+        if changes.lost
+        else ""
+    )
+    return _section("reuse", "Reuse", _facts(facts, long=("documents",)), table, lost)
 
 
 def _quality(job: _Job, metrics: Metrics) -> str:

@@ -12,6 +12,7 @@ import torch
 from shared.records.schemas import BatchKind, ChunkBatch, DenseShard, Matrix, ModelInfo
 from workers.inference.batch_runner import first_batch
 from workers.inference.devices import default_batch_tokens
+from workers.inference.earlier import Earlier, Taken, per_batch
 from workers.inference.engine import Inference
 from workers.inference.feed import (
     Distinct,
@@ -85,6 +86,7 @@ def encode_batches(
     max_batch_tokens: int | None = None,
     kind: BatchKind = "documents",
     dtype: str = "auto",
+    earlier: Earlier | None = None,
 ) -> UnitOutcome:
     """Encode every chunk of a unit's staged batches with every model of the ensemble.
 
@@ -96,31 +98,40 @@ def encode_batches(
     there, and come back in one copy per model; they are returned in chunk order, one
     shard per staged batch. A text the unit holds more than once is encoded once, its
     vector copied to each of its rows (:class:`~workers.inference.feed.Distinct`). A
+    chunk whose vector an earlier job made with a model of the same key (``earlier``,
+    ``run --reuse``) gets that vector, copied, and is not encoded. A
     batch of queries goes the way of ``encode_query`` (a
     model's query prompt, its ``query`` task). A chunk that runs out of memory alone
     fails the unit (no vector is better than a wrong one).
     """
     chunks = [chunk for batch in batches for chunk in batch.chunks]
-    # A text the unit holds twice is encoded once (see Distinct).
-    distinct = Distinct.of([chunk.text for chunk in chunks])
-    texts = distinct.pick([chunk.text for chunk in chunks])
+    every_text = [chunk.text for chunk in chunks]
     # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out: the length of an
     # item only the model's preprocess can lay out, and of the dtype probe's.
-    approximate = distinct.pick([chunk.n_tokens + 2 for chunk in chunks])
+    every_length = [chunk.n_tokens + 2 for chunk in chunks]
+    # A text the unit holds twice is encoded once (see Distinct).
+    distinct = Distinct.of(every_text)
+    texts = distinct.pick(every_text)
+    approximate = distinct.pick(every_length)
     device = inference.device
     vectors: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
     infos: list[ModelInfo] = []
     sizes: list[int] = []
     figures = StageFigures()
     tokens: list[int] = []
+    taken: dict[str, list[int]] = {}
+    encoded: dict[str, list[int]] = {}
     # The ``auto`` probe runs the batch the model is about to run first, at its shape.
     budget = max_batch_tokens or default_batch_tokens("dense", device)
     probe = first_batch(texts, approximate, budget)
     for name in models:
         loaded = load_dense(inference, name, dtype, probe)
+        found = earlier.take(loaded.info) if earlier is not None else None
+        # What this model encodes: the distinct texts, less those it has vectors for.
+        todo = distinct if found is None else Distinct.of(every_text, set(found.positions))
         inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, kind)
-        staged = distinct.pick(staged_ids(batches, inputs.identity))
-        feed = text_feed(inputs, texts, staged, approximate.__getitem__)
+        staged = todo.pick(staged_ids(batches, inputs.identity))
+        feed = text_feed(inputs, todo.pick(every_text), staged, todo.pick(every_length).__getitem__)
         truncate_dim = getattr(loaded.model, "truncate_dim", None)
         outputs: list[tuple[list[int], torch.Tensor]] = []
 
@@ -137,19 +148,32 @@ def encode_batches(
             # Normalised on the device, in float32, as the shard keeps them.
             outputs.append((group, torch.nn.functional.normalize(out.float(), p=2, dim=1)))
 
-        runner = inference.runner("dense", loaded.info.name, device, max_batch_tokens)
-        done = runner.run(loaded.model, feed.lengths, run, figures=figures)
-        sizes += done.batch_sizes
-        # Every row of a repeated text gets its first row's vector (a copy, not a view).
-        vectors[loaded.info.name] = gather_rows(outputs, len(texts))[distinct.rows]
+        if todo.firsts:
+            runner = inference.runner("dense", loaded.info.name, device, max_batch_tokens)
+            done = runner.run(loaded.model, feed.lengths, run, figures=figures)
+            sizes += done.batch_sizes
+        # Every row of a repeated text gets its first row's vector (a copy, not a view),
+        # and a row the earlier job had gets the earlier vector.
+        vectors[loaded.info.name] = _rows_of(gather_rows(outputs, len(todo.firsts)), todo, found)
+        if found is not None:
+            taken[loaded.info.name] = found.positions
+        encoded[loaded.info.name] = todo.firsts
         infos.append(loaded.info)
-        tokens = tokens or [feed.lengths[row] for row in distinct.rows]
+        tokens = tokens or [
+            feed.lengths[row] if row >= 0 else every_length[i] for i, row in enumerate(todo.rows)
+        ]
+    reused, fresh = per_batch(taken, batches), per_batch(encoded, batches)
 
-    def shard(_: int, batch: ChunkBatch, rows: slice) -> DenseShard:
+    def shard(index: int, batch: ChunkBatch, rows: slice) -> DenseShard:
         matrices = {name: Matrix.from_numpy(m[rows]) for name, m in vectors.items()}
         chunk_ids = [chunk.chunk_id for chunk in batch.chunks]
         return DenseShard(
-            job_id=batch.job_id, batch_id=batch.batch_id, chunk_ids=chunk_ids, vectors=matrices
+            job_id=batch.job_id,
+            batch_id=batch.batch_id,
+            chunk_ids=chunk_ids,
+            vectors=matrices,
+            reused=reused[index],
+            encoded=fresh[index],
         )
 
     return UnitOutcome.of_batches(
@@ -162,6 +186,22 @@ def encode_batches(
         figures=figures,
         models=infos,
     )
+
+
+def _rows_of(
+    encoded: np.ndarray[Any, np.dtype[np.float32]], todo: Distinct, found: Taken | None
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Every chunk's vector: its distinct text's encoded row, or its earlier one."""
+    rows = np.asarray(todo.rows, dtype=np.int64)
+    if found is None:
+        return encoded[rows]
+    assert found.dense is not None
+    out = np.zeros((len(rows), found.dense.shape[1]), dtype=np.float32)
+    mine = rows >= 0
+    if mine.any():
+        out[mine] = encoded[rows[mine]]
+    out[found.positions] = found.dense
+    return out
 
 
 def gather_rows(

@@ -22,7 +22,7 @@ back, once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -189,18 +189,23 @@ class Distinct:
 
     Attributes:
         firsts: Each distinct text's first position in the unit.
-        rows: Each position's distinct text (an index into ``firsts``).
+        rows: Each position's distinct text (an index into ``firsts``), or -1 for a
+            position left out (its vector is already known: an earlier job's).
     """
 
     firsts: list[int]
     rows: list[int]
 
     @classmethod
-    def of(cls, texts: Sequence[str]) -> Distinct:
+    def of(cls, texts: Sequence[str], known: Collection[int] = ()) -> Distinct:
+        """The distinct texts of ``texts``, leaving out the positions in ``known``."""
         index: dict[str, int] = {}
         firsts: list[int] = []
         rows: list[int] = []
         for position, text in enumerate(texts):
+            if position in known:
+                rows.append(-1)
+                continue
             found = index.setdefault(text, len(firsts))
             if found == len(firsts):
                 firsts.append(position)
@@ -215,7 +220,8 @@ class Distinct:
         """Each distinct text's positions."""
         out: list[list[int]] = [[] for _ in self.firsts]
         for position, row in enumerate(self.rows):
-            out[row].append(position)
+            if row >= 0:
+                out[row].append(position)
         return out
 
 

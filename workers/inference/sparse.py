@@ -26,6 +26,7 @@ from shared.inputs.models import BM25
 from shared.records.schemas import BatchKind, Chunk, ChunkBatch, ModelInfo, SparseRow, SparseShard
 from workers.inference.batch_runner import ItemFallback, first_batch
 from workers.inference.devices import default_batch_tokens, sparse_device
+from workers.inference.earlier import Earlier, Taken, per_batch
 from workers.inference.engine import Inference
 from workers.inference.feed import (
     Distinct,
@@ -132,11 +133,18 @@ class SparseVectorGenerator:
         return self.encode_batches([batch], models, kind)
 
     def encode_batches(
-        self, batches: list[ChunkBatch], models: list[str], kind: BatchKind = "documents"
+        self,
+        batches: list[ChunkBatch],
+        models: list[str],
+        kind: BatchKind = "documents",
+        earlier: Earlier | None = None,
     ) -> UnitOutcome:
         """Rows for every chunk of a unit's staged batches and every model, one shard per
         batch. Queries go through ``encode_query`` (SPLADE's query side) and give BM25
-        term counts without adding to document frequencies."""
+        term counts without adding to document frequencies. A chunk whose row an
+        earlier job made with a model of the same key (``earlier``, ``run --reuse``)
+        gets that row and is not encoded; BM25 is always counted afresh (its weights
+        are the whole collection's)."""
         chunks = [chunk for batch in batches for chunk in batch.chunks]
         rows: dict[str, list[SparseRow]] = {}
         errors: list[str] = []
@@ -144,6 +152,8 @@ class SparseVectorGenerator:
         infos: list[ModelInfo] = []
         figures = StageFigures()
         doc_freqs: list[dict[str, int]] = [{} for _ in batches]
+        taken: dict[str, list[int]] = {}
+        encoded: dict[str, list[int]] = {}
         # A text the unit holds twice goes through a model once (see Distinct); BM25's
         # statistics count every chunk.
         distinct = Distinct.of([chunk.text for chunk in chunks])
@@ -170,12 +180,24 @@ class SparseVectorGenerator:
                 rows[name] = [metadata_row(chunk.metadata) for chunk in chunks]
                 continue
             infos.append(sparse.info)
+            found = earlier.take(sparse.info) if earlier is not None else None
+            # What this model encodes: the distinct texts, less those it has rows for.
+            todo = distinct
+            if found is not None:
+                todo = Distinct.of([chunk.text for chunk in chunks], set(found.positions))
+                taken[sparse.info.name] = found.positions
+            encoded[sparse.info.name] = todo.firsts
             inputs = encode_inputs(self.inference, "sparse", sparse.info.name, sparse.model, kind)
-            staged = distinct.pick(staged_ids(batches, inputs.identity))
-            feed = text_feed(inputs, texts, staged, approximate.__getitem__)
-            rows[name] = self._live(sparse, chunks, distinct, feed, errors, sizes, figures)
-            tokens = tokens or [feed.lengths[row] for row in distinct.rows]
+            staged = todo.pick(staged_ids(batches, inputs.identity))
+            lengths = [chunk.n_tokens + 2 for chunk in chunks]
+            feed = text_feed(
+                inputs, todo.pick([c.text for c in chunks]), staged, todo.pick(lengths).__getitem__
+            )
+            rows[name] = self._live(sparse, chunks, todo, feed, errors, sizes, figures, found)
+            if found is None:
+                tokens = tokens or [feed.lengths[row] for row in distinct.rows]
         tokens = tokens or [chunk.n_tokens + 2 for chunk in chunks]
+        reused, fresh = per_batch(taken, batches), per_batch(encoded, batches)
         return UnitOutcome.of_batches(
             batches,
             tokens,
@@ -187,6 +209,8 @@ class SparseVectorGenerator:
                 doc_freqs=doc_freqs[index],
                 errors=errors,
                 batch_sizes=sizes,
+                reused=reused[index],
+                encoded=fresh[index],
             ),
             device=self.device,
             batch_sizes=sizes,
@@ -204,13 +228,15 @@ class SparseVectorGenerator:
         errors: list[str],
         sizes: list[int],
         figures: StageFigures,
+        found: Taken | None = None,
     ) -> list[SparseRow]:
         """Rows from the model, in adaptive token-budget batches over the distinct texts
         (``feed``), each chunk given its text's row. A batch that fails (a single chunk
         out of memory, a time limit, a broken input) falls back to metadata weights for
         its chunks (each chunk its own metadata's), and the rest of the batch goes on.
         Each batch's vectors stay on the device until the unit's end, when their
-        non-zeros come back in one copy per device."""
+        non-zeros come back in one copy per device. Chunks with an earlier row
+        (``found``) take it as it is."""
         import torch
 
         name = sparse.info.name
@@ -219,6 +245,9 @@ class SparseVectorGenerator:
         )
         self.vocabularies[name] = vocab
         out: list[SparseRow | None] = [None] * len(chunks)
+        if found is not None and found.sparse is not None:
+            for position, row in zip(found.positions, found.sparse, strict=True):
+                out[position] = row
         members = distinct.members()
         outputs: list[tuple[list[int], torch.Tensor]] = []
         max_active_dims = getattr(sparse.model, "max_active_dims", None)
@@ -243,15 +272,16 @@ class SparseVectorGenerator:
                 return
             outputs.append((group, vectors.to_dense() if vectors.is_sparse else vectors))
 
-        runner = self.inference.runner("sparse", name, self.device, self.max_batch_tokens)
-        done = runner.run(
-            sparse.model,
-            feed.lengths,
-            run,
-            figures=figures,
-            fallback=ItemFallback("metadata", fall_back),
-        )
-        sizes += done.batch_sizes
+        if distinct.firsts:
+            runner = self.inference.runner("sparse", name, self.device, self.max_batch_tokens)
+            done = runner.run(
+                sparse.model,
+                feed.lengths,
+                run,
+                figures=figures,
+                fallback=ItemFallback("metadata", fall_back),
+            )
+            sizes += done.batch_sizes
         for item, row in _rows(outputs, vocab):
             for position in members[item]:
                 out[position] = row

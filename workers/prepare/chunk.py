@@ -25,6 +25,7 @@ from shared.inputs.sources import (
     read_range,
 )
 from shared.records import ids
+from shared.records.content_keys import text_key
 from shared.records.errors import BadRecordError
 from shared.records.job_store import JobStore
 from shared.records.schemas import (
@@ -36,6 +37,7 @@ from shared.records.schemas import (
     RangeChunked,
     SkippedRecord,
 )
+from workers.prepare.reuse import EarlierLookup
 
 
 def chunk_range(
@@ -68,6 +70,12 @@ def chunk_range(
             moved = record.shifted(line_offset)
             raise BadRecordError(moved.path, moved.line, moved.reason)
 
+    # A job reusing an earlier one's vectors copies them beside each batch first.
+    earlier = (
+        EarlierLookup(spec, store, range_id, plan.partitions, transient_window_s)
+        if spec.reuse
+        else None
+    )
     with EncodeUnits(app, ledger, spec, "documents") as units:
         for run in chunk_batches(chunker, documents, spec.batch_chunks, tally, too_long):
             chunks = run.chunks
@@ -75,6 +83,8 @@ def chunk_range(
             batch = ChunkBatch(
                 job_id=spec.job_id, batch_id=batch_id, chunks=chunks, tokens=run.tokens
             )
+            if earlier is not None:
+                batch.earlier = earlier.stage(batch_id, chunks, [text_key(c.text) for c in chunks])
             store.put_batch(batch)
             ledger.record_staged(batch_id, len(chunks), -1, -1, [c.chunk_id for c in chunks])
             units.add(batch_id, sum(run.tokens.lengths))
@@ -90,6 +100,8 @@ def chunk_range(
         started_at=started,
         finished_at=time.time(),
     )
+    if earlier is not None:
+        chunked.earlier = earlier.tally()
     store.put_chunked(range_id, chunked)
     ledger.record_range_read(range_id, tally.documents, progress.bytes_read)
     return chunked

@@ -24,10 +24,15 @@ from shared.records.schemas import (
     RangeExclusions,
     SkippedRecord,
 )
+from workers.prepare.reuse import match_partition
 
 
-def dedupe_partition(spec: JobSpec, store: JobStore, partition_id: str) -> int:
-    """Find the duplicates of one id partition; returns the ids it looked at.
+def dedupe_partition(
+    spec: JobSpec, store: JobStore, partition_id: str, transient_window_s: float = 0.0
+) -> int:
+    """Find the duplicates of one id partition; returns the ids it looked at. A job that
+    reuses an earlier job's vectors also matches the partition's documents with the
+    earlier job's (an S3 outage ridden out over ``transient_window_s``).
 
     Raises:
         BadRecordError: under ``fail``, for the first duplicate (file and line).
@@ -54,6 +59,8 @@ def dedupe_partition(spec: JobSpec, store: JobStore, partition_id: str) -> int:
             f"{offsets[dup.first_range] + dup.first_line})",
         )
     store.put_duplicates(partition_id, Duplicates(items=found))
+    if spec.reuse:
+        match_partition(spec, store, partition_id, len(plan.ranges), first, transient_window_s)
     return seen
 
 

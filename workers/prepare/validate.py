@@ -33,6 +33,7 @@ from shared.records.schemas import (
     SkippedRecord,
     Validation,
 )
+from workers.prepare.reuse import index_earlier_parts, partitions_of
 
 
 def validate_range(
@@ -67,9 +68,13 @@ def validate_range(
     lines = 0 if plan.kind in OWN_LINES else progress.lines
     if ledger.status() == "failed":
         return 0  # another range failed the job: write nothing more
-    if plan.partitions > 1:
+    if partitions_of(plan, spec):
         for index, bucket in enumerate(partitions):
             store.put_id_partition(ids.partition_id(index), range_id, bucket)
+    if spec.reuse:
+        index = ids.range_index(range_id)
+        ranges = len(plan.ranges)
+        index_earlier_parts(spec, store, index, ranges, plan.partitions, transient_window_s)
     store.put_validated(
         range_id,
         RangeValidated(
@@ -123,7 +128,7 @@ def plan_dedupe(ledger: JobLedger, store: JobStore, app: Celery) -> int:
         )
     )
     ledger.set_documents_total(documents)
-    partitions = range(plan.partitions if plan.partitions > 1 else 0)
+    partitions = range(partitions_of(plan, spec))
     units = [
         PrepareUnit(job_id=spec.job_id, stage="dedupe", unit=ids.partition_id(index))
         for index in partitions

@@ -24,7 +24,14 @@ from typing import Any
 from opentelemetry.trace import Status, StatusCode
 
 from shared.control.telemetry import tracer
-from shared.records.schemas import BatchKind, ChunkBatch, ModelInfo, Struct
+from shared.records.schemas import (
+    BatchKind,
+    ChunkBatch,
+    DenseShard,
+    ModelInfo,
+    SparseShard,
+    Struct,
+)
 
 # Span attribute names, shared by every stage (and read back by the tests).
 ATTR_STAGE = "embed_fleet.stage"
@@ -177,11 +184,14 @@ class UnitPart:
         unit: The batch's id.
         items: Its chunks (or queries).
         tokens: Its tokens.
+        reused: Its chunks whose vectors an earlier job made (``run --reuse``; of the
+            model that took the most).
     """
 
     unit: str
     items: int
     tokens: int
+    reused: int = 0
 
 
 @dataclass
@@ -231,8 +241,17 @@ class UnitOutcome:
         start = 0
         for index, batch in enumerate(batches):
             end = start + len(batch.chunks)
-            shards.append(shard(index, batch, slice(start, end)))
-            parts.append(UnitPart(batch.batch_id, end - start, sum(tokens[start:end])))
+            made = shard(index, batch, slice(start, end))
+            shards.append(made)
+            reused = made.reused if isinstance(made, DenseShard | SparseShard) else {}
+            parts.append(
+                UnitPart(
+                    batch.batch_id,
+                    end - start,
+                    sum(tokens[start:end]),
+                    max(reused.values(), default=0),
+                )
+            )
             start = end
         return cls(items=start, shards=shards, parts=parts, tokens=sum(tokens), **figures)
 

@@ -329,7 +329,11 @@ def _part_reports(report: BatchReport, outcome: UnitOutcome) -> list[BatchReport
         return [report]
     first, *rest = outcome.parts
     head = msgspec.structs.replace(
-        report, batch_id=first.unit, chunks=first.items, tokens=first.tokens
+        report,
+        batch_id=first.unit,
+        chunks=first.items,
+        tokens=first.tokens,
+        items_reused=first.reused,
     )
     return [head] + [
         msgspec.structs.replace(
@@ -337,6 +341,7 @@ def _part_reports(report: BatchReport, outcome: UnitOutcome) -> list[BatchReport
             batch_id=part.unit,
             chunks=part.items,
             tokens=part.tokens,
+            items_reused=part.reused,
             batch_sizes=[],
             oom_count=0,
             items_missed=0,
