@@ -284,3 +284,22 @@ def test_a_compressed_file_cut_short_is_one_line_naming_where(tmp_path) -> None:
     args = ("run", str(source), "--prepare-on", "producer")
     line = one_line_error(run_cli(*args, env=base_env(), cwd=tmp_path))
     assert f"{source}:" in line and "cannot be read on" in line and "complete copy" in line
+
+
+def test_reuse_names_a_finished_job_of_a_fleet_prepared_run(tmp_path) -> None:
+    """--reuse of a job that is not there, or with --prepare-on producer: one line each,
+    before anything is staged."""
+    source = write_jsonl(tmp_path / "corpus.jsonl", [GOOD])
+    out = str(tmp_path / "out")
+    missing = run_cli(
+        "run", str(source), "--output", out, "--reuse", "20260101-000000-abcdef", env=base_env()
+    )
+    assert "no finished job '20260101-000000-abcdef'" in one_line_error(missing)
+    folder = run_cli("run", str(source), "--output", out, "--reuse", "/nowhere", env=base_env())
+    assert "'/nowhere' is not a job's folder" in one_line_error(folder)
+    producer = run_cli(
+        "run", str(source), "--output", out, "--prepare-on", "producer", "--reuse", "x",
+        env=base_env(),
+    )  # fmt: skip
+    assert "--reuse needs --prepare-on fleet" in one_line_error(producer)
+    assert not any((tmp_path / "out").rglob("*.msgpack"))
