@@ -15,14 +15,13 @@ from shared.inputs.models import BM25
 from shared.records import ids
 from shared.records.job_store import JobStore
 from shared.records.schemas import Changes, DocumentChanges, ExportedPart, JobSpec
-from workers.prepare.reuse import EarlierJob, partitions_of
+from workers.prepare.reuse import partitions_of
 
 
 def changes(spec: JobSpec, store: JobStore, parts: list[ExportedPart]) -> Changes | None:
     """The job's changes against the job it reused (``None``: it reused none)."""
     if not spec.reuse:
         return None
-    earlier = EarlierJob(spec)
     plan = store.read_plan()
     matches = [
         store.reuse_match(ids.partition_id(index)) for index in range(partitions_of(plan, spec))
@@ -42,7 +41,8 @@ def changes(spec: JobSpec, store: JobStore, parts: list[ExportedPart]) -> Change
         refused = "the match of the earlier job's documents did not run"
     return Changes(
         against=spec.reuse,
-        against_job=earlier.manifest.job_id if not earlier.refused else "",
+        # The folder's last segment (shared.records.earlier_jobs.folder_of).
+        against_job=spec.reuse.rstrip("/").rpartition("/")[2],
         refused=refused,
         documents=DocumentChanges(
             added=sum(r.added for r in ranges),

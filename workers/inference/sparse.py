@@ -156,10 +156,12 @@ class SparseVectorGenerator:
         encoded: dict[str, list[int]] = {}
         # A text the unit holds twice goes through a model once (see Distinct); BM25's
         # statistics count every chunk.
-        distinct = Distinct.of([chunk.text for chunk in chunks])
-        texts = distinct.pick([chunk.text for chunk in chunks])
+        every_text = [chunk.text for chunk in chunks]
         # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
-        approximate = distinct.pick([chunk.n_tokens + 2 for chunk in chunks])
+        every_length = [chunk.n_tokens + 2 for chunk in chunks]
+        distinct = Distinct.of(every_text)
+        texts = distinct.pick(every_text)
+        approximate = distinct.pick(every_length)
         tokens: list[int] = []
         for name in models:
             if name == BM25:
@@ -184,19 +186,18 @@ class SparseVectorGenerator:
             # What this model encodes: the distinct texts, less those it has rows for.
             todo = distinct
             if found is not None:
-                todo = Distinct.of([chunk.text for chunk in chunks], set(found.positions))
+                todo = Distinct.of(every_text, set(found.positions))
                 taken[sparse.info.name] = found.positions
             encoded[sparse.info.name] = todo.firsts
             inputs = encode_inputs(self.inference, "sparse", sparse.info.name, sparse.model, kind)
             staged = todo.pick(staged_ids(batches, inputs.identity))
-            lengths = [chunk.n_tokens + 2 for chunk in chunks]
             feed = text_feed(
-                inputs, todo.pick([c.text for c in chunks]), staged, todo.pick(lengths).__getitem__
+                inputs, todo.pick(every_text), staged, todo.pick(every_length).__getitem__
             )
             rows[name] = self._live(sparse, chunks, todo, feed, errors, sizes, figures, found)
             if found is None:
                 tokens = tokens or [feed.lengths[row] for row in distinct.rows]
-        tokens = tokens or [chunk.n_tokens + 2 for chunk in chunks]
+        tokens = tokens or every_length
         reused, fresh = per_batch(taken, batches), per_batch(encoded, batches)
         return UnitOutcome.of_batches(
             batches,

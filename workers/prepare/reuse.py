@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -223,6 +224,7 @@ class EarlierLookup:
             for doc_id, chunks in self.documents.items()
         }
         self._earlier: EarlierJob | None = None
+        self._columns: _Columns | None = None
         self._seen: dict[str, list[str]] = {}
         self.found = 0
         # The first reason a batch's earlier vectors could not be copied, and how many
@@ -274,21 +276,13 @@ class EarlierLookup:
         earlier = self._earlier
         if earlier.refused:
             raise EmbedFleetError(earlier.refused)
-        layout = earlier.manifest.chunks
-        assert layout is not None
-        wanted_dense = {
-            c: m for c, m in layout.dense_columns.items() if m in self.spec.dense_models
-        }
-        sparse_models = self.spec.sparse_models if "sparse" in self.spec.stages else []
-        wanted_sparse = {
-            c: m for c, m in layout.sparse_columns.items() if m in sparse_models and m != BM25
-        }
+        if self._columns is None:
+            self._columns = _Columns.of(self.spec, earlier)
+        wanted_dense, wanted_sparse = self._columns.dense, self._columns.sparse
+        vocabularies = self._columns.vocabularies
         dense: dict[str, np.ndarray[Any, np.dtype[np.float32]]] = {}
         sparse: dict[str, list[SparseRow | None]] = {
             m: [None] * len(rows) for m in wanted_sparse.values()
-        }
-        vocabularies = {
-            m: self._vocabulary(earlier, layout.vocabularies[m]) for m in wanted_sparse.values()
         }
         by_part: dict[int, list[int]] = {}
         for position, chunk in enumerate(where):
@@ -318,12 +312,34 @@ class EarlierLookup:
                     )
         return EarlierVectors(
             rows=rows,
-            model_keys=dict(layout.model_keys),
+            model_keys=self._columns.model_keys,
             dense={m: Matrix.from_numpy(v) for m, v in dense.items()},
             sparse={m: [r for r in v if r is not None] for m, v in sparse.items()},
         )
 
-    @staticmethod
-    def _vocabulary(earlier: EarlierJob, key: str) -> list[str]:
-        terms: list[str] = msgspec.json.decode(earlier.job.store.get_bytes(key), type=list[str])
-        return terms
+
+@dataclass(frozen=True)
+class _Columns:
+    """What a range copies from the earlier parts, worked out once: the vector columns
+    of this job's models (column -> model; BM25 never), the sparse models' earlier
+    vocabularies (what their indices mean) and the models' keys."""
+
+    dense: dict[str, str]
+    sparse: dict[str, str]
+    vocabularies: dict[str, list[str]]
+    model_keys: dict[str, str]
+
+    @classmethod
+    def of(cls, spec: JobSpec, earlier: EarlierJob) -> _Columns:
+        layout = earlier.manifest.chunks
+        assert layout is not None
+        dense = {c: m for c, m in layout.dense_columns.items() if m in spec.dense_models}
+        models = spec.sparse_models if "sparse" in spec.stages else []
+        sparse = {c: m for c, m in layout.sparse_columns.items() if m in models and m != BM25}
+        vocabularies = {
+            model: msgspec.json.decode(
+                earlier.job.store.get_bytes(layout.vocabularies[model]), type=list[str]
+            )
+            for model in sparse.values()
+        }
+        return cls(dense, sparse, vocabularies, dict(layout.model_keys))
