@@ -25,8 +25,11 @@ from shared.records.logs import get_logger
 
 log = get_logger("consumers")
 
-# How often a follower looks, and how long it waits for the workers to answer.
-CHECK_EVERY_S = 5.0
+# How often a follower looks at the job's queues (a Redis round trip), how often it asks
+# the workers who consumes them (a broadcast every worker answers), and how long it waits
+# for their answer.
+LOOK_EVERY_S = 1.0
+ASK_EVERY_S = 5.0
 ANSWER_TIMEOUT_S = 1.0
 
 
@@ -62,11 +65,14 @@ def unconsumed_line(queues: Sequence[str], subject: str) -> str:
 class QueueWatch:
     """A follower's check for queues nobody consumes (see the module doc).
 
-    Called on every tick of the follow loop; every :data:`CHECK_EVERY_S` it looks
-    (and again as soon as a queue found unconsumed has waited ``wait_s``) in a thread
-    of its own (the workers' answer takes up to a second, which the live view
-    should not wait for). A queue is named once, after ``wait_s`` seconds of messages
-    waiting there with no consumer; a consumer that comes resets it.
+    Called on every tick of the follow loop; every :data:`LOOK_EVERY_S` it looks at
+    which of the job's queues hold messages, in a thread of its own (the workers' answer
+    takes up to a second, which the live view should not wait for). Who consumes them
+    it asks the workers at most every :data:`ASK_EVERY_S`, and again just before it
+    names a queue, so a queue is named on a fresh answer. A queue is named once, after
+    ``wait_s`` seconds of messages waiting there with no consumer, counted from the
+    first look that saw them (so within about a second of their arrival, not at the
+    next ask); a consumer that comes resets it.
     """
 
     def __init__(
@@ -87,27 +93,19 @@ class QueueWatch:
         self._unconsumed_since: dict[str, float] = {}
         self._named: set[str] = set()
         self._checked_at = 0.0
+        self._consumed: set[str] = set()
+        self._asked_for: set[str] = set()
+        self._asked_at: float | None = None
         self._checking = threading.Lock()
 
     def __call__(self) -> None:
         now = time.monotonic()
-        if not self.queues or (now - self._checked_at < CHECK_EVERY_S and not self._due(now)):
+        if not self.queues or now - self._checked_at < LOOK_EVERY_S:
             return
         if not self._checking.acquire(blocking=False):
             return  # the last look has not ended yet
         self._checked_at = now
         threading.Thread(target=self._look, name="queue-watch", daemon=True).start()
-
-    def _due(self, now: float) -> bool:
-        """Whether a queue found unconsumed has now waited ``wait_s`` and is not yet
-        named: it is looked at then, not at the next regular look (up to
-        :data:`CHECK_EVERY_S` later)."""
-        if now - self._checked_at < 1.0:  # a look that failed is not retried at once
-            return False
-        return any(
-            now - since >= self.wait_s and queue not in self._named
-            for queue, since in list(self._unconsumed_since.items())
-        )
 
     def _look(self) -> None:
         try:
@@ -119,16 +117,33 @@ class QueueWatch:
 
     def check(self, now: float) -> None:
         """One look: the job's queues holding messages, and who consumes them."""
-        nobody = set(stuck(self.client, self.app, self.queues))
+        waiting = waiting_counts(self.client)
+        pending = [queue for queue in self.queues if waiting.get(queue, 0) > 0]
+        if pending and (
+            self._asked_at is None
+            or now - self._asked_at >= ASK_EVERY_S
+            or not set(pending) <= self._asked_for
+        ):
+            self._ask(pending)
+        nobody = [queue for queue in pending if queue not in self._consumed]
         for queue in self.queues:
             if queue not in nobody:
                 self._unconsumed_since.pop(queue, None)
                 self._named.discard(queue)
         due = []
-        for queue in sorted(nobody, key=self.queues.index):
+        for queue in nobody:
             since = self._unconsumed_since.setdefault(queue, now)
             if now - since >= self.wait_s and queue not in self._named:
-                self._named.add(queue)
                 due.append(queue)
+        if due and self._asked_at is not None and time.monotonic() - self._asked_at >= 0.5:
+            self._ask(pending)  # named on a fresh answer: a worker may just have come
+            due = [queue for queue in due if queue not in self._consumed]
         if due:
+            self._named.update(due)
             self.say(unconsumed_line(due, f"job {self.job_id} waits on"))
+
+    def _ask(self, pending: Sequence[str]) -> None:
+        """Ask the workers which of the pending queues they consume."""
+        self._consumed = set(pending) - set(unconsumed(self.app, pending))
+        self._asked_for = set(pending)
+        self._asked_at = time.monotonic()

@@ -127,29 +127,35 @@ def test_a_busy_workers_unit_is_backlog_while_llen_is_zero(
     assert not left, f"backlog left once the job was done: {left}"
 
 
-def test_a_follower_names_an_unconsumed_queue_once_it_has_waited_not_at_its_next_look(
+def test_a_follower_names_an_unconsumed_queue_once_it_has_waited_not_at_its_next_ask(
     redis_server, redis_client
 ) -> None:
-    """A real Redis with a message waiting on `prepare` and no worker at all: the
-    follow loop's watch names the queue about ``wait_s`` after it first found it
-    unconsumed, not at its next regular look (every 5 s)."""
+    """A real Redis and no worker at all; a message comes on `prepare` after the follow
+    loop's watch has looked once and found nothing: the watch names the queue about
+    ``wait_s`` after the message came (it looks every second), not ``wait_s`` after its
+    next ask of the workers (every 5 s)."""
     import dataclasses
 
-    from producer.consumers import CHECK_EVERY_S, QueueWatch
+    from producer.consumers import ASK_EVERY_S, LOOK_EVERY_S, QueueWatch
     from shared.control.celery_app import make_app
     from shared.control.settings import Settings
 
     app = make_app(dataclasses.replace(Settings.from_env({}), broker_url=redis_server.url))
-    redis_client.rpush("prepare", b"a unit nobody takes")
     said: list[float] = []
     wait_s = 2.0
     say = lambda _: said.append(time.monotonic())  # noqa: E731
     watch = QueueWatch(redis_client, app, "job-1", ["prepare"], wait_s, say)
     started = time.monotonic()
-    while not said and time.monotonic() - started < 3 * CHECK_EVERY_S:
+    while time.monotonic() - started < 1.5:  # a look or two, with nothing waiting
+        watch()
+        time.sleep(0.05)
+    redis_client.rpush("prepare", b"a unit nobody takes")
+    pushed = time.monotonic()
+    while not said and time.monotonic() - pushed < 3 * ASK_EVERY_S:
         watch()
         time.sleep(0.05)
     assert said, "never named"
-    # The first look finds it (its answer from the workers takes up to 1 s), the look
-    # due wait_s later names it.
-    assert said[0] - started < wait_s + 2.5 < CHECK_EVERY_S
+    # Seen within a look (1 s), asked (the workers' answer: up to 1 s), named wait_s
+    # later on a fresh answer (up to 1 s more).
+    assert said[0] - pushed < LOOK_EVERY_S + wait_s + 2.0 < ASK_EVERY_S + wait_s
+    assert len(said) == 1

@@ -158,10 +158,10 @@ def test_a_unit_that_keeps_failing_sends_its_batches_again_one_by_one(
     assert failure.batch_id == "b0" and "b0 is" in failure.reason
 
 
-def test_a_worker_takes_what_it_encodes_in_about_ten_seconds() -> None:
+def test_a_worker_takes_what_it_encodes_in_its_unit_seconds() -> None:
     """Before it has a pace a worker takes one batch of a unit; then as many as its own
-    seconds per batch fit in UNIT_TARGET_S (at least one, at most the unit); a unit in
-    which nothing was timed changes nothing."""
+    seconds per batch fit in its target (UNIT_TARGET_S, or EMBED_FLEET_UNIT_SECONDS; at
+    least one, at most the unit); a unit in which nothing was timed changes nothing."""
     from workers.runtime.pace import UNIT_TARGET_S, UnitPace
 
     pace = UnitPace()
@@ -173,6 +173,15 @@ def test_a_worker_takes_what_it_encodes_in_about_ten_seconds() -> None:
     assert pace.take("dense", 13) == 1  # stages keep their own pace
     pace.record("dense", 1, 0.5)  # faster now: the pace follows (half weight each)
     assert pace.seconds_per_batch["dense"] == pytest.approx(4.25)
-    assert pace.take("dense", 13) == int(UNIT_TARGET_S / 4.25)
+    assert pace.take("dense", 13) == 1  # slower than the target: still one batch
+    pace.record("dense", 1, 0.5)
+    assert pace.seconds_per_batch["dense"] == pytest.approx(2.375)
+    assert pace.take("dense", 13) == 1
+    quick = UnitPace(target_s=10.0)  # EMBED_FLEET_UNIT_SECONDS=10
+    quick.record("dense", 1, 2.375)
+    assert quick.take("dense", 13) == int(10.0 / 2.375) == 4
+    assert UnitPace().take("dense", 13) == 1 and UnitPace().target_s == UNIT_TARGET_S
     pace.record("dense", 0, 99.0)
-    assert pace.seconds_per_batch["dense"] == pytest.approx(4.25)
+    assert pace.seconds_per_batch["dense"] == pytest.approx(2.375)
+    pace.seconds_per_batch["dense"] = 1.0
+    assert pace.take("dense", 13) == int(UNIT_TARGET_S / 1.0) == 2

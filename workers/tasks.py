@@ -142,10 +142,10 @@ def _encode(
     encode: Callable[[list[ChunkBatch]], UnitOutcome],
 ) -> UnitOutcome:
     """What every encode stage shares: take as many of the unit's staged batches as this
-    worker encodes in about ten seconds (:mod:`workers.runtime.pace`), read them (in
-    parallel), encode them together, and write each batch's shard to its deterministic
-    key (in parallel). Only then does the rest of the unit go back to the queue, as one
-    message: a unit that fails and is retried never sends it, and the message is
+    worker encodes in about ``EMBED_FLEET_UNIT_SECONDS`` (:mod:`workers.runtime.pace`),
+    read them (in parallel), encode them together, and write each batch's shard to its
+    deterministic key (in parallel). Only then does the rest of the unit go back to the
+    queue, as one message: a unit that fails and is retried never sends it, and the message is
     acknowledged only once the shards of what this worker took are durable (a copy
     redelivered after a crash sends the rest again: work done twice, never counted
     twice)."""

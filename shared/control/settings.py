@@ -113,6 +113,13 @@ VARIABLES: tuple[Variable, ...] = (
         "names it, with the command that starts such a worker",
     ),
     Variable(
+        "unit_seconds",
+        FIELD_DEFAULT,
+        "seconds of encoding an encode worker takes from a unit of several staged batches, "
+        "by its own pace, before it hands the rest back to the queue (at least one batch): "
+        "how long another job's unit, or an urgent one, may wait for it",
+    ),
+    Variable(
         "log_level", FIELD_DEFAULT, "the fleet's own logs: one JSON object per line on stderr"
     ),
     Variable(
@@ -324,6 +331,8 @@ class Settings:
             or running, before the follower re-drives it (0: never).
         queue_wait: Seconds a followed job may wait on a queue that no worker consumes
             before the follower says so.
+        unit_seconds: Seconds of encoding a worker takes from a unit of several staged
+            batches before it hands the rest back (``workers.runtime.pace``).
         log_level: Level of the fleet's own structured logs.
         rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
             split, moved to the CPU, or left unreranked (``None``: no limit).
@@ -356,6 +365,7 @@ class Settings:
     transient_window: float = 300.0
     stall_timeout: float = 30.0
     queue_wait: float = 30.0
+    unit_seconds: float = 2.5
     log_level: str = "WARNING"
     rerank_batch_timeout: float | None = 120.0
     device: str | None = None
@@ -410,6 +420,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "transient_window": _number,
     "stall_timeout": _number,
     "queue_wait": _number,
+    "unit_seconds": _number,
     "log_level": lambda name, raw: raw.strip().upper(),
     "rerank_batch_timeout": _optional_seconds,
     "device": _device,

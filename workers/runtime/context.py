@@ -101,7 +101,8 @@ class WorkerContext:
         inference: Its models, learned budgets and device.
         heap: Its RSS ceiling (``workers.runtime.heap``), checked after every unit.
         io: Reads and writes of a unit's several objects at once.
-        pace: How much of an encode unit it takes, by its own seconds per batch.
+        pace: How much of an encode unit it takes, by its own seconds per batch
+            (``EMBED_FLEET_UNIT_SECONDS``).
         host: The host's name, for reports.
     """
 
@@ -123,7 +124,12 @@ class WorkerContext:
         settings = boot.settings
         client = connect(settings.worker_broker_url, settings.transient_window)
         device = boot.device or settings.device
-        return cls(boot=boot, redis=client, inference=Inference.from_settings(settings, device))
+        return cls(
+            boot=boot,
+            redis=client,
+            inference=Inference.from_settings(settings, device),
+            pace=UnitPace(settings.unit_seconds),
+        )
 
     @property
     def settings(self) -> Settings:
