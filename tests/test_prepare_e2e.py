@@ -137,17 +137,14 @@ def test_a_prepare_worker_killed_mid_range_costs_nothing(
     start_worker("dense", fleet_env)
     start_worker("aggregate", fleet_env)
     victim = start_worker("prepare", fleet_env)
-    # Small ranges, as below: a unit outlasting the fleet's 8 s visibility timeout would
-    # be redelivered while it runs.
     earlier = run_cli(
-        "run", str(earlier_source), "--output", f"s3://{bucket}", "--range-mb", "0.005",
-        "--json", env=fleet_env,
+        "run", str(earlier_source), "--output", f"s3://{bucket}", "--json", env=fleet_env
     )  # fmt: skip
     assert earlier.returncode == 0, earlier.stderr
     earlier_manifest = events(earlier.stdout, "summary")[-1]["manifest"]
     cli = subprocess.Popen(
         [sys.executable, "-m", "producer.cli", "run", str(source), "--output", f"s3://{bucket}",
-         "--range-mb", "0.005", "--format", "jsonl", "--keep-work", "--json",
+         "--range-mb", "0.03", "--format", "jsonl", "--keep-work", "--json",
          "--reuse", earlier_manifest["job_id"]],
         env=fleet_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
@@ -204,16 +201,25 @@ def test_a_prepare_worker_killed_mid_range_costs_nothing(
 def test_redis_lost_while_the_fleet_prepares_then_resume_completes_the_job(
     fleet_env, bucket, s3, start_worker, tmp_path, redis_client
 ) -> None:
-    """Redis loses everything while ranges are being chunked (and their first batches
-    encoded): `resume --output` rebuilds the ledger from the store (the read plan, each
-    chunked range's batches), re-drives the first phase not done, and the job completes
-    with every document's chunks exactly once."""
+    """Redis loses everything while ranges of a job that reuses an earlier job's vectors
+    are being chunked (and their first batches encoded): `resume --output` rebuilds the
+    ledger from the store (the read plan, each chunked range's batches), re-drives the
+    first phase not done, and the job completes with every document's chunks exactly
+    once, and every chunk the earlier job had with its vector bit for bit."""
     source = collection(tmp_path, 300)
+    earlier_source = tmp_path / "earlier" / "corpus.jsonl"
+    earlier_source.parent.mkdir()
+    earlier_source.write_text("".join(source.read_text().splitlines(keepends=True)[:200]))
     start_worker("dense", fleet_env)
     start_worker("aggregate,prepare", fleet_env)
+    output = f"s3://{bucket}/lost"
+    earlier = run_cli("run", str(earlier_source), "--output", output, "--json", env=fleet_env)
+    assert earlier.returncode == 0, earlier.stderr
+    earlier_manifest = events(earlier.stdout, "summary")[-1]["manifest"]
     submitted = run_cli(
-        "run", str(source), "--output", f"s3://{bucket}/lost", "--range-mb", "0.02",
-        "--batch-chunks", "8", "--detach", env=fleet_env,
+        "run", str(source), "--output", output, "--range-mb", "0.02",
+        "--batch-chunks", "8", "--reuse", earlier_manifest["job_id"], "--detach",
+        env=fleet_env,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr
     job_id = submitted.stdout.strip().splitlines()[-1]
@@ -224,9 +230,7 @@ def test_redis_lost_while_the_fleet_prepares_then_resume_completes_the_job(
         time.sleep(0.05)
     assert not ledger.phase_opened("encode"), "too late for the fault: already sealed"
     redis_client.flushall()  # Redis lost, as a restart without persistence leaves it
-    resumed = run_cli(
-        "resume", job_id, "--output", f"s3://{bucket}/lost", "--json", env=fleet_env, timeout=600
-    )
+    resumed = run_cli("resume", job_id, "--output", output, "--json", env=fleet_env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert ledger.was_rebuilt()
     manifest = events(resumed.stdout, "summary")[-1]["manifest"]
@@ -236,10 +240,24 @@ def test_redis_lost_while_the_fleet_prepares_then_resume_completes_the_job(
     def get(key: str) -> bytes:
         return bytes(s3c.get_object(Bucket=bucket, Key=f"lost/{key}")["Body"].read())
 
-    chunk_ids = [r["chunk_id"] for r in chunk_records(manifest, get)]
+    records = chunk_records(manifest, get)
+    chunk_ids = [r["chunk_id"] for r in records]
     assert len(chunk_ids) == len(set(chunk_ids)) == manifest["counts"]["chunks"]
     docs = {c.rsplit("#", 1)[0] for c in chunk_ids}
     assert len(docs) == 300 - len(manifest["empty_documents"])
+    # Whatever the earlier job had is its own vector, whichever side of the loss it was
+    # copied on; the rest was encoded, each chunk once.
+    before = {r["chunk_id"]: r for r in chunk_records(earlier_manifest, get)}
+    (model,) = manifest["spec"]["dense_models"]
+    assert manifest["changes"]["reused"][model] == len(before) > 200
+    changes = manifest["changes"]
+    served = changes["encoded"][model] + changes["repeats"].get(model, 0)
+    assert served == len(records) - len(before)
+    for record in records:
+        if record["chunk_id"] in before:
+            mine = np.asarray(record["dense"][model], np.float32)
+            theirs = np.asarray(before[record["chunk_id"]]["dense"][model], np.float32)
+            assert mine.tobytes() == theirs.tobytes(), record["chunk_id"]
 
 
 def test_compressed_collections_prepare_as_the_plain_one(tmp_path: Path) -> None:
