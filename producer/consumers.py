@@ -47,11 +47,16 @@ def unconsumed(
     return [queue for queue in queues if not found.get(queue)]
 
 
+def pending(client: redis.Redis, queues: Sequence[str]) -> list[str]:
+    """Those of ``queues`` that hold messages waiting, in their order."""
+    waiting = waiting_counts(client)
+    return [queue for queue in queues if waiting.get(queue, 0) > 0]
+
+
 def stuck(client: redis.Redis, app: Celery, queues: Sequence[str]) -> list[str]:
     """Those of ``queues`` that hold messages waiting and that no worker consumes."""
-    waiting = waiting_counts(client)
-    pending = [queue for queue in queues if waiting.get(queue, 0) > 0]
-    return unconsumed(app, pending) if pending else []
+    holding = pending(client, queues)
+    return unconsumed(app, holding) if holding else []
 
 
 def unconsumed_line(queues: Sequence[str], subject: str) -> str:
@@ -95,7 +100,7 @@ class QueueWatch:
         self._checked_at = 0.0
         self._consumed: set[str] = set()
         self._asked_for: set[str] = set()
-        self._asked_at: float | None = None
+        self._asked_at: float | None = None  # when the workers were last asked
         self._checking = threading.Lock()
 
     def __call__(self) -> None:
@@ -117,15 +122,15 @@ class QueueWatch:
 
     def check(self, now: float) -> None:
         """One look: the job's queues holding messages, and who consumes them."""
-        waiting = waiting_counts(self.client)
-        pending = [queue for queue in self.queues if waiting.get(queue, 0) > 0]
-        if pending and (
+        holding = pending(self.client, self.queues)
+        asked = bool(holding) and (
             self._asked_at is None
             or now - self._asked_at >= ASK_EVERY_S
-            or not set(pending) <= self._asked_for
-        ):
-            self._ask(pending)
-        nobody = [queue for queue in pending if queue not in self._consumed]
+            or not set(holding) <= self._asked_for
+        )
+        if asked:
+            self._ask(holding)
+        nobody = [queue for queue in holding if queue not in self._consumed]
         for queue in self.queues:
             if queue not in nobody:
                 self._unconsumed_since.pop(queue, None)
@@ -135,8 +140,8 @@ class QueueWatch:
             since = self._unconsumed_since.setdefault(queue, now)
             if now - since >= self.wait_s and queue not in self._named:
                 due.append(queue)
-        if due and self._asked_at is not None and time.monotonic() - self._asked_at >= 0.5:
-            self._ask(pending)  # named on a fresh answer: a worker may just have come
+        if due and not asked:
+            self._ask(holding)  # named on a fresh answer: a worker may just have come
             due = [queue for queue in due if queue not in self._consumed]
         if due:
             self._named.update(due)

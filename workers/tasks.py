@@ -145,9 +145,9 @@ def _encode(
     worker encodes in about ``EMBED_FLEET_UNIT_SECONDS`` (:mod:`workers.runtime.pace`),
     read them (in parallel), encode them together, and write each batch's shard to its
     deterministic key (in parallel). Only then does the rest of the unit go back to the
-    queue, as one message: a unit that fails and is retried never sends it, and the message is
-    acknowledged only once the shards of what this worker took are durable (a copy
-    redelivered after a crash sends the rest again: work done twice, never counted
+    queue, as one message: a unit that fails and is retried never sends it, and the
+    message is acknowledged only once the shards of what this worker took are durable (a
+    copy redelivered after a crash sends the rest again: work done twice, never counted
     twice)."""
     taken = msg.batches[: ctx.pace.take(msg.stage, len(msg.batches))]
     loads = ctx.inference.models.stats.snapshot()

@@ -192,10 +192,10 @@ task's events, the ledger, reading the batches and writing their shards) is paid
 message and per batch. At eight model batches a message the fleet ran at 21,900
 chunks/s, at 32 at 26,900. A GPU encoding MiniLM at 20,000 chunks/s spends about 0.3 s
 on such a message, so a retry re-encodes a fraction of a second, well inside the
-visibility timeout; a slower worker takes only what it encodes in about 2.5 s (its unit seconds) and
-hands the rest back (``workers.runtime.pace``), so a message never holds a CPU for
-minutes. CPU stages keep one batch a message, so a slow model spreads over many
-workers and a worker's share of the cores is looked at often
+visibility timeout; a slower worker takes only what it encodes in about 2.5 s
+(``EMBED_FLEET_UNIT_SECONDS``) and hands the rest back (``workers.runtime.pace``), so a
+message never holds a CPU for minutes. CPU stages keep one batch a message, so a slow
+model spreads over many workers and a worker's share of the cores is looked at often
 (``workers.runtime.threads``)."""
 
 # At most this many staged batches in one message, however few tokens they hold (a

@@ -29,9 +29,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# How long a unit should keep a worker by default (EMBED_FLEET_UNIT_SECONDS): long
-# beside a message's fixed cost (tens of milliseconds), short beside another job's wait.
-UNIT_TARGET_S = 2.5
+from shared.control.settings import Settings
+
+# How long a unit should keep a worker by default (EMBED_FLEET_UNIT_SECONDS, whose
+# default is this): long beside a message's fixed cost (tens of milliseconds), short
+# beside another job's wait.
+UNIT_TARGET_S: float = Settings.unit_seconds
 # The weight of the latest unit in the pace (the rest: the pace so far).
 LATEST_WEIGHT = 0.5
 
