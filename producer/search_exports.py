@@ -27,6 +27,7 @@ import msgspec
 from shared.records.earlier_jobs import finished_job as finished_job  # (re-exported)
 from shared.records.errors import EmbedFleetError
 from shared.records.job_store import JobStore
+from shared.records.part_columns import dense_matrix
 from shared.records.schemas import Manifest
 from shared.records.storage import safe_name
 
@@ -102,12 +103,10 @@ def part_chunks(job: JobStore, manifest: Manifest) -> Iterator[PartChunks]:
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(raw))
-        dense = {}
-        for column, model in layout.dense_columns.items():
-            values = table.column(column).combine_chunks()
-            dim = values.type.list_size
-            flat = values.flatten().to_numpy(zero_copy_only=False)
-            dense[model] = np.asarray(flat, dtype=np.float32).reshape(-1, dim)
+        dense = {
+            model: dense_matrix(table.column(column).combine_chunks())
+            for column, model in layout.dense_columns.items()
+        }
         sparse: dict[str, list[dict[str, float] | None]] = {}
         for column, model in layout.sparse_columns.items():
             vocab = vocabularies[model]

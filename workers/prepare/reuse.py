@@ -40,6 +40,7 @@ from shared.records import ids
 from shared.records.earlier_jobs import earlier_job, refusal
 from shared.records.errors import EmbedFleetError
 from shared.records.job_store import JobStore
+from shared.records.part_columns import dense_matrix
 from shared.records.schemas import (
     Chunk,
     EarlierChunk,
@@ -291,9 +292,7 @@ class EarlierLookup:
             table = earlier.table(part, [*wanted_dense, *wanted_sparse])
             take = [where[p].row for p in positions]
             for column, model in wanted_dense.items():
-                values = table.column(column).take(take).combine_chunks()
-                flat = values.flatten().to_numpy(zero_copy_only=False)
-                block = np.asarray(flat, dtype=np.float32).reshape(len(take), values.type.list_size)
+                block = dense_matrix(table.column(column).take(take).combine_chunks())
                 if model not in dense:
                     dense[model] = np.zeros((len(rows), block.shape[1]), dtype=np.float32)
                 dense[model][positions] = block
