@@ -9,11 +9,15 @@ import pytest
 import torch
 
 from workers.inference.batch_runner import (
+    BatchRunner,
+    TokenBudget,
     first_batch,
+    model_rows,
     pad_multiple,
     padded_width,
     token_budget_batches,
 )
+from workers.runtime.measure import StageFigures
 
 
 def check_batches(
@@ -117,6 +121,52 @@ def test_a_long_run_meets_few_shapes_when_widths_are_rounded() -> None:
     exact = {shape(L, b, 1) for L in units for b in token_budget_batches(L, 4096)}
     assert len(exact) > 3 * len(rounded)
     assert pad_multiple("cuda:0") == 8
+
+
+def test_last_batches_run_at_rows_that_are_powers_of_two_within_the_budget() -> None:
+    """The rest of a long run's shapes: each unit's last batch has whatever rows are
+    left. Run at the next power of two (within the budget), a width meets a handful of
+    row counts over 300 units instead of dozens; fp32 on a CPU and a GPU run exact."""
+    rng = random.Random(1)
+    units = [[rng.randint(5, 256) for _ in range(rng.randint(1, 1536))] for _ in range(300)]
+    multiple = pad_multiple("cpu", torch.bfloat16)
+    exact: dict[int, set[int]] = {}
+    shaped: dict[int, set[int]] = {}
+    for lengths in units:
+        for batch in token_budget_batches(lengths, 4096, multiple):
+            width = padded_width(max(lengths[i] for i in batch), multiple)
+            rows = model_rows(len(batch), width, 4096, "cpu", multiple)
+            assert len(batch) <= rows and rows * width <= max(4096, width)
+            # A power of two, or the width's full rows.
+            assert rows & (rows - 1) == 0 or rows == 4096 // width, (rows, width)
+            exact.setdefault(width, set()).add(len(batch))
+            shaped.setdefault(width, set()).add(rows)
+    assert max(len(rows) for rows in exact.values()) > 30
+    # Powers of two up to the width's full rows, and the full rows.
+    assert all(len(rows) <= (4096 // width).bit_length() + 1 for width, rows in shaped.items())
+    assert model_rows(5, 16, 4096, "cpu", 1) == 5  # fp32
+    assert model_rows(5, 16, 4096, "cuda:0", 8) == 5
+    assert model_rows(3, 1024, 4096, "cpu", 16) == 4
+    assert model_rows(3, 1200, 4096, "cpu", 16) == 3  # the budget holds 3, not 4
+
+
+def test_the_runner_gives_the_model_its_items_repeated_up_to_the_rows() -> None:
+    """A bf16 model on a CPU is called with the batch's own items repeated up to
+    model_rows; the run counts each batch's items, not the rows, and every item is
+    written once per call that saw it."""
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    lengths = [60] * 70 + [10] * 5  # 64 wide: a full batch of 64, then 11 items
+    calls: list[list[int]] = []
+    runner = BatchRunner("dense", "m", "cpu", TokenBudget(4096, 8))
+    done = runner.run(model, lengths, lambda _, group: calls.append(group), figures=StageFigures())
+    assert [len(set(group)) for group in calls] == done.batch_sizes
+    assert sorted(i for group in calls for i in set(group)) == list(range(75))
+    assert [len(group) for group in calls] == [64, 16]
+    last = calls[-1]
+    assert last[:11] == list(range(64, 75)) and set(last[11:]) == {74}
+    fp32: list[list[int]] = []
+    runner.run(torch.nn.Linear(2, 2), lengths, lambda _, g: fp32.append(g), figures=StageFigures())
+    assert [len(group) for group in fp32] == [len(set(group)) for group in fp32]
 
 
 def test_first_batch_is_the_longest_items_the_budget_holds() -> None:

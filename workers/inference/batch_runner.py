@@ -97,6 +97,22 @@ def pad_multiple(device: str, dtype: Any = None) -> int:
     return CPU_PAD_MULTIPLE if half else 1
 
 
+def model_rows(rows: int, width: int, budget: int, device: str, multiple: int) -> int:
+    """How many rows a batch of ``rows`` items at ``width`` is run at: on a CPU in bf16
+    or fp16 (``multiple`` > 1 there), the next power of two, within the budget.
+
+    Widths in steps of ``multiple`` leave every full batch of a width with the same
+    rows, but each unit's last batch has whatever rows are left, and oneDNN keeps a
+    kernel with its scratch memory for each of those shapes too: over a long run, a
+    new one every few units, and a worker's memory grew with them. Powers of two leave
+    a handful a width. The extra rows repeat the batch's own items; their outputs are
+    written over with the same values. Exact where nothing is cached per shape (fp32 on
+    a CPU, a GPU)."""
+    if multiple <= 1 or device.split(":")[0] != "cpu" or rows <= 1:
+        return rows
+    return max(rows, min(1 << (rows - 1).bit_length(), budget // max(width, 1)))
+
+
 def model_dtype(model: Any) -> Any:
     """The dtype of a model's first parameter (``None`` for none, or no model)."""
     parameters = getattr(model, "parameters", None)
@@ -535,6 +551,10 @@ class BatchRunner:
         # The CPU copy of a fallback is padded as a CPU pads its dtype, not as the device.
         multiple = work.multiple if on_device else pad_multiple(device, model_dtype(model))
         tokens = padded_tokens(group, work.lengths, multiple)
+        # The rows the model sees (see model_rows): the group's own items, repeated.
+        width = tokens // len(group)
+        rows = model_rows(len(group), width, self.budget.value, device, multiple)
+        shaped = group + [group[-1]] * (rows - len(group))
         started = time.monotonic()
         self.current_device = device
         record = None
@@ -549,7 +569,7 @@ class BatchRunner:
                     check_simulated_oom(tokens, self.simulate_oom_tokens)
                 if self.before_batch is not None:
                     self.before_batch(list(group))
-                work.call(model, group)
+                work.call(model, shaped)
         finally:
             self.current_device = None
             if record is not None:
