@@ -169,3 +169,38 @@ def test_a_cpu_probe_too_short_to_time_decides_its_own_load_but_is_not_kept(
     assert decide(slow_s=0.06).startswith("bfloat16")
     kept = verdicts.get(key)
     assert kept is not None and kept.fp32_ms >= precision.MIN_KEPT_CPU_PROBE_MS
+
+
+def test_a_kept_verdict_leaves_only_the_quality_probe_on_a_few_items(monkeypatch, tmp_path) -> None:
+    """With the host's speed verdict kept, a load checks quality only, and on the
+    quality probe (the probe's longest few items), not the whole first batch twice; the
+    first load, which times, runs the whole probe. A quality probe that disagrees still
+    sends the model back to fp32."""
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"amx_bf16"})
+    verdicts = SpeedVerdicts(tmp_path / "speed-verdicts.json")
+    key = verdict_key("m", "rev", "cpu", "auto")
+    calls: list[str] = []
+
+    def decide(breaks: bool = False) -> str:
+        model = Linear(breaks, torch.float32)
+
+        def whole(m: Linear) -> np.ndarray[Any, Any]:
+            calls.append("whole")
+            return m.probe()
+
+        def few(m: Linear) -> np.ndarray[Any, Any]:
+            calls.append("few")
+            return m.probe()
+
+        _, result = apply_precision(
+            model, "auto", "cpu", whole, vectors_agree, lambda: Linear(breaks),
+            verdicts=verdicts, key=key, quality_probe=few,
+        )  # fmt: skip
+        return result.dtype
+
+    assert decide() == "bfloat16" and set(calls) == {"whole"}  # timed: the whole probe
+    calls.clear()
+    assert decide() == "bfloat16" and calls == ["few", "few"]  # fp32, then bf16
+    calls.clear()
+    assert decide(breaks=True) == "float32" and calls == ["few", "few"]
+    assert precision.QUALITY_PROBE_ITEMS <= 16

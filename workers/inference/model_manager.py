@@ -39,6 +39,7 @@ from workers.inference.attention_mask import use_broadcast_mask
 from workers.inference.devices import prepare_cuda
 from workers.inference.precision import (
     MAX_PROBE_ITEMS,
+    QUALITY_PROBE_ITEMS,
     Precision,
     SpeedVerdicts,
     apply_precision,
@@ -277,6 +278,9 @@ class ModelManager:
         def run_probe(model: Any) -> np.ndarray[Any, Any]:
             return family.probe(model, items)
 
+        def run_quality_probe(model: Any) -> np.ndarray[Any, Any]:
+            return family.probe(model, items[:QUALITY_PROBE_ITEMS])
+
         def reload() -> Any:
             return load_model(family, entry.resolved, entry.device)
 
@@ -290,6 +294,7 @@ class ModelManager:
             reload,
             verdicts=self.speed_verdicts,
             key=verdict_key(resolved.name, resolved.revision, entry.device, entry.dtype_request),
+            quality_probe=run_quality_probe,
         )
         entry.model = model
         entry.precision = precision

@@ -23,7 +23,8 @@ own): a probe timed while other stages share the cores is noise, and on this pro
 2-core machine it made SPLADE bf16 in one run of the same demo and fp32
 in the next. The first probe of a model, dtype and device on a host decides; later
 workers and runs on that host reuse its verdict (the quality half is probed every time,
-it is cheap and exact). Delete the file to measure again.
+on the probe's :data:`QUALITY_PROBE_ITEMS` longest items, which is cheap and exact).
+Delete the file to measure again.
 
 A CPU probe shorter than :data:`MIN_KEPT_CPU_PROBE_MS` (a small job's first batch: a
 few short texts) is not kept, nor reused from the file: at that length the timing is
@@ -61,6 +62,11 @@ _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # At most this many items (texts or pairs) in a probe: one real batch is far fewer on
 # any budget the fleet uses; the cap only bounds a caller's mistake.
 MAX_PROBE_ITEMS = 4096
+# Once a host's speed verdict is known, only the quality half is probed: on this many
+# of the probe's items, its longest (the ones bf16 rounding moves most). Probing a
+# whole first batch twice for it cost the demo's CPU workers 1.8 s (MiniLM) and 3.9 s
+# (SPLADE) before their first batch, in a job whose cores were already all busy.
+QUALITY_PROBE_ITEMS = 16
 # A CPU probe's slower run must take this long for its speed verdict to be kept (see
 # the module doc); a full batch of any real model at the CPU's budget takes longer.
 MIN_KEPT_CPU_PROBE_MS = 50.0
@@ -214,6 +220,7 @@ def apply_precision(
     reload: Callable[[], Any],
     verdicts: SpeedVerdicts | None = None,
     key: str = "",
+    quality_probe: Callable[[Any], np.ndarray[Any, Any]] | None = None,
 ) -> tuple[Any, Precision]:
     """Put a freshly loaded (fp32) model in the dtype the policy picks.
 
@@ -226,6 +233,9 @@ def apply_precision(
         reload: Loads the model again in fp32 (converting back would keep the rounding).
         verdicts: Where the speed verdict of ``key`` is kept (none: time every time).
         key: The model's verdict key (:func:`verdict_key`).
+        quality_probe: The probe's first :data:`QUALITY_PROBE_ITEMS` items, run instead
+            of ``probe`` when a kept verdict leaves only the quality half to check
+            (default: ``probe``).
 
     Returns:
         The model to use and its precision.
@@ -241,9 +251,10 @@ def apply_precision(
     kept = verdicts.get(key) if verdicts is not None and key else None
     if kept is not None and not kept.worth_keeping(device):
         kept = None  # an earlier short probe's noise (see the module doc): time again
-    reference, fp32_s = _timed_probe(probe, model, timed=kept is None)
+    check = probe if kept is None or quality_probe is None else quality_probe
+    reference, fp32_s = _timed_probe(check, model, timed=kept is None)
     model.to(getattr(torch, target.dtype))
-    reduced, reduced_s = _timed_probe(probe, model, timed=kept is None)
+    reduced, reduced_s = _timed_probe(check, model, timed=kept is None)
     ok, detail = agree(reference, reduced)
     if not ok:
         return reload(), Precision("float32", f"{target.reason}; kept fp32: {detail}")
