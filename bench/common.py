@@ -4,6 +4,7 @@ through the embedded fleet, measured from the ledger's per-batch reports."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import sys
 import threading
@@ -15,6 +16,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# The benches copy Cranfield several times (new ids, the same texts) and measure
+# encoding every copy, as bare sentence-transformers does. A fleet encodes a text a job
+# holds twice once (shared.records.served_rows), so their fleets, which inherit this
+# environment, claim no texts; bench/reuse.py, which measures that, turns it back on.
+TEXT_CLAIMS_OFF = {"EMBED_FLEET_TEXT_CLAIMS": "0"}
+os.environ.update(TEXT_CLAIMS_OFF)
 
 from producer.jobs import JobOptions, Stager, prepare  # noqa: E402
 from producer.local_fleet import LocalFleet  # noqa: E402

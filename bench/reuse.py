@@ -1,7 +1,10 @@
 """Re-embedding a changed corpus: a job run with ``--reuse`` against the full job before
 it and against the same changed corpus embedded from scratch, in the same run.
 
-The corpus: ``--scale`` copies of Cranfield with new ids (``<copy>-<id>``), as JSONL.
+The corpus: ``--scale`` copies of Cranfield with new ids (``<copy>-<id>``), as JSONL;
+every copy after the first, and every added document, carries its copy number every
+eight words (:func:`marked`), so that no two copies share a chunk text (the fleet
+encodes a text a job holds twice once, and would encode identical copies once).
 Each job is ``embed-collections run`` as a user runs it (the embedded fleet), MiniLM +
 SPLADE-tiny + BM25 in fp32 (so that recomputed vectors can be held to 1e-5), no
 queries, output to one local folder:
@@ -19,13 +22,16 @@ within 1e-5 of the clean job's; and the chunks encoded against the changed and a
 chunks (those whose document and text the full job did not have). Then its delta
 (``export --to delta``, BM25 left out): bytes and rows against the whole output.
 
-Last, **duplicates**: a corpus of ``--dup-docs`` Cranfield documents where one in ten is
-followed by a mirror of itself (the same title and text, another id), dense only: the
-chunk texts encoded against the chunks.
+Last, **duplicates**: a corpus of ``--dup-docs`` Cranfield documents where one in ten has
+a mirror (the same title and text, another id), the mirrors all at the end, so in other
+read ranges and encode units than their originals; dense only: the chunk texts encoded
+against the chunks and the distinct texts, and every mirror's vectors against its
+original's.
 
 Usage: python bench/reuse.py [--scale 10] [--edited 0.01] [--added 0.005]
-       [--removed 0.005] [--dup-docs 1400]
-Writes bench/results/reuse.json and prints a table.
+       [--removed 0.005] [--dup-docs 1400] [--duplicates-only]
+Writes bench/results/reuse.json and prints a table (``--duplicates-only``: runs the
+duplicates alone and replaces that section of the file).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from common import REPO, cli_job
 from rich.console import Console
 from rich.table import Table
 
+from shared.control.settings import Settings
 from workers.inference.precision import cpu_flags
 
 CRANFIELD = REPO / "examples" / "cranfield" / "corpus.jsonl"
@@ -57,6 +64,9 @@ DENSE = "sentence-transformers/all-MiniLM-L6-v2"
 SPLADE = "splade-tiny"
 MODELS = ["--sparse-models", f"{SPLADE},bm25", "--dtype", "fp32", "--no-queries"]
 TARGETS = {"reuse_over_full_wall": 0.1, "recomputed_max_abs": 1e-5}
+# What this bench measures includes texts a job holds twice, encoded once: the fleet's
+# default claims, which bench/common.py turns off for the other benches.
+CLAIMS_ON = {"EMBED_FLEET_TEXT_CLAIMS": str(Settings.text_claims)}
 OPTIONS: list[tuple[str, int | float, str]] = [
     ("--scale", 10, "copies of Cranfield"),
     ("--edited", 0.01, "share of the documents edited"),
@@ -76,13 +86,25 @@ def write(docs: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def marked(text: str, copy: int | str, every: int = 8) -> str:
+    """A copy's text with its copy number every few words (copy 0: the text as it is),
+    so that no two copies share a chunk text: a job encodes a text it holds twice once,
+    and identical copies would make a 10x corpus cost what one copy costs."""
+    if copy == 0:
+        return text
+    words = text.split()
+    for at in range(len(words) - len(words) % every, -1, -every):
+        words.insert(at, f"[{copy}]")
+    return " ".join(words)
+
+
 def corpora(
     scale: int, edited: float, added: float, removed: float, folder: Path
 ) -> tuple[Path, Path, dict[str, int]]:
     """The full corpus and the changed one (seeded: the same change every run)."""
     records = cranfield()
     docs = [
-        {"_id": f"{copy}-{r['_id']}", "title": r.get("title", ""), "text": r["text"]}
+        {"_id": f"{copy}-{r['_id']}", "title": r.get("title", ""), "text": marked(r["text"], copy)}
         for copy in range(scale)
         for r in records
     ]
@@ -100,7 +122,7 @@ def corpora(
             doc = {**doc, "text": doc["text"] + " This sentence was added in the new version."}
         changed.append(doc)
     changed += [
-        {"_id": f"new-{r['_id']}", "title": r.get("title", ""), "text": r["text"]}
+        {"_id": f"new-{r['_id']}", "title": r.get("title", ""), "text": marked(r["text"], "new")}
         for r in records[:n_add]
     ]
     counts = {"documents": len(docs), "edited": n_edit, "removed": n_remove, "added": n_add}
@@ -202,26 +224,39 @@ def delta(out: Path, job_id: str, folder: Path) -> dict[str, Any]:
 
 
 def duplicates(docs: int, folder: Path, out: Path) -> dict[str, Any]:
-    """One document in ten followed by a mirror of itself: texts encoded against chunks."""
+    """One document in ten mirrored at the corpus's end: texts encoded against chunks."""
     records = cranfield()[:docs]
-    mirrored = []
-    for index, record in enumerate(records):
-        mirrored.append(record)
-        if index % 10 == 0:
-            mirrored.append({**record, "_id": f"mirror-{record['_id']}"})
-    source = write(mirrored, folder / "dup" / "corpus.jsonl")
-    manifest = cli_job(source, ["--dtype", "fp32", "--no-queries"], output=out)
+    mirrors = [{**r, "_id": f"mirror-{r['_id']}"} for i, r in enumerate(records) if i % 10 == 0]
+    source = write(records + mirrors, folder / "dup" / "corpus.jsonl")
+    manifest = cli_job(source, ["--dtype", "fp32", "--no-queries"], CLAIMS_ON, output=out)
     chunks = manifest["counts"]["chunks_exported"]
     encoded = manifest["counts"]["encoded"][DENSE]
     table = parts(out, manifest)
     texts = table.column("text").to_pylist()
+    # Every mirror's chunk against its original's: the same vector, bit for bit.
+    vectors = dense_matrix(table, next(c for c in table.column_names if c.startswith("dense_")))
+    first: dict[tuple[str, int], int] = {}
+    for row, chunk_id in enumerate(table.column("chunk_id").to_pylist()):
+        doc_id, index = chunk_id.rsplit("#", 1)
+        first.setdefault((doc_id.removeprefix("mirror-"), int(index)), row)
+    mirrored_rows = [
+        (row, first[(c.rsplit("#", 1)[0].removeprefix("mirror-"), int(c.rsplit("#", 1)[1]))])
+        for row, c in enumerate(table.column("chunk_id").to_pylist())
+        if c.startswith("mirror-")
+    ]
+    identical = all(
+        vectors[mine].tobytes() == vectors[theirs].tobytes() for mine, theirs in mirrored_rows
+    )
     return {
-        "documents": len(mirrored),
-        "mirrors": len(mirrored) - len(records),
+        "documents": len(records) + len(mirrors),
+        "mirrors": len(mirrors),
+        "placement": "mirrors at the end (other ranges and units than their originals)",
         "chunks": chunks,
         "distinct_texts": len(set(texts)),
         "encoded": encoded,
         "encoded_share": round(encoded / chunks, 4),
+        "mirror_chunks": len(mirrored_rows),
+        "mirrors_bit_identical": identical,
         "wall_s": manifest["wall_s"],
     }
 
@@ -230,19 +265,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag, default, what in OPTIONS:
         parser.add_argument(flag, type=type(default), default=default, help=what)
+    parser.add_argument(
+        "--duplicates-only",
+        action="store_true",
+        help="run the duplicates alone and replace that section of bench/results/reuse.json",
+    )
     args = parser.parse_args()
     console = Console()
     started = time.time()
+    if args.duplicates_only:
+        with tempfile.TemporaryDirectory(prefix="embed-fleet-reuse-") as tmp:
+            dups = duplicates(args.dup_docs, Path(tmp), Path(tmp) / "dup-out")
+        kept = json.loads((RESULTS / "reuse.json").read_text())
+        kept["duplicates"] = dups
+        (RESULTS / "reuse.json").write_text(json.dumps(kept, indent=2) + "\n")
+        report(kept, console)
+        return
     with tempfile.TemporaryDirectory(prefix="embed-fleet-reuse-") as tmp:
         folder = Path(tmp)
         out = folder / "out"
         v1, v2, changes = corpora(args.scale, args.edited, args.added, args.removed, folder)
         console.print("full job ...")
-        full = cli_job(v1, MODELS, output=out)
+        full = cli_job(v1, MODELS, CLAIMS_ON, output=out)
         console.print("reuse job ...")
-        reuse = cli_job(v2, [*MODELS, "--reuse", full["job_id"]], output=out)
+        reuse = cli_job(v2, [*MODELS, "--reuse", full["job_id"]], CLAIMS_ON, output=out)
         console.print("clean job ...")
-        clean = cli_job(v2, MODELS, output=out)
+        clean = cli_job(v2, MODELS, CLAIMS_ON, output=out)
         compared = compare(out, full, reuse, clean)
         console.print("delta ...")
         exported = delta(out, reuse["job_id"], folder / "delta")
@@ -323,8 +371,10 @@ def report(result: dict[str, Any], console: Console) -> None:
         f"{exported['share_of_job']:.1%} of the job's parts, in {exported['wall_s']} s"
     )
     console.print(
-        f"duplicates: {dups['mirrors']} mirrored documents; {dups['encoded']:,} texts "
-        f"encoded for {dups['chunks']:,} chunks ({dups['distinct_texts']:,} distinct)"
+        f"duplicates: {dups['mirrors']} mirrored documents ({dups.get('placement', '')}); "
+        f"{dups['encoded']:,} texts encoded for {dups['chunks']:,} chunks "
+        f"({dups['distinct_texts']:,} distinct); mirrors bit for bit their originals: "
+        f"{dups.get('mirrors_bit_identical')}"
     )
     console.print(f"cpu: {result['machine']['cpu_flags']}")
 

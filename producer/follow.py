@@ -307,7 +307,7 @@ def reuse_lines(manifest: Manifest) -> list[str]:
     """What a ``--reuse`` job took from its earlier job, and why a model took nothing."""
     changes = manifest.changes
     if changes is None:
-        return []
+        return repeat_lines(manifest)
     job = changes.against_job or changes.against
     if changes.refused:
         return [f"reuse: none from {job} ({changes.refused}); every chunk was encoded"]
@@ -333,6 +333,20 @@ def reuse_lines(manifest: Manifest) -> list[str]:
             )
         lines.append(line)
     return lines
+
+
+def repeat_lines(manifest: Manifest) -> list[str]:
+    """For a job without ``--reuse``: the chunks each model did not encode because
+    another chunk of the job has their text (none: nothing to say)."""
+    chunks = manifest.counts.chunks_exported
+    served = {m: chunks - n for m, n in manifest.counts.encoded.items() if 0 < n < chunks}
+    if not served:
+        return []
+    return [
+        f"repeats: {model}: {count:,} of {chunks:,} chunks hold a text another chunk has, "
+        "and took its vector instead of being encoded"
+        for model, count in served.items()
+    ]
 
 
 def rerank_line(manifest: Manifest) -> str | None:

@@ -4,8 +4,9 @@ the embedded fleet, built once per test session (each costs about half a minute)
 
 The corpus: the first 60 Cranfield documents (v1). Then v2: one document edited (a
 sentence added), one cut short, two removed, two added (later Cranfield documents under
-new ids), and one of the added ones twice, under another id, next to itself (in the same
-read range and staged batch, so in the same encode unit). MiniLM + SPLADE-tiny + BM25 in
+new ids), and one of the added ones twice more under other ids: next to itself (in the
+same read range and staged batch, so in the same encode unit), and at the end (in
+another range, so in another unit). MiniLM + SPLADE-tiny + BM25 in
 fp32, 64-token chunks (a document has several), read in ranges of 10 KB (so the match
 runs over several id partitions) and written in parts of 100 rows (several per job).
 
@@ -33,6 +34,8 @@ CUT_SHORT = 4  # its first 200 characters only
 REMOVED = (5, 6)
 ADDED = (DOCUMENTS, DOCUMENTS + 1)  # later Cranfield documents, under new ids
 MIRROR = f"mirror-{ADDED[0]}"
+FAR_MIRROR = f"far-mirror-{ADDED[0]}"
+MIRRORS = (MIRROR, FAR_MIRROR)
 OPTIONS = (
     "--sparse-models", "splade-tiny,bm25", "--dtype", "fp32", "--range-mb", "0.01",
     "--chunk-tokens", "64", "--part-rows", "100", "--no-queries",
@@ -70,6 +73,7 @@ def corpora() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     after += [{**lines[i], "_id": f"new-{i}"} for i in ADDED]
     after.insert(20, after.pop(-2))
     after.insert(21, {**lines[ADDED[0]], "_id": MIRROR})
+    after.append({**lines[ADDED[0]], "_id": FAR_MIRROR})
     return before, after
 
 

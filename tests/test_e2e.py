@@ -286,9 +286,15 @@ def test_kill9_worker_mid_job(
     victim, fleet_env, bucket, s3, redis_server, start_worker, tmp_path
 ) -> None:
     """A worker killed mid-stage (an encode stage; or an aggregate worker while two of
-    them write the parts): the job completes with every chunk exactly once."""
+    them write the parts): the job completes with every chunk exactly once, and a
+    chunk whose text another chunk has holds that chunk's vectors."""
     # A smaller collection, in small batches, so the job is mid-way when we kill.
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:500]
+    # Five documents again at the end under other ids, in other read ranges and units
+    # than their first copies: served those copies' vectors, not encoded.
+    lines += [
+        json.dumps({**json.loads(x), "_id": f"mirror-{json.loads(x)['_id']}"}) for x in lines[:5]
+    ]
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "corpus.jsonl").write_text("\n".join(lines) + "\n")
     queue = {"dense": "dense", "sparse": "sparse", "export": "aggregate"}[victim]
@@ -331,7 +337,17 @@ def test_kill9_worker_mid_job(
     manifest = events(stdout, "summary")[-1]["manifest"]
     s3c = s3.client()
     job = f"corpus/{manifest['job_id']}"
-    exported = [r["chunk_id"] for r in chunk_records(manifest, s3_getter(s3c, bucket))]
+    records = chunk_records(manifest, s3_getter(s3c, bucket))
+    exported = [r["chunk_id"] for r in records]
+    by_id = {r["chunk_id"]: r for r in records}
+    mirrored = [r for r in records if r["chunk_id"].startswith("mirror-")]
+    assert len(mirrored) >= 5
+    for record in mirrored:
+        first = by_id[record["chunk_id"].removeprefix("mirror-")]
+        assert record["dense"] == first["dense"]
+        assert record.get("sparse") == first.get("sparse")
+    encoded = manifest["counts"]["encoded"]
+    assert all(n <= len(set(exported)) - len(mirrored) for n in encoded.values()), encoded
     staged: list[str] = []
     for batch_id in ledger.staged_batches():
         raw = s3c.get_object(Bucket=bucket, Key=f"{job}/work/batches/{batch_id}.msgpack")[

@@ -11,13 +11,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import base_env, run_cli
 from deltas import applied, assert_same_rows
-from reuse_jobs import ADDED, APPENDED, CUT_SHORT, DOCUMENTS, MIRROR, REMOVED, ReuseJobs
+from reuse_jobs import ADDED, APPENDED, CUT_SHORT, DOCUMENTS, MIRRORS, REMOVED, ReuseJobs
+
+from producer.follow import repeat_lines
+from shared.records.schemas import Manifest
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +39,7 @@ def test_changes_name_what_was_added_changed_removed_and_reused(reuse_jobs: Reus
     assert changes["refused"] == ""
     assert changes["against_job"] == jobs.job_id("first")
     documents = changes["documents"]
-    assert documents["added"] == len(ADDED) + 1
+    assert documents["added"] == len(ADDED) + len(MIRRORS)
     assert documents["removed"] == len(REMOVED)
     assert documents["changed"] == len((APPENDED, CUT_SHORT))
     assert documents["unchanged"] == DOCUMENTS - 2 - len(REMOVED)
@@ -45,12 +49,13 @@ def test_changes_name_what_was_added_changed_removed_and_reused(reuse_jobs: Reus
     had = sum(1 for r in now if (r["doc_id"], r["text_key"]) in earlier)
     new = len(now) - had
     assert 0 < new < len(now)
-    mirrored = sum(1 for r in now if r["doc_id"] == MIRROR)
+    mirrored = sum(1 for r in now if r["doc_id"] in MIRRORS)
     assert mirrored > 0
     assert changes["chunks_found"] == had
     for model in (DENSE, "splade-tiny"):
         assert changes["reused"][model] == had, model
-        # The mirrored page's chunks are served their first copy's vectors.
+        # The mirrored pages' chunks are served their first copy's vectors, in the
+        # same encode unit and in another.
         assert changes["encoded"][model] == new - mirrored, model
         assert changes["repeats"][model] == mirrored, model
         assert reused["counts"]["encoded"][model] == new - mirrored, model
@@ -91,6 +96,35 @@ def test_reused_vectors_are_the_earlier_ones_bit_for_bit_and_the_rest_match_a_cl
         assert row["sparse_bm25"] == clean[chunk_id]["sparse_bm25"], chunk_id
         assert row["text"] == clean[chunk_id]["text"]
     assert copied == jobs.manifests["reused"]["changes"]["chunks_found"]
+
+
+def test_a_text_the_job_holds_twice_is_encoded_once_and_served_bit_for_bit(
+    reuse_jobs: ReuseJobs,
+) -> None:
+    """The clean job (no reuse): each model encoded each distinct text once, across
+    ranges and encode units, and a mirror's chunks hold their original's vectors."""
+    jobs = reuse_jobs
+    table = jobs.tables["clean"]
+    rows = table.to_pylist()
+    distinct = len({r["text_key"] for r in rows})
+    assert distinct < len(rows)
+    manifest = jobs.manifests["clean"]
+    for model in (DENSE, "splade-tiny"):
+        assert manifest["counts"]["encoded"][model] == distinct, model
+    original = [r for r in rows if r["doc_id"] == f"new-{ADDED[0]}"]
+    columns = [c for c in table.column_names if c.startswith(("dense_", "sparse_splade"))]
+    for mirror in MIRRORS:
+        copies = [r for r in rows if r["doc_id"] == mirror]
+        assert len(copies) == len(original) > 1
+        for theirs, mine in zip(original, copies, strict=True):
+            assert mine["text_key"] == theirs["text_key"]
+            for column in columns:
+                assert mine[column] == theirs[column], (mirror, column)
+    # `run` says so, per model.
+    lines = repeat_lines(msgspec.convert(manifest, Manifest))
+    served = f"{len(rows) - distinct:,} of {len(rows):,} chunks hold a text another chunk has"
+    assert [line.split(": ")[1] for line in lines] == [DENSE, "splade-tiny"]
+    assert all(served in line for line in lines), lines
 
 
 def test_a_dtype_that_differs_reuses_nothing_and_says_so(reuse_jobs: ReuseJobs) -> None:
@@ -150,7 +184,7 @@ def test_an_earlier_job_that_does_not_verify_or_goes_midway_is_never_copied(
     row = _rows(jobs.tables["first"])[f"{jobs.before[0]['_id']}#0"]
     chunk = Chunk(chunk_id=row["chunk_id"], doc_id=row["doc_id"], index=0, text=row["text"],
                   n_tokens=1, span=(0, 1))  # fmt: skip
-    assert lookup.stage("b-one", [chunk], [text_key(chunk.text)]) == 1
+    assert lookup.stage("b-one", [chunk], [text_key(chunk.text)]) == [0]
     vectors = store.earlier_vectors("b-one")
     (dense,) = [c for c in vectors.dense]
     assert (
@@ -159,7 +193,7 @@ def test_an_earlier_job_that_does_not_verify_or_goes_midway_is_never_copied(
     )
     part.unlink()
     lookup = EarlierLookup(spec, store, ids.range_id(0), 2)
-    assert lookup.stage("b-two", [chunk], [text_key(chunk.text)]) == 0
+    assert lookup.stage("b-two", [chunk], [text_key(chunk.text)]) == []
     assert lookup.found == lookup.chunks_lost == 1 and "part-00000" in lookup.lost
 
 

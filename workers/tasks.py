@@ -118,8 +118,17 @@ def chunk_range(ctx: WorkerContext, job: Job, msg: PrepareUnit) -> UnitOutcome:
     """Chunk one read range and stage its batches, enqueueing their encode units."""
     from workers.prepare.chunk import chunk_range as chunk
 
-    window = ctx.settings.transient_window
-    done = chunk(job.spec, job.ledger, job.store, app, ctx.chunker(job), msg.unit, window)
+    settings = ctx.settings
+    done = chunk(
+        job.spec,
+        job.ledger,
+        job.store,
+        app,
+        ctx.chunker(job),
+        msg.unit,
+        settings.transient_window,
+        settings.text_claims,
+    )
     return UnitOutcome(items=done.chunks, device="cpu", tokens=done.tokens)
 
 

@@ -16,6 +16,8 @@ Keys, all under ``embed-fleet:job:<id>:``::
     staged            hash batch_id -> chunk count (document batches)
     staged-queries    hash batch_id -> query count (query batches)
     ranges-read       hash range id -> 1 (read ranges counted in documents_read)
+    texts             hash text key -> the chunk that claimed it first, while the
+                      job chunks (shared.records.served_rows; gone at seal)
     done:<stage>      hash unit id -> BatchReport
     failed:<stage>    hash unit id -> BatchFailure
     models            hash model name -> ModelInfo
@@ -174,6 +176,32 @@ if tonumber(ARGV[3]) >= 0 then
 end
 if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], ARGV[1], ARGV[5]) end
 return 0
+"""
+
+
+# Claims chunk texts (KEYS: texts; ARGV[1]: how many texts the hash may hold; then a
+# text key and a chunk's place, in turn). A text another place holds is that place's;
+# a text no place holds is the caller's, and the hash keeps it unless it is full; a
+# place that finds itself (its unit run again) is its own. Returns, per text, the other
+# place or ''.
+_CLAIM_TEXTS = """
+local cap = tonumber(ARGV[1])
+local size = redis.call('HLEN', KEYS[1])
+local out = {}
+for i = 2, #ARGV, 2 do
+  local place = ARGV[i + 1]
+  local held = redis.call('HGET', KEYS[1], ARGV[i])
+  if held and held ~= place then
+    out[#out + 1] = held
+  else
+    if not held and size < cap then
+      size = size + 1
+      redis.call('HSET', KEYS[1], ARGV[i], place)
+    end
+    out[#out + 1] = ''
+  end
+end
+return out
 """
 
 
@@ -399,12 +427,14 @@ class JobLedger:
         self.k_models = f"{base}:models"
         self.k_producer = f"{base}:producer"
         self.k_ranges_read = f"{base}:ranges-read"
+        self.k_texts = f"{base}:texts"
         self._check = client.register_script(_CHECK_COMPLETE)
         self._record_done = client.register_script(_RECORD_DONE)
         self._record_staged = client.register_script(_RECORD_STAGED)
         self._record_range_read = client.register_script(_RECORD_RANGE_READ)
         self._start_try = client.register_script(_START_TRY)
         self._end_try = client.register_script(_END_TRY)
+        self._claim_texts = client.register_script(_CLAIM_TEXTS)
         self._spec = spec
 
     def k_done(self, stage: str) -> str:
@@ -473,6 +503,24 @@ class JobLedger:
         self._record_range_read(
             keys=[self.k_ranges_read, self.k_state], args=[range_id, documents, bytes_read]
         )
+
+    def claim_texts(self, keys: list[str], places: list[str], cap: int) -> list[str]:
+        """For each chunk (its text key in hex, and its place ``<batch id>:<row>``): the
+        place of the chunk that claimed the same text first, or ``""`` where this chunk
+        is that first one (its text is claimed for it while the hash holds fewer than
+        ``cap`` texts). One round trip, atomic: of two ranges chunking the same text at
+        once, exactly one claims it."""
+        if not keys:
+            return []
+        args: list[bytes | str | int] = [cap]
+        for key, place in zip(keys, places, strict=True):
+            args += [bytes.fromhex(key), place]  # 16 bytes, not 32 hex digits
+        found = self._claim_texts(keys=[self.k_texts], args=args)
+        return [_text(place) for place in found]
+
+    def forget_texts(self) -> None:
+        """The chunk phase is over: nothing claims a text again, so the claims go."""
+        self.client.unlink(self.k_texts)
 
     def set_documents_total(self, documents: int) -> None:
         """How many documents the collection holds, once every range is validated."""
@@ -820,6 +868,7 @@ class JobLedger:
             self.k_models,
             self.k_producer,
             self.k_ranges_read,
+            self.k_texts,
         ]
         keys += [self.k_guard(phase.name) for phase in pipeline.PHASES]
         keys.append(self.k_deliveries(""))

@@ -18,6 +18,9 @@ The first three prepare the collection on the fleet (``--prepare-on fleet``, the
 default): every record validated, duplicate ids found across ranges, then chunked and
 staged; a chunk unit enqueues its batches' encode units as it stages them, so encoding
 starts before chunking ends, and ``seal`` counts the batches once every range is chunked.
+A chunk unit also claims its chunks' texts in the ledger: a chunk whose text an earlier
+chunk of the job holds is served that chunk's vectors, not encoded, with no stage of its
+own (:mod:`shared.records.served_rows`).
 A job prepared by its producer (``--prepare-on producer``) starts at ``encode``. A job
 that reuses an earlier job's vectors (``--reuse``) does its matching on the same three
 phases, with no stage of its own: validate units also index the earlier job's parts,

@@ -120,6 +120,13 @@ VARIABLES: tuple[Variable, ...] = (
         "how long another job's unit, or an urgent one, may wait for it",
     ),
     Variable(
+        "text_claims",
+        FIELD_DEFAULT,
+        "distinct chunk texts a job keeps in Redis while it chunks (about 100 bytes each), "
+        "so that a text seen again anywhere in the job is encoded once; past it, a text "
+        "first seen later is encoded once per encode unit",
+    ),
+    Variable(
         "log_level", FIELD_DEFAULT, "the fleet's own logs: one JSON object per line on stderr"
     ),
     Variable(
@@ -333,6 +340,8 @@ class Settings:
             before the follower says so.
         unit_seconds: Seconds of encoding a worker takes from a unit of several staged
             batches before it hands the rest back (``workers.runtime.pace``).
+        text_claims: Distinct chunk texts a job claims in Redis while it chunks
+            (``shared.records.served_rows``).
         log_level: Level of the fleet's own structured logs.
         rerank_batch_timeout: Seconds one CrossEncoder model batch may run before it is
             split, moved to the CPU, or left unreranked (``None``: no limit).
@@ -366,6 +375,7 @@ class Settings:
     stall_timeout: float = 30.0
     queue_wait: float = 30.0
     unit_seconds: float = 2.5
+    text_claims: int = 2_000_000
     log_level: str = "WARNING"
     rerank_batch_timeout: float | None = 120.0
     device: str | None = None
@@ -421,6 +431,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "stall_timeout": _number,
     "queue_wait": _number,
     "unit_seconds": _number,
+    "text_claims": _whole,
     "log_level": lambda name, raw: raw.strip().upper(),
     "rerank_batch_timeout": _optional_seconds,
     "device": _device,

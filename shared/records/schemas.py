@@ -296,6 +296,16 @@ class StagedTokens(Struct):
     lengths: list[int]
 
 
+class ServedRow(Struct, array_like=True):
+    """A chunk of a staged batch (``row``) whose text another chunk of the same job
+    claimed first (``batch_id``, ``owner_row``): it is not encoded, and takes that
+    chunk's vectors (see :mod:`shared.records.served_rows`)."""
+
+    row: int
+    batch_id: str
+    owner_row: int
+
+
 class ChunkBatch(Struct):
     """A staged batch of chunks: written by the producer (or a chunk unit), read by every
     encode stage. ``tokens``: the chunks' token ids (``None`` in batches staged before
@@ -308,6 +318,9 @@ class ChunkBatch(Struct):
     # Chunks of the batch an earlier job has vectors for (``--reuse``), staged beside
     # it as EarlierVectors; 0: none, nothing to read.
     earlier: int = 0
+    # Chunks whose text another chunk of the job claimed first (shared.records.
+    # served_rows): not encoded, given that chunk's vectors when the shard is read.
+    served: list[ServedRow] = []
 
 
 # --- reuse of an earlier job's vectors (run --reuse; workers.prepare.reuse) ----------
@@ -417,6 +430,9 @@ class SparseShard(Struct):
     # Model -> distinct texts of the batch the model ran (a repeat within the unit, or
     # an earlier job's row, is not run again).
     encoded: dict[str, int] = {}
+    # Rows whose text another chunk of the job claimed first: held empty here, filled
+    # with that chunk's vectors as the shard is read (shared.records.served_rows).
+    served: list[ServedRow] = []
 
 
 class DenseShard(Struct):
@@ -431,6 +447,9 @@ class DenseShard(Struct):
     # Model -> distinct texts of the batch the model ran (a repeat within the unit, or
     # an earlier job's row, is not run again).
     encoded: dict[str, int] = {}
+    # Rows whose text another chunk of the job claimed first: held empty here, filled
+    # with that chunk's vectors as the shard is read (shared.records.served_rows).
+    served: list[ServedRow] = []
 
 
 # --- messages ------------------------------------------------------------------------

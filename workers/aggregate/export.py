@@ -32,6 +32,7 @@ from shared.records.schemas import (
     JobSpec,
     Vocabulary,
 )
+from shared.records.served_rows import ServedShards
 from workers.aggregate.parts import Matrix32, PartWriter, SparseVectors
 from workers.aggregate.sparse_run import SparseRunBuilder
 from workers.ranking.sparse_weights import (
@@ -142,18 +143,20 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
     name = JobLayout.part_name(message.unit, spec.export.format)
     reused: Counter[str] = Counter()
     encoded: Counter[str] = Counter()
+    # Rows served another chunk's vectors are filled as their shards are read.
+    shards = ServedShards(store)
     with tempfile.TemporaryDirectory(prefix="embed-fleet-part-") as tmp:
         writer: PartWriter | None = None
         try:
             for batch_id in message.batch_ids:
                 batch = store.batch(batch_id)
-                matrices = _dense(store, batch, reused, encoded)
+                matrices = _dense(shards, batch, reused, encoded)
                 if writer is None:
                     dense = {model: matrix.shape[1] for model, matrix in matrices.items()}
                     path = Path(tmp) / f"part.{spec.export.format}"
                     writer = PartWriter(path, spec.export.format, dense, indices)
                 sparse = (
-                    _sparse(store, batch, bm25, run, reused, encoded) if run is not None else None
+                    _sparse(shards, batch, bm25, run, reused, encoded) if run is not None else None
                 )
                 writer.add(batch, matrices, sparse)
             assert writer is not None, "a part has at least one batch"
@@ -179,11 +182,11 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
 
 
 def _dense(
-    store: JobStore, batch: ChunkBatch, reused: Counter[str], encoded: Counter[str]
+    shards: ServedShards, batch: ChunkBatch, reused: Counter[str], encoded: Counter[str]
 ) -> dict[str, Matrix32]:
     """The batch's dense vectors by model (counting the rows taken from an earlier job,
     and the texts encoded)."""
-    shard = store.dense(batch.batch_id)
+    shard = shards.dense(batch.batch_id)
     if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
         raise RuntimeError(f"dense shard {batch.batch_id} does not match its chunk batch")
     reused.update(shard.reused)
@@ -192,7 +195,7 @@ def _dense(
 
 
 def _sparse(
-    store: JobStore,
+    shards: ServedShards,
     batch: ChunkBatch,
     bm25: BM25Statistics | None,
     run: SparseRunBuilder,
@@ -201,7 +204,7 @@ def _sparse(
 ) -> SparseVectors:
     """Each sparse model's exported vector per chunk: SPLADE weights rounded, BM25
     weights from the collection's statistics (what the retrieve phase searched)."""
-    shard = store.sparse(batch.batch_id)
+    shard = shards.sparse(batch.batch_id)
     if shard.chunk_ids != [c.chunk_id for c in batch.chunks]:
         raise RuntimeError(f"sparse shard {batch.batch_id} does not match its chunk batch")
     run.add_shard(shard)

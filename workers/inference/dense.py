@@ -20,6 +20,7 @@ from workers.inference.feed import (
     encode_inputs,
     forward,
     per_device,
+    served_positions,
     staged_ids,
     text_feed,
 )
@@ -109,8 +110,11 @@ def encode_batches(
     # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out: the length of an
     # item only the model's preprocess can lay out, and of the dtype probe's.
     every_length = [chunk.n_tokens + 2 for chunk in chunks]
-    # A text the unit holds twice is encoded once (see Distinct).
-    distinct = Distinct.of(every_text)
+    # A text the unit holds twice is encoded once (see Distinct), and a chunk whose text
+    # another chunk of the job claimed first is not encoded here at all (its row is
+    # filled as the shard is read: shared.records.served_rows).
+    served = served_positions(batches)
+    distinct = Distinct.of(every_text, served)
     texts = distinct.pick(every_text)
     approximate = distinct.pick(every_length)
     device = inference.device
@@ -128,7 +132,7 @@ def encode_batches(
         loaded = load_dense(inference, name, dtype, probe)
         found = earlier.take(loaded.info) if earlier is not None else None
         # What this model encodes: the distinct texts, less those it has vectors for.
-        todo = distinct if found is None else Distinct.of(every_text, set(found.positions))
+        todo = distinct if found is None else Distinct.of(every_text, set(found.positions) | served)
         inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, kind)
         staged = todo.pick(staged_ids(batches, inputs.identity))
         feed = text_feed(inputs, todo.pick(every_text), staged, todo.pick(every_length).__getitem__)
@@ -154,7 +158,8 @@ def encode_batches(
             sizes += done.batch_sizes
         # Every row of a repeated text gets its first row's vector (a copy, not a view),
         # and a row the earlier job had gets the earlier vector.
-        vectors[loaded.info.name] = _rows_of(gather_rows(outputs, len(todo.firsts)), todo, found)
+        encoded_rows = gather_rows(outputs, len(todo.firsts), loaded.info.dim)
+        vectors[loaded.info.name] = _rows_of(encoded_rows, todo, found)
         if found is not None:
             taken[loaded.info.name] = found.positions
         encoded[loaded.info.name] = todo.firsts
@@ -174,6 +179,7 @@ def encode_batches(
             vectors=matrices,
             reused=reused[index],
             encoded=fresh[index],
+            served=batch.served,
         )
 
     return UnitOutcome.of_batches(
@@ -191,25 +197,26 @@ def encode_batches(
 def _rows_of(
     encoded: np.ndarray[Any, np.dtype[np.float32]], todo: Distinct, found: Taken | None
 ) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """Every chunk's vector: its distinct text's encoded row, or its earlier one."""
+    """Every chunk's vector: its distinct text's encoded row, or its earlier one, or
+    zeros for a served row (filled as the shard is read)."""
     rows = np.asarray(todo.rows, dtype=np.int64)
-    if found is None:
-        return encoded[rows]
-    assert found.dense is not None
-    out = np.zeros((len(rows), found.dense.shape[1]), dtype=np.float32)
+    out = np.zeros((len(rows), encoded.shape[1]), dtype=np.float32)
     mine = rows >= 0
     if mine.any():
         out[mine] = encoded[rows[mine]]
-    out[found.positions] = found.dense
+    if found is not None:
+        assert found.dense is not None
+        out[found.positions] = found.dense
     return out
 
 
 def gather_rows(
-    outputs: list[tuple[list[int], torch.Tensor]], rows: int
+    outputs: list[tuple[list[int], torch.Tensor]], rows: int, width: int = 0
 ) -> np.ndarray[Any, np.dtype[np.float32]]:
     """Every batch's output rows ([items, width] each) back in item order, in one
-    device-to-host copy per device the batches ran on."""
-    width = int(outputs[0][1].shape[1]) if outputs else 0
+    device-to-host copy per device the batches ran on (``width``: the model's, where
+    no batch ran)."""
+    width = int(outputs[0][1].shape[1]) if outputs else width
     out = np.zeros((rows, width), dtype=np.float32)
     for positions, values in per_device(outputs):
         out[positions] = values.to(torch.float32).cpu().numpy()

@@ -225,6 +225,17 @@ class Distinct:
         return out
 
 
+def served_positions(batches: Sequence[ChunkBatch]) -> set[int]:
+    """The positions, in the unit's chunk order, of the chunks another chunk of the
+    job serves (``ChunkBatch.served``): left out of every model's encoding."""
+    out: set[int] = set()
+    offset = 0
+    for batch in batches:
+        out.update(offset + served.row for served in batch.served)
+        offset += len(batch.chunks)
+    return out
+
+
 def staged_ids(batches: Sequence[ChunkBatch], identity: str) -> list[Ids | None]:
     """Each chunk's staged ids, where its batch's ids were made by a tokenizer of this
     identity (else ``None``: the worker tokenizes that chunk itself)."""

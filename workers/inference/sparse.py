@@ -34,6 +34,7 @@ from workers.inference.feed import (
     encode_inputs,
     forward,
     per_device,
+    served_positions,
     staged_ids,
     text_feed,
 )
@@ -159,7 +160,10 @@ class SparseVectorGenerator:
         every_text = [chunk.text for chunk in chunks]
         # +2: [CLS] and [SEP], which n_tokens (text tokens only) leaves out.
         every_length = [chunk.n_tokens + 2 for chunk in chunks]
-        distinct = Distinct.of(every_text)
+        # A chunk another chunk of the job serves is not encoded (its rows are filled
+        # as the shard is read: shared.records.served_rows), but BM25 counts it.
+        served = served_positions(batches)
+        distinct = Distinct.of(every_text, served)
         texts = distinct.pick(every_text)
         approximate = distinct.pick(every_length)
         tokens: list[int] = []
@@ -186,7 +190,7 @@ class SparseVectorGenerator:
             # What this model encodes: the distinct texts, less those it has rows for.
             todo = distinct
             if found is not None:
-                todo = Distinct.of(every_text, set(found.positions))
+                todo = Distinct.of(every_text, set(found.positions) | served)
                 taken[sparse.info.name] = found.positions
             encoded[sparse.info.name] = todo.firsts
             inputs = encode_inputs(self.inference, "sparse", sparse.info.name, sparse.model, kind)
@@ -196,7 +200,10 @@ class SparseVectorGenerator:
             )
             rows[name] = self._live(sparse, chunks, todo, feed, errors, sizes, figures, found)
             if found is None:
-                tokens = tokens or [feed.lengths[row] for row in distinct.rows]
+                tokens = tokens or [
+                    feed.lengths[row] if row >= 0 else every_length[i]
+                    for i, row in enumerate(distinct.rows)
+                ]
         tokens = tokens or every_length
         reused, fresh = per_batch(taken, batches), per_batch(encoded, batches)
         return UnitOutcome.of_batches(
@@ -212,6 +219,7 @@ class SparseVectorGenerator:
                 batch_sizes=sizes,
                 reused=reused[index],
                 encoded=fresh[index],
+                served=batch.served,
             ),
             device=self.device,
             batch_sizes=sizes,

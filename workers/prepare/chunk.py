@@ -16,6 +16,7 @@ from celery import Celery
 
 from shared.control.celery_app import EncodeUnits, advance, send_resume
 from shared.control.ledger import JobLedger
+from shared.control.settings import Settings
 from shared.inputs.chunking import Chunker, ChunkTally, chunk_batches
 from shared.inputs.sources import (
     MAX_LISTED_SKIPS,
@@ -35,8 +36,10 @@ from shared.records.schemas import (
     LatencySummary,
     ProducerReport,
     RangeChunked,
+    ServedRow,
     SkippedRecord,
 )
+from shared.records.served_rows import place, served_rows
 from workers.prepare.reuse import EarlierLookup
 
 
@@ -48,9 +51,12 @@ def chunk_range(
     chunker: Chunker,
     range_id: str,
     transient_window_s: float,
+    text_claims: int = Settings.text_claims,
 ) -> RangeChunked:
     """Chunk and stage one range, enqueueing each batch's encode units as it goes (an
-    S3 source's outage retried over ``transient_window_s``)."""
+    S3 source's outage retried over ``transient_window_s``). Each batch lists the chunks
+    whose text another chunk of the job claimed first (claiming at most ``text_claims``
+    texts a job, none once its ledger was rebuilt; see :mod:`shared.records.served_rows`)."""
     started = time.time()
     plan = store.read_plan()
     index = ids.range_index(range_id)
@@ -70,6 +76,9 @@ def chunk_range(
             moved = record.shifted(line_offset)
             raise BadRecordError(moved.path, moved.line, moved.reason)
 
+    # A ledger written again from the store lost the claims: claiming anew could turn a
+    # chunk that serves others into one served, so a rebuilt job claims nothing.
+    claims = 0 if ledger.was_rebuilt() else text_claims
     # A job reusing an earlier one's vectors copies them beside each batch first.
     earlier = (
         EarlierLookup(spec, store, range_id, plan.partitions, transient_window_s)
@@ -83,8 +92,11 @@ def chunk_range(
             batch = ChunkBatch(
                 job_id=spec.job_id, batch_id=batch_id, chunks=chunks, tokens=run.tokens
             )
-            if earlier is not None:
-                batch.earlier = earlier.stage(batch_id, chunks, [text_key(c.text) for c in chunks])
+            keys = [text_key(c.text) for c in chunks]
+            # A chunk taking an earlier job's vectors is not encoded: it claims nothing.
+            known = earlier.stage(batch_id, chunks, keys) if earlier is not None else []
+            batch.earlier = len(known)
+            batch.served = _served(ledger, batch_id, keys, set(known), claims)
             store.put_batch(batch)
             ledger.record_staged(batch_id, len(chunks), -1, -1, [c.chunk_id for c in chunks])
             units.add(batch_id, sum(run.tokens.lengths))
@@ -107,6 +119,19 @@ def chunk_range(
     return chunked
 
 
+def _served(
+    ledger: JobLedger, batch_id: str, keys: list[str], known: set[int], cap: int
+) -> list[ServedRow]:
+    """The batch's chunks whose text another chunk of the job claimed first, claiming
+    the others' texts (one round trip; none at all with ``cap`` 0)."""
+    if cap == 0:
+        return []
+    rows = [row for row in range(len(keys)) if row not in known]
+    places = [place(batch_id, row) for row in rows]
+    found = ledger.claim_texts([keys[row] for row in rows], places, cap)
+    return served_rows(batch_id, found, rows)
+
+
 def seal(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     """Once every range is chunked: the job's report of what was read and staged (the
     producer's report, as a producer that prepared the job writes it), and the encode
@@ -118,6 +143,7 @@ def seal(ledger: JobLedger, store: JobStore, app: Celery) -> int:
     ranges = [store.chunked(ids.range_id(part.index)) for part in plan.ranges]
     done = [r for r in ranges if r is not None]
     assert len(done) == len(ranges), "seal runs once every range is chunked"
+    ledger.forget_texts()
     started = min((r.started_at for r in done), default=time.time())
     finished = max((r.finished_at for r in done), default=started)
     chunks = sum(r.chunks for r in done)

@@ -233,9 +233,9 @@ class EarlierLookup:
         self.lost = ""
         self.chunks_lost = 0
 
-    def stage(self, batch_id: str, chunks: Sequence[Chunk], keys: Sequence[str]) -> int:
-        """Copy the earlier vectors of a batch's matching chunks beside it; returns how
-        many chunks have them (0: nothing written)."""
+    def stage(self, batch_id: str, chunks: Sequence[Chunk], keys: Sequence[str]) -> list[int]:
+        """Copy the earlier vectors of a batch's matching chunks beside it; returns the
+        rows of the chunks that have them (none: nothing written)."""
         rows: list[int] = []
         where: list[EarlierChunk] = []
         for row, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
@@ -245,7 +245,7 @@ class EarlierLookup:
                 rows.append(row)
                 where.append(hit)
         if not rows:
-            return 0
+            return []
         self.found += len(rows)
         try:
             vectors = self._copy(rows, where)
@@ -254,9 +254,9 @@ class EarlierLookup:
             # encoded, as any new chunk is; nothing earlier is mixed in.
             self.lost = self.lost or f"{type(exc).__name__}: {exc}"[:300]
             self.chunks_lost += len(rows)
-            return 0
+            return []
         self.store.put_earlier_vectors(batch_id, vectors)
-        return len(rows)
+        return rows
 
     def tally(self) -> EarlierTally:
         """This range's documents and chunks against the earlier job."""

@@ -25,6 +25,7 @@ from scipy import sparse as sp
 from shared.inputs.models import BM25
 from shared.records.job_store import JobStore
 from shared.records.schemas import DENSE_RANKING, DenseShard, Hits, JobSpec, SparseRow
+from shared.records.served_rows import ServedShards
 from workers.ranking.sparse_weights import BM25Statistics, collection_bm25, rounded
 
 # Queries scored at once: bounds the score matrix to QUERY_BLOCK x shard rows.
@@ -237,9 +238,10 @@ def sparse_chunks(
     store: JobStore, batch_ids: list[str], bm25: BM25Statistics | None
 ) -> Iterable[SparseChunks]:
     """Each document shard's batch, chunk ids and exported sparse vectors, one shard at
-    a time."""
+    a time (served rows filled)."""
+    shards = ServedShards(store)
     for batch_id in batch_ids:
-        shard = store.sparse(batch_id)
+        shard = shards.sparse(batch_id)
         vectors = {
             model: [chunk_vector(model, row, bm25) for row in rows]
             for model, rows in shard.rows.items()
@@ -261,7 +263,8 @@ def retrieve(
         query_ids, matrices = dense_queries(store, query_batches)
         if not query_ids:
             return [], {DENSE_RANKING: []}
-        hits = dense_top_k(matrices, (store.dense(b) for b in batch_ids), k)
+        shards = ServedShards(store)
+        hits = dense_top_k(matrices, (shards.dense(b) for b in batch_ids), k)
         return query_ids, {DENSE_RANKING: hits}
     query_ids, vectors = sparse_queries(store, query_batches)
     if not query_ids:
