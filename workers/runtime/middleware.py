@@ -274,11 +274,13 @@ class LedgerReporting(Middleware):
             task.stage and stage and pipeline.stage(stage).failure_ends_job
         ):
             # Nothing of a job that fails while preparing is worth keeping: its
-            # staged batches go with the rest of work/, the failure stays.
+            # staged batches go with the rest of work/, the failure stays. work/ goes
+            # first: once the job reads failed, `run` stops its embedded fleet, which
+            # would cut a deletion still under way short.
+            context.job(job_id).store.delete_work()
             ledger.fail(
                 reason, context.settings.ledger_ttl, bad_input=isinstance(exc, BadInputError)
             )
-            context.job(job_id).store.delete_work()
             return
         batch_ids = payload.get("batch_ids") or []
         if task.stage and stage and len(batch_ids) > 1:
