@@ -287,7 +287,9 @@ def test_kill9_worker_mid_job(
 ) -> None:
     """A worker killed mid-stage (an encode stage; or an aggregate worker while two of
     them write the parts): the job completes with every chunk exactly once, and a
-    chunk whose text another chunk has holds that chunk's vectors."""
+    chunk whose text another chunk has holds that chunk's vectors. The dense worker
+    dies in a job that reuses an earlier job's vectors (``--reuse``): what the earlier
+    job had is still its vectors, bit for bit."""
     # A smaller collection, in small batches, so the job is mid-way when we kill.
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines()[:500]
     # Five documents again at the end under other ids, in other read ranges and units
@@ -304,6 +306,19 @@ def test_kill9_worker_mid_job(
     workers["export"] = start_worker("aggregate,prepare", fleet_env)
     if victim == "export":
         start_worker("aggregate,prepare", fleet_env)  # the one that goes on
+    reuse: list[str] = []
+    earlier: dict[str, Any] = {}
+    if victim == "dense":
+        # 200 of the documents (not the mirrored ones) embedded by an earlier job first.
+        (tmp_path / "earlier").mkdir()
+        (tmp_path / "earlier" / "corpus.jsonl").write_text("\n".join(lines[5:205]) + "\n")
+        done = run_cli(
+            "run", str(tmp_path / "earlier"), "--output", f"s3://{bucket}", "--json",
+            env=fleet_env, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        earlier = events(done.stdout, "summary")[-1]["manifest"]
+        reuse = ["--reuse", earlier["job_id"]]
     sparse_args = ["--sparse-models", "splade-tiny,bm25"] if victim == "sparse" else []
     # Export: a part per batch of 4 chunks, ~160 parts, so the kill lands mid-phase.
     sparse_args += ["--part-rows", "4", "--format", "jsonl"] if victim == "export" else []
@@ -314,13 +329,14 @@ def test_kill9_worker_mid_job(
     cli = start_cli(
         *("run", str(tmp_path / "corpus"), "--output", f"s3://{bucket}"),
         *("--batch-chunks", batch_chunks, *units, "--keep-work", "--json", *sparse_args),
+        *reuse,
         env=fleet_env,
     )
     client = redis_server.client()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         jobs = client.zrange(JOBS_INDEX, 0, -1)
-        if jobs:
+        if jobs and jobs[-1].decode() != earlier.get("job_id"):
             ledger = JobLedger(client, jobs[-1].decode())
             if len(ledger.reports(victim)) >= 3:
                 break
@@ -348,6 +364,11 @@ def test_kill9_worker_mid_job(
         assert record.get("sparse") == first.get("sparse")
     encoded = manifest["counts"]["encoded"]
     assert all(n <= len(set(exported)) - len(mirrored) for n in encoded.values()), encoded
+    if earlier:
+        before = chunk_records(earlier, s3_getter(s3c, bucket))
+        assert manifest["changes"]["chunks_found"] == len(before) > 200
+        for record in before:
+            assert by_id[record["chunk_id"]]["dense"] == record["dense"], record["chunk_id"]
     staged: list[str] = []
     for batch_id in ledger.staged_batches():
         raw = s3c.get_object(Bucket=bucket, Key=f"{job}/work/batches/{batch_id}.msgpack")[
