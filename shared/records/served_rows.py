@@ -19,10 +19,11 @@ extends that to the whole job:
 The first claimant of a text is the job's for as long as the job chunks: a unit run
 again finds its own claims, so it stages the same batches. A claimant is always encoded,
 so a served row points at a row with vectors, and a shard keeps the list its unit was
-encoded by. Only a ledger rebuilt from the store (Redis lost) would let a range that is
-chunked again claim anew; so a rebuilt job claims nothing (every chunk it stages is its
-own, and the pointers of batches staged before still point at encoded rows), and the
-reader refuses a pointer cycle instead of serving zeros.
+encoded by. Only a ledger rebuilt from the store (Redis lost), or a late copy of a unit
+after ``seal`` dropped the claims, would let a range chunked again claim anew; so then
+nothing is claimed (every chunk staged is its own, and the pointers of batches staged
+before still point at encoded rows), and the reader refuses a pointer cycle instead of
+serving zeros.
 
 The claims cost Redis memory (about 100 bytes a distinct text) only while the job
 chunks, and are bounded: a job claims at most ``EMBED_FLEET_TEXT_CLAIMS`` texts (2

@@ -56,7 +56,8 @@ def chunk_range(
     """Chunk and stage one range, enqueueing each batch's encode units as it goes (an
     S3 source's outage retried over ``transient_window_s``). Each batch lists the chunks
     whose text another chunk of the job claimed first (claiming at most ``text_claims``
-    texts a job, none once its ledger was rebuilt; see :mod:`shared.records.served_rows`)."""
+    texts a job, none once it is sealed or its ledger was rebuilt; see
+    :mod:`shared.records.served_rows`)."""
     started = time.time()
     plan = store.read_plan()
     index = ids.range_index(range_id)
@@ -76,9 +77,12 @@ def chunk_range(
             moved = record.shifted(line_offset)
             raise BadRecordError(moved.path, moved.line, moved.reason)
 
-    # A ledger written again from the store lost the claims: claiming anew could turn a
-    # chunk that serves others into one served, so a rebuilt job claims nothing.
-    claims = 0 if ledger.was_rebuilt() else text_claims
+    # Claims hold only while the job first chunks: a ledger written again from the store
+    # lost them, and seal dropped them (a late copy of this unit runs after it), and
+    # claiming anew could turn a chunk that serves others into one served. So then
+    # nothing is claimed: every chunk staged is its own.
+    late = ledger.was_rebuilt() or ledger.phase_opened("encode")
+    claims = 0 if late else text_claims
     # A job reusing an earlier one's vectors copies them beside each batch first.
     earlier = (
         EarlierLookup(spec, store, range_id, plan.partitions, transient_window_s)
