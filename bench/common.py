@@ -213,7 +213,7 @@ def run_rerank_groups(
 ) -> dict[str, Any]:
     """Rerank fused candidate groups through one worker on queue ``rerank``, with the
     job's ``--dtype``."""
-    from shared.control.celery_app import send_unit
+    from shared.control.celery_app import fan_out
     from shared.records.job_store import JobStore
     from shared.records.schemas import JobSpec, RerankGroup, RetrievalSpec
     from shared.records.storage import open_store
@@ -246,12 +246,13 @@ def run_rerank_groups(
     with LocalFleet(("rerank",)) as local:
         ledger = JobLedger(connect(local.redis_url), spec.job_id)
         ledger.open(spec, 0, 0)
-        ledger.open_phase("rerank", len(groups))
         app = make_app(dataclasses.replace(Settings.from_env(), broker_url=local.redis_url))
         for group in groups:
             group.job_id = spec.job_id
             job_store.put_fused(group)
-            send_unit(app, RerankGroup(job_id=spec.job_id, stage="rerank", unit=group.group_id))
+        # As the rerank plan sends them: several groups a message.
+        units = [RerankGroup(job_id=spec.job_id, stage="rerank", unit=g.group_id) for g in groups]
+        fan_out(app, ledger, spec, "rerank", units)
         while len(ledger.reports("rerank")) < len(groups):
             local.check()
             time.sleep(0.25)

@@ -19,7 +19,9 @@ Every figure of a run is taken in that run, on the same machine and the same chu
       a model a GPU runs in milliseconds, so what is left is the fleet's own cost;
     - the rerank worker on every Cranfield query's 50 first BM25 candidates (the shape
       of a fused list), with the null CrossEncoder; bare ``predict`` at 32 and at best;
-      the CrossEncoder's forward ceiling.
+      the CrossEncoder's forward ceiling. The fleet reranks the query groups
+      ``--copies`` times over (under new group ids), sent as the rerank plan sends them
+      (several groups a message), so that its steady state is more than one message.
 - **minilm**: all-MiniLM-L6-v2 itself, fleet / bare ``encode`` (batch 32) at the same
   dtype, fp32 and bf16, on Cranfield.
 - **demo**: the README demo (``embed-collections run examples/cranfield --enable-sparse``,
@@ -278,6 +280,19 @@ def rerank_inputs(
     return groups, pairs
 
 
+def copied(groups: list[FusedGroup], copies: int) -> list[FusedGroup]:
+    """The query groups ``copies`` times over, copy k > 0 under group ids ``<id>-c<k>``."""
+    import msgspec
+
+    return [
+        msgspec.structs.replace(
+            group, group_id=f"{group.group_id}-c{copy}" if copy else group.group_id
+        )
+        for copy in range(copies)
+        for group in groups
+    ]
+
+
 def rerank_ceiling_and_bare(
     folder: str,
     pairs: list[tuple[str, str]],
@@ -462,8 +477,9 @@ def null_section(copies: int, tmp: Path, device: str = "cpu") -> dict[str, Any]:
     rerank_budget = default_batch_tokens("rerank", device)
     out["rerank"]["budget"] = rerank_budget
     out["rerank"]["ceiling_at_budget"] = out["rerank"]["ceiling_by_budget"][rerank_budget]
-    fleet = run_rerank_groups(groups, cross, 50, tmp / "rerank", dtype="fp32")
+    fleet = run_rerank_groups(copied(groups, copies), cross, 50, tmp / "rerank", dtype="fp32")
     out["rerank"]["fleet"] = fleet["pairs_per_s"]
+    out["rerank"]["fleet_detail"] = fleet
     log(f"null: rerank {out['rerank']}")
     out["ratios"] = {
         "fleet_over_ceiling": round(out["fleet"]["per_s"] / out["ceiling"]["per_s"], 3),
@@ -582,6 +598,7 @@ def gpu_section(
     )
     _, cross = null_models(tmp)
     groups, pairs = rerank_inputs(10_000, 50, folder)
+    groups = copied(groups, copies)
     for dtype in ("bf16", "fp32"):
         measured = rerank_ceiling_and_bare(cross, pairs, device, dtype, batch_sizes)
         fleet = run_rerank_groups(groups, cross, 50, tmp / f"rerank-{dtype}", dtype=dtype)

@@ -15,6 +15,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -349,7 +350,8 @@ def test_rerank_from_staged_passages_equals_predict(
 ) -> None:
     """The fuse step hands the reranker the passages' staged ids (the tiny CrossEncoder
     has MiniLM's tokenizer): each query is tokenized once, no passage again, and the
-    scores are predict's."""
+    scores are predict's. Two groups scored together (a rerank message of several)
+    each get their own queries' scores and pairs; the call's batches count once."""
     from sentence_transformers import CrossEncoder
 
     chunks = [chunk for batch in batches for chunk in batch.chunks][:40]
@@ -380,15 +382,26 @@ def test_rerank_from_staged_passages_equals_predict(
         tokenizer=identity,
         ids={c.chunk_id: tokens.to_bytes(i, "uint16") for c, i in zip(chunks, ids, strict=True)},
     )
+    # The same candidates as two groups of one query each.
+    halves = [
+        msgspec.structs.replace(group, group_id=f"q-g0000{n}", queries=[query])
+        for n, query in enumerate(queries)
+    ]
     inference = Inference(requested_device="cpu")
-    shard, _ = rerank_fused(inference, group, models["cross"], 50, "fp32")
+    shards, _ = rerank_fused(inference, halves, models["cross"], 50, "fp32")
+    (whole,), _ = rerank_fused(inference, [group], models["cross"], 50, "fp32")
     bare = CrossEncoder(models["cross"], device="cpu")
-    for query in queries:
+    for shard, query in zip(shards, queries, strict=True):
+        assert list(shard.scores) == [query.query_id]
         pairs = [(query.text, group.texts[c.chunk_id]) for c in query.candidates]
         expected = bare.predict(pairs)
         got = np.array(shard.scores[query.query_id], dtype=np.float64)
         assert np.abs(got - expected).max() <= TOLERANCE
+        assert shard.stats.pairs_asked == shard.stats.pairs_scored == len(pairs)
     assert np.ptp(expected) > 0.01
+    assert shards[0].stats.batch_sizes == whole.stats.batch_sizes
+    assert not shards[1].stats.batch_sizes
+    assert sum(s.stats.tokens for s in shards) == whole.stats.tokens
     loaded = load_cross_encoder(inference, models["cross"], "cpu", "fp32")
     pairs = [(q.text, group.texts[c.chunk_id]) for q in queries for c in q.candidates]
     passage_ids = [

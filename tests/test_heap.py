@@ -49,3 +49,48 @@ def test_freed_heap_memory_goes_back_once_rss_passes_the_ceiling() -> None:
     assert not keeper.after_unit()
     assert keeper.trims == 2
     del pinned, needed
+
+
+def test_objects_alive_after_a_model_load_are_kept_out_of_the_collector(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """After a unit that loaded a model, what is alive is frozen (full collections no
+    longer walk it) and what was garbage is collected, not frozen; a unit that changed
+    no model freezes nothing more."""
+    import weakref
+
+    from test_dense import batch
+
+    from shared.control.settings import Settings
+    from shared.inputs.models import DEFAULT_DENSE_MODEL
+    from workers.inference import dense
+    from workers.inference.engine import Inference
+    from workers.runtime.context import WorkerBoot, WorkerContext
+    from workers.runtime.middleware import CollectorFreezing, UnitRun
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+    inference = Inference()
+    context = WorkerContext(WorkerBoot(Settings(broker_url=None)), None, inference)  # type: ignore[arg-type]
+    unit = UnitRun(context, None, "dense", "b000000", None, batch())  # type: ignore[arg-type]
+
+    def frozen(thing: object) -> bool:  # the collector's generations no longer hold it
+        return not any(o is thing for o in gc.get_objects())
+
+    gc.unfreeze()
+    try:
+        with CollectorFreezing().around(unit):
+            dense.encode_batch(inference, batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
+            kept = Cycle()
+            garbage = Cycle()
+            gone = weakref.ref(garbage)
+            del garbage
+        assert gc.get_freeze_count() > 10_000  # the model, the libraries
+        assert frozen(kept) and frozen(inference.models)
+        assert gone() is None  # the cycle was collected before the freeze, not kept
+        with CollectorFreezing().around(unit):
+            dense.encode_batch(inference, batch(), [DEFAULT_DENSE_MODEL], dtype="fp32")
+            later = Cycle()
+        assert not frozen(later)  # loaded once: nothing frozen again
+    finally:
+        gc.unfreeze()

@@ -532,7 +532,7 @@ def test_auto_probes_the_first_real_batch(tmp_path: Path, monkeypatch: Any) -> N
         return get(*args, **kwargs)
 
     monkeypatch.setattr(inference.models, "get", spy)
-    rerank_fused(inference, group, str(folder), 60, "fp32")
+    rerank_fused(inference, [group], str(folder), 60, "fp32")
     staged = inference.models.stage(RERANK, str(folder), "cpu", "fp32").model
     pairs = [(q.text, texts[c.chunk_id]) for q in queries for c in q.candidates]
     lengths = pairs_feed(inference, staged, str(folder.resolve()), pairs).lengths

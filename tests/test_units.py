@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -15,25 +15,34 @@ from test_ledger import report, spec
 
 from producer.backlog import PRIORITY_SEPARATOR
 from shared.control import fairness
-from shared.control.celery_app import EncodeUnits, make_app
+from shared.control.celery_app import EncodeUnits, fan_out, make_app
 from shared.control.ledger import JobLedger
-from shared.control.pipeline import UNIT_MAX_BATCHES
+from shared.control.pipeline import RERANK_UNIT_GROUPS, UNIT_MAX_BATCHES
 from shared.control.settings import Settings
-from shared.records.schemas import EncodeBatch, LatencySummary, ProducerReport
+from shared.records.schemas import (
+    EncodeBatch,
+    LatencySummary,
+    ProducerReport,
+    RerankGroup,
+    RetrieveGroup,
+    UnitMessage,
+)
 from workers.runtime.measure import UnitOutcome, UnitPart
 from workers.runtime.middleware import _part_reports
 
+Message = TypeVar("Message", bound=UnitMessage)
 
-def queued(client: Any, queue: str) -> list[EncodeBatch]:
-    """The encode messages waiting in a queue, in the order a worker takes them (its
-    priority lists, highest first; each oldest first), decoded as a worker would."""
+
+def queued(client: Any, queue: str, kind: type[Message] = EncodeBatch) -> list[Message]:  # type: ignore[assignment]
+    """The messages waiting in a queue, in the order a worker takes them (its priority
+    lists, highest first; each oldest first), decoded as a worker would."""
     out = []
     for level in range(fairness.LEVELS):
         key = f"{queue}{PRIORITY_SEPARATOR}{level}" if level else queue
         for raw in reversed(client.lrange(key, 0, -1)):
             body = base64.b64decode(json.loads(raw)["body"])
             args, _, _ = msgspec.msgpack.decode(body)
-            out.append(msgspec.convert(args[0], EncodeBatch))
+            out.append(msgspec.convert(args[0], kind))
     return out
 
 
@@ -156,6 +165,72 @@ def test_a_unit_that_keeps_failing_sends_its_batches_again_one_by_one(
     LedgerReporting().gave_up(task, {**payload, "batch_ids": []}, RuntimeError("b0 is"))  # type: ignore[arg-type]
     (failure,) = ledger.failures("dense")
     assert failure.batch_id == "b0" and "b0 is" in failure.reason
+
+
+def test_rerank_messages_hold_several_query_groups_and_the_phase_counts_each(
+    app: Any, redis_client: Any
+) -> None:
+    """The rerank plan gathers its groups RERANK_UNIT_GROUPS a message, in order; the
+    phase's total is still the groups, each recorded by its own id."""
+    job = spec("rerank-units")
+    ledger = JobLedger(redis_client, job.job_id)
+    ledger.open(job, documents_total=1, bytes_total=1)
+    groups = [f"q-g{i:05d}" for i in range(RERANK_UNIT_GROUPS + 4)]
+    units = [RerankGroup(job_id=job.job_id, stage="rerank", unit=g) for g in groups]
+    assert fan_out(app, ledger, job, "rerank", units) == len(groups)
+    sent = queued(redis_client, "rerank", RerankGroup)
+    assert [m.units for m in sent] == [groups[:RERANK_UNIT_GROUPS], groups[RERANK_UNIT_GROUPS:]]
+    assert [m.unit for m in sent] == [groups[0], groups[RERANK_UNIT_GROUPS]]
+    assert int(redis_client.hget(ledger.k_state, "total:rerank")) == len(groups)
+    # Other planned stages keep one unit a message.
+    retrieve = [
+        RetrieveGroup(
+            job_id=job.job_id, stage="retrieve", unit=f"dense-g{i}", retriever="dense",
+            batch_ids=["b0", "b1"],
+        )
+        for i in range(3)
+    ]  # fmt: skip
+    fan_out(app, ledger, job, "retrieve", retrieve, variant=lambda unit: unit.retriever)
+    assert queued(redis_client, "dense", RetrieveGroup) == retrieve
+
+
+def test_a_rerank_message_that_keeps_failing_sends_its_groups_again_one_by_one(
+    app: Any, redis_client: Any, redis_server: Any
+) -> None:
+    """As a unit of several staged batches: each query group alone, with its own retries;
+    a retrieve group (whose batch_ids are the shards it searches, not units of its own)
+    is recorded failed as it is."""
+    from workers.runtime.context import WorkerBoot, attach_boot
+    from workers.runtime.middleware import LedgerReporting
+
+    job = spec("split-rerank")
+    ledger = JobLedger(redis_client, job.job_id)
+    ledger.open(job, documents_total=1, bytes_total=1)
+    settings = dataclasses.replace(Settings.from_env({}), broker_url=redis_server.url)
+    attach_boot(app, WorkerBoot(settings=settings))
+
+    class Task:
+        stage = "rerank"
+        name = "embed_fleet.rerank.rerank_group"
+
+    task = Task()
+    task.app = app  # type: ignore[attr-defined]
+    message = RerankGroup(
+        job_id=job.job_id, stage="rerank", unit="q-g0", group_ids=["q-g0", "q-g1"]
+    )
+    payload = msgspec.to_builtins(message)
+    LedgerReporting().gave_up(task, payload, RuntimeError("one group is broken"))  # type: ignore[arg-type]
+    assert [m.units for m in queued(redis_client, "rerank", RerankGroup)] == [["q-g0"], ["q-g1"]]
+    assert all(not m.group_ids for m in queued(redis_client, "rerank", RerankGroup))
+    assert ledger.failures("rerank") == []
+    task.stage, task.name = "retrieve", "embed_fleet.dense.retrieve"
+    searched = RetrieveGroup(
+        job_id=job.job_id, stage="retrieve", unit="dense-g0", retriever="dense",
+        batch_ids=["b0", "b1"],
+    )  # fmt: skip
+    LedgerReporting().gave_up(task, msgspec.to_builtins(searched), RuntimeError("lost"))  # type: ignore[arg-type]
+    (failure,) = ledger.failures("retrieve")
+    assert failure.batch_id == "dense-g0" and "lost" in failure.reason
 
 
 def test_a_worker_takes_what_it_encodes_in_its_unit_seconds() -> None:

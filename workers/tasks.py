@@ -31,7 +31,7 @@ from shared.records.schemas import (
 from workers.app import app, settings
 from workers.inference.earlier import Earlier
 from workers.runtime.context import Job, WorkerContext
-from workers.runtime.measure import StageFigures, UnitOutcome, peak_kind
+from workers.runtime.measure import StageFigures, UnitOutcome, UnitPart, peak_kind
 from workers.runtime.middleware import Body, FleetTask
 
 log = get_logger("tasks")
@@ -144,42 +144,53 @@ def seal(ctx: WorkerContext, job: Job, msg: JobStep) -> None:
 # --- encode --------------------------------------------------------------------------
 
 
+def _paced(
+    ctx: WorkerContext,
+    job: Job,
+    msg: EncodeBatch | RerankGroup,
+    work: Callable[[list[str]], UnitOutcome],
+) -> UnitOutcome:
+    """What every stage whose messages hold several units shares (the encode stages'
+    staged batches, the rerank stage's query groups): take as many of the message's
+    units as this worker does in about ``EMBED_FLEET_UNIT_SECONDS``
+    (:mod:`workers.runtime.pace`), do them together (``work`` reads them, runs the
+    model and writes each unit's output to its deterministic key). Only then does the
+    rest of the message go back to the queue, as one message: a unit that fails and is
+    retried never sends it, and the message is acknowledged only once the outputs of
+    what this worker took are durable (a copy redelivered after a crash sends the rest
+    again: work done twice, never counted twice)."""
+    units = msg.units
+    taken = units[: ctx.pace.take(msg.stage, len(units))]
+    loads = ctx.inference.models.stats.snapshot()
+    started = time.monotonic()
+    outcome = work(taken)
+    if ctx.inference.models.stats.snapshot() == loads:  # a model's load is not its pace
+        ctx.pace.record(msg.stage, len(taken), time.monotonic() - started)
+    if rest := units[len(taken) :]:
+        send_units(app, job.ledger, job.spec, [msg.of_units(rest)])
+    return outcome
+
+
 def _encode(
     ctx: WorkerContext,
     job: Job,
     msg: EncodeBatch,
     encode: Callable[[list[ChunkBatch]], UnitOutcome],
 ) -> UnitOutcome:
-    """What every encode stage shares: take as many of the unit's staged batches as this
-    worker encodes in about ``EMBED_FLEET_UNIT_SECONDS`` (:mod:`workers.runtime.pace`),
-    read them (in parallel), encode them together, and write each batch's shard to its
-    deterministic key (in parallel). Only then does the rest of the unit go back to the
-    queue, as one message: a unit that fails and is retried never sends it, and the
-    message is acknowledged only once the shards of what this worker took are durable (a
-    copy redelivered after a crash sends the rest again: work done twice, never counted
-    twice)."""
-    taken = msg.batches[: ctx.pace.take(msg.stage, len(msg.batches))]
-    loads = ctx.inference.models.stats.snapshot()
-    started = time.monotonic()
-    batches = ctx.io.map(job.store.batch, taken)
-    outcome = encode(batches)
-    assert len(outcome.shards) == len(batches), "an encode stage returns a shard per batch"
-    ctx.io.map(
-        lambda pair: job.store.put_shard(msg.stage, *pair),
-        list(zip(taken, outcome.shards, strict=True)),
-    )
-    if ctx.inference.models.stats.snapshot() == loads:  # a model's load is not its pace
-        ctx.pace.record(msg.stage, len(batches), time.monotonic() - started)
-    if rest := msg.batches[len(taken) :]:
-        back = EncodeBatch(
-            job_id=msg.job_id,
-            stage=msg.stage,
-            unit=rest[0],
-            kind=msg.kind,
-            batch_ids=rest if len(rest) > 1 else [],
+    """An encode unit: its staged batches read (in parallel), encoded together, and each
+    batch's shard written to its deterministic key (in parallel), paced (:func:`_paced`)."""
+
+    def work(taken: list[str]) -> UnitOutcome:
+        batches = ctx.io.map(job.store.batch, taken)
+        outcome = encode(batches)
+        assert len(outcome.shards) == len(batches), "an encode stage returns a shard per batch"
+        ctx.io.map(
+            lambda pair: job.store.put_shard(msg.stage, *pair),
+            list(zip(taken, outcome.shards, strict=True)),
         )
-        send_units(app, job.ledger, job.spec, [back])
-    return outcome
+        return outcome
+
+    return _paced(ctx, job, msg, work)
 
 
 @unit_task("dense")
@@ -272,32 +283,41 @@ def retrieve_sparse(ctx: WorkerContext, job: Job, msg: RetrieveGroup) -> UnitOut
 
 @unit_task("rerank")
 def rerank_group(ctx: WorkerContext, job: Job, msg: RerankGroup) -> UnitOutcome:
-    """CrossEncoder scores for the fused top candidates of one group of queries."""
+    """CrossEncoder scores for the fused top candidates of a message's query groups
+    (as many as this worker scores in its unit seconds, :func:`_paced`), all groups'
+    pairs scored together; one shard per group."""
     from workers.inference import rerank  # torch at import: only rerank workers pay for it
 
     retrieval = job.spec.retrieval
     assert retrieval is not None and retrieval.rerank_model, "rerank units need a reranker"
-    group = job.store.fused(msg.unit)
-    shard, info = rerank.rerank_fused(
-        ctx.inference, group, retrieval.rerank_model, retrieval.rerank_top, job.spec.dtype
-    )
-    job.store.put_reranked(shard)
-    stats = shard.stats
-    return UnitOutcome(
-        items=stats.pairs_asked,
-        device=info.device,
-        batch_sizes=stats.batch_sizes,
-        kind="queries",
-        tokens=stats.tokens,
-        figures=StageFigures(
-            peak_memory_bytes=stats.peak_memory_bytes,
-            peak_memory_kind=peak_kind(info.device),
-            oom_count=stats.oom_count,
-            budgets={info.name: stats.max_batch_tokens},
-        ),
-        models=[info],
-        items_missed=stats.pairs_asked - stats.pairs_scored,
-    )
+    model = retrieval.rerank_model
+
+    def work(taken: list[str]) -> UnitOutcome:
+        groups = ctx.io.map(job.store.fused, taken)
+        shards, info = rerank.rerank_fused(
+            ctx.inference, groups, model, retrieval.rerank_top, job.spec.dtype
+        )
+        ctx.io.map(job.store.put_reranked, shards)
+        stats = [shard.stats for shard in shards]
+        run = stats[0]  # what the scoring call did as a whole goes with the first group
+        return UnitOutcome(
+            items=sum(s.pairs_asked for s in stats),
+            device=info.device,
+            parts=[UnitPart(s.group_id, s.stats.pairs_asked, s.stats.tokens) for s in shards],
+            batch_sizes=run.batch_sizes,
+            kind="queries",
+            tokens=sum(s.tokens for s in stats),
+            figures=StageFigures(
+                peak_memory_bytes=run.peak_memory_bytes,
+                peak_memory_kind=peak_kind(info.device),
+                oom_count=run.oom_count,
+                budgets={info.name: run.max_batch_tokens},
+            ),
+            models=[info],
+            items_missed=sum(s.pairs_asked - s.pairs_scored for s in stats),
+        )
+
+    return _paced(ctx, job, msg, work)
 
 
 # --- aggregator steps ------------------------------------------------------------------

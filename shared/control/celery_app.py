@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from celery import Celery
 
@@ -85,11 +85,37 @@ def fan_out(
     total is set before any unit is sent (so no unit can finish a phase that does not
     yet know its size), a phase without units hands on to the next step at once, and
     then each unit goes to its stage's queue. ``variant``: which of the stage's tasks a
-    unit goes to (a retrieve group's retriever). Returns how many units were sent."""
+    unit goes to (a retrieve group's retriever). A stage whose messages hold several
+    units (``units_per_message``) gets them gathered in order; the phase still counts
+    each. Returns how many units were sent."""
     if ledger.open_phase(phase, len(units)):
         advance(app, spec, phase)
-    send_units(app, ledger, spec, units, variant)
+    send_units(app, ledger, spec, gathered(units), variant)
     return len(units)
+
+
+def gathered(units: Sequence[Unit]) -> list[Unit]:
+    """Consecutive units of a stage whose messages hold several, as one message per
+    ``units_per_message`` of them (the first unit's message, for all); other units as
+    they are."""
+    out: list[Unit] = []
+    run: list[Unit] = []
+
+    def close() -> None:
+        if run:
+            several = len(run) > 1
+            out.append(cast(Unit, run[0].of_units([u.unit for u in run])) if several else run[0])
+            run.clear()
+
+    for unit in units:
+        size = pipeline.stage(unit.stage).units_per_message
+        if run and (run[0].stage != unit.stage or len(run) >= size):
+            close()
+        run.append(unit)
+        if size == 1:
+            close()
+    close()
+    return out
 
 
 def send_units(

@@ -105,6 +105,9 @@ class Stage:
         unit_tokens: For a per-batch stage, how many tokens of staged chunks one of its
             messages gathers (several staged batches; see :data:`GPU_UNIT_TOKENS`), or
             0: one batch a message.
+        units_per_message: How many of a planned stage's units one message holds
+            (:data:`RERANK_UNIT_GROUPS`; 1 for most); a worker takes as many as its pace
+            allows and sends the rest back.
     """
 
     name: str
@@ -116,6 +119,7 @@ class Stage:
     runs_models: bool = True
     failure_ends_job: bool = False
     unit_tokens: Callable[[JobSpec], int] = lambda spec: 0
+    units_per_message: int = 1
 
     def route(self, variant: str = "") -> Route:
         return self.routes[variant]
@@ -205,6 +209,16 @@ model spreads over many workers and a worker's share of the cores is looked at o
 # batch of 128 queries holds only a few thousand): a unit's reads stay bounded.
 UNIT_MAX_BATCHES = 64
 
+RERANK_UNIT_GROUPS = 16
+"""Query groups in one rerank message (at the default 16 queries a group and top 50,
+12,800 pairs). A message's fixed cost (the broker, the ledger, reading the fused groups,
+writing the scores) was about 28 ms on a 2-core CPU, as long as scoring a group's 800
+pairs with a model whose forward costs almost nothing: at one group a message the fleet
+reached half of what the same worker scores in one process (``bench/feed.py``). A GPU
+scoring a real CrossEncoder at 10,000 pairs/s spends about 1.3 s on a full message; a
+CPU worker takes only what it scores in ``EMBED_FLEET_UNIT_SECONDS`` (one group, for a
+real model) and sends the rest back (``workers.runtime.pace``)."""
+
 
 def _gpu_unit(spec: JobSpec) -> int:
     return spec.unit_tokens
@@ -277,6 +291,7 @@ STAGES: tuple[Stage, ...] = (
         message=RerankGroup,
         counts="tasks",
         applies=_has_rerank,
+        units_per_message=RERANK_UNIT_GROUPS,
     ),
     Stage(
         name="export",

@@ -467,6 +467,17 @@ class UnitMessage(Struct):
     stage: str
     unit: str
 
+    @property
+    def units(self) -> list[str]:
+        """The units the ledger counts for this message: its own, or each one a message
+        of several holds (:class:`EncodeBatch`, :class:`RerankGroup`)."""
+        return [self.unit]
+
+    def of_units(self, units: list[str]) -> UnitMessage:
+        """The same message for ``units`` instead (the rest of a message a worker took
+        part of, or one unit alone). Only a message of several units has such a copy."""
+        raise TypeError(f"a {type(self).__name__} is one unit")
+
 
 class EncodeBatch(UnitMessage, kw_only=True):
     """Staged batches for one encode stage (``dense``, ``sparse``): ``unit`` is the first
@@ -486,6 +497,15 @@ class EncodeBatch(UnitMessage, kw_only=True):
         """The staged batches this unit encodes."""
         return self.batch_ids or [self.unit]
 
+    @property
+    def units(self) -> list[str]:
+        return self.batches
+
+    def of_units(self, units: list[str]) -> EncodeBatch:
+        return msgspec.structs.replace(
+            self, unit=units[0], batch_ids=units if len(units) > 1 else []
+        )
+
 
 class RetrieveGroup(UnitMessage, kw_only=True):
     """Every query's top-k over one group of document shards, searched with the vectors
@@ -501,7 +521,27 @@ class FuseGroup(UnitMessage, kw_only=True):
 
 
 class RerankGroup(UnitMessage, kw_only=True):
-    """Rerank the fused candidates of one group of queries (``unit`` is the group)."""
+    """Rerank the fused candidates of query groups: ``unit`` is the first group's id,
+    ``group_ids`` every group of the message in order (empty: ``unit`` alone).
+
+    A message holds several groups (:data:`shared.control.pipeline.RERANK_UNIT_GROUPS`)
+    for the reason a GPU stage's message holds several staged batches: a worker's fixed
+    cost per message (the broker, the ledger, reading the groups, writing the scores) is
+    small beside scoring them, and pairs of several groups fill the model's batches
+    together. A worker takes as many as it scores in its unit seconds and sends the rest
+    back (``workers.runtime.pace``); the ledger counts each group.
+    """
+
+    group_ids: list[str] = []
+
+    @property
+    def units(self) -> list[str]:
+        return self.group_ids or [self.unit]
+
+    def of_units(self, units: list[str]) -> RerankGroup:
+        return msgspec.structs.replace(
+            self, unit=units[0], group_ids=units if len(units) > 1 else []
+        )
 
 
 class PrepareUnit(UnitMessage, kw_only=True):

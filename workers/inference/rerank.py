@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -351,39 +352,72 @@ def pairs_feed(
 
 
 def rerank_fused(
-    inference: Inference, group: FusedGroup, model: str, rerank_top: int, dtype: str
-) -> tuple[RerankShard, ModelInfo]:
-    """Score the first ``rerank_top`` fused candidates of every query of a group.
+    inference: Inference, groups: list[FusedGroup], model: str, rerank_top: int, dtype: str
+) -> tuple[list[RerankShard], ModelInfo]:
+    """Score the first ``rerank_top`` fused candidates of every query of ``groups``:
+    one shard per group.
 
-    All pairs of the group go to the executor at once, so its token-budget batches mix
-    queries and stay full. The pairs' ids are laid out first (with the model staged on
-    the CPU, which is enough: the passages' staged ids, each query tokenized once), so
-    that the ``auto`` probe can run the first real batch at its real shape.
+    All pairs of the groups go to the executor at once, so its token-budget batches mix
+    queries (and groups) and stay full. The pairs' ids are laid out first (with the
+    model staged on the CPU, which is enough: the passages' staged ids, each query
+    tokenized once), so that the ``auto`` probe can run the first real batch at its
+    real shape. What the scoring did as a whole (its model batches, out-of-memory
+    errors, time limits, fallbacks, peak memory) goes with the first group's statistics
+    only, so that the manifest's sums over shards stay what the worker did.
     """
     staged = inference.models.stage(RERANK, model, inference.device, dtype)
     pairs: list[tuple[str, str]] = []
     passage_ids: list[Ids | None] = []
-    owners: list[tuple[str, int]] = []
-    for query in group.queries:
-        candidates = query.candidates[:rerank_top]
-        pairs += [(query.text, group.texts[c.chunk_id]) for c in candidates]
-        passage_ids += [
-            tokens.from_bytes(group.ids[c.chunk_id], group.id_dtype)
-            if c.chunk_id in group.ids
-            else None
-            for c in candidates
-        ]
-        owners.append((query.query_id, len(candidates)))
-    feed = pairs_feed(inference, staged.model, staged.name, pairs, passage_ids, group.tokenizer)
+    owners: list[tuple[int, str, int]] = []  # (group, query, candidates)
+    for number, group in enumerate(groups):
+        for query in group.queries:
+            candidates = query.candidates[:rerank_top]
+            pairs += [(query.text, group.texts[c.chunk_id]) for c in candidates]
+            passage_ids += [
+                tokens.from_bytes(group.ids[c.chunk_id], group.id_dtype)
+                if c.chunk_id in group.ids
+                else None
+                for c in candidates
+            ]
+            owners.append((number, query.query_id, len(candidates)))
+    identities = {group.tokenizer for group in groups}
+    identity = identities.pop() if len(identities) == 1 else ""
+    feed = pairs_feed(inference, staged.model, staged.name, pairs, passage_ids, identity)
     budget = default_batch_tokens("rerank", inference.device)
     executor, loaded = executor_for(
         inference, model, dtype, first_batch(pairs, feed.lengths, budget)
     )
-    scores, stats = executor.score(feed)
-    by_query: dict[str, list[float | None]] = {}
+    scores, run = executor.score(feed)
+    by_group: list[dict[str, list[float | None]]] = [{} for _ in groups]
+    asked = [0] * len(groups)
+    scored = [0] * len(groups)
+    lengths = [0] * len(groups)
     position = 0
-    for query_id, count in owners:
-        by_query[query_id] = scores[position : position + count]
-        position += count
-    shard = RerankShard(job_id=group.job_id, group_id=group.group_id, scores=by_query, stats=stats)
-    return shard, loaded.info
+    for number, query_id, count in owners:
+        end = position + count
+        mine = scores[position:end]
+        by_group[number][query_id] = mine
+        asked[number] += count
+        scored[number] += sum(score is not None for score in mine)
+        lengths[number] += sum(feed.lengths[position:end])
+        position = end
+    shards = [
+        RerankShard(
+            job_id=group.job_id,
+            group_id=group.group_id,
+            scores=by_group[number],
+            stats=msgspec.structs.replace(
+                run if number == 0 else _EMPTY_RUN,
+                pairs_asked=asked[number],
+                pairs_scored=scored[number],
+                tokens=lengths[number],
+                max_batch_tokens=run.max_batch_tokens,
+            ),
+        )
+        for number, group in enumerate(groups)
+    ]
+    return shards, loaded.info
+
+
+# What a group's statistics hold of a scoring call that was another group's too.
+_EMPTY_RUN = RerankStats(pairs_asked=0, pairs_scored=0, batch_sizes=[])

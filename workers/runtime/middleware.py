@@ -16,23 +16,28 @@ The hooks, in order:
    failed): hands the memory the allocator kept back to the system once the process's
    RSS passed its ceiling (``workers.runtime.heap``), so a worker's memory does not grow
    with the work it has done.
-3. :class:`Tracing`: the ``embed_fleet.stage.<stage>`` span around every run (a child of
+3. :class:`CollectorFreezing`: after a run in which the process's models changed,
+   the objects alive then are kept out of Python's garbage collector, whose full
+   collections would otherwise walk half a million of them, several times a unit
+   (``workers.runtime.collector``).
+4. :class:`Tracing`: the ``embed_fleet.stage.<stage>`` span around every run (a child of
    Celery's ``run`` span), with the unit's figures as attributes.
-4. :class:`ModelActivity`: notes the model manager's counters, so a unit reports its
+5. :class:`ModelActivity`: notes the model manager's counters, so a unit reports its
    loads, hydrations and evictions; and records in the ledger the out-of-memory errors
    of a try that failed (a retried unit's report would otherwise lose them).
-5. :class:`TorchThreads`: a model stage's process takes its share of the host's cores
+6. :class:`TorchThreads`: a model stage's process takes its share of the host's cores
    among the workers that have work (``workers.runtime.threads``).
-6. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
+7. :class:`LedgerReporting`: skips units of a failed job, records a finished unit (and
    its models; each staged batch of a unit that encoded several) in the ledger, in one
    round trip, and, when that completes its phase, enqueues what follows; records a
    unit that kept failing so the job can still finish (``partial``), after sending each
-   batch of a unit of several again on its own, so that one bad batch fails alone.
-7. :class:`InFlightQuota`: a job run with ``--max-in-flight N`` runs at most ``N``
+   unit of a message of several (staged batches, query groups) again on its own, so
+   that one bad unit fails alone.
+8. :class:`InFlightQuota`: a job run with ``--max-in-flight N`` runs at most ``N``
    units of a stage at once; a unit over it is parked, not run, and each try that ends
    publishes the job's next parked unit (``shared.control.quotas``). After the ledger's
    hook, so a unit of a failed job is skipped, not parked.
-8. :class:`Deliveries` (innermost, around the body alone): counts each delivery of a
+9. :class:`Deliveries` (innermost, around the body alone): counts each delivery of a
    unit in the ledger and notes when it ends by itself, so that a delivery that never
    did is known as its worker's death; fails a unit on which the worker died
    ``EMBED_FLEET_MAX_DELIVERIES`` times in a row instead of running it again
@@ -63,7 +68,14 @@ from shared.control.telemetry import tracer
 from shared.records import serializer
 from shared.records.errors import BadInputError, EmbedFleetError
 from shared.records.logs import get_logger
-from shared.records.schemas import BatchFailure, BatchReport, EncodeBatch, JobStep, Struct
+from shared.records.schemas import (
+    BatchFailure,
+    BatchReport,
+    JobStep,
+    Struct,
+    UnitMessage,
+)
+from workers.runtime.collector import freeze_long_lived
 from workers.runtime.context import Job, WorkerContext, context_of
 from workers.runtime.deaths import (
     FleetRequest,
@@ -282,23 +294,20 @@ class LedgerReporting(Middleware):
                 reason, context.settings.ledger_ttl, bad_input=isinstance(exc, BadInputError)
             )
             return
-        batch_ids = payload.get("batch_ids") or []
-        if task.stage and stage and len(batch_ids) > 1:
-            # A unit of several staged batches that keeps failing is likely one bad batch
-            # (a chunk out of memory alone, a lost object): each batch goes again on its
-            # own, so only a batch that fails alone is recorded as failed. Each counts
-            # its deliveries afresh (the first has the unit's id): a batch that kills
-            # its worker alone is the one that fails for it.
-            ledger.forget_tries(stage, [str(batch_id) for batch_id in batch_ids])
-            kind = payload.get("kind", "documents")
-            alone = [
-                EncodeBatch(job_id=job_id, stage=stage, unit=str(batch_id), kind=kind)
-                for batch_id in batch_ids
-            ]
+        several = _several_units(stage, payload) if task.stage and stage else None
+        if stage and several is not None:
+            # A message of several units (staged batches, query groups) that keeps
+            # failing is likely one bad unit (a chunk out of memory alone, a lost
+            # object): each goes again on its own, so only a unit that fails alone is
+            # recorded as failed. Each counts its deliveries afresh (the first has the
+            # message's id): a unit that kills its worker alone is the one that fails.
+            units = several.units
+            ledger.forget_tries(stage, units)
+            alone = [several.of_units([unit]) for unit in units]
             send_units(task.app, ledger, ledger.spec(), alone)
-            fields = {"job_id": job_id, "stage": stage, "batches": len(batch_ids)}
+            fields = {"job_id": job_id, "stage": stage, "units": len(units)}
             log.warning(
-                "a unit kept failing; its batches go again one by one",
+                "a message kept failing; its units go again one by one",
                 extra={"fields": {**fields, "error": reason}},
             )
             return
@@ -310,6 +319,15 @@ class LedgerReporting(Middleware):
                 advance(task.app, ledger.spec(), pipeline.stage(stage).phase)
         else:
             ledger.fail(f"{task.name} failed: {reason}", context.settings.ledger_ttl)
+
+
+def _several_units(stage: str, payload: dict[str, Any]) -> UnitMessage | None:
+    """The message of a stage's task that gave up, where it holds several units."""
+    try:
+        message = msgspec.convert(payload, pipeline.stage(stage).message)
+    except (KeyError, msgspec.ValidationError):
+        return None
+    return message if len(message.units) > 1 else None
 
 
 def delivery(task: FleetTask) -> str:
@@ -355,6 +373,24 @@ def _part_reports(report: BatchReport, outcome: UnitOutcome) -> list[BatchReport
     ]
 
 
+class CollectorFreezing(Middleware):
+    """After a run in which the process's models changed, the objects alive then are
+    kept out of Python's garbage collector (``workers.runtime.collector``)."""
+
+    name = "collector"
+
+    @contextlib.contextmanager
+    def around(self, unit: UnitRun) -> Iterator[None]:
+        stats = unit.context.inference.models.stats
+        before = stats.snapshot()
+        try:
+            yield
+        finally:
+            if stats.snapshot() != before:
+                frozen = freeze_long_lived()
+                log.debug("long-lived objects frozen", extra={"fields": {"objects": frozen}})
+
+
 class HeapTrimming(Middleware):
     """After every run, done or failed, the process's RSS checked against its ceiling."""
 
@@ -371,7 +407,7 @@ class HeapTrimming(Middleware):
             # back: the warm-up then ends sooner, and a ceiling set too low is raised
             # by the first trim that does not bring RSS under it.
             message = unit.message
-            batches = len(message.batches) if isinstance(message, EncodeBatch) else 1
+            batches = len(message.units) if isinstance(message, UnitMessage) else 1
             if heap.after_unit(batches) and before:
                 fields = {"before_mib": before // MIB, "after_mib": rss() // MIB}
                 log.debug("heap trimmed", extra={"fields": {**fields, "trims": heap.trims}})
@@ -452,6 +488,7 @@ class Deliveries(Middleware):
 
 MIDDLEWARE: list[Middleware] = [
     HeapTrimming(),
+    CollectorFreezing(),
     Tracing(),
     ModelActivity(),
     TorchThreads(),

@@ -1,6 +1,8 @@
-"""How much of a unit of several staged batches a worker encodes before it hands the
-rest back to the queue: as much as it does in about ``EMBED_FLEET_UNIT_SECONDS``
-(:data:`UNIT_TARGET_S`, 2.5 s), by its own pace.
+"""How much of a message of several units (an encode stage's staged batches, the rerank
+stage's query groups) a worker does before it hands the rest back to the queue: as much
+as it does in about ``EMBED_FLEET_UNIT_SECONDS`` (:data:`UNIT_TARGET_S`, 2.5 s), by its
+own pace, per stage. What follows says it of staged batches; a rerank message of up to
+16 query groups (:data:`shared.control.pipeline.RERANK_UNIT_GROUPS`) goes the same way.
 
 A GPU stage's message holds up to 64 staged batches (:data:`shared.control.pipeline.
 GPU_UNIT_TOKENS`), so that a fast worker's fixed cost per message (the broker, the
