@@ -35,7 +35,6 @@ from shared.inputs.tokens import tokenizer_identity
 from shared.records.content_keys import model_key
 from shared.records.logs import get_logger
 from shared.records.schemas import ModelInfo
-from workers.inference.attention_mask import use_broadcast_mask
 from workers.inference.devices import prepare_cuda
 from workers.inference.precision import (
     MAX_PROBE_ITEMS,
@@ -360,6 +359,10 @@ def load_model(family: ModelFamily, resolved: ResolvedModel, device: str) -> Any
     """A model from its folder, as its family loads it, with its attention mask made by
     broadcasting (:mod:`workers.inference.attention_mask`): the same outputs, without a
     batch x length x length gather per padded batch."""
+    # torch at import: only a worker that loads a model pays for it (an aggregator or a
+    # preparing worker imports this module too, and never needs torch).
+    from workers.inference.attention_mask import use_broadcast_mask
+
     model = family.load(str(resolved.path), device)
     use_broadcast_mask(model)
     return model
