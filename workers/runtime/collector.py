@@ -9,9 +9,10 @@ pairs) sets off several: measured in a rerank worker of the null CrossEncoder
 collections. After the objects alive once a model is loaded are frozen (``gc.freeze``:
 the collector no longer looks at them), the same message spent 5 ms.
 
-When: after a unit in which the worker's models changed (a load, a hydration, an
-eviction), first unfreezing and collecting, so that whatever became garbage since the
-last freeze (an evicted model, what loading left behind) is collected, not kept. That
+When: after a unit in which the worker loaded a model (a hydration or an eviction
+moves a model between devices and makes no new objects), first unfreezing and
+collecting, so that whatever became garbage since the last freeze (a released model,
+what loading left behind) is collected, not kept. That
 full collection costs about 0.3 s beside a model load's seconds, once per load; a
 collection would have walked the same objects soon anyway.
 """

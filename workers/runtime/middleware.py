@@ -16,7 +16,7 @@ The hooks, in order:
    failed): hands the memory the allocator kept back to the system once the process's
    RSS passed its ceiling (``workers.runtime.heap``), so a worker's memory does not grow
    with the work it has done.
-3. :class:`CollectorFreezing`: after a run in which the process's models changed,
+3. :class:`CollectorFreezing`: after a run in which the process loaded a model,
    the objects alive then are kept out of Python's garbage collector, whose full
    collections would otherwise walk half a million of them, several times a unit
    (``workers.runtime.collector``).
@@ -374,19 +374,22 @@ def _part_reports(report: BatchReport, outcome: UnitOutcome) -> list[BatchReport
 
 
 class CollectorFreezing(Middleware):
-    """After a run in which the process's models changed, the objects alive then are
-    kept out of Python's garbage collector (``workers.runtime.collector``)."""
+    """After a run in which the process loaded a model, the objects alive then are kept
+    out of Python's garbage collector (``workers.runtime.collector``). Loads only: a
+    model moved to its device again (a hydration, on a GPU worker that takes turns
+    between models) brings no new objects, and the freeze's full collection would cost
+    it a few hundred milliseconds a unit."""
 
     name = "collector"
 
     @contextlib.contextmanager
     def around(self, unit: UnitRun) -> Iterator[None]:
         stats = unit.context.inference.models.stats
-        before = stats.snapshot()
+        before = stats.loads
         try:
             yield
         finally:
-            if stats.snapshot() != before:
+            if stats.loads != before:
                 frozen = freeze_long_lived()
                 log.debug("long-lived objects frozen", extra={"fields": {"objects": frozen}})
 
