@@ -918,7 +918,10 @@ class FusedGroup(Struct):
 
 
 class RerankStats(Struct):
-    """What one rerank task did; summed over tasks into ``CrossEncoderRerankRun``."""
+    """What the reranking of one query group did; summed over groups into
+    ``CrossEncoderRerankRun``. Groups scored together in one message share one call:
+    its batches, out-of-memory errors, time limits, fallbacks and peak memory are in the
+    first group's statistics only."""
 
     pairs_asked: int
     pairs_scored: int
@@ -932,7 +935,7 @@ class RerankStats(Struct):
 
 
 class RerankShard(Struct):
-    """A rerank task's output: per query of the group, the rerank scores of its first
+    """A query group's rerank output: per query of the group, the rerank scores of its first
     ``rerank_top`` candidates (null: not reranked)."""
 
     job_id: str
