@@ -40,14 +40,18 @@ def consumed_queues(worker: Any) -> frozenset[str]:
 
 @signals.worker_init.connect
 def boot_worker(sender: Any = None, **_: Any) -> None:
-    """In the worker's main process, before the fork: its queues and its GPU lease."""
+    """In the worker's main process, before the fork: its queues, its GPU lease, and for
+    a preparing worker the chunker's libraries (``workers.runtime.preload``)."""
     from workers.runtime.gpu_lease import take_gpu_lease
+    from workers.runtime.preload import import_chunking_libraries
 
     boot = context.WorkerBoot(
         settings=settings, queues=consumed_queues(sender), node=str(getattr(sender, "hostname", ""))
     )
     take_gpu_lease(boot)
     context.attach_boot(app, boot)
+    if "prepare" in boot.queues:
+        import_chunking_libraries()
 
 
 @signals.worker_process_init.connect

@@ -36,6 +36,19 @@ def parse_preload(text: str) -> list[tuple[str, str, str]]:
     return items
 
 
+def import_chunking_libraries() -> None:
+    """What a preparing worker's chunk units load: the job's tokenizer through
+    transformers, whose import takes torch with it (about 1.5 s and 240 MB).
+
+    A worker that serves ``prepare`` imports them at start, in its main process before
+    the pool forks (:func:`workers.app.boot_worker`), as every worker did before
+    importing torch became a model worker's alone: its first chunk unit does not wait
+    for them, and its memory at rest is what preparing needs (the memory a bad record
+    costs is measured from there). An aggregator that does not prepare never pays
+    them."""
+    from transformers import AutoTokenizer  # noqa: F401
+
+
 def stage_models(context: WorkerContext) -> None:
     """Stage the preload list's models that this worker's queues use."""
     for kind, name, dtype in parse_preload(context.settings.preload):
