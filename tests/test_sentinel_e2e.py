@@ -61,11 +61,17 @@ def test_the_primary_lost_mid_encode_and_mid_export_fails_over_and_the_job_compl
         EMBED_FLEET_VISIBILITY_TIMEOUT="8",
         EMBED_FLEET_UNACKED_RESTORE_INTERVAL="1",
         EMBED_FLEET_MAX_RETRIES="1",
+        # The encode phase must outlast a failover (12 s measured, most of it the
+        # Sentinels learning the replicas): one core for the dense worker and 360
+        # documents. With 240 on both cores the job ended within the first failover in
+        # 3 runs of 4 once a worker's units got faster (its collector no longer walks
+        # the libraries' objects).
+        EMBED_FLEET_TORCH_THREADS="1",
         **s3.env,
     )
     lines = (CRANFIELD / "corpus.jsonl").read_text().splitlines(keepends=True)
     source = tmp_path / "corpus.jsonl"
-    source.write_text("".join(lines[:240]))
+    source.write_text("".join(lines[:360]))
     workers = [
         Worker("prepare,aggregate", env, tmp_path / "worker-prepare.log"),
         Worker("dense", env, tmp_path / "worker-dense.log"),
@@ -101,7 +107,7 @@ def test_the_primary_lost_mid_encode_and_mid_export_fails_over_and_the_job_compl
             worker.stop()
     assert producer.returncode == 0, stderr[-3000:]
     summary = [json.loads(x) for x in stdout.splitlines() if x.startswith('{"event":"summary"')]
-    assert summary[-1]["manifest"]["counts"]["documents"] == 240
+    assert summary[-1]["manifest"]["counts"]["documents"] == 360
     checked = subprocess.run(
         [sys.executable, "-c", CHECKER.replace("PREFIX", PREFIX).replace("BUCKET", bucket)],
         env=env, capture_output=True, text=True, timeout=120, check=True,
