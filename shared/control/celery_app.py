@@ -219,13 +219,10 @@ class EncodeUnits:
 
     def _send(self, gathering: _Gathering) -> None:
         batch_ids = gathering.batch_ids
-        message = EncodeBatch(
-            job_id=self.spec.job_id,
-            stage=gathering.stage.name,
-            unit=batch_ids[0],
-            kind=self.kind,
-            batch_ids=batch_ids if len(batch_ids) > 1 else [],
+        first = EncodeBatch(
+            job_id=self.spec.job_id, stage=gathering.stage.name, unit=batch_ids[0], kind=self.kind
         )
+        message = first.of_units(batch_ids)
         send_units(self.app, self.ledger, self.spec, [message])
         gathering.next_batches = 2 * len(batch_ids)
         gathering.batch_ids, gathering.tokens = [], 0

@@ -359,8 +359,8 @@ def load_model(family: ModelFamily, resolved: ResolvedModel, device: str) -> Any
     """A model from its folder, as its family loads it, with its attention mask made by
     broadcasting (:mod:`workers.inference.attention_mask`): the same outputs, without a
     batch x length x length gather per padded batch."""
-    # torch at import: only a worker that loads a model pays for it (an aggregator or a
-    # preparing worker imports this module too, and never needs torch).
+    # torch at import: only a worker that loads a model pays for it (an aggregator
+    # imports this module too, and never needs torch).
     from workers.inference.attention_mask import use_broadcast_mask
 
     model = family.load(str(resolved.path), device)

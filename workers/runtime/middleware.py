@@ -295,14 +295,14 @@ class LedgerReporting(Middleware):
             )
             return
         several = _several_units(stage, payload) if task.stage and stage else None
-        if stage and several is not None:
+        if several is not None:
             # A message of several units (staged batches, query groups) that keeps
             # failing is likely one bad unit (a chunk out of memory alone, a lost
             # object): each goes again on its own, so only a unit that fails alone is
             # recorded as failed. Each counts its deliveries afresh (the first has the
             # message's id): a unit that kills its worker alone is the one that fails.
             units = several.units
-            ledger.forget_tries(stage, units)
+            ledger.forget_tries(several.stage, units)
             alone = [several.of_units([unit]) for unit in units]
             send_units(task.app, ledger, ledger.spec(), alone)
             fields = {"job_id": job_id, "stage": stage, "units": len(units)}
