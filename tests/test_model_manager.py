@@ -11,11 +11,12 @@ from crossencoder import build_tiny_cross_encoder
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from shared.control.settings import Settings, parse_bytes
-from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
+from shared.inputs.models import BUNDLED_SPLADE, DEFAULT_DENSE_MODEL, resolve_model
 from shared.records.errors import EmbedFleetError
 from workers.inference.dense import DENSE
 from workers.inference.model_manager import ModelManager, model_bytes
 from workers.inference.rerank import RERANK
+from workers.inference.sparse import SPARSE
 from workers.runtime.preload import parse_preload
 
 TEXTS = ["supersonic flow over a wedge", "heat transfer in hypersonic flight"]
@@ -64,6 +65,23 @@ def test_without_a_budget_models_stay_and_load_once(
     again = manager.get(RERANK, str(reranker_folder), "cpu", "fp32", PAIRS)
     assert again.model is first.model
     assert manager.stats.loads == 2 and manager.stats.evictions == 0
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "auto"])
+def test_every_family_hands_out_its_model_in_eval_mode(reranker_folder: Path, dtype: str) -> None:
+    """The fleet runs a model's forward itself, and sentence-transformers leaves its
+    wrapper modules in training mode until ``encode`` or ``predict``: SPLADE's pooling
+    then copies its vocabulary-wide logits instead of working in place (and a model
+    with dropout in such a module would give other vectors on every call)."""
+    manager = ModelManager()
+    for family, name, probe in (
+        (DENSE, DEFAULT_DENSE_MODEL, TEXTS),
+        (SPARSE, BUNDLED_SPLADE, TEXTS),
+        (RERANK, str(reranker_folder), PAIRS),
+    ):
+        model = manager.get(family, name, "cpu", dtype, probe).model
+        training = [label or "(the model)" for label, m in model.named_modules() if m.training]
+        assert training == [], f"{family.kind} {dtype}: in training mode: {training}"
 
 
 def test_staging_loads_on_cpu_without_hydrating(reranker_folder: Path) -> None:
