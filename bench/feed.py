@@ -140,12 +140,19 @@ def copy_collection(folder: Path, copies: int) -> Path:
 
 
 def staged_batches(source: Path, model: str) -> list[ChunkBatch]:
-    """The batches the fleet stages for this source and first dense model, ids included."""
+    """The batches the fleet stages for this source and first dense model, ids included,
+    in the job's like-length windows."""
     job = prepare(JobOptions(source=str(source), output="unused", dense_models=[model]))
     records = (r for r in documents(job.source, "fail") if not isinstance(r, SkippedRecord))
-    runs = chunk_batches(job.chunker, records, 128, ChunkTally())
+    runs = chunk_batches(job.chunker, records, 128, ChunkTally(), window=job.spec.sort_window)
     return [
-        ChunkBatch(job_id="bench", batch_id=f"b{i:06d}", chunks=r.chunks, tokens=r.tokens)
+        ChunkBatch(
+            job_id="bench",
+            batch_id=f"b{i:06d}",
+            chunks=r.chunks,
+            tokens=r.tokens,
+            reading=r.reading,
+        )
         for i, r in enumerate(runs)
     ]
 

@@ -36,6 +36,7 @@ from shared.inputs.chunking import (
     Chunker,
     ChunkTally,
     chunk_batches,
+    like_length_window,
     load_tokenizer,
     model_max_tokens,
 )
@@ -238,6 +239,7 @@ def prepare(
         priority=options.priority,
         max_in_flight=options.max_in_flight,
         reuse=reuse,
+        sort_window=like_length_window(options.batch_chunks, options.export.part_rows),
     )
     return PreparedJob(spec, source, chunker, store, validation, query_set, read_plan)
 
@@ -455,11 +457,18 @@ class Stager:
                 raise BadRecordError(record.path, record.line, record.reason)
 
         units = self._units("documents")
-        for run in chunk_batches(job.chunker, accepted(), spec.batch_chunks, tally, too_long):
+        runs = chunk_batches(
+            job.chunker, accepted(), spec.batch_chunks, tally, too_long, spec.sort_window
+        )
+        for run in runs:
             chunks = run.chunks
             batch_id = ids.document_batch_id(batches)
             batch = ChunkBatch(
-                job_id=spec.job_id, batch_id=batch_id, chunks=chunks, tokens=run.tokens
+                job_id=spec.job_id,
+                batch_id=batch_id,
+                chunks=chunks,
+                tokens=run.tokens,
+                reading=run.reading,
             )
             self._stage_batch(batch, units)
             self.ledger.record_staged(

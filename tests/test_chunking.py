@@ -8,8 +8,16 @@ from typing import Any
 
 import pytest
 
-from shared.inputs.chunking import SEGMENT_CHARS, Chunker, load_tokenizer
+from shared.inputs.chunking import (
+    SEGMENT_CHARS,
+    Chunker,
+    ChunkTally,
+    chunk_batches,
+    like_length_window,
+    load_tokenizer,
+)
 from shared.inputs.models import resolve_model
+from shared.inputs.tokens import unpack
 from shared.records.errors import EmbedFleetError
 from shared.records.schemas import Chunk, Document
 
@@ -298,3 +306,40 @@ def test_chunk_tokens_too_small(tok: Any) -> None:
         with pytest.raises(EmbedFleetError) as info:
             Chunker(tok, too_small)
         assert "--chunk-tokens" in str(info.value)
+
+
+def test_like_length_windows_sort_their_batches_and_say_the_reading_order(tok: Any) -> None:
+    """Three batches of four at a time are sorted longest first; each chunk keeps its
+    ids, and its place in reading order puts the window back as a window of 1 cuts it."""
+    docs = [Document(id=f"d{i}", text=prose(5 + (i * 37) % 120, seed=i)) for i in range(40)]
+    plain = list(chunk_batches(Chunker(tok, 32), docs, 4, ChunkTally()))
+    windowed = list(chunk_batches(Chunker(tok, 32), docs, 4, ChunkTally(), window=3))
+    assert all(not run.reading for run in plain)
+    assert [len(run.chunks) for run in windowed] == [len(run.chunks) for run in plain]
+    reading = [chunk.chunk_id for run in plain for chunk in run.chunks]
+    ids_of = {
+        c.chunk_id: list(i)
+        for run in plain
+        for c, i in zip(run.chunks, unpack(run.tokens), strict=True)
+    }
+    spread = 0
+    for start in range(0, len(windowed), 3):
+        runs = windowed[start : start + 3]
+        chunks = [chunk for run in runs for chunk in run.chunks]
+        lengths = [len(i) for run in runs for i in unpack(run.tokens)]
+        assert lengths == sorted(lengths, reverse=True)
+        spread += max(lengths) - min(lengths)
+        positions = [row for run in runs for row in run.reading]
+        assert sorted(positions) == list(range(len(chunks)))
+        back = [chunk.chunk_id for _, chunk in sorted(zip(positions, chunks, strict=True))]
+        assert back == reading[start * 4 : start * 4 + len(chunks)]
+        for run in runs:
+            for chunk, token_ids in zip(run.chunks, unpack(run.tokens), strict=True):
+                assert list(token_ids) == ids_of[chunk.chunk_id]
+    assert spread > 0  # the chunks had different lengths to sort
+
+
+def test_a_window_holds_no_more_chunks_than_an_export_part() -> None:
+    assert like_length_window(128, 100_000) == 16
+    assert like_length_window(128, 300) == 2
+    assert like_length_window(128, 20) == like_length_window(8, 4) == 1

@@ -13,7 +13,7 @@ from artifacts import parquet_records
 from test_ledger import spec
 
 from shared.records.schemas import Chunk, ChunkBatch, ExportSpec
-from workers.aggregate.export import part_rows, plan_parts
+from workers.aggregate.export import in_reading_order, part_rows, plan_parts
 from workers.aggregate.parts import PartWriter, column_names
 
 
@@ -25,6 +25,48 @@ def test_parts_take_whole_batches_up_to_the_row_bound() -> None:
     assert [p.unit for p in parts] == ["part-00000", "part-00001", "part-00002", "part-00003"]
     assert all(p.stage == "export" and p.job_id == job.job_id for p in parts)
     assert plan_parts(job, [], {}, rows=8) == []
+
+
+def test_parts_take_whole_like_length_windows() -> None:
+    """Two batches a window, per read range (and for the producer's one stream): a part
+    never splits one, so that it can write the window's chunks back in reading order."""
+    job = spec()
+    job.sort_window = 2
+    staged = ["b00000-00000", "b00000-00001", "b00000-00002", "b00001-00000", "b00001-00001"]
+    items = dict.fromkeys(staged, 4)
+    parts = plan_parts(job, staged, items, rows=4)
+    assert [p.batch_ids for p in parts] == [staged[:2], staged[2:3], staged[3:]]
+    parts = plan_parts(job, staged, items, rows=12)
+    assert [p.batch_ids for p in parts] == [staged[:3], staged[3:]]
+    alone = ["b000000", "b000001", "b000002"]
+    parts = plan_parts(job, alone, dict.fromkeys(alone, 4), rows=4)
+    assert [p.batch_ids for p in parts] == [alone[:2], alone[2:]]
+
+
+def test_a_window_goes_back_into_reading_order_with_its_vectors() -> None:
+    chunks = [
+        Chunk(chunk_id=f"d{i}#0", doc_id=f"d{i}", index=0, text=f"t{i}", n_tokens=1, span=(0, 2))
+        for i in range(4)
+    ]
+    # Staged longest first: d2 and d0 in one batch, d1 and d3 in the next.
+    first = ChunkBatch(
+        job_id="j", batch_id="b000000", chunks=[chunks[2], chunks[0]], reading=[2, 0]
+    )
+    second = ChunkBatch(
+        job_id="j", batch_id="b000001", chunks=[chunks[1], chunks[3]], reading=[1, 3]
+    )
+    vectors = {i: np.full((1, 3), i, np.float32) for i in range(4)}
+    window = [
+        (first, {"m": np.concatenate([vectors[2], vectors[0]])}, {"s": [{"w2": 2.0}, None]}),
+        (second, {"m": np.concatenate([vectors[1], vectors[3]])}, {}),
+    ]
+    [(batch, matrices, sparse)] = in_reading_order(window)
+    assert [c.chunk_id for c in batch.chunks] == ["d0#0", "d1#0", "d2#0", "d3#0"]
+    assert batch.reading == [] and batch.tokens is None
+    np.testing.assert_array_equal(matrices["m"][:, 0], [0, 1, 2, 3])
+    assert sparse == {"s": [None, None, {"w2": 2.0}, None]}
+    plain = ChunkBatch(job_id="j", batch_id="b000000", chunks=chunks)
+    assert in_reading_order([(plain, {}, None)]) == [(plain, {}, None)]
 
 
 def test_part_rows_follow_the_byte_bound() -> None:

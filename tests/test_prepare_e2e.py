@@ -181,7 +181,15 @@ def test_a_prepare_worker_killed_mid_range_costs_nothing(
         raw = get(f"{job}/work/batches/{batch_id}.msgpack")
         staged += [c.chunk_id for c in msgspec.msgpack.decode(raw, type=ChunkBatch).chunks]
     assert len(exported) == len(set(exported)) == manifest["counts"]["chunks"]
-    assert exported == staged  # nothing lost or doubled, in reading order
+    assert sorted(exported) == sorted(staged)  # nothing lost or doubled
+    # Staged longest first in like-length windows; exported back in reading order.
+    position = {json.loads(line)["_id"]: n for n, line in enumerate(source.open())}
+
+    def reading(chunk_id: str) -> tuple[int, int]:
+        doc_id, _, index = chunk_id.rpartition("#")
+        return position[doc_id], int(index)
+
+    assert exported == sorted(staged, key=reading) != staged
     assert manifest["stages"]["chunk"]["batches"] == ranges
     # The earlier job's 300 documents are the same: their chunks' vectors are its own.
     before = {r["chunk_id"]: r for r in chunk_records(earlier_manifest, get)}

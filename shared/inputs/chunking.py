@@ -271,10 +271,30 @@ class ChunkTally:
 
 @dataclass
 class ChunkRun:
-    """A batch's worth of chunks, with their token ids as the staged batch keeps them."""
+    """A batch's worth of chunks, with their token ids as the staged batch keeps them, and
+    where each stands in reading order within its like-length window (``ChunkBatch.
+    reading``; empty: in reading order)."""
 
     chunks: list[Chunk]
     tokens: StagedTokens
+    reading: list[int] = field(default_factory=list)
+
+
+# Staged batches sorted by length together (``JobSpec.sort_window``). Each unit's model
+# batches are cut from its chunks sorted by length, and a staged batch of 128 chunks in
+# reading order spans nearly every length: its model batches padded MiniLM's Cranfield
+# chunks to 1.18x their tokens in bf16 (bare encode, sorting all 1,837: 1.01x). Sorted
+# 16 batches at a time: 1.05x, and 15 units took 28.4 s instead of 34.9 (dense) and
+# 34.2 s instead of 37.5 (SPLADE) on a 2-core EPYC. 2,048 chunks held at once while
+# cutting, and a window's vectors while a part is written.
+LIKE_LENGTH_BATCHES = 16
+
+
+def like_length_window(batch_chunks: int, part_rows: int) -> int:
+    """How many staged batches a job sorts by length together: :data:`LIKE_LENGTH_BATCHES`,
+    fewer where a window would hold more chunks than an export part (a part holds whole
+    windows, so that it can write their chunks back in reading order)."""
+    return max(1, min(LIKE_LENGTH_BATCHES, part_rows // max(1, batch_chunks)))
 
 
 def chunk_batches(
@@ -283,18 +303,36 @@ def chunk_batches(
     batch_chunks: int,
     tally: ChunkTally,
     on_too_long: Callable[[SkippedRecord], None] | None = None,
+    window: int = 1,
 ) -> Iterator[ChunkRun]:
-    """The documents' chunks in batches of ``batch_chunks`` (the last one smaller), in
-    reading order, with their ids: how the producer and a chunk unit alike cut what
-    they stage. A document of too many chunks stages none: it goes to
-    ``tally.too_long``, and ``on_too_long`` (if given) is called with it first, so a
-    caller under ``--on-bad-record fail`` can stop there."""
+    """The documents' chunks in batches of ``batch_chunks`` (the last one smaller), with
+    their ids: how the producer and a chunk unit alike cut what they stage. A document
+    of too many chunks stages none: it goes to ``tally.too_long``, and ``on_too_long``
+    (if given) is called with it first, so a caller under ``--on-bad-record fail`` can
+    stop there.
+
+    With ``window`` above 1, every ``window`` batches' worth of chunks (in reading order)
+    are sorted longest first, ties in reading order, before they are cut, and each run
+    says where its chunks stand in reading order within the window (``reading``): batches
+    of like lengths, whose model batches pad little. With 1, batches in reading order."""
     pending: list[Chunk] = []
     pending_ids: list[list[int]] = []
+    held = batch_chunks * max(1, window)
 
-    def run() -> ChunkRun:
-        staged = tokens.pack(chunker.identity, chunker.id_dtype, pending_ids)
-        return ChunkRun(chunks=pending, tokens=staged)
+    def runs() -> Iterator[ChunkRun]:
+        if window <= 1:
+            yield ChunkRun(pending, tokens.pack(chunker.identity, chunker.id_dtype, pending_ids))
+            return
+        order = sorted(range(len(pending)), key=lambda i: -len(pending_ids[i]))
+        for start in range(0, len(order), batch_chunks):
+            rows = order[start : start + batch_chunks]
+            yield ChunkRun(
+                chunks=[pending[i] for i in rows],
+                tokens=tokens.pack(
+                    chunker.identity, chunker.id_dtype, [pending_ids[i] for i in rows]
+                ),
+                reading=rows,
+            )
 
     docs = iter(documents)
     while group := list(itertools.islice(docs, CHUNK_GROUP)):
@@ -315,11 +353,11 @@ def chunk_batches(
                 pending_ids.append(chunk_ids)
                 tally.chunks += 1
                 tally.tokens += chunk.n_tokens
-                if len(pending) >= batch_chunks:
-                    yield run()
+                if len(pending) >= held:
+                    yield from runs()
                     pending, pending_ids = [], []
     if pending:
-        yield run()
+        yield from runs()
 
 
 def too_many_chunks(chunker: Chunker) -> str:

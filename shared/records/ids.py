@@ -2,7 +2,8 @@
 
 The producer builds these ids and the workers read them back, so their format lives
 here and nowhere else. Ids are plain strings a person can read in a log or a key; the
-only one that is ever taken apart is a chunk id (the aggregator needs its document).
+only ones ever taken apart are a chunk id (the aggregator needs its document) and a
+document batch id (the export needs the like-length window it was staged in).
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ def range_batch_id(range_index: int, number: int) -> str:
     """Document batches a prepare unit stages from one read range: ``b00003-00012`` (the
     13th batch of range 3; they sort in reading order)."""
     return f"b{range_index:05d}-{number:05d}"
+
+
+def like_length_window(batch_id: str, window: int) -> tuple[str, int]:
+    """The like-length window a document batch was staged in
+    (:func:`shared.inputs.chunking.chunk_batches`): the stream it came from (a read range,
+    or the producer's one stream) and its number there over ``window``. Batches of one
+    window are consecutive in staging order."""
+    stream, _, number = batch_id.rpartition("-")
+    if not stream:  # b000012: the producer's one stream
+        stream, number = batch_id[:1], batch_id[1:]
+    return stream, int(number) // max(1, window)
 
 
 def range_id(index: int) -> str:

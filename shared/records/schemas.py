@@ -321,6 +321,10 @@ class ChunkBatch(Struct):
     # Chunks whose text another chunk of the job claimed first (shared.records.
     # served_rows): not encoded, given that chunk's vectors when the shard is read.
     served: list[ServedRow] = []
+    # Where each chunk stands in reading order within its like-length window (the job's
+    # ``sort_window`` batches, staged longest first: shared.inputs.chunking); the export
+    # writes them back in that order. Empty: the batch's chunks are in reading order.
+    reading: list[int] = []
 
 
 # --- reuse of an earlier job's vectors (run --reuse; workers.prepare.reuse) ----------
@@ -609,6 +613,11 @@ class JobSpec(Struct):
     # The earlier job whose vectors this one reuses (``run --reuse``): the folder that
     # holds its manifest.json, local or ``s3://``, as the producer resolved it; "" none.
     reuse: str = ""
+    # How many staged batches of chunks are sorted by length together before they are cut
+    # (shared.inputs.chunking.like_length_window), so that a unit's model batches pad
+    # little; the export puts the chunks back in reading order. A spec from before
+    # decodes as 1: batches in reading order.
+    sort_window: int = 1
 
 
 class InputLimits(Struct):

@@ -18,11 +18,13 @@ from collections import Counter
 from pathlib import Path
 
 import msgspec
+import numpy as np
 from celery import Celery
 
 from shared.control.celery_app import fan_out
 from shared.control.ledger import JobLedger
 from shared.inputs.models import BM25
+from shared.records import ids
 from shared.records.job_store import JobLayout, JobStore
 from shared.records.schemas import (
     ChunkBatch,
@@ -58,21 +60,36 @@ def part_rows(spec: JobSpec, dims: list[int]) -> int:
 def plan_parts(
     spec: JobSpec, batch_ids: list[str], items: dict[str, int], rows: int
 ) -> list[ExportPart]:
-    """Consecutive whole batches per part, each part up to ``rows`` chunks (a batch larger
-    than that is a part of its own)."""
+    """Consecutive whole like-length windows per part (:func:`windows`; one batch each in a
+    job that does not sort), each part up to ``rows`` chunks (a window larger than that is
+    a part of its own)."""
     parts: list[ExportPart] = []
     current: list[str] = []
     filled = 0
-    for batch_id in batch_ids:
-        size = items.get(batch_id, 0)
+    for window in windows(spec, batch_ids):
+        size = sum(items.get(batch_id, 0) for batch_id in window)
         if current and filled + size > rows:
             parts.append(_part(spec, len(parts), current))
             current, filled = [], 0
-        current.append(batch_id)
+        current += window
         filled += size
     if current:
         parts.append(_part(spec, len(parts), current))
     return parts
+
+
+def windows(spec: JobSpec, batch_ids: list[str]) -> list[list[str]]:
+    """Batch ids (in staging order) grouped by the like-length window they were staged in
+    (``spec.sort_window`` batches of one stream; see ``shared.inputs.chunking``)."""
+    grouped: list[list[str]] = []
+    last: tuple[str, int] | None = None
+    for batch_id in batch_ids:
+        window = ids.like_length_window(batch_id, spec.sort_window)
+        if window != last:
+            grouped.append([])
+            last = window
+        grouped[-1].append(batch_id)
+    return grouped
 
 
 def _part(spec: JobSpec, number: int, batch_ids: list[str]) -> ExportPart:
@@ -148,17 +165,23 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
     with tempfile.TemporaryDirectory(prefix="embed-fleet-part-") as tmp:
         writer: PartWriter | None = None
         try:
-            for batch_id in message.batch_ids:
-                batch = store.batch(batch_id)
-                matrices = _dense(shards, batch, reused, encoded)
-                if writer is None:
-                    dense = {model: matrix.shape[1] for model, matrix in matrices.items()}
-                    path = Path(tmp) / f"part.{spec.export.format}"
-                    writer = PartWriter(path, spec.export.format, dense, indices)
-                sparse = (
-                    _sparse(shards, batch, bm25, run, reused, encoded) if run is not None else None
-                )
-                writer.add(batch, matrices, sparse)
+            for window in windows(spec, message.batch_ids):
+                read: list[tuple[ChunkBatch, dict[str, Matrix32], SparseVectors | None]] = []
+                for batch_id in window:
+                    batch = store.batch(batch_id)
+                    matrices = _dense(shards, batch, reused, encoded)
+                    sparse = (
+                        _sparse(shards, batch, bm25, run, reused, encoded)
+                        if run is not None
+                        else None
+                    )
+                    read.append((batch, matrices, sparse))
+                for batch, matrices, sparse in in_reading_order(read):
+                    if writer is None:
+                        dense = {model: matrix.shape[1] for model, matrix in matrices.items()}
+                        path = Path(tmp) / f"part.{spec.export.format}"
+                        writer = PartWriter(path, spec.export.format, dense, indices)
+                    writer.add(batch, matrices, sparse)
             assert writer is not None, "a part has at least one batch"
             artifact = writer.close(store.layout.artifact(name))
         except BaseException:
@@ -179,6 +202,37 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
     )
     store.put_exported_part(exported)
     return exported
+
+
+def in_reading_order(
+    window: list[tuple[ChunkBatch, dict[str, Matrix32], SparseVectors | None]],
+) -> list[tuple[ChunkBatch, dict[str, Matrix32], SparseVectors | None]]:
+    """A like-length window's batches with their vectors, as the part writes them: as they
+    are when their chunks are in reading order (``reading`` empty), else as one batch of
+    all their chunks put back in reading order, each vector with its chunk."""
+    if all(not batch.reading for batch, _, _ in window):
+        return window
+    order = np.argsort([row for batch, _, _ in window for row in batch.reading], kind="stable")
+    chunks = [chunk for batch, _, _ in window for chunk in batch.chunks]
+    merged = msgspec.structs.replace(
+        window[0][0], chunks=[chunks[i] for i in order], tokens=None, served=[], reading=[]
+    )
+    matrices = {
+        model: np.concatenate([vectors[model] for _, vectors, _ in window])[order]
+        for model in window[0][1]
+    }
+    sparse: SparseVectors | None = None
+    if window[0][2] is not None:
+        models = dict.fromkeys(model for _, _, vectors in window for model in vectors or {})
+        sparse = {}
+        for model in models:
+            column = [
+                row
+                for batch, _, vectors in window
+                for row in (vectors or {}).get(model) or [None] * len(batch.chunks)
+            ]
+            sparse[model] = [column[i] for i in order]
+    return [(merged, matrices, sparse)]
 
 
 def _dense(

@@ -90,11 +90,18 @@ def chunk_range(
         else None
     )
     with EncodeUnits(app, ledger, spec, "documents") as units:
-        for run in chunk_batches(chunker, documents, spec.batch_chunks, tally, too_long):
+        runs = chunk_batches(
+            chunker, documents, spec.batch_chunks, tally, too_long, spec.sort_window
+        )
+        for run in runs:
             chunks = run.chunks
             batch_id = ids.range_batch_id(index, len(batches))
             batch = ChunkBatch(
-                job_id=spec.job_id, batch_id=batch_id, chunks=chunks, tokens=run.tokens
+                job_id=spec.job_id,
+                batch_id=batch_id,
+                chunks=chunks,
+                tokens=run.tokens,
+                reading=run.reading,
             )
             keys = [text_key(c.text) for c in chunks]
             # A chunk taking an earlier job's vectors is not encoded: it claims nothing.

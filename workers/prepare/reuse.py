@@ -226,7 +226,9 @@ class EarlierLookup:
         }
         self._earlier: EarlierJob | None = None
         self._columns: _Columns | None = None
-        self._seen: dict[str, list[str]] = {}
+        # Each document's chunks' text keys by chunk index: a batch of a like-length
+        # window holds a document's chunks out of order.
+        self._seen: dict[str, dict[int, str]] = {}
         self.found = 0
         # The first reason a batch's earlier vectors could not be copied, and how many
         # chunks were encoded for it.
@@ -239,7 +241,7 @@ class EarlierLookup:
         rows: list[int] = []
         where: list[EarlierChunk] = []
         for row, (chunk, key) in enumerate(zip(chunks, keys, strict=True)):
-            self._seen.setdefault(chunk.doc_id, []).append(key)
+            self._seen.setdefault(chunk.doc_id, {})[chunk.index] = key
             hit = self._by_key.get(chunk.doc_id, {}).get(key)
             if hit is not None:
                 rows.append(row)
@@ -261,11 +263,11 @@ class EarlierLookup:
     def tally(self) -> EarlierTally:
         """This range's documents and chunks against the earlier job."""
         unchanged = changed = added = 0
-        for doc_id, keys in self._seen.items():
+        for doc_id, seen in self._seen.items():
             before = self.documents.get(doc_id)
             if before is None:
                 added += 1
-            elif [c.text_key for c in before] == keys:
+            elif [c.text_key for c in before] == [seen[index] for index in sorted(seen)]:
                 unchanged += 1
             else:
                 changed += 1
