@@ -35,6 +35,18 @@ def chunk_records(manifest: dict[str, Any], get: Get) -> list[dict[str, Any]]:
     return records
 
 
+def in_reading_order(chunk_ids: list[str], corpus_lines: list[str]) -> list[str]:
+    """Chunk ids sorted as a JSONL corpus reads: by their document's line, then their
+    index in it (the order the parts hold; staged batches sort by length)."""
+    line = {json.loads(text)["_id"]: n for n, text in enumerate(corpus_lines)}
+
+    def place(chunk_id: str) -> tuple[int, int]:
+        doc_id, _, index = chunk_id.rpartition("#")
+        return line[doc_id], int(index)
+
+    return sorted(chunk_ids, key=place)
+
+
 def parquet_records(
     table: pa.Table, layout: dict[str, Any], vocabularies: dict[str, list[str]]
 ) -> list[dict[str, Any]]:

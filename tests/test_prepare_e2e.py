@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import pytest
-from artifacts import chunk_records
+from artifacts import chunk_records, in_reading_order
 from conftest import CRANFIELD, REPO, base_env, run_cli
 from servers import SeaweedS3
 
@@ -183,13 +183,7 @@ def test_a_prepare_worker_killed_mid_range_costs_nothing(
     assert len(exported) == len(set(exported)) == manifest["counts"]["chunks"]
     assert sorted(exported) == sorted(staged)  # nothing lost or doubled
     # Staged longest first in like-length windows; exported back in reading order.
-    position = {json.loads(line)["_id"]: n for n, line in enumerate(source.open())}
-
-    def reading(chunk_id: str) -> tuple[int, int]:
-        doc_id, _, index = chunk_id.rpartition("#")
-        return position[doc_id], int(index)
-
-    assert exported == sorted(staged, key=reading) != staged
+    assert exported == in_reading_order(staged, source.read_text().splitlines()) != staged
     assert manifest["stages"]["chunk"]["batches"] == ranges
     # The earlier job's 300 documents are the same: their chunks' vectors are its own.
     before = {r["chunk_id"]: r for r in chunk_records(earlier_manifest, get)}
