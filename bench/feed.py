@@ -145,16 +145,7 @@ def staged_batches(source: Path, model: str) -> list[ChunkBatch]:
     job = prepare(JobOptions(source=str(source), output="unused", dense_models=[model]))
     records = (r for r in documents(job.source, "fail") if not isinstance(r, SkippedRecord))
     runs = chunk_batches(job.chunker, records, 128, ChunkTally(), window=job.spec.sort_window)
-    return [
-        ChunkBatch(
-            job_id="bench",
-            batch_id=f"b{i:06d}",
-            chunks=r.chunks,
-            tokens=r.tokens,
-            reading=r.reading,
-        )
-        for i, r in enumerate(runs)
-    ]
+    return [run.staged("bench", f"b{i:06d}") for i, run in enumerate(runs)]
 
 
 # --- ceilings and bare libraries ------------------------------------------------------------

@@ -463,13 +463,7 @@ class Stager:
         for run in runs:
             chunks = run.chunks
             batch_id = ids.document_batch_id(batches)
-            batch = ChunkBatch(
-                job_id=spec.job_id,
-                batch_id=batch_id,
-                chunks=chunks,
-                tokens=run.tokens,
-                reading=run.reading,
-            )
+            batch = run.staged(spec.job_id, batch_id)
             self._stage_batch(batch, units)
             self.ledger.record_staged(
                 batch_id,

@@ -32,6 +32,7 @@ from shared.records import ids
 from shared.records.errors import EmbedFleetError
 from shared.records.schemas import (
     Chunk,
+    ChunkBatch,
     Document,
     InputLimits,
     JobSpec,
@@ -278,6 +279,16 @@ class ChunkRun:
     chunks: list[Chunk]
     tokens: StagedTokens
     reading: list[int] = field(default_factory=list)
+
+    def staged(self, job_id: str, batch_id: str) -> ChunkBatch:
+        """The staged batch of this run: its chunks, their ids and their reading order."""
+        return ChunkBatch(
+            job_id=job_id,
+            batch_id=batch_id,
+            chunks=self.chunks,
+            tokens=self.tokens,
+            reading=self.reading,
+        )
 
 
 # Staged batches sorted by length together (``JobSpec.sort_window``). Each unit's model

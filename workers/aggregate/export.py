@@ -13,6 +13,7 @@ the same bytes to the same key.
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -43,6 +44,9 @@ from workers.ranking.sparse_weights import (
     keep_merged_bm25,
     rounded,
 )
+
+# A staged batch with its rows' dense vectors by model and sparse vectors (if any).
+BatchVectors = tuple[ChunkBatch, dict[str, Matrix32], SparseVectors | None]
 
 # What a chunk's row costs besides its vectors (ids, text, metadata), for part sizing.
 ROW_OVERHEAD_BYTES = 512
@@ -81,15 +85,11 @@ def plan_parts(
 def windows(spec: JobSpec, batch_ids: list[str]) -> list[list[str]]:
     """Batch ids (in staging order) grouped by the like-length window they were staged in
     (``spec.sort_window`` batches of one stream; see ``shared.inputs.chunking``)."""
-    grouped: list[list[str]] = []
-    last: tuple[str, int] | None = None
-    for batch_id in batch_ids:
-        window = ids.like_length_window(batch_id, spec.sort_window)
-        if window != last:
-            grouped.append([])
-            last = window
-        grouped[-1].append(batch_id)
-    return grouped
+
+    def window(batch_id: str) -> tuple[str, int]:
+        return ids.like_length_window(batch_id, spec.sort_window)
+
+    return [list(group) for _, group in itertools.groupby(batch_ids, key=window)]
 
 
 def _part(spec: JobSpec, number: int, batch_ids: list[str]) -> ExportPart:
@@ -166,7 +166,7 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
         writer: PartWriter | None = None
         try:
             for window in windows(spec, message.batch_ids):
-                read: list[tuple[ChunkBatch, dict[str, Matrix32], SparseVectors | None]] = []
+                read: list[BatchVectors] = []
                 for batch_id in window:
                     batch = store.batch(batch_id)
                     matrices = _dense(shards, batch, reused, encoded)
@@ -205,8 +205,8 @@ def write_part(ledger: JobLedger, store: JobStore, message: ExportPart) -> Expor
 
 
 def in_reading_order(
-    window: list[tuple[ChunkBatch, dict[str, Matrix32], SparseVectors | None]],
-) -> list[tuple[ChunkBatch, dict[str, Matrix32], SparseVectors | None]]:
+    window: list[BatchVectors],
+) -> list[BatchVectors]:
     """A like-length window's batches with their vectors, as the part writes them: as they
     are when their chunks are in reading order (``reading`` empty), else as one batch of
     all their chunks put back in reading order, each vector with its chunk."""

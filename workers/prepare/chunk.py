@@ -30,7 +30,6 @@ from shared.records.content_keys import text_key
 from shared.records.errors import BadRecordError
 from shared.records.job_store import JobStore
 from shared.records.schemas import (
-    ChunkBatch,
     Document,
     JobSpec,
     LatencySummary,
@@ -96,13 +95,7 @@ def chunk_range(
         for run in runs:
             chunks = run.chunks
             batch_id = ids.range_batch_id(index, len(batches))
-            batch = ChunkBatch(
-                job_id=spec.job_id,
-                batch_id=batch_id,
-                chunks=chunks,
-                tokens=run.tokens,
-                reading=run.reading,
-            )
+            batch = run.staged(spec.job_id, batch_id)
             keys = [text_key(c.text) for c in chunks]
             # A chunk taking an earlier job's vectors is not encoded: it claims nothing.
             known = earlier.stage(batch_id, chunks, keys) if earlier is not None else []
