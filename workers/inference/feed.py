@@ -156,6 +156,8 @@ class Feed:
     texts: Sequence[Any] = ()
     tokenized: int = 0
     arranged: Arranged | None = None
+    _multiples: dict[tuple[int, str], int] = field(default_factory=dict, repr=False)
+    _devices: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         layout = self.inputs.layout
@@ -167,12 +169,33 @@ class Feed:
         if self.arranged is None:
             batch = self.inputs.preprocess(model, [self.texts[i] for i in group])
         else:
-            multiple = pad_multiple(device, model_dtype(model))
-            batch = self.arranged.tensors(group, _is_cuda(device), multiple)
+            cuda = _is_cuda(device)
+            batch = self.arranged.tensors(group, cuda, self._multiple(model, device))
+            if not cuda and device == "cpu":  # laid out where the model is: nothing to copy
+                return batch
         return {
             key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()
         }
+
+    def _multiple(self, model: Any, device: str) -> int:
+        """The width multiple of ``model``'s batches (the batching rule's
+        :func:`~workers.inference.batch_runner.pad_multiple`), worked out once per model
+        and device of the unit: asking a model its dtype walks its modules, which costs
+        as much as laying a small batch out."""
+        key = (id(model), device)
+        found = self._multiples.get(key)
+        if found is None:
+            found = self._multiples[key] = pad_multiple(device, model_dtype(model))
+        return found
+
+    def device(self, model: Any) -> str:
+        """Where ``model``'s parameters are (:func:`device_of`), asked once per model of
+        the unit."""
+        found = self._devices.get(id(model))
+        if found is None:
+            found = self._devices[id(model)] = device_of(model)
+        return found
 
 
 def _is_cuda(device: str) -> bool:
@@ -306,7 +329,7 @@ def pair_feed(
 def forward(model: Any, feed: Feed, group: list[int]) -> dict[str, Any]:
     """The model's forward pass over one batch of the feed, on the device the model is
     on, as its own encode call runs it; outputs stay on the device."""
-    features = feed.features(model, group, device_of(model))
+    features = feed.features(model, group, feed.device(model))
     with torch.inference_mode():
         out: dict[str, Any] = model(features, **feed.inputs.kwargs)
     return out

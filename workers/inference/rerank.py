@@ -370,15 +370,14 @@ def rerank_fused(
     passage_ids: list[Ids | None] = []
     owners: list[tuple[int, str, int]] = []  # (group, query, candidates)
     for number, group in enumerate(groups):
+        # Each passage's ids decoded once: the group's queries share candidates.
+        staged_ids = {
+            chunk_id: tokens.from_bytes(raw, group.id_dtype) for chunk_id, raw in group.ids.items()
+        }
         for query in group.queries:
             candidates = query.candidates[:rerank_top]
             pairs += [(query.text, group.texts[c.chunk_id]) for c in candidates]
-            passage_ids += [
-                tokens.from_bytes(group.ids[c.chunk_id], group.id_dtype)
-                if c.chunk_id in group.ids
-                else None
-                for c in candidates
-            ]
+            passage_ids += [staged_ids.get(c.chunk_id) for c in candidates]
             owners.append((number, query.query_id, len(candidates)))
     identities = {group.tokenizer for group in groups}
     identity = identities.pop() if len(identities) == 1 else ""
