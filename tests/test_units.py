@@ -15,7 +15,7 @@ from test_ledger import report, spec
 
 from producer.backlog import PRIORITY_SEPARATOR
 from shared.control import fairness
-from shared.control.celery_app import EncodeUnits, fan_out, make_app
+from shared.control.celery_app import EncodeUnits, fan_out, gathered_again, make_app
 from shared.control.ledger import JobLedger
 from shared.control.pipeline import RERANK_UNIT_GROUPS, UNIT_MAX_BATCHES
 from shared.control.settings import Settings
@@ -99,6 +99,44 @@ def test_nothing_gathered_is_sent_after_an_error(app: Any, redis_client: Any) ->
         units.add("b03", 300)
         raise RuntimeError("the range could not be read")
     assert [m.batches for m in queued(redis_client, "dense")] == [["b00"], ["b01", "b02"]]
+
+
+def test_units_resumed_go_in_messages_as_their_stages_gather_them() -> None:
+    """A resumed phase's units (resume_job) are not sent one a message: a GPU stage's
+    missing batches are gathered by tokens (each at its chunks x chunk_tokens, at full
+    size from the first message, never past UNIT_MAX_BATCHES), apart per kind; a CPU
+    stage's go one a message; rerank groups RERANK_UNIT_GROUPS a message."""
+    job = msgspec.structs.replace(
+        spec("resumed"), stages=["dense", "sparse"], sparse_models=["bm25"], unit_tokens=4096
+    )  # chunk_tokens 256: a batch of 4 chunks counts 1,024 tokens, a message holds 4
+    docs = [f"b{i:03d}" for i in range(UNIT_MAX_BATCHES * 3)]
+    chunks = {b: 4 for b in docs} | {"q00": 1, "q01": 1} | {"b001": 40}  # b001: 10,240
+    missing: list[UnitMessage] = [
+        EncodeBatch(job_id=job.job_id, stage="dense", unit=b, kind="documents") for b in docs
+    ]
+    missing += [
+        EncodeBatch(job_id=job.job_id, stage="dense", unit=q, kind="queries")
+        for q in ("q00", "q01")
+    ]
+    missing += [
+        EncodeBatch(job_id=job.job_id, stage="sparse", unit=b, kind="documents") for b in docs[:3]
+    ]
+    groups = [f"q-g{i:05d}" for i in range(RERANK_UNIT_GROUPS + 2)]
+    missing += [RerankGroup(job_id=job.job_id, stage="rerank", unit=g) for g in groups]
+    sent = gathered_again(job, missing, chunks)
+    dense = [m for m in sent if isinstance(m, EncodeBatch) and m.stage == "dense"]
+    assert [m.batches for m in dense[:3]] == [["b000", "b001"], docs[2:6], docs[6:10]]
+    assert [b for m in dense if m.kind == "documents" for b in m.batches] == docs
+    assert [m.batches for m in dense if m.kind == "queries"] == [["q00", "q01"]]
+    assert all(m.unit == m.batches[0] for m in dense)
+    sparse = [m for m in sent if m.stage == "sparse"]
+    assert [m.units for m in sparse] == [[b] for b in docs[:3]]
+    rerank = [m for m in sent if m.stage == "rerank"]
+    assert [m.units for m in rerank] == [groups[:RERANK_UNIT_GROUPS], groups[RERANK_UNIT_GROUPS:]]
+    # With no token rule to stop it, a message still holds at most UNIT_MAX_BATCHES.
+    unbounded = msgspec.structs.replace(job, chunk_tokens=0)
+    held = [len(m.units) for m in gathered_again(unbounded, missing[: len(docs)], chunks)]
+    assert held == [UNIT_MAX_BATCHES] * 3
 
 
 def test_each_batch_of_a_message_is_recorded_once_with_the_units_figures_once(

@@ -162,6 +162,14 @@ class _Gathering:
             self.next_batches, pipeline.UNIT_MAX_BATCHES
         )
 
+    def take(self, spec: JobSpec, kind: BatchKind) -> EncodeBatch:
+        """The message of the gathered batches; the next one may hold twice as many."""
+        batch_ids = self.batch_ids
+        first = EncodeBatch(job_id=spec.job_id, stage=self.stage.name, unit=batch_ids[0], kind=kind)
+        self.next_batches = 2 * len(batch_ids)
+        self.batch_ids, self.tokens = [], 0
+        return first.of_units(batch_ids)
+
 
 class EncodeUnits:
     """The encode units of batches as they are staged, one message per stage and unit.
@@ -218,14 +226,49 @@ class EncodeUnits:
                 self._send(gathering)
 
     def _send(self, gathering: _Gathering) -> None:
-        batch_ids = gathering.batch_ids
-        first = EncodeBatch(
-            job_id=self.spec.job_id, stage=gathering.stage.name, unit=batch_ids[0], kind=self.kind
-        )
-        message = first.of_units(batch_ids)
-        send_units(self.app, self.ledger, self.spec, [message])
-        gathering.next_batches = 2 * len(batch_ids)
-        gathering.batch_ids, gathering.tokens = [], 0
+        send_units(self.app, self.ledger, self.spec, [gathering.take(self.spec, self.kind)])
+
+
+def gathered_again(spec: JobSpec, units: Sequence[Unit], chunks: dict[str, int]) -> list[Unit]:
+    """Units sent again (a phase ``resume`` re-drives), in messages as their stages
+    gather them when first sent, not one a message: a resumed GPU stage or reranker
+    would otherwise pay a message's fixed cost for every staged batch or query group.
+
+    A stage whose messages hold several units (rerank) gets :func:`gathered`. An encode
+    stage that gathers staged batches by their tokens (a GPU's) gets its own rule, at
+    full size from the first message (everything is staged already), each batch counted
+    at its chunks (``chunks``, the ledger's) times the job's ``chunk_tokens``: the most
+    it can hold, as the ledger keeps no token counts, so a message holds at most what a
+    first send's did. Other units go as they are."""
+    out: list[Unit] = []
+    rest: list[Unit] = []  # units of stages that gather by count, or not at all
+    run: _Gathering | None = None
+    kind: BatchKind = "documents"
+    for unit in units:
+        stage = pipeline.stage(unit.stage)
+        batch = unit if isinstance(unit, EncodeBatch) and stage.unit_tokens(spec) else None
+        if run is not None and (
+            batch is None or (batch.stage, batch.kind) != (run.stage.name, kind)
+        ):
+            if run.batch_ids:
+                out.append(cast(Unit, run.take(spec, kind)))
+            run = None
+        if batch is None:
+            rest.append(unit)
+            continue
+        out += gathered(rest)
+        rest = []
+        if run is None:
+            run = _Gathering(stage, stage.unit_tokens(spec), next_batches=pipeline.UNIT_MAX_BATCHES)
+            kind = batch.kind
+        for batch_id in batch.units:
+            run.batch_ids.append(batch_id)
+            run.tokens += chunks.get(batch_id, 0) * spec.chunk_tokens
+            if run.full():
+                out.append(cast(Unit, run.take(spec, kind)))
+    if run is not None and run.batch_ids:
+        out.append(cast(Unit, run.take(spec, kind)))
+    return out + gathered(rest)
 
 
 def send_resume(app: Celery, job_id: str) -> None:

@@ -6,7 +6,9 @@ in pipeline order and stops at the first one that is not finished:
 
 - a phase with units whose outputs are missing (failed, lost with a message, or never
   run): those units are taken out of the ledger's failed and done records and enqueued
-  again, and every later phase is reset, to be planned again when this one completes;
+  again (in messages as their stages gather them when first sent: a GPU stage's
+  staged batches by tokens, a reranker's query groups), and every later phase is
+  reset, to be planned again when this one completes;
 - a phase never opened (its step was lost: a dead guard winner, a lost message): the
   step that opens it runs again;
 - every phase complete: ``finish`` runs again.
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from celery import Celery
 
 from shared.control import pipeline
-from shared.control.celery_app import advance, send_units
+from shared.control.celery_app import advance, gathered_again, send_units
 from shared.control.ledger import JobLedger
 from shared.control.pipeline import PhaseName
 from shared.records import ids
@@ -133,7 +135,9 @@ def resume_job(ledger: JobLedger, store: JobStore, app: Celery) -> Resumed:
         if spec.max_in_flight:
             # Every unit not done goes again: a parked copy would be a second one.
             ledger.quota().clear(list(by_stage))
-        send_units(app, ledger, spec, [m for m, _ in missing], _variants(missing))
+        chunks = ledger.staged_items() if phase == "encode" else {}
+        messages = gathered_again(spec, [m for m, _ in missing], chunks)
+        send_units(app, ledger, spec, messages, _variants(missing))
         units_sent = {s: len(u) for s, u in by_stage.items()}
         return Resumed(phase=phase, units=units_sent, recovered=recovered)
     return _redo_step(ledger, app, spec, phases[-1], [], recovered)
