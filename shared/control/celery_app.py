@@ -7,6 +7,7 @@ from the pipeline table (:mod:`shared.control.pipeline`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -240,35 +241,29 @@ def gathered_again(spec: JobSpec, units: Sequence[Unit], chunks: dict[str, int])
     at its chunks (``chunks``, the ledger's) times the job's ``chunk_tokens``: the most
     it can hold, as the ledger keeps no token counts, so a message holds at most what a
     first send's did. Other units go as they are."""
-    out: list[Unit] = []
-    rest: list[Unit] = []  # units of stages that gather by count, or not at all
-    run: _Gathering | None = None
-    kind: BatchKind = "documents"
-    for unit in units:
+
+    def by_tokens(unit: Unit) -> BatchKind | None:
+        """The kind of an encode batch whose stage gathers by tokens, else None."""
         stage = pipeline.stage(unit.stage)
-        batch = unit if isinstance(unit, EncodeBatch) and stage.unit_tokens(spec) else None
-        if run is not None and (
-            batch is None or (batch.stage, batch.kind) != (run.stage.name, kind)
-        ):
-            if run.batch_ids:
-                out.append(cast(Unit, run.take(spec, kind)))
-            run = None
-        if batch is None:
-            rest.append(unit)
+        return unit.kind if isinstance(unit, EncodeBatch) and stage.unit_tokens(spec) else None
+
+    out: list[Unit] = []
+    for (name, kind), run in itertools.groupby(units, lambda u: (u.stage, by_tokens(u))):
+        if kind is None:
+            out += gathered(list(run))
             continue
-        out += gathered(rest)
-        rest = []
-        if run is None:
-            run = _Gathering(stage, stage.unit_tokens(spec), next_batches=pipeline.UNIT_MAX_BATCHES)
-            kind = batch.kind
-        for batch_id in batch.units:
-            run.batch_ids.append(batch_id)
-            run.tokens += chunks.get(batch_id, 0) * spec.chunk_tokens
-            if run.full():
-                out.append(cast(Unit, run.take(spec, kind)))
-    if run is not None and run.batch_ids:
-        out.append(cast(Unit, run.take(spec, kind)))
-    return out + gathered(rest)
+        stage = pipeline.stage(name)
+        gathering = _Gathering(
+            stage, stage.unit_tokens(spec), next_batches=pipeline.UNIT_MAX_BATCHES
+        )
+        for batch_id in (batch_id for unit in run for batch_id in unit.units):
+            gathering.batch_ids.append(batch_id)
+            gathering.tokens += chunks.get(batch_id, 0) * spec.chunk_tokens
+            if gathering.full():
+                out.append(cast(Unit, gathering.take(spec, kind)))
+        if gathering.batch_ids:
+            out.append(cast(Unit, gathering.take(spec, kind)))
+    return out
 
 
 def send_resume(app: Celery, job_id: str) -> None:

@@ -156,8 +156,7 @@ class Feed:
     texts: Sequence[Any] = ()
     tokenized: int = 0
     arranged: Arranged | None = None
-    _multiples: dict[tuple[int, str], int] = field(default_factory=dict, repr=False)
-    _devices: dict[int, str] = field(default_factory=dict, repr=False)
+    _asked: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         layout = self.inputs.layout
@@ -180,22 +179,20 @@ class Feed:
 
     def _multiple(self, model: Any, device: str) -> int:
         """The width multiple of ``model``'s batches (the batching rule's
-        :func:`~workers.inference.batch_runner.pad_multiple`), worked out once per model
-        and device of the unit: asking a model its dtype walks its modules, which costs
-        as much as laying a small batch out."""
-        key = (id(model), device)
-        found = self._multiples.get(key)
-        if found is None:
-            found = self._multiples[key] = pad_multiple(device, model_dtype(model))
-        return found
+        :func:`~workers.inference.batch_runner.pad_multiple`)."""
+        key = ("multiple", id(model), device)
+        return int(self._once(key, lambda: pad_multiple(device, model_dtype(model))))
 
     def device(self, model: Any) -> str:
-        """Where ``model``'s parameters are (:func:`device_of`), asked once per model of
-        the unit."""
-        found = self._devices.get(id(model))
-        if found is None:
-            found = self._devices[id(model)] = device_of(model)
-        return found
+        """Where ``model``'s parameters are (:func:`device_of`)."""
+        return str(self._once(("device", id(model)), lambda: device_of(model)))
+
+    def _once(self, key: tuple[Any, ...], ask: Callable[[], Any]) -> Any:
+        """What ``ask`` answers, asked once per unit: a model's dtype or device walks
+        its modules, which costs as much as laying a small batch out."""
+        if key not in self._asked:
+            self._asked[key] = ask()
+        return self._asked[key]
 
 
 def _is_cuda(device: str) -> bool:
