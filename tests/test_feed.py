@@ -205,6 +205,54 @@ def test_a_layout_pads_on_the_tokenizers_side(side: str, pairs: bool) -> None:
         assert torch.equal(mine[key], value), key
 
 
+def test_special_tokens_of_two_type_ids_and_shared_pieces_lay_out_as_a_tokenizer_would() -> None:
+    """A pair template whose separator between the texts mixes type ids (``</s>`` of the
+    query's type, then ``</s>`` of the passage's): the special tokens are split where
+    the type steps, and every pair, laid out from pieces that several pairs share
+    (truncated longest-first, on the right and on the left), has the ids and type ids
+    written out by hand here."""
+    from types import SimpleNamespace
+
+    from workers.inference.layout import InputLayout, Pieces, _template
+
+    encoding = SimpleNamespace(ids=[0, 5, 2, 2, 6, 2], type_ids=[0, 0, 0, 1, 1, 1])
+    pair = _template(encoding, [[5], [6]])
+    assert pair is not None
+    assert [(p.tokens, p.slot, p.slot_type) for p in pair.parts] == [
+        ((0,), None, 0),
+        ((), 0, 0),
+        ((2,), None, 0),
+        ((2,), None, 0),
+        ((), 1, 1),
+        ((2,), None, 0),
+    ]
+    assert [p.types for p in pair.parts if p.slot is None] == [(0,), (0,), (1,), (1,)]
+    single = _template(SimpleNamespace(ids=[0, 5, 2], type_ids=[0, 0, 0]), [[5]])
+    assert single is not None
+    queries = [np.array([11, 12], dtype=np.int64), np.array([13], dtype=np.int64)]
+    passages = [np.arange(20, 20 + n, dtype=np.int64) for n in (1, 9, 3)]
+    query_of, passage_of = np.array([0, 1, 0, 1]), np.array([0, 1, 1, 2])
+    for left in (False, True):
+        layout = InputLayout(single, pair, 10, 1, 0, False, left, ("input_ids", "token_type_ids"))
+        arranged = layout.arrange_pieces(
+            [(Pieces.of(queries), query_of), (Pieces.of(passages), passage_of)]
+        )
+        expected_ids, expected_types = [], []
+        for q, p in zip(query_of, passage_of, strict=True):
+            a, b = queries[q].tolist(), passages[p].tolist()
+            keep_b = min(len(b), 10 - 4 - len(a))  # the query is the shorter: kept whole
+            b = b[len(b) - keep_b :] if left else b[:keep_b]
+            expected_ids.append([0, *a, 2, 2, *b, 2])
+            expected_types.append([0] * (len(a) + 2) + [1] * (len(b) + 2))
+        assert arranged.lengths.tolist() == [len(ids) for ids in expected_ids]
+        batch = arranged.tensors([3, 0, 1, 2])
+        width = max(map(len, expected_ids))
+        for row, item in enumerate([3, 0, 1, 2]):
+            pad = width - len(expected_ids[item])
+            assert batch["input_ids"][row].tolist() == expected_ids[item] + [1] * pad
+            assert batch["token_type_ids"][row].tolist() == expected_types[item] + [0] * pad
+
+
 def test_a_layout_is_refused_when_it_cannot_reproduce_preprocess() -> None:
     tokenizer = chunker().tokenizer
 

@@ -39,6 +39,14 @@ _configured_pid: int | None = None
 _lock = threading.Lock()
 
 
+def tracing_on() -> bool:
+    """Whether spans are recorded at all: a tracer provider was installed (by
+    :func:`configure`, or a test's). Asked per model batch, where a span that nobody
+    records still costs several microseconds beside a null model's batch."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 def tracer() -> trace.Tracer:
     """The fleet's tracer (a no-op one until :func:`configure` installed a provider)."""
     return trace.get_tracer(TRACER_NAME)

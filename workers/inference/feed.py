@@ -38,7 +38,7 @@ from workers.inference.layout import (
     Arranged,
     Ids,
     InputLayout,
-    Item,
+    Pieces,
     learn_layout,
     rust_tokenizer,
     text_ids,
@@ -144,24 +144,19 @@ class Feed:
         lengths: Each item's length in ids, special tokens included (what batches are
             cut by).
         source: Where its ids came from (``staged``, ``tokenized``, or ``preprocess``).
-        items: Each item's ids, truncated as the model truncates (the layout's ways).
         texts: Each item as ``preprocess`` takes it (the ``preprocess`` way).
-        tokenized: How many items the worker tokenized itself.
+        tokenized: How many texts the worker tokenized itself.
+        arranged: Every item's ids laid out, truncated as the model truncates (the
+            layout's ways; ``None`` for ``preprocess``).
     """
 
     inputs: ModelInputs
     lengths: list[int]
     source: Source
-    items: list[Item] = field(default_factory=list)
     texts: Sequence[Any] = ()
     tokenized: int = 0
     arranged: Arranged | None = None
     _asked: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        layout = self.inputs.layout
-        if self.source != "preprocess" and layout is not None and self.arranged is None:
-            self.arranged = layout.arrange(self.items)
 
     def features(self, model: Any, group: list[int], device: str) -> dict[str, Any]:
         """The model's input tensors for the items of ``group``, on ``device``."""
@@ -290,9 +285,9 @@ def text_feed(
     missing = [i for i, ids in enumerate(staged) if ids is None]
     found = dict(zip(missing, text_ids(inputs.rust, [texts[i] for i in missing]), strict=True))
     every = [ids if ids is not None else found[i] for i, ids in enumerate(staged)]
-    items, lengths = layout.fit_texts(every)
+    arranged = layout.arrange_pieces([(Pieces.of(every), np.arange(len(every), dtype=np.int64))])
     source: Source = "staged" if not missing else "tokenized"
-    return Feed(inputs, lengths, source, items, texts, len(missing))
+    return Feed(inputs, arranged.lengths.tolist(), source, texts, len(missing), arranged)
 
 
 def pair_feed(
@@ -307,20 +302,31 @@ def pair_feed(
     layout = inputs.layout
     if layout is None or layout.pair is None:
         return Feed(inputs, [approximate(i) for i in range(len(pairs))], "preprocess", texts=pairs)
-    queries = sorted({query for query, _ in pairs})
-    query_ids = dict(zip(queries, text_ids(inputs.rust, queries), strict=True))
-    missing = sorted(
-        {passage for (_, passage), ids in zip(pairs, staged, strict=True) if ids is None}
-    )
-    found = dict(zip(missing, text_ids(inputs.rust, missing), strict=True))
-    items, lengths = layout.fit_pairs(
+    # Each distinct query and passage once: a query is in every pair of its candidates,
+    # a passage in the pairs of every query that retrieved it.
+    queries: dict[str, int] = {}
+    passages: dict[str, int] = {}
+    passage_ids: list[Ids | None] = []
+    query_of: list[int] = []
+    passage_of: list[int] = []
+    for (query, passage), ids in zip(pairs, staged, strict=True):
+        query_of.append(queries.setdefault(query, len(queries)))
+        number = passages.setdefault(passage, len(passages))
+        if number == len(passage_ids):
+            passage_ids.append(ids)
+        passage_of.append(number)
+    missing = [i for i, ids in enumerate(passage_ids) if ids is None]
+    texts = list(passages)
+    found = dict(zip(missing, text_ids(inputs.rust, [texts[i] for i in missing]), strict=True))
+    every = [ids if ids is not None else found[i] for i, ids in enumerate(passage_ids)]
+    arranged = layout.arrange_pieces(
         [
-            (query_ids[query], ids if ids is not None else found[passage])
-            for (query, passage), ids in zip(pairs, staged, strict=True)
+            (Pieces.of(text_ids(inputs.rust, list(queries))), np.asarray(query_of, dtype=np.int64)),
+            (Pieces.of(every), np.asarray(passage_of, dtype=np.int64)),
         ]
     )
     source: Source = "staged" if not missing else "tokenized"
-    return Feed(inputs, lengths, source, items, pairs, len(missing))
+    return Feed(inputs, arranged.lengths.tolist(), source, pairs, len(missing), arranged)
 
 
 def forward(model: Any, feed: Feed, group: list[int]) -> dict[str, Any]:

@@ -86,13 +86,23 @@ def _template(full: Any, texts: Sequence[Sequence[int]]) -> Template | None:
         found = next((i for i in range(at, len(ids) - n + 1) if ids[i : i + n] == list(text)), None)
         if not n or found is None or len(set(types[found : found + n])) != 1:
             return None
-        if found > at:
-            parts.append(Part(tokens=tuple(ids[at:found]), types=tuple(types[at:found])))
+        parts += _constant_parts(ids[at:found], types[at:found])
         parts.append(Part(slot=slot, slot_type=types[found]))
         at = found + n
-    if at < len(ids):
-        parts.append(Part(tokens=tuple(ids[at:]), types=tuple(types[at:])))
+    parts += _constant_parts(ids[at:], types[at:])
     return Template(tuple(parts))
+
+
+def _constant_parts(ids: list[int], types: list[int]) -> list[Part]:
+    """Special tokens between texts as parts of one type id each (a layout's type ids
+    step only where a part starts, see :attr:`Arranged.type_changes`)."""
+    parts: list[Part] = []
+    start = 0
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or types[end] != types[start]:
+            parts.append(Part(tokens=tuple(ids[start:end]), types=tuple(types[start:end])))
+            start = end
+    return parts
 
 
 def _longest_first_many(first: Ids, second: Ids, limit: int) -> tuple[Ids, Ids]:
@@ -141,43 +151,25 @@ class InputLayout:
 
     def fit(self, item: Item) -> Item:
         """The item truncated as the model's tokenizer truncates it."""
-        if len(item) == 1:
-            return self.fit_texts([item[0]])[0][0]
-        return self.fit_pairs([(item[0], item[1])])[0][0]
+        kept = self._kept([np.asarray([len(ids)], dtype=np.int64) for ids in item])
+        return tuple(self._cut(ids, int(n[0])) for ids, n in zip(item, kept, strict=True))
 
-    def fit_texts(self, texts: Sequence[Ids]) -> tuple[list[Item], list[int]]:
-        """Many single texts truncated as the model's tokenizer truncates them, and
-        their lengths with the special tokens (a unit's chunks, most of which fit and
-        need no new array)."""
-        specials = self.single.specials
-        limit = None if self.max_length is None else max(0, self.max_length - specials)
-        items: list[Item]
-        if limit is None:
-            items = [(ids,) for ids in texts]
-        elif self.truncate_left:
-            items = [(ids,) if len(ids) <= limit else (ids[len(ids) - limit :],) for ids in texts]
-        else:
-            items = [(ids,) if len(ids) <= limit else (ids[:limit],) for ids in texts]
-        return items, [len(item[0]) + specials for item in items]
-
-    def fit_pairs(self, pairs: Sequence[tuple[Ids, Ids]]) -> tuple[list[Item], list[int]]:
-        """Many pairs truncated as the model's tokenizer truncates them, and their
-        lengths with the special tokens: the truncation worked out on arrays, and a new
-        array only for a side that is cut."""
-        template = self.pair
-        assert template is not None, "a pair needs a layout with a pair template"
-        count = len(pairs)
-        first = np.fromiter((len(a) for a, _ in pairs), np.int64, count)
-        second = np.fromiter((len(b) for _, b in pairs), np.int64, count)
+    def _kept(self, lengths: Sequence[Ids]) -> list[Ids]:
+        """How many ids each text of each item keeps (one array per text of an item, a
+        unit's items at once), as the tokenizer truncates: one text to the limit, a pair
+        ``longest_first``."""
+        template = self._template_of(len(lengths))
         if self.max_length is None:
-            keep1, keep2 = first, second
-        else:
-            limit = max(0, self.max_length - template.specials)
-            keep1, keep2 = _longest_first_many(first, second, limit)
-        items: list[Item] = []
-        for (a, b), n1, n2 in zip(pairs, keep1.tolist(), keep2.tolist(), strict=True):
-            items.append((self._cut(a, n1), self._cut(b, n2)))
-        return items, (keep1 + keep2 + template.specials).tolist()
+            return list(lengths)
+        limit = max(0, self.max_length - template.specials)
+        if len(lengths) == 1:
+            return [np.minimum(lengths[0], limit)]
+        return list(_longest_first_many(lengths[0], lengths[1], limit))
+
+    def _template_of(self, texts: int) -> Template:
+        template = self.single if texts == 1 else self.pair
+        assert template is not None, "a pair needs a layout with a pair template"
+        return template
 
     def _cut(self, ids: Ids, n: int) -> Ids:
         if n == len(ids):
@@ -185,35 +177,69 @@ class InputLayout:
         return ids[len(ids) - n :] if self.truncate_left else ids[:n]
 
     def arrange(self, items: Sequence[Item]) -> Arranged:
-        """Every already :meth:`fit` item of a unit laid out once, special tokens and type
-        ids included, end to end in one array: each batch is then one gather from it
-        (:meth:`Arranged.tensors`)."""
-        pair = bool(items) and len(items[0]) == 2
-        template = self.pair if pair else self.single
-        assert template is not None, "a pair needs a layout with a pair template"
+        """Every already :meth:`fit` item laid out (see :meth:`arrange_pieces`), each
+        of its texts a piece of its own."""
+        texts = len(items[0]) if items else 1
+        every = np.arange(len(items), dtype=np.int64)
+        return self.arrange_pieces(
+            [(Pieces.of([item[slot] for item in items]), every) for slot in range(texts)]
+        )
+
+    def arrange_pieces(self, slots: Sequence[tuple[Pieces, Ids]]) -> Arranged:
+        """A unit's items truncated as the tokenizer truncates them and laid out once,
+        special tokens included, end to end in one array: each batch is then one
+        gather from it (:meth:`Arranged.tensors`).
+
+        An item's texts are given as indices into pieces, one (pieces, indices) per text
+        of the template (one: a text; two: a query and a passage): a rerank unit's
+        10,000 pairs are 200 queries and a few thousand passages, so nothing here walks
+        the pairs one by one. The whole layout is a few operations on arrays: the
+        constant ids and every piece in one source array, and each position of the
+        result one index into it.
+        """
+        template = self._template_of(len(slots))
+        full = [pieces.lengths[index] for pieces, index in slots]
+        kept = self._kept(full)
+        count = len(slots[0][1]) if slots else 0
         parts = template.parts
-        constants = [
-            np.asarray(part.tokens, dtype=np.int64) if part.slot is None else None for part in parts
-        ]
-        pieces = [
-            constant if constant is not None else item[part.slot or 0]
-            for item in items
-            for part, constant in zip(parts, constants, strict=True)
-        ]
-        flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-        # Each (item, part)'s length: a slot's ids share one type id (checked at
-        # learning), and so does each template's constant part in every tokenizer seen
-        # so far, so the type ids are one repeat of a type per part (see _type_ids).
-        spans = np.fromiter(map(len, pieces), np.int64, len(pieces)).reshape(len(items), len(parts))
-        uniform = all(part.slot_type == self.pad_type_id for part in parts if part.slot is not None)
-        uniform = uniform and all(t == self.pad_type_id for part in parts for t in part.types)
-        types = None
-        if not uniform:
-            types = _type_ids(parts, spans)
+        constants = [np.asarray(part.tokens, dtype=np.int64) for part in parts if part.slot is None]
+        # Where each constant part and each text's pieces start in the source array.
+        bases = np.cumsum([0, *map(len, constants), *(len(p.ids) for p, _ in slots)])
+        source = np.concatenate([*constants, *(pieces.ids for pieces, _ in slots)])
+        spans = np.empty((count, len(parts)), dtype=np.int64)
+        starts = np.empty((count, len(parts)), dtype=np.int64)
+        constant = 0
+        for k, part in enumerate(parts):
+            if part.slot is None:
+                spans[:, k] = len(part.tokens)
+                starts[:, k] = bases[constant]
+                constant += 1
+                continue
+            pieces, index = slots[part.slot]
+            first = pieces.starts[index] + bases[len(constants) + part.slot]
+            if self.truncate_left:
+                first += full[part.slot] - kept[part.slot]
+            spans[:, k] = kept[part.slot]
+            starts[:, k] = first
+        flat_spans = spans.ravel()
+        # Each (item, part)'s start in the result; each position's index into the
+        # source: its span's start there, plus its place in the span.
+        placed = np.cumsum(flat_spans) - flat_spans
+        total = int(flat_spans.sum())
+        at = np.repeat(starts.ravel() - placed, flat_spans)
+        at += np.arange(total, dtype=np.int64)
         lengths = spans.sum(axis=1)
-        offsets = np.zeros(len(items), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=offsets[1:])
-        return Arranged(self, flat.astype(np.int64, copy=False), types, offsets, lengths)
+        # Type ids change only where a part of another type starts (BERT's pair: where
+        # the passage starts): each item's start of each such part, and the step.
+        types = [part.slot_type if part.slot is not None else part.types[0] for part in parts]
+        within = np.cumsum(spans, axis=1) - spans
+        changes = tuple(
+            (within[:, k].copy(), types[k] - types[k - 1])
+            for k in range(1, len(parts))
+            if types[k] != types[k - 1]
+        )
+        offsets = np.cumsum(lengths) - lengths
+        return Arranged(self, source.take(at), offsets, lengths, types[0], changes)
 
     def tensors(self, items: Sequence[Item], pinned: bool = False) -> dict[str, Any]:
         """One padded batch of already :meth:`fit` items, as the model's ``preprocess``
@@ -222,45 +248,48 @@ class InputLayout:
         return self.arrange(items).tensors(list(range(len(items))), pinned)
 
 
-def _type_ids(parts: tuple[Part, ...], spans: Ids) -> Ids:
-    """Every id's type id, item after item (``spans``: each item's part lengths)."""
-    if all(len(set(part.types)) <= 1 for part in parts):
-        per_part = np.asarray(
-            [
-                part.slot_type if part.slot is not None else (part.types or (0,))[0]
-                for part in parts
-            ],
-            dtype=np.int64,
-        )
-        return np.repeat(np.tile(per_part, len(spans)), spans.ravel())
-    # A template whose constant ids mix type ids (no tokenizer seen so far): part by part.
-    constant = [np.asarray(part.types, dtype=np.int64) for part in parts]
-    return np.concatenate(
-        [
-            constant[k] if part.slot is None else np.full(int(n), part.slot_type, dtype=np.int64)
-            for row in spans
-            for k, (part, n) in enumerate(zip(parts, row, strict=True))
-        ]
-    )
+@dataclass(frozen=True)
+class Pieces:
+    """Id sequences end to end: the distinct texts a unit's items point into.
+
+    Attributes:
+        ids: Every sequence's ids, one after another.
+        starts: Where each sequence starts in ``ids``.
+        lengths: Each sequence's length.
+    """
+
+    ids: Ids
+    starts: Ids
+    lengths: Ids
+
+    @classmethod
+    def of(cls, sequences: Sequence[Ids]) -> Pieces:
+        lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+        starts = np.cumsum(lengths) - lengths
+        ids = np.concatenate(sequences) if len(sequences) else np.zeros(0, dtype=np.int64)
+        return cls(ids.astype(np.int64, copy=False), starts, lengths)
 
 
 @dataclass(frozen=True)
 class Arranged:
-    """A unit's items laid out end to end (see :meth:`InputLayout.arrange`).
+    """A unit's items laid out end to end (see :meth:`InputLayout.arrange_pieces`).
 
     Attributes:
         layout: The model's layout.
         ids: Every item's ids with its special tokens, one item after another.
-        types: Their type ids (``None``: every one is the padding's, as for one text).
         offsets: Where each item starts in ``ids``.
         lengths: Each item's length.
+        first_type: The type id of each item's first id.
+        type_changes: Where the type id steps, and by how much: per step, each item's
+            position of it (a pair's passage start) and the step.
     """
 
     layout: InputLayout
     ids: Ids
-    types: Ids | None
     offsets: Ids
     lengths: Ids
+    first_type: int = 0
+    type_changes: tuple[tuple[Ids, int], ...] = ()
 
     def tensors(
         self, group: Sequence[int], pinned: bool = False, multiple: int = 1
@@ -302,11 +331,12 @@ class Arranged:
                 np.putmask(buffer, padding, layout.pad_id)
             elif key == "attention_mask":
                 np.logical_not(padding, out=buffer, casting="unsafe")
-            elif self.types is None:
-                buffer[:] = layout.pad_type_id
             else:
-                np.take(self.types, positions, out=buffer, mode="clip")
-                np.putmask(buffer, padding, layout.pad_type_id)
+                buffer[:] = self.first_type
+                for starts, step in self.type_changes:
+                    buffer += step * (relative >= starts[rows][:, None])
+                if self.type_changes or self.first_type != layout.pad_type_id:
+                    np.putmask(buffer, padding, layout.pad_type_id)
             out[key] = tensor
         out.update(layout.extras)
         return out

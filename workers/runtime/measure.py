@@ -23,7 +23,7 @@ from typing import Any
 
 from opentelemetry.trace import Status, StatusCode
 
-from shared.control.telemetry import tracer
+from shared.control.telemetry import tracer, tracing_on
 from shared.records.schemas import (
     BatchKind,
     ChunkBatch,
@@ -142,6 +142,10 @@ def model_batch(
     costs as much as reading one).
     """
     record = BatchRecord()
+    if not tracing_on():  # no span to fill: only what the runner reads
+        with _measured(record, device):
+            yield record
+        return
     attributes: dict[str, str | int | float | bool] = {
         ATTR_STAGE: stage,
         ATTR_MODEL: model,
@@ -154,25 +158,38 @@ def model_batch(
     with tracer().start_as_current_span(
         f"{stage}.batch", attributes=attributes, record_exception=False
     ) as span:
-        if is_cuda(device):
-            reset_peak(device)
-        started = time.perf_counter()
         try:
-            yield record
-        except Exception as exc:
-            record.out_of_memory = "OutOfMemoryError" in type(exc).__name__
-            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-            raise
-        finally:
-            record.latency_s = time.perf_counter() - started
             # A CPU's peak is the process's since the run began: the runner reads it
             # once when the run ends (reading /proc per batch costs ~20 us of a
             # millisecond's batch), and here only for a span that is recorded.
-            if is_cuda(device) or span.is_recording():
-                record.peak_memory_bytes = read_peak(device)
+            with _measured(record, device, read_cpu_peak=span.is_recording()):
+                yield record
+        except Exception as exc:
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            raise
+        finally:
             span.set_attribute(ATTR_LATENCY, round(record.latency_s, 6))
             span.set_attribute(ATTR_PEAK, record.peak_memory_bytes)
             span.set_attribute(ATTR_OUT_OF_MEMORY, record.out_of_memory)
+
+
+@contextmanager
+def _measured(record: BatchRecord, device: str, read_cpu_peak: bool = False) -> Iterator[None]:
+    """Fill ``record`` in over the block: its latency, its peak (a GPU's own, reset
+    before it; a CPU's only when asked), and whether it ran out of memory."""
+    cuda = is_cuda(device)
+    if cuda:
+        reset_peak(device)
+    started = time.perf_counter()
+    try:
+        yield
+    except Exception as exc:
+        record.out_of_memory = "OutOfMemoryError" in type(exc).__name__
+        raise
+    finally:
+        record.latency_s = time.perf_counter() - started
+        if cuda or read_cpu_peak:
+            record.peak_memory_bytes = read_peak(device)
 
 
 @dataclass(frozen=True)
