@@ -53,6 +53,34 @@ def test_runner_recuts_and_learns() -> None:
     assert figures.peak_memory_kind == "rss" and figures.peak_memory_bytes > 0
 
 
+def test_inputs_are_laid_out_a_window_ahead_and_again_after_a_recut() -> None:
+    """The runner tells the feed which groups come next, LAY_OUT_AHEAD at a time and
+    exactly as the calls will get them; after an out-of-memory re-cut the old window is
+    stale, and the next call is announced in a new one."""
+    inference = Inference(simulate_oom_tokens=300)
+    lengths = [10] * 200 + [30] * 40
+    windows: list[list[list[int]]] = []
+    called: list[list[int]] = []
+    runner = inference.runner("dense", "m", "cpu", 1024)
+    runner.run(
+        None,
+        lengths,
+        lambda model, group: called.append(group),
+        figures=StageFigures(),
+        lay_out=lambda model, groups: windows.append(groups),
+    )
+    assert sorted(i for group in called for i in group) == list(range(240))
+    assert all(0 < len(window) <= batch_runner.LAY_OUT_AHEAD for window in windows)
+    announced = [group for window in windows for group in window]
+    # Every call was announced, in its window, in the order of the calls.
+    assert all(group in announced for group in called)
+    positions = [announced.index(group) for group in called]
+    assert positions == sorted(positions)
+    # The first window was cut at 1024 tokens, before the first out-of-memory error.
+    assert max(len(group) * 30 for group in windows[0]) > 300
+    assert len(windows) > len(called) / batch_runner.LAY_OUT_AHEAD
+
+
 def test_one_item_too_large_raises_without_a_fallback() -> None:
     runner = Inference(simulate_oom_tokens=10).runner("dense", "m", "cpu", 64)
     with pytest.raises(BatchTooLarge, match="one item of 30 tokens"):

@@ -36,6 +36,7 @@ exercise on a CPU the recovery a GPU takes.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import threading
 import time
@@ -326,6 +327,16 @@ class BatchRun:
 ModelCall = Callable[[Any, list[int]], None]
 """Runs a model on one group of item indices and stores the output itself."""
 
+LayOut = Callable[[Any, list[list[int]]], None]
+"""Lays out a model's inputs for the next groups it will be called with, together."""
+
+# Batches whose inputs are laid out together, ahead of their model calls. Laying a
+# batch's ids out between two forward passes cost twice what it costs among others
+# (measured: 9,600 rerank pairs in 619 batches, 30 ms laid out in a row, 56-60 ms one
+# before each forward pass): each forward pass evicts what the layout works on. 16
+# batches are at most 16 x 32,768 padded tokens on a GPU (12 MiB of pinned memory).
+LAY_OUT_AHEAD = 16
+
 
 @dataclass
 class _Pass:
@@ -400,6 +411,7 @@ class BatchRunner:
         *,
         figures: StageFigures,
         fallback: ItemFallback | None = None,
+        lay_out: LayOut | None = None,
     ) -> BatchRun:
         """Run ``call(model, group)`` over every item, adapting to memory and time.
 
@@ -411,6 +423,11 @@ class BatchRunner:
                 in, and the budget the run ended with.
             fallback: What to do with items no call could process; without one they
                 raise :class:`BatchTooLarge`.
+            lay_out: Called with the model and the groups of the next
+                :data:`LAY_OUT_AHEAD` calls on the device, as ``call`` will get them,
+                before the first of them: their inputs laid out together (a group that
+                ``call`` then gets otherwise, after an out-of-memory re-cut or on the
+                CPU copy, is laid out on its own).
 
         Raises:
             BatchTooLarge: items no call could process and no fallback.
@@ -422,10 +439,16 @@ class BatchRunner:
         work.pending.extend(token_budget_batches(lengths, self.budget.value, multiple))
         reset_peak("cpu")  # a CPU's batches read the process's peak since here
         cut_at = self.budget.value
+        laid_out = 0  # calls left of the last window laid out
         while work.pending:
             if self.budget.value != cut_at:
                 work.pending = recut(work.pending, lengths, self.budget.value, multiple)
-                cut_at = self.budget.value
+                cut_at, laid_out = self.budget.value, 0
+            if lay_out is not None and laid_out == 0:
+                window = list(itertools.islice(work.pending, LAY_OUT_AHEAD))
+                lay_out(model, [self._shaped(work, self.device, group) for group in window])
+                laid_out = len(window)
+            laid_out -= 1
             self._on_device(work, work.pending.popleft())
         figures.budgets[self.model_name] = self.budget.value
         # A CPU's peak (the run's own device, or the CPU copy a batch fell back to) is
@@ -551,10 +574,7 @@ class BatchRunner:
         # The CPU copy of a fallback is padded as a CPU pads its dtype, not as the device.
         multiple = work.multiple if on_device else pad_multiple(device, model_dtype(model))
         tokens = padded_tokens(group, work.lengths, multiple)
-        # The rows the model sees (see model_rows): the group's own items, repeated.
-        width = tokens // len(group)
-        rows = model_rows(len(group), width, self.budget.value, device, multiple)
-        shaped = group + [group[-1]] * (rows - len(group))
+        shaped = self._shaped(work, device, group, multiple)
         started = time.monotonic()
         self.current_device = device
         record = None
@@ -576,6 +596,16 @@ class BatchRunner:
                 work.figures.add(record, device)
         elapsed = time.monotonic() - started
         return not interruptible and self.time_limit_s is not None and elapsed > self.time_limit_s
+
+    def _shaped(
+        self, work: _Pass, device: str, group: list[int], multiple: int | None = None
+    ) -> list[int]:
+        """The rows the model sees of ``group`` on ``device`` (see :func:`model_rows`):
+        the group's own items, the last repeated."""
+        multiple = work.multiple if multiple is None else multiple
+        width = padded_tokens(group, work.lengths, multiple) // len(group)
+        rows = model_rows(len(group), width, self.budget.value, device, multiple)
+        return group + [group[-1]] * (rows - len(group))
 
     def _what(self) -> str:
         return f"{self.stage} {self.model_name} on {self.device}"

@@ -154,7 +154,9 @@ def encode_batches(
 
         if todo.firsts:
             runner = inference.runner("dense", loaded.info.name, device, max_batch_tokens)
-            done = runner.run(loaded.model, feed.lengths, run, figures=figures)
+            done = runner.run(
+                loaded.model, feed.lengths, run, figures=figures, lay_out=feed.lay_out
+            )
             sizes += done.batch_sizes
         # Every row of a repeated text gets its first row's vector (a copy, not a view),
         # and a row the earlier job had gets the earlier vector.

@@ -157,6 +157,22 @@ class Feed:
     tokenized: int = 0
     arranged: Arranged | None = None
     _asked: dict[tuple[Any, ...], Any] = field(default_factory=dict, repr=False)
+    _ready: dict[tuple[tuple[int, ...], str], dict[str, Any]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def lay_out(self, model: Any, groups: list[list[int]]) -> None:
+        """Lay the tensors of the next batches ``model`` will run out together, ahead
+        of their forward passes (what :meth:`features` then hands out; the
+        runner's ``lay_out``, see :data:`~workers.inference.batch_runner.LAY_OUT_AHEAD`).
+        What an earlier window laid out and no batch took is dropped."""
+        self._ready.clear()
+        if self.arranged is None:
+            return
+        device = self.device(model)
+        cuda, multiple = _is_cuda(device), self._multiple(model, device)
+        for group in groups:
+            self._ready[tuple(group), device] = self.arranged.tensors(group, cuda, multiple)
 
     def features(self, model: Any, group: list[int], device: str) -> dict[str, Any]:
         """The model's input tensors for the items of ``group``, on ``device``."""
@@ -164,7 +180,8 @@ class Feed:
             batch = self.inputs.preprocess(model, [self.texts[i] for i in group])
         else:
             cuda = _is_cuda(device)
-            batch = self.arranged.tensors(group, cuda, self._multiple(model, device))
+            ready = self._ready.pop((tuple(group), device), None)
+            batch = ready or self.arranged.tensors(group, cuda, self._multiple(model, device))
             if not cuda and device == "cpu":  # laid out where the model is: nothing to copy
                 return batch
         return {

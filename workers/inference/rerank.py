@@ -248,6 +248,7 @@ class CrossEncoderBatchExecutor:
             predict,
             figures=figures,
             fallback=ItemFallback("unreranked", lambda group, reason: None),
+            lay_out=feed.lay_out,
         )
         scores = _collect(results, len(lengths))
         stats = RerankStats(

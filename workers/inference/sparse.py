@@ -289,6 +289,7 @@ class SparseVectorGenerator:
                 run,
                 figures=figures,
                 fallback=ItemFallback("metadata", fall_back),
+                lay_out=feed.lay_out,
             )
             sizes += done.batch_sizes
         for item, row in _rows(outputs, vocab):
