@@ -13,11 +13,13 @@ A model gets its ids the first of three ways that applies:
   reproduces.
 
 Every way gives the model exactly the tensors its own ``encode`` / ``predict`` would
-(a layout is only used once it reproduced them at load, see ``learn_layout``). The
-feed builds a batch's tensors only when the batch runs (in pinned memory on a GPU,
-copied ``non_blocking``), so on a GPU the next batch is laid out while the current one
-still runs: nothing in the loop waits for the device until the unit's outputs are read
-back, once.
+(a layout is only used once it reproduced them at load, see ``learn_layout``). A
+unit's ids are laid out once, special tokens included, from its distinct texts (a
+rerank unit's queries and passages, each in many pairs); the feed then builds the
+tensors of the next batches the runner announces, a window at a time (in pinned memory
+on a GPU, copied ``non_blocking``), so on a GPU the next batches are laid out while the
+current one still runs: nothing in the loop waits for the device until the unit's
+outputs are read back, once.
 """
 
 from __future__ import annotations

@@ -52,7 +52,8 @@ class Part:
 
     Attributes:
         tokens: The constant ids (empty for a slot).
-        types: The type id of each constant id.
+        types: The type id of each constant id (all one: special tokens between two
+            texts are split where their type id steps, see ``_constant_parts``).
         slot: Which text fills this part (0 or 1), or ``None`` for constant ids.
         slot_type: The type id of the slot's ids.
     """
