@@ -446,7 +446,10 @@ class BatchRunner:
                 cut_at, laid_out = self.budget.value, 0
             if lay_out is not None and laid_out == 0:
                 window = list(itertools.islice(work.pending, LAY_OUT_AHEAD))
-                lay_out(model, [self._shaped(work, self.device, group) for group in window])
+                lay_out(
+                    model,
+                    [self._shaped(work, self.device, group, work.multiple) for group in window],
+                )
                 laid_out = len(window)
             laid_out -= 1
             self._on_device(work, work.pending.popleft())
@@ -574,7 +577,7 @@ class BatchRunner:
         # The CPU copy of a fallback is padded as a CPU pads its dtype, not as the device.
         multiple = work.multiple if on_device else pad_multiple(device, model_dtype(model))
         tokens = padded_tokens(group, work.lengths, multiple)
-        shaped = self._shaped(work, device, group, multiple)
+        shaped = self._shaped(work, device, group, multiple, tokens)
         started = time.monotonic()
         self.current_device = device
         record = None
@@ -598,12 +601,12 @@ class BatchRunner:
         return not interruptible and self.time_limit_s is not None and elapsed > self.time_limit_s
 
     def _shaped(
-        self, work: _Pass, device: str, group: list[int], multiple: int | None = None
+        self, work: _Pass, device: str, group: list[int], multiple: int, tokens: int = 0
     ) -> list[int]:
         """The rows the model sees of ``group`` on ``device`` (see :func:`model_rows`):
-        the group's own items, the last repeated."""
-        multiple = work.multiple if multiple is None else multiple
-        width = padded_tokens(group, work.lengths, multiple) // len(group)
+        the group's own items, the last repeated (``tokens``: its padded size, where the
+        caller has it already)."""
+        width = (tokens or padded_tokens(group, work.lengths, multiple)) // len(group)
         rows = model_rows(len(group), width, self.budget.value, device, multiple)
         return group + [group[-1]] * (rows - len(group))
 

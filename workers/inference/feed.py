@@ -178,12 +178,14 @@ class Feed:
 
     def features(self, model: Any, group: list[int], device: str) -> dict[str, Any]:
         """The model's input tensors for the items of ``group``, on ``device``."""
+        batch: dict[str, Any] | None
         if self.arranged is None:
             batch = self.inputs.preprocess(model, [self.texts[i] for i in group])
         else:
             cuda = _is_cuda(device)
-            ready = self._ready.pop((tuple(group), device), None)
-            batch = ready or self.arranged.tensors(group, cuda, self._multiple(model, device))
+            batch = self._ready.pop((tuple(group), device), None)
+            if batch is None:  # not laid out ahead (a re-cut, a split half, the CPU copy)
+                batch = self.arranged.tensors(group, cuda, self._multiple(model, device))
             if not cuda and device == "cpu":  # laid out where the model is: nothing to copy
                 return batch
         return {
@@ -301,12 +303,10 @@ def text_feed(
     layout = inputs.layout
     if layout is None:
         return Feed(inputs, [approximate(i) for i in range(len(texts))], "preprocess", texts=texts)
-    missing = [i for i, ids in enumerate(staged) if ids is None]
-    found = dict(zip(missing, text_ids(inputs.rust, [texts[i] for i in missing]), strict=True))
-    every = [ids if ids is not None else found[i] for i, ids in enumerate(staged)]
+    every, missing = _tokenized(inputs, texts, staged)
     arranged = layout.arrange_pieces([(Pieces.of(every), np.arange(len(every), dtype=np.int64))])
     source: Source = "staged" if not missing else "tokenized"
-    return Feed(inputs, arranged.lengths.tolist(), source, texts, len(missing), arranged)
+    return Feed(inputs, arranged.lengths.tolist(), source, texts, missing, arranged)
 
 
 def pair_feed(
@@ -334,10 +334,7 @@ def pair_feed(
         if number == len(passage_ids):
             passage_ids.append(ids)
         passage_of.append(number)
-    missing = [i for i, ids in enumerate(passage_ids) if ids is None]
-    texts = list(passages)
-    found = dict(zip(missing, text_ids(inputs.rust, [texts[i] for i in missing]), strict=True))
-    every = [ids if ids is not None else found[i] for i, ids in enumerate(passage_ids)]
+    every, missing = _tokenized(inputs, list(passages), passage_ids)
     arranged = layout.arrange_pieces(
         [
             (Pieces.of(text_ids(inputs.rust, list(queries))), np.asarray(query_of, dtype=np.int64)),
@@ -345,7 +342,17 @@ def pair_feed(
         ]
     )
     source: Source = "staged" if not missing else "tokenized"
-    return Feed(inputs, arranged.lengths.tolist(), source, pairs, len(missing), arranged)
+    return Feed(inputs, arranged.lengths.tolist(), source, pairs, missing, arranged)
+
+
+def _tokenized(
+    inputs: ModelInputs, texts: Sequence[str], staged: Sequence[Ids | None]
+) -> tuple[list[Ids], int]:
+    """Every text's ids: its staged ids, else the model's Rust tokenizer's (the texts
+    without staged ids in one call); and how many were tokenized."""
+    missing = [i for i, ids in enumerate(staged) if ids is None]
+    found = dict(zip(missing, text_ids(inputs.rust, [texts[i] for i in missing]), strict=True))
+    return [ids if ids is not None else found[i] for i, ids in enumerate(staged)], len(missing)
 
 
 def forward(model: Any, feed: Feed, group: list[int]) -> dict[str, Any]:
