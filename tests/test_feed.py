@@ -35,7 +35,7 @@ from workers.inference.batch_runner import (
     token_budget_batches,
 )
 from workers.inference.engine import Inference
-from workers.inference.feed import encode_inputs, staged_ids, text_feed
+from workers.inference.feed import StagedIds, encode_inputs, staged_ids, text_feed
 from workers.inference.layout import _longest_first_many, learn_layout
 from workers.inference.rerank import load_cross_encoder, pairs_feed, rerank_fused
 from workers.inference.sparse import SparseVectorGenerator
@@ -305,6 +305,35 @@ def test_dense_ensemble_equals_encode_whatever_each_tokenizer(
     assert (feed.source, feed.tokenized) == ("staged", 0)  # nothing tokenized again
 
 
+def test_a_unit_of_staged_and_unstaged_batches_lays_out_as_preprocess(
+    batches: list[ChunkBatch],
+) -> None:
+    """Items with staged ids and items the worker tokenizes, interleaved and picked out
+    of order (as a unit's distinct texts are), give preprocess's own tensors; a batch
+    whose ids are for another number of chunks is named."""
+    inference = Inference(requested_device="cpu")
+    loaded = dense.load_dense(inference, DEFAULT_DENSE_MODEL, "fp32")
+    inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, "documents")
+    bare = msgspec.structs.replace(batches[1], tokens=None)
+    unit = [batches[0], bare, batches[2]]
+    every = [chunk.text for batch in unit for chunk in batch.chunks]
+    picked = [*range(len(every) - 1, 0, -3), 0, 1]
+    feed = text_feed(
+        inputs, [every[i] for i in picked], staged_ids(unit, inputs.identity).pick(picked), len
+    )
+    unstaged = range(len(batches[0].chunks), len(batches[0].chunks) + len(bare.chunks))
+    assert (feed.source, feed.tokenized) == ("tokenized", len(set(picked) & set(unstaged)))
+    assert 0 < feed.tokenized < len(picked)
+    mine = feed.features(loaded.model, list(range(len(picked))), "cpu")
+    theirs = loaded.model.preprocess([every[i] for i in picked])
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        assert torch.equal(mine[key], theirs[key]), key
+    assert batches[0].tokens is not None
+    short = msgspec.structs.replace(batches[0], chunks=batches[0].chunks[:-1], batch_id="b-short")
+    with pytest.raises(ValueError, match="b-short holds ids for"):
+        staged_ids([short], inputs.identity)
+
+
 def test_a_bf16_model_on_a_cpu_gets_widths_of_16_and_the_same_vectors(
     batches: list[ChunkBatch], texts: list[str]
 ) -> None:
@@ -452,9 +481,9 @@ def test_rerank_from_staged_passages_equals_predict(
     assert sum(s.stats.tokens for s in shards) == whole.stats.tokens
     loaded = load_cross_encoder(inference, models["cross"], "cpu", "fp32")
     pairs = [(q.text, group.texts[c.chunk_id]) for q in queries for c in q.candidates]
-    passage_ids = [
-        tokens.from_bytes(group.ids[c.chunk_id], "uint16") for q in queries for c in q.candidates
-    ]
+    passage_ids = StagedIds.of_arrays(
+        [tokens.from_bytes(group.ids[c.chunk_id], "uint16") for q in queries for c in q.candidates]
+    )
     feed = pairs_feed(inference, loaded.model, loaded.info.name, pairs, passage_ids, identity)
     assert (feed.source, feed.tokenized) == ("staged", 0)
     other = pairs_feed(inference, loaded.model, loaded.info.name, pairs, passage_ids, "tok1:other")

@@ -60,19 +60,33 @@ def pack(tokenizer: str, dtype: IdDtype, ids: Sequence[Sequence[int]]) -> Staged
     return StagedTokens(tokenizer=tokenizer, dtype=dtype, ids=flat.tobytes(), lengths=lengths)
 
 
+Flat = tuple[np.ndarray[Any, np.dtype[np.int64]], np.ndarray[Any, np.dtype[np.int64]]]
+
+
+def flat(tokens: StagedTokens) -> Flat:
+    """Every item's ids end to end as one int64 array, and each item's length: what a
+    worker lays a unit out from, without an array per item.
+
+    Raises:
+        ValueError: if the lengths do not add up to the buffer (a corrupt batch).
+    """
+    ids = np.frombuffer(tokens.ids, dtype=_numpy_dtype(tokens.dtype)).astype(np.int64)
+    lengths = np.asarray(tokens.lengths, dtype=np.int64)
+    if int(lengths.sum()) != len(ids):
+        raise ValueError(
+            f"staged token ids hold {len(ids)} ids but their lengths add up to {int(lengths.sum())}"
+        )
+    return ids, lengths
+
+
 def unpack(tokens: StagedTokens) -> list[np.ndarray[Any, np.dtype[np.int64]]]:
     """Each item's ids as an int64 array (views into one converted buffer).
 
     Raises:
         ValueError: if the lengths do not add up to the buffer (a corrupt batch).
     """
-    flat = np.frombuffer(tokens.ids, dtype=_numpy_dtype(tokens.dtype)).astype(np.int64)
-    if int(sum(tokens.lengths)) != len(flat):
-        raise ValueError(
-            f"staged token ids hold {len(flat)} ids but their lengths add up to "
-            f"{sum(tokens.lengths)}"
-        )
-    return np.split(flat, np.cumsum(tokens.lengths)[:-1]) if tokens.lengths else []
+    ids, lengths = flat(tokens)
+    return np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 def to_bytes(ids: np.ndarray[Any, Any], dtype: IdDtype) -> bytes:
@@ -83,3 +97,12 @@ def to_bytes(ids: np.ndarray[Any, Any], dtype: IdDtype) -> bytes:
 def from_bytes(data: bytes, dtype: IdDtype) -> np.ndarray[Any, np.dtype[np.int64]]:
     """The inverse of :func:`to_bytes`."""
     return np.frombuffer(data, dtype=_numpy_dtype(dtype)).astype(np.int64)
+
+
+def from_many(data: Sequence[bytes], dtype: IdDtype) -> Flat:
+    """:func:`from_bytes` of many items at once (a fused group's passages): their ids end
+    to end, converted in one call, and each item's length."""
+    numpy_dtype = _numpy_dtype(dtype)
+    ids = np.frombuffer(b"".join(data), dtype=numpy_dtype).astype(np.int64)
+    size = numpy_dtype.itemsize
+    return ids, np.fromiter((len(raw) // size for raw in data), np.int64, len(data))

@@ -134,7 +134,7 @@ def encode_batches(
         # What this model encodes: the distinct texts, less those it has vectors for.
         todo = distinct if found is None else Distinct.of(every_text, set(found.positions) | served)
         inputs = encode_inputs(inference, "dense", loaded.info.name, loaded.model, kind)
-        staged = todo.pick(staged_ids(batches, inputs.identity))
+        staged = staged_ids(batches, inputs.identity).pick(todo.firsts)
         feed = text_feed(inputs, todo.pick(every_text), staged, todo.pick(every_length).__getitem__)
         truncate_dim = getattr(loaded.model, "truncate_dim", None)
         outputs: list[tuple[list[int], torch.Tensor]] = []

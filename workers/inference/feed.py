@@ -272,23 +272,80 @@ def served_positions(batches: Sequence[ChunkBatch]) -> set[int]:
     return out
 
 
-def staged_ids(batches: Sequence[ChunkBatch], identity: str) -> list[Ids | None]:
+@dataclass(frozen=True)
+class StagedIds:
+    """The staged ids of a unit's items, where they have them: each staged batch's ids
+    stay the one array they were decoded as (:func:`shared.inputs.tokens.flat`), and an
+    item is an index into them, so nothing makes an array per item.
+
+    Attributes:
+        pieces: The ids, a piece per staged item.
+        of: Each item's piece, or -1 for an item without staged ids of the model's
+            identity (the worker tokenizes it).
+    """
+
+    pieces: Pieces
+    of: Ids
+
+    @classmethod
+    def none(cls, items: int) -> StagedIds:
+        """``items`` items, none with staged ids."""
+        empty = np.zeros(0, dtype=np.int64)
+        return cls(Pieces(empty, empty, empty), np.full(items, -1, dtype=np.int64))
+
+    @classmethod
+    def of_arrays(cls, arrays: Sequence[Ids | None]) -> StagedIds:
+        """Each item's ids as an array of its own, or ``None``."""
+        found = [ids for ids in arrays if ids is not None]
+        of = np.full(len(arrays), -1, dtype=np.int64)
+        of[[i for i, ids in enumerate(arrays) if ids is not None]] = np.arange(len(found))
+        return cls(Pieces.of(found), of)
+
+    def pick(self, positions: Sequence[int]) -> StagedIds:
+        """The staged ids of the items at ``positions``, in that order."""
+        return StagedIds(self.pieces, self.of[np.asarray(positions, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return len(self.of)
+
+
+def staged_ids(batches: Sequence[ChunkBatch], identity: str) -> StagedIds:
     """Each chunk's staged ids, where its batch's ids were made by a tokenizer of this
-    identity (else ``None``: the worker tokenizes that chunk itself)."""
-    out: list[Ids | None] = []
+    identity (else none: the worker tokenizes that chunk itself).
+
+    Raises:
+        ValueError: if a batch holds ids for another number of chunks than it has (a
+            corrupt batch).
+    """
+    ids: list[Ids] = []
+    lengths: list[Ids] = []
+    of: list[Ids] = []
+    count = 0
     for batch in batches:
-        staged = batch.tokens
-        if staged is not None and staged.tokenizer == identity:
-            out += tokens.unpack(staged)
-        else:
-            out += [None] * len(batch.chunks)
-    return out
+        staged, chunks = batch.tokens, len(batch.chunks)
+        if staged is None or staged.tokenizer != identity:
+            of.append(np.full(chunks, -1, dtype=np.int64))
+            continue
+        flat, each = tokens.flat(staged)
+        if len(each) != chunks:
+            raise ValueError(
+                f"staged batch {batch.batch_id} holds ids for {len(each)} chunks but has "
+                f"{chunks} chunks"
+            )
+        ids.append(flat)
+        lengths.append(each)
+        of.append(np.arange(count, count + chunks, dtype=np.int64))
+        count += chunks
+    if not ids:
+        return StagedIds.none(sum(len(b.chunks) for b in batches))
+    pieces = Pieces.of_flat(np.concatenate(ids), np.concatenate(lengths))
+    return StagedIds(pieces, np.concatenate(of))
 
 
 def text_feed(
     inputs: ModelInputs,
     texts: Sequence[str],
-    staged: Sequence[Ids | None],
+    staged: StagedIds,
     approximate: Callable[[int], int],
 ) -> Feed:
     """The feed of single texts (chunks, queries).
@@ -296,15 +353,15 @@ def text_feed(
     Args:
         inputs: The model's way with inputs.
         texts: Every item's text.
-        staged: Every item's staged ids, or ``None`` (see :func:`staged_ids`).
+        staged: Every item's staged ids, where it has them (see :func:`staged_ids`).
         approximate: An item's length when only ``preprocess`` can lay it out (its
             chunk's token count plus the special tokens).
     """
     layout = inputs.layout
     if layout is None:
         return Feed(inputs, [approximate(i) for i in range(len(texts))], "preprocess", texts=texts)
-    every, missing = _tokenized(inputs, texts, staged)
-    arranged = layout.arrange_pieces([(Pieces.of(every), np.arange(len(every), dtype=np.int64))])
+    pieces, of, missing = _tokenized(inputs, texts, staged)
+    arranged = layout.arrange_pieces([(pieces, of)])
     source: Source = "staged" if not missing else "tokenized"
     return Feed(inputs, arranged.lengths.tolist(), source, texts, missing, arranged)
 
@@ -312,12 +369,12 @@ def text_feed(
 def pair_feed(
     inputs: ModelInputs,
     pairs: Sequence[tuple[str, str]],
-    staged: Sequence[Ids | None],
+    staged: StagedIds,
     approximate: Callable[[int], int],
 ) -> Feed:
     """The feed of (query, passage) pairs: each distinct query tokenized once, each
-    passage from its staged ids where it has them (``staged``), else tokenized with the
-    rest of the unit's in one call."""
+    passage from its staged ids where it has them (``staged``, a pair's passage's),
+    else tokenized with the rest of the unit's in one call."""
     layout = inputs.layout
     if layout is None or layout.pair is None:
         return Feed(inputs, [approximate(i) for i in range(len(pairs))], "preprocess", texts=pairs)
@@ -325,20 +382,20 @@ def pair_feed(
     # a passage in the pairs of every query that retrieved it.
     queries: dict[str, int] = {}
     passages: dict[str, int] = {}
-    passage_ids: list[Ids | None] = []
+    first_pair: list[int] = []  # each distinct passage's first pair
     query_of: list[int] = []
     passage_of: list[int] = []
-    for (query, passage), ids in zip(pairs, staged, strict=True):
+    for position, (query, passage) in enumerate(pairs):
         query_of.append(queries.setdefault(query, len(queries)))
         number = passages.setdefault(passage, len(passages))
-        if number == len(passage_ids):
-            passage_ids.append(ids)
+        if number == len(first_pair):
+            first_pair.append(position)
         passage_of.append(number)
-    every, missing = _tokenized(inputs, list(passages), passage_ids)
+    pieces, of, missing = _tokenized(inputs, list(passages), staged.pick(first_pair))
     arranged = layout.arrange_pieces(
         [
             (Pieces.of(text_ids(inputs.rust, list(queries))), np.asarray(query_of, dtype=np.int64)),
-            (Pieces.of(every), np.asarray(passage_of, dtype=np.int64)),
+            (pieces, of[np.asarray(passage_of, dtype=np.int64)]),
         ]
     )
     source: Source = "staged" if not missing else "tokenized"
@@ -346,13 +403,18 @@ def pair_feed(
 
 
 def _tokenized(
-    inputs: ModelInputs, texts: Sequence[str], staged: Sequence[Ids | None]
-) -> tuple[list[Ids], int]:
-    """Every text's ids: its staged ids, else the model's Rust tokenizer's (the texts
-    without staged ids in one call); and how many were tokenized."""
-    missing = [i for i, ids in enumerate(staged) if ids is None]
-    found = dict(zip(missing, text_ids(inputs.rust, [texts[i] for i in missing]), strict=True))
-    return [ids if ids is not None else found[i] for i, ids in enumerate(staged)], len(missing)
+    inputs: ModelInputs, texts: Sequence[str], staged: StagedIds
+) -> tuple[Pieces, Ids, int]:
+    """Every text's ids as pieces and each text's piece: its staged ids, else the
+    model's Rust tokenizer's (the texts without staged ids in one call, their pieces
+    after the staged ones); and how many were tokenized."""
+    missing = np.flatnonzero(staged.of < 0)
+    if not len(missing):
+        return staged.pieces, staged.of, 0
+    made = Pieces.of(text_ids(inputs.rust, [texts[i] for i in missing.tolist()]))
+    of = staged.of.copy()
+    of[missing] = len(staged.pieces.lengths) + np.arange(len(missing), dtype=np.int64)
+    return staged.pieces.joined(made), of, len(missing)
 
 
 def forward(model: Any, feed: Feed, group: list[int]) -> dict[str, Any]:

@@ -251,10 +251,11 @@ class InputLayout:
 
 @dataclass(frozen=True)
 class Pieces:
-    """Id sequences end to end: the distinct texts a unit's items point into.
+    """Id sequences in one array: the distinct texts a unit's items point into.
 
     Attributes:
-        ids: Every sequence's ids, one after another.
+        ids: Every sequence's ids (one after another, though a sequence may be left
+            unused: a staged chunk whose text repeats another's).
         starts: Where each sequence starts in ``ids``.
         lengths: Each sequence's length.
     """
@@ -266,9 +267,21 @@ class Pieces:
     @classmethod
     def of(cls, sequences: Sequence[Ids]) -> Pieces:
         lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
-        starts = np.cumsum(lengths) - lengths
         ids = np.concatenate(sequences) if len(sequences) else np.zeros(0, dtype=np.int64)
-        return cls(ids.astype(np.int64, copy=False), starts, lengths)
+        return cls.of_flat(ids, lengths)
+
+    @classmethod
+    def of_flat(cls, ids: Ids, lengths: Ids) -> Pieces:
+        """Sequences already end to end in ``ids``, ``lengths`` long each."""
+        return cls(ids.astype(np.int64, copy=False), np.cumsum(lengths) - lengths, lengths)
+
+    def joined(self, other: Pieces) -> Pieces:
+        """These pieces, then ``other``'s (piece ``len(self.lengths) + k`` is its k-th)."""
+        return Pieces(
+            np.concatenate([self.ids, other.ids]),
+            np.concatenate([self.starts, other.starts + len(self.ids)]),
+            np.concatenate([self.lengths, other.lengths]),
+        )
 
 
 @dataclass(frozen=True)

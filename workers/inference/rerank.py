@@ -32,8 +32,15 @@ from shared.records.schemas import FusedGroup, ModelInfo, RerankShard, RerankSta
 from workers.inference.batch_runner import BatchRunner, ItemFallback, TokenBudget, first_batch
 from workers.inference.devices import default_batch_tokens
 from workers.inference.engine import Inference
-from workers.inference.feed import Feed, forward, model_inputs, pair_feed, per_device
-from workers.inference.layout import Ids
+from workers.inference.feed import (
+    Feed,
+    StagedIds,
+    forward,
+    model_inputs,
+    pair_feed,
+    per_device,
+)
+from workers.inference.layout import Ids, Pieces
 from workers.inference.model_manager import Loaded, ModelFamily
 from workers.inference.precision import scores_agree
 from workers.runtime.measure import StageFigures
@@ -334,7 +341,7 @@ def pairs_feed(
     model: Any,
     name: str,
     pairs: list[tuple[str, str]],
-    staged: list[Ids | None] | None = None,
+    staged: StagedIds | None = None,
     identity: str = "",
 ) -> Feed:
     """The feed of (query, passage) pairs for a CrossEncoder: each distinct query
@@ -343,13 +350,15 @@ def pairs_feed(
     tokenized together in one call; truncated as the model truncates a pair."""
     inputs = model_inputs(inference, ("rerank", name), model, pairs=True)
     usable = staged if staged is not None and identity == inputs.identity else None
+    if usable is None:
+        usable = StagedIds.none(len(pairs))
     limit = model_max_length(model)
 
     def approximate(i: int) -> int:
         query, passage = pairs[i]
         return min(limit, len(query.split()) + len(passage.split()) + 3)
 
-    return pair_feed(inputs, pairs, usable or [None] * len(pairs), approximate)
+    return pair_feed(inputs, pairs, usable, approximate)
 
 
 def rerank_fused(
@@ -367,22 +376,10 @@ def rerank_fused(
     only, so that the manifest's sums over shards stay what the worker did.
     """
     staged = inference.models.stage(RERANK, model, inference.device, dtype)
-    pairs: list[tuple[str, str]] = []
-    passage_ids: list[Ids | None] = []
-    owners: list[tuple[int, str, int]] = []  # (group, query, candidates)
-    for number, group in enumerate(groups):
-        # Each passage's ids decoded once: the group's queries share candidates.
-        staged_ids = {
-            chunk_id: tokens.from_bytes(raw, group.id_dtype) for chunk_id, raw in group.ids.items()
-        }
-        for query in group.queries:
-            candidates = query.candidates[:rerank_top]
-            pairs += [(query.text, group.texts[c.chunk_id]) for c in candidates]
-            passage_ids += [staged_ids.get(c.chunk_id) for c in candidates]
-            owners.append((number, query.query_id, len(candidates)))
+    pairs, passages, owners = _pairs_of(groups, rerank_top)
     identities = {group.tokenizer for group in groups}
     identity = identities.pop() if len(identities) == 1 else ""
-    feed = pairs_feed(inference, staged.model, staged.name, pairs, passage_ids, identity)
+    feed = pairs_feed(inference, staged.model, staged.name, pairs, passages, identity)
     budget = default_batch_tokens("rerank", inference.device)
     executor, loaded = executor_for(
         inference, model, dtype, first_batch(pairs, feed.lengths, budget)
@@ -417,6 +414,33 @@ def rerank_fused(
         for number, group in enumerate(groups)
     ]
     return shards, loaded.info
+
+
+def _pairs_of(
+    groups: list[FusedGroup], rerank_top: int
+) -> tuple[list[tuple[str, str]], StagedIds, list[tuple[int, str, int]]]:
+    """The (query, passage) pairs of every query's first ``rerank_top`` candidates, the
+    passages' staged ids (each group's decoded in one call: its queries share
+    candidates), and each query's (group, query id, candidates), in pair order."""
+    pairs: list[tuple[str, str]] = []
+    piece_of: list[int] = []  # each pair's passage's piece, or -1
+    owners: list[tuple[int, str, int]] = []
+    flats: list[Ids] = [np.zeros(0, dtype=np.int64)]
+    lengths: list[Ids] = [np.zeros(0, dtype=np.int64)]
+    count = 0
+    for number, group in enumerate(groups):
+        ids, each = tokens.from_many(list(group.ids.values()), group.id_dtype)
+        piece = {chunk_id: count + k for k, chunk_id in enumerate(group.ids)}
+        count += len(each)
+        flats.append(ids)
+        lengths.append(each)
+        for query in group.queries:
+            candidates = query.candidates[:rerank_top]
+            pairs += [(query.text, group.texts[c.chunk_id]) for c in candidates]
+            piece_of += [piece.get(c.chunk_id, -1) for c in candidates]
+            owners.append((number, query.query_id, len(candidates)))
+    pieces = Pieces.of_flat(np.concatenate(flats), np.concatenate(lengths))
+    return pairs, StagedIds(pieces, np.asarray(piece_of, dtype=np.int64)), owners
 
 
 # What a group's statistics hold of a scoring call that was another group's too.

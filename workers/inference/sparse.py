@@ -194,7 +194,7 @@ class SparseVectorGenerator:
                 taken[sparse.info.name] = found.positions
             encoded[sparse.info.name] = todo.firsts
             inputs = encode_inputs(self.inference, "sparse", sparse.info.name, sparse.model, kind)
-            staged = todo.pick(staged_ids(batches, inputs.identity))
+            staged = staged_ids(batches, inputs.identity).pick(todo.firsts)
             feed = text_feed(
                 inputs, todo.pick(every_text), staged, todo.pick(every_length).__getitem__
             )
