@@ -32,6 +32,32 @@ from shared.control.settings import Settings  # noqa: E402
 from shared.inputs.sources import documents  # noqa: E402
 from shared.records.schemas import SkippedRecord  # noqa: E402
 
+CRANFIELD = REPO / "examples" / "cranfield"
+
+
+def copied_documents(copies: int, docs: int | None = None) -> list[dict[str, Any]]:
+    """Cranfield's documents (its first ``docs``) ``copies`` times over, copy k > 0 under
+    ids ``<id>-c<k>`` and with every ``copies``-th word of its text, from the k-th, in
+    upper case.
+
+    Why the texts differ: a unit encodes a text it holds twice only once
+    (``workers.inference.feed.Distinct``), and the copies of a document are chunks of
+    the same length, staged in the same like-length window, so mostly in the same
+    unit. Identical copies measured that, not encoding: a dense message of the null
+    model ran faster than the forward pass's own ceiling. Why upper case: MiniLM's
+    tokenizer is uncased, so every copy is cut into the same chunks, of the same ids,
+    as the original."""
+    import json
+
+    rows = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()]
+    out = list(rows[:docs])
+    for copy in range(1, copies):
+        for row in rows[:docs]:
+            words = row["text"].split(" ")
+            text = " ".join(w.upper() if i % copies == copy else w for i, w in enumerate(words))
+            out.append({**row, "_id": f"{row['_id']}-c{copy}", "text": text})
+    return out
+
 
 def sync(device: str) -> None:
     """Wait for the device's queue to drain (a CUDA call returns before its kernels end)."""
@@ -93,8 +119,7 @@ def fleet_stage(
     """Run a job on the embedded fleet with these worker queues until ``stage`` has
     every batch, and measure it.
 
-    Steady state: the chunks of every batch but each worker's first (which pays for
-    model load) over the time from the end of the first batch to the end of the last.
+    Steady state: see :func:`steady_state`.
     Only ``stage``'s workers need to be started: other stages' messages wait unread.
     ``stage_first``: stage every batch before the workers start, so that a worker
     faster than the (serial) producer is measured, not the producer.
@@ -166,8 +191,11 @@ def cli_job(
 
 def steady_state(reports: list[Any]) -> dict[str, Any]:
     """Throughput of a stage from its ledger reports, leaving out each worker's first
-    message (it pays for loading the model): items of the rest over the time from the end
-    of the first message to the end of the last.
+    message (it pays for loading the model): items of the rest over the time from the
+    start of the first of them to the end of the last. From its start, not from the end
+    of a first message: after a unit that loaded a model, the worker collects and
+    freezes the objects the load left (``workers.runtime.collector``, about 0.3 s), part
+    of the load, not of the steady state.
 
     A message of a GPU stage holds several staged batches, each with its own report and
     the message's times (``shared.control.pipeline.GPU_UNIT_TOKENS``), so reports are grouped
@@ -189,7 +217,7 @@ def steady_state(reports: list[Any]) -> dict[str, Any]:
         first_of_worker.setdefault(message[0], message)
     firsts = set(first_of_worker.values())
     rest = [m for m in messages if m not in firsts]
-    span = rest[-1][2] - messages[0][2]
+    span = rest[-1][2] - min(m[1] for m in rest)
     latencies = [finished - started for _, started, finished, _ in rest]
     gaps = [later[1] - earlier[2] for earlier, later in pairwise(rest) if earlier[0] == later[0]]
     median_latency = statistics.median(latencies)

@@ -55,7 +55,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import REPO, best_of, cli_job, fleet_stage, run_rerank_groups
+from common import (
+    CRANFIELD,
+    REPO,
+    best_of,
+    cli_job,
+    copied_documents,
+    fleet_stage,
+    run_rerank_groups,
+)
 
 from producer.jobs import JobOptions, prepare
 from shared.inputs import tokens
@@ -65,7 +73,6 @@ from shared.inputs.sources import documents
 from shared.records.schemas import ChunkBatch, FusedGroup, SkippedRecord
 
 sys.path.append(str(REPO / "tests"))  # the tiny CrossEncoder builder the tests use
-CRANFIELD = REPO / "examples" / "cranfield"
 RESULTS = REPO / "bench" / "results" / "feed.json"
 BATCHES = (16, 32, 64, 128, 256, 512)
 TARGETS = {
@@ -128,14 +135,11 @@ def null_models(folder: Path) -> tuple[str, str]:
 
 
 def copy_collection(folder: Path, copies: int) -> Path:
-    """Cranfield ``copies`` times as one JSONL file, copy k > 0 with ids ``<id>-c<k>``."""
-    rows = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()]
+    """Cranfield ``copies`` times as one JSONL file (:func:`common.copied_documents`)."""
     out = folder / f"cranfield-x{copies}.jsonl"
     with out.open("w") as handle:
-        for copy in range(copies):
-            for row in rows:
-                doc_id = row["_id"] if copy == 0 else f"{row['_id']}-c{copy}"
-                handle.write(json.dumps({**row, "_id": doc_id}) + "\n")
+        for row in copied_documents(copies):
+            handle.write(json.dumps(row) + "\n")
     return out
 
 

@@ -52,11 +52,12 @@ from pathlib import Path
 from typing import Any
 
 from common import (
-    REPO,
+    CRANFIELD,
     bare_encode,
     best_of,
     chunk_texts,
     cli_job,
+    copied_documents,
     fleet_stage,
     run_rerank_groups,
     sync,
@@ -69,7 +70,6 @@ from producer.jobs import JobOptions
 from producer.local_fleet import LocalFleet
 from shared.inputs.models import DEFAULT_DENSE_MODEL, resolve_model
 
-CRANFIELD = REPO / "examples" / "cranfield"
 # (rows, tokens) of the forward-pass timings: the probe's 32 rows, the executor's ~110
 # rows of ~300 tokens, and around them.
 FORWARD_SHAPES = [(32, 128), (32, 320), (110, 300), (128, 256), (256, 128), (64, 512)]
@@ -115,17 +115,13 @@ def build_models(folder: Path, files: Path | None) -> tuple[str, str]:
 def copy_collection(
     folder: Path, copies: int, docs: int | None = None, queries: int | None = None
 ) -> Path:
-    """Cranfield (its first ``docs`` documents) ``copies`` times as a BEIR folder, with
-    its first ``queries`` queries; copy k > 0 has ids ``<id>-c<k>``."""
+    """Cranfield (its first ``docs`` documents) ``copies`` times as a BEIR folder
+    (:func:`common.copied_documents`), with its first ``queries`` queries."""
     out = folder / f"cranfield-x{copies}"
     (out / "qrels").mkdir(parents=True)
-    rows = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text().splitlines()]
-    rows = rows[:docs]
     with (out / "corpus.jsonl").open("w") as handle:
-        for copy in range(copies):
-            for row in rows:
-                doc_id = row["_id"] if copy == 0 else f"{row['_id']}-c{copy}"
-                handle.write(json.dumps({**row, "_id": doc_id}) + "\n")
+        for row in copied_documents(copies, docs):
+            handle.write(json.dumps(row) + "\n")
     lines = (CRANFIELD / "queries.jsonl").read_text().splitlines(keepends=True)
     (out / "queries.jsonl").write_text("".join(lines[:queries]))
     (out / "qrels" / "test.tsv").write_text((CRANFIELD / "qrels" / "test.tsv").read_text())
