@@ -1,7 +1,8 @@
 """Scale: the fleet on 1x, 10x and 100x Cranfield, with a dense model small enough that
 orchestration, not the model, is the bottleneck; and the export's bytes per format.
 
-Collections: N copies of Cranfield with new ids (``<copy>-<id>``), as JSONL. The dense
+Collections: N copies of Cranfield with new ids (``<id>-c<copy>``) and texts that differ
+(``common.copied_documents``), as JSONL. The dense
 model is the bundled BERT-tiny (the SPLADE folder's encoder) saved as a
 sentence-transformer with mean pooling, built by the bench itself. Each size runs on a
 private Redis with one dense worker and ``--aggregate-workers`` aggregate workers, the
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from common import REPO, chunk_texts, cli_job
+from common import REPO, chunk_texts, cli_job, copied_documents
 from rich.console import Console
 from rich.table import Table
 
@@ -75,16 +76,15 @@ def tiny_dense_model() -> Path:
 
 
 def collection(copies: int) -> Path:
-    """``copies`` copies of Cranfield with new ids, as one JSONL file."""
-    path = CACHE / f"cranfield-x{copies}.jsonl"
+    """``copies`` copies of Cranfield as one JSONL file (:func:`common.copied_documents`:
+    new ids, and no two copies share a text, so no unit encodes fewer texts)."""
+    path = CACHE / f"cranfield-x{copies}-distinct.jsonl"
     if path.is_file():
         return path
-    records = [json.loads(line) for line in CRANFIELD.read_text().splitlines() if line.strip()]
     with path.open("w") as out:
-        for copy in range(copies):
-            for r in records:
-                line = {"id": f"{copy}-{r['_id']}", "title": r.get("title", ""), "text": r["text"]}
-                out.write(json.dumps(line) + "\n")
+        for row in copied_documents(copies):
+            line = {"id": row["_id"], "title": row.get("title", ""), "text": row["text"]}
+            out.write(json.dumps(line) + "\n")
     return path
 
 
