@@ -305,9 +305,6 @@ class StagedIds:
         """The staged ids of the items at ``positions``, in that order."""
         return StagedIds(self.pieces, self.of[np.asarray(positions, dtype=np.int64)])
 
-    def __len__(self) -> int:
-        return len(self.of)
-
 
 def staged_ids(batches: Sequence[ChunkBatch], identity: str) -> StagedIds:
     """Each chunk's staged ids, where its batch's ids were made by a tokenizer of this

@@ -349,16 +349,15 @@ def pairs_feed(
     they were made by a tokenizer of the model's identity (``identity``), the rest
     tokenized together in one call; truncated as the model truncates a pair."""
     inputs = model_inputs(inference, ("rerank", name), model, pairs=True)
-    usable = staged if staged is not None and identity == inputs.identity else None
-    if usable is None:
-        usable = StagedIds.none(len(pairs))
+    if staged is None or identity != inputs.identity:
+        staged = StagedIds.none(len(pairs))
     limit = model_max_length(model)
 
     def approximate(i: int) -> int:
         query, passage = pairs[i]
         return min(limit, len(query.split()) + len(passage.split()) + 3)
 
-    return pair_feed(inputs, pairs, usable, approximate)
+    return pair_feed(inputs, pairs, staged, approximate)
 
 
 def rerank_fused(
